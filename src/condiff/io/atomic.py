@@ -1,0 +1,96 @@
+"""Atomic file writes: temporary name in the destination folder, flush, fsync, rename.
+
+Every output condiff writes goes through here, so a crash, a full disk or an exception
+mid-write never leaves a partial file under the final name (resume trusts final names).
+The temporary file lives in the same folder as the target so ``os.replace`` is a rename
+on one file system, and its name starts with ``.`` and ends with ``.tmp`` so discovery
+and users can recognise (and clean up) an orphan left by a SIGKILL.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+from pathlib import Path
+from typing import IO, Any, Iterator
+
+
+def _temp_path(path: Path) -> Path:
+    # pid + random token: two processes (shards) writing the same folder never share a temp name.
+    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make the rename itself durable; best effort (not every platform/file system allows it)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO[Any]]:
+    """Open ``path`` for writing so that it appears complete or not at all.
+
+    ``mode`` is ``"wb"`` (bytes) or ``"w"`` (UTF-8 text, ``\\n`` line ends). The file is
+    written under a temporary name in the same folder, flushed, fsynced and renamed over
+    ``path`` when the ``with`` block ends normally. If the block raises, the temporary file
+    is removed, ``path`` is left as it was, and the exception propagates.
+    """
+    if mode not in ("wb", "w"):
+        raise ValueError(f"atomic_write mode must be 'wb' or 'w', not {mode!r}")
+    path = Path(path)
+    tmp = _temp_path(path)
+    # O_EXCL: never follow or clobber anything already at the temp name; 0o666 lets the
+    # umask decide permissions, as a plain open() would (mkstemp would force 0600).
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    try:
+        if mode == "wb":
+            f = os.fdopen(fd, "wb")
+        else:
+            f = os.fdopen(fd, "w", encoding="utf-8", newline="\n")
+    except BaseException:
+        os.close(fd)
+        tmp.unlink(missing_ok=True)
+        raise
+    try:
+        with f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically."""
+    with atomic_write(path, "wb") as f:
+        f.write(data)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` as UTF-8 to ``path`` atomically (no newline translation)."""
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def dumps_json(obj: Any) -> str:
+    """The canonical JSON text condiff writes: sorted keys, indent 1, trailing newline.
+
+    NaN and infinity are refused (``ValueError``): they are not JSON and other tools reject them.
+    """
+    return json.dumps(obj, sort_keys=True, indent=1, ensure_ascii=False, allow_nan=False) + "\n"
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    """Write ``obj`` as canonical JSON (see ``dumps_json``) atomically; same object, same bytes."""
+    write_text_atomic(path, dumps_json(obj))

@@ -1,0 +1,164 @@
+"""Input discovery: files and folders -> named cases, checked for collisions before any work.
+
+A case is one input file. Its name is the path relative to the input folder it was found
+under, without the extension(s) (``sub-01/anat/T1w.nii.gz`` -> ``sub-01/anat/T1w``), or the
+bare stem for a file given directly; output files mirror case names (DESIGN §3). Discovery
+is recursive, sorted and deterministic; hidden files and folders and files matching the
+exclude globs (by default: masks and label maps that live beside their images) are skipped.
+Two inputs that would write the same outputs (``a.nii`` and ``a.nii.gz``) are an error.
+"""
+from __future__ import annotations
+
+import fnmatch
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+from condiff.errors import InputImageError, OutputConflictError
+
+logger = logging.getLogger(__name__)
+
+VOLUME_SUFFIXES = (".nii.gz", ".nii")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+DEFAULT_EXCLUDE = ("*_mask*", "*_brainmask*", "*_seg*", "*_lesionmask*", "*_EX*", "*_dlmuse*")
+_HINTS = {".dcm": "convert DICOM first: dcm2niix -z y -o OUT IN", ".mha": "convert it to NIfTI (.nii.gz)",
+          ".nrrd": "convert it to NIfTI (.nii.gz)", ".mgz": "convert it to NIfTI: mri_convert IN OUT.nii.gz"}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One input: ``name`` (output name, ``/``-separated), ``path`` (the file), ``kind`` ("volume" or "image").
+
+    A 2-D NIfTI is still a "volume": its shape decides later.
+    """
+
+    name: str
+    path: Path
+    kind: str
+
+
+def split_suffix(filename: str) -> tuple[str, str | None]:
+    """``("T1w", ".nii.gz")`` for ``"T1w.nii.gz"``; ``(filename, None)`` for an unsupported suffix."""
+    low = filename.lower()
+    for suffix in VOLUME_SUFFIXES + IMAGE_SUFFIXES:
+        if low.endswith(suffix) and len(filename) > len(suffix):
+            return filename[: -len(suffix)], suffix
+    return filename, None
+
+
+def _kind(suffix: str) -> str:
+    return "volume" if suffix in VOLUME_SUFFIXES else "image"
+
+
+def _excluded(name: str, rel: str, patterns: Iterable[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(rel, p) for p in patterns)
+
+
+def _walk(folder: Path) -> list[Path]:
+    """Every non-hidden file below ``folder`` (symlinks followed, loops cut), sorted by relative path."""
+    found: list[Path] = []
+    seen_dirs: set[str] = set()
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen_dirs:  # a symlink loop or a second link to the same folder
+            dirs[:] = []
+            continue
+        seen_dirs.add(real)
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        found.extend(Path(root) / f for f in files if not f.startswith("."))
+    return sorted(found, key=lambda p: p.relative_to(folder).as_posix())
+
+
+def discover(inputs: Iterable[str | os.PathLike], exclude_patterns: Iterable[str] | None = None) -> list[Case]:
+    """Turn input files and folders into cases, in a deterministic order.
+
+    ``exclude_patterns``: globs matched (case-sensitively) against a file's name and its path
+    relative to the input folder; default ``DEFAULT_EXCLUDE``. Files given directly are never
+    excluded. Raises ``InputImageError`` for a missing input, an unsupported file given
+    directly, or when nothing usable is found; ``OutputConflictError`` listing every pair of
+    files whose case names collide (compared case-insensitively, since outputs may land on a
+    case-insensitive file system). The same file reached twice (symlink, repeated argument)
+    becomes one case.
+    """
+    patterns = tuple(DEFAULT_EXCLUDE if exclude_patterns is None else exclude_patterns)
+    cases: list[Case] = []
+    seen_files: set[str] = set()
+    skipped: dict[str, int] = {}
+    for item in inputs:
+        item = Path(item)
+        if not item.exists():
+            raise InputImageError(item, "input not found")
+        if item.is_dir():
+            candidates = [(p, p.relative_to(item).as_posix()) for p in _walk(item)]
+        else:
+            stem, suffix = split_suffix(item.name)
+            if suffix is None:
+                hint = _HINTS.get(item.suffix.lower(), f"supported: {', '.join(VOLUME_SUFFIXES + IMAGE_SUFFIXES)}")
+                raise InputImageError(item, "unsupported file type", hint)
+            candidates = [(item, item.name)]
+        for path, rel in candidates:
+            stem, suffix = split_suffix(path.name)
+            if suffix is None:
+                ext = path.suffix.lower() or "(none)"
+                skipped[ext] = skipped.get(ext, 0) + 1
+                # Sidecars (.json, .tsv, licences) are normal beside scans; only formats we could
+                # have read after conversion deserve a warning.
+                if ext in _HINTS:
+                    logger.warning("%s: skipped (unsupported file type); %s", path, _HINTS[ext])
+                else:
+                    logger.info("%s: skipped (unsupported file type)", path)
+                continue
+            if item.is_dir() and _excluded(path.name, rel, patterns):
+                logger.debug("%s: excluded by pattern", path)
+                continue
+            real = os.path.realpath(path)
+            if real in seen_files:
+                logger.warning("%s: same file as an earlier input; processed once", path)
+                continue
+            seen_files.add(real)
+            name = rel[: len(rel) - len(path.name)] + stem if item.is_dir() else stem
+            cases.append(Case(name=name, path=path, kind=_kind(suffix)))
+    if not cases:
+        looked = ", ".join(VOLUME_SUFFIXES + IMAGE_SUFFIXES)
+        extra = f"; skipped {sum(skipped.values())} files with other extensions ({', '.join(sorted(skipped))})" if skipped else ""
+        raise InputImageError(", ".join(str(Path(i)) for i in inputs) or "(no inputs)",
+                              f"0 supported files found (looked for {looked}{extra})")
+    _check_collisions(cases)
+    return cases
+
+
+def _check_collisions(cases: list[Case]) -> None:
+    by_name: dict[str, list[Case]] = {}
+    for case in cases:
+        by_name.setdefault(case.name.casefold(), []).append(case)
+    clashes = [group for group in by_name.values() if len(group) > 1]
+    if clashes:
+        listing = "; ".join(" and ".join(str(c.path) for c in group) + f" -> case {group[0].name!r}" for group in clashes)
+        raise OutputConflictError(None, f"input files would write the same outputs: {listing}",
+                                  "rename or move one file of each pair, or give them as separate runs")
+
+
+def find_mask(case: Case, pattern: str, required: bool = True) -> Path | None:
+    """Resolve the mask file of ``case`` from ``pattern``.
+
+    Placeholders: ``{dir}`` the folder holding the input file, ``{stem}`` the input's file name
+    without extension(s) (``IXI132-T1`` for ``IXI132-T1.nii.gz``), ``{case}`` the case name
+    (may contain ``/``). Example: ``{dir}/{stem}_brainmask.nii.gz``. A relative result is relative
+    to the current folder. A missing file raises ``InputImageError`` (or returns None when
+    ``required`` is False).
+    """
+    stem, _ = split_suffix(case.path.name)
+    try:
+        mask = Path(pattern.format(dir=str(case.path.parent), stem=stem, case=case.name))
+    except (KeyError, IndexError, ValueError) as exc:
+        raise ValueError(f"mask pattern {pattern!r}: unknown placeholder {exc}; use {{dir}}, {{stem}}, {{case}}") from None
+    if not mask.is_file():
+        if not required:
+            return None
+        raise InputImageError(case.path, f"mask not found at {mask}", f"check the mask pattern {pattern!r}")
+    return mask
+
+
+__all__ = ["Case", "discover", "find_mask", "split_suffix", "DEFAULT_EXCLUDE", "VOLUME_SUFFIXES", "IMAGE_SUFFIXES"]

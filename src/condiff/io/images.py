@@ -1,0 +1,227 @@
+"""2-D photographs in (PNG, JPEG, TIFF) and maps out (float32 TIFF, 8-bit PNG previews).
+
+The format is detected from the file's bytes, never its extension (a PNG named ``.jpg`` is
+read as PNG). Pixel values are scaled by the true maximum of the stored type (255, 65535,
+or a float image already in [0, 1]), so 16-bit files are not silently mis-scaled. EXIF
+orientation is applied, so maps come out in the orientation a viewer shows. Writers produce
+deterministic bytes (no timestamps) and go through ``io.atomic``.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+
+from condiff.errors import InputImageError
+from condiff.io.atomic import write_bytes_atomic
+
+logger = logging.getLogger(__name__)
+
+MIN_SIDE = 11  # the SSIM window: a smaller native image cannot be analysed honestly
+_MAGIC = {
+    b"\x89PNG\r\n\x1a\n": "png", b"\xff\xd8\xff": "jpeg",
+    b"II*\x00": "tiff", b"MM\x00*": "tiff", b"II+\x00": "tiff", b"MM\x00+": "tiff",
+}
+
+
+def _sniff(path: Path) -> str:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise InputImageError(path, "file not found") from None
+    except OSError as exc:
+        raise InputImageError(path, f"cannot access the file ({exc.strerror})") from exc
+    if os.path.isdir(path):
+        raise InputImageError(path, "is a folder, not an image file")
+    if st.st_size == 0:
+        raise InputImageError(path, "empty file (0 bytes)", "the file was not written completely; copy it again")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except PermissionError as exc:
+        raise InputImageError(path, f"cannot read the file: permission denied ({exc.strerror})",
+                              "check the file's permissions") from exc
+    except OSError as exc:
+        raise InputImageError(path, f"cannot read the file ({exc.strerror})") from exc
+    for magic, kind in _MAGIC.items():
+        if head.startswith(magic):
+            return kind
+    raise InputImageError(path, f"not a PNG, JPEG or TIFF image (first bytes {head!r})",
+                          "give a .png, .jpg or .tif photograph")
+
+
+def _to_rgb(path: Path, arr: np.ndarray, scale: float) -> np.ndarray:
+    """(H, W), (H, W, 1|2|3|4) integer or float array -> (H, W, 3) float32 in [0, 1]."""
+    if arr.ndim == 3 and arr.shape[2] in (2, 4):
+        logger.warning("%s: alpha channel dropped (not composited)", path)
+        arr = arr[:, :, :-1]
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[:, :, 0]
+    if arr.ndim == 2:
+        arr = np.repeat(arr[:, :, None], 3, axis=2)
+    if arr.ndim != 3 or arr.shape[2] != 3:
+        raise InputImageError(path, f"unsupported image layout {arr.shape}", "give a grey-scale or RGB photograph")
+    out = arr.astype(np.float32) / np.float32(scale) if scale != 1 else arr.astype(np.float32)
+    if not np.all(np.isfinite(out)):
+        raise InputImageError(path, f"contains {int((~np.isfinite(out)).sum())} NaN/Inf pixel values")
+    if out.min() < 0 or out.max() > 1:
+        raise InputImageError(path, f"float pixel values outside [0, 1] ({out.min():g} to {out.max():g})",
+                              "store float images scaled to [0, 1], or as 8/16-bit integers")
+    return out
+
+
+def _read_tiff(path: Path) -> np.ndarray:
+    import tifffile
+
+    try:
+        arr = tifffile.imread(path, key=0)
+    except Exception as exc:
+        raise InputImageError(path, f"unreadable or truncated TIFF ({type(exc).__name__}: {exc})") from exc
+    if arr.dtype == np.uint8:
+        scale = 255.0
+    elif arr.dtype == np.uint16:
+        scale = 65535.0
+    elif arr.dtype == np.bool_:
+        arr, scale = arr.astype(np.uint8), 1.0
+    elif arr.dtype.kind == "f":
+        scale = 1.0
+    else:
+        raise InputImageError(path, f"unsupported TIFF pixel type {arr.dtype}", "give 8-bit, 16-bit or float [0, 1] data")
+    return _to_rgb(path, arr, scale)
+
+
+def _read_pil(path: Path) -> np.ndarray:
+    from PIL import Image, ImageOps
+
+    try:
+        with Image.open(path) as im:
+            im.load()  # decode now: truncated data raises here, not later
+            exif_orientation = im.getexif().get(0x0112, 1)
+            im = ImageOps.exif_transpose(im)
+            mode = im.mode
+            if exif_orientation not in (None, 1):
+                logger.info("%s: EXIF orientation %s applied", path, exif_orientation)
+            if mode in ("I;16", "I;16B", "I;16L", "I;16N"):
+                arr, scale = np.asarray(im).astype(np.uint16), 65535.0
+            elif mode == "I":
+                # Only PNG reaches PIL here (TIFF goes to tifffile); a 16-bit PNG opens as "I".
+                arr, scale = np.asarray(im), 65535.0
+            elif mode == "F":
+                arr, scale = np.asarray(im), 1.0
+            elif mode in ("RGB", "L"):
+                arr, scale = np.asarray(im), 255.0
+            elif mode in ("RGBA", "LA"):
+                arr, scale = np.asarray(im), 255.0  # alpha dropped (with a warning) in _to_rgb
+            else:  # P, PA, 1, CMYK, YCbCr, LAB, HSV: convert explicitly, never use palette indices
+                arr, scale = np.asarray(im.convert("RGB")), 255.0
+    except InputImageError:
+        raise
+    except Exception as exc:  # PIL: OSError (truncated), SyntaxError, ValueError, DecompressionBombError ...
+        raise InputImageError(path, f"unreadable or truncated image ({type(exc).__name__}: {exc})",
+                              "the file is damaged; copy it again") from exc
+    return _to_rgb(path, arr, scale)
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """Read a photograph as ``(H, W, 3)`` float32 in [0, 1].
+
+    PNG/JPEG/TIFF detected by content; grey is repeated to RGB, alpha dropped, palettes and
+    CMYK converted, EXIF orientation applied, 16-bit scaled by 65535. Unreadable, truncated,
+    non-image or tiny (< 11 px) files raise ``InputImageError`` naming the file.
+    """
+    path = Path(path)
+    kind = _sniff(path)
+    rgb = _read_tiff(path) if kind == "tiff" else _read_pil(path)
+    if min(rgb.shape[:2]) < MIN_SIDE:
+        raise InputImageError(path, f"image {rgb.shape[1]}x{rgb.shape[0]} is smaller than the SSIM window ({MIN_SIDE} px)",
+                              "upscaling it would invent structure; give the original photograph")
+    return rgb
+
+
+def read_label_image(path: str | os.PathLike) -> np.ndarray:
+    """A 2-D mask image (PNG/TIFF/...) as bool ``(H, W)``: True where any channel is > 0."""
+    path = Path(path)
+    kind = _sniff(path)
+    if kind == "tiff":
+        import tifffile
+
+        try:
+            arr = np.asarray(tifffile.imread(path, key=0))
+        except Exception as exc:
+            raise InputImageError(path, f"unreadable or truncated TIFF ({exc})") from exc
+    else:
+        from PIL import Image, ImageOps
+
+        try:
+            with Image.open(path) as im:
+                im.load()
+                im = ImageOps.exif_transpose(im)
+                arr = np.asarray(im.convert("L") if im.mode in ("P", "1", "CMYK") else im)
+        except Exception as exc:
+            raise InputImageError(path, f"unreadable or truncated image ({exc})") from exc
+    if arr.ndim == 3:
+        arr = arr[:, :, :3].max(axis=2) if arr.shape[2] in (3, 4) else arr[:, :, 0]
+    return arr > 0
+
+
+# ----------------------------------------------------------------------------------------- writing
+
+
+def to_png8(array: np.ndarray, vmin: float, vmax: float) -> np.ndarray:
+    """Scale ``array`` linearly so ``vmin`` -> 0 and ``vmax`` -> 255, clip, round: uint8, same shape.
+
+    NaN becomes 0. ``vmax <= vmin`` gives all zeros (a constant map has nothing to show).
+    """
+    a = np.asarray(array, dtype=np.float64)
+    if not vmax > vmin:
+        return np.zeros(a.shape, dtype=np.uint8)
+    scaled = (a - vmin) / (vmax - vmin)
+    scaled = np.nan_to_num(scaled, nan=0.0, posinf=1.0, neginf=0.0)
+    return np.round(np.clip(scaled, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def png_bytes(array_uint8: np.ndarray) -> bytes:
+    """PNG bytes of a uint8 ``(H, W)``, ``(H, W, 3)`` or ``(H, W, 4)`` array; no metadata, fixed settings."""
+    from PIL import Image
+
+    a = np.asarray(array_uint8)
+    if a.dtype != np.uint8:
+        raise TypeError(f"write_png needs uint8 data, got {a.dtype} (use to_png8)")
+    if not (a.ndim == 2 or (a.ndim == 3 and a.shape[2] in (3, 4))):
+        raise ValueError(f"write_png needs (H, W), (H, W, 3) or (H, W, 4), got {a.shape}")
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(a)).save(buf, format="PNG", compress_level=6, optimize=False)
+    return buf.getvalue()
+
+
+def write_png(path: str | os.PathLike, array_uint8: np.ndarray) -> None:
+    """Write a uint8 image as PNG atomically; identical arrays give identical bytes."""
+    write_bytes_atomic(path, png_bytes(array_uint8))
+
+
+def tiff_bytes(array: np.ndarray) -> bytes:
+    """Lossless float32 TIFF bytes of ``(H, W)`` or ``(H, W, 3)``: deflate, no date tag."""
+    import tifffile
+
+    a = np.ascontiguousarray(array, dtype=np.float32)
+    if a.ndim == 2:
+        photometric = "minisblack"
+    elif a.ndim == 3 and a.shape[2] == 3:
+        photometric = "rgb"
+    else:
+        raise ValueError(f"write_float_tiff needs (H, W) or (H, W, 3), got {a.shape}")
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, a, photometric=photometric, compression="zlib", datetime=None,
+                     software="condiff", metadata=None, maxworkers=1)
+    return buf.getvalue()
+
+
+def write_float_tiff(path: str | os.PathLike, array: np.ndarray) -> None:
+    """Write a float map as lossless float32 TIFF atomically; identical arrays give identical bytes."""
+    write_bytes_atomic(path, tiff_bytes(array))
+
+
+__all__ = ["read_image", "read_label_image", "to_png8", "write_png", "write_float_tiff", "png_bytes", "tiff_bytes", "MIN_SIDE"]

@@ -1,0 +1,330 @@
+"""NIfTI volumes in and out, validated at the boundary that knows the file.
+
+``read_volume`` sniffs the bytes (gzip or not, NIfTI-1 or NIfTI-2) instead of trusting the
+extension, checks the header's dimensions before anything is allocated, reads the whole
+(bounded) stream so a truncated or bit-flipped ``.nii.gz`` fails here with the file's name,
+and refuses NaN/Inf, constant and empty volumes. ``write_like`` writes a float map that
+overlays its input voxel for voxel: same shape, affine, qform/sform and codes (the input
+header is copied; only data type, scaling and display range change), with deterministic
+bytes, through ``io.atomic``.
+"""
+from __future__ import annotations
+
+import gzip
+import logging
+import os
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from condiff.errors import InputImageError
+from condiff.io.atomic import write_bytes_atomic
+
+logger = logging.getLogger(__name__)
+
+MAX_DIM = 4096  # voxels along any axis; larger is a corrupt or hostile header for brain MRI
+MAX_VOXELS = 2**31  # refuse before allocating (a 377-byte header can ask for 18 GB)
+_SLACK_BYTES = 64 * 2**20  # bytes a gzip stream may hold beyond its declared data before we stop reading
+_GZIP_MAGIC = b"\x1f\x8b"
+_COLOUR_TYPES = {128: "RGB24", 2304: "RGBA32"}
+_COMPLEX_TYPES = {32: "complex64", 1792: "complex128", 2048: "complex256"}
+_OTHER_MAGIC = {
+    b"\x89PNG": "a PNG image", b"\xff\xd8\xff": "a JPEG image", b"II*\x00": "a TIFF image",
+    b"MM\x00*": "a TIFF image", b"DICM": "a DICOM file", b"PK\x03\x04": "a ZIP archive",
+}
+
+
+@dataclass
+class Volume:
+    """One 3-D scan as read from disk.
+
+    ``data``: float32 ``(X, Y, Z)`` in the file's voxel order, values as nibabel's ``get_fdata``
+    returns them (``scl_slope``/``scl_inter`` applied). ``affine``: 4x4 float64 voxel -> RAS mm.
+    ``header``: the nibabel header (copied into outputs). ``path``: where it came from.
+    """
+
+    data: np.ndarray
+    affine: np.ndarray
+    header: Any
+    path: str
+
+    @property
+    def zooms(self) -> tuple[float, float, float]:
+        """Voxel size in mm along the three array axes (column norms of the affine)."""
+        return tuple(float(z) for z in np.linalg.norm(self.affine[:3, :3], axis=0))
+
+
+# ----------------------------------------------------------------------------------------- reading
+
+
+def _open_bytes(path: Path) -> bytes:
+    """Read the first bytes, mapping OS errors to messages a user can act on."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise InputImageError(path, "file not found") from None
+    except OSError as exc:
+        raise InputImageError(path, f"cannot access the file ({exc.strerror})") from exc
+    if os.path.isdir(path):
+        raise InputImageError(path, "is a folder, not a NIfTI file")
+    if st.st_size == 0:
+        raise InputImageError(path, "empty file (0 bytes)", "the file was not written completely; re-export or copy it again")
+    try:
+        with open(path, "rb") as f:
+            return f.read(4)
+    except PermissionError as exc:
+        raise InputImageError(path, f"cannot read the file: permission denied ({exc.strerror})",
+                              "check the file's permissions") from exc
+    except OSError as exc:
+        raise InputImageError(path, f"cannot read the file ({exc.strerror})") from exc
+
+
+def _parse_header(path: Path, block: bytes) -> dict[str, Any]:
+    """Pick out what the size checks need from a raw NIfTI-1/-2 header, without nibabel."""
+    if len(block) >= 348:
+        for endian in "<>":
+            size = int(np.frombuffer(block[:4], dtype=f"{endian}i4")[0])
+            if size == 348 and block[344:348] in (b"n+1\x00", b"ni1\x00"):
+                if block[344:348] == b"ni1\x00":
+                    raise InputImageError(path, "is the header of a NIfTI pair (.hdr/.img)",
+                                          "convert it to a single .nii or .nii.gz file")
+                return {
+                    "version": 1, "endian": endian,
+                    "dim": np.frombuffer(block[40:56], dtype=f"{endian}i2").astype(np.int64),
+                    "datatype": int(np.frombuffer(block[70:72], dtype=f"{endian}i2")[0]),
+                    "bitpix": int(np.frombuffer(block[72:74], dtype=f"{endian}i2")[0]),
+                    "vox_offset": float(np.frombuffer(block[108:112], dtype=f"{endian}f4")[0]),
+                }
+            if size == 540 and len(block) >= 540 and block[4:8] in (b"n+2\x00", b"ni2\x00"):
+                if block[4:8] == b"ni2\x00":
+                    raise InputImageError(path, "is the header of a NIfTI-2 pair (.hdr/.img)",
+                                          "convert it to a single .nii or .nii.gz file")
+                return {
+                    "version": 2, "endian": endian,
+                    "dim": np.frombuffer(block[16:80], dtype=f"{endian}i8").astype(np.int64),
+                    "datatype": int(np.frombuffer(block[12:14], dtype=f"{endian}i2")[0]),
+                    "bitpix": int(np.frombuffer(block[14:16], dtype=f"{endian}i2")[0]),
+                    "vox_offset": float(np.frombuffer(block[168:176], dtype=f"{endian}i8")[0]),
+                }
+            if size == 348 and endian == "<" and block[344:348] not in (b"n+1\x00", b"ni1\x00"):
+                raise InputImageError(path, "has an Analyze 7.5 header, not NIfTI",
+                                      "convert it to NIfTI (e.g. with nibabel or fslchfiletype)")
+    head = block[:4]
+    for magic, what in _OTHER_MAGIC.items():
+        if head.startswith(magic):
+            hint = "convert DICOM with: dcm2niix -z y -o OUT IN" if what == "a DICOM file" else None
+            raise InputImageError(path, f"not a NIfTI file (the bytes are {what})", hint)
+    if block[128:132] == b"DICM":
+        raise InputImageError(path, "not a NIfTI file (the bytes are a DICOM file)", "convert DICOM with: dcm2niix -z y -o OUT IN")
+    raise InputImageError(path, f"not a NIfTI file (no NIfTI header; first bytes {block[:8]!r})",
+                          "give a .nii or .nii.gz volume")
+
+
+def _check_dims(path: Path, hdr: dict[str, Any]) -> tuple[tuple[int, ...], int]:
+    """Shape and data size the header declares; refuse absurd values before any allocation."""
+    dim = hdr["dim"]
+    ndim = int(dim[0])
+    if not 1 <= ndim <= 7:
+        raise InputImageError(path, f"corrupt NIfTI header (dim[0] = {ndim}, must be 1-7)")
+    shape = tuple(int(d) for d in dim[1:ndim + 1])
+    if any(d <= 0 for d in shape):
+        raise InputImageError(path, f"corrupt NIfTI header (dimensions {shape} include zero or negative sizes)")
+    if max(shape) > MAX_DIM or int(np.prod(shape, dtype=np.float64)) > MAX_VOXELS:
+        raise InputImageError(path, f"header declares an implausible size {shape} "
+                                    f"(limit {MAX_DIM} per axis, {MAX_VOXELS} voxels)",
+                              "the header is corrupt or the file is not a brain volume")
+    if hdr["datatype"] in _COLOUR_TYPES:
+        raise InputImageError(path, f"colour NIfTI ({_COLOUR_TYPES[hdr['datatype']]}) is not supported",
+                              "give one grey-scale volume per file")
+    if hdr["datatype"] in _COMPLEX_TYPES:
+        raise InputImageError(path, f"complex-valued NIfTI ({_COMPLEX_TYPES[hdr['datatype']]}) is not supported",
+                              "give a magnitude image")
+    if hdr["bitpix"] <= 0 or hdr["bitpix"] % 8:
+        raise InputImageError(path, f"corrupt NIfTI header (bitpix = {hdr['bitpix']})")
+    nbytes = int(np.prod(shape)) * hdr["bitpix"] // 8
+    return shape, nbytes
+
+
+def _read_raw(path: Path) -> tuple[bytes, dict[str, Any], tuple[int, ...]]:
+    """The whole uncompressed NIfTI byte stream, size-checked against its header."""
+    head = _open_bytes(path)
+    gz = head[:2] == _GZIP_MAGIC
+    suffix_gz = path.name.lower().endswith(".gz")
+    if gz != suffix_gz:
+        logger.warning("%s: content is %s although the name says otherwise; reading it by content",
+                       path, "gzip-compressed" if gz else "not compressed")
+    try:
+        with open(path, "rb") as f:
+            stream = gzip.GzipFile(fileobj=f, mode="rb") if gz else f
+            block = stream.read(540)
+            hdr = _parse_header(path, block)
+            shape, nbytes = _check_dims(path, hdr)
+            need = max(int(hdr["vox_offset"]), 544 if hdr["version"] == 2 else 352) + nbytes
+            # Read to the end so gzip verifies its CRC, but never more than the header promised
+            # (plus slack): the bound is what stops a decompression bomb.
+            chunks = [block]
+            have = len(block)
+            while True:
+                chunk = stream.read(min(1 << 24, need + _SLACK_BYTES + 1 - have))
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                have += len(chunk)
+                if have > need + _SLACK_BYTES:
+                    raise InputImageError(path, f"holds far more data than its header declares ({need} bytes)",
+                                          "the file is corrupt")
+    except InputImageError:
+        raise
+    except EOFError as exc:
+        raise InputImageError(path, "truncated (the compressed stream ends early)",
+                              "the file was not copied or written completely") from exc
+    except (zlib.error, gzip.BadGzipFile) as exc:
+        raise InputImageError(path, f"corrupt compressed data ({exc})", "the file is damaged; copy it again") from exc
+    except PermissionError as exc:
+        raise InputImageError(path, f"cannot read the file: permission denied ({exc.strerror})") from exc
+    except OSError as exc:
+        raise InputImageError(path, f"cannot read the file ({exc})") from exc
+    raw = b"".join(chunks)
+    if len(raw) < need:
+        raise InputImageError(path, f"truncated: the header declares {need} bytes, the file holds {len(raw)}",
+                              "the file was not copied or written completely")
+    return raw, hdr, shape
+
+
+def _load(path: str | os.PathLike, *, allow_2d: bool, nan_policy: str, check_content: bool) -> Volume:
+    import nibabel as nib
+
+    if nan_policy not in ("error", "zero"):
+        raise ValueError(f"nan_policy must be 'error' or 'zero', not {nan_policy!r}")
+    path = Path(path)
+    raw, hdr, shape = _read_raw(path)
+    klass = nib.Nifti2Image if hdr["version"] == 2 else nib.Nifti1Image
+    try:
+        img = klass.from_bytes(raw)
+        data = np.asarray(img.get_fdata(dtype=np.float32))
+        affine = np.asarray(img.affine, dtype=np.float64)
+    except Exception as exc:  # nibabel raises many types for bad headers/data
+        raise InputImageError(path, f"unreadable NIfTI ({type(exc).__name__}: {exc})") from exc
+
+    while data.ndim > 3 and data.shape[-1] == 1:  # (X, Y, Z, 1) is one volume
+        data = data[..., 0]
+    if data.ndim == 2 and allow_2d:
+        data = data[:, :, None]
+    elif data.ndim == 1 or data.ndim == 2:
+        raise InputImageError(path, f"expected a 3-D volume, got a {data.ndim}-D image of shape {shape}",
+                              "give a 3-D volume")
+    elif data.ndim > 3:
+        raise InputImageError(path, f"expected a 3-D volume, got shape {shape}", "give one volume per file")
+    if not np.all(np.isfinite(affine)):
+        raise InputImageError(path, "the header's affine contains NaN or Inf", "fix the qform/sform of the file")
+
+    bad = ~np.isfinite(data)
+    n_bad = int(bad.sum())
+    if n_bad:
+        if nan_policy == "zero":
+            logger.warning("%s: %d NaN/Inf voxels replaced by 0 (--nan-policy zero)", path, n_bad)
+            data = np.where(bad, np.float32(0), data)
+        else:
+            raise InputImageError(path, f"contains {n_bad} NaN/Inf voxels",
+                                  "fix the file, or pass --nan-policy zero to treat them as 0")
+    if check_content:
+        lo, hi = float(data.min()), float(data.max())
+        if lo == hi:
+            if hi == 0:
+                raise InputImageError(path, "empty volume (all voxels are 0)")
+            raise InputImageError(path, f"constant volume (all voxels are {hi:g})", "nothing to analyse")
+    return Volume(data=np.ascontiguousarray(data, dtype=np.float32), affine=affine, header=img.header, path=str(path))
+
+
+def read_volume(path: str | os.PathLike, nan_policy: str = "error") -> Volume:
+    """Read one 3-D NIfTI volume (``.nii`` or ``.nii.gz``, detected by content).
+
+    A trailing singleton 4th axis is squeezed; real 4-D series, 2-D images, corrupt or
+    truncated files, absurd headers, NaN/Inf voxels (unless ``nan_policy="zero"``) and
+    constant or all-zero volumes raise ``InputImageError`` naming the file.
+    """
+    return _load(path, allow_2d=False, nan_policy=nan_policy, check_content=True)
+
+
+def read_volume_or_slice(path: str | os.PathLike, nan_policy: str = "error") -> Volume:
+    """Like ``read_volume``, but a 2-D NIfTI is accepted and returned as an ``(H, W, 1)`` volume."""
+    return _load(path, allow_2d=True, nan_policy=nan_policy, check_content=True)
+
+
+def read_mask(path: str | os.PathLike, like: Volume) -> np.ndarray:
+    """A mask on the same grid as ``like``: bool ``like.data.shape`` (True where the file is > 0).
+
+    Refuses a mask whose shape or affine differs from the volume's (the message names both
+    files); an all-zero mask is allowed (e.g. a lesion mask of a healthy case).
+    """
+    m = _load(path, allow_2d=True, nan_policy="error", check_content=False)
+    if m.data.shape != like.data.shape:
+        raise InputImageError(path, f"mask shape {m.data.shape} differs from the shape {like.data.shape} of {like.path}",
+                              "give a mask on the same voxel grid as its image")
+    # 1e-3 mm: headers written by different tools round the affine differently (e.g. -0.0 vs 0.0,
+    # float32 vs quaternion); anything larger is a different grid.
+    if not np.allclose(m.affine, like.affine, rtol=0, atol=1e-3):
+        raise InputImageError(path, f"mask affine differs from the affine of {like.path} "
+                                    f"(max difference {np.abs(m.affine - like.affine).max():.4g} mm)",
+                              "give a mask on the same voxel grid as its image")
+    return m.data > 0
+
+
+# ----------------------------------------------------------------------------------------- writing
+
+
+def nifti_bytes_like(data: np.ndarray, reference: Volume, dtype=np.float32, descrip: str | None = None) -> bytes:
+    """Uncompressed NIfTI bytes of ``data`` on ``reference``'s grid (see ``write_like``)."""
+    import nibabel as nib
+
+    data = np.asarray(data)
+    if data.shape != reference.data.shape:
+        raise ValueError(f"data shape {data.shape} differs from the reference volume's {reference.data.shape}")
+    hdr = reference.header.copy()
+    klass = nib.Nifti2Image if isinstance(hdr, nib.Nifti2Header) else nib.Nifti1Image
+    shape = data.shape
+    stored = tuple(hdr.get_data_shape())
+    if len(stored) == 2 and data.shape[2:] == (1,) and stored == data.shape[:2]:
+        shape = stored  # a 2-D input gets a 2-D map
+    arr = np.asarray(data, dtype=dtype).reshape(shape)
+    hdr.set_data_shape(shape)
+    hdr.set_data_dtype(dtype)
+    finite = arr[np.isfinite(arr)]
+    hdr["cal_min"] = float(finite.min()) if finite.size else 0.0
+    hdr["cal_max"] = float(finite.max()) if finite.size else 0.0
+    if descrip is not None:
+        hdr["descrip"] = descrip.encode("ascii", "replace")[:79]
+    # The affine equals the header's own, so nibabel leaves qform/sform and their codes untouched.
+    img = klass(arr, reference.affine, header=hdr)
+    raw = img.to_bytes()
+    # Store float maps unscaled: slope 1, intercept 0, whatever the input's scaling was.
+    size = 540 if klass is nib.Nifti2Image else 348
+    out_hdr = klass.header_class(binaryblock=raw[:size], check=False)
+    out_hdr["scl_slope"] = 1.0
+    out_hdr["scl_inter"] = 0.0
+    return out_hdr.binaryblock + raw[size:]
+
+
+def write_like(path: str | os.PathLike, data: np.ndarray, reference: Volume, dtype=np.float32,
+               descrip: str | None = None) -> None:
+    """Write ``data`` (shape of ``reference.data``) as NIfTI overlaying ``reference``.
+
+    Same shape, affine, qform/sform and codes, pixdim and units as the input (its header is
+    copied); data type ``dtype``, ``scl_slope`` 1 and ``scl_inter`` 0, ``cal_min/max`` the
+    data range. ``.nii.gz`` is gzip with mtime 0 (byte-identical for identical data), ``.nii``
+    is uncompressed. Written atomically.
+    """
+    name = str(path).lower()
+    raw = nifti_bytes_like(data, reference, dtype=dtype, descrip=descrip)
+    if name.endswith(".nii.gz"):
+        raw = gzip.compress(raw, compresslevel=6, mtime=0)
+    elif not name.endswith(".nii"):
+        raise ValueError(f"{path}: NIfTI output needs a .nii or .nii.gz name")
+    write_bytes_atomic(path, raw)
+
+
+__all__ = ["Volume", "read_volume", "read_volume_or_slice", "read_mask", "write_like", "nifti_bytes_like",
+           "MAX_DIM", "MAX_VOXELS"]

@@ -1,0 +1,183 @@
+"""Model folders (config.json + model.safetensors) and model sets (set.json + members).
+
+No pickle is ever loaded here: weights come only from safetensors. Loading checks the schema,
+that every tensor has the configured shape and that nothing else is present.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from condiff.config import ModelConfig
+from condiff.errors import ModelFolderError, ModelSetError
+
+CONFIG = "config.json"
+WEIGHTS = "model.safetensors"
+SET_FILE = "set.json"
+SET_SCHEMA = "condiff.modelset/1"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        import os
+        os.fsync(f.fileno())
+    tmp.replace(path)
+
+
+def save_model(model_dir: str | Path, model: torch.nn.Module, config: ModelConfig, dtype: torch.dtype = torch.float32) -> Path:
+    """Write ``config.json`` and ``model.safetensors`` (float32, or float16 for a shipped set)."""
+    from safetensors.torch import save as st_save
+
+    model_dir = Path(model_dir)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()}
+    _write_atomic(model_dir / WEIGHTS, st_save(state, metadata={"format": "pt", "schema": "condiff.model/1"}))
+    _write_atomic(model_dir / CONFIG, (json.dumps(config.to_dict(), indent=1, sort_keys=True) + "\n").encode())
+    return model_dir
+
+
+def read_config(model_dir: str | Path) -> ModelConfig:
+    model_dir = Path(model_dir)
+    path = model_dir / CONFIG
+    if not path.is_file():
+        raise ModelFolderError(model_dir, f"no {CONFIG}; not a condiff model folder")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ModelFolderError(path, f"invalid JSON ({exc})") from exc
+    return ModelConfig.from_dict(raw, str(path))
+
+
+def load_model(model_dir: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, ModelConfig]:
+    """Build the UNet from ``config.json`` and load ``model.safetensors`` strictly, in float32."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from condiff.unet import ConditionalUNet
+
+    model_dir = Path(model_dir)
+    config = read_config(model_dir)
+    weights = model_dir / WEIGHTS
+    if not weights.is_file():
+        pickles = [p.name for p in model_dir.iterdir() if p.suffix in PICKLE_SUFFIXES]
+        hint = ("pickled weights are never loaded on the inference path; import them explicitly with "
+                "condiff-export --import-diffusers DIR -o OUT") if pickles else None
+        raise ModelFolderError(model_dir, f"no {WEIGHTS} (found {pickles or 'nothing'})", hint)
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ModelFolderError(weights, f"unreadable safetensors file ({exc})") from exc
+    model = ConditionalUNet(config.unet)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    extra = sorted(set(state) - set(expected))
+    if missing or extra:
+        raise ModelFolderError(weights, f"weights do not match config.json: missing {missing[:5]}"
+                               f"{'...' if len(missing) > 5 else ''}, unexpected {extra[:5]}"
+                               f"{'...' if len(extra) > 5 else ''}")
+    for name, tensor in state.items():
+        if tuple(tensor.shape) != tuple(expected[name].shape):
+            raise ModelFolderError(weights, f"tensor {name} has shape {tuple(tensor.shape)}, "
+                                   f"config.json implies {tuple(expected[name].shape)}")
+    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+    return model.to(device).eval(), config
+
+
+@dataclass
+class ModelSet:
+    """An ensemble: member folders in order, their configs, and the set's digest."""
+
+    root: Path
+    member_dirs: list[Path]
+    configs: list[ModelConfig]
+    digest: str
+
+    @property
+    def image_channels(self) -> int:
+        return self.configs[0].image_channels
+
+    @property
+    def image_size(self) -> int:
+        return self.configs[0].unet.sample_size
+
+    @property
+    def preprocessing(self) -> dict:
+        return self.configs[0].preprocessing
+
+    def __len__(self) -> int:
+        return len(self.member_dirs)
+
+
+def save_model_set(set_dir: str | Path, member_dirs: list[str | Path], name: str = "condiff model set",
+                   extra: dict | None = None) -> Path:
+    """Write ``set.json`` listing member folders (relative to ``set_dir``) with their weight digests."""
+    set_dir = Path(set_dir)
+    members = []
+    for d in member_dirs:
+        d = Path(d)
+        rel = d.resolve().relative_to(set_dir.resolve()).as_posix()
+        members.append({"path": rel, "sha256": sha256_file(d / WEIGHTS)})
+    doc = {"schema": SET_SCHEMA, "name": name, "members": members, **(extra or {})}
+    _write_atomic(set_dir / SET_FILE, (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode())
+    return set_dir
+
+
+def open_model_set(path: str | Path, verify: bool = True) -> ModelSet:
+    """A model set folder (with set.json) or a single model folder (a set of one)."""
+    path = Path(path)
+    if not path.exists():
+        raise ModelSetError(path, "does not exist")
+    set_file = path / SET_FILE
+    if not set_file.is_file():
+        if (path / CONFIG).is_file():
+            cfg = read_config(path)
+            digest = hashlib.sha256(sha256_file(path / WEIGHTS).encode()).hexdigest() if (path / WEIGHTS).is_file() else ""
+            return ModelSet(path, [path], [cfg], digest)
+        raise ModelSetError(path, f"neither a model set ({SET_FILE}) nor a model folder ({CONFIG})")
+    raw_bytes = set_file.read_bytes()
+    try:
+        doc = json.loads(raw_bytes)
+    except json.JSONDecodeError as exc:
+        raise ModelSetError(set_file, f"invalid JSON ({exc})") from exc
+    if not str(doc.get("schema", "")).startswith("condiff.modelset/1"):
+        raise ModelSetError(set_file, f"unsupported schema {doc.get('schema')!r} (this condiff reads {SET_SCHEMA})")
+    members = doc.get("members") or []
+    if not members:
+        raise ModelSetError(set_file, "lists no members")
+    dirs, configs = [], []
+    for m in members:
+        d = path / m["path"]
+        if verify:
+            actual = sha256_file(d / WEIGHTS) if (d / WEIGHTS).is_file() else None
+            if actual != m.get("sha256"):
+                raise ModelSetError(d / WEIGHTS, "weights digest does not match set.json"
+                                    if actual else "member weights are missing",
+                                    "the model set was modified; rebuild set.json or restore the files")
+        configs.append(read_config(d))
+        dirs.append(d)
+    first = configs[0]
+    for d, c in zip(dirs[1:], configs[1:]):
+        if c.image_channels != first.image_channels or c.unet.sample_size != first.unet.sample_size:
+            raise ModelSetError(d, f"member has {c.image_channels} channels at {c.unet.sample_size} px; "
+                                f"the first member has {first.image_channels} at {first.unet.sample_size}")
+        if c.preprocessing != first.preprocessing:
+            raise ModelSetError(d, "member's preprocessing differs from the first member's")
+        if c.schedule != first.schedule:
+            raise ModelSetError(d, "member's noise schedule differs from the first member's")
+    return ModelSet(path, dirs, configs, hashlib.sha256(raw_bytes).hexdigest())

@@ -1,0 +1,123 @@
+"""Model folders and sets: round trips, validation, and the diffusers import."""
+import json
+
+import pytest
+import torch
+
+from condiff.config import ModelConfig, preset
+from condiff.errors import ModelFolderError, ModelSetError
+from condiff.modelset import load_model, open_model_set, save_model, save_model_set
+from condiff.unet import ConditionalUNet
+
+
+def _model(seed=0, name="tiny"):
+    torch.manual_seed(seed)
+    cfg = preset(name, 1, sample_size=32)
+    return ConditionalUNet(cfg).eval(), ModelConfig(unet=cfg, preprocessing={"modality": "mri"}, fold=seed)
+
+
+def _out(m):
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 1, 32, 32, generator=g)
+    with torch.no_grad():
+        return m(x, x.abs(), torch.tensor([3, 900]))
+
+
+def test_save_load_round_trip_is_exact(tmp_path):
+    m, cfg = _model()
+    save_model(tmp_path / "m", m, cfg)
+    m2, cfg2 = load_model(tmp_path / "m")
+    assert cfg2.to_dict() == cfg.to_dict()
+    for (k, a), (k2, b) in zip(m.state_dict().items(), m2.state_dict().items()):
+        assert k == k2 and torch.equal(a, b)
+    assert torch.equal(_out(m), _out(m2))
+
+
+def test_unknown_schema_major_is_refused(tmp_path):
+    m, cfg = _model()
+    save_model(tmp_path / "m", m, cfg)
+    doc = json.loads((tmp_path / "m/config.json").read_text())
+    doc["schema"] = "condiff.model/2"
+    (tmp_path / "m/config.json").write_text(json.dumps(doc))
+    with pytest.raises(ModelFolderError, match="condiff.model/2"):
+        load_model(tmp_path / "m")
+
+
+def test_shape_mismatch_and_extra_tensors_are_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    m, cfg = _model()
+    save_model(tmp_path / "m", m, cfg)
+    state = load_file(str(tmp_path / "m/model.safetensors"))
+    state["conv_in.weight"] = torch.zeros(16, 2, 5, 5)
+    save_file(state, str(tmp_path / "m/model.safetensors"))
+    with pytest.raises(ModelFolderError, match="conv_in.weight"):
+        load_model(tmp_path / "m")
+    state = {k: v for k, v in load_file(str(tmp_path / "m/model.safetensors")).items()}
+    save_model(tmp_path / "m", m, cfg)
+    state = load_file(str(tmp_path / "m/model.safetensors"))
+    state["surprise"] = torch.zeros(1)
+    save_file(state, str(tmp_path / "m/model.safetensors"))
+    with pytest.raises(ModelFolderError, match="surprise"):
+        load_model(tmp_path / "m")
+
+
+def test_pickle_only_folder_is_refused(tmp_path):
+    d = tmp_path / "m"
+    m, cfg = _model()
+    save_model(d, m, cfg)
+    (d / "model.safetensors").unlink()
+    torch.save(m.state_dict(), d / "model.ckpt")
+    with pytest.raises(ModelFolderError, match="never loaded"):
+        load_model(d)
+
+
+def test_model_set_digest_and_consistency(tmp_path):
+    for i in range(3):
+        m, cfg = _model(i)
+        save_model(tmp_path / f"fold{i}", m, cfg)
+    save_model_set(tmp_path, [tmp_path / f"fold{i}" for i in range(3)])
+    ms = open_model_set(tmp_path)
+    assert len(ms) == 3 and ms.image_channels == 1 and len(ms.digest) == 64
+    # tamper with one member's weights
+    m, cfg = _model(9)
+    save_model(tmp_path / "fold1", m, cfg)
+    with pytest.raises(ModelSetError, match="digest"):
+        open_model_set(tmp_path)
+
+
+def test_model_set_refuses_mixed_preprocessing(tmp_path):
+    m, cfg = _model(0)
+    save_model(tmp_path / "a", m, cfg)
+    cfg.preprocessing = {"modality": "rgb"}
+    save_model(tmp_path / "b", m, cfg)
+    save_model_set(tmp_path, [tmp_path / "a", tmp_path / "b"])
+    with pytest.raises(ModelSetError, match="preprocessing"):
+        open_model_set(tmp_path)
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+def test_diffusers_folder_import_is_lossless(tmp_path, fmt):
+    diffusers = pytest.importorskip("diffusers")
+    from condiff.export.diffusers_import import import_diffusers_unet
+
+    cfg = preset("tiny", 1, sample_size=32)
+    torch.manual_seed(1)
+    ref = diffusers.UNet2DModel(**cfg.to_diffusers()).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    ref.save_pretrained(tmp_path / "unet_ema", safe_serialization=(fmt == "safetensors"))
+    import_diffusers_unet(tmp_path / "unet_ema", tmp_path / "ours")
+    ours, _ = load_model(tmp_path / "ours")
+    for k, v in ref.state_dict().items():
+        assert torch.equal(ours.state_dict()[k], v), k
+    g = torch.Generator().manual_seed(0)
+    x, c = torch.randn(2, 1, 32, 32, generator=g), torch.rand(2, 1, 32, 32, generator=g)
+    t = torch.tensor([10, 600])
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x, c, t), ref(torch.cat([x, c], 1), t).sample, rtol=0, atol=1e-5)
+    # saved again and reloaded: bit-identical
+    save_model(tmp_path / "again", ours, open_model_set(tmp_path / "ours").configs[0])
+    again, _ = load_model(tmp_path / "again")
+    assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), again.state_dict().values()))
