@@ -1,8 +1,10 @@
 """The batched ensemble runner: slices x members -> restorations, maps and scores.
 
-Every device batch has the same shape (``batch_size`` rows; a short batch is padded and
-cropped), so each row's result depends only on its own inputs: slices from many scans can
-share a batch and results never depend on packing, order or what else was in the batch.
+Backends with ``fixed_batch`` (CUDA) always get the same batch shape (a short batch is padded
+and cropped), so each row's result depends only on its own inputs and the batch size; CPU
+backends evaluate rows independently. Either way slices from many scans can share a batch
+and results never depend on packing, order or what else was in the batch. A backend that owns
+the whole reverse loop (the CUDA-graph engine) exposes ``restore_batch(cond, noise) -> x0``.
 Noise comes from ``condiff.noise`` per (seed, digest, slice, member).
 """
 from __future__ import annotations
@@ -62,16 +64,17 @@ def run_slices(denoisers: Sequence, jobs: Sequence[SliceJob], plan: SamplerPlan,
             cond = torch.stack([j.cond for j in chunk])
             keys = [NoiseKey(seed, j.digest, j.slice_index, member) for j in chunk]
             noise = draw_noise(keys, plan.n_noise_draws, shape)
-            if n < batch_size:  # pad to the fixed batch shape; padded rows are discarded
+            if n < batch_size and getattr(den, "fixed_batch", True):
+                # pad to the fixed batch shape; padded rows are discarded
                 pad = batch_size - n
                 cond = torch.cat([cond, cond[:1].expand(pad, *shape)])
                 noise = torch.cat([noise, noise[:1].expand(pad, *noise.shape[1:])])
             cond_d = cond.to(device)
-            x0 = restore(den.denoise, cond_d, plan, noise)
+            if hasattr(den, "restore_batch"):
+                x0 = den.restore_batch(cond_d, noise, plan)
+            else:
+                x0 = restore(den.denoise, cond_d, plan, noise)
             amap = map_fn(x0, cond_d.float())
-            fg = []
-            for j in chunk:
-                fg.append(j.foreground if j.foreground is not None else None)
             amap = amap[:n].cpu()
             for i, j in enumerate(chunk):
                 amap_i = zero_background(amap[i:i + 1], cond[i:i + 1],

@@ -85,17 +85,22 @@ def deformation_targets(shape: AnomalyShape, centre: np.ndarray, k: float,
 
 
 def deform_anomaly(image: np.ndarray, corner: np.ndarray, shape: AnomalyShape, rng: np.random.Generator,
-                   kind: str, min_push: float = MIN_PUSH_DIST,
-                   max_push: float = MAX_PUSH_DIST) -> np.ndarray:
+                   kind: str, min_push: float = MIN_PUSH_DIST, max_push: float = MAX_PUSH_DIST,
+                   centre: np.ndarray | None = None) -> np.ndarray:
     """Apply one sink or source deformation to ``image`` (C, H, W) in the patch box at ``corner`` (2,).
 
-    The centre c is a uniformly random mask pixel. Returns a new image of the same dtype; only the mask's
-    inner pixels can change. No clip here (the anomaly loop's clip follows).
+    The centre c (patch index) is a uniformly random mask pixel unless ``centre`` fixes it. Returns a new
+    image of the same dtype; only the mask's inner pixels can change. No clip here (the anomaly loop's
+    clip follows).
     """
     from scipy.ndimage import map_coordinates
 
-    mask_pixels = np.argwhere(shape.mask)
-    centre = mask_pixels[rng.integers(len(mask_pixels))]
+    if centre is None:
+        mask_pixels = np.argwhere(shape.mask)
+        centre = mask_pixels[rng.integers(len(mask_pixels))]
+    centre = np.asarray(centre, dtype=int)
+    if not shape.mask[tuple(centre)]:
+        raise ValueError(f"deformation centre {tuple(centre)} is not inside the anomaly mask")
     a = mean_edge_distance(centre, shape.mask)
     out = image.copy()
     if a <= 0:  # a one-pixel shape: nothing to bend

@@ -5,6 +5,7 @@ ids, as the reference's ``get_task_split``; every fold uses all training and val
 """
 from __future__ import annotations
 
+import operator
 from itertools import combinations
 
 N_TASKS = 5
@@ -15,7 +16,11 @@ N_FOLDS = len(_SPLITS)  # 10
 
 def fold_tasks(fold: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """(training task ids, validation task ids) of ``fold`` in 0…9, both ascending."""
-    if isinstance(fold, bool) or not isinstance(fold, int) or not 0 <= fold < N_FOLDS:
+    try:
+        index = None if isinstance(fold, bool) else operator.index(fold)  # ints and numpy ints, not 2.0
+    except TypeError:
+        index = None
+    if index is None or not 0 <= index < N_FOLDS:
         raise ValueError(f"fold must be an integer in 0..{N_FOLDS - 1}, got {fold!r}")
-    train = _SPLITS[fold]
+    train = _SPLITS[index]
     return train, tuple(t for t in range(N_TASKS) if t not in train)

@@ -14,6 +14,7 @@ _FACTORIES = {
     "torch": ("condiff.engine.backends.torch_backend", "open_torch"),
     "ort": ("condiff.engine.backends.ort_backend", "open_ort"),
     "trt": ("condiff.engine.backends.trt_backend", "open_trt"),
+    "fast": ("condiff.engine.graphs", "open_fast"),
 }
 
 

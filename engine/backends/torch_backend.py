@@ -23,6 +23,11 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 
 class TorchDenoiser:
+    """Eager network. On the CPU it evaluates rows one at a time: oneDNN's convolutions round
+    differently at different batch sizes, and per-row evaluation costs nothing there (batch 1
+    is as fast per image as batch 8), so CPU results are bit-identical for any --batch-size.
+    On CUDA it evaluates whole fixed-shape batches (``fixed_batch``: the runner pads)."""
+
     name = "torch"
 
     def __init__(self, model: torch.nn.Module, device: torch.device, precision: str = "fp32", max_batch: int = 16,
@@ -36,12 +41,16 @@ class TorchDenoiser:
         self.max_batch = max_batch
         self.dtype = DTYPES[precision]
         self.model = model.to(device=device, dtype=self.dtype).eval()
+        self.fixed_batch = device.type != "cpu"
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
 
     @torch.inference_mode()
     def denoise(self, x_t: torch.Tensor, cond: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return self.model(x_t.to(self.dtype), cond.to(self.dtype), t).float()
+        x_t, cond = x_t.to(self.dtype), cond.to(self.dtype)
+        if self.fixed_batch:
+            return self.model(x_t, cond, t).float()
+        return torch.cat([self.model(x_t[i:i + 1], cond[i:i + 1], t[i:i + 1]) for i in range(x_t.shape[0])]).float()
 
 
 def open_torch(model_dir: str | Path, *, device=None, precision: str = "fp32", max_batch: int = 16) -> TorchDenoiser:

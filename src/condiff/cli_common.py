@@ -1,0 +1,237 @@
+"""What every condiff command shares: options, logging, exit codes and the ``--version`` report.
+
+Exit codes (DESIGN §6): 0 all done, 1 some cases failed, 2 usage or configuration error before
+any work, 130 interrupted (SIGINT), 143 terminated (SIGTERM). A ``CondiffError`` prints its
+message without a traceback (``-v`` shows it). Only this module and the command modules touch
+logging handlers; library code only logs.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import logging
+import platform
+import signal
+import sys
+import traceback
+from typing import Any, Callable, Iterator
+
+import click
+
+from condiff import __version__
+from condiff.errors import CondiffError
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class Terminated(BaseException):
+    """Raised in the main thread on SIGTERM, so ``finally`` blocks run as for Ctrl-C."""
+
+
+@contextlib.contextmanager
+def sigterm_raises() -> Iterator[None]:
+    """Turn SIGTERM into ``Terminated`` for the duration (main thread only; elsewhere a no-op)."""
+    def _raise(signum, frame):
+        raise Terminated()
+
+    try:
+        previous = signal.signal(signal.SIGTERM, _raise)
+    except ValueError:  # not the main thread (e.g. a Ray actor): leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+# ----------------------------------------------------------------------------------------- options
+
+
+def verbose_option(f):
+    return click.option("-v", "--verbose", count=True, help="Debug logs on stderr and tracebacks for errors.")(f)
+
+
+def progress_option(f):
+    return click.option("--progress/--no-progress", default=True, show_default=True,
+                        help="Progress bar on stderr (never drawn when stderr is not a terminal).")(f)
+
+
+def device_options(f):
+    f = click.option("--batch-size", type=click.IntRange(min=1), default=None,
+                     help="Slices per device batch [default: 16 on the CPU, 64 on a GPU]. Results never depend on it.")(f)
+    f = click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
+                     help="Network precision; sampler state and SSIM stay float32.")(f)
+    f = click.option("--device", default="auto", show_default=True, metavar="auto|cpu|cuda[:N]",
+                     help="Where the network runs; a missing GPU is an error, never a silent CPU fallback.")(f)
+    f = click.option("--engine", type=click.Choice(["torch", "ort", "trt"]), default="torch", show_default=True,
+                     help="Network backend.")(f)
+    return f
+
+
+def seed_option(f):
+    return click.option("--seed", type=int, default=0, show_default=True,
+                        help="Noise seed; noise is a pure function of (seed, input digest, slice, member, step).")(f)
+
+
+def version_option(f):
+    def _show(ctx: click.Context, param, value):
+        if not value or ctx.resilient_parsing:
+            return
+        click.echo(format_environment(environment_report()))
+        ctx.exit(EXIT_OK)
+
+    return click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=_show,
+                        help="Print condiff's version and an environment report (torch, CUDA, GPU, ORT, TensorRT).")(f)
+
+
+# ----------------------------------------------------------------------------------------- environment
+
+
+def _package_version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def environment_report() -> dict[str, Any]:
+    """Versions and devices, the same facts ``run.json`` records. Never raises."""
+    report: dict[str, Any] = {
+        "condiff": __version__, "python": platform.python_version(), "platform": platform.platform(),
+        "numpy": _package_version("numpy"), "nibabel": _package_version("nibabel"), "pillow": _package_version("pillow"),
+    }
+    try:
+        import torch
+
+        report["torch"] = torch.__version__
+        report["torch_cuda_build"] = torch.version.cuda
+        report["cuda_available"] = bool(torch.cuda.is_available())
+        report["cudnn"] = torch.backends.cudnn.version() if report["cuda_available"] else None
+        report["gpus"] = ([torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+                          if report["cuda_available"] else [])
+    except Exception as exc:  # a broken torch install must not hide the rest of the report
+        report["torch"] = f"unavailable ({exc})"
+    try:
+        import onnxruntime
+
+        report["onnxruntime"] = onnxruntime.__version__
+        report["onnxruntime_providers"] = list(onnxruntime.get_available_providers())
+    except Exception:
+        report["onnxruntime"] = None
+    try:
+        import tensorrt
+
+        report["tensorrt"] = tensorrt.__version__
+    except Exception:
+        report["tensorrt"] = None
+    return report
+
+
+def format_environment(report: dict[str, Any]) -> str:
+    lines = [f"condiff {report['condiff']}"]
+    for key in ("python", "platform", "torch", "torch_cuda_build", "cuda_available", "cudnn", "gpus",
+                "onnxruntime", "onnxruntime_providers", "tensorrt", "numpy", "nibabel", "pillow"):
+        if key in report:
+            value = report[key]
+            if isinstance(value, list):
+                value = ", ".join(value) if value else "none"
+            lines.append(f"  {key:<22} {'not installed' if value is None else value}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------- logging
+
+
+@contextlib.contextmanager
+def logging_to(verbose: int, echo: Callable[[str], None] | None = None) -> Iterator[None]:
+    """Configure the ``condiff`` logger for one command: stderr (WARNING, or DEBUG with -v), through
+    ``echo`` when given (e.g. ``tqdm.write``). Handlers are removed afterwards, so commands can run
+    repeatedly in one process (tests, Ray drivers); ``add_file_log`` adds the run's log file."""
+    logger = logging.getLogger("condiff")
+    added: list[logging.Handler] = []
+    old_level, old_propagate = logger.level, logger.propagate
+    logger.setLevel(logging.DEBUG if verbose else logging.INFO)
+    logger.propagate = False
+    stream = _EchoHandler(echo) if echo else logging.StreamHandler(sys.stderr)
+    stream.setLevel(logging.DEBUG if verbose else logging.WARNING)
+    stream.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    added.append(stream)
+    for h in added:
+        logger.addHandler(h)
+    try:
+        yield
+    finally:
+        for h in added:
+            logger.removeHandler(h)
+            h.close()
+        logger.setLevel(old_level)
+        logger.propagate = old_propagate
+
+
+class _EchoHandler(logging.Handler):
+    """Log records through a callable (e.g. ``tqdm.write``) so they do not break a progress bar."""
+
+    def __init__(self, echo: Callable[[str], None]):
+        super().__init__()
+        self.echo = echo
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.echo(self.format(record))
+        except Exception:  # pragma: no cover - logging must never raise
+            self.handleError(record)
+
+
+def add_file_log(log_file: str, verbose: int) -> logging.Handler:
+    """Attach a file handler to the ``condiff`` logger (caller removes it with ``remove_log``)."""
+    fh = logging.FileHandler(log_file, mode="a", encoding="utf-8")
+    fh.setLevel(logging.DEBUG if verbose else logging.INFO)
+    fh.setFormatter(logging.Formatter(LOG_FORMAT))
+    logging.getLogger("condiff").addHandler(fh)
+    return fh
+
+
+def remove_log(handler: logging.Handler) -> None:
+    logging.getLogger("condiff").removeHandler(handler)
+    handler.close()
+
+
+# ----------------------------------------------------------------------------------------- exit codes
+
+
+def exit_code_for(exc: BaseException) -> int:
+    if isinstance(exc, KeyboardInterrupt):
+        return EXIT_INTERRUPTED
+    if isinstance(exc, Terminated):
+        return EXIT_TERMINATED
+    if isinstance(exc, CondiffError):
+        return EXIT_USAGE
+    return EXIT_FAILED
+
+
+def run_command(body: Callable[[], int], verbose: int = 0) -> None:
+    """Run a command body and exit with its code; map errors to DESIGN §6 exit codes.
+
+    ``CondiffError`` escaping the body is a configuration error before work (exit 2), printed
+    as ``error: <message>`` without a traceback unless ``-v``. Interrupts exit 130/143.
+    """
+    try:
+        with sigterm_raises():
+            code = body()
+    except (KeyboardInterrupt, Terminated) as exc:
+        click.echo("interrupted" if isinstance(exc, KeyboardInterrupt) else "terminated", err=True)
+        sys.exit(exit_code_for(exc))
+    except CondiffError as exc:
+        if verbose:
+            click.echo("".join(traceback.format_exception(exc)).rstrip(), err=True)
+        click.echo(f"error: {exc.message}", err=True)
+        sys.exit(EXIT_USAGE)
+    sys.exit(code)
+
+
+__all__ = ["EXIT_OK", "EXIT_FAILED", "EXIT_USAGE", "EXIT_INTERRUPTED", "EXIT_TERMINATED", "Terminated",
+           "sigterm_raises", "verbose_option", "progress_option", "device_options", "seed_option", "version_option",
+           "environment_report", "format_environment", "logging_to", "add_file_log", "remove_log",
+           "exit_code_for", "run_command"]

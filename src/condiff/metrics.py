@@ -1,0 +1,153 @@
+"""Detection and segmentation metrics (numpy only), as the benchmark computes them.
+
+reference-method.md §9: AUROC and AP on sample scores (scikit-learn ``roc_auc_score`` and
+``average_precision_score``), pixel AP and the best Dice over *every* distinct threshold of
+the pooled maps (``precision_recall_curve``; Dice = 2PR/(P+R), NaN ignored). The
+implementations follow scikit-learn 1.3's formulas step for step, so they agree with it to
+rounding (the tests check 1e-10 on data with ties) without importing it.
+
+All inputs are flattened; labels must be binary (0/1 or bool), scores finite.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+def _check(labels, scores) -> tuple[np.ndarray, np.ndarray]:
+    y = np.asarray(labels).ravel()
+    s = np.asarray(scores, dtype=np.float64).ravel()
+    if y.shape != s.shape:
+        raise ValueError(f"labels and scores differ in size: {y.size} vs {s.size}")
+    if y.dtype != bool:
+        values = np.unique(y)
+        if not np.all(np.isin(values, (0, 1))):
+            raise ValueError(f"labels must be binary (0/1), found values {values[:5].tolist()}")
+        y = y.astype(bool)
+    if not np.all(np.isfinite(s)):
+        raise ValueError("scores contain NaN or Inf")
+    return y, s
+
+
+def binary_clf_curve(labels, scores) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """False/true positive counts at every distinct score, highest score first.
+
+    Returns ``(fps, tps, thresholds)``: at threshold k everything with score >= thresholds[k]
+    is called positive (scikit-learn's ``_binary_clf_curve``).
+    """
+    y, s = _check(labels, scores)
+    order = np.argsort(s, kind="mergesort")[::-1]
+    s, y = s[order], y[order]
+    distinct = np.flatnonzero(np.diff(s))
+    ends = np.r_[distinct, y.size - 1]
+    tps = np.cumsum(y, dtype=np.float64)[ends]
+    fps = 1.0 + ends - tps
+    return fps, tps, s[ends]
+
+
+def roc_auc(labels, scores) -> float:
+    """Area under the ROC curve (trapezoids, ties as diagonal steps); NaN without both classes."""
+    fps, tps, _ = binary_clf_curve(labels, scores)
+    if tps.size == 0 or tps[-1] == 0 or fps[-1] == 0:
+        return float("nan")
+    fpr = np.r_[0.0, fps / fps[-1]]
+    tpr = np.r_[0.0, tps / tps[-1]]
+    return float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2.0))
+
+
+def precision_recall(labels, scores) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """scikit-learn's ``precision_recall_curve``: (precision, recall, thresholds), recall decreasing,
+    with the final (precision 1, recall 0) point that has no threshold."""
+    fps, tps, thr = binary_clf_curve(labels, scores)
+    ps = tps + fps
+    precision = np.zeros_like(tps)
+    np.divide(tps, ps, out=precision, where=ps != 0)
+    recall = np.ones_like(tps) if tps.size == 0 or tps[-1] == 0 else tps / tps[-1]
+    return np.r_[precision[::-1], 1.0], np.r_[recall[::-1], 0.0], thr[::-1]
+
+
+def average_precision(labels, scores) -> float:
+    """Step-wise AP, -sum_k (R_{k+1} - R_k) P_k (= scikit-learn); NaN without positives."""
+    y, s = _check(labels, scores)
+    if not y.any():
+        return float("nan")
+    precision, recall, _ = precision_recall(y, s)
+    return float(-np.sum(np.diff(recall) * precision[:-1]))
+
+
+def best_dice(labels, scores) -> tuple[float, float]:
+    """Maximum over all thresholds of 2PR/(P+R) and the threshold reaching it (reference §9).
+
+    "score >= threshold" is the prediction. NaN (P + R = 0) is ignored; with no positive pixel
+    the result is (NaN, NaN).
+    """
+    y, s = _check(labels, scores)
+    if not y.any():
+        return float("nan"), float("nan")
+    precision, recall, thr = precision_recall(y, s)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        dice = 2 * precision * recall / (precision + recall)
+    dice = dice[:-1]  # the appended (1, 0) point has no threshold (and Dice 0)
+    if np.all(np.isnan(dice)):
+        return float("nan"), float("nan")
+    k = int(np.nanargmax(dice))
+    return float(dice[k]), float(thr[k])
+
+
+@dataclass
+class DetectionMetrics:
+    """One row of the evaluation table."""
+
+    ap_image: float   # AP_i: sample (slice/image) scores vs "any positive pixel"
+    auroc: float      # AUROC on the same
+    ap_pixel: float   # AP_p over all pooled pixels
+    dice: float       # best Dice over all thresholds
+    threshold: float  # the threshold of the best Dice (chosen on the evaluated data, as the benchmark does)
+    n_samples: int
+    n_positive_samples: int
+    n_pixels: int
+    n_positive_pixels: int
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def detection_metrics(image_labels, image_scores, pixel_labels, pixel_scores) -> DetectionMetrics:
+    """All four reference metrics from sample labels/scores and pooled pixel labels/scores."""
+    yi, si = _check(image_labels, image_scores)
+    yp, sp = _check(pixel_labels, pixel_scores)
+    dice, thr = best_dice(yp, sp)
+    return DetectionMetrics(
+        ap_image=average_precision(yi, si), auroc=roc_auc(yi, si), ap_pixel=average_precision(yp, sp),
+        dice=dice, threshold=thr, n_samples=int(yi.size), n_positive_samples=int(yi.sum()),
+        n_pixels=int(yp.size), n_positive_pixels=int(yp.sum()),
+    )
+
+
+def slice_metrics(maps: np.ndarray, masks: np.ndarray, scores: np.ndarray | None = None) -> DetectionMetrics:
+    """The benchmark protocol on model-space slices: maps, masks ``(N, H, W)`` pooled.
+
+    Sample label = the slice's mask has a positive pixel; sample score = ``scores`` or the mean
+    of the map over all pixels (reference §6 item 5); pixels include background (§9).
+    """
+    maps = np.asarray(maps)
+    masks = np.asarray(masks, dtype=bool)
+    if maps.shape != masks.shape or maps.ndim != 3:
+        raise ValueError(f"maps {maps.shape} and masks {masks.shape} must both be (N, H, W)")
+    if scores is None:
+        scores = maps.reshape(len(maps), -1).astype(np.float64).mean(axis=1)
+    return detection_metrics(masks.reshape(len(masks), -1).any(axis=1), scores, masks, maps)
+
+
+def summarise(values) -> dict[str, float]:
+    """avg / max / std (population, ddof 0) of per-member metric values, NaN ignored."""
+    v = np.asarray(values, dtype=np.float64)
+    v = v[~np.isnan(v)]
+    if v.size == 0:
+        return {"avg": float("nan"), "max": float("nan"), "std": float("nan")}
+    return {"avg": float(v.mean()), "max": float(v.max()), "std": float(v.std())}
+
+
+__all__ = ["binary_clf_curve", "roc_auc", "precision_recall", "average_precision", "best_dice",
+           "DetectionMetrics", "detection_metrics", "slice_metrics", "summarise"]

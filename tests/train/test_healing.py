@@ -1,0 +1,61 @@
+"""The healing metric tells a copier from a healer."""
+import numpy as np
+import pytest
+
+from condiff.ssim import ssim_map
+from condiff.train.healing import healing_report, make_cases, removed_share
+from condiff.train.tasks import ArrayPool
+
+
+def _phantoms(n=6, size=64, seed=0):
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    out = []
+    for _ in range(n):
+        img = np.zeros((1, size, size), np.float32)
+        inside = (yy - size / 2) ** 2 / (0.42 * size) ** 2 + (xx - size / 2) ** 2 / (0.36 * size) ** 2 < 1
+        smooth = 0.5 + 0.2 * np.sin(xx / rng.uniform(3, 6)) * np.cos(yy / rng.uniform(3, 6))
+        img[0][inside] = smooth[inside]
+        out.append(img)
+    return np.stack(out)
+
+
+def _map(restored, cond):
+    import torch
+    from condiff.anomaly import zero_background
+    r, c = torch.from_numpy(restored).float(), torch.from_numpy(cond).float()
+    return zero_background(ssim_map(r, c), c)[:, 0].numpy()
+
+
+@pytest.mark.parametrize("task_id", [0, 2, 3, 4])
+def test_copier_scores_zero_removed_and_chance_ap_healer_scores_one(task_id):
+    clean = _phantoms()
+    pool = ArrayPool(clean)
+    lookup = {c.corrupted.tobytes(): c.clean for c in make_cases(clean, task_id, seed=1, same_pool=pool)}
+
+    def copier(cond):
+        # restoration = the input: maps are all zero, AP = chance
+        return cond.copy(), _map(cond, cond)
+
+    def healer(cond):
+        restored = np.stack([lookup[c.tobytes()] for c in cond])
+        return restored, _map(restored, cond)
+
+    rep_copy = healing_report(copier, clean, (task_id,), seed=1, same_pool=pool)
+    rep_heal = healing_report(healer, clean, (task_id,), seed=1, same_pool=pool)
+    (c,), (h,) = rep_copy.values(), rep_heal.values()
+    assert c["removed"] == pytest.approx(0.0, abs=1e-9)
+    assert c["ap"] == pytest.approx(c["chance"], rel=1e-6)  # a constant map ranks nothing
+    assert h["removed"] == pytest.approx(1.0, abs=1e-9)
+    assert h["ap"] > 0.5 and h["ap"] > 3 * h["chance"]
+
+
+def test_removed_share_float64_oracle():
+    rng = np.random.default_rng(0)
+    x0 = rng.random((2, 1, 8, 8))
+    c = x0.copy()
+    mask = np.zeros((2, 8, 8), bool)
+    mask[:, 2:5, 2:6] = True
+    c[:, 0][mask] += 0.4
+    restored = x0 + 0.25 * (c - x0)  # removes three quarters of the anomaly
+    assert removed_share(x0, c, restored, mask) == pytest.approx(0.75, abs=1e-12)
