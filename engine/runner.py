@@ -17,7 +17,7 @@ import torch
 from condiff.anomaly import zero_background
 from condiff.noise import NoiseKey, draw_noise
 from condiff.sampler import SamplerPlan, restore
-from condiff.ssim import ssim_map
+from condiff.engine.ssim_cuda import best_ssim_map
 
 
 @dataclass
@@ -42,7 +42,7 @@ MapFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def run_slices(denoisers: Sequence, jobs: Sequence[SliceJob], plan: SamplerPlan, *, seed: int = 0,
-               batch_size: int | None = None, map_fn: MapFn = ssim_map,
+               batch_size: int | None = None, map_fn: MapFn = best_ssim_map,
                progress: Callable[[int], None] | None = None) -> list[SliceResult]:
     """Restore every job with every member (one denoiser per member) and average maps and scores.
 

@@ -78,7 +78,9 @@ def chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk_s
         return plain_attention(q, k, v, scale)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     k_t = k.transpose(-1, -2)  # shared by every chunk
-    outs = [torch.matmul(torch.matmul(q_c * scale, k_t).softmax(dim=-1), v) for q_c in q.split(size, dim=2)]
+    # explicit sizes: the exporter turns split(int) with a short tail into an invalid ONNX Split
+    sizes = [min(size, n_tokens - start) for start in range(0, n_tokens, size)]
+    outs = [torch.matmul(torch.matmul(q_c * scale, k_t).softmax(dim=-1), v) for q_c in q.split(sizes, dim=2)]
     return torch.cat(outs, dim=2)
 
 

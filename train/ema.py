@@ -58,12 +58,9 @@ class EMA:
         if len(shadow) != len(params):
             raise ValueError("EMA shadow and model have different parameter lists")
         for s, p in zip(shadow, params):
-            # Same arithmetic as diffusers: s -= (1 - decay) * (s - p); k = 0 gives s = p up to rounding,
-            # so copy exactly instead.
-            if decay == 0.0:
-                s.copy_(p)
-            else:
-                s.sub_(one_minus * (s - p))
+            # The reference's arithmetic exactly (diffusers EMAModel.step), also for decay 0, where it
+            # equals a copy up to float32 rounding.
+            s.sub_(one_minus * (s - p))
         for sb, b in zip(self.module.buffers(), model.buffers()):
             sb.copy_(b)
         self.last_decay = decay

@@ -256,10 +256,10 @@ def _normalise_native(vol: np.ndarray, mask: np.ndarray | None, cfg: PreprocessC
     else:
         region = mask if mask is not None else auto_foreground(vol)
         if not region.any():
-            raise InputImageError(path, "no foreground voxels to normalise", "check the image and its brain mask")
+            raise InputImageError(path, "no foreground voxels to normalise", "Check the image and its brain mask")
         lo, hi = (float(v) for v in np.percentile(vol[region].astype(np.float64), cfg.percentiles))
         if not hi > lo:
-            raise InputImageError(path, f"constant intensity ({lo:g}) inside the brain mask", "check the image and its brain mask")
+            raise InputImageError(path, f"constant intensity ({lo:g}) inside the brain mask", "Check the image and its brain mask")
         vol = ((np.clip(vol, lo, hi) - lo) / (hi - lo)).astype(np.float32)
         intensity = {"offset": lo, "scale": hi - lo}
     if cfg.use_mask:
@@ -283,10 +283,10 @@ def prepare_volume(volume, cfg: PreprocessConfig, mask: np.ndarray | None = None
         if mask.shape != data.shape:
             raise ValueError(f"mask shape {mask.shape} differs from volume shape {data.shape}")
         if not mask.any():
-            raise InputImageError(volume.path, "the brain mask is empty", "check the mask file")
+            raise InputImageError(volume.path, "the brain mask is empty", "Check the mask file")
     elif cfg.use_mask:
         raise InputImageError(volume.path, "this model's preprocessing uses a brain mask and none was given",
-                              "pass the brain mask (e.g. --mask '{dir}/{stem}_brainmask.nii.gz')")
+                              "Pass the brain mask (e.g. --mask '{dir}/{stem}_brainmask.nii.gz')")
     from nibabel.orientations import aff2axcodes
 
     t = _orientation(volume.affine, data.shape, cfg.orientation)

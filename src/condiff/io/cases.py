@@ -23,8 +23,8 @@ logger = logging.getLogger(__name__)
 VOLUME_SUFFIXES = (".nii.gz", ".nii")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 DEFAULT_EXCLUDE = ("*_mask*", "*_brainmask*", "*_seg*", "*_lesionmask*", "*_EX*", "*_dlmuse*")
-_HINTS = {".dcm": "convert DICOM first: dcm2niix -z y -o OUT IN", ".mha": "convert it to NIfTI (.nii.gz)",
-          ".nrrd": "convert it to NIfTI (.nii.gz)", ".mgz": "convert it to NIfTI: mri_convert IN OUT.nii.gz"}
+_HINTS = {".dcm": "Convert DICOM first: dcm2niix -z y -o OUT IN", ".mha": "Convert it to NIfTI (.nii.gz)",
+          ".nrrd": "Convert it to NIfTI (.nii.gz)", ".mgz": "Convert it to NIfTI: mri_convert IN OUT.nii.gz"}
 
 
 @dataclass(frozen=True)
@@ -95,7 +95,7 @@ def discover(inputs: Iterable[str | os.PathLike], exclude_patterns: Iterable[str
         else:
             stem, suffix = split_suffix(item.name)
             if suffix is None:
-                hint = _HINTS.get(item.suffix.lower(), f"supported: {', '.join(VOLUME_SUFFIXES + IMAGE_SUFFIXES)}")
+                hint = _HINTS.get(item.suffix.lower(), f"Supported: {', '.join(VOLUME_SUFFIXES + IMAGE_SUFFIXES)}")
                 raise InputImageError(item, "unsupported file type", hint)
             candidates = [(item, item.name)]
         for path, rel in candidates:
@@ -137,7 +137,7 @@ def _check_collisions(cases: list[Case]) -> None:
     if clashes:
         listing = "; ".join(" and ".join(str(c.path) for c in group) + f" -> case {group[0].name!r}" for group in clashes)
         raise OutputConflictError(None, f"input files would write the same outputs: {listing}",
-                                  "rename or move one file of each pair, or give them as separate runs")
+                                  "Rename or move one file of each pair, or give them as separate runs")
 
 
 def find_mask(case: Case, pattern: str, required: bool = True) -> Path | None:
@@ -157,7 +157,7 @@ def find_mask(case: Case, pattern: str, required: bool = True) -> Path | None:
     if not mask.is_file():
         if not required:
             return None
-        raise InputImageError(case.path, f"mask not found at {mask}", f"check the mask pattern {pattern!r}")
+        raise InputImageError(case.path, f"mask not found at {mask}", f"Check the mask pattern {pattern!r}")
     return mask
 
 

@@ -37,20 +37,20 @@ def _sniff(path: Path) -> str:
     if os.path.isdir(path):
         raise InputImageError(path, "is a folder, not an image file")
     if st.st_size == 0:
-        raise InputImageError(path, "empty file (0 bytes)", "the file was not written completely; copy it again")
+        raise InputImageError(path, "empty file (0 bytes)", "The file was not written completely; copy it again")
     try:
         with open(path, "rb") as f:
             head = f.read(8)
     except PermissionError as exc:
         raise InputImageError(path, f"cannot read the file: permission denied ({exc.strerror})",
-                              "check the file's permissions") from exc
+                              "Check the file's permissions") from exc
     except OSError as exc:
         raise InputImageError(path, f"cannot read the file ({exc.strerror})") from exc
     for magic, kind in _MAGIC.items():
         if head.startswith(magic):
             return kind
     raise InputImageError(path, f"not a PNG, JPEG or TIFF image (first bytes {head!r})",
-                          "give a .png, .jpg or .tif photograph")
+                          "Give a .png, .jpg or .tif photograph")
 
 
 def _to_rgb(path: Path, arr: np.ndarray, scale: float) -> np.ndarray:
@@ -63,13 +63,13 @@ def _to_rgb(path: Path, arr: np.ndarray, scale: float) -> np.ndarray:
     if arr.ndim == 2:
         arr = np.repeat(arr[:, :, None], 3, axis=2)
     if arr.ndim != 3 or arr.shape[2] != 3:
-        raise InputImageError(path, f"unsupported image layout {arr.shape}", "give a grey-scale or RGB photograph")
+        raise InputImageError(path, f"unsupported image layout {arr.shape}", "Give a grey-scale or RGB photograph")
     out = arr.astype(np.float32) / np.float32(scale) if scale != 1 else arr.astype(np.float32)
     if not np.all(np.isfinite(out)):
         raise InputImageError(path, f"contains {int((~np.isfinite(out)).sum())} NaN/Inf pixel values")
     if out.min() < 0 or out.max() > 1:
         raise InputImageError(path, f"float pixel values outside [0, 1] ({out.min():g} to {out.max():g})",
-                              "store float images scaled to [0, 1], or as 8/16-bit integers")
+                              "Store float images scaled to [0, 1], or as 8/16-bit integers")
     return out
 
 
@@ -89,7 +89,7 @@ def _read_tiff(path: Path) -> np.ndarray:
     elif arr.dtype.kind == "f":
         scale = 1.0
     else:
-        raise InputImageError(path, f"unsupported TIFF pixel type {arr.dtype}", "give 8-bit, 16-bit or float [0, 1] data")
+        raise InputImageError(path, f"unsupported TIFF pixel type {arr.dtype}", "Give 8-bit, 16-bit or float [0, 1] data")
     return _to_rgb(path, arr, scale)
 
 
@@ -121,7 +121,7 @@ def _read_pil(path: Path) -> np.ndarray:
         raise
     except Exception as exc:  # PIL: OSError (truncated), SyntaxError, ValueError, DecompressionBombError ...
         raise InputImageError(path, f"unreadable or truncated image ({type(exc).__name__}: {exc})",
-                              "the file is damaged; copy it again") from exc
+                              "The file is damaged; copy it again") from exc
     return _to_rgb(path, arr, scale)
 
 
@@ -137,7 +137,7 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     rgb = _read_tiff(path) if kind == "tiff" else _read_pil(path)
     if min(rgb.shape[:2]) < MIN_SIDE:
         raise InputImageError(path, f"image {rgb.shape[1]}x{rgb.shape[0]} is smaller than the SSIM window ({MIN_SIDE} px)",
-                              "upscaling it would invent structure; give the original photograph")
+                              "Upscaling it would invent structure; give the original photograph")
     return rgb
 
 

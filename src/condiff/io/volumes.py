@@ -71,13 +71,13 @@ def _open_bytes(path: Path) -> bytes:
     if os.path.isdir(path):
         raise InputImageError(path, "is a folder, not a NIfTI file")
     if st.st_size == 0:
-        raise InputImageError(path, "empty file (0 bytes)", "the file was not written completely; re-export or copy it again")
+        raise InputImageError(path, "empty file (0 bytes)", "The file was not written completely; re-export or copy it again")
     try:
         with open(path, "rb") as f:
             return f.read(4)
     except PermissionError as exc:
         raise InputImageError(path, f"cannot read the file: permission denied ({exc.strerror})",
-                              "check the file's permissions") from exc
+                              "Check the file's permissions") from exc
     except OSError as exc:
         raise InputImageError(path, f"cannot read the file ({exc.strerror})") from exc
 
@@ -90,7 +90,7 @@ def _parse_header(path: Path, block: bytes) -> dict[str, Any]:
             if size == 348 and block[344:348] in (b"n+1\x00", b"ni1\x00"):
                 if block[344:348] == b"ni1\x00":
                     raise InputImageError(path, "is the header of a NIfTI pair (.hdr/.img)",
-                                          "convert it to a single .nii or .nii.gz file")
+                                          "Convert it to a single .nii or .nii.gz file")
                 return {
                     "version": 1, "endian": endian,
                     "dim": np.frombuffer(block[40:56], dtype=f"{endian}i2").astype(np.int64),
@@ -101,7 +101,7 @@ def _parse_header(path: Path, block: bytes) -> dict[str, Any]:
             if size == 540 and len(block) >= 540 and block[4:8] in (b"n+2\x00", b"ni2\x00"):
                 if block[4:8] == b"ni2\x00":
                     raise InputImageError(path, "is the header of a NIfTI-2 pair (.hdr/.img)",
-                                          "convert it to a single .nii or .nii.gz file")
+                                          "Convert it to a single .nii or .nii.gz file")
                 return {
                     "version": 2, "endian": endian,
                     "dim": np.frombuffer(block[16:80], dtype=f"{endian}i8").astype(np.int64),
@@ -111,16 +111,16 @@ def _parse_header(path: Path, block: bytes) -> dict[str, Any]:
                 }
             if size == 348 and endian == "<" and block[344:348] not in (b"n+1\x00", b"ni1\x00"):
                 raise InputImageError(path, "has an Analyze 7.5 header, not NIfTI",
-                                      "convert it to NIfTI (e.g. with nibabel or fslchfiletype)")
+                                      "Convert it to NIfTI (e.g. with nibabel or fslchfiletype)")
     head = block[:4]
     for magic, what in _OTHER_MAGIC.items():
         if head.startswith(magic):
-            hint = "convert DICOM with: dcm2niix -z y -o OUT IN" if what == "a DICOM file" else None
+            hint = "Convert DICOM with: dcm2niix -z y -o OUT IN" if what == "a DICOM file" else "Give a .nii or .nii.gz volume"
             raise InputImageError(path, f"not a NIfTI file (the bytes are {what})", hint)
     if block[128:132] == b"DICM":
-        raise InputImageError(path, "not a NIfTI file (the bytes are a DICOM file)", "convert DICOM with: dcm2niix -z y -o OUT IN")
+        raise InputImageError(path, "not a NIfTI file (the bytes are a DICOM file)", "Convert DICOM with: dcm2niix -z y -o OUT IN")
     raise InputImageError(path, f"not a NIfTI file (no NIfTI header; first bytes {block[:8]!r})",
-                          "give a .nii or .nii.gz volume")
+                          "Give a .nii or .nii.gz volume")
 
 
 def _check_dims(path: Path, hdr: dict[str, Any]) -> tuple[tuple[int, ...], int]:
@@ -135,13 +135,13 @@ def _check_dims(path: Path, hdr: dict[str, Any]) -> tuple[tuple[int, ...], int]:
     if max(shape) > MAX_DIM or int(np.prod(shape, dtype=np.float64)) > MAX_VOXELS:
         raise InputImageError(path, f"header declares an implausible size {shape} "
                                     f"(limit {MAX_DIM} per axis, {MAX_VOXELS} voxels)",
-                              "the header is corrupt or the file is not a brain volume")
+                              "The header is corrupt or the file is not a brain volume")
     if hdr["datatype"] in _COLOUR_TYPES:
         raise InputImageError(path, f"colour NIfTI ({_COLOUR_TYPES[hdr['datatype']]}) is not supported",
-                              "give one grey-scale volume per file")
+                              "Give one grey-scale volume per file")
     if hdr["datatype"] in _COMPLEX_TYPES:
         raise InputImageError(path, f"complex-valued NIfTI ({_COMPLEX_TYPES[hdr['datatype']]}) is not supported",
-                              "give a magnitude image")
+                              "Give a magnitude image")
     if hdr["bitpix"] <= 0 or hdr["bitpix"] % 8:
         raise InputImageError(path, f"corrupt NIfTI header (bitpix = {hdr['bitpix']})")
     nbytes = int(np.prod(shape)) * hdr["bitpix"] // 8
@@ -175,14 +175,14 @@ def _read_raw(path: Path) -> tuple[bytes, dict[str, Any], tuple[int, ...]]:
                 have += len(chunk)
                 if have > need + _SLACK_BYTES:
                     raise InputImageError(path, f"holds far more data than its header declares ({need} bytes)",
-                                          "the file is corrupt")
+                                          "The file is corrupt")
     except InputImageError:
         raise
     except EOFError as exc:
         raise InputImageError(path, "truncated (the compressed stream ends early)",
-                              "the file was not copied or written completely") from exc
+                              "The file was not copied or written completely") from exc
     except (zlib.error, gzip.BadGzipFile) as exc:
-        raise InputImageError(path, f"corrupt compressed data ({exc})", "the file is damaged; copy it again") from exc
+        raise InputImageError(path, f"corrupt compressed data ({exc})", "The file is damaged; copy it again") from exc
     except PermissionError as exc:
         raise InputImageError(path, f"cannot read the file: permission denied ({exc.strerror})") from exc
     except OSError as exc:
@@ -190,7 +190,7 @@ def _read_raw(path: Path) -> tuple[bytes, dict[str, Any], tuple[int, ...]]:
     raw = b"".join(chunks)
     if len(raw) < need:
         raise InputImageError(path, f"truncated: the header declares {need} bytes, the file holds {len(raw)}",
-                              "the file was not copied or written completely")
+                              "The file was not copied or written completely")
     return raw, hdr, shape
 
 
@@ -215,11 +215,11 @@ def _load(path: str | os.PathLike, *, allow_2d: bool, nan_policy: str, check_con
         data = data[:, :, None]
     elif data.ndim == 1 or data.ndim == 2:
         raise InputImageError(path, f"expected a 3-D volume, got a {data.ndim}-D image of shape {shape}",
-                              "give a 3-D volume")
+                              "Give a 3-D volume")
     elif data.ndim > 3:
-        raise InputImageError(path, f"expected a 3-D volume, got shape {shape}", "give one volume per file")
+        raise InputImageError(path, f"expected a 3-D volume, got shape {shape}", "Give one volume per file")
     if not np.all(np.isfinite(affine)):
-        raise InputImageError(path, "the header's affine contains NaN or Inf", "fix the qform/sform of the file")
+        raise InputImageError(path, "the header's affine contains NaN or Inf", "Fix the qform/sform of the file")
 
     bad = ~np.isfinite(data)
     n_bad = int(bad.sum())
@@ -229,13 +229,13 @@ def _load(path: str | os.PathLike, *, allow_2d: bool, nan_policy: str, check_con
             data = np.where(bad, np.float32(0), data)
         else:
             raise InputImageError(path, f"contains {n_bad} NaN/Inf voxels",
-                                  "fix the file, or pass --nan-policy zero to treat them as 0")
+                                  "Fix the file, or pass --nan-policy zero to treat them as 0")
     if check_content:
         lo, hi = float(data.min()), float(data.max())
         if lo == hi:
             if hi == 0:
                 raise InputImageError(path, "empty volume (all voxels are 0)")
-            raise InputImageError(path, f"constant volume (all voxels are {hi:g})", "nothing to analyse")
+            raise InputImageError(path, f"constant volume (all voxels are {hi:g})", "Nothing to analyse")
     return Volume(data=np.ascontiguousarray(data, dtype=np.float32), affine=affine, header=img.header, path=str(path))
 
 
@@ -263,13 +263,13 @@ def read_mask(path: str | os.PathLike, like: Volume) -> np.ndarray:
     m = _load(path, allow_2d=True, nan_policy="error", check_content=False)
     if m.data.shape != like.data.shape:
         raise InputImageError(path, f"mask shape {m.data.shape} differs from the shape {like.data.shape} of {like.path}",
-                              "give a mask on the same voxel grid as its image")
+                              "Give a mask on the same voxel grid as its image")
     # 1e-3 mm: headers written by different tools round the affine differently (e.g. -0.0 vs 0.0,
     # float32 vs quaternion); anything larger is a different grid.
     if not np.allclose(m.affine, like.affine, rtol=0, atol=1e-3):
         raise InputImageError(path, f"mask affine differs from the affine of {like.path} "
                                     f"(max difference {np.abs(m.affine - like.affine).max():.4g} mm)",
-                              "give a mask on the same voxel grid as its image")
+                              "Give a mask on the same voxel grid as its image")
     return m.data > 0
 
 
@@ -290,7 +290,9 @@ def nifti_bytes_like(data: np.ndarray, reference: Volume, dtype=np.float32, desc
     if len(stored) == 2 and data.shape[2:] == (1,) and stored == data.shape[:2]:
         shape = stored  # a 2-D input gets a 2-D map
     arr = np.asarray(data, dtype=dtype).reshape(shape)
+    pixdim = hdr["pixdim"].copy()
     hdr.set_data_shape(shape)
+    hdr["pixdim"] = pixdim  # set_data_shape resets unused pixdim entries; outputs keep the input's exactly
     hdr.set_data_dtype(dtype)
     finite = arr[np.isfinite(arr)]
     hdr["cal_min"] = float(finite.min()) if finite.size else 0.0

@@ -1,0 +1,617 @@
+#!/usr/bin/env python3
+"""Whole-pipeline throughput of condiff's engines against eager PyTorch (nanoGPT ``bench.py`` style).
+
+One slice = ``steps`` DDPM steps x ``members`` UNet evaluations (the paper: 50 x 10 = 500). Per engine,
+precision and batch size B the benchmark times
+
+* the pipeline: ``condiff.engine.runner.run_slices`` on B slices (noise, reverse loop, SSIM map, member
+  mean), warm-up then ``--repeats`` timed runs -> slices/s, image evaluations/s, s per 500-evaluation slice;
+* one ``denoise`` call alone at batch B -> ms per call and per image;
+
+with the two baselines always in the same run: eager fp32 PyTorch, and eager PyTorch as the reference ran it
+(fp32 weights under fp16 autocast with TF32 and SDPA; on the CPU bf16 autocast). GPU timings use CUDA events
+bracketed by ``torch.cuda.synchronize``. FLOPs per evaluation and the sequential floor come from
+``performance.md`` §1/§3 for paper/symmetric at 128 px; other networks are counted once with
+``FlopCounterMode``. Weights are random (seeded); results go to ``--out`` as JSON, Markdown and a PNG plot.
+
+    python bench/throughput.py --preset small --batch-sizes 1 4 --steps 5 --engines torch ort --device cpu
+    python bench/throughput.py --preset paper --batch-sizes 8 32 --engines fast:fp16 --device cuda
+    python bench/throughput.py --smoke --out /tmp/bench          # CI: tiny net, 32 px, 2 steps
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import importlib
+import inspect
+import json
+import os
+import platform
+import resource
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+import condiff
+from condiff.config import ModelConfig, preset
+from condiff.engine.backends import open_denoiser
+from condiff.engine.backends.torch_backend import resolve_device
+from condiff.engine.runner import SliceJob, run_slices
+from condiff.errors import BackendUnavailableError
+from condiff.modelset import load_model, save_model
+from condiff.sampler import make_plan
+from condiff.unet import ConditionalUNet
+
+EVALS_PER_PAPER_SLICE = 500  # 10 members x 50 DDPM steps
+# performance.md §1: all tensor-core work of one 128x128 1-channel evaluation; 3 channels add 0.23 GFLOP
+TABLE_GFLOP = {"paper": 727.9, "symmetric": 311.1}
+# performance.md §3: sequential floor per 128x128 evaluation (ms), by card
+FLOOR_MS = {"paper": {"H100": 4.05, "H200": 4.06}, "symmetric": {"H100": 0.97, "H200": 0.97}}
+ENGINES = ("torch", "ort", "fast")
+PRECISIONS = ("fp32", "fp16", "bf16")
+
+
+class Skip(Exception):
+    """An engine row that cannot run here; the message becomes the row's note."""
+
+
+@dataclass(frozen=True)
+class Spec:
+    engine: str     # torch | torch-autocast | ort | fast
+    precision: str  # fp32 | fp16 | bf16 (for torch-autocast: the autocast dtype)
+    role: str       # baseline-fp32 | baseline-reference | engine
+
+    @property
+    def label(self) -> str:
+        if self.role == "baseline-fp32":
+            return "torch fp32 (eager baseline)"
+        if self.role == "baseline-reference":
+            return f"torch autocast-{self.precision} (reference)"
+        return f"{self.engine} {self.precision}"
+
+
+class AutocastDenoiser:
+    """fp32 weights under ``torch.autocast`` as the reference ran inference (fp16 + TF32 on CUDA, SDPA)."""
+
+    name = "torch-autocast"
+
+    def __init__(self, model: torch.nn.Module, device: torch.device, precision: str, max_batch: int):
+        self.device, self.precision, self.max_batch = device, precision, max_batch
+        self.dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+        self.model = model.to(device=device, dtype=torch.float32).eval()
+
+    @torch.inference_mode()
+    def denoise(self, x_t: torch.Tensor, cond: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        tf32 = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = True  # the reference config sets allow_tf32: true
+        try:
+            with torch.autocast(self.device.type, dtype=self.dtype):
+                return self.model(x_t, cond, t).float()
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+
+
+# ---------------------------------------------------------------- arguments
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--preset", default="small", choices=["paper", "symmetric", "small", "tiny"])
+    p.add_argument("--image-channels", type=int, default=1, choices=[1, 3])
+    p.add_argument("--size", type=int, default=128, help="image side in pixels")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4])
+    p.add_argument("--steps", type=int, default=50, help="DDPM steps per member")
+    p.add_argument("--members", type=int, default=1, help="ensemble members (per-slice numbers are also scaled to 10)")
+    p.add_argument("--engines", nargs="+", default=list(ENGINES),
+                   help="engine or engine:precision (torch, ort, fast); a bare name runs every --precisions")
+    p.add_argument("--precisions", nargs="+", choices=PRECISIONS, default=None,
+                   help="default: fp32 on the CPU, fp32 fp16 on CUDA")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--repeats", type=int, default=5, help="timed runs per row (>= 5)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs first (>= 1; the first also builds graphs)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch and ONNX Runtime")
+    p.add_argument("--fp32-steps", type=int, default=None,
+                   help="steps for the fp32 baseline only (per-step cost does not depend on the step count; "
+                        "fp32 is ~10x slower on GPU). Default: --steps")
+    p.add_argument("--fp32-batch-sizes", type=int, nargs="+", default=None,
+                   help="batch sizes for the fp32 baseline only. Default: --batch-sizes")
+    p.add_argument("--cpu-reference", choices=["bf16", "skip"], default="bf16",
+                   help="reference-style baseline on the CPU: bf16 autocast, or skip it")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="bench/results")
+    p.add_argument("--smoke", action="store_true", help="CI: tiny preset, 32 px, 2 steps, batch 1 and 2, 2 repeats")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.preset, args.size, args.steps, args.batch_sizes, args.repeats, args.warmup = "tiny", 32, 2, [1, 2], 2, 1
+    elif args.repeats < 5:
+        p.error("--repeats must be at least 5 (only --smoke uses fewer)")
+    args.warmup = max(1, args.warmup)
+    for spec in args.engines:
+        name, _, prec = spec.partition(":")
+        if name not in ENGINES or (prec and prec not in PRECISIONS):
+            p.error(f"--engines {spec!r}: use one of {ENGINES}, optionally :fp32/:fp16/:bf16")
+    return args
+
+
+def engine_specs(args, device: torch.device) -> tuple[list[Spec], list[str]]:
+    """Baselines first, then the requested engine/precision pairs (duplicates of a baseline dropped)."""
+    notes = []
+    specs = [Spec("torch", "fp32", "baseline-fp32")]
+    if device.type == "cuda":
+        specs.append(Spec("torch-autocast", "fp16", "baseline-reference"))
+    elif args.cpu_reference == "bf16":
+        specs.append(Spec("torch-autocast", "bf16", "baseline-reference"))
+        notes.append("CPU: the reference-style baseline is bf16 autocast over fp32 weights "
+                     "(the reference ran fp16 autocast on CUDA).")
+    else:
+        notes.append("CPU: reference-style baseline skipped (--cpu-reference skip); the reference ran fp16 "
+                     "autocast on CUDA.")
+    precisions = args.precisions or (["fp32", "fp16"] if device.type == "cuda" else ["fp32"])
+    for item in args.engines:
+        name, _, prec = item.partition(":")
+        for p in [prec] if prec else precisions:
+            spec = Spec(name, p, "engine")
+            if spec.engine == "torch" and p == "fp32":
+                continue  # that is the fp32 baseline
+            if spec not in specs:
+                specs.append(spec)
+    return specs, notes
+
+
+# ---------------------------------------------------------------- environment
+
+def cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def machine_info(device: torch.device) -> dict:
+    ram = None
+    with contextlib.suppress(OSError, ValueError):
+        ram = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    gpu_mem = (round(torch.cuda.get_device_properties(device).total_memory / 2**30, 1)
+               if device.type == "cuda" else None)
+    return {"host": platform.node(), "platform": platform.platform(), "cpu": cpu_model(),
+            "cpu_count": os.cpu_count(), "ram_gib": ram, "torch_threads": torch.get_num_threads(),
+            "device": device.type, "gpu": gpu, "gpu_memory_gib": gpu_mem}
+
+
+def versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version(), "condiff": condiff.__version__, "torch": torch.__version__,
+           "cuda": torch.version.cuda,
+           "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None}
+    for pkg in ("onnxruntime", "onnx", "numpy", "matplotlib"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+class PeakMemory:
+    """Peak memory of one measurement: CUDA allocator peak, or the process's peak RSS on the CPU.
+
+    On Linux, writing 5 to /proc/self/clear_refs resets VmHWM, so each row gets its own peak;
+    elsewhere ru_maxrss is the process's high-water mark so far (monotonic across rows).
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.kind = "torch.cuda.max_memory_allocated" if device.type == "cuda" else "ru_maxrss (process high-water mark)"
+
+    def reset(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return
+        with contextlib.suppress(OSError):
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self.kind = "VmHWM, process peak RSS reset per row"
+
+    def read_mib(self) -> float:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 2**20
+        if self.kind.startswith("VmHWM"):
+            for line in open("/proc/self/status"):
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+# ---------------------------------------------------------------- model, FLOPs, floor
+
+def build_model_dir(root: Path, args) -> tuple[Path, float, str]:
+    """Seeded random weights saved as a model folder; returns (folder, GFLOP per evaluation, source)."""
+    cfg = preset(args.preset, args.image_channels, args.size)
+    torch.manual_seed(args.seed)
+    model = ConditionalUNet(cfg).eval()
+    if args.preset in TABLE_GFLOP and args.size == 128:
+        gflop = TABLE_GFLOP[args.preset] + (0.23 if args.image_channels == 3 else 0.0)
+        source = "performance.md §1 (tensor-core work at 128x128)"
+    else:
+        from torch.utils.flop_counter import FlopCounterMode
+
+        x = torch.zeros(1, args.image_channels, args.size, args.size)
+        with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+            model(x, x, torch.tensor([500]))
+        gflop = counter.get_total_flops() / 1e9
+        source = "torch.utils.flop_counter.FlopCounterMode at batch 1 (convolutions, linears, attention matmuls)"
+    model_dir = save_model(root / "member0", model, ModelConfig(unet=cfg))
+    return model_dir, gflop, source
+
+
+def floor_ms(args, machine: dict) -> tuple[float | None, str]:
+    """performance.md §3 sequential floor per evaluation, or None with the reason."""
+    if machine["device"] != "cuda":
+        return None, "CPU run: performance.md §3 gives no CPU floor (floors are for the H100/H200 GPUs)."
+    if args.preset not in FLOOR_MS or args.size != 128:
+        return None, f"no floor for preset {args.preset} at {args.size} px (performance.md §3 covers paper/symmetric at 128 px)."
+    card = "H200" if "H200" in (machine["gpu"] or "") else "H100"
+    note = f"sequential floor {FLOOR_MS[args.preset][card]} ms per evaluation ({card}, performance.md §3)"
+    if card not in (machine["gpu"] or ""):
+        note += f"; this GPU is {machine['gpu']}, so the H100 floor is only indicative"
+    return FLOOR_MS[args.preset][card], note + "."
+
+
+# ---------------------------------------------------------------- engines
+
+def open_engine(spec: Spec, model_dir: Path, device: torch.device, max_batch: int, threads: int | None):
+    if spec.engine == "torch":
+        return open_denoiser("torch", model_dir, device=device, precision=spec.precision, max_batch=max_batch)
+    if spec.engine == "torch-autocast":
+        return AutocastDenoiser(load_model(model_dir)[0], device, spec.precision, max_batch)
+    if spec.engine == "ort":
+        return open_ort_engine(model_dir, device, spec.precision, max_batch, threads)
+    if spec.engine == "fast":
+        try:
+            graphs = importlib.import_module("condiff.engine.graphs")
+        except ModuleNotFoundError as exc:
+            raise Skip(f"condiff.engine.graphs is not available ({exc})") from None
+        if not hasattr(graphs, "open_fast"):
+            raise Skip("condiff.engine.graphs has no open_fast")
+        return graphs.open_fast(model_dir, device=device, precision=spec.precision, max_batch=max_batch)
+    raise Skip(f"unknown engine {spec.engine}")
+
+
+def open_ort_engine(model_dir: Path, device, precision: str, max_batch: int, threads: int | None):
+    """Export model.onnx next to the weights (once), then open it with ONNX Runtime."""
+    for module in ("onnxruntime", "condiff.engine.backends.ort_backend", "condiff.export.onnx_export"):
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            raise Skip(f"{module} is not available ({exc})") from None
+    from condiff.engine.backends.ort_backend import open_ort
+    from condiff.export import onnx_export
+
+    if not (model_dir / "model.onnx").is_file():  # build time then includes the checked export
+        result = onnx_export.export_onnx(model_dir, threads=threads)
+        print(f"[bench] exported {result.path.name} (attention {result.attention}, max |Δ| vs torch "
+              f"{result.max_abs_diff:.2g}) in {result.seconds:.1f} s", file=sys.stderr, flush=True)
+    return open_ort(model_dir, device=device, precision=precision, max_batch=max_batch, threads=threads)
+
+
+@contextlib.contextmanager
+def loop_dispatch(den):
+    """Give an engine that owns the whole reverse loop (``restore_batch``) the loop inside ``run_slices``.
+
+    The runner calls ``sampler.restore(den.denoise, ...)``; until it dispatches to ``restore_batch`` itself,
+    this swaps the runner's ``restore`` for the duration of one row. Yields a note, or None when not needed.
+    """
+    import condiff.engine.runner as runner
+
+    if not hasattr(den, "restore_batch") or "restore_batch" in inspect.getsource(runner):
+        yield None
+        return
+    original = runner.restore
+
+    def restore(denoise, cond, plan, noise, callback=None):
+        if getattr(denoise, "__self__", None) is den:
+            return den.restore_batch(cond, noise, plan)
+        return original(denoise, cond, plan, noise, callback)
+
+    runner.restore = restore
+    try:
+        yield "pipeline: run_slices with its restore() routed to the engine's restore_batch (bench shim)"
+    finally:
+        runner.restore = original
+
+
+# ---------------------------------------------------------------- timing
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device: torch.device, warmup: int, repeats: int):
+    """Warm up, then time ``repeats`` runs. Returns (first warm-up seconds, [seconds], last output)."""
+    first = None
+    for i in range(warmup):
+        sync(device)
+        t0 = time.perf_counter()
+        out = fn()
+        sync(device)
+        if i == 0:
+            first = time.perf_counter() - t0
+    samples = []
+    for _ in range(repeats):
+        sync(device)
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            out = fn()
+            end.record()
+            end.synchronize()
+            samples.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            out = fn()
+            samples.append(time.perf_counter() - t0)
+    return first, samples, out
+
+
+def spread(samples: list[float], scale: float = 1.0) -> dict:
+    return {"median": statistics.median(samples) * scale, "min": min(samples) * scale,
+            "max": max(samples) * scale, "samples": [s * scale for s in samples]}
+
+
+def make_jobs(n: int, channels: int, size: int, seed: int) -> list[SliceJob]:
+    """n random conditioning slices in [-1, 1] (the whole image is foreground)."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    conds = torch.rand((n, channels, size, size), generator=gen) * 2 - 1
+    return [SliceJob(cond=conds[i], digest="bench", slice_index=i) for i in range(n)]
+
+
+def measure(den, spec: Spec, batch: int, steps: int, args, device, memory: PeakMemory) -> dict:
+    """One row: pipeline timing through run_slices, then denoise alone, at batch ``batch``."""
+    plan = make_plan("ddpm", steps)
+    jobs = make_jobs(batch, args.image_channels, args.size, args.seed)
+    members = [den] * args.members  # one resident model; every member runs its own loop, as distinct weights would
+    memory.reset()
+    with loop_dispatch(den) as note:
+        first, samples, results = timed(lambda: run_slices(members, jobs, plan, seed=args.seed, batch_size=batch),
+                                         device, args.warmup, args.repeats)
+    g = torch.Generator().manual_seed(args.seed + 2)
+    shape = (batch, args.image_channels, args.size, args.size)
+    x = torch.randn(shape, generator=g).to(den.device)
+    cond = torch.rand(shape, generator=g).mul(2).sub(1).to(den.device)
+    t = torch.full((batch,), 500, dtype=torch.int64, device=den.device)
+    _, d_samples, _ = timed(lambda: den.denoise(x, cond, t), device, args.warmup, args.repeats)
+    pipe = spread(samples)
+    evals_per_s = batch * args.members * steps / pipe["median"]
+    den_ms = spread(d_samples, 1e3)
+    return {
+        "status": "ok", "note": note, "steps": steps, "slice_evals": args.members * steps,
+        "first_call_s": first, "pipeline_s": pipe,
+        "slices_per_s": batch / pipe["median"], "evals_per_s": evals_per_s,
+        "slice_s_10_members": pipe["median"] / batch * 10 / args.members,
+        "paper_slice_s": EVALS_PER_PAPER_SLICE / evals_per_s,
+        "paper_slices_per_s": evals_per_s / EVALS_PER_PAPER_SLICE,
+        "denoise_ms": den_ms, "denoise_ms_per_image": den_ms["median"] / batch,
+        "denoise_evals_per_s": batch * 1e3 / den_ms["median"],
+        "peak_mem_mib": memory.read_mib(), "peak_mem_kind": memory.kind,
+        "_maps": torch.stack([r.amap for r in results]), "_scores": torch.tensor([r.score for r in results]),
+    }
+
+
+# ---------------------------------------------------------------- derived columns
+
+def finish(rows: list[dict], gflop: float, floor: float | None) -> None:
+    """Add TFLOP/s, floor fractions and ratios to both baselines (same batch, and the baseline's best batch)."""
+    ok = [r for r in rows if r["status"] == "ok"]
+    by_role = {role: {r["batch_size"]: r for r in ok if r["role"] == role}
+               for role in ("baseline-fp32", "baseline-reference")}
+    best = {role: max((r["evals_per_s"] for r in rs.values()), default=None) for role, rs in by_role.items()}
+    for r in rows:
+        r["gflop_per_eval"] = gflop
+        r["floor_ms_per_eval"] = floor
+        if r["status"] != "ok":
+            continue
+        ms_per_eval = 1e3 / r["evals_per_s"]
+        r["pipeline_tflops"] = gflop * r["evals_per_s"] / 1e3
+        r["denoise_tflops"] = gflop * r["denoise_evals_per_s"] / 1e3
+        r["floor_fraction"] = floor / ms_per_eval if floor else None  # share of the floor's speed reached
+        r["x_floor"] = ms_per_eval / floor if floor else None          # times slower than the floor
+        for role, key in (("baseline-fp32", "vs_fp32"), ("baseline-reference", "vs_reference")):
+            base = by_role[role].get(r["batch_size"])
+            r[key] = r["evals_per_s"] / base["evals_per_s"] if base else None
+            r[key + "_best"] = r["evals_per_s"] / best[role] if best[role] else None
+
+
+def map_differences(rows: list[dict]) -> None:
+    """Max |map| and |score| difference of every row against the fp32 baseline at the same batch."""
+    ref = {r["batch_size"]: r for r in rows if r["role"] == "baseline-fp32" and r["status"] == "ok"}
+    for r in rows:
+        maps, scores = r.pop("_maps", None), r.pop("_scores", None)
+        base = ref.get(r["batch_size"])
+        if maps is None or base is None:
+            r["max_abs_map_diff_vs_fp32"] = r["max_abs_score_diff_vs_fp32"] = None
+            continue
+        r["max_abs_map_diff_vs_fp32"] = float((maps - base["_maps_keep"]).abs().max())
+        r["max_abs_score_diff_vs_fp32"] = float((scores - base["_scores_keep"]).abs().max())
+
+
+# ---------------------------------------------------------------- reports
+
+def fmt(v, digits: int = 3) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.{digits}g}" if abs(v) < 1e4 else f"{v:,.0f}"
+    return str(v)
+
+
+def markdown(report: dict) -> str:
+    m, meta = report["machine"], report["meta"]
+    lines = [f"# condiff throughput: {meta['preset']} on {m['gpu'] or m['cpu']}", "",
+             f"- date: {meta['date']}", f"- command: `{meta['command']}`",
+             f"- machine: {m['host']}, {m['platform']}, CPU {m['cpu']} ({m['cpu_count']} cores, "
+             f"{m['ram_gib']} GiB), torch threads {m['torch_threads']}, device {m['device']}"
+             + (f", GPU {m['gpu']} ({m['gpu_memory_gib']} GiB)" if m["gpu"] else ""),
+             "- versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()),
+             f"- network: {meta['preset']}, {meta['image_channels']} channel(s), {meta['size']} px, "
+             f"{meta['gflop_per_eval']:.4g} GFLOP per evaluation ({meta['flops_source']})",
+             f"- work: {meta['members']} member(s) x {meta['steps']} DDPM steps per slice; "
+             f"'s/slice (500)' scales to the paper's 10 members x 50 steps; warm-up {meta['warmup']}, "
+             f"{meta['repeats']} timed repeats, median (min–max)",
+             f"- floor: {meta['floor_note']}", "",
+             "| engine | batch | steps | slices/s | evals/s | s/slice (500) | pipeline s median (min–max) "
+             "| denoise ms/image | TFLOP/s | × floor | vs fp32 | vs ref | vs ref best | peak MiB | build s "
+             "| first call s | max Δmap vs fp32 |",
+             "|" + "---|" * 17]
+    for r in report["rows"]:
+        if r["status"] != "ok":
+            lines.append(f"| {r['label']} | {r['batch_size']} | {r['steps']} | skipped: {r['note']} |"
+                         + " |" * 13)
+            continue
+        p = r["pipeline_s"]
+        lines.append(" | ".join([
+            f"| {r['label']}", str(r["batch_size"]), str(r["steps"]), fmt(r["slices_per_s"]), fmt(r["evals_per_s"]),
+            fmt(r["paper_slice_s"]), f"{fmt(p['median'])} ({fmt(p['min'])}–{fmt(p['max'])})",
+            fmt(r["denoise_ms_per_image"]), fmt(r["pipeline_tflops"]), fmt(r["x_floor"]), fmt(r["vs_fp32"]),
+            fmt(r["vs_reference"]), fmt(r["vs_reference_best"]), fmt(r["peak_mem_mib"], 4), fmt(r["build_s"]),
+            fmt(r["first_call_s"]), fmt(r["max_abs_map_diff_vs_fp32"], 2)]) + " |")
+    lines += ["", f"Peak memory: {report['rows'][0].get('peak_mem_kind') or '–'}. '× floor' = achieved time per "
+              "evaluation / sequential floor; 'vs ref best' compares with the reference baseline at its best "
+              "batch size. Weights are random (seeded).", ""]
+    notes = meta["notes"] + sorted({f"{r['label']}: {r['note']}" for r in report["rows"]
+                                    if r["status"] == "ok" and r.get("note")})
+    if notes:
+        lines += ["Notes:", ""] + [f"- {n}" for n in notes] + [""]
+    return "\n".join(lines)
+
+
+def plot(report: dict, path: Path) -> str | None:
+    """slices/s (scaled to 500-evaluation slices) against batch size, one line per engine/precision."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "plot skipped: matplotlib is not installed (pip install condiff[bench])"
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label in dict.fromkeys(r["label"] for r in report["rows"]):
+        pts = sorted((r["batch_size"], r["paper_slices_per_s"]) for r in report["rows"]
+                     if r["label"] == label and r["status"] == "ok")
+        if pts:
+            ax.plot(*zip(*pts), marker="o", label=label)
+    from matplotlib.ticker import FormatStrFormatter
+
+    batches = sorted({r["batch_size"] for r in report["rows"]})
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(batches, [str(b) for b in batches])
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+    ax.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
+    ax.set_xlabel("batch size (slices per call)")
+    ax.set_ylabel("slices/s (10 members x 50 steps)")
+    m = report["machine"]
+    ax.set_title(f"condiff {report['meta']['preset']}, {m['gpu'] or m['cpu']}", fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return None
+
+
+# ---------------------------------------------------------------- main
+
+def run(args) -> dict:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    machine, vers = machine_info(device), versions()
+    specs, notes = engine_specs(args, device)
+    floor, floor_note = floor_ms(args, machine)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="condiff-bench-") as tmp:
+        model_dir, gflop, flops_source = build_model_dir(Path(tmp), args)
+        memory = PeakMemory(device)
+        for spec in specs:
+            batches = args.batch_sizes
+            steps = args.steps
+            if spec.role == "baseline-fp32":
+                batches = args.fp32_batch_sizes or batches
+                steps = args.fp32_steps or steps
+            base = {"engine": spec.engine, "precision": spec.precision, "role": spec.role, "label": spec.label,
+                    "members": args.members, "machine": machine, "versions": vers}
+            den, build_s, skip = None, None, None
+            try:
+                t0 = time.perf_counter()
+                den = open_engine(spec, model_dir, device, max(batches), args.threads)
+                build_s = time.perf_counter() - t0
+            except (Skip, BackendUnavailableError) as exc:
+                skip = str(exc)
+            except Exception as exc:  # a broken engine must not lose the baselines' numbers
+                traceback.print_exc()
+                skip = f"build failed: {type(exc).__name__}: {exc}"
+            for batch in batches:
+                row = {**base, "batch_size": batch, "steps": steps, "build_s": build_s}
+                if den is not None:
+                    print(f"[bench] {spec.label} batch {batch} ...", file=sys.stderr, flush=True)
+                    try:
+                        row.update(measure(den, spec, batch, steps, args, device, memory))
+                    except Exception as exc:
+                        traceback.print_exc()
+                        row.update(status="skipped", note=f"failed: {type(exc).__name__}: {exc}")
+                else:
+                    row.update(status="skipped", note=skip)
+                if spec.role == "baseline-fp32" and row["status"] == "ok":
+                    row["_maps_keep"], row["_scores_keep"] = row["_maps"], row["_scores"]
+                rows.append(row)
+            del den
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    finish(rows, gflop, floor)
+    map_differences(rows)
+    for r in rows:
+        r.pop("_maps_keep", None)
+        r.pop("_scores_keep", None)
+    now = datetime.now(timezone.utc)
+    meta = {"date": now.isoformat(timespec="seconds"), "command": "python " + shlex.join(sys.argv),
+            "preset": args.preset, "image_channels": args.image_channels, "size": args.size,
+            "steps": args.steps, "members": args.members, "repeats": args.repeats, "warmup": args.warmup,
+            "batch_sizes": args.batch_sizes, "fp32_steps": args.fp32_steps or args.steps,
+            "fp32_batch_sizes": args.fp32_batch_sizes or args.batch_sizes, "seed": args.seed,
+            "threads": args.threads, "gflop_per_eval": gflop, "flops_source": flops_source,
+            "floor_ms_per_eval": floor, "floor_note": floor_note, "evals_per_paper_slice": EVALS_PER_PAPER_SLICE,
+            "notes": notes}
+    return {"schema": "condiff.bench.throughput/1", "meta": meta, "machine": machine, "versions": vers, "rows": rows}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    report = run(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"throughput-{args.preset}-{report['machine']['device']}-{report['meta']['date'][:10]}"
+    note = plot(report, out / f"{stem}.png")
+    if note:
+        report["meta"]["notes"].append(note)
+    (out / f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n")
+    md = markdown(report)
+    (out / f"{stem}.md").write_text(md)
+    print(md)
+    print(f"wrote {out / stem}.json, .md" + ("" if note else ", .png"), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

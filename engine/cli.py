@@ -1,0 +1,292 @@
+"""``condiff-infer`` and ``condiff-eval``: thin commands over ``pipeline``, ``writer`` and ``evaluate``.
+
+    condiff-infer scans/ -o out/                      # bundled demo models when --models is omitted
+    condiff-infer scans/ -o out/ --models set/ --device cuda --precision fp16
+    condiff-infer scans/ -o out/ --shard 0/4          # case k goes to shard k % 4
+    condiff-infer --merge out/                        # rebuild cases.csv / scores.csv from the records
+    condiff-eval out/ --masks '{dir}/{stem}_seg.nii.gz' [--protocol benchmark]
+
+Exit codes: 0 all cases done, 1 some failed (listed on stderr and in cases.csv), 2 usage or
+configuration error before any work, 130 interrupted, 143 terminated.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import importlib.resources
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from condiff.cli_common import (EXIT_FAILED, EXIT_OK, Terminated, add_file_log, device_options, environment_report,
+                                logging_to, progress_option, remove_log, run_command, seed_option, verbose_option,
+                                version_option)
+from condiff.errors import ModelSetError
+
+logger = logging.getLogger("condiff.engine.cli")
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
+
+
+def bundled(name: str) -> Path | None:
+    """``condiff.examples/<name>`` (the demo model set or sample scans) if installed, else None."""
+    try:
+        root = importlib.resources.files("condiff.examples") / name
+    except ModuleNotFoundError:
+        return None
+    path = Path(str(root))
+    return path if path.is_dir() else None
+
+
+def _echo_err(text: str) -> None:
+    from tqdm import tqdm
+
+    tqdm.write(text, file=sys.stderr)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Path):
+        return value.as_posix()
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+# ----------------------------------------------------------------------------------------- infer
+
+
+@click.command("condiff-infer", context_settings=CONTEXT)
+@click.argument("inputs", nargs=-1, type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="Output folder OUT (DESIGN §3 layout).")
+@click.option("--models", type=click.Path(path_type=Path),
+              help="A model set (set.json) or one model folder [default: the bundled demo set].")
+@device_options
+@click.option("--steps", type=click.IntRange(1, 1000), default=50, show_default=True, help="Sampler steps.")
+@click.option("--sampler", type=click.Choice(["ddpm", "ddim"]), default="ddpm", show_default=True)
+@click.option("--members", metavar="N|I,J,...", help="First N members, or these member indices [default: all].")
+@seed_option
+@click.option("--mask", "mask_pattern", metavar="PATTERN",
+              help="Brain mask per scan, e.g. '{dir}/{stem}_brainmask.nii.gz' ({dir}, {stem}, {case}).")
+@click.option("--resume/--overwrite", default=True, show_default=True,
+              help="Skip cases whose record proves their outputs current, or recompute everything.")
+@click.option("--dry-run", is_flag=True, help="Check inputs and list planned outputs; loads no model.")
+@click.option("--no-restoration", is_flag=True, help="Do not write restorations/.")
+@click.option("--save-model-space", is_flag=True, help="Also write model_space/<case>.npz (for condiff-eval --protocol benchmark).")
+@click.option("--save-member-maps", is_flag=True, help="Also keep every member's model-space maps in the npz.")
+@click.option("--nan-policy", type=click.Choice(["error", "zero"]), default="error", show_default=True,
+              help="NaN/Inf voxels fail the case, or count as 0.")
+@click.option("--shard", metavar="I/N", help="Process only sorted cases k with k % N == I (0 <= I < N).")
+@click.option("--merge", "merge_dir", type=click.Path(path_type=Path), metavar="OUT",
+              help="Only rebuild OUT/cases.csv and OUT/scores.csv from OUT/records, then exit.")
+@click.option("--group-slices", type=click.IntRange(min=1), default=None, hidden=True,
+              help="Slices per processing group [default: 4 x batch size].")
+@progress_option
+@verbose_option
+@version_option
+def infer_main(**kw: Any) -> None:
+    """Anomaly maps for every scan or photo in INPUT... (files or folders) [default: the bundled sample scans]."""
+    run_command(lambda: _infer(**kw), verbose=kw["verbose"])
+
+
+def _infer(inputs, output, models, engine, device, precision, batch_size, steps, sampler, members, seed, mask_pattern,
+           resume, dry_run, no_restoration, save_model_space, save_member_maps, nan_policy, shard, merge_dir,
+           group_slices, progress, verbose) -> int:
+    from condiff.io.cases import discover
+
+    from . import pipeline, plan as planning, writer
+
+    arguments = {k: _jsonable(v) for k, v in locals().items() if k not in ("discover", "pipeline", "planning", "writer")}
+    with logging_to(verbose, echo=_echo_err):
+        if merge_dir is not None:
+            return _merge(merge_dir)
+        if output is None:
+            raise click.UsageError("missing -o/--output OUT (or use --merge OUT)")
+        try:
+            shard_t = planning.parse_shard(shard) if shard else None
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--shard") from None
+        if not inputs:
+            scans = bundled("scans")
+            if scans is None:
+                raise click.UsageError("no INPUT given and the bundled sample scans are not installed")
+            inputs = (scans,)
+        if models is None:
+            models = bundled("models")
+            if models is None:
+                raise ModelSetError(None, "no --models given and the bundled demo model set is not installed "
+                                          "(condiff.examples/models is missing)",
+                                    "pass --models DIR (a model set or a model folder)")
+        cases = discover(inputs)
+        planning.check_output_location(output, inputs)
+        n_all = len(cases)
+        if shard_t is not None:
+            cases = planning.select_shard(cases, *shard_t)
+        ctx = pipeline.make_context(models, output, engine=engine, device=device, precision=precision,
+                                    batch_size=batch_size, steps=steps, sampler=sampler, members=members, seed=seed,
+                                    mask_pattern=mask_pattern, restoration=not no_restoration,
+                                    model_space=save_model_space, member_maps=save_member_maps, nan_policy=nan_policy,
+                                    resume=resume, group_slices=group_slices)
+        if dry_run:
+            return _dry_run(cases, ctx, n_all, shard_t)
+        lock = writer.OutputLock(output, shard_t)
+        if lock.path.exists():  # fail before loading any network; acquire() below is the atomic check
+            lock.acquire()
+        pipeline.load_denoisers(ctx)
+        writer.ensure_writable(output)
+        with lock:
+            return _run(cases, ctx, shard_t, arguments, progress, n_all)
+
+
+def _run(cases, ctx, shard_t, arguments, progress: bool, n_all: int) -> int:
+    from tqdm import tqdm
+
+    from . import pipeline, writer
+
+    out = ctx.out_dir
+    if shard_t is None:
+        writer.clean_orphans(out)
+    log_handler = add_file_log(str(out / "condiff.log"), verbose=arguments["verbose"])
+    started, t0 = _dt.datetime.now(_dt.timezone.utc), time.perf_counter()
+    n_members = len(ctx.denoisers)
+    bar = tqdm(total=0, unit="slice", unit_scale=1.0 / n_members, dynamic_ncols=True, file=sys.stderr,
+               disable=not progress or not sys.stderr.isatty(), desc="condiff-infer")
+    ctx.on_work = lambda n: (setattr(bar, "total", bar.total + n), bar.refresh())
+    ctx.progress = bar.update
+
+    def on_outcome(o: pipeline.CaseOutcome) -> None:
+        if o.status == "failed":
+            _echo_err(f"FAILED {o.case.name}: {o.error}")
+
+    ctx.on_outcome = on_outcome
+    logger.info("condiff-infer: %d cases (%s), model set %s, %s on %s, %s", len(cases),
+                "all" if shard_t is None else f"shard {shard_t[0]}/{shard_t[1]} of {n_all}", ctx.model_set.digest[:12],
+                ctx.options.engine, ctx.device, ctx.options.precision)
+    outcomes: list = []
+    interrupted = None
+    try:
+        outcomes = pipeline.process_cases(cases, ctx)
+    except (KeyboardInterrupt, Terminated) as exc:
+        interrupted = "SIGINT" if isinstance(exc, KeyboardInterrupt) else "SIGTERM"
+        raise
+    finally:
+        bar.close()
+        counts = writer.rebuild_tables(out)
+        elapsed = time.perf_counter() - t0
+        st = ctx.stats
+        by_status: dict[str, int] = {}
+        for o in outcomes:
+            by_status[o.status] = by_status.get(o.status, 0) + 1
+        doc = {
+            "command": "condiff-infer", "argv": sys.argv, "arguments": arguments, "versions": environment_report(),
+            "model_set": {"path": ctx.model_set.root.as_posix(), "digest": ctx.model_set.digest,
+                          "members": [d.as_posix() for d in ctx.model_set.member_dirs], "used": ctx.members},
+            "options": ctx.options.to_dict(), "options_digest": ctx.options_digest,
+            "device": ctx.device, "device_name": _device_name(ctx.device), "batch_size": ctx.batch_size,
+            "shard": None if shard_t is None else list(shard_t),
+            "started": started.isoformat(timespec="seconds"),
+            "finished": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "timings_s": {"total": elapsed, **{k: v for k, v in st.to_dict().items() if k.endswith("_s")}},
+            "throughput": {"slices": st.n_slices, "unet_evaluations": st.n_unet_evals,
+                           "slices_per_s": st.n_slices / st.infer_s if st.infer_s else None,
+                           "unet_evaluations_per_s": st.n_unet_evals / st.infer_s if st.infer_s else None},
+            "counts": {"cases": len(cases), **by_status}, "records": counts,
+            "failed": [o.case.name for o in outcomes if o.status == "failed"],
+            "interrupted": interrupted is not None, "signal": interrupted,
+        }
+        writer.write_run_json(out, doc, shard_t)
+        logger.info("finished in %.1f s: %s%s", elapsed, by_status, " (interrupted)" if interrupted else "")
+        remove_log(log_handler)
+    n_failed = by_status.get("failed", 0)
+    click.echo(f"condiff-infer: {by_status.get('ok', 0)} done, {by_status.get('skipped', 0)} already done, "
+               f"{n_failed} failed -> {out}")
+    if n_failed:
+        click.echo(f"{n_failed} case(s) failed; reasons in {out / 'cases.csv'}", err=True)
+    return EXIT_FAILED if n_failed else EXIT_OK
+
+
+def _device_name(device: str) -> str:
+    import platform
+
+    if device.startswith("cuda"):
+        import torch
+
+        return torch.cuda.get_device_name(torch.device(device))
+    return platform.processor() or platform.machine()
+
+
+def _dry_run(cases, ctx, n_all: int, shard_t) -> int:
+    from . import pipeline
+
+    click.echo(f"condiff-infer --dry-run: {len(cases)} case(s)"
+               f"{'' if shard_t is None else f' (shard {shard_t[0]}/{shard_t[1]} of {n_all})'}; "
+               f"model set {ctx.model_set.root} ({len(ctx.members)} of {len(ctx.model_set)} members, digest "
+               f"{ctx.model_set.digest[:12]}); {ctx.options.engine} on {ctx.device}; output {ctx.out_dir}")
+    n_bad = 0
+    for case in cases:
+        status, reason, plan = pipeline.dry_run_status(case, ctx)
+        if status == "invalid":
+            n_bad += 1
+            click.echo(f"  invalid  {case.name}: {reason}")
+            _echo_err(f"INVALID {case.name}: {reason}")
+            continue
+        click.echo(f"  {status:<8} {case.name}  <- {case.path}  ({reason})")
+        for rel in [*plan.outputs.values(), plan.record]:
+            click.echo(f"             {rel}")
+    click.echo(f"{len(cases) - n_bad} case(s) valid, {n_bad} invalid; no model was loaded")
+    return EXIT_FAILED if n_bad else EXIT_OK
+
+
+def _merge(out_dir: Path) -> int:
+    from condiff.errors import OutputConflictError
+
+    from . import writer
+
+    if not (out_dir / "records").is_dir():
+        raise OutputConflictError(out_dir, "has no records/ folder", "give the -o folder of a condiff-infer run")
+    counts = writer.rebuild_tables(out_dir)
+    click.echo(f"condiff-infer --merge: {counts.get('ok', 0)} ok, {counts.get('failed', 0)} failed -> "
+               f"{out_dir / 'cases.csv'}, {out_dir / 'scores.csv'}")
+    return EXIT_FAILED if counts.get("failed") else EXIT_OK
+
+
+# ----------------------------------------------------------------------------------------- eval
+
+
+@click.command("condiff-eval", context_settings=CONTEXT)
+@click.argument("out_dir", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.option("--masks", "mask_pattern", required=True, metavar="PATTERN",
+              help="Label mask per case, e.g. '{dir}/{stem}_seg.nii.gz' ({dir}, {stem}, {case} of the input).")
+@click.option("--protocol", type=click.Choice(["native", "benchmark"]), default="native", show_default=True,
+              help="native: the written maps on the input grid; benchmark: reference §8-§9 in model slice space.")
+@verbose_option
+@version_option
+def eval_main(**kw: Any) -> None:
+    """Pixel and sample metrics (AP_i, AUROC, AP_p, best Dice) of a condiff-infer output folder."""
+    run_command(lambda: _eval(**kw), verbose=kw["verbose"])
+
+
+def _eval(out_dir: Path, mask_pattern: str, protocol: str, verbose: int) -> int:
+    import math
+
+    from condiff.io.atomic import write_json_atomic, write_text_atomic
+
+    from .evaluate import evaluate, format_table, table_csv
+
+    with logging_to(verbose, echo=_echo_err):
+        ev = evaluate(out_dir, mask_pattern, protocol)
+        click.echo(format_table(ev))
+        doc = ev.to_dict()
+        for row in doc["rows"]:  # JSON has no NaN: a metric without both classes is null
+            for k, v in row.items():
+                if isinstance(v, float) and math.isnan(v):
+                    row[k] = None
+        write_json_atomic(out_dir / f"metrics-{protocol}.json", doc)
+        write_text_atomic(out_dir / f"metrics-{protocol}.csv", table_csv(ev))
+        for case, err in ev.failures:
+            _echo_err(f"NOT EVALUATED {case}: {err}")
+        return EXIT_FAILED if ev.failures else EXIT_OK
+
+
+__all__ = ["infer_main", "eval_main", "bundled"]

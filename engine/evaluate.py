@@ -1,0 +1,231 @@
+"""``condiff-eval``: metrics of a finished output folder against label masks.
+
+Two protocols, always named in the table:
+
+- ``native`` (default): the maps as written (the input's grid) against the user's masks as
+  they are, restricted to the brain mask where inference used one. Pixels: every voxel
+  (inside the brain mask) of every case, pooled. Samples: the analysed axial slices (label =
+  the slice holds a positive voxel, score = the slice score in the record), or whole images.
+- ``benchmark``: reference-method.md §8–§9 exactly: the model-space maps saved by
+  ``condiff-infer --save-model-space``, masks brought into slice space through the case's
+  recorded preprocessing (``mask_to_slices``, binarised > 0.4), empty image slices dropped,
+  metrics pooled over all slices of all cases. With ``--save-member-maps`` each member is
+  scored too and summarised as avg/max/std (population std).
+
+A case whose label is missing or on another grid fails alone (listed, exit 1); the others are
+evaluated.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from condiff.errors import CondiffError, InputImageError
+from condiff.io.cases import Case, find_mask
+from condiff.metrics import DetectionMetrics, detection_metrics, slice_metrics, summarise
+
+logger = logging.getLogger(__name__)
+PROTOCOLS = ("native", "benchmark")
+METRIC_KEYS = ("ap_image", "auroc", "ap_pixel", "dice", "threshold")
+METRIC_LABELS = {"ap_image": "AP_i", "auroc": "AUROC", "ap_pixel": "AP_p", "dice": "best Dice", "threshold": "thr"}
+
+
+@dataclass
+class Evaluation:
+    protocol: str
+    rows: list[tuple[str, dict[str, float]]] = field(default_factory=list)
+    counts: dict[str, int] = field(default_factory=dict)
+    failures: list[tuple[str, str]] = field(default_factory=list)
+    cases: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"protocol": self.protocol, "description": DESCRIPTIONS[self.protocol],
+                "threshold_chosen_on_evaluated_data": True,
+                "rows": [{"row": name, **values} for name, values in self.rows], "counts": self.counts,
+                "cases": self.cases, "failures": [{"case": c, "error": e} for c, e in self.failures]}
+
+
+DESCRIPTIONS = {
+    "native": "input grid; user's masks as they are (> 0); restricted to the inference brain mask where one was used; "
+              "pixels pooled over cases; samples = analysed axial slices (volumes) or images",
+    "benchmark": "reference-method §8-§9: model slice space, masks through the recorded preprocessing and > 0.4, "
+                 "empty image slices dropped, pooled over all slices",
+}
+
+
+def _case_of(rec: dict[str, Any]) -> Case:
+    return Case(name=rec["case"], path=Path(rec["input"]), kind=rec.get("kind", "volume"))
+
+
+def _like_volume(path: Path):
+    """The written map as an ``io.volumes.Volume`` (its grid is the input's)."""
+    import nibabel as nib
+
+    from condiff.io.volumes import Volume
+
+    img = nib.load(str(path))
+    data = np.asarray(img.get_fdata(dtype=np.float32))
+    if data.ndim == 2:
+        data = data[:, :, None]
+    return Volume(data=data, affine=np.asarray(img.affine, dtype=np.float64), header=img.header, path=str(path))
+
+
+def _read_label(path: Path, like=None, shape: tuple[int, ...] | None = None) -> np.ndarray:
+    from condiff.io import images, volumes
+
+    low = path.name.lower()
+    if low.endswith((".nii", ".nii.gz")):
+        if like is None:
+            raise InputImageError(path, "a NIfTI mask for a 2-D image", "give the mask as PNG or TIFF")
+        return volumes.read_mask(path, like)
+    label = images.read_label_image(path)
+    if shape is not None and label.shape != tuple(shape):
+        raise InputImageError(path, f"mask shape {label.shape} differs from the image's {tuple(shape)}",
+                              "give a mask on the image's pixel grid")
+    return label
+
+
+def _native_case(out_dir: Path, rec: dict[str, Any], pattern: str):
+    """(pixel labels, pixel scores, sample labels, sample scores) of one case on the input grid."""
+    from nibabel.orientations import apply_orientation  # the exact permutation/flip inference used
+
+    from condiff.io.volumes import read_mask
+
+    label_path = find_mask(_case_of(rec), pattern)
+    map_path = out_dir / rec["outputs"]["map"]["path"]
+    if rec.get("kind") == "image":
+        import tifffile
+
+        amap = np.asarray(tifffile.imread(map_path), dtype=np.float32)
+        label = _read_label(label_path, shape=amap.shape)
+        return label.ravel(), amap.ravel(), np.array([label.any()]), np.array([rec["score"]])
+    like = _like_volume(map_path)
+    label = _read_label(label_path, like=like)
+    brain = read_mask(rec["mask"], like) if rec.get("mask") else None
+    if brain is not None:
+        label = label & brain
+    sel = brain if brain is not None else np.ones(label.shape, dtype=bool)
+    ornt = np.asarray(rec["geometry"]["ornt"], dtype=float)
+    canon = np.asarray(apply_orientation(label, ornt), dtype=bool)
+    slice_scores = dict((int(k), float(s)) for k, s in rec["slice_scores"])
+    ks = sorted(slice_scores)
+    sample_labels = np.array([canon[:, :, k].any() for k in ks])
+    sample_scores = np.array([slice_scores[k] for k in ks])
+    return label[sel], like.data[sel], sample_labels, sample_scores
+
+
+def _benchmark_case(out_dir: Path, rec: dict[str, Any], pattern: str):
+    """(maps, masks, scores, member maps or None) of one case in model slice space."""
+    from condiff.preprocess import mask_to_slices
+
+    entry = rec["outputs"].get("model_space")
+    if entry is None:
+        raise CondiffError(rec["input"], "no model-space maps were saved for this case",
+                           "rerun condiff-infer with --save-model-space (or --save-member-maps)")
+    label_path = find_mask(_case_of(rec), pattern)
+    with np.load(out_dir / entry["path"]) as z:
+        maps, slices, scores = z["maps"], z["slices"], z["scores"]
+        member_maps = z["member_maps"] if "member_maps" in z.files else None
+    if rec.get("kind") == "image":
+        label = _read_label(label_path, shape=tuple(rec["geometry"]["input_shape"]))
+        masks = mask_to_slices(label, rec["geometry"])
+        keep = np.ones(len(maps), dtype=bool)
+    else:
+        like = _like_volume(out_dir / rec["outputs"]["map"]["path"])
+        masks = mask_to_slices(_read_label(label_path, like=like), rec["geometry"])
+        keep = slices.reshape(len(slices), -1).sum(axis=1) != 0  # reference §8: empty slices dropped
+    return maps[keep], masks[keep], scores[keep], None if member_maps is None else member_maps[:, keep]
+
+
+def _row(m: DetectionMetrics) -> dict[str, float]:
+    return {k: getattr(m, k) for k in METRIC_KEYS}
+
+
+def evaluate(out_dir: str | Path, mask_pattern: str, protocol: str = "native") -> Evaluation:
+    """Evaluate every ``ok`` record in ``out_dir`` (see the module docstring)."""
+    from .writer import load_records
+
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {PROTOCOLS}")
+    out_dir = Path(out_dir)
+    records = [r for r in load_records(out_dir) if r.get("status") == "ok"]
+    if not records:
+        raise CondiffError(out_dir, "holds no finished cases (records/*.json with status ok)",
+                           "run condiff-infer into this folder first")
+    ev = Evaluation(protocol)
+    parts: list[tuple] = []
+    for rec in records:
+        try:
+            part = (_native_case if protocol == "native" else _benchmark_case)(out_dir, rec, mask_pattern)
+        except (CondiffError, OSError, ValueError, KeyError) as exc:
+            text = exc.message if isinstance(exc, CondiffError) else f"{type(exc).__name__}: {exc}"
+            ev.failures.append((rec["case"], text))
+            logger.warning("case %s not evaluated: %s", rec["case"], text)
+            continue
+        parts.append(part)
+        ev.cases.append(rec["case"])
+    if not parts:
+        return ev
+    if protocol == "native":
+        py = np.concatenate([p[0] for p in parts])
+        ps = np.concatenate([p[1] for p in parts])
+        sy = np.concatenate([p[2] for p in parts])
+        ss = np.concatenate([p[3] for p in parts])
+        m = detection_metrics(sy, ss, py, ps)
+        ev.rows.append(("ensemble", _row(m)))
+    else:
+        maps = np.concatenate([p[0] for p in parts])
+        masks = np.concatenate([p[1] for p in parts])
+        scores = np.concatenate([p[2] for p in parts])
+        m = slice_metrics(maps, masks, scores)
+        ev.rows.append(("ensemble", _row(m)))
+        if all(p[3] is not None for p in parts) and len({p[3].shape[0] for p in parts}) == 1:
+            member_maps = np.concatenate([p[3] for p in parts], axis=1)
+            per_member = [_row(slice_metrics(member_maps[k], masks)) for k in range(len(member_maps))]
+            for k, row in enumerate(per_member):
+                ev.rows.append((f"member {k}", row))
+            for stat in ("avg", "max", "std"):
+                ev.rows.append((f"members {stat}", {key: summarise([r[key] for r in per_member])[stat]
+                                                     for key in METRIC_KEYS if key != "threshold"}))
+    ev.counts = {"cases": len(parts), "samples": m.n_samples, "positive_samples": m.n_positive_samples,
+                 "pixels": m.n_pixels, "positive_pixels": m.n_positive_pixels}
+    return ev
+
+
+def format_table(ev: Evaluation) -> str:
+    """A plain-text table labelled with its protocol."""
+    head = f"condiff-eval  protocol: {ev.protocol}  ({DESCRIPTIONS[ev.protocol]})"
+    lines = [head]
+    if ev.counts:
+        c = ev.counts
+        lines.append(f"{c['cases']} cases, {c['samples']} samples ({c['positive_samples']} positive), "
+                     f"{c['pixels']} pixels ({c['positive_pixels']} positive)")
+    cols = [k for k in METRIC_KEYS]
+    lines.append(f"{'':<14}" + "".join(f"{METRIC_LABELS[k]:>11}" for k in cols))
+    for name, values in ev.rows:
+        cells = "".join(f"{values[k]:>11.4f}" if k in values and values[k] is not None else f"{'':>11}" for k in cols)
+        lines.append(f"{name:<14}{cells}")
+    if ev.rows:
+        lines.append("best Dice threshold chosen on the evaluated data (as the benchmark does)")
+    for case, err in ev.failures:
+        lines.append(f"not evaluated: {case}: {err}")
+    return "\n".join(lines)
+
+
+def table_csv(ev: Evaluation) -> str:
+    import csv
+    import io
+
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["protocol", "row", *[METRIC_LABELS[k] for k in METRIC_KEYS]])
+    for name, values in ev.rows:
+        w.writerow([ev.protocol, name, *["" if values.get(k) is None else repr(float(values[k])) for k in METRIC_KEYS]])
+    return buf.getvalue()
+
+
+__all__ = ["PROTOCOLS", "Evaluation", "evaluate", "format_table", "table_csv"]

@@ -1,0 +1,62 @@
+"""The overlay PNG: a case's highest-scoring slices as rows of input | restoration | map.
+
+Drawn in model slice space (every case the same size), with numpy only and written through
+``condiff.io.images.png_bytes`` (fixed settings, no metadata), so identical arrays give
+identical bytes. MRI slices are shown anterior up (the canonical slice transposed and flipped);
+the map uses a black-red-yellow-white ramp scaled to the case's largest map value.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from condiff.io.images import png_bytes, to_png8
+
+N_ROWS = 3
+
+
+def top_slices(scores: np.ndarray, k: int = N_ROWS) -> np.ndarray:
+    """Indices of the ``k`` highest scores, highest first; ties keep slice order."""
+    scores = np.asarray(scores, dtype=np.float64)
+    order = np.argsort(-scores, kind="mergesort")
+    return order[:k]
+
+
+def _hot(values01: np.ndarray) -> np.ndarray:
+    """(H, W) in [0, 1] -> (H, W, 3) uint8 black -> red -> yellow -> white."""
+    v = np.clip(np.asarray(values01, dtype=np.float64), 0.0, 1.0)
+    rgb = np.stack([np.clip(3 * v, 0, 1), np.clip(3 * v - 1, 0, 1), np.clip(3 * v - 2, 0, 1)], axis=-1)
+    return np.round(rgb * 255.0).astype(np.uint8)
+
+
+def _grey(img: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """(C, H, W) -> (H, W, 3) uint8; one channel is repeated."""
+    u8 = to_png8(np.asarray(img), lo, hi)
+    u8 = np.moveaxis(u8, 0, -1)
+    return np.repeat(u8, 3, axis=-1) if u8.shape[-1] == 1 else u8
+
+
+def overlay_image(slices: np.ndarray, restorations: np.ndarray, maps: np.ndarray, scores: np.ndarray,
+                  kind: str = "volume", k: int = N_ROWS) -> np.ndarray:
+    """uint8 ``(rows * H, 3 * W, 3)`` for the top ``k`` slices.
+
+    ``slices``, ``restorations``: ``(S, C, H, W)`` in the model's range ([0, 1] for MRI volumes,
+    [-1, 1] for RGB images); ``maps``: ``(S, H, W)``; ``scores``: ``(S,)``.
+    """
+    lo, hi = (0.0, 1.0) if kind == "volume" else (-1.0, 1.0)
+    vmax = float(np.max(maps)) if maps.size else 0.0
+    rows = []
+    for i in top_slices(scores, k):
+        panels = [_grey(slices[i], lo, hi), _grey(restorations[i], lo, hi),
+                  _hot(maps[i] / vmax) if vmax > 0 else np.zeros((*maps[i].shape, 3), np.uint8)]
+        if kind == "volume":  # canonical (R->, A->) slice: show anterior up, patient right on the right
+            panels = [np.ascontiguousarray(np.swapaxes(p, 0, 1)[::-1]) for p in panels]
+        rows.append(np.concatenate(panels, axis=1))
+    return np.concatenate(rows, axis=0)
+
+
+def overlay_png(slices, restorations, maps, scores, kind: str = "volume", k: int = N_ROWS) -> bytes:
+    """PNG bytes of ``overlay_image``."""
+    return png_bytes(overlay_image(slices, restorations, maps, scores, kind=kind, k=k))
+
+
+__all__ = ["overlay_image", "overlay_png", "top_slices"]

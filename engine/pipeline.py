@@ -1,0 +1,507 @@
+"""The per-case flow: read -> preprocess -> run_slices over all members -> invert -> write.
+
+``process_cases(cases, ctx)`` is the unit every scheduler calls: the CLI with all cases (or
+one shard), a Ray actor with one case at a time. Cases are taken in groups (until a group
+holds ``group_slices`` slices) so that slices of many small cases share device batches;
+the runner's fixed-shape batches keep each row independent of its neighbours, so grouping
+never changes a result. Within a group every case either gets all its outputs and then its
+record, or fails alone: its reason is recorded (``records/<case>.json`` with status
+``failed``) and stale outputs are removed. An interruption loses at most the group in flight.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from condiff import __version__
+from condiff.anomaly import zero_background
+from condiff.config import ScheduleConfig
+from condiff.errors import BackendUnavailableError, CondiffError, InputImageError, ModelSetError
+from condiff.io.cases import Case, find_mask
+from condiff.modelset import ModelSet, open_model_set
+from condiff.preprocess import PreprocessConfig, Prepared, invert_to_input, prepare_image, prepare_volume, to_input_units
+from condiff.sampler import SamplerPlan, make_plan
+from condiff.ssim import ssim_map
+
+from .plan import RECORD_SCHEMA, CasePlan, RunOptions, parse_members, plan_case, resume_check, sha256_path
+from .runner import SliceJob, run_slices
+from .writer import npz_bytes, remove_outputs, write_output, write_record
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class CaseOutcome:
+    """What happened to one case: ``status`` is "ok", "skipped" (outputs already current) or "failed"."""
+
+    case: Case
+    status: str
+    error: str | None = None
+    error_type: str | None = None
+    score: float | None = None
+    max_slice_score: float | None = None
+    n_slices: int = 0
+
+
+@dataclass
+class RunStats:
+    """Counters and timings for run.json (never written into records or CSVs)."""
+
+    n_slices: int = 0
+    n_unet_evals: int = 0
+    prepare_s: float = 0.0
+    infer_s: float = 0.0
+    write_s: float = 0.0
+    load_s: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class RunContext:
+    """Everything ``process_cases`` needs; built by ``make_context`` (+ ``load_denoisers``)."""
+
+    out_dir: Path
+    model_set: ModelSet
+    members: list[int]
+    options: RunOptions
+    preprocess: PreprocessConfig
+    plan: SamplerPlan
+    device: str
+    batch_size: int
+    mask_pattern: str | None = None
+    resume: bool = True
+    denoisers: list = field(default_factory=list)
+    group_slices: int | None = None
+    progress: Callable[[int], None] | None = None      # slice-member restorations just finished
+    on_work: Callable[[int], None] | None = None       # slice-member restorations about to start
+    on_outcome: Callable[[CaseOutcome], None] | None = None
+    stats: RunStats = field(default_factory=RunStats)
+
+    @property
+    def options_digest(self) -> str:
+        return self.options.digest()
+
+
+# ----------------------------------------------------------------------------------------- setup
+
+
+def resolve_device(text: str | None) -> str:
+    """``auto`` -> ``cuda`` when available else ``cpu``; a requested GPU that is absent is an error."""
+    if text in (None, "", "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise BackendUnavailableError(None, f"unknown device {text!r}", "use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cpu":
+        return "cpu"
+    if dev.type != "cuda":
+        raise BackendUnavailableError(None, f"device {text!r} is not supported", "use auto, cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise BackendUnavailableError(None, f"device {text!r} requested but CUDA is not available", "use --device cpu")
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise BackendUnavailableError(None, f"device {text!r} requested but only {torch.cuda.device_count()} GPU(s) "
+                                      "are visible", "check CUDA_VISIBLE_DEVICES")
+    return str(dev)
+
+
+def make_context(models: str | Path, out_dir: str | Path, *, engine: str = "torch", device: str = "auto",
+                 precision: str = "fp32", batch_size: int | None = None, steps: int = 50, sampler: str = "ddpm",
+                 members: str | None = None, seed: int = 0, mask_pattern: str | None = None, restoration: bool = True,
+                 model_space: bool = False, member_maps: bool = False, nan_policy: str = "error",
+                 resume: bool = True, group_slices: int | None = None) -> RunContext:
+    """Validate the model set and options; no network is loaded (see ``load_denoisers``).
+
+    Raises ``CondiffError`` subclasses (exit 2 in the CLI) for an invalid set, member list,
+    preprocessing contract, sampler settings or device.
+    """
+    model_set = open_model_set(models)
+    try:
+        member_idx = parse_members(members, len(model_set))
+    except ValueError as exc:
+        raise ModelSetError(models, str(exc)) from None
+    try:
+        preprocess = PreprocessConfig.from_dict(model_set.preprocessing)
+    except (TypeError, ValueError) as exc:
+        raise ModelSetError(model_set.member_dirs[0] / "config.json", f"invalid preprocessing contract ({exc})") from exc
+    if preprocess.image_size != model_set.image_size or preprocess.channels != model_set.image_channels:
+        raise ModelSetError(models, f"preprocessing gives {preprocess.channels}-channel {preprocess.image_size}-px slices, "
+                            f"the network takes {model_set.image_channels} channels at {model_set.image_size} px")
+    schedule: ScheduleConfig = model_set.configs[0].schedule
+    try:
+        plan = make_plan(sampler, steps, schedule)
+    except ValueError as exc:
+        raise ModelSetError(models, f"cannot build the {sampler} sampler ({exc})") from exc
+    dev = resolve_device(device)
+    options = RunOptions(engine=engine, precision=precision, device_type=dev.split(":")[0], sampler=sampler,
+                         steps=steps, members=tuple(member_idx), seed=seed, mask=mask_pattern is not None,
+                         restoration=restoration, model_space=model_space or member_maps, member_maps=member_maps,
+                         nan_policy=nan_policy, preprocessing=preprocess.to_dict(), schedule=schedule.to_dict())
+    return RunContext(out_dir=Path(out_dir), model_set=model_set, members=member_idx, options=options,
+                      preprocess=preprocess, plan=plan, device=dev,
+                      batch_size=batch_size or (16 if dev == "cpu" else 64), mask_pattern=mask_pattern,
+                      resume=resume, group_slices=group_slices)
+
+
+def load_denoisers(ctx: RunContext) -> None:
+    """Open one backend per selected member (``open_denoiser``); errors are configuration errors."""
+    from .backends import open_denoiser
+
+    t0 = time.perf_counter()
+    ctx.denoisers = [open_denoiser(ctx.options.engine, ctx.model_set.member_dirs[m], device=ctx.device,
+                                   precision=ctx.options.precision, max_batch=ctx.batch_size) for m in ctx.members]
+    ctx.stats.load_s += time.perf_counter() - t0
+
+
+# ----------------------------------------------------------------------------------------- per case
+
+
+@dataclass
+class _Pending:
+    """A case read and preprocessed, waiting for its group to run."""
+
+    case: Case
+    plan: CasePlan
+    input_sha256: str
+    mask_path: Path | None
+    mask_sha256: str | None
+    source: Any            # the io.volumes.Volume (header and affine for writing), None for images
+    mask: np.ndarray | None  # the brain mask on the input grid (bool), if one was given
+    prepared: Prepared
+    jobs: list[SliceJob]
+    info: dict[str, Any]   # shape, spacing, orientation for the record
+
+
+def _abs(path: Path | None) -> str | None:
+    """Absolute (not symlink-resolved) posix path for records, so eval and other workers find the file."""
+    return None if path is None else Path(os.path.abspath(path)).as_posix()
+
+
+def _error_text(exc: BaseException) -> str:
+    return exc.message if isinstance(exc, CondiffError) else f"{type(exc).__name__}: {exc}"
+
+
+def _fail(ctx: RunContext, case: Case, plan: CasePlan, exc: BaseException, input_sha256: str | None = None,
+          mask_path: Path | None = None, mask_sha256: str | None = None) -> CaseOutcome:
+    """Record a failed case: stale outputs removed, a ``failed`` record written (never trusted by resume)."""
+    if not isinstance(exc, CondiffError):  # a bug, not bad input: keep the traceback in the log
+        logger.error("%s: internal error", case.name, exc_info=exc)
+    text = _error_text(exc)
+    record = {
+        "schema": RECORD_SCHEMA, "case": case.name, "status": "failed", "kind": case.kind,
+        "input": _abs(case.path), "input_sha256": input_sha256, "mask": _abs(mask_path), "mask_sha256": mask_sha256,
+        "error_type": type(exc).__name__, "error": text, "model_set_digest": ctx.model_set.digest,
+        "options_digest": ctx.options_digest, "condiff_version": __version__,
+    }
+    try:
+        remove_outputs(ctx.out_dir, plan)
+        write_record(ctx.out_dir, plan, record)
+    except OSError as write_exc:
+        logger.error("%s: could not record the failure (%s)", case.name, write_exc)
+    logger.info("case %s failed: %s", case.name, text)
+    return CaseOutcome(case, "failed", error=text, error_type=type(exc).__name__)
+
+
+def _prepare(case: Case, ctx: RunContext) -> _Pending | CaseOutcome:
+    """Digest, resume check, read, preprocess. Returns the pending case or its final outcome."""
+    from condiff.io import images, volumes
+
+    plan = plan_case(case, ctx.options)
+    input_sha = mask_path = mask_sha = None
+    try:
+        input_sha = sha256_path(case.path)
+        if ctx.mask_pattern is not None and case.kind == "volume":
+            mask_path = find_mask(case, ctx.mask_pattern)
+            mask_sha = sha256_path(mask_path)
+        if ctx.resume:
+            reason = resume_check(ctx.out_dir, plan, input_sha256=input_sha, mask_sha256=mask_sha,
+                                  model_set_digest=ctx.model_set.digest, options_digest=ctx.options_digest)
+            if reason is None:
+                logger.info("case %s: outputs up to date, skipped", case.name)
+                return CaseOutcome(case, "skipped")
+            logger.debug("case %s: recomputing (%s)", case.name, reason)
+        modality = ctx.preprocess.modality
+        if case.kind == "volume":
+            if modality != "mri":
+                raise InputImageError(case.path, "is a volume but this model set analyses RGB photographs",
+                                      "use an MRI model set for NIfTI scans")
+            source = volumes.read_volume_or_slice(case.path, nan_policy=ctx.options.nan_policy)
+            mask = None if mask_path is None else volumes.read_mask(mask_path, source)
+            prepared = prepare_volume(source, ctx.preprocess, mask=mask)
+            info = {"shape": [int(s) for s in source.data.shape], "spacing": [float(z) for z in source.zooms],
+                    "orientation": "".join(prepared.geometry.get("input_axcodes") or [])}
+        else:
+            if modality != "rgb":
+                raise InputImageError(case.path, "is a 2-D photograph but this model set analyses MRI volumes",
+                                      "use an RGB model set for photographs, or give NIfTI scans")
+            rgb = images.read_image(case.path)
+            source = mask = None
+            prepared = prepare_image(rgb, ctx.preprocess)
+            info = {"shape": [int(s) for s in rgb.shape[:2]], "spacing": None, "orientation": None}
+        if len(prepared.slices) == 0:
+            raise InputImageError(case.path, "no slice has foreground to analyse", "check the image (and its brain mask)")
+    except Exception as exc:
+        return _fail(ctx, case, plan, exc, input_sha, mask_path, mask_sha)
+    remove_outputs(ctx.out_dir, plan)  # no stale record or file may outlive the outputs we are about to replace
+    jobs = [SliceJob(cond=torch.from_numpy(np.ascontiguousarray(prepared.slices[i])), digest=input_sha,
+                     slice_index=int(prepared.slice_index[i]), foreground=torch.from_numpy(prepared.foreground[i]))
+            for i in range(len(prepared.slices))]
+    return _Pending(case, plan, input_sha, mask_path, mask_sha, source, mask, prepared, jobs, info)
+
+
+class _MemberMaps:
+    """A ``map_fn`` for ``run_slices`` that also keeps every member's maps.
+
+    The runner averages members; ``--save-member-maps`` needs them apart. The runner calls
+    ``map_fn`` once per (member, batch) in member-major order; ``split`` re-attributes the
+    batches and checks that their mean equals the runner's ensemble maps, so a change in the
+    runner's order fails loudly instead of mislabelling members.
+    """
+
+    def __init__(self, map_fn=ssim_map):
+        self.map_fn = map_fn
+        self.batches: list[torch.Tensor] = []
+
+    def __call__(self, x0: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        amap = self.map_fn(x0, cond)
+        self.batches.append(amap.detach().float().cpu())
+        return amap
+
+    def split(self, jobs: Sequence[SliceJob], n_members: int, batch_size: int, ensemble: np.ndarray) -> np.ndarray:
+        n = len(jobs)
+        if len(self.batches) != n_members * math.ceil(n / batch_size):
+            raise RuntimeError("runner call order changed: per-member maps cannot be attributed")
+        out = np.zeros((n_members, n, *ensemble.shape[1:]), dtype=np.float32)
+        it = iter(self.batches)
+        for m in range(n_members):
+            for start in range(0, n, batch_size):
+                batch = next(it)
+                for i, job in enumerate(jobs[start:start + batch_size]):
+                    y = job.cond[None].float()
+                    fg = None if job.foreground is None else job.foreground[None, None]
+                    out[m, start + i] = zero_background(batch[i:i + 1], y, fg)[0, 0].numpy()
+        if not np.allclose(out.mean(axis=0), ensemble, rtol=0, atol=1e-6):
+            raise RuntimeError("per-member maps do not average to the ensemble map: runner order changed")
+        self.batches = []
+        return out
+
+
+def _gzip_if(rel: str, raw: bytes) -> bytes:
+    import gzip
+
+    return gzip.compress(raw, compresslevel=6, mtime=0) if rel.lower().endswith(".gz") else raw
+
+
+def _native_foreground(p: _Pending) -> np.ndarray:
+    """Where the map may be non-zero on the input grid: the brain mask itself when one was given,
+    else the slice-space foreground brought back (> 0.5). Linear interpolation of the inverse
+    would otherwise bleed map values into the background along the brain's edge."""
+    if p.mask is not None:
+        return p.mask
+    return invert_to_input(p.prepared, p.prepared.foreground.astype(np.float32), fill=0.0) > 0.5
+
+
+def _write_case(ctx: RunContext, p: _Pending, maps: np.ndarray, rest: np.ndarray, scores: np.ndarray,
+                member_scores: np.ndarray, member_maps: np.ndarray | None) -> CaseOutcome:
+    """Write one case's outputs, then its record. ``maps`` (S, H, W), ``rest`` (S, C, H, W) in model space."""
+    from condiff.io import images, volumes
+
+    from .overlay import overlay_png
+
+    case, outs, out_dir = p.case, p.plan.outputs, ctx.out_dir
+    if not (np.all(np.isfinite(maps)) and np.all(np.isfinite(rest))):
+        raise CondiffError(case.path, f"non-finite output from engine {ctx.options.engine} ({ctx.options.precision})",
+                           "try --precision fp32")
+    written: dict[str, dict[str, str]] = {}
+    if case.kind == "volume":
+        native = invert_to_input(p.prepared, maps, fill=0.0) * _native_foreground(p)
+        raw = volumes.nifti_bytes_like(native, p.source, descrip=f"condiff {__version__} anomaly map")
+        written["map"] = write_output(out_dir, outs["map"], _gzip_if(outs["map"], raw))
+        if "restoration" in outs:
+            # back to the input's intensity units, so the restoration reads like the scan
+            native_rest = to_input_units(p.prepared, invert_to_input(p.prepared, rest[:, 0], fill=0.0))
+            raw = volumes.nifti_bytes_like(native_rest, p.source, descrip=f"condiff {__version__} restoration")
+            written["restoration"] = write_output(out_dir, outs["restoration"], _gzip_if(outs["restoration"], raw))
+    else:
+        native = invert_to_input(p.prepared, maps, fill=0.0)
+        written["map"] = write_output(out_dir, outs["map"], images.tiff_bytes(native))
+        written["map_png"] = write_output(out_dir, outs["map_png"],
+                                          images.png_bytes(images.to_png8(native, 0.0, float(native.max()))))
+        if "restoration" in outs:
+            rest01 = np.clip((rest + 1.0) / 2.0, 0.0, 1.0)
+            native_rest = np.clip(invert_to_input(p.prepared, rest01, fill=0.0), 0.0, 1.0)
+            written["restoration"] = write_output(out_dir, outs["restoration"], images.tiff_bytes(native_rest))
+            written["restoration_png"] = write_output(out_dir, outs["restoration_png"],
+                                                      images.png_bytes(images.to_png8(native_rest, 0.0, 1.0)))
+    written["overlay"] = write_output(out_dir, outs["overlay"],
+                                      overlay_png(p.prepared.slices, rest, maps, scores, kind=case.kind))
+    if "model_space" in outs:
+        arrays = {"slices": p.prepared.slices, "maps": maps, "foreground": p.prepared.foreground,
+                  "slice_index": p.prepared.slice_index, "scores": scores, "members": np.asarray(ctx.members),
+                  "member_scores": member_scores}
+        if member_maps is not None:
+            arrays["member_maps"] = member_maps
+        written["model_space"] = write_output(out_dir, outs["model_space"], npz_bytes(arrays))
+    score, top = float(scores.mean()), float(scores.max())
+    record = {
+        "schema": RECORD_SCHEMA, "case": case.name, "status": "ok", "kind": case.kind,
+        "input": _abs(case.path), "input_sha256": p.input_sha256, "mask": _abs(p.mask_path), "mask_sha256": p.mask_sha256,
+        "model_set_digest": ctx.model_set.digest, "options_digest": ctx.options_digest, "options": ctx.options.to_dict(),
+        "condiff_version": __version__, "engine": ctx.options.engine, "precision": ctx.options.precision,
+        "seed": ctx.options.seed, "members": list(ctx.members), "sampler": ctx.options.sampler,
+        "steps": ctx.options.steps, **p.info, "geometry": p.prepared.geometry, "n_slices": int(len(scores)),
+        "score": score, "max_slice_score": top,
+        "slice_scores": [[int(k), float(s)] for k, s in zip(p.prepared.slice_index, scores)],
+        "member_scores": [float(v) for v in member_scores.mean(axis=1)],
+        "outputs": written,
+    }
+    write_record(out_dir, p.plan, record)  # last: the proof the case is done
+    logger.info("case %s done: score %.6g, max slice %.6g, %d slices", case.name, score, top, len(scores))
+    return CaseOutcome(case, "ok", score=score, max_slice_score=top, n_slices=int(len(scores)))
+
+
+def _run_group(group: list[_Pending], ctx: RunContext) -> list[CaseOutcome]:
+    jobs = [j for p in group for j in p.jobs]
+    n_members = len(ctx.denoisers)
+    capture = _MemberMaps() if ctx.options.member_maps else None
+    if ctx.on_work is not None:
+        ctx.on_work(len(jobs) * n_members)
+    t0 = time.perf_counter()
+    results = run_slices(ctx.denoisers, jobs, ctx.plan, seed=ctx.options.seed, batch_size=ctx.batch_size,
+                         map_fn=capture or ssim_map, progress=ctx.progress)
+    ctx.stats.infer_s += time.perf_counter() - t0
+    ctx.stats.n_slices += len(jobs)
+    ctx.stats.n_unet_evals += len(jobs) * n_members * ctx.plan.n_steps
+    all_maps = np.stack([r.amap.numpy() for r in results]).astype(np.float32)
+    member_maps = capture.split(jobs, n_members, ctx.batch_size, all_maps) if capture else None
+    t0 = time.perf_counter()
+    outcomes, start = [], 0
+    for p in group:
+        n = len(p.jobs)
+        sl = slice(start, start + n)
+        start += n
+        try:
+            rest = np.stack([r.restoration.numpy() for r in results[sl]]).astype(np.float32)
+            scores = np.array([r.score for r in results[sl]], dtype=np.float64)
+            member_scores = np.array([r.member_scores for r in results[sl]], dtype=np.float64).T.reshape(n_members, n)
+            outcome = _write_case(ctx, p, all_maps[sl], rest, scores, member_scores,
+                                  None if member_maps is None else member_maps[:, sl])
+        except Exception as exc:
+            outcome = _fail(ctx, p.case, p.plan, exc, p.input_sha256, p.mask_path, p.mask_sha256)
+        outcomes.append(outcome)
+        _report(ctx, outcome)
+    ctx.stats.write_s += time.perf_counter() - t0
+    return outcomes
+
+
+def _report(ctx: RunContext, outcome: CaseOutcome) -> None:
+    if ctx.on_outcome is not None:
+        ctx.on_outcome(outcome)
+
+
+def process_cases(cases: Sequence[Case], ctx: RunContext) -> list[CaseOutcome]:
+    """Run ``cases`` (in order) and write their outputs; returns one outcome per case, in order.
+
+    Needs ``load_denoisers(ctx)`` first unless every case is skipped or fails before inference.
+    ``KeyboardInterrupt`` and other ``BaseException`` propagate: finished cases keep their
+    records, the group in flight leaves nothing under final names.
+    """
+    target = ctx.group_slices or 4 * ctx.batch_size
+    done: dict[int, CaseOutcome] = {}
+    group: list[tuple[int, _Pending]] = []
+    n_group = 0
+
+    def flush() -> None:
+        nonlocal group, n_group
+        if group:
+            if not ctx.denoisers:
+                raise RuntimeError("process_cases needs load_denoisers(ctx) before inference")
+            for (k, _), outcome in zip(group, _run_group([p for _, p in group], ctx)):
+                done[k] = outcome
+        group, n_group = [], 0
+
+    for k, case in enumerate(cases):
+        t0 = time.perf_counter()
+        item = _prepare(case, ctx)
+        ctx.stats.prepare_s += time.perf_counter() - t0
+        if isinstance(item, CaseOutcome):
+            done[k] = item
+            _report(ctx, item)
+            continue
+        group.append((k, item))
+        n_group += len(item.jobs)
+        if n_group >= target:
+            flush()
+    flush()
+    return [done[k] for k in range(len(cases))]
+
+
+# ----------------------------------------------------------------------------------------- dry run
+
+
+def check_input(case: Case, ctx: RunContext) -> str | None:
+    """Header-level check for ``--dry-run``: None if the file looks usable, else the reason.
+
+    Reads headers only (nibabel's lazy image, PIL's lazy open), and finds the brain mask.
+    """
+    try:
+        with open(case.path, "rb") as f:
+            if not f.read(1):
+                return f"{case.path}: empty file (0 bytes)"
+        if case.kind == "volume":
+            if ctx.preprocess.modality != "mri":
+                return f"{case.path}: is a volume but this model set analyses RGB photographs"
+            import nibabel as nib
+
+            shape = tuple(nib.load(str(case.path)).shape)
+            while len(shape) > 3 and shape[-1] == 1:
+                shape = shape[:-1]
+            if len(shape) not in (2, 3):
+                return f"{case.path}: expected a 3-D volume, got shape {shape}"
+            if ctx.mask_pattern is not None:
+                find_mask(case, ctx.mask_pattern)
+        else:
+            if ctx.preprocess.modality != "rgb":
+                return f"{case.path}: is a 2-D photograph but this model set analyses MRI volumes"
+            from PIL import Image
+
+            with Image.open(case.path) as im:
+                im.size  # header only
+    except CondiffError as exc:
+        return exc.message
+    except Exception as exc:
+        return f"{case.path}: unreadable ({type(exc).__name__}: {exc})"
+    return None
+
+
+def dry_run_status(case: Case, ctx: RunContext) -> tuple[str, str | None, CasePlan]:
+    """("run" | "skip" | "invalid", reason, plan) for one case, loading no model."""
+    plan = plan_case(case, ctx.options)
+    problem = check_input(case, ctx)
+    if problem is not None:
+        return "invalid", problem, plan
+    if not ctx.resume:
+        return "run", "--overwrite", plan
+    try:
+        mask_sha = None
+        if ctx.mask_pattern is not None and case.kind == "volume":
+            mask_sha = sha256_path(find_mask(case, ctx.mask_pattern))
+        reason = resume_check(ctx.out_dir, plan, input_sha256=sha256_path(case.path), mask_sha256=mask_sha,
+                              model_set_digest=ctx.model_set.digest, options_digest=ctx.options_digest)
+    except CondiffError as exc:
+        return "invalid", exc.message, plan
+    return ("skip", "outputs up to date", plan) if reason is None else ("run", reason, plan)
+
+
+__all__ = ["CaseOutcome", "RunStats", "RunContext", "resolve_device", "make_context", "load_denoisers",
+           "process_cases", "check_input", "dry_run_status"]

@@ -1,0 +1,191 @@
+"""Cases -> planned outputs, and whether a case's earlier outputs can be trusted (resume).
+
+A case is done when ``records/<case>.json`` exists (it is written last) and still proves it:
+same input digest (and brain-mask digest), same model-set digest, same option digest, and every
+output file it lists still has the digest it recorded. Anything else is recomputed. The option
+digest covers exactly what changes output bytes (engine, precision, device type, sampler,
+steps, members, seed, what is written, preprocessing); batch size and sharding are left out
+because results never depend on them.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from condiff.errors import InputImageError, OutputConflictError
+from condiff.io.cases import Case, split_suffix
+
+RECORD_SCHEMA = "condiff.record/1"
+OUTPUT_FOLDERS = ("maps", "restorations", "overlays", "model_space", "records")
+
+
+def sha256_path(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """SHA-256 of a file's bytes; an unreadable file is an ``InputImageError`` naming it."""
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            while block := f.read(chunk):
+                h.update(block)
+    except OSError as exc:
+        raise InputImageError(path, f"cannot read the file ({exc.strerror or exc})") from exc
+    return h.hexdigest()
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@dataclass
+class RunOptions:
+    """The options that decide output bytes; their digest goes into every record."""
+
+    engine: str = "torch"
+    precision: str = "fp32"
+    device_type: str = "cpu"
+    sampler: str = "ddpm"
+    steps: int = 50
+    members: tuple[int, ...] = (0,)
+    seed: int = 0
+    mask: bool = False
+    restoration: bool = True
+    model_space: bool = False
+    member_maps: bool = False
+    nan_policy: str = "error"
+    preprocessing: dict[str, Any] = field(default_factory=dict)
+    schedule: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dict(self.__dict__)
+        d["members"] = list(self.members)
+        return d
+
+    def digest(self) -> str:
+        text = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()
+
+
+@dataclass
+class CasePlan:
+    """Where one case's outputs go: ``outputs`` kind -> path relative to OUT (``/``-separated)."""
+
+    case: Case
+    outputs: dict[str, str]
+    record: str
+
+
+def plan_case(case: Case, options: RunOptions) -> CasePlan:
+    """Output paths of ``case`` (DESIGN §3): volumes mirror their extension, images get TIFF + PNG."""
+    name = case.name
+    out: dict[str, str] = {}
+    if case.kind == "volume":
+        _, suffix = split_suffix(case.path.name)
+        ext = ".nii" if suffix == ".nii" else ".nii.gz"
+        out["map"] = f"maps/{name}{ext}"
+        if options.restoration:
+            out["restoration"] = f"restorations/{name}{ext}"
+    else:
+        out["map"] = f"maps/{name}.tiff"
+        out["map_png"] = f"maps/{name}.png"
+        if options.restoration:
+            out["restoration"] = f"restorations/{name}.tiff"
+            out["restoration_png"] = f"restorations/{name}.png"
+    out["overlay"] = f"overlays/{name}.png"
+    if options.model_space or options.member_maps:
+        out["model_space"] = f"model_space/{name}.npz"
+    return CasePlan(case=case, outputs=out, record=f"records/{name}.json")
+
+
+def read_record(path: str | os.PathLike) -> dict[str, Any] | None:
+    """A record as a dict, or None when it is missing or unreadable (then the case is recomputed)."""
+    try:
+        doc = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) and doc.get("schema") == RECORD_SCHEMA else None
+
+
+def resume_check(out_dir: Path, plan: CasePlan, *, input_sha256: str, mask_sha256: str | None,
+                 model_set_digest: str, options_digest: str) -> str | None:
+    """None when the case's record proves its outputs current; otherwise why it must be recomputed."""
+    rec = read_record(out_dir / plan.record)
+    if rec is None:
+        return "no record"
+    if rec.get("status") != "ok":
+        return "failed before"
+    for key, want in (("input_sha256", input_sha256), ("mask_sha256", mask_sha256),
+                      ("model_set_digest", model_set_digest), ("options_digest", options_digest)):
+        if rec.get(key) != want:
+            return f"{key.replace('_', ' ')} changed"
+    outputs = rec.get("outputs") or {}
+    if {k: v.get("path") for k, v in outputs.items()} != plan.outputs:
+        return "different outputs planned"
+    for kind, entry in outputs.items():
+        path = out_dir / entry["path"]
+        if not path.is_file():
+            return f"{entry['path']} missing"
+        if sha256_path(path) != entry.get("sha256"):
+            return f"{entry['path']} changed"
+    return None
+
+
+def parse_members(text: str | None, n_available: int) -> list[int]:
+    """``None`` -> all; ``"3"`` -> the first 3; ``"0,2"`` (any comma) -> exactly those, in order.
+
+    A single member by index is written with a trailing comma: ``"2,"``.
+    """
+    if text is None or text.strip() == "":
+        return list(range(n_available))
+    text = text.strip()
+    try:
+        if "," in text:
+            idx = [int(p) for p in text.split(",") if p.strip() != ""]
+        else:
+            count = int(text)
+            if not 1 <= count <= n_available:
+                raise ValueError
+            return list(range(count))
+    except ValueError:
+        raise ValueError(f"--members {text!r}: give a count (1..{n_available}) or indices like '0,2'") from None
+    if not idx or len(set(idx)) != len(idx) or any(not 0 <= i < n_available for i in idx):
+        raise ValueError(f"--members {text!r}: indices must be distinct and in 0..{n_available - 1}")
+    return idx
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"I/N"`` -> (I, N) with 0 <= I < N: this process takes sorted cases k with k % N == I."""
+    try:
+        i, n = (int(p) for p in text.split("/"))
+    except ValueError:
+        raise ValueError(f"--shard {text!r}: expected I/N, e.g. 0/4") from None
+    if not (n >= 1 and 0 <= i < n):
+        raise ValueError(f"--shard {text!r}: need 0 <= I < N")
+    return i, n
+
+
+def select_shard(cases: Sequence[Case], index: int, count: int) -> list[Case]:
+    """A deterministic split: cases sorted by name, case k goes to shard k % count."""
+    ordered = sorted(cases, key=lambda c: c.name)
+    return [c for k, c in enumerate(ordered) if k % count == index]
+
+
+def check_output_location(out_dir: str | os.PathLike, inputs: Sequence[str | os.PathLike]) -> None:
+    """Refuse an output folder that is a file, or equal to / inside an input folder."""
+    out = Path(os.path.realpath(out_dir))
+    if out.exists() and not out.is_dir():
+        raise OutputConflictError(out_dir, "exists and is not a folder", "give a folder for -o")
+    for item in inputs:
+        item_path = Path(item)
+        if not item_path.is_dir():
+            continue
+        root = Path(os.path.realpath(item_path))
+        if out == root or root in out.parents:
+            raise OutputConflictError(out_dir, f"is inside the input folder {item}",
+                                      "write outputs outside the input folders, so a rerun never reads its own maps")
+
+
+__all__ = ["RECORD_SCHEMA", "OUTPUT_FOLDERS", "RunOptions", "CasePlan", "plan_case", "read_record", "resume_check",
+           "sha256_path", "sha256_bytes", "parse_members", "parse_shard", "select_shard", "check_output_location"]

@@ -1,0 +1,224 @@
+"""Writing a run's outputs: per-case files, records, the two CSVs, run.json and the lock.
+
+Every file goes through ``condiff.io.atomic`` (temporary name in the same folder, fsync,
+rename), the record last. ``cases.csv`` and ``scores.csv`` are never appended to: they are
+rebuilt from all records in ``OUT/records``, sorted by case name, so a resumed, sharded or
+distributed run ends with the same bytes. Nothing here writes timings, host names or
+timestamps except ``run.json`` and the lock file.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import os
+import socket
+import zipfile
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+from condiff.errors import OutputConflictError
+from condiff.io.atomic import dumps_json, write_bytes_atomic, write_json_atomic, write_text_atomic
+
+from .plan import OUTPUT_FOLDERS, CasePlan, read_record, sha256_bytes
+
+logger = logging.getLogger(__name__)
+
+CASES_COLUMNS = ["case", "input", "input_sha256", "status", "error_type", "error", "kind", "shape", "spacing",
+                 "orientation", "n_slices", "score", "max_slice_score", "n_members", "seed", "engine", "precision"]
+SCORES_COLUMNS = ["case", "slice", "score"]
+
+
+def shard_suffix(shard: tuple[int, int] | None) -> str:
+    return "" if shard is None else f".{shard[0]}-of-{shard[1]}"
+
+
+def run_json_name(shard: tuple[int, int] | None) -> str:
+    return "run.json" if shard is None else f"run{shard_suffix(shard)}.json"
+
+
+class OutputLock:
+    """``OUT/.condiff.lock`` (``.condiff.lock.I-of-N`` per shard), created exclusively.
+
+    O_EXCL works on every file system, network ones included; a lock left by a killed run
+    must be removed by hand, and the message says which process held it.
+    """
+
+    def __init__(self, out_dir: str | os.PathLike, shard: tuple[int, int] | None = None):
+        self.path = Path(out_dir) / f".condiff.lock{shard_suffix(shard)}"
+        self.held = False
+
+    def acquire(self) -> "OutputLock":
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            try:
+                holder = self.path.read_text(encoding="utf-8").strip() or "unknown"
+            except OSError:
+                holder = "unknown"
+            raise OutputConflictError(self.path.parent, f"is locked by another condiff run ({holder})",
+                                      f"wait for it to finish; if no run is active, delete {self.path}") from None
+        except OSError as exc:
+            raise OutputConflictError(self.path.parent, f"is not writable ({exc.strerror})",
+                                      "choose a folder you can write to") from exc
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(f"host {socket.gethostname()} pid {os.getpid()}\n")
+        self.held = True
+        return self
+
+    def release(self) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
+
+    def __enter__(self) -> "OutputLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def ensure_writable(out_dir: Path) -> None:
+    """Create OUT (and parents); a folder we cannot create or write is a configuration error."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputConflictError(out_dir, f"cannot create the output folder ({exc.strerror})",
+                                  "choose a folder you can write to") from exc
+    if not os.access(out_dir, os.W_OK | os.X_OK):
+        raise OutputConflictError(out_dir, "is not writable", "choose a folder you can write to")
+
+
+# ----------------------------------------------------------------------------------------- per case
+
+
+def write_output(out_dir: Path, rel: str, data: bytes) -> dict[str, str]:
+    """Write one output atomically (creating sub-folders); returns its record entry."""
+    path = out_dir / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_bytes_atomic(path, data)
+    return {"path": rel, "sha256": sha256_bytes(data)}
+
+
+def write_record(out_dir: Path, plan: CasePlan, record: dict[str, Any]) -> None:
+    path = out_dir / plan.record
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, record)
+
+
+def remove_outputs(out_dir: Path, plan: CasePlan) -> None:
+    """Delete a case's outputs (before recomputing, or after it failed): never leave stale maps
+    that look new. The record goes first, so an interruption here cannot leave a record whose
+    outputs are gone (it would be distrusted anyway)."""
+    for rel in [plan.record, *plan.outputs.values()]:
+        (out_dir / rel).unlink(missing_ok=True)
+
+
+def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
+    """A ``.npz`` (readable by ``np.load``) with fixed zip timestamps: same arrays, same bytes."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for name in sorted(arrays):
+            member = io.BytesIO()
+            np.lib.format.write_array(member, np.ascontiguousarray(arrays[name]), allow_pickle=False)
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            info.compress_type = zipfile.ZIP_DEFLATED
+            info.external_attr = 0o644 << 16
+            zf.writestr(info, member.getvalue())
+    return buf.getvalue()
+
+
+def clean_orphans(out_dir: Path) -> int:
+    """Remove temporary files a killed run left in the output folders (only call while no other
+    process writes there, i.e. not from a shard). Returns how many were removed."""
+    n = 0
+    for folder in OUTPUT_FOLDERS:
+        root = out_dir / folder
+        if not root.is_dir():
+            continue
+        for p in root.rglob(".*.tmp"):
+            p.unlink(missing_ok=True)
+            n += 1
+    for p in out_dir.glob(".*.tmp"):
+        p.unlink(missing_ok=True)
+        n += 1
+    if n:
+        logger.info("removed %d temporary files left by an interrupted run", n)
+    return n
+
+
+# ----------------------------------------------------------------------------------------- tables
+
+
+def load_records(out_dir: Path) -> list[dict[str, Any]]:
+    """Every readable record under OUT/records, sorted by case name."""
+    root = out_dir / "records"
+    if not root.is_dir():
+        return []
+    records = []
+    for path in root.rglob("*.json"):
+        if path.name.startswith("."):
+            continue
+        rec = read_record(path)
+        if rec is None:
+            logger.warning("%s: unreadable record ignored (the case will be recomputed)", path)
+            continue
+        records.append(rec)
+    return sorted(records, key=lambda r: r.get("case", ""))
+
+
+def _num(x: Any) -> str:
+    return "" if x is None else repr(float(x))
+
+
+def _join(values: Iterable[Any] | None, fmt=str) -> str:
+    return "" if not values else "x".join(fmt(v) for v in values)
+
+
+def case_row(rec: dict[str, Any]) -> list[str]:
+    return [
+        rec.get("case", ""), rec.get("input", ""), rec.get("input_sha256") or "", rec.get("status", ""),
+        rec.get("error_type") or "", rec.get("error") or "", rec.get("kind", ""),
+        _join(rec.get("shape")), _join(rec.get("spacing"), lambda v: f"{float(v):.6g}"), rec.get("orientation") or "",
+        "" if rec.get("n_slices") is None else str(rec["n_slices"]), _num(rec.get("score")),
+        _num(rec.get("max_slice_score")), "" if rec.get("members") is None else str(len(rec["members"])),
+        "" if rec.get("seed") is None else str(rec["seed"]), rec.get("engine") or "", rec.get("precision") or "",
+    ]
+
+
+def _csv_text(header: list[str], rows: Iterable[list[str]]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(header)
+    w.writerows(rows)
+    return buf.getvalue()
+
+
+def rebuild_tables(out_dir: Path) -> dict[str, int]:
+    """Rewrite ``cases.csv`` and ``scores.csv`` from all records; returns counts by status."""
+    records = load_records(out_dir)
+    score_rows: list[list[str]] = []
+    for rec in records:
+        if rec.get("status") != "ok":
+            continue
+        score_rows.append([rec["case"], "", _num(rec.get("score"))])
+        score_rows.extend([rec["case"], str(int(k)), _num(s)] for k, s in rec.get("slice_scores", []))
+    write_text_atomic(out_dir / "cases.csv", _csv_text(CASES_COLUMNS, (case_row(r) for r in records)))
+    write_text_atomic(out_dir / "scores.csv", _csv_text(SCORES_COLUMNS, score_rows))
+    counts: dict[str, int] = {}
+    for rec in records:
+        counts[rec.get("status", "?")] = counts.get(rec.get("status", "?"), 0) + 1
+    return counts
+
+
+def write_run_json(out_dir: Path, doc: dict[str, Any], shard: tuple[int, int] | None = None) -> Path:
+    path = out_dir / run_json_name(shard)
+    write_text_atomic(path, dumps_json(doc))
+    return path
+
+
+__all__ = ["OutputLock", "ensure_writable", "write_output", "write_record", "remove_outputs", "npz_bytes",
+           "clean_orphans", "load_records", "rebuild_tables", "write_run_json", "run_json_name", "shard_suffix",
+           "CASES_COLUMNS", "SCORES_COLUMNS"]

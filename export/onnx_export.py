@@ -1,0 +1,209 @@
+"""Export a condiff model folder to ONNX: ``model.onnx`` + ``model.onnx.json``, kept only once checked.
+
+Graph contract (the engine's ``ort`` backend and the TensorRT build read it):
+inputs ``x_t``, ``cond`` float32 (B, C, H, W) and ``t`` int64 (B,); output ``eps`` float32
+(B, C, H, W); only the batch axis is dynamic (H, W are the model's ``sample_size``).
+
+The file is traced (TorchScript exporter: torch 2.13's default dynamo exporter needs onnxscript,
+which condiff does not depend on) to a temporary name in the destination folder, checked with
+``onnx.checker`` (path-based, so a > 2 GB model would work too), run in ONNX Runtime (CPU, fp32)
+at a batch size other than the traced one and compared with the eager torch network (SDPA
+attention) within ``atol`` (1e-4, DESIGN §5). Only then is it renamed to its final name and its
+sidecar written; any failure removes the temporary file and leaves the final name untouched.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from condiff import artifacts
+from condiff.errors import ExportError
+from condiff.modelset import load_model
+from condiff.optional import require
+from condiff.unet import ConditionalUNet, sdpa_attention
+
+from condiff.export.attention import VARIANTS, export_warnings_off, make_attention
+
+logger = logging.getLogger(__name__)
+
+INPUT_NAMES = ("x_t", "cond", "t")
+OUTPUT_NAME = "eps"
+DEFAULT_OPSET = 17
+ATOL = 1e-4
+# ONNX Runtime's contrib operators live in this domain (MultiHeadAttention, version 1).
+_CUSTOM_OPSETS = {"com.microsoft": 1}
+
+
+@dataclass
+class OnnxExport:
+    """What ``export_onnx`` wrote and how well it matched torch."""
+
+    path: Path
+    sidecar: Path | None
+    attention: str
+    max_abs_diff: float
+    seconds: float
+
+
+def resolve_attention(attention: str, target: str = "ort") -> str:
+    """``auto`` -> ``ort_mha`` for ONNX Runtime (fused, bounded memory, fastest on the CPU) and
+    ``sdpa`` (plain MatMul → Softmax → MatMul, which TensorRT fuses) for a TensorRT build."""
+    if attention == "auto":
+        return "ort_mha" if target == "ort" else "sdpa"
+    if attention not in VARIANTS:
+        raise ValueError(f"unknown attention {attention!r}; choose auto or one of {VARIANTS}")
+    if attention == "ort_mha" and target != "ort":
+        raise ValueError("ort_mha is an ONNX Runtime contrib operator; TensorRT cannot parse it (use sdpa or chunked)")
+    return attention
+
+
+def _temp_name(final: Path) -> Path:
+    return final.with_name(f".{final.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+
+
+def _example_inputs(channels: int, size: int, batch: int, seed: int) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    x_t = torch.randn(batch, channels, size, size, generator=g)
+    cond = torch.rand(batch, channels, size, size, generator=g)
+    t = torch.randint(0, 1000, (batch,), generator=g, dtype=torch.int64)
+    return x_t, cond, t
+
+
+def trace_to_onnx(model: ConditionalUNet, path: str | Path, *, variant: str, chunk_size: int | None = None,
+                  pad_head_dim: int | None = None, opset: int = DEFAULT_OPSET, trace_batch: int = 2) -> None:
+    """Trace ``model`` with the export attention ``variant`` to ``path`` (no checks; see ``write_checked_onnx``).
+
+    The model's attention is restored to SDPA afterwards.
+    """
+    cfg = model.config
+    inputs = _example_inputs(cfg.image_channels, cfg.sample_size, trace_batch, seed=1)
+    dynamic = {name: {0: "batch"} for name in (*INPUT_NAMES, OUTPUT_NAME)}
+    model.set_attention_fn(make_attention(variant, chunk_size=chunk_size, pad_head_dim=pad_head_dim))
+    try:
+        with torch.no_grad(), export_warnings_off():
+            torch.onnx.export(model, inputs, str(path), input_names=list(INPUT_NAMES), output_names=[OUTPUT_NAME],
+                              dynamic_axes=dynamic, opset_version=opset, do_constant_folding=True,
+                              custom_opsets=_CUSTOM_OPSETS if variant == "ort_mha" else None, dynamo=False)
+    finally:
+        model.set_attention_fn(sdpa_attention)
+
+
+def check_onnx(path: str | Path) -> None:
+    """``onnx.checker`` on the file path (works for models with external data too)."""
+    onnx = require("onnx", "ort")
+    try:
+        onnx.checker.check_model(str(path))
+    except Exception as exc:  # onnx raises its own ValidationError and sometimes plain errors
+        raise ExportError(path, f"onnx.checker rejected the exported graph ({exc})") from exc
+
+
+def ort_cpu_session(path: str | Path, threads: int | None = None):
+    """A plain ONNX Runtime CPU session (fp32, all graph optimisations) for checks."""
+    ort = require("onnxruntime", "ort")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        options.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def max_abs_diff_vs_torch(path: str | Path, model: ConditionalUNet, *, batch: int = 1, seed: int = 0,
+                          threads: int | None = None) -> float:
+    """Max |eps_ORT - eps_torch| on seeded random inputs at ``batch`` (torch with SDPA attention)."""
+    cfg = model.config
+    x_t, cond, t = _example_inputs(cfg.image_channels, cfg.sample_size, batch, seed)
+    session = ort_cpu_session(path, threads)
+    (eps_ort,) = session.run([OUTPUT_NAME], {"x_t": x_t.numpy(), "cond": cond.numpy(), "t": t.numpy()})
+    del session
+    model.set_attention_fn(sdpa_attention)
+    with torch.inference_mode():
+        eps = model(x_t, cond, t)
+    return float((torch.from_numpy(eps_ort) - eps).abs().max())
+
+
+def write_checked_onnx(model: ConditionalUNet, final_path: str | Path, *, variant: str, chunk_size: int | None = None,
+                       pad_head_dim: int | None = None, opset: int = DEFAULT_OPSET, atol: float = ATOL,
+                       trace_batch: int = 2, check_batch: int = 1, threads: int | None = None,
+                       before_replace: Callable[[], None] | None = None) -> float:
+    """Trace, check and compare; rename to ``final_path`` only if every check passes. Returns max |Δ|.
+
+    ``check_batch`` differs from ``trace_batch`` so the comparison also proves the batch axis is dynamic.
+    On any failure the temporary file is removed and ``final_path`` is left as it was.
+    ``before_replace`` runs after the checks, just before the rename (e.g. to drop a stale sidecar).
+    """
+    final_path = Path(final_path)
+    tmp = _temp_name(final_path)
+    try:
+        trace_to_onnx(model, tmp, variant=variant, chunk_size=chunk_size, pad_head_dim=pad_head_dim,
+                      opset=opset, trace_batch=trace_batch)
+        check_onnx(tmp)
+        diff = max_abs_diff_vs_torch(tmp, model, batch=check_batch, threads=threads)
+        if not diff <= atol:  # also catches NaN
+            raise ExportError(final_path, f"ONNX Runtime output differs from torch by {diff:.3g} "
+                              f"(max abs, batch {check_batch}), more than the tolerance {atol:g}",
+                              "nothing was written; report this with the model's config.json")
+        if before_replace is not None:
+            before_replace()
+        os.replace(tmp, final_path)
+    except ExportError:
+        raise
+    except Exception as exc:
+        raise ExportError(final_path, f"ONNX export failed ({type(exc).__name__}: {exc})") from exc
+    finally:
+        tmp.unlink(missing_ok=True)
+    return diff
+
+
+def export_onnx(model_dir: str | Path, *, attention: str = "auto", opset: int = DEFAULT_OPSET,
+                chunk_size: int | None = None, atol: float = ATOL, check_batch: int = 1,
+                threads: int | None = None) -> OnnxExport:
+    """Write ``model_dir/model.onnx`` and its sidecar ``model.onnx.json`` for ONNX Runtime.
+
+    ``attention``: ``auto`` (= ``ort_mha``), ``ort_mha``, ``chunked`` (portable, bounded memory;
+    ``chunk_size`` query rows per chunk, default from a 128 MiB score budget per image) or ``sdpa``
+    (plain, unbounded memory: small models only). Raises ``ExportError`` (nothing written) when a
+    check fails.
+    """
+    start = time.perf_counter()
+    model_dir = Path(model_dir)
+    variant = resolve_attention(attention, "ort")
+    if variant != "chunked":
+        chunk_size = None  # only the chunked graph has chunks
+    model, config = load_model(model_dir)
+    fingerprint = artifacts.model_fingerprint(model_dir)
+    final = model_dir / artifacts.ONNX_NAME
+    # A stale sidecar must never describe the new file: drop it before the rename, write the new one after.
+    old_sidecar = artifacts.sidecar_path(final)
+    logger.info("exporting %s to ONNX (attention %s, opset %d)", model_dir, variant, opset)
+    diff = write_checked_onnx(model, final, variant=variant, chunk_size=chunk_size, opset=opset, atol=atol,
+                              check_batch=check_batch, threads=threads,
+                              before_replace=lambda: old_sidecar.unlink(missing_ok=True))
+    ort = require("onnxruntime", "ort")
+    onnx = require("onnx", "ort")
+    build_options = {"opset": opset, "attention": attention if attention != "auto" else None,
+                     "chunk_size": chunk_size}
+    sidecar = artifacts.write_sidecar(final, {
+        "kind": "onnx",
+        "artifact_sha256": artifacts.file_sha256(final),
+        **fingerprint,
+        "opset": opset,
+        "precision": "fp32",
+        "attention": {"variant": variant, "chunk_size": chunk_size, "pad_head_dim": None},
+        "batch_profile": {"dynamic": True},
+        "image_shape": [config.image_channels, config.unet.sample_size, config.unet.sample_size],
+        "io": {"inputs": list(INPUT_NAMES), "outputs": [OUTPUT_NAME]},
+        "check": {"max_abs_diff": diff, "atol": atol, "batch": check_batch, "against": "torch fp32 eager (SDPA)",
+                  "runtime": f"onnxruntime {ort.__version__} CPUExecutionProvider"},
+        "build_options": build_options,
+        "versions": {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": ort.__version__},
+    })
+    seconds = time.perf_counter() - start
+    logger.info("wrote %s (max |Δ| vs torch %.2e, %.1f s)", final, diff, seconds)
+    return OnnxExport(final, sidecar, variant, diff, seconds)

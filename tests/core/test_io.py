@@ -1,0 +1,418 @@
+"""Image I/O: atomic writes, NIfTI validation and geometry-preserving output, photos, case discovery."""
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import os
+import struct
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from condiff.errors import InputImageError, OutputConflictError
+from condiff.io import atomic, cases, images, volumes
+
+
+def _save(path, data, affine=None, dtype=None, slope=None):
+    img = nib.Nifti1Image(np.asarray(data), np.diag([2.0, 2.0, 2.0, 1.0]) if affine is None else affine)
+    if dtype is not None:
+        img.set_data_dtype(dtype)
+    if slope is not None:
+        img.header.set_slope_inter(slope, 0)
+    nib.save(img, str(path))
+    return path
+
+
+def _blob(shape=(20, 22, 12)):
+    data = np.zeros(shape, dtype=np.float32)
+    data[4:16, 5:18, 2:10] = np.arange(12 * 13 * 8, dtype=np.float32).reshape(12, 13, 8) / 7
+    return data
+
+
+# ----------------------------------------------------------------------------------------- atomic
+
+
+def test_atomic_write_leaves_nothing_on_error(tmp_path):
+    target = tmp_path / "out.bin"
+    with pytest.raises(RuntimeError):
+        with atomic.atomic_write(target) as f:
+            f.write(b"partial")
+            raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
+    target.write_bytes(b"old")
+    with pytest.raises(RuntimeError):
+        with atomic.atomic_write(target, "w") as f:
+            f.write("new")
+            raise RuntimeError("boom")
+    assert target.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["out.bin"]
+
+
+def test_atomic_helpers_write_complete_deterministic_files(tmp_path):
+    with atomic.atomic_write(tmp_path / "a.txt", "w") as f:
+        f.write("x\n")
+        (tmp,) = [p.name for p in tmp_path.iterdir()]  # while writing: only the hidden temporary file
+        assert tmp.startswith(".a.txt.") and tmp.endswith(".tmp")
+    assert (tmp_path / "a.txt").read_bytes() == b"x\n"
+    atomic.write_json_atomic(tmp_path / "r.json", {"b": [1, 2.5], "a": "é"})
+    assert (tmp_path / "r.json").read_text("utf-8") == '{\n "a": "é",\n "b": [\n  1,\n  2.5\n ]\n}\n'
+    first = (tmp_path / "r.json").read_bytes()
+    atomic.write_json_atomic(tmp_path / "r.json", {"a": "é", "b": [1, 2.5]})
+    assert (tmp_path / "r.json").read_bytes() == first
+    with pytest.raises(ValueError):
+        atomic.write_json_atomic(tmp_path / "nan.json", {"score": float("nan")})
+    assert not (tmp_path / "nan.json").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "r.json"]
+
+
+# ----------------------------------------------------------------------------------------- reading volumes
+
+
+def test_read_volume_applies_scaling_and_squeezes_singleton_4d(tmp_path):
+    raw = (np.arange(20 * 22 * 12) % 200).reshape(20, 22, 12).astype(np.uint8)
+    vol = volumes.read_volume(_save(tmp_path / "u8.nii.gz", raw, dtype=np.uint8, slope=3.5))
+    assert vol.data.dtype == np.float32 and vol.data.shape == raw.shape
+    np.testing.assert_array_equal(vol.data, raw.astype(np.float32) * np.float32(3.5))
+    v4 = volumes.read_volume(_save(tmp_path / "one.nii", _blob()[..., None]))
+    assert v4.data.shape == (20, 22, 12) and vol.zooms == (2.0, 2.0, 2.0)
+
+
+def test_content_decides_compression_not_the_name(tmp_path):
+    plain = _save(tmp_path / "plain.nii", _blob())
+    renamed = tmp_path / "plain_named.nii.gz"
+    renamed.write_bytes(plain.read_bytes())
+    gz = tmp_path / "gz_named.nii"
+    gz.write_bytes(gzip.compress(plain.read_bytes()))
+    for p in (renamed, gz):
+        np.testing.assert_array_equal(volumes.read_volume(p).data, _blob())
+
+
+def _corrupt_cases(tmp_path):
+    good = _save(tmp_path / "good.nii.gz", np.random.default_rng(0).random((30, 30, 20)).astype(np.float32))
+    blob = good.read_bytes()
+    plain = gzip.decompress(blob)
+    out = {}
+    (tmp_path / "empty.nii.gz").write_bytes(b"")
+    out["empty.nii.gz"] = "empty file"
+    (tmp_path / "text.nii.gz").write_bytes(b"this is not an image at all, just text\n" * 20)
+    out["text.nii.gz"] = "not a NIfTI file"
+    (tmp_path / "photo.nii").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 400)
+    out["photo.nii"] = "PNG image"
+    (tmp_path / "truncated.nii.gz").write_bytes(blob[: len(blob) // 2])
+    out["truncated.nii.gz"] = "truncated"
+    (tmp_path / "truncated.nii").write_bytes(plain[: len(plain) - 1000])
+    out["truncated.nii"] = "truncated"
+    flipped = bytearray(blob)
+    for i in range(len(blob) // 3, len(blob) // 3 + 64):  # damage the compressed stream mid-file
+        flipped[i] ^= 0xFF
+    (tmp_path / "bitflip.nii.gz").write_bytes(bytes(flipped))
+    out["bitflip.nii.gz"] = "corrupt|truncated|unreadable"
+    return out
+
+
+def test_corrupt_files_raise_input_errors_naming_the_file(tmp_path):
+    for name, problem in _corrupt_cases(tmp_path).items():
+        with pytest.raises(InputImageError, match=problem) as info:
+            volumes.read_volume(tmp_path / name)
+        assert str(info.value).startswith(str(tmp_path / name) + ": "), str(info.value)
+    with pytest.raises(InputImageError, match="file not found"):
+        volumes.read_volume(tmp_path / "missing.nii.gz")
+
+
+def test_bitflip_inside_the_data_is_caught_by_the_crc(tmp_path):
+    # Stored (level 0) deflate: flipping a data byte changes nothing but the CRC, which must be checked.
+    raw = nib.Nifti1Image(_blob(), np.eye(4)).to_bytes()
+    blob = bytearray(gzip.compress(raw, compresslevel=0))
+    blob[len(blob) // 2] ^= 0x01
+    (tmp_path / "crc.nii.gz").write_bytes(bytes(blob))
+    with pytest.raises(InputImageError, match="crc.nii.gz: corrupt compressed data"):
+        volumes.read_volume(tmp_path / "crc.nii.gz")
+
+
+def test_content_problems_raise_input_errors(tmp_path):
+    nan = _blob()
+    nan[5, 6, 3] = np.nan
+    nan[6, 6, 3] = np.inf
+    _save(tmp_path / "nan.nii.gz", nan)
+    with pytest.raises(InputImageError, match=r"nan.nii.gz: contains 2 NaN/Inf voxels"):
+        volumes.read_volume(tmp_path / "nan.nii.gz")
+    fixed = volumes.read_volume(tmp_path / "nan.nii.gz", nan_policy="zero")
+    assert fixed.data[5, 6, 3] == 0 and fixed.data[6, 6, 3] == 0 and np.isfinite(fixed.data).all()
+
+    _save(tmp_path / "series.nii.gz", np.stack([_blob(), _blob()], axis=-1))
+    with pytest.raises(InputImageError, match=r"series.nii.gz: expected a 3-D volume, got shape \(20, 22, 12, 2\)\. Give one volume per file"):
+        volumes.read_volume(tmp_path / "series.nii.gz")
+    _save(tmp_path / "const.nii.gz", np.full((8, 8, 8), 3.0, dtype=np.float32))
+    with pytest.raises(InputImageError, match="const.nii.gz: constant volume"):
+        volumes.read_volume(tmp_path / "const.nii.gz")
+    _save(tmp_path / "zero.nii.gz", np.zeros((8, 8, 8), dtype=np.float32))
+    with pytest.raises(InputImageError, match="zero.nii.gz: empty volume"):
+        volumes.read_volume(tmp_path / "zero.nii.gz")
+
+
+def test_two_d_nifti_only_through_read_volume_or_slice(tmp_path):
+    _save(tmp_path / "flat.nii.gz", _blob()[:, :, 5])
+    with pytest.raises(InputImageError, match="flat.nii.gz: expected a 3-D volume, got a 2-D image"):
+        volumes.read_volume(tmp_path / "flat.nii.gz")
+    vol = volumes.read_volume_or_slice(tmp_path / "flat.nii.gz")
+    assert vol.data.shape == (20, 22, 1)
+    volumes.write_like(tmp_path / "map.nii.gz", vol.data * 2, vol)
+    back = nib.load(tmp_path / "map.nii.gz")
+    assert back.shape == (20, 22)  # a 2-D input gets a 2-D map
+
+
+def test_huge_header_dims_refused_before_allocation(tmp_path):
+    hdr = nib.Nifti1Header()
+    hdr.set_data_dtype(np.float32)
+    hdr.set_data_shape((64, 64, 64))
+    block = bytearray(hdr.binaryblock)
+    struct.pack_into("<8h", block, 40, 3, 30000, 30000, 30000, 1, 1, 1, 1)  # dim[]: 3-D, 2.7e13 voxels
+    struct.pack_into("<f", block, 108, 352.0)  # vox_offset
+    (tmp_path / "bomb.nii").write_bytes(bytes(block) + b"\0" * 4 + b"\0" * 1000)
+    with pytest.raises(InputImageError, match=r"bomb.nii: header declares an implausible size \(30000, 30000, 30000\)"):
+        volumes.read_volume(tmp_path / "bomb.nii")
+    (tmp_path / "bomb.nii.gz").write_bytes(gzip.compress((tmp_path / "bomb.nii").read_bytes()))
+    with pytest.raises(InputImageError, match="implausible size"):
+        volumes.read_volume(tmp_path / "bomb.nii.gz")
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root reads files whatever their permissions")
+def test_unreadable_permissions(tmp_path):
+    p = _save(tmp_path / "locked.nii.gz", _blob())
+    p.chmod(0)
+    try:
+        with pytest.raises(InputImageError, match="locked.nii.gz: cannot read the file: permission denied"):
+            volumes.read_volume(p)
+    finally:
+        p.chmod(0o644)
+
+
+def test_permission_error_is_reported_even_as_root(tmp_path, monkeypatch):
+    """The same path as above, reached by making open() fail the way a locked file does."""
+    p = _save(tmp_path / "locked.nii.gz", _blob())
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(volumes, "open", refuse, raising=False)
+    monkeypatch.setattr(images, "open", refuse, raising=False)
+    with pytest.raises(InputImageError, match="locked.nii.gz: cannot read the file: permission denied"):
+        volumes.read_volume(p)
+    with pytest.raises(InputImageError, match="locked.nii.gz: cannot read the file: permission denied"):
+        images.read_image(p)
+
+
+def test_read_mask_checks_the_grid(tmp_path):
+    vol = volumes.read_volume(_save(tmp_path / "img.nii.gz", _blob()))
+    mask = volumes.read_mask(_save(tmp_path / "img_mask.nii.gz", (_blob() > 50).astype(np.uint8)), vol)
+    assert mask.dtype == bool and mask.sum() == (_blob() > 50).sum()
+    assert not volumes.read_mask(_save(tmp_path / "empty_mask.nii.gz", np.zeros((20, 22, 12), np.uint8)), vol).any()
+    shifted = np.diag([2.0, 2.0, 2.0, 1.0])
+    shifted[0, 3] = 4.0
+    _save(tmp_path / "moved_mask.nii.gz", np.ones((20, 22, 12), np.uint8), affine=shifted)
+    with pytest.raises(InputImageError, match=r"moved_mask.nii.gz: mask affine differs from the affine of .*img.nii.gz"):
+        volumes.read_mask(tmp_path / "moved_mask.nii.gz", vol)
+    _save(tmp_path / "small_mask.nii.gz", np.ones((20, 22, 11), np.uint8))
+    with pytest.raises(InputImageError, match=r"small_mask.nii.gz: mask shape \(20, 22, 11\) differs .*img.nii.gz"):
+        volumes.read_mask(tmp_path / "small_mask.nii.gz", vol)
+
+
+# ----------------------------------------------------------------------------------------- writing volumes
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nii"])
+def test_write_like_keeps_geometry_and_is_deterministic(tmp_path, suffix):
+    # Different qform (rotation) and sform (scaled) with different codes, uint8 input with a slope.
+    img = nib.Nifti1Image((np.arange(20 * 22 * 12) % 250).reshape(20, 22, 12).astype(np.uint8), None)
+    img.header.set_slope_inter(4.0, 0.0)
+    q = np.array([[0, -2.0, 0, 10], [2.0, 0, 0, -20], [0, 0, 2.5, 5], [0, 0, 0, 1]])
+    s = np.diag([2.1, 2.1, 2.4, 1.0])
+    img.set_qform(q, code=1)
+    img.set_sform(s, code=2)
+    nib.save(img, str(tmp_path / "in.nii.gz"))
+    vol = volumes.read_volume(tmp_path / "in.nii.gz")
+    rng = np.random.default_rng(0)
+    out_map = rng.random(vol.data.shape, dtype=np.float32) * 1e-3  # small floats: would be ruined by a uint8 slope
+    volumes.write_like(tmp_path / f"map{suffix}", out_map, vol)
+    volumes.write_like(tmp_path / f"again{suffix}", out_map.copy(), vol)
+    assert (tmp_path / f"map{suffix}").read_bytes() == (tmp_path / f"again{suffix}").read_bytes()
+    back = nib.load(tmp_path / f"map{suffix}")
+    ref = nib.load(tmp_path / "in.nii.gz")
+    assert back.get_data_dtype() == np.float32
+    np.testing.assert_array_equal(np.asarray(back.dataobj), out_map)
+    np.testing.assert_array_equal(back.affine, ref.affine)
+    qb, qcode = back.get_qform(coded=True)
+    sb, scode = back.get_sform(coded=True)
+    assert (int(qcode), int(scode)) == (1, 2)
+    np.testing.assert_array_equal(qb, ref.get_qform())
+    np.testing.assert_array_equal(sb, ref.get_sform())
+    for field in ("pixdim", "xyzt_units", "quatern_b", "quatern_c", "quatern_d", "qoffset_x", "srow_x", "srow_z"):
+        np.testing.assert_array_equal(back.header[field], ref.header[field])
+    raw = (tmp_path / f"map{suffix}").read_bytes()
+    raw = gzip.decompress(raw) if suffix == ".nii.gz" else raw
+    assert struct.unpack_from("<ff", raw, 112) == (1.0, 0.0)  # scl_slope, scl_inter stored as 1 and 0
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_write_like_on_kit_scans_overlays_the_input(shared_data, tmp_path):
+    for name in ("ixi-t1/IXI132-HH-1415-T1.nii.gz", "ms-lesion/patient07_t1.nii.gz"):
+        vol = volumes.read_volume(shared_data / name)
+        volumes.write_like(tmp_path / "m.nii.gz", vol.data / 2, vol)
+        back, ref = nib.load(tmp_path / "m.nii.gz"), nib.load(shared_data / name)
+        np.testing.assert_array_equal(back.get_fdata(dtype=np.float32), vol.data / 2)
+        np.testing.assert_array_equal(back.affine, ref.affine)
+        for form in ("qform_code", "sform_code", "quatern_b", "qoffset_x", "srow_x", "srow_y", "srow_z", "pixdim"):
+            np.testing.assert_array_equal(back.header[form], ref.header[form])
+
+
+# ----------------------------------------------------------------------------------------- photos
+
+
+def _png_bytes(arr, mode=None):
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(arr, mode).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_read_image_by_content_and_modes(tmp_path):
+    from PIL import Image
+
+    rgb = np.random.default_rng(0).integers(0, 256, (40, 30, 3), dtype=np.uint8)
+    (tmp_path / "png_named.jpg").write_bytes(_png_bytes(rgb))
+    got = images.read_image(tmp_path / "png_named.jpg")
+    assert got.shape == (40, 30, 3) and got.dtype == np.float32
+    np.testing.assert_array_equal(got, rgb.astype(np.float32) / 255)
+    grey = rgb[:, :, 0]
+    (tmp_path / "grey.png").write_bytes(_png_bytes(grey))
+    np.testing.assert_array_equal(images.read_image(tmp_path / "grey.png"), np.repeat(grey[:, :, None], 3, 2) / np.float32(255))
+    deep = (np.arange(40 * 30).reshape(40, 30) * 50).astype(np.uint16)
+    Image.fromarray(deep).save(tmp_path / "deep.png")
+    np.testing.assert_allclose(images.read_image(tmp_path / "deep.png")[:, :, 1], deep / 65535.0, rtol=0, atol=1e-7)
+    rgba = np.concatenate([rgb, np.zeros((40, 30, 1), np.uint8)], axis=2)
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "alpha.png")
+    np.testing.assert_array_equal(images.read_image(tmp_path / "alpha.png"), got)  # alpha dropped, not composited
+    smooth = np.repeat(np.linspace(0, 255, 30)[None, :, None], 40, axis=0).repeat(3, axis=2).astype(np.uint8)
+    Image.fromarray(smooth).save(tmp_path / "photo.jpg", quality=95)
+    np.testing.assert_allclose(images.read_image(tmp_path / "photo.jpg"), smooth / 255.0, rtol=0, atol=0.03)  # lossy
+    import tifffile
+
+    tifffile.imwrite(tmp_path / "deep.tif", np.stack([deep] * 3, axis=2), photometric="rgb")
+    np.testing.assert_allclose(images.read_image(tmp_path / "deep.tif")[:, :, 2], deep / 65535.0, rtol=0, atol=1e-7)
+
+
+def test_bad_photos_raise_input_errors(tmp_path):
+    from PIL import Image
+
+    rgb = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "full.jpg", quality=90)
+    data = (tmp_path / "full.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 2])
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "notes.png").write_bytes(b"hello world, not a picture")
+    Image.fromarray(rgb[:8, :8]).save(tmp_path / "tiny.png")
+    for name, problem in {"cut.jpg": "unreadable or truncated", "empty.png": "empty file",
+                          "notes.png": "not a PNG, JPEG or TIFF", "tiny.png": "smaller than the SSIM window"}.items():
+        with pytest.raises(InputImageError, match=problem) as info:
+            images.read_image(tmp_path / name)
+        assert str(info.value).startswith(str(tmp_path / name) + ": ")
+
+
+def test_image_writers_are_lossless_and_deterministic(tmp_path):
+    import tifffile
+    from PIL import Image
+
+    m = np.random.default_rng(2).random((33, 47), dtype=np.float32) * 0.03
+    images.write_float_tiff(tmp_path / "a.tiff", m)
+    images.write_float_tiff(tmp_path / "b.tiff", m.copy())
+    assert (tmp_path / "a.tiff").read_bytes() == (tmp_path / "b.tiff").read_bytes()
+    back = tifffile.imread(tmp_path / "a.tiff")
+    assert back.dtype == np.float32
+    np.testing.assert_array_equal(back, m)
+    rgb = np.random.default_rng(3).random((20, 21, 3), dtype=np.float32)
+    images.write_float_tiff(tmp_path / "rgb.tiff", rgb)
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "rgb.tiff"), rgb)
+
+    u8 = images.to_png8(m, 0.0, 0.03)
+    assert u8.dtype == np.uint8 and u8.min() >= 0 and abs(int(u8.max()) - 255) <= 1
+    np.testing.assert_array_equal(images.to_png8(np.array([-1.0, 0.0, 0.5, 1.0, 2.0, np.nan]), 0, 1), [0, 0, 128, 255, 255, 0])
+    images.write_png(tmp_path / "a.png", u8)
+    images.write_png(tmp_path / "b.png", u8.copy())
+    assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "a.png")), u8)
+    with pytest.raises(TypeError):
+        images.write_png(tmp_path / "c.png", m)
+    assert not (tmp_path / "c.png").exists()
+
+
+def test_fundus_kit_photo_and_mask(shared_data):
+    img = images.read_image(shared_data / "fundus/IDRiD_01.jpg")
+    assert img.shape == (2848, 4288, 3) and 0 <= img.min() and img.max() <= 1
+    assert images.read_label_image(shared_data / "fundus/IDRiD_01_EX.png").sum() == 113290
+
+
+# ----------------------------------------------------------------------------------------- cases
+
+
+def _touch(root, *names):
+    for name in names:
+        p = root / name
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(b"x")
+
+
+def test_discover_names_kinds_and_exclusions(tmp_path):
+    root = tmp_path / "in"
+    _touch(root, "sub-01/anat/T1w.nii.gz", "sub-01/anat/T1w_brainmask.nii.gz", "sub-02/anat/T1w.nii",
+           "photos/eye.JPG", "photos/eye_EX.png", "photos/scan.tiff", "a_seg.nii.gz", "b_dlmuse.nii.gz",
+           "notes.txt", "sub-01/anat/T1w.json", ".hidden.nii.gz", ".cache/x.nii.gz", "c-T1_lesionmask.nii.gz")
+    found = cases.discover([root])
+    assert [(c.name, c.kind) for c in found] == [
+        ("photos/eye", "image"), ("photos/scan", "image"), ("sub-01/anat/T1w", "volume"), ("sub-02/anat/T1w", "volume")]
+    assert found[2].path == root / "sub-01/anat/T1w.nii.gz"
+    names = [c.name for c in cases.discover([root], exclude_patterns=["photos/*"])]
+    assert "photos/eye" not in names and "sub-01/anat/T1w_brainmask" in names and "a_seg" in names
+    # A file given directly: bare stem, never excluded.
+    assert [c.name for c in cases.discover([root / "a_seg.nii.gz"])] == ["a_seg"]
+    assert cases.discover([root]) == found  # deterministic
+
+
+def test_discover_collisions_and_errors(tmp_path):
+    _touch(tmp_path / "in", "a.nii", "a.nii.gz", "b.png", "B.jpg", "c.nii.gz")
+    with pytest.raises(OutputConflictError) as info:
+        cases.discover([tmp_path / "in"])
+    msg = str(info.value)
+    assert "a.nii and" in msg and "a.nii.gz" in msg and "b.png" in msg and "B.jpg" in msg and "c.nii.gz" not in msg
+    _touch(tmp_path / "x", "scan.nii.gz")
+    _touch(tmp_path / "y", "scan.nii.gz")
+    with pytest.raises(OutputConflictError, match="scan"):
+        cases.discover([tmp_path / "x" / "scan.nii.gz", tmp_path / "y" / "scan.nii.gz"])
+    with pytest.raises(InputImageError, match="input not found"):
+        cases.discover([tmp_path / "nope"])
+    _touch(tmp_path / "empty", "readme.md")
+    with pytest.raises(InputImageError, match="0 supported files found"):
+        cases.discover([tmp_path / "empty"])
+    _touch(tmp_path, "scan.dcm")
+    with pytest.raises(InputImageError, match="dcm2niix"):
+        cases.discover([tmp_path / "scan.dcm"])
+
+
+def test_discover_processes_a_file_reached_twice_once(tmp_path):
+    _touch(tmp_path / "in", "s.nii.gz")
+    (tmp_path / "in" / "link").symlink_to(tmp_path / "in", target_is_directory=True)  # a loop
+    found = cases.discover([tmp_path / "in", tmp_path / "in" / "s.nii.gz"])
+    assert [c.name for c in found] == ["s"]
+
+
+def test_find_mask_placeholders(tmp_path):
+    _touch(tmp_path / "in", "sub-01/T1w.nii.gz", "sub-01/T1w_brainmask.nii.gz", "masks/sub-01/T1w.nii.gz")
+    case = cases.discover([tmp_path / "in" / "sub-01"])[0]
+    assert cases.find_mask(case, "{dir}/{stem}_brainmask.nii.gz") == tmp_path / "in/sub-01/T1w_brainmask.nii.gz"
+    assert cases.find_mask(case, str(tmp_path / "in/masks/sub-01/{case}.nii.gz")) == tmp_path / "in/masks/sub-01/T1w.nii.gz"
+    with pytest.raises(InputImageError, match=r"T1w.nii.gz: mask not found at .*T1w_mask.nii.gz"):
+        cases.find_mask(case, "{dir}/{stem}_mask.nii.gz")
+    assert cases.find_mask(case, "{dir}/{stem}_mask.nii.gz", required=False) is None
+    with pytest.raises(ValueError, match="placeholder"):
+        cases.find_mask(case, "{folder}/{stem}.nii.gz")
+    json.dumps([c.name for c in cases.discover([tmp_path / "in"])])  # names are plain strings

@@ -1,0 +1,243 @@
+"""condiff-infer end to end: layout, geometry, records, failures and the exit codes of DESIGN §6."""
+import csv
+import gzip
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from _infer_helpers import FAST, brain_like, make_model_set, make_scans, write_nifti
+from condiff.engine.cli import infer_main
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def model_set(tmp_path_factory):
+    return make_model_set(tmp_path_factory.mktemp("models") / "set", n_members=2)
+
+
+def _invoke(args):
+    return CliRunner().invoke(infer_main, [str(a) for a in args], catch_exceptions=False)
+
+
+def _rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_infer_writes_layout_geometry_and_records(tmp_path, model_set):
+    scans = tmp_path / "scans"
+    make_scans(scans / "site-a", n=1)
+    # an oblique, non-RAS grid with different qform/sform codes, stored as int16 with scaling
+    img, _ = brain_like(shape=(18, 20, 3), seed=5)
+    aff = np.array([[0.0, -2.0, 0.1, 30.0], [2.1, 0.0, 0.0, -25.0], [0.0, 0.2, 2.5, 4.0], [0, 0, 0, 1]])
+    write_nifti(scans / "site-b" / "oblique.nii", np.round(img * 10), affine=aff, qcode=2, scode=4, dtype=np.int16)
+    out = tmp_path / "out"
+    res = _invoke([scans, "-o", out, "--models", model_set, *FAST, "--members", "1"])
+    assert res.exit_code == 0, res.output + res.stderr
+    assert "2 done" in res.stdout
+
+    import nibabel as nib
+
+    for case, ext in [("site-a/case0", ".nii.gz"), ("site-b/oblique", ".nii")]:
+        src_path = next(scans.rglob(f"{Path(case).name}{ext}"))
+        src = nib.load(str(src_path))
+        for folder in ("maps", "restorations"):
+            path = out / folder / f"{case}{ext}"
+            assert path.is_file(), path
+            if ext == ".nii.gz":
+                assert path.read_bytes()[:2] == b"\x1f\x8b"
+                assert gzip.decompress(path.read_bytes())  # mtime 0 is checked by byte identity in test_resume
+            else:
+                assert path.read_bytes()[:2] != b"\x1f\x8b"
+            got = nib.load(str(path))
+            assert got.shape == src.shape
+            np.testing.assert_array_equal(got.affine, src.affine)
+            for form in ("qform", "sform"):
+                m_src, code_src = getattr(src.header, f"get_{form}")(coded=True)
+                m_got, code_got = getattr(got.header, f"get_{form}")(coded=True)
+                assert int(code_got) == int(code_src)
+                np.testing.assert_allclose(m_got, m_src, rtol=0, atol=1e-6)
+            assert got.get_data_dtype() == np.float32
+            assert (got.dataobj.slope, got.dataobj.inter) == (1.0, 0.0)  # stored unscaled float32
+            np.testing.assert_array_equal(got.header.get_zooms(), src.header.get_zooms())
+        amap = nib.load(str(out / "maps" / f"{case}{ext}")).get_fdata()
+        assert np.isfinite(amap).all() and amap.min() >= 0 and amap.max() > 0
+        if ext == ".nii.gz":  # an exact grid (1 voxel = 1 pixel): background zeroed voxel for voxel
+            assert (amap[np.asarray(src.dataobj) == 0] == 0).all()
+        from PIL import Image
+
+        with Image.open(out / "overlays" / f"{case}.png") as im:
+            assert im.mode == "RGB" and im.size == (3 * 32, 3 * 32)  # top 3 slices, input | restoration | map
+        rec = json.loads((out / "records" / f"{case}.json").read_text())
+        assert rec["status"] == "ok" and rec["members"] == [0]
+        assert rec["input_sha256"] == hashlib.sha256(src_path.read_bytes()).hexdigest()
+        for entry in rec["outputs"].values():
+            assert hashlib.sha256((out / entry["path"]).read_bytes()).hexdigest() == entry["sha256"]
+        assert rec["n_slices"] == len(rec["slice_scores"]) and rec["max_slice_score"] >= rec["score"] > 0
+
+    rows = _rows(out / "cases.csv")
+    assert [(r["case"], r["status"]) for r in rows] == [("site-a/case0", "ok"), ("site-b/oblique", "ok")]
+    assert rows[1]["orientation"] == "".join(nib.aff2axcodes(aff))
+    scores = _rows(out / "scores.csv")
+    assert scores[0]["slice"] == "" and float(scores[0]["score"]) == pytest.approx(float(rows[0]["score"]))
+    run = json.loads((out / "run.json").read_text())
+    assert run["interrupted"] is False and run["counts"]["ok"] == 2
+    assert run["throughput"]["slices_per_s"] > 0 and run["throughput"]["unet_evaluations_per_s"] > 0
+    assert run["model_set"]["digest"] == rec["model_set_digest"] and run["versions"]["torch"]
+    assert not (out / ".condiff.lock").exists()
+    assert "case site-a/case0 done" in (out / "condiff.log").read_text()
+
+
+def test_real_ixi_slab_with_brain_mask(tmp_path, model_set):
+    scan = REPO / "examples" / "scans" / "ixi132_t1.nii.gz"
+    if not scan.is_file():
+        pytest.skip("bundled IXI sample scan not present")
+    out = tmp_path / "out"
+    res = _invoke([scan, "-o", out, "--models", model_set, *FAST, "--members", "1",
+                   "--mask", "{dir}/{stem}_brainmask.nii.gz"])
+    assert res.exit_code == 0, res.output + res.stderr
+    import nibabel as nib
+
+    src, amap = nib.load(str(scan)), nib.load(str(out / "maps" / "ixi132_t1.nii.gz"))
+    assert amap.shape == src.shape
+    np.testing.assert_array_equal(amap.affine, src.affine)
+    brain = np.asarray(nib.load(str(scan.with_name("ixi132_t1_brainmask.nii.gz"))).dataobj) > 0
+    data = amap.get_fdata()
+    assert (data[~brain] == 0).all() and data[brain].max() > 0  # zeroed outside the brain mask
+    rec = json.loads((out / "records" / "ixi132_t1.json").read_text())
+    assert rec["mask"].endswith("ixi132_t1_brainmask.nii.gz") and rec["mask_sha256"]
+
+
+def test_broken_inputs_fail_alone_with_exit_1(tmp_path, model_set):
+    scans = tmp_path / "scans"
+    make_scans(scans, n=1)
+    good = (scans / "case0.nii.gz").read_bytes()
+    (scans / "truncated.nii.gz").write_bytes(good[: len(good) // 2])
+    img, _ = brain_like(seed=3)
+    img[2, 3, 1] = np.nan
+    write_nifti(scans / "nans.nii.gz", img)
+    out = tmp_path / "out"
+    res = _invoke([scans, "-o", out, "--models", model_set, *FAST, "--members", "1"])
+    assert res.exit_code == 1, res.output + res.stderr
+    rows = {r["case"]: r for r in _rows(out / "cases.csv")}
+    assert rows["case0"]["status"] == "ok"
+    assert rows["truncated"]["status"] == "failed" and "truncated.nii.gz" in rows["truncated"]["error"]
+    assert rows["truncated"]["error_type"] == "InputImageError"
+    assert rows["nans"]["status"] == "failed" and "NaN" in rows["nans"]["error"]
+    assert "FAILED truncated" in res.stderr and "FAILED nans" in res.stderr
+    assert "Traceback" not in res.stderr
+    assert (out / "maps" / "case0.nii.gz").is_file()
+    assert not (out / "maps" / "truncated.nii.gz").exists() and not (out / "overlays" / "nans.png").exists()
+    assert not list(out.rglob("*.tmp"))
+    # --nan-policy zero accepts the NaN volume; the truncated one still fails
+    res = _invoke([scans, "-o", out, "--models", model_set, *FAST, "--members", "1", "--nan-policy", "zero"])
+    rows = {r["case"]: r for r in _rows(out / "cases.csv")}
+    assert res.exit_code == 1 and rows["nans"]["status"] == "ok" and rows["truncated"]["status"] == "failed"
+
+
+def _no_model_loading(monkeypatch):
+    def refuse(*a, **k):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr("condiff.modelset.load_model", refuse)
+    monkeypatch.setattr("condiff.engine.backends.torch_backend.load_model", refuse)
+
+
+def test_colliding_names_exit_2_before_work(tmp_path, model_set, monkeypatch):
+    _no_model_loading(monkeypatch)
+    img, _ = brain_like()
+    write_nifti(tmp_path / "in" / "a.nii", img)
+    write_nifti(tmp_path / "in" / "a.nii.gz", img)
+    res = _invoke([tmp_path / "in", "-o", tmp_path / "out", "--models", model_set, *FAST])
+    assert res.exit_code == 2
+    assert "a.nii" in res.stderr and "same outputs" in res.stderr and "Traceback" not in res.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_output_inside_input_exit_2(tmp_path, model_set, monkeypatch):
+    _no_model_loading(monkeypatch)
+    make_scans(tmp_path / "in", n=1)
+    res = _invoke([tmp_path / "in", "-o", tmp_path / "in" / "out", "--models", model_set, *FAST])
+    assert res.exit_code == 2 and "inside the input folder" in res.stderr
+    assert not (tmp_path / "in" / "out").exists()
+
+
+def test_lock_file_present_exit_2(tmp_path, model_set, monkeypatch):
+    _no_model_loading(monkeypatch)
+    make_scans(tmp_path / "in", n=1)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / ".condiff.lock").write_text("host elsewhere pid 1\n")
+    res = _invoke([tmp_path / "in", "-o", tmp_path / "out", "--models", model_set, *FAST])
+    assert res.exit_code == 2 and "locked" in res.stderr and "pid 1" in res.stderr
+    assert (tmp_path / "out" / ".condiff.lock").read_text() == "host elsewhere pid 1\n"  # not ours to remove
+    assert not (tmp_path / "out" / "records").exists()
+
+
+def test_configuration_errors_exit_2(tmp_path, model_set, monkeypatch):
+    make_scans(tmp_path / "in", n=1)
+    base = [tmp_path / "in", "-o", tmp_path / "out", "--models", model_set, *FAST]
+    res = _invoke([*base, "--members", "0,5"])
+    assert res.exit_code == 2 and "--members" in res.stderr
+    res = _invoke([tmp_path / "in", "-o", tmp_path / "out", "--models", tmp_path / "nowhere", *FAST])
+    assert res.exit_code == 2 and "nowhere" in res.stderr
+    res = _invoke([tmp_path / "missing", "-o", tmp_path / "out", "--models", model_set, *FAST])
+    assert res.exit_code == 2 and "missing" in res.stderr
+    res = _invoke([*base, "--shard", "3/2"])
+    assert res.exit_code == 2
+    import torch
+
+    if not torch.cuda.is_available():
+        res = _invoke([*base, "--device", "cuda"])
+        assert res.exit_code == 2 and "CUDA is not available" in res.stderr
+    # the bundled demo model set does not exist yet: the default --models must say so
+    monkeypatch.setattr("condiff.engine.cli.bundled", lambda name: None if name == "models" else tmp_path / "in")
+    res = _invoke([tmp_path / "in", "-o", tmp_path / "out", *FAST])
+    assert res.exit_code == 2 and "bundled demo model set" in res.stderr
+    assert not (tmp_path / "out").exists()
+    # -v shows the traceback
+    res = _invoke([*base, "--members", "0,5", "-v"])
+    assert res.exit_code == 2 and "Traceback" in res.stderr
+
+
+def test_dry_run_loads_no_model_and_lists_outputs(tmp_path, model_set, monkeypatch):
+    _no_model_loading(monkeypatch)
+    make_scans(tmp_path / "in", n=2)
+    (tmp_path / "in" / "empty.nii.gz").write_bytes(b"")
+    out = tmp_path / "out"
+    res = _invoke([tmp_path / "in", "-o", out, "--models", model_set, *FAST, "--save-model-space", "--dry-run"])
+    assert res.exit_code == 1, res.output + res.stderr  # one invalid input
+    for rel in ("maps/case0.nii.gz", "restorations/case1.nii.gz", "overlays/case0.png", "model_space/case1.npz",
+                "records/case0.json"):
+        assert rel in res.stdout
+    assert "invalid  empty" in res.stdout and "no model was loaded" in res.stdout
+    assert not out.exists()
+
+
+def test_subprocess_run_exit_code(tmp_path, model_set):
+    make_scans(tmp_path / "in", n=1)
+    exe = shutil.which("condiff-infer")
+    cmd = [exe] if exe else [sys.executable, "-c", "from condiff.engine.cli import infer_main; infer_main()"]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run([*cmd, str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--models", str(model_set),
+                           "--sampler", "ddim", "--steps", "2", "--members", "1"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "1 done" in proc.stdout
+    assert "slice/s" not in proc.stderr  # stderr is not a terminal: no progress bar
+    assert (tmp_path / "out" / "maps" / "case0.nii.gz").is_file()
+
+
+def test_version_reports_environment():
+    res = _invoke(["--version"])
+    assert res.exit_code == 0
+    for word in ("condiff 0.1.0", "torch", "cuda_available", "gpus", "onnxruntime", "tensorrt"):
+        assert word in res.stdout

@@ -1,0 +1,92 @@
+"""condiff.metrics against scikit-learn (the benchmark's own metric code), on data with ties."""
+import numpy as np
+import pytest
+
+from condiff.metrics import (average_precision, best_dice, detection_metrics, precision_recall, roc_auc, slice_metrics,
+                             summarise)
+
+sklearn_metrics = pytest.importorskip("sklearn.metrics")
+
+
+def _data(seed, n, p=0.2, levels=20):
+    rng = np.random.default_rng(seed)
+    y = rng.random(n) < p
+    # quantised scores: many ties, within and across classes
+    s = np.round((rng.random(n) + 0.3 * y) * levels) / levels
+    return y, s
+
+
+def _sk_best_dice(y, s):
+    """reference-method §9: Dice = 2PR/(P+R) over precision_recall_curve, NaN ignored, max."""
+    precision, recall, thresholds = sklearn_metrics.precision_recall_curve(y, s)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        dice = 2 * precision * recall / (precision + recall)
+    k = int(np.nanargmax(dice))
+    return dice[k], thresholds[k]
+
+
+@pytest.mark.parametrize("seed,n,p,levels", [(0, 7, 0.5, 3), (1, 100, 0.2, 5), (2, 5000, 0.05, 50),
+                                             (3, 20000, 0.3, 1000), (4, 50, 0.9, 2)])
+def test_metrics_match_sklearn_with_ties(seed, n, p, levels):
+    y, s = _data(seed, n, p, levels)
+    if y.all() or not y.any():
+        pytest.skip("degenerate draw")
+    assert abs(roc_auc(y, s) - sklearn_metrics.roc_auc_score(y, s)) <= 1e-10
+    assert abs(average_precision(y, s) - sklearn_metrics.average_precision_score(y, s)) <= 1e-10
+    dice, thr = best_dice(y, s)
+    sk_dice, sk_thr = _sk_best_dice(y, s)
+    assert abs(dice - sk_dice) <= 1e-10
+    assert thr == sk_thr
+
+
+def test_precision_recall_curve_matches_sklearn():
+    y, s = _data(7, 300, 0.3, 10)
+    p, r, t = precision_recall(y, s)
+    sp, sr, st = sklearn_metrics.precision_recall_curve(y, s)
+    # scikit-learn >= 1.1 may stop the curve at full recall; compare on its points
+    np.testing.assert_allclose(p[-len(sp):], sp, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(r[-len(sr):], sr, rtol=0, atol=1e-12)
+    np.testing.assert_array_equal(t[-len(st):], st)
+
+
+def test_pixel_metrics_on_maps_match_sklearn():
+    rng = np.random.default_rng(11)
+    masks = np.zeros((6, 16, 16), dtype=bool)
+    masks[1, 4:9, 5:10] = True
+    masks[4, 10:14, 2:6] = True
+    maps = np.where(rng.random(masks.shape) < 0.5, 0.0, rng.random(masks.shape) * 0.05).astype(np.float32)
+    maps[masks] += 0.02
+    maps[0] = 0.0  # an all-background slice: ties at 0
+    m = slice_metrics(maps, masks)
+    y_img, s_img = masks.reshape(6, -1).any(1), maps.reshape(6, -1).astype(np.float64).mean(1)
+    assert abs(m.ap_pixel - sklearn_metrics.average_precision_score(masks.ravel(), maps.ravel())) <= 1e-10
+    assert abs(m.auroc - sklearn_metrics.roc_auc_score(y_img, s_img)) <= 1e-10
+    assert abs(m.ap_image - sklearn_metrics.average_precision_score(y_img, s_img)) <= 1e-10
+    assert abs(m.dice - _sk_best_dice(masks.ravel(), maps.ravel())[0]) <= 1e-10
+    assert (m.n_samples, m.n_positive_samples, m.n_pixels) == (6, 2, 6 * 256)
+
+
+def test_dice_is_twice_tp_over_confusion_at_best_threshold():
+    y, s = _data(5, 400, 0.25, 8)
+    dice, thr = best_dice(y, s)
+    pred = s >= thr
+    tp, fp, fn = (pred & y).sum(), (pred & ~y).sum(), (~pred & y).sum()
+    assert abs(dice - 2 * tp / (2 * tp + fp + fn)) <= 1e-12
+
+
+def test_degenerate_inputs_give_nan_or_errors():
+    assert np.isnan(roc_auc([0, 0, 0], [0.1, 0.2, 0.3]))
+    assert np.isnan(average_precision([0, 0], [0.1, 0.2]))
+    assert all(np.isnan(best_dice([0, 0], [0.1, 0.2])))
+    with pytest.raises(ValueError, match="binary"):
+        roc_auc([0, 2], [0.1, 0.2])
+    with pytest.raises(ValueError, match="NaN"):
+        average_precision([0, 1], [np.nan, 0.2])
+    m = detection_metrics([0, 1], [0.1, 0.2], [0, 1, 1], [0.0, 0.5, 0.5])
+    assert m.auroc == 1.0 and m.dice == 1.0 and m.threshold == 0.5
+
+
+def test_summarise_population_std():
+    s = summarise([0.5, 0.7, np.nan, 0.9])
+    assert s["avg"] == pytest.approx(0.7) and s["max"] == 0.9
+    assert s["std"] == pytest.approx(np.std([0.5, 0.7, 0.9]))

@@ -1,0 +1,145 @@
+"""Resume, interruption, overwrite, shards and merge: all end in byte-identical outputs (DESIGN §3, §6)."""
+import json
+import shutil
+
+import pytest
+from click.testing import CliRunner
+
+from _infer_helpers import FAST, digests, make_model_set, make_scans
+from condiff.engine import pipeline
+from condiff.engine.cli import infer_main
+
+
+def _invoke(args):
+    return CliRunner().invoke(infer_main, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """An uninterrupted run of 3 cases with 2 members: the bytes every other run must reproduce."""
+    root = tmp_path_factory.mktemp("resume")
+    models = make_model_set(root / "set", n_members=2)
+    scans = root / "scans"
+    make_scans(scans, n=3)
+    ref = root / "ref"
+    res = _invoke([scans, "-o", ref, "--models", models, *FAST])
+    assert res.exit_code == 0, res.output + res.stderr
+    return models, scans, ref, digests(ref)
+
+
+def _copy(ref, dst):
+    shutil.copytree(ref, dst)
+    return dst
+
+
+def _forbid_inference(monkeypatch):
+    def refuse(*a, **k):
+        raise AssertionError("inference ran")
+
+    monkeypatch.setattr(pipeline, "run_slices", refuse)
+
+
+def test_rerun_skips_done_cases_without_inference(tmp_path, reference, monkeypatch):
+    models, scans, ref, want = reference
+    out = _copy(ref, tmp_path / "out")
+    _forbid_inference(monkeypatch)
+    res = _invoke([scans, "-o", out, "--models", models, *FAST])
+    assert res.exit_code == 0, res.output + res.stderr
+    assert "0 done, 3 already done, 0 failed" in res.stdout
+    assert digests(out) == want
+    assert json.loads((out / "run.json").read_text())["counts"] == {"cases": 3, "skipped": 3}
+
+
+def test_deleted_or_changed_outputs_are_recomputed_identically(tmp_path, reference):
+    models, scans, ref, want = reference
+    out = _copy(ref, tmp_path / "out")
+    (out / "maps" / "case1.nii.gz").unlink()
+    (out / "overlays" / "case2.png").write_bytes(b"not the overlay")
+    res = _invoke([scans, "-o", out, "--models", models, *FAST])
+    assert res.exit_code == 0, res.output + res.stderr
+    assert "2 done, 1 already done" in res.stdout
+    assert digests(out) == want
+
+
+def test_interrupted_run_resumes_to_identical_outputs(tmp_path, reference, monkeypatch):
+    models, scans, ref, want = reference
+    out = tmp_path / "out"
+    real = pipeline.run_slices
+    calls = []
+
+    def interrupt_in_second_group(*args, progress=None, **kw):
+        calls.append(1)
+        if len(calls) < 2:
+            return real(*args, progress=progress, **kw)
+
+        def progress_then_ctrl_c(n):
+            progress(n)
+            raise KeyboardInterrupt
+
+        return real(*args, progress=progress_then_ctrl_c, **kw)
+
+    monkeypatch.setattr(pipeline, "run_slices", interrupt_in_second_group)
+    # one case per group, so the first case is finished when the second is interrupted
+    res = _invoke([scans, "-o", out, "--models", models, *FAST, "--group-slices", "1"])
+    assert res.exit_code == 130, res.output + res.stderr
+    run = json.loads((out / "run.json").read_text())
+    assert run["interrupted"] is True and run["signal"] == "SIGINT"
+    assert (out / "records" / "case0.json").is_file() and not (out / "records" / "case1.json").exists()
+    assert not (out / "maps" / "case1.nii.gz").exists()
+    assert [line.split(",")[0] for line in (out / "cases.csv").read_text().splitlines()[1:]] == ["case0"]
+    assert not (out / ".condiff.lock").exists() and not list(out.rglob("*.tmp"))
+
+    monkeypatch.setattr(pipeline, "run_slices", real)
+    res = _invoke([scans, "-o", out, "--models", models, *FAST])
+    assert res.exit_code == 0, res.output + res.stderr
+    assert "2 done, 1 already done" in res.stdout
+    assert json.loads((out / "run.json").read_text())["interrupted"] is False
+    assert digests(out) == want
+
+
+def test_sigterm_exits_143_and_records_it(tmp_path, reference, monkeypatch):
+    from condiff.cli_common import Terminated
+
+    models, scans, _, _ = reference
+
+    def terminated(*a, **k):
+        raise Terminated()
+
+    monkeypatch.setattr(pipeline, "run_slices", terminated)
+    out = tmp_path / "out"
+    res = _invoke([scans, "-o", out, "--models", models, *FAST])
+    assert res.exit_code == 143
+    run = json.loads((out / "run.json").read_text())
+    assert run["interrupted"] is True and run["signal"] == "SIGTERM"
+    assert not (out / ".condiff.lock").exists()
+
+
+def test_overwrite_is_identical_and_changed_options_are_not_skipped(tmp_path, reference):
+    models, scans, ref, want = reference
+    out = _copy(ref, tmp_path / "out")
+    res = _invoke([scans, "-o", out, "--models", models, *FAST, "--overwrite"])
+    assert res.exit_code == 0 and "3 done, 0 already done" in res.stdout
+    assert digests(out) == want
+    res = _invoke([scans, "-o", out, "--models", models, *FAST, "--seed", "1", "--members", "1"])
+    assert res.exit_code == 0 and "3 done, 0 already done" in res.stdout
+    now = digests(out)
+    assert now["maps/case0.nii.gz"] != want["maps/case0.nii.gz"]
+    assert now["cases.csv"] != want["cases.csv"]
+
+
+def test_shards_then_merge_equal_single_run(tmp_path, reference):
+    models, scans, ref, want = reference
+    out = tmp_path / "out"
+    for shard in ("1/2", "0/2"):  # any order; a different batch size too: results never depend on it
+        args = [scans, "-o", out, "--models", models, *FAST, "--shard", shard, "--batch-size", "3"]
+        res = _invoke(args)
+        assert res.exit_code == 0, res.output + res.stderr
+    assert (out / "run.0-of-2.json").is_file() and (out / "run.1-of-2.json").is_file()
+    assert not (out / "run.json").exists()
+    assert json.loads((out / "run.1-of-2.json").read_text())["counts"]["cases"] == 1  # case1 of sorted case0..2
+    assert digests(out) == want
+    (out / "cases.csv").unlink()
+    (out / "scores.csv").write_text("stale\n")
+    res = _invoke(["--merge", out])
+    assert res.exit_code == 0 and "3 ok" in res.stdout
+    assert digests(out) == want

@@ -1,0 +1,131 @@
+"""Checkpoints: exact round trip, split parts with SHA-256 manifest, atomic writes, RNG and optimiser state."""
+import hashlib
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from condiff.train import checkpoint as ckpt
+
+
+def _tensors(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {"model/w": torch.randn(64, 33, generator=g), "model/b": torch.randn(7, generator=g).double(),
+            "rng/torch_cpu": torch.get_rng_state(), "ema/w": torch.randn(64, 33, generator=g).half(),
+            "count": torch.arange(5)}
+
+
+def _state():
+    return {"step": 12, "val": {"ma": 0.25, "best": None}, "nested": [1, 2.5, "x"]}
+
+
+@pytest.mark.parametrize("part_bytes", [None, 1000])
+def test_round_trip_is_exact(tmp_path, part_bytes):
+    tensors = _tensors()
+    path = ckpt.save_checkpoint(tmp_path, 12, tensors, _state(), part_bytes=part_bytes)
+    assert path.name == "checkpoint-000000012"
+    c = ckpt.load_checkpoint(path)
+    assert c.step == 12 and c.state == _state()
+    assert c.tensors.keys() == tensors.keys()
+    for k, v in tensors.items():
+        assert c.tensors[k].dtype == v.dtype and torch.equal(c.tensors[k], v)
+    manifest = json.loads((path / "manifest.json").read_text())
+    parts = manifest["tensors"]["parts"]
+    if part_bytes is None:
+        assert parts == ["tensors.safetensors"]
+    else:
+        assert len(parts) > 5
+        sizes = [(path / p).stat().st_size for p in parts]
+        assert max(sizes) <= part_bytes and sum(sizes) == manifest["tensors"]["bytes"]
+        whole = b"".join((path / p).read_bytes() for p in parts)
+        assert hashlib.sha256(whole).hexdigest() == manifest["tensors"]["sha256"]
+    for entry in manifest["files"]:  # every file's digest is in the manifest
+        assert hashlib.sha256((path / entry["name"]).read_bytes()).hexdigest() == entry["sha256"]
+
+
+def test_corrupt_or_missing_part_is_refused_naming_the_file(tmp_path):
+    path = ckpt.save_checkpoint(tmp_path, 3, _tensors(), _state(), part_bytes=4096)
+    part = path / "tensors.safetensors.part001"
+    raw = bytearray(part.read_bytes())
+    raw[10] ^= 0xFF
+    part.write_bytes(bytes(raw))
+    with pytest.raises(ckpt.CheckpointError, match="part001.*SHA-256"):
+        ckpt.load_checkpoint(path)
+    part.unlink()
+    with pytest.raises(ckpt.CheckpointError, match="part001.*missing"):
+        ckpt.load_checkpoint(path)
+
+
+def test_failed_write_leaves_nothing_under_the_final_name(tmp_path, monkeypatch):
+    ckpt.save_checkpoint(tmp_path, 1, _tensors(0), {"v": 1})
+    calls = {"n": 0}
+    real = ckpt._write_file
+
+    def flaky(path, data):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError("disk full")
+        return real(path, data)
+
+    monkeypatch.setattr(ckpt, "_write_file", flaky)
+    with pytest.raises(OSError, match="disk full"):
+        ckpt.save_checkpoint(tmp_path, 2, _tensors(1), {"v": 2})
+    monkeypatch.setattr(ckpt, "_write_file", real)
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-000000001"]
+    # replacing an existing step keeps the folder complete and holds the new content
+    ckpt.save_checkpoint(tmp_path, 1, _tensors(5), {"v": 5})
+    assert ckpt.load_checkpoint(tmp_path / "checkpoint-000000001").state == {"v": 5}
+
+
+def test_incomplete_folder_is_ignored_and_prune_keeps_newest(tmp_path):
+    for step in (1, 2, 3, 4):
+        ckpt.save_checkpoint(tmp_path, step, {"x": torch.zeros(1)}, {})
+    (tmp_path / "checkpoint-000000009").mkdir()  # no manifest: an interrupted copy
+    assert ckpt.latest_checkpoint(tmp_path).name == "checkpoint-000000004"
+    with pytest.raises(ckpt.CheckpointError, match="incomplete"):
+        ckpt.load_checkpoint(tmp_path / "checkpoint-000000009")
+    ckpt.prune_checkpoints(tmp_path, keep=2)
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [3, 4]
+
+
+def test_rng_states_round_trip_through_json(tmp_path):
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    tensors, meta = ckpt.rng_state()
+    path = ckpt.save_checkpoint(tmp_path, 0, tensors, {"rng": meta})
+    expected = (random.random(), np.random.random(), torch.rand(3))
+    random.seed(99), np.random.seed(99), torch.manual_seed(99)
+    c = ckpt.load_checkpoint(path)
+    ckpt.set_rng_state(c.tensors, c.state["rng"])
+    got = (random.random(), np.random.random(), torch.rand(3))
+    assert got[0] == expected[0] and got[1] == expected[1] and torch.equal(got[2], expected[2])
+
+
+def test_optimizer_state_round_trip_continues_identically(tmp_path):
+    def make():
+        torch.manual_seed(0)
+        lin = torch.nn.Linear(4, 3)
+        return lin, torch.optim.AdamW(lin.parameters(), lr=1e-2, weight_decay=1e-2)
+
+    def step(lin, opt, i):
+        x = torch.arange(8.0).view(2, 4) + i
+        opt.zero_grad()
+        lin(x).pow(2).mean().backward()
+        opt.step()
+
+    lin_a, opt_a = make()
+    for i in range(3):
+        step(lin_a, opt_a, i)
+    t, meta = ckpt.optimizer_to_flat(opt_a)
+    t.update({f"p/{k}": v for k, v in lin_a.state_dict().items()})
+    c = ckpt.load_checkpoint(ckpt.save_checkpoint(tmp_path, 3, t, {"optim": meta}))
+    lin_b, opt_b = make()
+    lin_b.load_state_dict({k[2:]: v for k, v in c.tensors.items() if k.startswith("p/")})
+    ckpt.optimizer_from_flat(opt_b, c.tensors, c.state["optim"])
+    for i in range(3, 6):
+        step(lin_a, opt_a, i)
+        step(lin_b, opt_b, i)
+    for a, b in zip(lin_a.parameters(), lin_b.parameters()):
+        assert torch.equal(a, b)

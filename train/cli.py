@@ -1,0 +1,345 @@
+"""``condiff-train``: train one model per fold on a folder of healthy scans and write a model set.
+
+    condiff-train --data ../shared/data/ixi-t1 --mask-pattern '{dir}/{stem}_brainmask.nii.gz' \\
+                  --preset small --fold all -o models/ixi-small [--max-steps N] [--time-budget-min M] [--resume]
+
+Output (DESIGN §3): ``OUT/fold<f>/{config.json, model.safetensors}`` (the EMA weights of the best
+validation checkpoint when validation ran, else the final EMA weights) and ``OUT/set.json``;
+training state under ``OUT/train/``: ``cache/`` (preprocessed slices), and per fold
+``fold<f>/{checkpoints/, best/, metrics.jsonl}``. A model folder is (re)written whenever a fold stops,
+also on a time budget or a signal, so every time-boxed chunk leaves a usable set; ``--resume``
+continues each fold exactly from its newest checkpoint. Under ``torchrun`` every rank trains its
+share of each global batch; rank 0 writes.
+
+Signals: the first SIGINT or a SIGTERM ends the current step, checkpoints and writes the model
+folders, then exits 130 / 143; a second SIGINT aborts at once.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from condiff import __version__
+from condiff.cli_common import (EXIT_INTERRUPTED, EXIT_OK, EXIT_TERMINATED, logging_to, run_command, verbose_option,
+                                version_option)
+from condiff.errors import TrainingDataError
+
+logger = logging.getLogger("condiff.train")
+
+
+def _parse_folds(fold: str | None, folds: str | None) -> list[int]:
+    from condiff.train.folds import N_FOLDS
+
+    if fold and folds:
+        raise click.UsageError("give --fold or --folds, not both")
+    text = folds or fold or "0"
+    if text == "all":
+        return list(range(N_FOLDS))
+    try:
+        out = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: expected 0..{N_FOLDS - 1}, 'all' or a comma list", param_hint="--fold") from None
+    if not out or any(not 0 <= f < N_FOLDS for f in out) or len(set(out)) != len(out):
+        raise click.BadParameter(f"{text!r}: folds must be distinct integers in 0..{N_FOLDS - 1}", param_hint="--fold")
+    return out
+
+
+def code_version() -> str:
+    """condiff's version, plus the git commit when run from a checkout (read-only query)."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=Path(__file__).resolve().parent,
+                             capture_output=True, text=True, timeout=5, env={**os.environ, "GIT_OPTIONAL_LOCKS": "0"})
+        if sha.returncode == 0 and sha.stdout.strip():
+            return f"{__version__}+g{sha.stdout.strip()}"
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return __version__
+
+
+def effective_tasks(tasks: tuple[int, ...], has_other: bool, role: str) -> tuple[tuple[int, ...], list[dict]]:
+    """Drop task 1 when no other data set is available (§10 D7); the substitution is returned for the record."""
+    from condiff.train.tasks import OTHER_DSET_BLEND
+
+    if OTHER_DSET_BLEND not in tasks or has_other:
+        return tasks, []
+    rest = tuple(t for t in tasks if t != OTHER_DSET_BLEND)
+    return rest, [{"task": OTHER_DSET_BLEND, "role": role, "replaced_by": list(rest),
+                   "reason": "no other data set given (--other-data); task 1 falls back to the remaining tasks"}]
+
+
+def _load_hooks(specs: tuple[str, ...], context: dict) -> list:
+    hooks = []
+    for spec in specs:
+        module, _, func = spec.partition(":")
+        if not module or not func:
+            raise click.BadParameter(f"{spec!r}: expected MODULE:FUNCTION", param_hint="--val-hook")
+        factory = getattr(importlib.import_module(module), func)
+        hooks.append(factory(context))
+    return hooks
+
+
+class _StopFlag:
+    """SIGTERM or a first SIGINT ask for a clean stop at the end of the current step."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __call__(self) -> bool:
+        return self.signum is not None
+
+    def _handle(self, signum, frame):
+        if signum == signal.SIGINT and self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        logger.warning("signal %d: stopping after this step (checkpoint and model folder follow)", signum)
+
+    def __enter__(self):
+        for s in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[s] = signal.signal(s, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def __exit__(self, *exc):
+        for s, h in self._previous.items():
+            signal.signal(s, h)
+
+
+def _export_fold(out: Path, fold_dir_name: str, model_cfg, trainer, result, weights_dtype) -> Path:
+    """Write ``OUT/fold<f>`` from the best EMA weights (or the final EMA weights)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from condiff.modelset import save_model
+    from condiff.unet import ConditionalUNet
+
+    net = ConditionalUNet(model_cfg.unet)
+    if result.best_path is not None:
+        net.load_state_dict(load_file(str(result.best_path)), strict=True)
+    else:
+        net.load_state_dict({k: v.detach().cpu() for k, v in trainer.ema.state_dict().items()}, strict=True)
+    dtype = {"fp32": torch.float32, "fp16": torch.float16}[weights_dtype]
+    return save_model(out / fold_dir_name, net, model_cfg, dtype=dtype)
+
+
+def train_command(data: str, mask_pattern: str | None, modality: str, image_size: int, fov_mm: float | None,
+                  normalisation: str, other_data: tuple[str, ...], other_mask_pattern: str | None, preset_name: str,
+                  fold_list: list[int], output: str, resume: bool, max_steps: int, time_budget_min: float | None,
+                  batch_size: int, device_name: str, precision: str, seed: int, holdout: int, checkpoint_every: int,
+                  checkpoint_part_mb: float | None, val_every: int, val_start: int, val_max_slices: int | None,
+                  patience: int, recipe: str, lr: float | None, mask_weight: float | None, p_no_task: float | None,
+                  workers: int | None, cache_dir: str | None, log_every: int, val_hooks: tuple[str, ...],
+                  weights_dtype: str, progress: bool) -> int:
+    """The command body (also callable from Python); returns the exit code."""
+    import numpy as np
+    import torch
+
+    from condiff.config import ModelConfig, preset
+    from condiff.modelset import save_model_set
+    from condiff.preprocess import PreprocessConfig
+    from condiff.train import data as tdata
+    from condiff.train.folds import fold_tasks
+    from condiff.train.loop import Trainer, init_distributed, recipe_config, resolve_device
+    from condiff.train.tasks import P_NO_TASK, ArrayPool, RestorationTask
+    from condiff.train import checkpoint as ckpt
+    from condiff.unet import ConditionalUNet
+
+    t_start = time.monotonic()
+    out = Path(output)
+    device = resolve_device(device_name, int(os.environ.get("LOCAL_RANK", "0")))
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise TrainingDataError(None, f"device {device_name} requested but CUDA is not available", "use --device cpu")
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True  # the reference allows TF32 (§3)
+        torch.backends.cudnn.allow_tf32 = True
+    info = init_distributed(device)
+    if workers is None:
+        workers = min(8, max(0, (os.cpu_count() or 1) // max(1, info.world_size) - 1))
+
+    cases = tdata.list_cases(data)
+    if modality == "auto":
+        modality = tdata.detect_modality(cases, data)
+    if modality == "mri":
+        pre = PreprocessConfig(modality="mri", image_size=image_size, fov_mm=fov_mm, normalisation=normalisation,
+                               use_mask=bool(mask_pattern))
+    else:
+        pre = PreprocessConfig(modality="rgb", image_size=image_size)
+    cache = Path(cache_dir) if cache_dir else out / "train" / "cache"
+
+    def load_all():
+        s = tdata.load_slices(data, pre, mask_pattern=mask_pattern, cache_dir=cache)
+        o = [tdata.load_source_pool(d, image_size, cache, other_mask_pattern, fov_mm) for d in other_data]
+        return s, o
+
+    if info.enabled and not info.is_main:
+        torch.distributed.barrier()  # rank 0 fills the cache first
+    slices, others = load_all()
+    if info.enabled and info.is_main:
+        torch.distributed.barrier()
+    train_slices, val_slices = slices.split_holdout(holdout)
+    other_pools = [ArrayPool(o.images) for o in others]
+    channels = slices.channels
+    cfg = recipe_config(recipe, lr=lr, mask_weight=mask_weight, p_no_task=p_no_task, max_steps=max_steps,
+                        batch_size=batch_size, precision=precision, val_every=val_every, val_start=val_start,
+                        val_max_slices=val_max_slices, patience=patience, checkpoint_every=checkpoint_every,
+                        checkpoint_part_mb=checkpoint_part_mb, log_every=log_every, seed=seed, num_workers=workers)
+    unet_cfg = preset(preset_name, image_channels=channels, sample_size=image_size)
+    version = code_version()
+    stop = _StopFlag()
+    members, summary = [], []
+    with stop:
+        for fold in fold_list:
+            train_ids, val_ids = fold_tasks(fold)
+            eff_train, subs = effective_tasks(train_ids, bool(other_pools), "train")
+            eff_val, subs_val = effective_tasks(val_ids, bool(other_pools), "validation")
+            fold_seed = int(np.random.SeedSequence([seed, fold]).generate_state(1)[0])
+            fold_cfg = type(cfg)(**{**cfg.to_dict(), "seed": fold_seed})
+            work = out / "train" / f"fold{fold}"
+            latest = ckpt.latest_checkpoint(work / "checkpoints")
+            if latest is not None and not resume:
+                raise TrainingDataError(work, "holds checkpoints of an earlier run",
+                                        "pass --resume to continue it, or choose another output folder")
+            remaining = None
+            if time_budget_min is not None:
+                remaining = time_budget_min * 60.0 - (time.monotonic() - t_start)
+                if remaining <= 0:
+                    logger.warning("time budget used up; fold %d not started", fold)
+                    summary.append({"fold": fold, "status": "not started (time budget)"})
+                    continue
+                fold_cfg.time_budget_s = remaining
+            train_task = RestorationTask(eff_train, p_no_task=fold_cfg.p_no_task, same_pool=ArrayPool(train_slices.images),
+                                         other_pools=other_pools, has_background=modality == "mri")
+            train_set = tdata.TaskSamples(train_slices.images, train_task, fold_seed, tdata.TRAIN_STREAM,
+                                          centre=modality == "rgb")
+            val_set = None
+            if val_slices is not None:
+                # Validation keeps the reference's 20 % no-task rate whatever the recipe, so losses compare.
+                val_task = RestorationTask(eff_val, p_no_task=P_NO_TASK, same_pool=ArrayPool(val_slices.images),
+                                           other_pools=other_pools, has_background=modality == "mri")
+                val_set = tdata.TaskSamples(val_slices.images, val_task, fold_seed, tdata.VAL_STREAM,
+                                            centre=modality == "rgb")
+            torch.manual_seed(fold_seed)
+            model = ConditionalUNet(unet_cfg)
+            hook_ctx = {"fold": fold, "val_tasks": val_ids, "val_images": None if val_slices is None else val_slices.images,
+                        "modality": modality, "device": device, "seed": fold_seed, "other_pools": other_pools,
+                        "preprocessing": pre.to_dict()}
+            trainer = Trainer(model, fold_cfg, train_set, work, val_set=val_set, device=device, dist_info=info,
+                              hooks=_load_hooks(val_hooks, hook_ctx), progress=progress, stop=stop)
+            if latest is not None:
+                trainer.load(latest)
+                trainer.truncate_metrics()
+                logger.info("fold %d: resumed from %s (step %d)", fold, latest, trainer.step)
+            result = trainer.fit()
+            trained = {
+                "steps": result.steps, "wall_time_s": round(result.wall_time_s, 3), "stop_reason": result.reason,
+                "complete": result.reason in ("max_steps", "early_stopping"),
+                "weights": "ema-best" if result.best_path is not None else "ema-final",
+                "best_step": result.val.best_step, "best_val_ma": result.val.best,
+                "data": {"train": train_slices.describe(),
+                         "validation": None if val_slices is None else val_slices.describe(),
+                         "mask_pattern": mask_pattern, "holdout_subjects": holdout,
+                         "other_data": [o.describe() for o in others]},
+                "recipe": {"name": recipe, **fold_cfg.to_dict()},
+                "effective_train_tasks": list(eff_train), "effective_val_tasks": list(eff_val),
+                "substitutions": subs + subs_val, "code_version": version, "device": str(device),
+                "precision": trainer.precision, "world_size": info.world_size, "global_batch": trainer.global_batch,
+            }
+            model_cfg = ModelConfig(unet=unet_cfg, preprocessing=pre.to_dict(), fold=fold, train_tasks=list(train_ids),
+                                    val_tasks=list(val_ids), trained=trained)
+            if info.is_main:
+                members.append(_export_fold(out, f"fold{fold}", model_cfg, trainer, result, weights_dtype))
+            summary.append({"fold": fold, "steps": result.steps, "reason": result.reason,
+                            "best_step": result.val.best_step, "best_val_ma": result.val.best})
+            if stop():
+                break
+    if info.is_main:
+        existing = sorted({p.name for p in members} | {p.name for p in out.glob("fold*") if (p / "config.json").is_file()},
+                          key=lambda n: int(n[4:]))
+        if existing:
+            save_model_set(out, [out / n for n in existing], name=f"condiff {preset_name} on {Path(data).name}")
+        click.echo(json.dumps({"output": str(out), "members": existing, "folds": summary}, indent=1))
+    if info.enabled:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    if stop.signum == signal.SIGTERM:
+        return EXIT_TERMINATED
+    if stop.signum == signal.SIGINT:
+        return EXIT_INTERRUPTED
+    return EXIT_OK
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.option("--data", required=True, type=click.Path(file_okay=False), help="Folder of healthy scans (NIfTI) or photographs.")
+@click.option("--mask-pattern", default=None, help="Brain mask per volume, e.g. '{dir}/{stem}_brainmask.nii.gz' "
+              "({dir}, {stem}, {case}); with it everything outside the mask is background.")
+@click.option("--modality", type=click.Choice(["auto", "mri", "rgb"]), default="auto", show_default=True)
+@click.option("--image-size", type=click.IntRange(min=16), default=128, show_default=True)
+@click.option("--fov-mm", type=float, default=192.0, show_default=True, help="In-plane field of view (MRI); 0 = reference crop.")
+@click.option("--normalisation", type=click.Choice(["percentile", "max"]), default="percentile", show_default=True,
+              help="MRI intensity scaling ('max' is the reference's).")
+@click.option("--other-data", multiple=True, type=click.Path(file_okay=False),
+              help="Blending sources for task 1 (another image collection); repeatable. None: task 1 is dropped "
+                   "and the substitution recorded.")
+@click.option("--other-mask-pattern", default=None, help="Mask pattern for --other-data volumes.")
+@click.option("--preset", "preset_name", type=click.Choice(["small", "tiny", "symmetric", "paper"]), default="small",
+              show_default=True)
+@click.option("--fold", default=None, help="0..9 or 'all' [default: 0].")
+@click.option("--folds", default=None, help="Comma list, e.g. 0,3,6.")
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Model set folder to write.")
+@click.option("--resume", is_flag=True, help="Continue each fold from its newest checkpoint under OUT/train.")
+@click.option("--max-steps", type=click.IntRange(min=0), default=500_000, show_default=True)
+@click.option("--time-budget-min", type=click.FloatRange(min=0), default=None,
+              help="Stop cleanly (checkpoint + model folders) when this much wall time is used, all folds together.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Per process.")
+@click.option("--device", "device_name", default="auto", show_default=True, metavar="auto|cpu|cuda[:N]")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
+              help="auto: bf16 autocast on CUDA, fp32 on the CPU; fp16 uses a GradScaler.")
+@click.option("--seed", type=int, default=42, show_default=True)
+@click.option("--holdout", type=click.IntRange(min=0), default=2, show_default=True,
+              help="Last N subjects held out for validation (0: no validation, final EMA weights exported).")
+@click.option("--checkpoint-every", type=click.IntRange(min=0), default=1000, show_default=True)
+@click.option("--checkpoint-part-mb", type=click.FloatRange(min=0.001), default=None,
+              help="Split checkpoint tensors into parts of at most this many MiB (e.g. 16).")
+@click.option("--val-every", type=click.IntRange(min=1), default=500, show_default=True)
+@click.option("--val-start", type=click.IntRange(min=0), default=5000, show_default=True)
+@click.option("--val-max-slices", type=click.IntRange(min=1), default=None, help="Validate on a fixed subset.")
+@click.option("--patience", type=click.IntRange(min=0), default=50_000, show_default=True)
+@click.option("--recipe", type=click.Choice(["reference", "healing"]), default="reference", show_default=True)
+@click.option("--lr", type=float, default=None, help="Override the recipe's learning rate.")
+@click.option("--mask-weight", type=float, default=None, help="Loss weight inside synthetic anomaly masks.")
+@click.option("--p-no-task", type=click.FloatRange(0, 1), default=None, help="Share of uncorrupted training samples.")
+@click.option("--workers", type=click.IntRange(min=0), default=None, help="Data-loader workers per process.")
+@click.option("--cache-dir", default=None, type=click.Path(file_okay=False), help="[default: OUT/train/cache]")
+@click.option("--log-every", type=click.IntRange(min=1), default=50, show_default=True)
+@click.option("--val-hook", "val_hooks", multiple=True, metavar="MODULE:FUNC",
+              help="Extra validation metrics: FUNC(context) returns hook(step, ema_model) -> dict.")
+@click.option("--weights-dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
+@click.option("--progress/--no-progress", default=True, show_default=True)
+@verbose_option
+@version_option
+def main(verbose: int, fold: str | None, folds: str | None, fov_mm: float, **kw) -> None:
+    """Train condiff fold models on healthy images and write a model set (reference-method §3)."""
+    fold_list = _parse_folds(fold, folds)
+
+    def body() -> int:
+        with logging_to(verbose):
+            return train_command(fold_list=fold_list, fov_mm=fov_mm or None, **kw)
+
+    run_command(body, verbose)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

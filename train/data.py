@@ -1,0 +1,329 @@
+"""Training data: healthy slices from a folder, split by subject, and the samples the loop trains on.
+
+1. ``load_slices``: every scan (or photo) of a folder, minus masks and label maps, through the model's
+   preprocessing contract (``condiff.preprocess``) into one array ``(N, C, H, W)`` float32 in [0, 1]
+   (uncentred: the synthetic tasks run on [0, 1], reference-method §1), cached per input file as ``.npy``
+   under a key of the file's identity and the contract, so a second run or another fold reads arrays.
+2. ``SliceSet.split_holdout``: the last ``n`` subjects (sorted case names) are held out for validation
+   and the healing metric; no subject contributes slices to both sides.
+3. ``TaskSamples``: a map-style Dataset whose key is ``(epoch, index)``. Each key owns its random
+   streams, seeded by ``SeedSequence([seed, stream, epoch, index])`` (§10 D4): one stream for the
+   ``RestorationTask`` (corruption), one for the diffusion draw (t, eps). A sample is therefore a pure
+   function of its key: the same in every worker, after a resume, and whether a batch is drawn by one
+   process or sharded over several (the key already separates workers, so the worker id is not part of
+   it, and the number of workers never changes a result).
+4. ``StepBatchSampler``: an endless sample order, epoch ``e`` being a permutation seeded by
+   ``(seed, e)``; step ``s`` of rank ``r`` takes positions ``p0 + s·G + r·B … + B`` of that stream
+   (G = global batch, B = per-rank batch). The data-order state is the single integer ``p0 + s·G``.
+
+RGB images are centred to [-1, 1] after the task, for both the clean and the corrupted image (§1).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from condiff.errors import InputImageError, TrainingDataError
+from condiff.io.cases import DEFAULT_EXCLUDE, IMAGE_SUFFIXES, VOLUME_SUFFIXES, Case, discover, find_mask
+from condiff.preprocess import PreprocessConfig
+
+logger = logging.getLogger(__name__)
+
+CACHE_VERSION = "condiff.slices/1"
+N_TRAIN_TIMESTEPS = 1000
+NOISE_OFFSET = 0.1  # reference-method §3: offset noise per (sample, channel)
+TRAIN_STREAM, VAL_STREAM = 0, 1
+
+
+# ------------------------------------------------------------------------------------------- slices
+
+
+@dataclass
+class SliceSet:
+    """Healthy training images. ``images`` (N, C, H, W) float32 in [0, 1]; ``subject`` (N,) int64 index
+    into ``subjects`` (case names); ``modality`` "mri" | "rgb"; ``source`` the folder they came from."""
+
+    images: np.ndarray
+    subject: np.ndarray
+    subjects: list[str]
+    modality: str
+    source: str
+    files: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    @property
+    def channels(self) -> int:
+        return int(self.images.shape[1])
+
+    def select(self, subject_ids: Sequence[int]) -> "SliceSet":
+        ids = sorted(int(i) for i in subject_ids)
+        keep = np.isin(self.subject, ids)
+        remap = {old: new for new, old in enumerate(ids)}
+        return SliceSet(images=self.images[keep], subject=np.array([remap[s] for s in self.subject[keep]], dtype=np.int64),
+                        subjects=[self.subjects[i] for i in ids], modality=self.modality, source=self.source,
+                        files=[self.files[i] for i in ids] if self.files else [])
+
+    def split_holdout(self, n_holdout: int) -> tuple["SliceSet", "SliceSet | None"]:
+        """(training subjects, the last ``n_holdout`` subjects or None when 0)."""
+        n = len(self.subjects)
+        if n_holdout < 0:
+            raise ValueError(f"holdout must be >= 0, got {n_holdout}")
+        if n_holdout >= n:
+            raise TrainingDataError(self.source, f"holding out {n_holdout} of {n} subjects leaves none to train on",
+                                    "lower --holdout or add subjects")
+        if n_holdout == 0:
+            return self, None
+        return self.select(range(n - n_holdout)), self.select(range(n - n_holdout, n))
+
+    def describe(self) -> dict:
+        return {"folder": self.source, "modality": self.modality, "subjects": list(self.subjects),
+                "n_slices": int(len(self.images))}
+
+
+def detect_modality(cases: Sequence[Case], folder: str | Path) -> str:
+    kinds = {c.kind for c in cases}
+    if len(kinds) > 1:
+        raise TrainingDataError(folder, "holds both volumes and 2-D images",
+                                "train on one modality per folder (NIfTI volumes or photographs)")
+    return "mri" if kinds == {"volume"} else "rgb"
+
+
+def list_cases(folder: str | Path, exclude: Sequence[str] = DEFAULT_EXCLUDE) -> list[Case]:
+    """Input files of a training folder (recursive, sorted), masks and label maps excluded."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise TrainingDataError(folder, "is not a folder", "give --data a folder of NIfTI volumes or photographs")
+    try:
+        return discover([folder], exclude_patterns=exclude)
+    except InputImageError as exc:
+        looked = ", ".join(VOLUME_SUFFIXES + IMAGE_SUFFIXES)
+        raise TrainingDataError(folder, f"no training images found (looked for {looked}; masks excluded)",
+                                "give --data a folder of healthy scans or photographs") from exc
+
+
+def _file_identity(path: Path | None) -> list | None:
+    if path is None:
+        return None
+    st = path.stat()
+    return [str(path.resolve()), st.st_size, st.st_mtime_ns]
+
+
+def _cache_key(case: Case, mask: Path | None, cfg: PreprocessConfig) -> str:
+    doc = {"v": CACHE_VERSION, "image": _file_identity(case.path), "mask": _file_identity(mask), "cfg": cfg.to_dict()}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def _prepare_case(case: Case, cfg: PreprocessConfig, mask: Path | None) -> np.ndarray:
+    """(S, C, H, W) float32 in [0, 1] for one input file."""
+    from condiff import preprocess
+
+    if cfg.modality == "mri":
+        from condiff.io import volumes
+
+        vol = volumes.read_volume(case.path)
+        m = volumes.read_mask(mask, vol) if mask is not None else None
+        return preprocess.prepare_volume(vol, cfg, m).slices
+    from condiff.io import images
+
+    centred = preprocess.prepare_image(images.read_image(case.path), cfg).slices
+    # The tasks run on uncentred [0, 1] images (§1); centring comes back after the task.
+    return np.clip(centred * np.float32(0.5) + np.float32(0.5), 0.0, 1.0).astype(np.float32)
+
+
+def _cached(case: Case, cfg: PreprocessConfig, mask: Path | None, cache_dir: Path | None) -> np.ndarray:
+    if cache_dir is None:
+        return _prepare_case(case, cfg, mask)
+    stem = case.name.replace("/", "__")
+    path = cache_dir / f"{stem}-{_cache_key(case, mask, cfg)}.npy"
+    if path.is_file():
+        try:
+            arr = np.load(path, allow_pickle=False)
+            if arr.ndim == 4 and arr.dtype == np.float32:
+                return arr
+        except (OSError, ValueError):
+            logger.warning("%s: unreadable cache file, rebuilding", path)
+    arr = _prepare_case(case, cfg, mask)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, arr, allow_pickle=False)
+    os.replace(tmp, path)
+    return arr
+
+
+def load_slices(folder: str | Path, cfg: PreprocessConfig, mask_pattern: str | None = None,
+                cache_dir: str | Path | None = None, exclude: Sequence[str] = DEFAULT_EXCLUDE,
+                progress=None) -> SliceSet:
+    """All healthy slices of ``folder`` under contract ``cfg`` (see module docstring).
+
+    ``mask_pattern`` (``{dir}``, ``{stem}``, ``{case}``; e.g. ``{dir}/{stem}_brainmask.nii.gz``) gives each
+    volume its brain mask; it is required when ``cfg.use_mask``. Raises ``TrainingDataError`` naming the
+    folder when it holds no usable image, and the reader's ``InputImageError`` for a bad file.
+    """
+    folder = Path(folder)
+    cases = list_cases(folder, exclude)
+    modality = detect_modality(cases, folder)
+    if modality != cfg.modality:
+        raise TrainingDataError(folder, f"holds {'volumes' if modality == 'mri' else 'photographs'} but the "
+                                f"preprocessing contract is for {cfg.modality!r}", "pass the matching --modality")
+    if cfg.use_mask and modality == "mri" and not mask_pattern:
+        raise TrainingDataError(folder, "the contract uses a brain mask but no --mask-pattern was given",
+                                "pass e.g. --mask-pattern '{dir}/{stem}_brainmask.nii.gz'")
+    cache = Path(cache_dir) if cache_dir is not None else None
+    arrays, subject, names, files = [], [], [], []
+    for case in cases:
+        mask = find_mask(case, mask_pattern) if (mask_pattern and modality == "mri") else None
+        arr = _cached(case, cfg, mask, cache)
+        if progress is not None:
+            progress(case.name, len(arr))
+        if len(arr) == 0:
+            logger.warning("%s: no non-empty slice, skipped", case.path)
+            continue
+        subject.append(np.full(len(arr), len(names), dtype=np.int64))
+        names.append(case.name)
+        files.append(str(case.path))
+        arrays.append(arr)
+    if not arrays:
+        raise TrainingDataError(folder, "no non-empty slice in any image", "check the images and their masks")
+    return SliceSet(images=np.ascontiguousarray(np.concatenate(arrays)), subject=np.concatenate(subject),
+                    subjects=names, modality=modality, source=str(folder), files=files)
+
+
+def load_source_pool(folder: str | Path, image_size: int, cache_dir: str | Path | None = None,
+                     mask_pattern: str | None = None, fov_mm: float | None = 192.0) -> SliceSet:
+    """Blending sources for task 1 ("other data set") from any folder of volumes or photographs.
+
+    Images keep their own channels (photos 3, MRI 1) in [0, 1] at ``image_size``; the task matches
+    channels itself as the reference does (a grey target takes one random colour channel of a photo).
+    """
+    cases = list_cases(folder)
+    modality = detect_modality(cases, folder)
+    if modality == "mri":
+        cfg = PreprocessConfig(modality="mri", image_size=image_size, fov_mm=fov_mm, normalisation="percentile",
+                               use_mask=bool(mask_pattern))
+    else:
+        cfg = PreprocessConfig(modality="rgb", image_size=image_size)
+    return load_slices(folder, cfg, mask_pattern=mask_pattern, cache_dir=cache_dir)
+
+
+# ------------------------------------------------------------------------------------------ samples
+
+
+def draw_diffusion_noise(rng: np.random.Generator, shape: tuple[int, int, int],
+                         offset: float = NOISE_OFFSET, n_timesteps: int = N_TRAIN_TIMESTEPS) -> tuple[int, np.ndarray]:
+    """t ~ U{0 … n_timesteps−1} and eps = N(0, I) + offset · N(0, 1) per channel, broadcast over H×W.
+
+    Draw order (so a float64 hand computation can replay it): t, the (C, H, W) normals, the (C, 1, 1)
+    offset normals; all float64, eps cast to float32 at the end.
+    """
+    t = int(rng.integers(0, n_timesteps))
+    base = rng.standard_normal(shape)
+    off = rng.standard_normal((shape[0], 1, 1))
+    return t, (base + offset * off).astype(np.float32)
+
+
+def sample_streams(seed: int, stream: int, epoch: int, index: int) -> tuple[np.random.Generator, np.random.Generator]:
+    """(task generator, noise generator) owned by one sample key (§10 D4)."""
+    task_ss, noise_ss = np.random.SeedSequence([int(seed), int(stream), int(epoch), int(index)]).spawn(2)
+    return np.random.default_rng(task_ss), np.random.default_rng(noise_ss)
+
+
+class TaskSamples(torch.utils.data.Dataset):
+    """Key ``(epoch, index)`` -> dict of tensors for one training (or validation) sample.
+
+    ``x0`` (C, H, W) clean, ``cond`` (C, H, W) corrupted (both centred to [-1, 1] when ``centre``),
+    ``mask`` (H, W) bool synthetic anomaly mask, ``task`` int (−1 = no task), ``t`` int64, ``eps``
+    (C, H, W) float32. ``task``: a ``RestorationTask``-like callable (image, rng) -> (corrupted, mask, id).
+    """
+
+    def __init__(self, images: np.ndarray, task, seed: int, stream: int = TRAIN_STREAM, centre: bool = False,
+                 noise_offset: float = NOISE_OFFSET, n_timesteps: int = N_TRAIN_TIMESTEPS):
+        self.images = images
+        self.task = task
+        self.seed = int(seed)
+        self.stream = int(stream)
+        self.centre = centre
+        self.noise_offset = noise_offset
+        self.n_timesteps = n_timesteps
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, torch.Tensor]:
+        epoch, index = key
+        image = np.asarray(self.images[index], dtype=np.float32)
+        task_rng, noise_rng = sample_streams(self.seed, self.stream, epoch, index)
+        cond, mask, task_id = self.task(image, task_rng)
+        t, eps = draw_diffusion_noise(noise_rng, image.shape, self.noise_offset, self.n_timesteps)
+        x0 = image
+        if self.centre:
+            x0 = x0 * np.float32(2.0) - np.float32(1.0)
+            cond = cond * np.float32(2.0) - np.float32(1.0)
+        return {"x0": torch.from_numpy(np.ascontiguousarray(x0, dtype=np.float32)),
+                "cond": torch.from_numpy(np.ascontiguousarray(cond, dtype=np.float32)),
+                "mask": torch.from_numpy(np.ascontiguousarray(mask, dtype=bool)),
+                "task": torch.tensor(-1 if task_id is None else int(task_id)),
+                "t": torch.tensor(t, dtype=torch.int64),
+                "eps": torch.from_numpy(eps)}
+
+
+class StepBatchSampler(torch.utils.data.Sampler):
+    """Endless per-step batches of keys ``(epoch, index)`` for one rank (see module docstring).
+
+    ``start``: position in the sample stream where step 0 of this iterator begins (the data-order state
+    saved in checkpoints). ``shuffle=False`` walks 0…n−1 in order every epoch.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, start: int = 0, rank: int = 0, world_size: int = 1,
+                 shuffle: bool = True):
+        if n < 1:
+            raise ValueError("StepBatchSampler needs at least one sample")
+        self.n, self.batch_size, self.seed = int(n), int(batch_size), int(seed)
+        self.start, self.rank, self.world_size, self.shuffle = int(start), int(rank), int(world_size), shuffle
+        self._perms: dict[int, np.ndarray] = {}
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.world_size
+
+    def _perm(self, epoch: int) -> np.ndarray:
+        if epoch not in self._perms:
+            if len(self._perms) > 2:
+                self._perms.pop(min(self._perms))
+            rng = np.random.default_rng(np.random.SeedSequence([self.seed, 2, epoch]))
+            self._perms[epoch] = rng.permutation(self.n) if self.shuffle else np.arange(self.n)
+        return self._perms[epoch]
+
+    def keys_at(self, position: int, count: int) -> list[tuple[int, int]]:
+        out = []
+        for p in range(position, position + count):
+            epoch, i = divmod(p, self.n)
+            out.append((epoch, int(self._perm(epoch)[i])))
+        return out
+
+    def batch_for_step(self, step: int) -> list[tuple[int, int]]:
+        """Keys of this rank's batch ``step`` steps after ``start``."""
+        return self.keys_at(self.start + step * self.global_batch + self.rank * self.batch_size, self.batch_size)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        step = 0
+        while True:
+            yield self.batch_for_step(step)
+            step += 1
+
+    def __len__(self) -> int:  # endless; DataLoader only needs this for len(loader)
+        return 2**62
+
+
+def collate(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    return {k: torch.stack([s[k] for s in samples]) for k in samples[0]}

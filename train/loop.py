@@ -1,0 +1,538 @@
+"""The training loop: objective, optimiser, EMA, validation with best-checkpoint rule, resume, DDP.
+
+One step (reference-method §3), per process on its shard of the global batch:
+
+    t ~ U{0 … 999}, eps = N(0, I) + 0.1·N(0, 1) per (sample, channel)   (drawn per sample, ``data.py``)
+    x_t  = sqrt(ab_t)·x0 + sqrt(1 − ab_t)·eps                           (float32)
+    eps^ = UNet([x_t, cond], t)                                          (bf16 autocast on CUDA, fp32 on CPU)
+    loss = mean_b  w(t_b) · mean_CHW  m_bchw · (eps^ − eps)²             (float32, w = min-SNR γ=1)
+
+with m = 1 everywhere for the reference recipe, and m = ``mask_weight`` inside the synthetic anomaly
+mask for a recipe that pushes healing (``RECIPES``). AdamW (lr 1e-4, wd 1e-2), constant LR, global
+grad-norm clip 1.0 (after unscaling under fp16), EMA update after every optimiser step.
+
+Validation (§3, §10 D5): from ``val_start`` every ``val_every`` steps, the EMA weights on the held-out
+subjects corrupted with the fold's held-out tasks, the reference objective (mask weight 1), with task
+draws, t and eps re-drawn every evaluation (keys ``(step, index)``, so deterministic given the step).
+m ← 0.9·m + 0.1·L (m starts at the first L); a lower m than ever before is the new best and its EMA
+weights are written to ``best/``; training stops when ``step − best_step > patience``. The raw
+weights are never swapped out, so nothing needs restoring after validation.
+
+Distributed (torchrun, ``WORLD_SIZE`` > 1): every rank holds the same model, takes its own ``B``
+samples of the global batch (``StepBatchSampler``), DDP averages gradients; validation is sharded and
+summed, so every rank reaches the same decisions without a broadcast. Rank 0 writes all files.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from condiff.config import ScheduleConfig
+from condiff.schedule import alpha_bar, min_snr_weight
+from condiff.train import checkpoint as ckpt
+from condiff.train.data import StepBatchSampler, TaskSamples, collate
+from condiff.train.ema import EMA
+
+logger = logging.getLogger(__name__)
+
+# Named recipes. "reference" is the paper's (§3). "healing" is the starting point of the faster-healing
+# experiments (issue 9): its values are PROVISIONAL until measured against "reference" at equal GPU time.
+RECIPES: dict[str, dict[str, float]] = {
+    "reference": {"lr": 1e-4, "mask_weight": 1.0, "p_no_task": 0.2},
+    "healing": {"lr": 1e-4, "mask_weight": 10.0, "p_no_task": 0.05},
+}
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+ValHook = Callable[[int, nn.Module], dict]
+
+
+@dataclass
+class TrainConfig:
+    """Everything that shapes the optimisation (recorded in the model's ``trained`` block)."""
+
+    max_steps: int = 500_000
+    batch_size: int = 16                 # per process; global batch = batch_size × world size
+    recipe: str = "reference"
+    lr: float = 1e-4
+    mask_weight: float = 1.0
+    p_no_task: float = 0.2               # used by whoever builds the training RestorationTask
+    weight_decay: float = 1e-2
+    betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-8
+    grad_clip: float = 1.0
+    snr_gamma: float = 1.0
+    precision: str = "auto"              # auto: bf16 on CUDA, fp32 on CPU
+    val_every: int = 500
+    val_start: int = 5000
+    val_batch_size: int = 40
+    val_max_slices: int | None = None    # a fixed, evenly spaced subset of the held-out slices
+    ma_alpha: float = 0.9
+    patience: int = 50_000
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 2
+    checkpoint_part_mb: float | None = None
+    log_every: int = 50
+    time_budget_s: float | None = None
+    seed: int = 42
+    num_workers: int = 0
+
+    def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, not {self.precision!r}")
+        if self.batch_size < 1 or self.max_steps < 0:
+            raise ValueError("batch_size must be >= 1 and max_steps >= 0")
+        if self.mask_weight <= 0:
+            raise ValueError(f"mask_weight must be > 0, got {self.mask_weight}")
+        self.betas = tuple(self.betas)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["betas"] = list(self.betas)
+        return d
+
+
+def recipe_config(recipe: str, **overrides) -> TrainConfig:
+    """A ``TrainConfig`` from a named recipe; explicit keyword values (not None) override the recipe."""
+    if recipe not in RECIPES:
+        raise ValueError(f"unknown recipe {recipe!r}; choose one of {sorted(RECIPES)}")
+    values = {**RECIPES[recipe], **{k: v for k, v in overrides.items() if v is not None}}
+    return TrainConfig(recipe=recipe, **values)
+
+
+# --------------------------------------------------------------------------------------- distributed
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(device: torch.device) -> DistInfo:
+    """Join the torchrun process group when ``WORLD_SIZE`` > 1 (gloo on CPU, nccl on CUDA)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo()
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return DistInfo(rank=rank, world_size=world, local_rank=local)
+
+
+def resolve_device(name: str, info_local_rank: int = 0) -> torch.device:
+    """``auto`` → CUDA when available (this process's local rank), else CPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(name)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", info_local_rank)
+    return dev
+
+
+def _all_reduce_sum(values: Sequence[float], info: DistInfo, device: torch.device) -> list[float]:
+    if not info.enabled:
+        return [float(v) for v in values]
+    buf = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
+    dist.all_reduce(buf)
+    return buf.tolist()
+
+
+# ------------------------------------------------------------------------------------------ objective
+
+
+def diffusion_loss(model: nn.Module, batch: dict[str, torch.Tensor], alpha_bar_table: torch.Tensor,
+                   snr_gamma: float = 1.0, mask_weight: float = 1.0,
+                   autocast_dtype: torch.dtype | None = None,
+                   memory_format: torch.memory_format = torch.contiguous_format) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scalar loss, per-sample weighted loss (B,)) for one batch already on the model's device.
+
+    ``batch``: x0, cond, eps (B, C, H, W) float32; t (B,) int64; mask (B, H, W) bool.
+    """
+    x0, cond, eps, t = batch["x0"], batch["cond"], batch["eps"], batch["t"]
+    ab = alpha_bar_table[t].view(-1, 1, 1, 1)
+    x_t = ab.sqrt() * x0 + (1.0 - ab).sqrt() * eps
+    x_t = x_t.contiguous(memory_format=memory_format)
+    cond = cond.contiguous(memory_format=memory_format)
+    with torch.autocast(x0.device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+        eps_hat = model(x_t, cond, t)
+    err = (eps_hat.float() - eps) ** 2
+    if mask_weight != 1.0:
+        weight = 1.0 + (mask_weight - 1.0) * batch["mask"].to(err.dtype).unsqueeze(1)
+        err = err * weight
+    per_sample = min_snr_weight(t, alpha_bar_table, snr_gamma) * err.mean(dim=(1, 2, 3))
+    return per_sample.mean(), per_sample
+
+
+# --------------------------------------------------------------------------------------- validation
+
+
+@dataclass
+class ValState:
+    """Moving average of the validation loss and the best-checkpoint bookkeeping (§3)."""
+
+    ma: float | None = None
+    best: float | None = None
+    best_step: int | None = None
+    last: float | None = None
+    n_evals: int = 0
+
+    def update(self, loss: float, step: int, alpha: float = 0.9) -> bool:
+        self.last = loss
+        self.ma = loss if self.ma is None else alpha * self.ma + (1.0 - alpha) * loss
+        self.n_evals += 1
+        if self.best is None or self.ma < self.best:
+            self.best, self.best_step = self.ma, step
+            return True
+        return False
+
+
+@dataclass
+class FitResult:
+    steps: int
+    reason: str                     # max_steps | early_stopping | time_budget | signal
+    wall_time_s: float
+    val: ValState
+    best_path: Path | None
+    extra: dict = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------------------ trainer
+
+
+class Trainer:
+    """Owns the model, its EMA, the optimiser and all state that a checkpoint must restore.
+
+    ``train_set`` / ``val_set``: ``TaskSamples``. ``work_dir``: checkpoints, ``best/`` and
+    ``metrics.jsonl`` (rank 0 writes). ``hooks``: extra validation metrics, each called on rank 0 as
+    ``hook(step, ema_module) -> dict`` at every validation and logged with it (the healing metric).
+    ``stop``: a callable polled after every step (e.g. set by SIGTERM) that ends training cleanly.
+    """
+
+    def __init__(self, model: nn.Module, cfg: TrainConfig, train_set: TaskSamples, work_dir: str | Path,
+                 val_set: TaskSamples | None = None, device: torch.device | str = "cpu",
+                 dist_info: DistInfo = DistInfo(), hooks: Sequence[ValHook] = (), progress: bool = False,
+                 stop: Callable[[], bool] | None = None, schedule: ScheduleConfig = ScheduleConfig()):
+        self.cfg = cfg
+        self.device = torch.device(device)
+        self.dist = dist_info
+        self.work_dir = Path(work_dir)
+        self.train_set, self.val_set = train_set, val_set
+        self.hooks = list(hooks)
+        self.progress = progress
+        self.stop = stop or (lambda: False)
+        cuda = self.device.type == "cuda"
+        precision = cfg.precision if cfg.precision != "auto" else ("bf16" if cuda else "fp32")
+        if precision == "fp16" and not cuda:
+            raise ValueError("fp16 training needs CUDA (GradScaler); use fp32 or bf16 on the CPU")
+        self.precision = precision
+        self.autocast_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+        self.memory_format = torch.channels_last if cuda else torch.contiguous_format
+        self.model = model.to(self.device, memory_format=self.memory_format)
+        self.ema = EMA(self.model)
+        self.net: nn.Module = self.model
+        if self.dist.enabled:
+            self.net = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if cuda else None, broadcast_buffers=False)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.adam_eps,
+                                           weight_decay=cfg.weight_decay)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
+        self.alpha_bar = alpha_bar(schedule).to(self.device)
+        self.step = 0
+        self.position = 0           # data-order state: samples consumed from the training stream
+        self.val = ValState()
+        self.elapsed_before = 0.0   # wall time of earlier runs of this training (resume)
+        self.finished: str | None = None
+        self.sampler = StepBatchSampler(len(train_set), cfg.batch_size, cfg.seed, 0, dist_info.rank,
+                                        dist_info.world_size)
+
+    # ----------------------------------------------------------------------------- one step
+    @property
+    def global_batch(self) -> int:
+        return self.cfg.batch_size * self.dist.world_size
+
+    def batch_at(self, step_offset: int = 0) -> dict[str, torch.Tensor]:
+        """This rank's batch for step ``self.step + step_offset`` (for tests and tools; ``fit`` streams)."""
+        keys = self.sampler.keys_at(self.position + step_offset * self.global_batch + self.dist.rank * self.cfg.batch_size,
+                                    self.cfg.batch_size)
+        return collate([self.train_set[k] for k in keys])
+
+    def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
+    def forward_backward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Zero gradients, compute the loss and back-propagate (DDP averages gradients). Returns the loss."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.net.train()
+        loss, _ = diffusion_loss(self.net, self._to_device(batch), self.alpha_bar, self.cfg.snr_gamma,
+                                 self.cfg.mask_weight, self.autocast_dtype, self.memory_format)
+        self.scaler.scale(loss).backward()
+        return loss.detach()
+
+    def optimizer_step(self) -> torch.Tensor:
+        """Unscale, clip, step, advance the step counter and update the EMA. Returns the gradient norm."""
+        self.scaler.unscale_(self.optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.ema.update(self.model)
+        self.step += 1
+        self.position += self.global_batch
+        return norm.detach()
+
+    # ----------------------------------------------------------------------------- validation
+    def _val_indices(self) -> np.ndarray:
+        n = len(self.val_set)
+        m = self.cfg.val_max_slices
+        if m is None or m >= n:
+            return np.arange(n)
+        return np.unique(np.linspace(0, n - 1, m).round().astype(np.int64))
+
+    @torch.no_grad()
+    def validate(self) -> float:
+        """Mean per-sample validation loss of the EMA weights at the current step (all ranks agree)."""
+        idx = self._val_indices()
+        keys = [(self.step, int(i)) for i in idx]
+        batches = [keys[i:i + self.cfg.val_batch_size] for i in range(0, len(keys), self.cfg.val_batch_size)]
+        mine = batches[self.dist.rank::self.dist.world_size]
+        total, count = 0.0, 0
+        if mine:
+            loader = torch.utils.data.DataLoader(self.val_set, batch_sampler=mine, collate_fn=collate,
+                                                 num_workers=min(self.cfg.num_workers, len(mine)))
+            for batch in loader:
+                _, per = diffusion_loss(self.ema.module, self._to_device(batch), self.alpha_bar, self.cfg.snr_gamma,
+                                        1.0, self.autocast_dtype, self.memory_format)
+                total += float(per.double().sum())
+                count += len(per)
+        total, count = _all_reduce_sum([total, count], self.dist, self.device)
+        return total / max(count, 1)
+
+    def _write_best(self) -> Path:
+        from safetensors.torch import save as st_save
+
+        from condiff.io.atomic import write_bytes_atomic, write_json_atomic
+
+        best = self.work_dir / "best"
+        best.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().float().cpu().contiguous() for k, v in self.ema.state_dict().items()}
+        write_bytes_atomic(best / "ema.safetensors", st_save(state, metadata={"step": str(self.step)}))
+        write_json_atomic(best / "best.json", {"step": self.step, "val_ma": self.val.ma, "val_loss": self.val.last})
+        return best
+
+    # ----------------------------------------------------------------------------- state
+    def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        tensors = {f"model/{k}": v for k, v in self.model.state_dict().items()}
+        tensors.update({f"ema/{k}": v for k, v in self.ema.state_dict().items()})
+        opt_t, opt_meta = ckpt.optimizer_to_flat(self.optimizer)
+        tensors.update(opt_t)
+        rng_t, rng_meta = ckpt.rng_state()
+        tensors.update(rng_t)
+        meta = {
+            "step": self.step, "ema_updates": self.ema.n_updates, "optimizer": opt_meta,
+            "scaler": self.scaler.state_dict(), "rng": rng_meta,
+            "data_order": {"position": self.position, "seed": self.cfg.seed, "n": len(self.train_set),
+                           "global_batch": self.global_batch},
+            "val": asdict(self.val), "elapsed_s": self.elapsed_before + self._run_time(),
+            "finished": self.finished, "train_config": self.cfg.to_dict(), "world_size": self.dist.world_size,
+        }
+        return tensors, meta
+
+    def load(self, path: str | Path) -> None:
+        """Restore everything from a checkpoint folder (exact resume)."""
+        c = ckpt.load_checkpoint(path)
+        s = c.state
+        model = {k[6:]: v for k, v in c.tensors.items() if k.startswith("model/")}
+        ema = {k[4:]: v for k, v in c.tensors.items() if k.startswith("ema/")}
+        self.model.load_state_dict(model, strict=True)
+        self.ema.load_state_dict(ema, s["ema_updates"])
+        ckpt.optimizer_from_flat(self.optimizer, {k: v.to(self.device) for k, v in c.tensors.items()
+                                                  if k.startswith("optim/")}, s["optimizer"])
+        if s.get("scaler"):
+            self.scaler.load_state_dict(s["scaler"])
+        ckpt.set_rng_state(c.tensors, s["rng"])
+        self.step = int(s["step"])
+        order = s["data_order"]
+        if order["n"] != len(self.train_set) or order["seed"] != self.cfg.seed:
+            logger.warning("%s: the training data or seed changed since this checkpoint; the data order differs", path)
+        if order["global_batch"] != self.global_batch:
+            logger.warning("%s: global batch %d differs from the checkpoint's %d; the resume is not exact",
+                           path, self.global_batch, order["global_batch"])
+        self.position = int(order["position"])
+        self.val = ValState(**s["val"])
+        self.elapsed_before = float(s["elapsed_s"])
+        self.finished = s.get("finished")
+
+    def save(self, barrier: bool = True) -> Path | None:
+        """Write a checkpoint of the current step (rank 0) and prune old ones."""
+        path = None
+        if self.dist.is_main:
+            tensors, meta = self.state()
+            part = None if not self.cfg.checkpoint_part_mb else int(self.cfg.checkpoint_part_mb * ckpt.MIB)
+            path = ckpt.save_checkpoint(self.work_dir / "checkpoints", self.step, tensors, meta, part)
+            ckpt.prune_checkpoints(self.work_dir / "checkpoints", self.cfg.keep_checkpoints)
+        if barrier and self.dist.enabled:
+            dist.barrier()
+        return path
+
+    # ----------------------------------------------------------------------------- fit
+    def _run_time(self) -> float:
+        return time.monotonic() - self._t0 if hasattr(self, "_t0") else 0.0
+
+    def _log(self, record: dict) -> None:
+        if not self.dist.is_main:
+            return
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.work_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record, sort_keys=True) + "\n")
+
+    def truncate_metrics(self) -> None:
+        """Drop log records newer than the current step (written by a run that died after its checkpoint)."""
+        path = self.work_dir / "metrics.jsonl"
+        if not self.dist.is_main or not path.is_file():
+            return
+        keep = []
+        for line in path.read_text().splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= self.step:
+                    keep.append(line)
+            except json.JSONDecodeError:
+                continue
+        path.write_text("".join(line + "\n" for line in keep))
+
+    def _should_validate(self) -> bool:
+        return (self.val_set is not None and self.step >= self.cfg.val_start and self.cfg.val_every > 0
+                and self.step % self.cfg.val_every == 0)
+
+    def _run_validation(self) -> dict:
+        t0 = time.monotonic()
+        loss = self.validate()
+        improved = self.val.update(loss, self.step, self.cfg.ma_alpha)
+        record = {"kind": "val", "step": self.step, "val_loss": loss, "val_ma": self.val.ma, "best_ma": self.val.best,
+                  "best_step": self.val.best_step, "improved": improved}
+        if improved and self.dist.is_main:
+            self._write_best()
+        if self.dist.is_main:
+            for hook in self.hooks:
+                record.update(hook(self.step, self.ema.module))
+        record["val_time_s"] = time.monotonic() - t0
+        record["elapsed_s"] = self.elapsed_before + self._run_time()
+        self._log(record)
+        return record
+
+    def _stop_requested(self) -> str | None:
+        reason = None
+        if self.stop():
+            reason = "signal"
+        elif self.cfg.time_budget_s is not None and self._run_time() >= self.cfg.time_budget_s:
+            reason = "time_budget"
+        if self.dist.enabled:  # all ranks stop together
+            code = {None: 0, "time_budget": 1, "signal": 2}[reason]
+            flag = torch.tensor([code], device=self.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            reason = {0: None, 1: "time_budget", 2: "signal"}[int(flag.item())]
+        return reason
+
+    def fit(self) -> FitResult:
+        """Train from the current state to ``max_steps``, early stopping, the time budget or a stop request.
+
+        Always ends with a checkpoint of the last step (rank 0).
+        """
+        cfg = self.cfg
+        self._t0 = time.monotonic()
+        if self.finished == "early_stopping":
+            return FitResult(self.step, "early_stopping", self.elapsed_before, self.val, self._best_path())
+        self.finished = None
+        start_step = self.step
+        self.sampler = StepBatchSampler(len(self.train_set), cfg.batch_size, cfg.seed, self.position, self.dist.rank,
+                                        self.dist.world_size)
+        loader = torch.utils.data.DataLoader(
+            self.train_set, batch_sampler=self.sampler, collate_fn=collate, num_workers=cfg.num_workers,
+            pin_memory=self.device.type == "cuda", prefetch_factor=4 if cfg.num_workers else None,
+            persistent_workers=False)
+        bar = None
+        if self.progress and self.dist.is_main:
+            from tqdm import tqdm
+
+            bar = tqdm(total=cfg.max_steps, initial=self.step, file=sys.stderr, unit="step", dynamic_ncols=True,
+                       disable=not sys.stderr.isatty())
+        reason = "max_steps"
+        loss_sum = torch.zeros((), device=self.device)
+        norm_sum = torch.zeros((), device=self.device)
+        n_since, t_log = 0, time.monotonic()
+        saved_at = None
+        it = iter(loader)
+        try:
+            while self.step < cfg.max_steps:
+                batch = next(it)
+                loss_sum += self.forward_backward(batch)
+                norm_sum += self.optimizer_step()
+                n_since += 1
+                if bar is not None:
+                    bar.update(1)
+                if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+                    mean_loss, mean_norm = _all_reduce_sum([loss_sum.item() / n_since, norm_sum.item() / n_since],
+                                                           self.dist, self.device)
+                    dt = time.monotonic() - t_log
+                    record = {"kind": "train", "step": self.step, "loss": mean_loss / self.dist.world_size,
+                              "grad_norm": mean_norm / self.dist.world_size, "lr": self.optimizer.param_groups[0]["lr"],
+                              "ema_decay": self.ema.last_decay, "images_per_s": n_since * self.global_batch / max(dt, 1e-9),
+                              "elapsed_s": self.elapsed_before + self._run_time()}
+                    self._log(record)
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{record['loss']:.4g}", ma=f"{self.val.ma:.4g}" if self.val.ma else "-")
+                    loss_sum.zero_(), norm_sum.zero_()
+                    n_since, t_log = 0, time.monotonic()
+                if self._should_validate():
+                    self._run_validation()
+                    if self.val.best_step is not None and self.step - self.val.best_step > cfg.patience:
+                        reason = "early_stopping"
+                        self.finished = reason
+                if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                    self.save()
+                    saved_at = self.step
+                if reason == "early_stopping":
+                    break
+                stop = self._stop_requested()
+                if stop:
+                    reason = stop
+                    break
+        finally:  # an exception mid-step may leave a torn state: it is never checkpointed
+            del it
+            if bar is not None:
+                bar.close()
+        if reason == "max_steps":
+            self.finished = reason
+        if saved_at != self.step and (self.step != start_step or not ckpt.list_checkpoints(self.work_dir / "checkpoints")):
+            self.save()
+        wall = self.elapsed_before + self._run_time()
+        self._log({"kind": "end", "step": self.step, "reason": reason, "elapsed_s": wall,
+                   "best_step": self.val.best_step, "best_ma": self.val.best})
+        return FitResult(self.step, reason, wall, self.val, self._best_path())
+
+    def _best_path(self) -> Path | None:
+        p = self.work_dir / "best" / "ema.safetensors"
+        return p if self.val.best_step is not None and p.is_file() else None
+
+
+def bit_equal(a: nn.Module, b: nn.Module) -> bool:
+    """True when two modules hold bit-identical parameters and buffers."""
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
