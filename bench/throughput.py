@@ -186,7 +186,14 @@ def machine_info(device: torch.device) -> dict:
                if device.type == "cuda" else None)
     return {"host": platform.node(), "platform": platform.platform(), "cpu": cpu_model(),
             "cpu_count": os.cpu_count(), "ram_gib": ram, "torch_threads": torch.get_num_threads(),
-            "device": device.type, "gpu": gpu, "gpu_memory_gib": gpu_mem}
+            "device": device.type, "gpu": gpu, "gpu_memory_gib": gpu_mem, "loadavg_start": _loadavg()}
+
+
+def _loadavg() -> list[float] | None:
+    """1/5/15-minute load average: other work on the machine inflates CPU timings."""
+    with contextlib.suppress(OSError, AttributeError):
+        return [round(x, 2) for x in os.getloadavg()]
+    return None
 
 
 def versions() -> dict:
@@ -469,7 +476,8 @@ def markdown(report: dict) -> str:
              f"- work: {meta['members']} member(s) x {meta['steps']} DDPM steps per slice; "
              f"'s/slice (500)' scales to the paper's 10 members x 50 steps; warm-up {meta['warmup']}, "
              f"{meta['repeats']} timed repeats, median (min–max)",
-             f"- floor: {meta['floor_note']}", "",
+             f"- floor: {meta['floor_note']}",
+             f"- load average (1/5/15 min): {m['loadavg_start']} at the start, {meta['loadavg_end']} at the end", "",
              "| engine | batch | steps | slices/s | evals/s | s/slice (500) | pipeline s median (min–max) "
              "| denoise ms/image | TFLOP/s | × floor | vs fp32 | vs ref | vs ref best | peak MiB | build s "
              "| first call s | max Δmap vs fp32 |",
@@ -592,7 +600,11 @@ def run(args) -> dict:
             "fp32_batch_sizes": args.fp32_batch_sizes or args.batch_sizes, "seed": args.seed,
             "threads": args.threads, "gflop_per_eval": gflop, "flops_source": flops_source,
             "floor_ms_per_eval": floor, "floor_note": floor_note, "evals_per_paper_slice": EVALS_PER_PAPER_SLICE,
-            "notes": notes}
+            "loadavg_end": _loadavg(), "notes": notes}
+    load = machine["loadavg_start"]
+    if device.type == "cpu" and load and load[0] > 0.5 * (os.cpu_count() or 1):
+        notes.append(f"the machine was busy (1-min load {load[0]} at the start, {meta['loadavg_end'][0]} at the end, "
+                     f"{os.cpu_count()} cores): CPU timings are inflated; min is the least disturbed figure.")
     return {"schema": "condiff.bench.throughput/1", "meta": meta, "machine": machine, "versions": vers, "rows": rows}
 
 

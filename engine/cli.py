@@ -118,8 +118,8 @@ def _infer(inputs, output, models, engine, device, precision, batch_size, steps,
                 raise ModelSetError(None, "no --models given and the bundled demo model set is not installed "
                                           "(condiff.examples/models is missing)",
                                     "pass --models DIR (a model set or a model folder)")
+        planning.check_output_location(output, inputs)  # before discovery, which would read our own outputs
         cases = discover(inputs)
-        planning.check_output_location(output, inputs)
         n_all = len(cases)
         if shard_t is not None:
             cases = planning.select_shard(cases, *shard_t)
@@ -217,7 +217,7 @@ def _device_name(device: str) -> str:
 
 
 def _dry_run(cases, ctx, n_all: int, shard_t) -> int:
-    from . import pipeline
+    from .plan import dry_run_status
 
     click.echo(f"condiff-infer --dry-run: {len(cases)} case(s)"
                f"{'' if shard_t is None else f' (shard {shard_t[0]}/{shard_t[1]} of {n_all})'}; "
@@ -225,7 +225,7 @@ def _dry_run(cases, ctx, n_all: int, shard_t) -> int:
                f"{ctx.model_set.digest[:12]}); {ctx.options.engine} on {ctx.device}; output {ctx.out_dir}")
     n_bad = 0
     for case in cases:
-        status, reason, plan = pipeline.dry_run_status(case, ctx)
+        status, reason, plan = dry_run_status(case, ctx)
         if status == "invalid":
             n_bad += 1
             click.echo(f"  invalid  {case.name}: {reason}")

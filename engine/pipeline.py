@@ -11,7 +11,6 @@ record, or fails alone: its reason is recorded (``records/<case>.json`` with sta
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -22,18 +21,16 @@ import numpy as np
 import torch
 
 from condiff import __version__
-from condiff.anomaly import zero_background
 from condiff.config import ScheduleConfig
 from condiff.errors import BackendUnavailableError, CondiffError, InputImageError, ModelSetError
 from condiff.io.cases import Case, find_mask
 from condiff.modelset import ModelSet, open_model_set
-from condiff.preprocess import PreprocessConfig, Prepared, invert_to_input, prepare_image, prepare_volume, to_input_units
+from condiff.preprocess import PreprocessConfig, Prepared, prepare_image, prepare_volume
 from condiff.sampler import SamplerPlan, make_plan
-from condiff.ssim import ssim_map
 
 from .plan import RECORD_SCHEMA, CasePlan, RunOptions, parse_members, plan_case, resume_check, sha256_path
 from .runner import SliceJob, run_slices
-from .writer import npz_bytes, remove_outputs, write_output, write_record
+from .writer import remove_outputs, write_case_files, write_record
 
 logger = logging.getLogger(__name__)
 
@@ -259,99 +256,22 @@ def _prepare(case: Case, ctx: RunContext) -> _Pending | CaseOutcome:
     return _Pending(case, plan, input_sha, mask_path, mask_sha, source, mask, prepared, jobs, info)
 
 
-class _MemberMaps:
-    """A ``map_fn`` for ``run_slices`` that also keeps every member's maps.
-
-    The runner averages members; ``--save-member-maps`` needs them apart. The runner calls
-    ``map_fn`` once per (member, batch) in member-major order; ``split`` re-attributes the
-    batches and checks that their mean equals the runner's ensemble maps, so a change in the
-    runner's order fails loudly instead of mislabelling members.
-    """
-
-    def __init__(self, map_fn=ssim_map):
-        self.map_fn = map_fn
-        self.batches: list[torch.Tensor] = []
-
-    def __call__(self, x0: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        amap = self.map_fn(x0, cond)
-        self.batches.append(amap.detach().float().cpu())
-        return amap
-
-    def split(self, jobs: Sequence[SliceJob], n_members: int, batch_size: int, ensemble: np.ndarray) -> np.ndarray:
-        n = len(jobs)
-        if len(self.batches) != n_members * math.ceil(n / batch_size):
-            raise RuntimeError("runner call order changed: per-member maps cannot be attributed")
-        out = np.zeros((n_members, n, *ensemble.shape[1:]), dtype=np.float32)
-        it = iter(self.batches)
-        for m in range(n_members):
-            for start in range(0, n, batch_size):
-                batch = next(it)
-                for i, job in enumerate(jobs[start:start + batch_size]):
-                    y = job.cond[None].float()
-                    fg = None if job.foreground is None else job.foreground[None, None]
-                    out[m, start + i] = zero_background(batch[i:i + 1], y, fg)[0, 0].numpy()
-        if not np.allclose(out.mean(axis=0), ensemble, rtol=0, atol=1e-6):
-            raise RuntimeError("per-member maps do not average to the ensemble map: runner order changed")
-        self.batches = []
-        return out
-
-
-def _gzip_if(rel: str, raw: bytes) -> bytes:
-    import gzip
-
-    return gzip.compress(raw, compresslevel=6, mtime=0) if rel.lower().endswith(".gz") else raw
-
-
-def _native_foreground(p: _Pending) -> np.ndarray:
-    """Where the map may be non-zero on the input grid: the brain mask itself when one was given,
-    else the slice-space foreground brought back (> 0.5). Linear interpolation of the inverse
-    would otherwise bleed map values into the background along the brain's edge."""
-    if p.mask is not None:
-        return p.mask
-    return invert_to_input(p.prepared, p.prepared.foreground.astype(np.float32), fill=0.0) > 0.5
-
-
 def _write_case(ctx: RunContext, p: _Pending, maps: np.ndarray, rest: np.ndarray, scores: np.ndarray,
                 member_scores: np.ndarray, member_maps: np.ndarray | None) -> CaseOutcome:
     """Write one case's outputs, then its record. ``maps`` (S, H, W), ``rest`` (S, C, H, W) in model space."""
-    from condiff.io import images, volumes
-
-    from .overlay import overlay_png
-
-    case, outs, out_dir = p.case, p.plan.outputs, ctx.out_dir
+    case = p.case
     if not (np.all(np.isfinite(maps)) and np.all(np.isfinite(rest))):
         raise CondiffError(case.path, f"non-finite output from engine {ctx.options.engine} ({ctx.options.precision})",
                            "try --precision fp32")
-    written: dict[str, dict[str, str]] = {}
-    if case.kind == "volume":
-        native = invert_to_input(p.prepared, maps, fill=0.0) * _native_foreground(p)
-        raw = volumes.nifti_bytes_like(native, p.source, descrip=f"condiff {__version__} anomaly map")
-        written["map"] = write_output(out_dir, outs["map"], _gzip_if(outs["map"], raw))
-        if "restoration" in outs:
-            # back to the input's intensity units, so the restoration reads like the scan
-            native_rest = to_input_units(p.prepared, invert_to_input(p.prepared, rest[:, 0], fill=0.0))
-            raw = volumes.nifti_bytes_like(native_rest, p.source, descrip=f"condiff {__version__} restoration")
-            written["restoration"] = write_output(out_dir, outs["restoration"], _gzip_if(outs["restoration"], raw))
-    else:
-        native = invert_to_input(p.prepared, maps, fill=0.0)
-        written["map"] = write_output(out_dir, outs["map"], images.tiff_bytes(native))
-        written["map_png"] = write_output(out_dir, outs["map_png"],
-                                          images.png_bytes(images.to_png8(native, 0.0, float(native.max()))))
-        if "restoration" in outs:
-            rest01 = np.clip((rest + 1.0) / 2.0, 0.0, 1.0)
-            native_rest = np.clip(invert_to_input(p.prepared, rest01, fill=0.0), 0.0, 1.0)
-            written["restoration"] = write_output(out_dir, outs["restoration"], images.tiff_bytes(native_rest))
-            written["restoration_png"] = write_output(out_dir, outs["restoration_png"],
-                                                      images.png_bytes(images.to_png8(native_rest, 0.0, 1.0)))
-    written["overlay"] = write_output(out_dir, outs["overlay"],
-                                      overlay_png(p.prepared.slices, rest, maps, scores, kind=case.kind))
-    if "model_space" in outs:
+    arrays = None
+    if "model_space" in p.plan.outputs:
         arrays = {"slices": p.prepared.slices, "maps": maps, "foreground": p.prepared.foreground,
                   "slice_index": p.prepared.slice_index, "scores": scores, "members": np.asarray(ctx.members),
                   "member_scores": member_scores}
         if member_maps is not None:
             arrays["member_maps"] = member_maps
-        written["model_space"] = write_output(out_dir, outs["model_space"], npz_bytes(arrays))
+    written = write_case_files(ctx.out_dir, p.plan, kind=case.kind, prepared=p.prepared, source=p.source,
+                               brain_mask=p.mask, maps=maps, restorations=rest, scores=scores, model_space=arrays)
     score, top = float(scores.mean()), float(scores.max())
     record = {
         "schema": RECORD_SCHEMA, "case": case.name, "status": "ok", "kind": case.kind,
@@ -365,7 +285,7 @@ def _write_case(ctx: RunContext, p: _Pending, maps: np.ndarray, rest: np.ndarray
         "member_scores": [float(v) for v in member_scores.mean(axis=1)],
         "outputs": written,
     }
-    write_record(out_dir, p.plan, record)  # last: the proof the case is done
+    write_record(ctx.out_dir, p.plan, record)  # last: the proof the case is done
     logger.info("case %s done: score %.6g, max slice %.6g, %d slices", case.name, score, top, len(scores))
     return CaseOutcome(case, "ok", score=score, max_slice_score=top, n_slices=int(len(scores)))
 
@@ -373,17 +293,17 @@ def _write_case(ctx: RunContext, p: _Pending, maps: np.ndarray, rest: np.ndarray
 def _run_group(group: list[_Pending], ctx: RunContext) -> list[CaseOutcome]:
     jobs = [j for p in group for j in p.jobs]
     n_members = len(ctx.denoisers)
-    capture = _MemberMaps() if ctx.options.member_maps else None
     if ctx.on_work is not None:
         ctx.on_work(len(jobs) * n_members)
     t0 = time.perf_counter()
     results = run_slices(ctx.denoisers, jobs, ctx.plan, seed=ctx.options.seed, batch_size=ctx.batch_size,
-                         map_fn=capture or ssim_map, progress=ctx.progress)
+                         progress=ctx.progress, member_ids=ctx.members, keep_member_maps=ctx.options.member_maps)
     ctx.stats.infer_s += time.perf_counter() - t0
     ctx.stats.n_slices += len(jobs)
     ctx.stats.n_unet_evals += len(jobs) * n_members * ctx.plan.n_steps
     all_maps = np.stack([r.amap.numpy() for r in results]).astype(np.float32)
-    member_maps = capture.split(jobs, n_members, ctx.batch_size, all_maps) if capture else None
+    member_maps = (np.stack([r.member_maps.numpy() for r in results], axis=1).astype(np.float32)
+                   if ctx.options.member_maps else None)
     t0 = time.perf_counter()
     outcomes, start = [], 0
     for p in group:
@@ -446,62 +366,5 @@ def process_cases(cases: Sequence[Case], ctx: RunContext) -> list[CaseOutcome]:
     return [done[k] for k in range(len(cases))]
 
 
-# ----------------------------------------------------------------------------------------- dry run
-
-
-def check_input(case: Case, ctx: RunContext) -> str | None:
-    """Header-level check for ``--dry-run``: None if the file looks usable, else the reason.
-
-    Reads headers only (nibabel's lazy image, PIL's lazy open), and finds the brain mask.
-    """
-    try:
-        with open(case.path, "rb") as f:
-            if not f.read(1):
-                return f"{case.path}: empty file (0 bytes)"
-        if case.kind == "volume":
-            if ctx.preprocess.modality != "mri":
-                return f"{case.path}: is a volume but this model set analyses RGB photographs"
-            import nibabel as nib
-
-            shape = tuple(nib.load(str(case.path)).shape)
-            while len(shape) > 3 and shape[-1] == 1:
-                shape = shape[:-1]
-            if len(shape) not in (2, 3):
-                return f"{case.path}: expected a 3-D volume, got shape {shape}"
-            if ctx.mask_pattern is not None:
-                find_mask(case, ctx.mask_pattern)
-        else:
-            if ctx.preprocess.modality != "rgb":
-                return f"{case.path}: is a 2-D photograph but this model set analyses MRI volumes"
-            from PIL import Image
-
-            with Image.open(case.path) as im:
-                im.size  # header only
-    except CondiffError as exc:
-        return exc.message
-    except Exception as exc:
-        return f"{case.path}: unreadable ({type(exc).__name__}: {exc})"
-    return None
-
-
-def dry_run_status(case: Case, ctx: RunContext) -> tuple[str, str | None, CasePlan]:
-    """("run" | "skip" | "invalid", reason, plan) for one case, loading no model."""
-    plan = plan_case(case, ctx.options)
-    problem = check_input(case, ctx)
-    if problem is not None:
-        return "invalid", problem, plan
-    if not ctx.resume:
-        return "run", "--overwrite", plan
-    try:
-        mask_sha = None
-        if ctx.mask_pattern is not None and case.kind == "volume":
-            mask_sha = sha256_path(find_mask(case, ctx.mask_pattern))
-        reason = resume_check(ctx.out_dir, plan, input_sha256=sha256_path(case.path), mask_sha256=mask_sha,
-                              model_set_digest=ctx.model_set.digest, options_digest=ctx.options_digest)
-    except CondiffError as exc:
-        return "invalid", exc.message, plan
-    return ("skip", "outputs up to date", plan) if reason is None else ("run", reason, plan)
-
-
 __all__ = ["CaseOutcome", "RunStats", "RunContext", "resolve_device", "make_context", "load_denoisers",
-           "process_cases", "check_input", "dry_run_status"]
+           "process_cases"]

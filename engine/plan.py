@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from condiff.errors import InputImageError, OutputConflictError
-from condiff.io.cases import Case, split_suffix
+from condiff.errors import CondiffError, InputImageError, OutputConflictError
+from condiff.io.cases import Case, find_mask, split_suffix
 
 RECORD_SCHEMA = "condiff.record/1"
 OUTPUT_FOLDERS = ("maps", "restorations", "overlays", "model_space", "records")
@@ -187,5 +187,63 @@ def check_output_location(out_dir: str | os.PathLike, inputs: Sequence[str | os.
                                       "write outputs outside the input folders, so a rerun never reads its own maps")
 
 
+# ----------------------------------------------------------------------------------------- dry run
+
+
+def check_input(case: Case, ctx) -> str | None:
+    """Header-level check for ``--dry-run``: None if the file looks usable, else the reason.
+
+    Reads headers only (nibabel's lazy image, PIL's lazy open), and finds the brain mask.
+    """
+    try:
+        with open(case.path, "rb") as f:
+            if not f.read(1):
+                return f"{case.path}: empty file (0 bytes)"
+        if case.kind == "volume":
+            if ctx.preprocess.modality != "mri":
+                return f"{case.path}: is a volume but this model set analyses RGB photographs"
+            import nibabel as nib
+
+            shape = tuple(nib.load(str(case.path)).shape)
+            while len(shape) > 3 and shape[-1] == 1:
+                shape = shape[:-1]
+            if len(shape) not in (2, 3):
+                return f"{case.path}: expected a 3-D volume, got shape {shape}"
+            if ctx.mask_pattern is not None:
+                find_mask(case, ctx.mask_pattern)
+        else:
+            if ctx.preprocess.modality != "rgb":
+                return f"{case.path}: is a 2-D photograph but this model set analyses MRI volumes"
+            from PIL import Image
+
+            with Image.open(case.path) as im:
+                im.size  # header only
+    except CondiffError as exc:
+        return exc.message
+    except Exception as exc:
+        return f"{case.path}: unreadable ({type(exc).__name__}: {exc})"
+    return None
+
+
+def dry_run_status(case: Case, ctx) -> tuple[str, str | None, CasePlan]:
+    """("run" | "skip" | "invalid", reason, plan) for one case, loading no model (``ctx``: a RunContext)."""
+    plan = plan_case(case, ctx.options)
+    problem = check_input(case, ctx)
+    if problem is not None:
+        return "invalid", problem, plan
+    if not ctx.resume:
+        return "run", "--overwrite", plan
+    try:
+        mask_sha = None
+        if ctx.mask_pattern is not None and case.kind == "volume":
+            mask_sha = sha256_path(find_mask(case, ctx.mask_pattern))
+        reason = resume_check(ctx.out_dir, plan, input_sha256=sha256_path(case.path), mask_sha256=mask_sha,
+                              model_set_digest=ctx.model_set.digest, options_digest=ctx.options_digest)
+    except CondiffError as exc:
+        return "invalid", exc.message, plan
+    return ("skip", "outputs up to date", plan) if reason is None else ("run", reason, plan)
+
+
 __all__ = ["RECORD_SCHEMA", "OUTPUT_FOLDERS", "RunOptions", "CasePlan", "plan_case", "read_record", "resume_check",
-           "sha256_path", "sha256_bytes", "parse_members", "parse_shard", "select_shard", "check_output_location"]
+           "sha256_path", "sha256_bytes", "parse_members", "parse_shard", "select_shard", "check_output_location",
+           "check_input", "dry_run_status"]

@@ -36,6 +36,7 @@ class SliceResult:
     amap: torch.Tensor         # (H, W) ensemble map, background zeroed
     score: float               # mean of the ensemble map
     member_scores: list[float]
+    member_maps: torch.Tensor | None = None  # (M, H, W), only with keep_member_maps
 
 
 MapFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -43,10 +44,13 @@ MapFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 def run_slices(denoisers: Sequence, jobs: Sequence[SliceJob], plan: SamplerPlan, *, seed: int = 0,
                batch_size: int | None = None, map_fn: MapFn = best_ssim_map,
-               progress: Callable[[int], None] | None = None) -> list[SliceResult]:
+               progress: Callable[[int], None] | None = None, member_ids: Sequence[int] | None = None,
+               keep_member_maps: bool = False) -> list[SliceResult]:
     """Restore every job with every member (one denoiser per member) and average maps and scores.
 
-    ``progress(n)`` is called with the number of slice-member restorations just finished.
+    ``member_ids``: each denoiser's index in the model set (keys its noise; default 0..M-1), so a
+    run of members ``2,`` draws member 2's noise. ``progress(n)`` is called with the number of
+    slice-member restorations just finished.
     """
     if not jobs:
         return []
@@ -57,7 +61,12 @@ def run_slices(denoisers: Sequence, jobs: Sequence[SliceJob], plan: SamplerPlan,
     maps = torch.zeros(len(jobs), *shape[1:], dtype=torch.float32)
     restorations = torch.zeros(len(jobs), *shape, dtype=torch.float32)
     member_scores = torch.zeros(n_members, len(jobs), dtype=torch.float64)
-    for member, den in enumerate(denoisers):
+    member_maps = torch.zeros(n_members, len(jobs), *shape[1:]) if keep_member_maps else None
+    member_ids = list(range(n_members)) if member_ids is None else list(member_ids)
+    if len(member_ids) != n_members:
+        raise ValueError(f"{len(member_ids)} member ids for {n_members} denoisers")
+    for m, den in enumerate(denoisers):
+        member = member_ids[m]
         for start in range(0, len(jobs), batch_size):
             chunk = jobs[start:start + batch_size]
             n = len(chunk)
@@ -80,10 +89,13 @@ def run_slices(denoisers: Sequence, jobs: Sequence[SliceJob], plan: SamplerPlan,
                 amap_i = zero_background(amap[i:i + 1], cond[i:i + 1],
                                          None if j.foreground is None else j.foreground[None, None])
                 maps[start + i] += amap_i[0, 0] / n_members
-                member_scores[member, start + i] = amap_i.double().mean()
+                member_scores[m, start + i] = amap_i.double().mean()
+                if member_maps is not None:
+                    member_maps[m, start + i] = amap_i[0, 0]
             restorations[start:start + n] += x0[:n].cpu() / n_members
             if progress is not None:
                 progress(n)
     scores = maps.flatten(1).double().mean(1)
-    return [SliceResult(restorations[i], maps[i], float(scores[i]), member_scores[:, i].tolist())
+    return [SliceResult(restorations[i], maps[i], float(scores[i]), member_scores[:, i].tolist(),
+                        None if member_maps is None else member_maps[:, i])
             for i in range(len(jobs))]

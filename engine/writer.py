@@ -102,6 +102,69 @@ def write_output(out_dir: Path, rel: str, data: bytes) -> dict[str, str]:
     return {"path": rel, "sha256": sha256_bytes(data)}
 
 
+def _gzip_if(rel: str, raw: bytes) -> bytes:
+    """``.nii.gz`` outputs: gzip with mtime 0, so identical data give identical bytes."""
+    import gzip
+
+    return gzip.compress(raw, compresslevel=6, mtime=0) if rel.lower().endswith(".gz") else raw
+
+
+def _native_foreground(prepared, brain_mask: np.ndarray | None) -> np.ndarray:
+    """Where a map may be non-zero on the input grid: the brain mask itself when one was given,
+    else the slice-space foreground brought back (> 0.5). Linear interpolation of the inverse
+    would otherwise bleed map values into the background along the brain's edge."""
+    from condiff.preprocess import invert_to_input
+
+    if brain_mask is not None:
+        return brain_mask
+    return invert_to_input(prepared, prepared.foreground.astype(np.float32), fill=0.0) > 0.5
+
+
+def write_case_files(out_dir: Path, plan: CasePlan, *, kind: str, prepared, source, brain_mask: np.ndarray | None,
+                     maps: np.ndarray, restorations: np.ndarray, scores: np.ndarray,
+                     model_space: dict[str, np.ndarray] | None = None) -> dict[str, dict[str, str]]:
+    """Write a case's map, restoration, overlay (and model-space npz); returns the record's ``outputs``.
+
+    ``maps`` ``(S, H, W)``, ``restorations`` ``(S, C, H, W)``, ``scores`` ``(S,)`` in model slice
+    space; ``prepared`` the case's ``Prepared``; ``source`` its ``Volume`` (None for a photo).
+    Volumes: NIfTI on the input's grid and header (restoration in input intensity units).
+    Photos: float32 TIFF plus 8-bit PNG preview (map scaled to its maximum; restoration in [0, 1]).
+    """
+    from condiff import __version__
+    from condiff.io import images, volumes
+    from condiff.preprocess import invert_to_input, to_input_units
+
+    from .overlay import overlay_png
+
+    outs = plan.outputs
+    written: dict[str, dict[str, str]] = {}
+    if kind == "volume":
+        native = invert_to_input(prepared, maps, fill=0.0) * _native_foreground(prepared, brain_mask)
+        raw = volumes.nifti_bytes_like(native, source, descrip=f"condiff {__version__} anomaly map")
+        written["map"] = write_output(out_dir, outs["map"], _gzip_if(outs["map"], raw))
+        if "restoration" in outs:
+            # back to the input's intensity units, so the restoration reads like the scan
+            native_rest = to_input_units(prepared, invert_to_input(prepared, restorations[:, 0], fill=0.0))
+            raw = volumes.nifti_bytes_like(native_rest, source, descrip=f"condiff {__version__} restoration")
+            written["restoration"] = write_output(out_dir, outs["restoration"], _gzip_if(outs["restoration"], raw))
+    else:
+        native = invert_to_input(prepared, maps, fill=0.0)
+        written["map"] = write_output(out_dir, outs["map"], images.tiff_bytes(native))
+        written["map_png"] = write_output(out_dir, outs["map_png"],
+                                          images.png_bytes(images.to_png8(native, 0.0, float(native.max()))))
+        if "restoration" in outs:
+            rest01 = np.clip((restorations + 1.0) / 2.0, 0.0, 1.0)
+            native_rest = np.clip(invert_to_input(prepared, rest01, fill=0.0), 0.0, 1.0)
+            written["restoration"] = write_output(out_dir, outs["restoration"], images.tiff_bytes(native_rest))
+            written["restoration_png"] = write_output(out_dir, outs["restoration_png"],
+                                                      images.png_bytes(images.to_png8(native_rest, 0.0, 1.0)))
+    written["overlay"] = write_output(out_dir, outs["overlay"],
+                                      overlay_png(prepared.slices, restorations, maps, scores, kind=kind))
+    if "model_space" in outs:
+        written["model_space"] = write_output(out_dir, outs["model_space"], npz_bytes(model_space or {}))
+    return written
+
+
 def write_record(out_dir: Path, plan: CasePlan, record: dict[str, Any]) -> None:
     path = out_dir / plan.record
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -219,6 +282,6 @@ def write_run_json(out_dir: Path, doc: dict[str, Any], shard: tuple[int, int] | 
     return path
 
 
-__all__ = ["OutputLock", "ensure_writable", "write_output", "write_record", "remove_outputs", "npz_bytes",
+__all__ = ["OutputLock", "ensure_writable", "write_output", "write_case_files", "write_record", "remove_outputs", "npz_bytes",
            "clean_orphans", "load_records", "rebuild_tables", "write_run_json", "run_json_name", "shard_suffix",
            "CASES_COLUMNS", "SCORES_COLUMNS"]

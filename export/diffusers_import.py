@@ -34,7 +34,7 @@ def _rename_legacy(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     out = {}
     for name, value in state.items():
         for old, new in _LEGACY_ATTENTION.items():
-            if f".attentions." in name and f".{old}" in name:
+            if ".attentions." in name and f".{old}" in name:
                 name = name.replace(f".{old}", f".{new}")
                 break
         out[name] = value

@@ -93,6 +93,21 @@ def trace_to_onnx(model: ConditionalUNet, path: str | Path, *, variant: str, chu
                               custom_opsets=_CUSTOM_OPSETS if variant == "ort_mha" else None, dynamo=False)
     finally:
         model.set_attention_fn(sdpa_attention)
+    _declare_output_shape(path, (cfg.image_channels, cfg.sample_size, cfg.sample_size))
+
+
+def _declare_output_shape(path: str | Path, image_shape: tuple[int, int, int]) -> None:
+    """State ``eps`` as (batch, C, H, W): ONNX shape inference stops at ORT's contrib operator, which
+    would leave the output's C, H, W as anonymous symbols."""
+    onnx = require("onnx", "ort")
+    model = onnx.load(str(path))
+    dims = model.graph.output[0].type.tensor_type.shape.dim
+    if all(d.dim_value == want for d, want in zip(dims[1:], image_shape)):
+        return
+    for d, want in zip(dims[1:], image_shape):
+        d.Clear()
+        d.dim_value = want
+    onnx.save(model, str(path))
 
 
 def check_onnx(path: str | Path) -> None:

@@ -23,6 +23,7 @@ from condiff.errors import CondiffError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+ENGINES = ("torch", "ort", "trt", "fast")  # the --engine values; each must be registered in condiff.engine.backends
 
 
 class Terminated(BaseException):
@@ -65,7 +66,7 @@ def device_options(f):
                      help="Network precision; sampler state and SSIM stay float32.")(f)
     f = click.option("--device", default="auto", show_default=True, metavar="auto|cpu|cuda[:N]",
                      help="Where the network runs; a missing GPU is an error, never a silent CPU fallback.")(f)
-    f = click.option("--engine", type=click.Choice(["torch", "ort", "trt"]), default="torch", show_default=True,
+    f = click.option("--engine", type=click.Choice(list(ENGINES)), default="torch", show_default=True,
                      help="Network backend.")(f)
     return f
 
@@ -231,7 +232,7 @@ def run_command(body: Callable[[], int], verbose: int = 0) -> None:
     sys.exit(code)
 
 
-__all__ = ["EXIT_OK", "EXIT_FAILED", "EXIT_USAGE", "EXIT_INTERRUPTED", "EXIT_TERMINATED", "Terminated",
+__all__ = ["ENGINES", "EXIT_OK", "EXIT_FAILED", "EXIT_USAGE", "EXIT_INTERRUPTED", "EXIT_TERMINATED", "Terminated",
            "sigterm_raises", "verbose_option", "progress_option", "device_options", "seed_option", "version_option",
            "environment_report", "format_environment", "logging_to", "add_file_log", "remove_log",
            "exit_code_for", "run_command"]

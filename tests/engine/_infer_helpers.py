@@ -1,6 +1,7 @@
 """Shared builders for the condiff-infer / condiff-eval tests: a tiny model set and small NIfTI volumes."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from pathlib import Path
 
@@ -8,8 +9,23 @@ import numpy as np
 
 PREPROCESSING = {"modality": "mri", "image_size": 32, "fov_mm": 64.0}
 BYTE_FOLDERS = ("maps", "restorations", "overlays", "records")
-# Fast sampler settings for tests: DDIM with 2 steps (the schedule and network are the real code).
-FAST = ["--sampler", "ddim", "--steps", "2", "--batch-size", "4", "--no-progress"]
+# Fast sampler settings for tests: DDIM with 2 steps on the CPU (byte identity is promised on the CPU;
+# the schedule and network are the real code).
+FAST = ["--sampler", "ddim", "--steps", "2", "--batch-size", "4", "--no-progress", "--device", "cpu"]
+
+
+@contextlib.contextmanager
+def one_torch_thread():
+    """Tiny 32-px networks run fastest on one thread, and a busy 2-core test machine makes
+    oversubscribed intra-op threads very slow; restored afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def make_model_set(root: Path, n_members: int = 2, preprocessing: dict | None = None, image_channels: int = 1) -> Path:
@@ -32,7 +48,7 @@ def make_model_set(root: Path, n_members: int = 2, preprocessing: dict | None = 
     return root
 
 
-def brain_like(shape=(20, 22, 6), seed: int = 0, lesion: bool = True) -> tuple[np.ndarray, np.ndarray]:
+def brain_like(shape=(20, 22, 4), seed: int = 0, lesion: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """A smooth ellipsoid 'brain' on a zero background (+ a bright blob); returns (image, lesion mask)."""
     rng = np.random.default_rng(seed)
     x, y, z = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij")

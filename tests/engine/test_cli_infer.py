@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from _infer_helpers import FAST, brain_like, make_model_set, make_scans, write_nifti
+from _infer_helpers import FAST, one_torch_thread, brain_like, make_model_set, make_scans, write_nifti
 from condiff.engine.cli import infer_main
 
 REPO = Path(__file__).resolve().parents[2]
@@ -22,6 +22,12 @@ REPO = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module")
 def model_set(tmp_path_factory):
     return make_model_set(tmp_path_factory.mktemp("models") / "set", n_members=2)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    with one_torch_thread():
+        yield
 
 
 def _invoke(args):
@@ -115,6 +121,34 @@ def test_real_ixi_slab_with_brain_mask(tmp_path, model_set):
     assert (data[~brain] == 0).all() and data[brain].max() > 0  # zeroed outside the brain mask
     rec = json.loads((out / "records" / "ixi132_t1.json").read_text())
     assert rec["mask"].endswith("ixi132_t1_brainmask.nii.gz") and rec["mask_sha256"]
+
+
+def test_photographs_get_float_tiff_maps_and_png_previews(tmp_path):
+    from PIL import Image
+
+    models = make_model_set(tmp_path / "rgb-set", n_members=1, image_channels=3,
+                            preprocessing={"modality": "rgb", "image_size": 32})
+    rng = np.random.default_rng(0)
+    photo = (rng.random((40, 52, 3)) * 255).astype(np.uint8)
+    (tmp_path / "in").mkdir()
+    Image.fromarray(photo).save(tmp_path / "in" / "eye.png")
+    out = tmp_path / "out"
+    res = _invoke([tmp_path / "in", "-o", out, "--models", models, *FAST])
+    assert res.exit_code == 0, res.output + res.stderr
+    import tifffile
+
+    amap = tifffile.imread(out / "maps" / "eye.tiff")
+    assert amap.dtype == np.float32 and amap.shape == (40, 52) and np.isfinite(amap).all() and amap.max() > 0
+    rest = tifffile.imread(out / "restorations" / "eye.tiff")
+    assert rest.shape == (40, 52, 3) and 0 <= rest.min() and rest.max() <= 1
+    with Image.open(out / "maps" / "eye.png") as im:
+        assert im.size == (52, 40) and im.mode == "L"
+    with Image.open(out / "overlays" / "eye.png") as im:
+        assert im.size == (3 * 32, 32)  # one image: one row
+    # an MRI volume given to a photo model fails alone, with a reason
+    make_scans(tmp_path / "in", n=1)
+    res = _invoke([tmp_path / "in", "-o", out, "--models", models, *FAST])
+    assert res.exit_code == 1 and "RGB photographs" in res.stderr
 
 
 def test_broken_inputs_fail_alone_with_exit_1(tmp_path, model_set):
@@ -220,15 +254,19 @@ def test_dry_run_loads_no_model_and_lists_outputs(tmp_path, model_set, monkeypat
         assert rel in res.stdout
     assert "invalid  empty" in res.stdout and "no model was loaded" in res.stdout
     assert not out.exists()
+    (tmp_path / "in" / "empty.nii.gz").unlink()
+    res = _invoke([tmp_path / "in", "-o", out, "--models", model_set, *FAST, "--no-restoration", "--dry-run"])
+    assert res.exit_code == 0 and "maps/case0.nii.gz" in res.stdout and "restorations/" not in res.stdout
+    assert "model_space/" not in res.stdout
 
 
 def test_subprocess_run_exit_code(tmp_path, model_set):
     make_scans(tmp_path / "in", n=1)
     exe = shutil.which("condiff-infer")
     cmd = [exe] if exe else [sys.executable, "-c", "from condiff.engine.cli import infer_main; infer_main()"]
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([*cmd, str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--models", str(model_set),
-                           "--sampler", "ddim", "--steps", "2", "--members", "1"],
+                           "--sampler", "ddim", "--steps", "2", "--members", "1", "--device", "cpu"],
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "1 done" in proc.stdout

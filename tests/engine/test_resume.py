@@ -5,9 +5,15 @@ import shutil
 import pytest
 from click.testing import CliRunner
 
-from _infer_helpers import FAST, digests, make_model_set, make_scans
+from _infer_helpers import FAST, one_torch_thread, digests, make_model_set, make_scans
 from condiff.engine import pipeline
 from condiff.engine.cli import infer_main
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    with one_torch_thread():
+        yield
 
 
 def _invoke(args):

@@ -1,0 +1,126 @@
+"""condiff-eval on a real condiff-infer output folder, checked against scikit-learn on the same data."""
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from _infer_helpers import FAST, brain_like, make_model_set, make_scans, one_torch_thread, write_nifti
+from condiff.engine.cli import eval_main, infer_main
+
+sk = pytest.importorskip("sklearn.metrics")
+SEG = "{dir}/{stem}_seg.nii.gz"
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """3 synthetic cases with lesion and brain masks, inferred with --mask and --save-member-maps."""
+    root = tmp_path_factory.mktemp("eval")
+    with one_torch_thread():
+        models = make_model_set(root / "set", n_members=2)
+        scans = root / "scans"
+        make_scans(scans, n=3, with_masks=True)
+        for k in range(3):
+            img, _ = brain_like(seed=k)
+            write_nifti(scans / f"case{k}_brainmask.nii.gz", (img > 0).astype(np.uint8))
+        out = root / "out"
+        res = CliRunner().invoke(infer_main, [str(scans), "-o", str(out), "--models", str(models), *FAST,
+                                              "--mask", "{dir}/{stem}_brainmask.nii.gz", "--save-member-maps"],
+                                 catch_exceptions=False)
+    assert res.exit_code == 0, res.output + res.stderr
+    return scans, out
+
+
+def _eval(*args):
+    return CliRunner().invoke(eval_main, [str(a) for a in args], catch_exceptions=False)
+
+
+def _rows(out, protocol):
+    return {r["row"]: r for r in json.loads((out / f"metrics-{protocol}.json").read_text())["rows"]}
+
+
+def test_benchmark_protocol_matches_sklearn_on_model_space(run):
+    from condiff.io.volumes import read_mask, read_volume
+    from condiff.preprocess import mask_to_slices
+
+    scans, out = run
+    res = _eval(out, "--masks", SEG, "--protocol", "benchmark")
+    assert res.exit_code == 0, res.output + res.stderr
+    assert "protocol: benchmark" in res.stdout and "AP_p" in res.stdout and "members std" in res.stdout
+    maps, masks, scores, member = [], [], [], []
+    for k in range(3):
+        rec = json.loads((out / "records" / f"case{k}.json").read_text())
+        z = np.load(out / "model_space" / f"case{k}.npz")
+        vol = read_volume(scans / f"case{k}.nii.gz")
+        m = mask_to_slices(read_mask(scans / f"case{k}_seg.nii.gz", vol), rec["geometry"])
+        keep = z["slices"].reshape(len(z["slices"]), -1).sum(1) != 0
+        maps.append(z["maps"][keep]), masks.append(m[keep]), scores.append(z["scores"][keep])
+        member.append(z["member_maps"][:, keep])
+    maps, masks, scores, member = (np.concatenate(maps), np.concatenate(masks), np.concatenate(scores),
+                                   np.concatenate(member, axis=1))
+    labels = masks.reshape(len(masks), -1).any(1)
+    assert labels.any() and not labels.all()
+    rows = _rows(out, "benchmark")
+    ens = rows["ensemble"]
+    assert abs(ens["ap_image"] - sk.average_precision_score(labels, scores)) <= 1e-10
+    assert abs(ens["auroc"] - sk.roc_auc_score(labels, scores)) <= 1e-10
+    assert abs(ens["ap_pixel"] - sk.average_precision_score(masks.ravel(), maps.ravel())) <= 1e-10
+    p, r, _ = sk.precision_recall_curve(masks.ravel(), maps.ravel())
+    with np.errstate(invalid="ignore", divide="ignore"):
+        assert abs(ens["dice"] - np.nanmax(2 * p * r / (p + r))) <= 1e-10
+    per_member = [sk.average_precision_score(masks.ravel(), member[k].ravel()) for k in range(2)]
+    for k in range(2):
+        assert abs(rows[f"member {k}"]["ap_pixel"] - per_member[k]) <= 1e-10
+    assert abs(rows["members avg"]["ap_pixel"] - np.mean(per_member)) <= 1e-10
+    assert abs(rows["members max"]["ap_pixel"] - np.max(per_member)) <= 1e-10
+    assert abs(rows["members std"]["ap_pixel"] - np.std(per_member)) <= 1e-10
+    assert (out / "metrics-benchmark.csv").read_text().startswith("protocol,row,AP_i,AUROC,AP_p,best Dice,thr\n")
+
+
+def test_native_protocol_uses_written_maps_inside_the_brain_mask(run):
+    import nibabel as nib
+
+    scans, out = run
+    res = _eval(out, "--masks", SEG)
+    assert res.exit_code == 0, res.output + res.stderr
+    assert "protocol: native" in res.stdout
+    ys, ss = [], []
+    for k in range(3):
+        amap = nib.load(str(out / "maps" / f"case{k}.nii.gz")).get_fdata(dtype=np.float32)
+        seg = np.asarray(nib.load(str(scans / f"case{k}_seg.nii.gz")).dataobj) > 0
+        brain = np.asarray(nib.load(str(scans / f"case{k}_brainmask.nii.gz")).dataobj) > 0
+        ys.append((seg & brain)[brain]), ss.append(amap[brain])
+    y, s = np.concatenate(ys), np.concatenate(ss)
+    doc = json.loads((out / "metrics-native.json").read_text())
+    ens = doc["rows"][0]
+    assert doc["protocol"] == "native" and doc["counts"]["pixels"] == y.size
+    assert abs(ens["ap_pixel"] - sk.average_precision_score(y, s)) <= 1e-10
+    # samples: the analysed axial slices (RAS volumes: the 3rd axis), scored as in the record
+    labels, scores = [], []
+    for k in range(3):
+        rec = json.loads((out / "records" / f"case{k}.json").read_text())
+        seg = np.asarray(nib.load(str(scans / f"case{k}_seg.nii.gz")).dataobj) > 0
+        for z_index, score in rec["slice_scores"]:
+            labels.append(seg[:, :, z_index].any()), scores.append(score)
+    assert abs(ens["auroc"] - sk.roc_auc_score(labels, scores)) <= 1e-10
+
+
+def test_missing_labels_fail_alone_with_exit_1(run, tmp_path):
+    scans, out = run
+    res = _eval(out, "--masks", "{dir}/{stem}_missing.nii.gz")
+    assert res.exit_code == 1
+    assert "NOT EVALUATED case0" in res.stderr and "mask not found" in res.stderr
+    # one case without a label: the others are still evaluated
+    only = tmp_path / "labels"
+    only.mkdir()
+    for k in (0, 2):
+        (only / f"case{k}_seg.nii.gz").write_bytes((scans / f"case{k}_seg.nii.gz").read_bytes())
+    res = _eval(out, "--masks", str(only) + "/{stem}_seg.nii.gz", "--protocol", "benchmark")
+    assert res.exit_code == 1 and "NOT EVALUATED case1" in res.stderr
+    doc = json.loads((out / "metrics-benchmark.json").read_text())
+    assert doc["cases"] == ["case0", "case2"] and doc["rows"][0]["row"] == "ensemble"
+
+
+def test_empty_output_folder_is_a_usage_error(tmp_path):
+    res = _eval(tmp_path, "--masks", SEG)
+    assert res.exit_code == 2 and "no finished cases" in res.stderr

@@ -1,0 +1,132 @@
+"""condiff-train end to end on a few IXI volumes at 32 px (synthetic phantom volumes without the data kit)."""
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from condiff.modelset import load_model, open_model_set
+from condiff.train.cli import main
+
+REPO = Path(__file__).resolve().parents[2]
+SHARED = Path(os.environ.get("CONDIFF_SHARED_DATA", REPO.parent / "shared" / "data"))
+SUBJECTS = ("IXI132-HH-1415", "IXI162-HH-1548")
+MASK = "{dir}/{stem}_brainmask.nii.gz"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # see tests/train/test_loop.py
+    yield
+    torch.set_num_threads(before)
+
+
+def _phantom_volumes(folder: Path) -> None:
+    import nibabel as nib
+
+    rng = np.random.default_rng(0)
+    x, y, z = np.mgrid[:40, :40, :12]
+    for i, name in enumerate(SUBJECTS):
+        inside = ((x - 20) / 15) ** 2 + ((y - 20) / 12) ** 2 + ((z - 6) / 7) ** 2 <= 1
+        data = np.where(inside, 300 + 100 * np.sin(x / 3 + i) * np.cos(y / 4) + rng.normal(0, 5, x.shape), 0)
+        affine = np.diag([4.0, 4.0, 4.0, 1.0])
+        nib.save(nib.Nifti1Image(data.astype(np.float32), affine), folder / f"{name}-T1.nii.gz")
+        nib.save(nib.Nifti1Image(inside.astype(np.uint8), affine), folder / f"{name}-T1_brainmask.nii.gz")
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("ixi")
+    if (SHARED / "ixi-t1").is_dir():
+        for s in SUBJECTS:  # image, mask and the label map that must not be taken for an image
+            for suffix in ("", "_brainmask", "_dlmuse"):
+                (folder / f"{s}-T1{suffix}.nii.gz").symlink_to(SHARED / "ixi-t1" / f"{s}-T1{suffix}.nii.gz")
+    else:
+        _phantom_volumes(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+def _run(*args):
+    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    return result.exit_code, result.output
+
+
+def _common(data_dir, cache_dir, out):
+    return ["--data", data_dir, "--mask-pattern", MASK, "--preset", "tiny", "--image-size", 32, "-o", out,
+            "--batch-size", 2, "--holdout", 1, "--workers", 0, "--cache-dir", cache_dir, "--no-progress",
+            "--log-every", 1]
+
+
+def test_cli_trains_a_fold_into_a_loadable_model_set_and_resumes(data_dir, cache_dir, tmp_path):
+    out = tmp_path / "set"
+    args = _common(data_dir, cache_dir, out) + ["--fold", 3, "--max-steps", 4, "--val-start", 2, "--val-every", 2,
+                                                "--val-max-slices", 6, "--checkpoint-every", 2]
+    code, output = _run(*args)
+    assert code == 0, output
+    summary = json.loads(output[output.index("{"):])
+    assert summary["members"] == ["fold3"] and summary["folds"][0]["steps"] == 4
+
+    ms = open_model_set(out)
+    assert len(ms) == 1
+    cfg = ms.configs[0]
+    assert cfg.fold == 3 and cfg.train_tasks == [0, 2, 3] and cfg.val_tasks == [1, 4]  # fold table §5.1
+    assert cfg.preprocessing["modality"] == "mri" and cfg.preprocessing["image_size"] == 32
+    assert cfg.preprocessing["use_mask"] is True and cfg.preprocessing["normalisation"] == "percentile"
+    tr = cfg.trained
+    assert tr["steps"] == 4 and tr["complete"] and tr["weights"] == "ema-best" and tr["best_step"] in (2, 4)
+    assert tr["effective_train_tasks"] == [0, 2, 3] and tr["effective_val_tasks"] == [4]
+    assert [(s["task"], s["role"]) for s in tr["substitutions"]] == [(1, "validation")]  # D7: recorded, not silent
+    assert tr["data"]["train"]["subjects"] == [f"{SUBJECTS[0]}-T1"]
+    assert tr["data"]["validation"]["subjects"] == [f"{SUBJECTS[1]}-T1"]  # _dlmuse and _brainmask excluded
+    assert tr["recipe"]["name"] == "reference" and tr["recipe"]["lr"] == 1e-4 and tr["code_version"]
+    model, _ = load_model(ms.member_dirs[0])
+    x = torch.zeros(2, 1, 32, 32)
+    assert model(x, x, torch.tensor([0, 999])).shape == (2, 1, 32, 32)
+    from safetensors.torch import load_file
+
+    best = load_file(str(out / "train" / "fold3" / "best" / "ema.safetensors"))
+    assert all(torch.equal(best[k], v) for k, v in model.state_dict().items())  # D6: the best EMA weights
+
+    code, output = _run(*args)  # an existing run is never overwritten silently
+    assert code == 2 and "--resume" in output
+    args[args.index("--max-steps") + 1] = 6
+    code, output = _run(*args, "--resume")
+    assert code == 0, output
+    assert open_model_set(out).configs[0].trained["steps"] == 6
+    steps = [json.loads(x)["step"] for x in (out / "train" / "fold3" / "metrics.jsonl").read_text().splitlines()
+             if json.loads(x)["kind"] == "train"]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_cli_several_folds_with_another_data_set_and_no_validation(data_dir, cache_dir, tmp_path):
+    fundus = SHARED / "fundus"
+    if not fundus.is_dir():
+        pytest.skip("fundus photographs of the data kit not found")
+    out = tmp_path / "set"
+    code, output = _run(*_common(data_dir, cache_dir, out), "--folds", "0,6", "--max-steps", 1, "--holdout", 0,
+                        "--other-data", fundus)
+    assert code == 0, output
+    ms = open_model_set(out)
+    assert [c.fold for c in ms.configs] == [0, 6]
+    for c in ms.configs:
+        assert c.trained["substitutions"] == [] and c.trained["weights"] == "ema-final"
+        assert 1 in c.trained["effective_train_tasks"]
+        assert c.trained["data"]["other_data"][0]["modality"] == "rgb"
+
+
+def test_cli_refuses_an_empty_dataset_naming_the_folder(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, output = _run("--data", empty, "--preset", "tiny", "-o", tmp_path / "out", "--no-progress")
+    assert code == 2
+    assert str(empty) in output and "no training images" in output
+    assert not (tmp_path / "out" / "set.json").exists()
