@@ -67,8 +67,10 @@ def _jsonable(value: Any) -> Any:
 @click.option("--sampler", type=click.Choice(["ddpm", "ddim"]), default="ddpm", show_default=True)
 @click.option("--members", metavar="N|I,J,...", help="First N members, or these member indices [default: all].")
 @seed_option
-@click.option("--mask", "mask_pattern", metavar="PATTERN",
-              help="Brain mask per scan, e.g. '{dir}/{stem}_brainmask.nii.gz' ({dir}, {stem}, {case}).")
+@click.option("--mask", "mask_pattern", metavar="PATTERN", default="auto", show_default=True,
+              help="Brain mask per scan: a pattern such as '{dir}/{stem}_brainmask.nii.gz' ({dir}, {stem}, "
+                   "{base} = stem without its last '_part', {case}); 'auto' = '{dir}/{stem}_brainmask.nii.gz' "
+                   "where that file exists, else the scan's own non-background voxels; 'none' = no mask.")
 @click.option("--resume/--overwrite", default=True, show_default=True,
               help="Skip cases whose record proves their outputs current, or recompute everything.")
 @click.option("--dry-run", is_flag=True, help="Check inputs and list planned outputs; loads no model.")

@@ -23,12 +23,12 @@ import torch
 from condiff import __version__
 from condiff.config import ScheduleConfig
 from condiff.errors import BackendUnavailableError, CondiffError, InputImageError, ModelSetError
-from condiff.io.cases import Case, find_mask
+from condiff.io.cases import Case
 from condiff.modelset import ModelSet, open_model_set
-from condiff.preprocess import PreprocessConfig, Prepared, prepare_image, prepare_volume
+from condiff.preprocess import PreprocessConfig, Prepared, auto_foreground, prepare_image, prepare_volume
 from condiff.sampler import SamplerPlan, make_plan
 
-from .plan import RECORD_SCHEMA, CasePlan, RunOptions, parse_members, plan_case, resume_check, sha256_path
+from .plan import AUTO_MASK, RECORD_SCHEMA, resolve_mask_path, CasePlan, RunOptions, parse_members, plan_case, resume_check, sha256_path
 from .runner import SliceJob, run_slices
 from .writer import remove_outputs, write_case_files, write_record
 
@@ -122,6 +122,8 @@ def make_context(models: str | Path, out_dir: str | Path, *, engine: str = "torc
     Raises ``CondiffError`` subclasses (exit 2 in the CLI) for an invalid set, member list,
     preprocessing contract, sampler settings or device.
     """
+    if mask_pattern in ("none", ""):
+        mask_pattern = None
     model_set = open_model_set(models)
     try:
         member_idx = parse_members(members, len(model_set))
@@ -141,7 +143,7 @@ def make_context(models: str | Path, out_dir: str | Path, *, engine: str = "torc
         raise ModelSetError(models, f"cannot build the {sampler} sampler ({exc})") from exc
     dev = resolve_device(device)
     options = RunOptions(engine=engine, precision=precision, device_type=dev.split(":")[0], sampler=sampler,
-                         steps=steps, members=tuple(member_idx), seed=seed, mask=mask_pattern is not None,
+                         steps=steps, members=tuple(member_idx), seed=seed, mask=mask_pattern,
                          restoration=restoration, model_space=model_space or member_maps, member_maps=member_maps,
                          nan_policy=nan_policy, preprocessing=preprocess.to_dict(), schedule=schedule.to_dict())
     return RunContext(out_dir=Path(out_dir), model_set=model_set, members=member_idx, options=options,
@@ -218,8 +220,8 @@ def _prepare(case: Case, ctx: RunContext) -> _Pending | CaseOutcome:
     try:
         input_sha = sha256_path(case.path)
         if ctx.mask_pattern is not None and case.kind == "volume":
-            mask_path = find_mask(case, ctx.mask_pattern)
-            mask_sha = sha256_path(mask_path)
+            mask_path = resolve_mask_path(case, ctx.mask_pattern)
+            mask_sha = None if mask_path is None else sha256_path(mask_path)
         if ctx.resume:
             reason = resume_check(ctx.out_dir, plan, input_sha256=input_sha, mask_sha256=mask_sha,
                                   model_set_digest=ctx.model_set.digest, options_digest=ctx.options_digest)
@@ -234,6 +236,10 @@ def _prepare(case: Case, ctx: RunContext) -> _Pending | CaseOutcome:
                                       "use an MRI model set for NIfTI scans")
             source = volumes.read_volume_or_slice(case.path, nan_policy=ctx.options.nan_policy)
             mask = None if mask_path is None else volumes.read_mask(mask_path, source)
+            if mask is None and ctx.preprocess.use_mask and ctx.mask_pattern == AUTO_MASK:
+                # a skull-stripped scan without a mask file: its own non-background voxels are the brain
+                mask = auto_foreground(source.data)
+                logger.info("case %s: no brain mask file, using the scan's non-background voxels", case.name)
             prepared = prepare_volume(source, ctx.preprocess, mask=mask)
             info = {"shape": [int(s) for s in source.data.shape], "spacing": [float(z) for z in source.zooms],
                     "orientation": "".join(prepared.geometry.get("input_axcodes") or [])}

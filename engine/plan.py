@@ -50,7 +50,7 @@ class RunOptions:
     steps: int = 50
     members: tuple[int, ...] = (0,)
     seed: int = 0
-    mask: bool = False
+    mask: str | None = None  # the --mask pattern ('auto' by default), None without a mask
     restoration: bool = True
     model_space: bool = False
     member_maps: bool = False
@@ -106,6 +106,20 @@ def read_record(path: str | os.PathLike) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return doc if isinstance(doc, dict) and doc.get("schema") == RECORD_SCHEMA else None
+
+
+AUTO_MASK = "auto"
+AUTO_MASK_PATTERN = "{dir}/{stem}_brainmask.nii.gz"
+
+
+def resolve_mask_path(case, pattern: str | None):
+    """The mask file for a case: ``auto`` takes ``{dir}/{stem}_brainmask.nii.gz`` where it exists
+    (None otherwise); any other pattern must resolve to a file."""
+    if pattern is None:
+        return None
+    if pattern == AUTO_MASK:
+        return find_mask(case, AUTO_MASK_PATTERN, required=False)
+    return find_mask(case, pattern)
 
 
 def resume_check(out_dir: Path, plan: CasePlan, *, input_sha256: str, mask_sha256: str | None,
@@ -210,7 +224,7 @@ def check_input(case: Case, ctx) -> str | None:
             if len(shape) not in (2, 3):
                 return f"{case.path}: expected a 3-D volume, got shape {shape}"
             if ctx.mask_pattern is not None:
-                find_mask(case, ctx.mask_pattern)
+                resolve_mask_path(case, ctx.mask_pattern)
         else:
             if ctx.preprocess.modality != "rgb":
                 return f"{case.path}: is a 2-D photograph but this model set analyses MRI volumes"
@@ -236,7 +250,8 @@ def dry_run_status(case: Case, ctx) -> tuple[str, str | None, CasePlan]:
     try:
         mask_sha = None
         if ctx.mask_pattern is not None and case.kind == "volume":
-            mask_sha = sha256_path(find_mask(case, ctx.mask_pattern))
+            mask_path = resolve_mask_path(case, ctx.mask_pattern)
+            mask_sha = None if mask_path is None else sha256_path(mask_path)
         reason = resume_check(ctx.out_dir, plan, input_sha256=sha256_path(case.path), mask_sha256=mask_sha,
                               model_set_digest=ctx.model_set.digest, options_digest=ctx.options_digest)
     except CondiffError as exc:

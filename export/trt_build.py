@@ -224,7 +224,8 @@ def build_trt(model_dir: str | Path, *, profile: BatchProfile = BatchProfile(), 
     return TrtBuild(final, sidecar, diff, build_seconds)
 
 
-def _compare_plan(plan: bytes, model: ConditionalUNet, image_shape, profile: BatchProfile, device: torch.device) -> float:
+def _compare_plan(plan: bytes, model: ConditionalUNet, image_shape: tuple[int, int, int], profile: BatchProfile,
+                  device: torch.device) -> float:
     """Max |eps_TRT - eps_torch| on one seeded batch of ``profile.min`` images, torch fp32 on the same GPU."""
     channels, size, _ = image_shape
     inputs = _example_inputs(channels, size, profile.min, seed=0)

@@ -363,8 +363,10 @@ class Trainer:
         ema = {k[4:]: v for k, v in c.tensors.items() if k.startswith("ema/")}
         self.model.load_state_dict(model, strict=True)
         self.ema.load_state_dict(ema, s["ema_updates"])
-        ckpt.optimizer_from_flat(self.optimizer, {k: v.to(self.device) for k, v in c.tensors.items()
-                                                  if k.startswith("optim/")}, s["optimizer"])
+        # CPU tensors: load_state_dict moves the moments to each parameter's device and keeps the
+        # step counters where AdamW expects them (on the CPU unless capturable/fused).
+        ckpt.optimizer_from_flat(self.optimizer, {k: v for k, v in c.tensors.items() if k.startswith("optim/")},
+                                 s["optimizer"])
         if s.get("scaler"):
             self.scaler.load_state_dict(s["scaler"])
         ckpt.set_rng_state(c.tensors, s["rng"])

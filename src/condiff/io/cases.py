@@ -145,15 +145,16 @@ def find_mask(case: Case, pattern: str, required: bool = True) -> Path | None:
 
     Placeholders: ``{dir}`` the folder holding the input file, ``{stem}`` the input's file name
     without extension(s) (``IXI132-T1`` for ``IXI132-T1.nii.gz``), ``{case}`` the case name
-    (may contain ``/``). Example: ``{dir}/{stem}_brainmask.nii.gz``. A relative result is relative
+    (may contain ``/``), ``{base}`` the stem without its last ``_part`` (``pat1`` for ``pat1_t1c``). Example: ``{dir}/{stem}_brainmask.nii.gz``. A relative result is relative
     to the current folder. A missing file raises ``InputImageError`` (or returns None when
     ``required`` is False).
     """
     stem, _ = split_suffix(case.path.name)
     try:
-        mask = Path(pattern.format(dir=str(case.path.parent), stem=stem, case=case.name))
+        base = stem.rsplit("_", 1)[0]
+        mask = Path(pattern.format(dir=str(case.path.parent), stem=stem, base=base, case=case.name))
     except (KeyError, IndexError, ValueError) as exc:
-        raise ValueError(f"mask pattern {pattern!r}: unknown placeholder {exc}; use {{dir}}, {{stem}}, {{case}}") from None
+        raise ValueError(f"mask pattern {pattern!r}: unknown placeholder {exc}; use {{dir}}, {{stem}}, {{base}}, {{case}}") from None
     if not mask.is_file():
         if not required:
             return None

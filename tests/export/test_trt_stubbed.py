@@ -1,0 +1,442 @@
+"""The TensorRT path with a fake ``tensorrt`` module: builder calls, refusals, sidecars, runtime binding.
+
+TensorRT cannot be installed on any machine this project has (performance.md §5). These tests check
+what condiff asks of TensorRT and what it does with the answers; they never show that TensorRT
+runs the network. The GPU check script is where that would be shown, once a machine has TensorRT.
+"""
+import json
+import shlex
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("onnxruntime")
+onnx = pytest.importorskip("onnx")
+
+from condiff import artifacts  # noqa: E402
+from condiff.config import ModelConfig, preset  # noqa: E402
+from condiff.errors import ArtifactError, BackendUnavailableError, ExportError  # noqa: E402
+from condiff.export import trt_build  # noqa: E402
+from condiff.export.trt_build import BatchProfile, build_engine, build_trt  # noqa: E402
+from condiff.modelset import load_model, save_model  # noqa: E402
+from condiff.unet import ConditionalUNet  # noqa: E402
+
+GPU = {"gpu_name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}
+
+
+def make_fake_tensorrt(calls: list, *, engine: bytes | None = b"ENGINE", parse_ok: bool = True,
+                       cache_matches: bool = True, onnx_seen: list | None = None) -> types.ModuleType:
+    """A stand-in for the ``tensorrt`` package that records every builder call in ``calls``."""
+    trt = types.ModuleType("tensorrt")
+    trt.__version__ = "10.99.1"
+
+    class Logger:
+        WARNING = "warning"
+
+        def __init__(self, level):
+            calls.append(("Logger", level))
+
+    class NetworkDefinitionCreationFlag:
+        EXPLICIT_BATCH = 0
+
+    class MemoryPoolType:
+        WORKSPACE = "WORKSPACE"
+
+    class BuilderFlag:
+        FP16 = "FP16"
+
+    class TimingCache:
+        def __init__(self, blob):
+            self.blob = blob
+
+        def serialize(self):
+            return b"CACHE:" + self.blob
+
+    class Profile:
+        def set_shape(self, name, lo, opt, hi):
+            calls.append(("set_shape", name, tuple(lo), tuple(opt), tuple(hi)))
+
+    class Config:
+        def __init__(self):
+            self.cache = None
+
+        def set_memory_pool_limit(self, pool, size):
+            calls.append(("set_memory_pool_limit", pool, size))
+
+        def set_flag(self, flag):
+            calls.append(("set_flag", flag))
+
+        def add_optimization_profile(self, profile):
+            calls.append(("add_optimization_profile",))
+
+        def create_timing_cache(self, blob):
+            calls.append(("create_timing_cache", bytes(blob)))
+            return TimingCache(bytes(blob))
+
+        def set_timing_cache(self, cache, ignore_mismatch):
+            calls.append(("set_timing_cache", cache.blob, ignore_mismatch))
+            ok = cache_matches or cache.blob == b""
+            if ok:
+                self.cache = cache
+            return ok
+
+        def get_timing_cache(self):
+            return self.cache
+
+    class Builder:
+        def __init__(self, logger):
+            calls.append(("Builder",))
+
+        def create_network(self, flags):
+            calls.append(("create_network", flags))
+            return object()
+
+        def create_builder_config(self):
+            return Config()
+
+        def create_optimization_profile(self):
+            return Profile()
+
+        def build_serialized_network(self, network, config):
+            calls.append(("build_serialized_network",))
+            return engine
+
+    class OnnxParser:
+        num_errors = 0 if parse_ok else 1
+
+        def __init__(self, network, logger):
+            pass
+
+        def parse_from_file(self, path):
+            calls.append(("parse_from_file", path))
+            if onnx_seen is not None:
+                onnx_seen.append(onnx.load(path))
+            return parse_ok
+
+        def get_error(self, i):
+            return "In node 12 (MultiHeadAttention): No importer registered"
+
+    class Runtime:
+        def __init__(self, logger):
+            pass
+
+        def deserialize_cuda_engine(self, data):
+            calls.append(("deserialize_cuda_engine", bytes(data)))
+            return None
+
+    for obj in (Logger, NetworkDefinitionCreationFlag, MemoryPoolType, BuilderFlag, Builder, OnnxParser, Runtime):
+        setattr(trt, obj.__name__, obj)
+    return trt
+
+
+@pytest.fixture
+def calls():
+    return []
+
+
+@pytest.fixture
+def fake_trt(monkeypatch, calls):
+    trt = make_fake_tensorrt(calls)
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    return trt
+
+
+def _model(folder: Path) -> Path:
+    torch.manual_seed(0)
+    cfg = preset("tiny", sample_size=32)
+    model = ConditionalUNet(cfg)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=g))
+    return save_model(folder, model, ModelConfig(unet=cfg))
+
+
+# ----------------------------------------------------------------------------------------- builder calls
+
+
+def test_build_engine_calls(fake_trt, calls, tmp_path):
+    cache = tmp_path / "timing.cache"
+    cache.write_bytes(b"old")
+    plan = build_engine(tmp_path / "m.onnx", image_shape=(1, 128, 128), profile=BatchProfile(2, 8, 32),
+                        workspace_gb=3, timing_cache=cache)
+    assert plan == b"ENGINE"
+    assert ("create_network", 1) in calls  # explicit batch
+    assert ("parse_from_file", str(tmp_path / "m.onnx")) in calls
+    assert ("set_flag", "FP16") in calls
+    assert ("set_memory_pool_limit", "WORKSPACE", 3 << 30) in calls
+    shapes = [c[1:] for c in calls if c[0] == "set_shape"]
+    assert shapes == [("x_t", (2, 1, 128, 128), (8, 1, 128, 128), (32, 1, 128, 128)),
+                      ("cond", (2, 1, 128, 128), (8, 1, 128, 128), (32, 1, 128, 128)),
+                      ("t", (2,), (8,), (32,))]
+    assert ("add_optimization_profile",) in calls
+    assert ("create_timing_cache", b"old") in calls and ("set_timing_cache", b"old", False) in calls
+    assert cache.read_bytes() == b"CACHE:old"  # written back after the build
+    order = [c[0] for c in calls]
+    assert order.index("set_timing_cache") < order.index("build_serialized_network")
+
+
+def test_default_profile_is_1_16_64(fake_trt, calls, tmp_path):
+    build_engine(tmp_path / "m.onnx", image_shape=(3, 64, 64))
+    assert [c[2:] for c in calls if c[0] == "set_shape" and c[1] == "t"] == [((1,), (16,), (64,))]
+    assert ("set_memory_pool_limit", "WORKSPACE", 8 << 30) in calls
+
+
+def test_none_engine_refused_and_cache_left_alone(monkeypatch, calls, tmp_path):
+    monkeypatch.setitem(sys.modules, "tensorrt", make_fake_tensorrt(calls, engine=None))
+    cache = tmp_path / "timing.cache"
+    with pytest.raises(ExportError, match="returned no engine"):
+        build_engine(tmp_path / "m.onnx", image_shape=(1, 32, 32), timing_cache=cache)
+    assert not cache.exists()
+
+
+def test_parser_errors_are_reported(monkeypatch, calls, tmp_path):
+    monkeypatch.setitem(sys.modules, "tensorrt", make_fake_tensorrt(calls, parse_ok=False))
+    with pytest.raises(ExportError, match="No importer registered"):
+        build_engine(tmp_path / "m.onnx", image_shape=(1, 32, 32))
+    assert ("build_serialized_network",) not in calls
+
+
+def test_mismatched_timing_cache_is_replaced_by_a_fresh_one(monkeypatch, calls, tmp_path, caplog):
+    monkeypatch.setitem(sys.modules, "tensorrt", make_fake_tensorrt(calls, cache_matches=False))
+    cache = tmp_path / "timing.cache"
+    cache.write_bytes(b"from-an-A100")
+    build_engine(tmp_path / "m.onnx", image_shape=(1, 32, 32), timing_cache=cache)
+    assert [c[1] for c in calls if c[0] == "set_timing_cache"] == [b"from-an-A100", b""]
+    assert cache.read_bytes() == b"CACHE:"
+    assert "does not match" in caplog.text
+
+
+def test_batch_profile_validation():
+    with pytest.raises(ValueError, match="min <= opt <= max"):
+        BatchProfile(4, 2, 8)
+    assert BatchProfile().to_dict() == {"min": 1, "opt": 16, "max": 64}
+
+
+def test_timing_cache_name_is_per_architecture_and_version(tmp_path):
+    path = trt_build.default_timing_cache(tmp_path, "10.3.0", "9.0")
+    assert path == tmp_path / "trt-timing-sm90-trt10.3.0.cache"
+
+
+# ----------------------------------------------------------------------------------------- missing tensorrt
+
+
+def test_missing_tensorrt_names_the_extra(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "tensorrt", None)  # import fails as if not installed
+    with pytest.raises(BackendUnavailableError, match=r"condiff\[trt\]"):
+        build_engine(tmp_path / "m.onnx", image_shape=(1, 32, 32))
+    from condiff.engine.backends.trt_backend import open_trt
+
+    with pytest.raises(BackendUnavailableError, match=r"condiff\[trt\]"):
+        open_trt(tmp_path)
+
+
+def test_cli_trt_without_tensorrt_fails_before_any_export(monkeypatch, tmp_path):
+    from click.testing import CliRunner
+
+    from condiff.export.cli import main
+
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    folder = _model(tmp_path / "m")
+    result = CliRunner().invoke(main, [str(folder), "--trt"])
+    assert result.exit_code == 2 and "condiff[trt]" in result.output
+    assert not (folder / "model.onnx").exists()
+
+
+def test_build_trt_needs_cuda(fake_trt, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(BackendUnavailableError, match="CUDA GPU"):
+        build_trt(_model(tmp_path / "m"))
+
+
+# ----------------------------------------------------------------------------------------- build_trt flow
+
+
+@pytest.fixture
+def gpu_stubs(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(trt_build, "gpu_identity", lambda device=0: dict(GPU))
+
+
+def test_build_trt_writes_plan_and_sidecar_from_a_tensorrt_ready_onnx(monkeypatch, calls, tmp_path, gpu_stubs):
+    seen = []
+    monkeypatch.setitem(sys.modules, "tensorrt", make_fake_tensorrt(calls, onnx_seen=seen))
+    monkeypatch.setattr(trt_build, "_compare_plan", lambda *a: 0.004)
+    folder = _model(tmp_path / "m")
+    result = build_trt(folder, profile=BatchProfile(1, 4, 8), workspace_gb=2)
+    assert result.path == folder / "model.fp16.plan" and result.path.read_bytes() == b"ENGINE"
+    # the ONNX handed to TensorRT: plain attention (no ORT contrib op), head dim padded to 16,
+    # and it was removed after the build
+    (graph,) = seen
+    ops = [n.op_type for n in graph.graph.node]
+    assert "MultiHeadAttention" not in ops and ops.count("Softmax") == 4
+    assert {o.domain for o in graph.opset_import} <= {"", "ai.onnx"}
+    pads = [n for n in graph.graph.node if n.op_type == "Pad"]
+    assert len(pads) == 12  # q, k, v in each of the 4 attention layers
+    parsed_path = Path([c for c in calls if c[0] == "parse_from_file"][0][1])
+    assert not parsed_path.exists() and not any(p.name.startswith(".condiff-trt-") for p in folder.iterdir())
+    doc = artifacts.verify_model_artifact(folder, artifacts.PLAN_NAME, kind="tensorrt",
+                                          runtime={"tensorrt_version": "10.99.1", **GPU})
+    assert doc["precision"] == "fp16" and doc["batch_profile"] == {"min": 1, "opt": 4, "max": 8}
+    assert doc["attention"] == {"variant": "sdpa", "chunk_size": None, "pad_head_dim": 16}
+    assert len(doc["onnx_sha256"]) == 64 and doc["check"]["max_abs_diff"] == 0.004
+    assert doc["check"]["onnx_max_abs_diff"] <= 1e-4
+    assert doc["timing_cache"] == str(folder / "trt-timing-sm90-trt10.99.1.cache")
+    assert (folder / "trt-timing-sm90-trt10.99.1.cache").is_file()
+
+
+def test_build_trt_fp16_mismatch_leaves_no_plan(fake_trt, monkeypatch, tmp_path, gpu_stubs):
+    monkeypatch.setattr(trt_build, "_compare_plan", lambda *a: 0.9)
+    folder = _model(tmp_path / "m")
+    with pytest.raises(ExportError, match="FP16 engine differs"):
+        build_trt(folder)
+    assert not (folder / "model.fp16.plan").exists() and not (folder / "model.fp16.plan.json").exists()
+
+
+def test_compare_plan_measures_against_torch(monkeypatch, tmp_path):
+    folder = _model(tmp_path / "m")
+    model, _ = load_model(folder)
+
+    def engine_off_by(offset):
+        def run(plan, inputs, device):
+            with torch.no_grad():
+                return model(*inputs) + offset
+        return run
+
+    monkeypatch.setattr(trt_build, "run_engine_once", engine_off_by(0.01))
+    diff = trt_build._compare_plan(b"", model, (1, 32, 32), BatchProfile(2, 2, 2), torch.device("cpu"))
+    assert diff == pytest.approx(0.01, abs=1e-5)
+
+
+def test_trt_refuses_ort_mha():
+    with pytest.raises(ValueError, match="TensorRT cannot parse"):
+        trt_build.resolve_attention("ort_mha", "trt")
+
+
+# ----------------------------------------------------------------------------------------- runtime (open_trt)
+
+
+def _plan_folder(tmp_path, **sidecar) -> Path:
+    folder = _model(tmp_path / "m")
+    plan = folder / artifacts.PLAN_NAME
+    plan.write_bytes(b"ENGINE")
+    artifacts.write_sidecar(plan, {"kind": "tensorrt", "artifact_sha256": artifacts.file_sha256(plan),
+                                   **artifacts.model_fingerprint(folder), "tensorrt_version": "10.99.1", **GPU,
+                                   "batch_profile": {"min": 1, "opt": 4, "max": 8}, "image_shape": [1, 32, 32],
+                                   "build_options": {"min_batch": 1, "opt_batch": 4, "max_batch": 8}, **sidecar})
+    return folder
+
+
+def test_open_trt_refuses_a_stale_plan(fake_trt, tmp_path):
+    from condiff.engine.backends.trt_backend import open_trt
+
+    folder = _plan_folder(tmp_path)
+    model, config = load_model(folder)
+    with torch.no_grad():
+        model.conv_in.bias.add_(0.5)
+    save_model(folder, model, config)
+    with pytest.raises(ArtifactError, match="stale") as info:
+        open_trt(folder)
+    assert f"condiff-export {shlex.quote(str(folder))} --trt --min-batch 1 --opt-batch 4 --max-batch 8" in str(info.value)
+
+
+def test_open_trt_without_cuda_is_unavailable(fake_trt, tmp_path, monkeypatch):
+    from condiff.engine.backends.trt_backend import open_trt
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(BackendUnavailableError, match="needs a CUDA GPU"):
+        open_trt(_plan_folder(tmp_path))
+
+
+def _fake_gpu(monkeypatch, name=GPU["gpu_name"], capability=(9, 0)):
+    import contextlib
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+
+
+def test_open_trt_refuses_a_plan_built_on_another_gpu(fake_trt, tmp_path, monkeypatch):
+    from condiff.engine.backends.trt_backend import open_trt
+
+    _fake_gpu(monkeypatch, name="NVIDIA H200")
+    with pytest.raises(ArtifactError, match="gpu_name 'NVIDIA H100 80GB HBM3', this machine has 'NVIDIA H200'"):
+        open_trt(_plan_folder(tmp_path))
+
+
+def test_open_trt_refuses_an_undeserializable_plan(fake_trt, calls, tmp_path, monkeypatch):
+    from condiff.engine.backends.trt_backend import open_trt
+
+    _fake_gpu(monkeypatch)
+    with pytest.raises(ArtifactError, match="could not deserialize") as info:
+        open_trt(_plan_folder(tmp_path))
+    assert ("deserialize_cuda_engine", b"ENGINE") in calls
+    assert "--trt" in str(info.value)
+
+
+# ----------------------------------------------------------------------------------------- runtime binding
+
+
+class _FakeContext:
+    """Computes eps = 2 * x_t + cond + t from whatever buffers are bound, checking shapes and addresses."""
+
+    def __init__(self, tensors_by_ptr, log):
+        self.by_ptr, self.log, self.shapes, self.addr = tensors_by_ptr, log, {}, {}
+
+    def set_input_shape(self, name, shape):
+        self.shapes[name] = tuple(shape)
+        self.log.append(("set_input_shape", name, tuple(shape)))
+        return True
+
+    def set_tensor_address(self, name, ptr):
+        self.addr[name] = ptr
+        return True
+
+    def execute_async_v3(self, stream):
+        self.log.append(("execute_async_v3", stream))
+        b = self.shapes["x_t"][0]
+        x, c, t, eps = (self.by_ptr[self.addr[n]] for n in ("x_t", "cond", "t", "eps"))
+        eps[:b] = 2 * x[:b] + c[:b] + t[:b, None, None, None]
+        return True
+
+
+def test_denoiser_pads_short_batches_to_the_profile_and_crops(monkeypatch):
+    from condiff.engine.backends import trt_backend
+
+    log = []
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: types.SimpleNamespace(cuda_stream=1234))
+    engine = types.SimpleNamespace(create_execution_context=lambda: None)
+    holder = {}
+    engine.create_execution_context = lambda: holder.setdefault("ctx", _FakeContext({}, log))
+    den = trt_backend.TrtDenoiser(engine, torch.device("cpu"), (1, 4, 4), {"min": 2, "opt": 4, "max": 8}, max_batch=6)
+    holder["ctx"].by_ptr.update({buf.data_ptr(): buf for buf in den.buffers.values()})
+    assert den.max_batch == 6 and den.precision == "fp16" and den.name == "trt"
+    g = torch.Generator().manual_seed(0)
+    for batch in (1, 5, 1):
+        x, c = torch.randn(batch, 1, 4, 4, generator=g), torch.randn(batch, 1, 4, 4, generator=g)
+        t = torch.arange(batch)
+        eps = den.denoise(x, c, t)
+        torch.testing.assert_close(eps, 2 * x + c + t[:, None, None, None].float(), rtol=0, atol=0)
+    shapes = [e[2][0] for e in log if e[0] == "set_input_shape" and e[1] == "x_t"]
+    assert shapes == [2, 5, 2]  # batch 1 padded to the profile minimum 2
+    assert all(e[1] == 1234 for e in log if e[0] == "execute_async_v3")  # torch's current stream
+    with pytest.raises(ValueError, match="exceeds max_batch"):
+        den.denoise(torch.zeros(7, 1, 4, 4), torch.zeros(7, 1, 4, 4), torch.zeros(7, dtype=torch.int64))
+
+
+def test_denoiser_refuses_max_batch_below_profile():
+    from condiff.engine.backends import trt_backend
+
+    engine = types.SimpleNamespace(create_execution_context=lambda: object())
+    with pytest.raises(BackendUnavailableError, match="profile minimum"):
+        trt_backend.TrtDenoiser(engine, torch.device("cpu"), (1, 4, 4), {"min": 4, "opt": 4, "max": 8}, max_batch=2)
+
+
+def test_sidecar_json_is_canonical(tmp_path):
+    folder = _plan_folder(tmp_path)
+    text = (folder / "model.fp16.plan.json").read_text()
+    assert text == json.dumps(json.loads(text), sort_keys=True, indent=1, ensure_ascii=False) + "\n"
