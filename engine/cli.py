@@ -4,6 +4,7 @@
     condiff-infer scans/ -o out/ --models set/ --device cuda --precision fp16
     condiff-infer scans/ -o out/ --shard 0/4          # case k goes to shard k % 4
     condiff-infer --merge out/                        # rebuild cases.csv / scores.csv from the records
+    condiff-infer scans/ -o out/ --ray auto           # on the Ray cluster 'ray start' made (or --ray local)
     condiff-eval out/ --masks '{dir}/{stem}_seg.nii.gz' [--protocol benchmark]
 
 Exit codes: 0 all cases done, 1 some failed (listed on stderr and in cases.csv), 2 usage or
@@ -82,6 +83,13 @@ def _jsonable(value: Any) -> Any:
 @click.option("--shard", metavar="I/N", help="Process only sorted cases k with k % N == I (0 <= I < N).")
 @click.option("--merge", "merge_dir", type=click.Path(path_type=Path), metavar="OUT",
               help="Only rebuild OUT/cases.csv and OUT/scores.csv from OUT/records, then exit.")
+@click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
+              help="Run on Ray: 'local' (a cluster on this machine, 127.0.0.1 only; the default when bare), 'auto' "
+                   "(the cluster 'ray start' made here) or HOST:PORT. Put it after the inputs, or write --ray=ADDRESS.")
+@click.option("--ray-workers", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Ray actors: at most one per GPU [default: one per GPU, or one per 4 CPUs].")
+@click.option("--max-retries", type=click.IntRange(min=0), default=2, show_default=True, metavar="N",
+              help="With --ray: times a case is rerun after its worker was lost (input errors are never retried).")
 @click.option("--group-slices", type=click.IntRange(min=1), default=None, hidden=True,
               help="Slices per processing group [default: 4 x batch size].")
 @progress_option
@@ -94,7 +102,7 @@ def infer_main(**kw: Any) -> None:
 
 def _infer(inputs, output, models, engine, device, precision, batch_size, steps, sampler, members, seed, mask_pattern,
            resume, dry_run, no_restoration, save_model_space, save_member_maps, nan_policy, shard, merge_dir,
-           group_slices, progress, verbose) -> int:
+           ray_address, ray_workers, max_retries, group_slices, progress, verbose) -> int:
     from condiff.io.cases import discover
 
     from . import pipeline, plan as planning, writer
@@ -109,6 +117,13 @@ def _infer(inputs, output, models, engine, device, precision, batch_size, steps,
             shard_t = planning.parse_shard(shard) if shard else None
         except ValueError as exc:
             raise click.BadParameter(str(exc), param_hint="--shard") from None
+        if ray_address is not None:
+            from .distributed import check_address
+
+            try:
+                check_address(ray_address)
+            except ValueError as exc:
+                raise click.BadParameter(str(exc), param_hint="--ray") from None
         if not inputs:
             scans = bundled("scans")
             if scans is None:
@@ -125,23 +140,39 @@ def _infer(inputs, output, models, engine, device, precision, batch_size, steps,
         n_all = len(cases)
         if shard_t is not None:
             cases = planning.select_shard(cases, *shard_t)
-        ctx = pipeline.make_context(models, output, engine=engine, device=device, precision=precision,
-                                    batch_size=batch_size, steps=steps, sampler=sampler, members=members, seed=seed,
-                                    mask_pattern=mask_pattern, restoration=not no_restoration,
-                                    model_space=save_model_space, member_maps=save_member_maps, nan_policy=nan_policy,
-                                    resume=resume, group_slices=group_slices)
+        ctx_kwargs = dict(models=models, out_dir=output, engine=engine, device=device, precision=precision,
+                          batch_size=batch_size, steps=steps, sampler=sampler, members=members, seed=seed,
+                          mask_pattern=mask_pattern, restoration=not no_restoration, model_space=save_model_space,
+                          member_maps=save_member_maps, nan_policy=nan_policy, resume=resume, group_slices=group_slices)
+        if ray_address is None:
+            ctx = pipeline.make_context(**ctx_kwargs)
+        else:
+            from condiff.optional import require
+
+            from . import distributed
+
+            require("ray", "ray")  # exit 2 with the pip command before any work
+            ctx = distributed.driver_context(ctx_kwargs)  # the workers load the networks, on their own devices
         if dry_run:
             return _dry_run(cases, ctx, n_all, shard_t)
         lock = writer.OutputLock(output, shard_t)
-        if lock.path.exists():  # fail before loading any network; acquire() below is the atomic check
-            lock.acquire()
-        pipeline.load_denoisers(ctx)
+        lock.check()  # fail before loading any network; acquire() below is the atomic check
+        if ray_address is None:
+            pipeline.load_denoisers(ctx)
+            process, run_info = pipeline.process_cases, {}
+        else:
+            run_info = {"ray": {}}
+
+            def process(cases, ctx):
+                return distributed.run_on_ray(cases, ctx_kwargs, ray_address, ray_workers, max_retries, ctx.progress,
+                                              on_work=ctx.on_work, on_outcome=ctx.on_outcome, ctx=ctx,
+                                              info=run_info["ray"])
         writer.ensure_writable(output)
         with lock:
-            return _run(cases, ctx, shard_t, arguments, progress, n_all)
+            return _run(cases, ctx, shard_t, arguments, progress, n_all, process, run_info)
 
 
-def _run(cases, ctx, shard_t, arguments, progress: bool, n_all: int) -> int:
+def _run(cases, ctx, shard_t, arguments, progress: bool, n_all: int, process=None, run_info=None) -> int:
     from tqdm import tqdm
 
     from . import pipeline, writer
@@ -151,7 +182,7 @@ def _run(cases, ctx, shard_t, arguments, progress: bool, n_all: int) -> int:
         writer.clean_orphans(out)
     log_handler = add_file_log(str(out / "condiff.log"), verbose=arguments["verbose"])
     started, t0 = _dt.datetime.now(_dt.timezone.utc), time.perf_counter()
-    n_members = len(ctx.denoisers)
+    n_members = len(ctx.members)
     bar = tqdm(total=0, unit="slice", unit_scale=1.0 / n_members, dynamic_ncols=True, file=sys.stderr,
                disable=not progress or not sys.stderr.isatty(), desc="condiff-infer")
     ctx.on_work = lambda n: (setattr(bar, "total", bar.total + n), bar.refresh())
@@ -168,7 +199,7 @@ def _run(cases, ctx, shard_t, arguments, progress: bool, n_all: int) -> int:
     outcomes: list = []
     interrupted = None
     try:
-        outcomes = pipeline.process_cases(cases, ctx)
+        outcomes = (process or pipeline.process_cases)(cases, ctx)
     except (KeyboardInterrupt, Terminated) as exc:
         interrupted = "SIGINT" if isinstance(exc, KeyboardInterrupt) else "SIGTERM"
         raise
@@ -195,7 +226,7 @@ def _run(cases, ctx, shard_t, arguments, progress: bool, n_all: int) -> int:
                            "unet_evaluations_per_s": st.n_unet_evals / st.infer_s if st.infer_s else None},
             "counts": {"cases": len(cases), **by_status}, "records": counts,
             "failed": [o.case.name for o in outcomes if o.status == "failed"],
-            "interrupted": interrupted is not None, "signal": interrupted,
+            "interrupted": interrupted is not None, "signal": interrupted, **(run_info or {}),
         }
         writer.write_run_json(out, doc, shard_t)
         logger.info("finished in %.1f s: %s%s", elapsed, by_status, " (interrupted)" if interrupted else "")
@@ -214,6 +245,8 @@ def _device_name(device: str) -> str:
     if device.startswith("cuda"):
         import torch
 
+        if not torch.cuda.is_available():  # a Ray driver without a GPU: run.json's "ray" names the workers' GPUs
+            return "cuda (remote workers)"
         return torch.cuda.get_device_name(torch.device(device))
     return platform.processor() or platform.machine()
 
@@ -292,3 +325,7 @@ def _eval(out_dir: Path, mask_pattern: str, protocol: str, verbose: int) -> int:
 
 
 __all__ = ["infer_main", "eval_main", "bundled"]
+
+
+if __name__ == "__main__":  # python -m condiff.engine.cli == condiff-infer
+    infer_main()

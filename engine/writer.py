@@ -12,6 +12,7 @@ import csv
 import io
 import logging
 import os
+import re
 import socket
 import zipfile
 from pathlib import Path
@@ -42,27 +43,52 @@ def run_json_name(shard: tuple[int, int] | None) -> str:
 class OutputLock:
     """``OUT/.condiff.lock`` (``.condiff.lock.I-of-N`` per shard), created exclusively.
 
-    O_EXCL works on every file system, network ones included; a lock left by a killed run
-    must be removed by hand, and the message says which process held it.
+    O_EXCL works on every file system, network ones included. The lock holds ``host H pid P``;
+    a lock whose process is gone from this same host (a run killed with SIGKILL, a power cut)
+    is stale and taken over with a warning. A lock from another host cannot be checked: the
+    message says which process held it and that the file must be removed by hand.
     """
 
     def __init__(self, out_dir: str | os.PathLike, shard: tuple[int, int] | None = None):
         self.path = Path(out_dir) / f".condiff.lock{shard_suffix(shard)}"
         self.held = False
 
-    def acquire(self) -> "OutputLock":
+    def _holder(self) -> str:
         try:
-            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        except FileExistsError:
+            return self.path.read_text(encoding="utf-8").strip()
+        except OSError:
+            return ""
+
+    def _conflict(self, holder: str) -> OutputConflictError:
+        return OutputConflictError(self.path.parent, f"is locked by another condiff run ({holder or 'unknown'})",
+                                   f"wait for it to finish; if no run is active, delete {self.path}")
+
+    def check(self) -> None:
+        """Raise the lock's error now if a live run holds it (a stale lock is left for ``acquire``)."""
+        if self.held or not self.path.exists():
+            return
+        holder = self._holder()
+        if not _stale(holder):
+            raise self._conflict(holder)
+
+    def acquire(self) -> "OutputLock":
+        if self.held:
+            return self
+        for attempt in range(2):
             try:
-                holder = self.path.read_text(encoding="utf-8").strip() or "unknown"
-            except OSError:
-                holder = "unknown"
-            raise OutputConflictError(self.path.parent, f"is locked by another condiff run ({holder})",
-                                      f"wait for it to finish; if no run is active, delete {self.path}") from None
-        except OSError as exc:
-            raise OutputConflictError(self.path.parent, f"is not writable ({exc.strerror})",
-                                      "choose a folder you can write to") from exc
+                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                break
+            except FileExistsError:
+                holder = self._holder()
+                if attempt or not _stale(holder):
+                    raise self._conflict(holder) from None
+                # Re-read just before removing, so a lock another run has just taken is not removed.
+                if self._holder() == holder:
+                    logger.warning("%s: removing a stale lock (%s is no longer running)", self.path, holder)
+                    self.path.unlink(missing_ok=True)
+            except OSError as exc:
+                raise OutputConflictError(self.path.parent, f"is not writable ({exc.strerror})",
+                                          "choose a folder you can write to") from exc
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(f"host {socket.gethostname()} pid {os.getpid()}\n")
         self.held = True
@@ -78,6 +104,27 @@ class OutputLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def _stale(holder: str) -> bool:
+    """True when ``holder`` (a lock's ``host H pid P``) names a process of this host that has exited."""
+    m = re.fullmatch(r"host (\S+) pid (\d+)", holder)
+    if m is None or os.name != "posix" or m.group(1) != socket.gethostname():
+        return False
+    pid = int(m.group(2))
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)  # signal 0: existence check only
+    except ProcessLookupError:
+        return True
+    except OSError:  # EPERM: alive, owned by someone else
+        return False
+    try:  # a zombie (killed, not yet reaped by its parent) has exited too
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def ensure_writable(out_dir: Path) -> None:

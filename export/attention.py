@@ -173,6 +173,7 @@ class export_warnings_off(warnings.catch_warnings):
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
         warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
         warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.onnx.*")
+        warnings.filterwarnings("ignore", message="Constant folding - Only steps=1")
         return out
 
 

@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 
 from condiff import artifacts
-from condiff.errors import ExportError
+from condiff.errors import CondiffError, ExportError
 from condiff.modelset import load_model
 from condiff.optional import require
 from condiff.unet import ConditionalUNet, sdpa_attention
@@ -62,6 +62,25 @@ def resolve_attention(attention: str, target: str = "ort") -> str:
     if attention == "ort_mha" and target != "ort":
         raise ValueError("ort_mha is an ONNX Runtime contrib operator; TensorRT cannot parse it (use sdpa or chunked)")
     return attention
+
+
+# Largest fp32 score tensor (one image, one layer) an unchunked graph may ask ONNX Runtime for.
+MAX_PLAIN_SCORE_BYTES = 1 << 30
+
+
+def largest_score_bytes(cfg) -> int:
+    """Bytes of the largest fp32 attention score tensor (heads × N × N) of one image, over all layers."""
+    n = len(cfg.block_out_channels)
+    layers = []  # (channels, resolution) of each attention layer
+    for i, kind in enumerate(cfg.down_block_types):
+        if kind == "AttnDownBlock2D":
+            layers.append((cfg.block_out_channels[i], cfg.sample_size >> i))
+    for i, kind in enumerate(cfg.up_block_types):
+        if kind == "AttnUpBlock2D":
+            layers.append((cfg.block_out_channels[n - 1 - i], cfg.sample_size >> (n - 1 - i)))
+    if cfg.add_attention:
+        layers.append((cfg.block_out_channels[-1], cfg.sample_size >> (n - 1)))
+    return max(((ch // (cfg.attention_head_dim or ch)) * (res * res) ** 2 * 4 for ch, res in layers), default=0)
 
 
 def _temp_name(final: Path) -> Path:
@@ -167,7 +186,7 @@ def write_checked_onnx(model: ConditionalUNet, final_path: str | Path, *, varian
         if before_replace is not None:
             before_replace()
         os.replace(tmp, final_path)
-    except ExportError:
+    except CondiffError:  # ExportError, or a missing onnx/onnxruntime naming its extra
         raise
     except Exception as exc:
         raise ExportError(final_path, f"ONNX export failed ({type(exc).__name__}: {exc})") from exc
@@ -192,6 +211,10 @@ def export_onnx(model_dir: str | Path, *, attention: str = "auto", opset: int = 
     if variant != "chunked":
         chunk_size = None  # only the chunked graph has chunks
     model, config = load_model(model_dir)
+    scores = largest_score_bytes(config.unet)
+    if variant == "sdpa" and scores > MAX_PLAIN_SCORE_BYTES:
+        raise ExportError(model_dir, f"--attention sdpa would make ONNX Runtime hold a {scores / 2**30:.1f} GiB attention "
+                          "score tensor per image (twice, for the softmax)", "use --attention auto or chunked")
     fingerprint = artifacts.model_fingerprint(model_dir)
     final = model_dir / artifacts.ONNX_NAME
     # A stale sidecar must never describe the new file: drop it before the rename, write the new one after.

@@ -81,7 +81,7 @@ def gpu_identity(device: torch.device | int = 0) -> dict[str, str]:
 
 def default_timing_cache(folder: Path, trt_version: str, compute_capability: str) -> Path:
     """Timing caches are per GPU architecture and TensorRT version (TensorRT warns against sharing them)."""
-    tag = re.sub(r"[^0-9A-Za-z.]+", "", f"sm{compute_capability.replace('.', '')}-trt{trt_version}")
+    tag = re.sub(r"[^0-9A-Za-z.-]+", "", f"sm{compute_capability.replace('.', '')}-trt{trt_version}")
     return folder / f"trt-timing-{tag}.cache"
 
 
@@ -144,6 +144,8 @@ def run_engine_once(plan: bytes, inputs: tuple[torch.Tensor, torch.Tensor, torch
     if context is None:
         raise ExportError(None, "TensorRT could not create an execution context (out of GPU memory?)")
     x_t, cond, t = (a.to(device).contiguous() for a in inputs)
+    if engine.get_tensor_dtype("t") == trt.int32:  # a parser that narrowed the int64 timestep input
+        t = t.to(torch.int32)
     eps = torch.empty_like(x_t)
     for name, tensor in zip((*INPUT_NAMES, OUTPUT_NAME), (x_t, cond, t, eps)):
         if name != OUTPUT_NAME:

@@ -33,7 +33,7 @@ FORMAT = "condiff.checkpoint/1"
 TENSORS = "tensors.safetensors"
 STATE = "state.json"
 MANIFEST = "manifest.json"
-MIB = 1 << 20
+MB = 1_000_000  # part sizes are decimal megabytes: "16 MB" limits are met with either reading
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 
 

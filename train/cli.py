@@ -22,7 +22,6 @@ import logging
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -216,6 +215,10 @@ def train_command(data: str, mask_pattern: str | None, modality: str, image_size
             remaining = None
             if time_budget_min is not None:
                 remaining = time_budget_min * 60.0 - (time.monotonic() - t_start)
+                if info.enabled:  # every rank must take the same decision
+                    r = torch.tensor([remaining], dtype=torch.float64, device=device)
+                    torch.distributed.all_reduce(r, op=torch.distributed.ReduceOp.MIN)
+                    remaining = float(r.item())
                 if remaining <= 0:
                     logger.warning("time budget used up; fold %d not started", fold)
                     summary.append({"fold": fold, "status": "not started (time budget)"})
@@ -313,7 +316,7 @@ def train_command(data: str, mask_pattern: str | None, modality: str, image_size
               help="Last N subjects held out for validation (0: no validation, final EMA weights exported).")
 @click.option("--checkpoint-every", type=click.IntRange(min=0), default=1000, show_default=True)
 @click.option("--checkpoint-part-mb", type=click.FloatRange(min=0.001), default=None,
-              help="Split checkpoint tensors into parts of at most this many MiB (e.g. 16).")
+              help="Split checkpoint tensors into parts of at most this many MB (10^6 bytes), e.g. 16.")
 @click.option("--val-every", type=click.IntRange(min=1), default=500, show_default=True)
 @click.option("--val-start", type=click.IntRange(min=0), default=5000, show_default=True)
 @click.option("--val-max-slices", type=click.IntRange(min=1), default=None, help="Validate on a fixed subset.")

@@ -117,3 +117,44 @@ def model_restorer(models: Sequence[torch.nn.Module], plan, *, seed: int = 0, ba
         return restored.numpy(), maps.numpy()
 
     return restore_fn
+
+
+def val_hook(context: dict, n_slices: int = 12, n_steps: int = 50, sampler: str = "ddpm"):
+    """``condiff-train --val-hook condiff.train.healing:val_hook``: the healing metric at every validation.
+
+    Uses a fixed subset of the held-out slices (the ``n_slices`` with the most foreground, evenly
+    spread), every task that has its sources, the EMA weights and the inference sampler; logs
+    ``heal_removed/<task id>``, ``heal_ap/<task id>`` and ``heal_chance/<task id>``.
+    """
+    from condiff.sampler import make_plan
+
+    images = context.get("val_images")
+    if images is None or len(images) == 0:
+        return lambda step, model: {}
+    fg = (images > 0).reshape(len(images), -1).mean(axis=1)
+    candidates = np.argsort(fg)[::-1][: max(n_slices * 3, n_slices)]
+    chosen = np.sort(candidates)[np.linspace(0, len(candidates) - 1, min(n_slices, len(candidates))).astype(int)]
+    clean = images[chosen]
+    from condiff.train.tasks import ArrayPool
+
+    pool = ArrayPool(images)
+    other = tuple(context.get("other_pools") or ())
+    task_ids = (0, 1, 2, 3, 4) if other else (0, 2, 3, 4)
+    rgb = context.get("modality") == "rgb"
+    plan = make_plan(sampler, n_steps)
+    device = context.get("device", "cpu")
+
+    def hook(step: int, model: torch.nn.Module) -> dict:
+        model.eval()
+        restore_fn = model_restorer([model], plan, seed=int(context.get("seed", 0)), batch_size=64, device=device)
+        rep = healing_report(restore_fn, clean, task_ids, seed=1234, same_pool=pool, other_pools=other,
+                             has_background=not rgb, centre=rgb)
+        out = {}
+        for row in rep.values():
+            k = row["task"]
+            out[f"heal_removed/{k}"] = row["removed"]
+            out[f"heal_ap/{k}"] = row["ap"]
+            out[f"heal_chance/{k}"] = row["chance"]
+        return out
+
+    return hook

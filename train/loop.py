@@ -251,7 +251,7 @@ class Trainer:
         self.net: nn.Module = self.model
         if self.dist.enabled:
             self.net = nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if cuda else None, broadcast_buffers=False)
+                self.model, device_ids=[self.device.index] if cuda else None)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.adam_eps,
                                            weight_decay=cfg.weight_decay)
         self.scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
@@ -387,7 +387,7 @@ class Trainer:
         path = None
         if self.dist.is_main:
             tensors, meta = self.state()
-            part = None if not self.cfg.checkpoint_part_mb else int(self.cfg.checkpoint_part_mb * ckpt.MIB)
+            part = None if not self.cfg.checkpoint_part_mb else int(self.cfg.checkpoint_part_mb * ckpt.MB)
             path = ckpt.save_checkpoint(self.work_dir / "checkpoints", self.step, tensors, meta, part)
             ckpt.prune_checkpoints(self.work_dir / "checkpoints", self.cfg.keep_checkpoints)
         if barrier and self.dist.enabled:
@@ -418,6 +418,20 @@ class Trainer:
             except json.JSONDecodeError:
                 continue
         path.write_text("".join(line + "\n" for line in keep))
+
+    def _log_train(self, acc: dict) -> dict:
+        """Log the mean loss and gradient norm since the last record (all ranks take part), then reset."""
+        n = acc["n"]
+        loss, norm = _all_reduce_sum([acc["loss"].item() / n, acc["norm"].item() / n], self.dist, self.device)
+        dt = time.monotonic() - acc["t"]
+        record = {"kind": "train", "step": self.step, "loss": loss / self.dist.world_size,
+                  "grad_norm": norm / self.dist.world_size, "lr": self.optimizer.param_groups[0]["lr"],
+                  "ema_decay": self.ema.last_decay, "images_per_s": n * self.global_batch / max(dt, 1e-9),
+                  "elapsed_s": self.elapsed_before + self._run_time()}
+        self._log(record)
+        acc["loss"].zero_(), acc["norm"].zero_()
+        acc["n"], acc["t"] = 0, time.monotonic()
+        return record
 
     def _should_validate(self) -> bool:
         return (self.val_set is not None and self.step >= self.cfg.val_start and self.cfg.val_every > 0
@@ -476,32 +490,22 @@ class Trainer:
             bar = tqdm(total=cfg.max_steps, initial=self.step, file=sys.stderr, unit="step", dynamic_ncols=True,
                        disable=not sys.stderr.isatty())
         reason = "max_steps"
-        loss_sum = torch.zeros((), device=self.device)
-        norm_sum = torch.zeros((), device=self.device)
-        n_since, t_log = 0, time.monotonic()
+        acc = {"loss": torch.zeros((), device=self.device), "norm": torch.zeros((), device=self.device),
+               "n": 0, "t": time.monotonic()}
         saved_at = None
         it = iter(loader)
         try:
             while self.step < cfg.max_steps:
                 batch = next(it)
-                loss_sum += self.forward_backward(batch)
-                norm_sum += self.optimizer_step()
-                n_since += 1
+                acc["loss"] += self.forward_backward(batch)
+                acc["norm"] += self.optimizer_step()
+                acc["n"] += 1
                 if bar is not None:
                     bar.update(1)
                 if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
-                    mean_loss, mean_norm = _all_reduce_sum([loss_sum.item() / n_since, norm_sum.item() / n_since],
-                                                           self.dist, self.device)
-                    dt = time.monotonic() - t_log
-                    record = {"kind": "train", "step": self.step, "loss": mean_loss / self.dist.world_size,
-                              "grad_norm": mean_norm / self.dist.world_size, "lr": self.optimizer.param_groups[0]["lr"],
-                              "ema_decay": self.ema.last_decay, "images_per_s": n_since * self.global_batch / max(dt, 1e-9),
-                              "elapsed_s": self.elapsed_before + self._run_time()}
-                    self._log(record)
+                    record = self._log_train(acc)
                     if bar is not None:
                         bar.set_postfix(loss=f"{record['loss']:.4g}", ma=f"{self.val.ma:.4g}" if self.val.ma else "-")
-                    loss_sum.zero_(), norm_sum.zero_()
-                    n_since, t_log = 0, time.monotonic()
                 if self._should_validate():
                     self._run_validation()
                     if self.val.best_step is not None and self.step - self.val.best_step > cfg.patience:
@@ -512,7 +516,8 @@ class Trainer:
                     saved_at = self.step
                 if reason == "early_stopping":
                     break
-                stop = self._stop_requested()
+                # Under DDP the stop flag is all-reduced, a host sync: poll every 10 steps there.
+                stop = self._stop_requested() if not self.dist.enabled or self.step % 10 == 0 else None
                 if stop:
                     reason = stop
                     break
@@ -520,6 +525,8 @@ class Trainer:
             del it
             if bar is not None:
                 bar.close()
+        if acc["n"]:
+            self._log_train(acc)
         if reason == "max_steps":
             self.finished = reason
         if saved_at != self.step and (self.step != start_step or not ckpt.list_checkpoints(self.work_dir / "checkpoints")):

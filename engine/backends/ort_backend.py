@@ -34,11 +34,16 @@ def _provider_name(provider: str | None, device: torch.device) -> str:
     return PROVIDERS[provider.lower()]
 
 
-def _resolve_device(device, provider: str | None) -> torch.device:
-    if device in (None, "auto"):
-        wants_gpu = provider is not None and provider.lower() in ("cuda", "tensorrt", PROVIDERS["cuda"], PROVIDERS["tensorrt"])
+def _resolve_device(device, provider: str | None, available: list[str]) -> torch.device:
+    """``None``/``auto``: the GPU when a GPU provider is requested, or when none is named and both this
+    onnxruntime (CUDA provider) and torch (CUDA device) can use one; otherwise the CPU."""
+    if device not in (None, "auto"):
+        return torch.device(device)
+    if provider is not None:
+        wants_gpu = provider.lower() in ("cuda", "tensorrt") or provider in (PROVIDERS["cuda"], PROVIDERS["tensorrt"])
         return torch.device("cuda" if wants_gpu else "cpu")
-    return torch.device(device)
+    gpu_ready = device == "auto" and PROVIDERS["cuda"] in available and torch.cuda.is_available()
+    return torch.device("cuda" if gpu_ready else "cpu")
 
 
 def _session_providers(name: str, device: torch.device, precision: str, model_dir: Path) -> list:
@@ -105,7 +110,9 @@ def open_ort(model_dir: str | Path, *, device=None, precision: str = "fp32", max
     ``precision`` is fp32 (the exported graph); fp16 only through the TensorRT provider.
     """
     model_dir = Path(model_dir)
-    dev = _resolve_device(device, provider)
+    ort = require("onnxruntime", "ort")
+    available = ort.get_available_providers()
+    dev = _resolve_device(device, provider, available)
     name = _provider_name(provider, dev)
     if (name == PROVIDERS["cpu"]) != (dev.type == "cpu"):
         raise BackendUnavailableError(None, f"provider {name} does not run on device {dev}",
@@ -115,8 +122,6 @@ def open_ort(model_dir: str | Path, *, device=None, precision: str = "fp32", max
     if precision == "fp16" and name != PROVIDERS["tensorrt"]:
         raise BackendUnavailableError(None, "the ort engine runs the fp32 ONNX graph; fp16 needs the TensorRT provider",
                                       "use --precision fp32, or --engine trt for an FP16 engine")
-    ort = require("onnxruntime", "ort")
-    available = ort.get_available_providers()
     if name not in available:
         raise BackendUnavailableError(None, f"ONNX Runtime provider {name} is not available (this onnxruntime offers "
                                       f"{', '.join(available)})",

@@ -35,7 +35,8 @@ class TrtDenoiser:
     precision = "fp16"
 
     def __init__(self, engine, device: torch.device, image_shape: tuple[int, int, int], profile: dict,
-                 max_batch: int, cuda_graph: bool = False, sidecar: dict | None = None):
+                 max_batch: int, cuda_graph: bool = False, sidecar: dict | None = None,
+                 t_dtype: torch.dtype = torch.int64):
         self.engine = engine
         self.context = engine.create_execution_context()
         if self.context is None:
@@ -54,7 +55,8 @@ class TrtDenoiser:
         self.buffers = {
             "x_t": torch.zeros(n, *self.image_shape, device=device, dtype=torch.float32),
             "cond": torch.zeros(n, *self.image_shape, device=device, dtype=torch.float32),
-            "t": torch.zeros(n, device=device, dtype=torch.int64),
+            # int64 as exported; int32 if this TensorRT's parser narrowed the timestep input
+            "t": torch.zeros(n, device=device, dtype=t_dtype),
             OUTPUT: torch.zeros(n, *self.image_shape, device=device, dtype=torch.float32),
         }
         self._graph: torch.cuda.CUDAGraph | None = None
@@ -149,5 +151,6 @@ def open_trt(model_dir: str | Path, *, device=None, precision: str = "fp16", max
     if engine is None:
         raise ArtifactError(plan_path, "TensorRT could not deserialize the plan", hint)
     profile = sidecar["batch_profile"]
+    t_dtype = torch.int32 if engine.get_tensor_dtype("t") == trt.int32 else torch.int64
     return TrtDenoiser(engine, dev, tuple(sidecar["image_shape"]), profile,
-                       max_batch or int(profile["opt"]), cuda_graph, sidecar)
+                       max_batch or int(profile["opt"]), cuda_graph, sidecar, t_dtype)

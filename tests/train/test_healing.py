@@ -59,3 +59,16 @@ def test_removed_share_float64_oracle():
     c[:, 0][mask] += 0.4
     restored = x0 + 0.25 * (c - x0)  # removes three quarters of the anomaly
     assert removed_share(x0, c, restored, mask) == pytest.approx(0.75, abs=1e-12)
+
+
+def test_val_hook_logs_every_task_with_finite_values():
+    from condiff.config import preset
+    from condiff.train.healing import val_hook
+    from condiff.unet import ConditionalUNet
+
+    clean = _phantoms(n=6, size=32)
+    hook = val_hook({"val_images": clean, "device": "cpu", "seed": 0}, n_slices=3, n_steps=2, sampler="ddim")
+    out = hook(100, ConditionalUNet(preset("tiny", 1, sample_size=32)))
+    for k in (0, 2, 3, 4):
+        assert np.isfinite(out[f"heal_removed/{k}"]) and 0 <= out[f"heal_ap/{k}"] <= 1
+        assert 0 < out[f"heal_chance/{k}"] < 1

@@ -130,3 +130,29 @@ def test_cli_refuses_an_empty_dataset_naming_the_folder(tmp_path):
     assert code == 2
     assert str(empty) in output and "no training images" in output
     assert not (tmp_path / "out" / "set.json").exists()
+
+
+def test_sigterm_stops_cleanly_with_a_checkpoint_and_a_model_folder(data_dir, cache_dir, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "set"
+    cmd = [sys.executable, "-m", "condiff.train.cli"] + [str(a) for a in _common(data_dir, cache_dir, out)] + [
+        "--fold", "0", "--max-steps", "100000", "--holdout", "0", "--checkpoint-every", "0"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    log = out / "train" / "fold0" / "metrics.jsonl"
+    deadline = time.monotonic() + 90
+    while not (log.is_file() and log.read_text().count("\n") >= 2):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 143, stderr[-2000:]
+    trained = open_model_set(out).configs[0].trained
+    assert trained["stop_reason"] == "signal" and not trained["complete"] and trained["steps"] >= 2
+    from condiff.train.checkpoint import latest_checkpoint, load_checkpoint
+
+    assert load_checkpoint(latest_checkpoint(out / "train" / "fold0" / "checkpoints")).step == trained["steps"]

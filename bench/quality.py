@@ -1,0 +1,239 @@
+"""Quality of a model set: the healing metric on held-out healthy slices and detection on real lesions.
+
+    python bench/quality.py --models SET --data ../shared/data --out DIR [--engine fast --precision fp16 --device cuda]
+    python bench/quality.py --smoke --out DIR        # CI: tiny random set on generated phantoms
+
+Synthetic (``--synthetic``): the last ``--holdout`` IXI subjects (those condiff-train holds out),
+prepared with the set's own contract, corrupted by each task at fixed seeds; per task the share
+of the anomaly the restoration removes and the map's pixel AP against the anomaly mask, with chance.
+Lesions (``--lesions``): condiff-infer on the BraTS T1c cases (brain masks) and the MS T1 cases, then
+condiff-eval's benchmark protocol (AP_i, AUROC, AP_p, best Dice; ensemble and per member
+avg/max/std), beside two non-learned baselines computed on the same slices: the normalised
+intensity ("bright") and its complement ("dark") inside the brain.
+Writes ``quality.json`` and ``quality.md``.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+LESION_SETS = {
+    "brats-t1c": {"folder": "brats-tumour", "mask": "{dir}/{base}_brainmask.nii.gz", "labels": "{dir}/{base}_seg.nii.gz"},
+    "ms-t1": {"folder": "ms-lesion", "mask": "auto", "labels": "{dir}/{base}_lesionmask.nii.gz"},
+}
+
+
+def _versions() -> dict:
+    import torch
+
+    import condiff
+    return {"condiff": condiff.__version__, "torch": torch.__version__, "cuda": torch.version.cuda,
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "python": platform.python_version(), "machine": platform.node(), "cpu": platform.processor()}
+
+
+def baseline_rows(out_dir: Path, label_pattern: str) -> dict:
+    """AP_p of the intensity baselines on exactly the slices and masks the benchmark protocol uses."""
+    from condiff.engine.evaluate import _benchmark_case
+    from condiff.engine.writer import load_records
+    from condiff.metrics import average_precision
+
+    bright, dark, masks = [], [], []
+    for rec in load_records(out_dir):
+        if rec.get("status") != "ok":
+            continue
+        _, m, _, _ = _benchmark_case(out_dir, rec, label_pattern)
+        npz = np.load(out_dir / "model_space" / f"{rec['case']}.npz")
+        slices, fg = npz["slices"][:, 0], npz["foreground"]
+        keep = slices.reshape(len(slices), -1).sum(axis=1) != 0
+        bright.append((slices * fg)[keep])
+        dark.append(((1 - slices) * fg)[keep])
+        masks.append(m)
+    masks = np.concatenate(masks).ravel()
+    return {"bright": {"ap_pixel": average_precision(masks, np.concatenate(bright).ravel())},
+            "dark": {"ap_pixel": average_precision(masks, np.concatenate(dark).ravel())},
+            "chance": {"ap_pixel": float(masks.mean())}}
+
+
+def run_lesions(args, report: dict) -> None:
+    from condiff.engine.evaluate import evaluate
+
+    for name, spec in LESION_SETS.items():
+        folder = Path(args.data) / spec["folder"]
+        if not folder.is_dir():
+            report["lesions"][name] = {"skipped": f"{folder} not found"}
+            continue
+        out = Path(args.out) / name
+        cmd = [sys.executable, "-m", "condiff.engine.cli", str(folder), "-o", str(out), "--models", str(args.models),
+               "--engine", args.engine, "--precision", args.precision, "--device", args.device,
+               "--steps", str(args.steps), "--sampler", args.sampler, "--mask", spec["mask"], "--save-model-space",
+               "--save-member-maps", "--no-progress", "--overwrite"]
+        if args.batch_size:
+            cmd += ["--batch-size", str(args.batch_size)]
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        elapsed = time.perf_counter() - t0
+        if proc.returncode not in (0, 1):
+            report["lesions"][name] = {"error": proc.stderr[-2000:], "command": " ".join(cmd)}
+            continue
+        ev = evaluate(out, spec["labels"], "benchmark").to_dict()
+        run = json.loads((out / "run.json").read_text()) if (out / "run.json").is_file() else {}
+        report["lesions"][name] = {"command": " ".join(cmd), "wall_s": elapsed, "evaluation": ev,
+                                   "baselines": baseline_rows(out, spec["labels"]),
+                                   "throughput": run.get("throughput")}
+
+
+def run_synthetic(args, report: dict) -> None:
+    import torch
+
+    from condiff.engine.backends import open_denoiser
+    from condiff.io.cases import find_mask, discover
+    from condiff.io.volumes import read_mask, read_volume
+    from condiff.modelset import open_model_set
+    from condiff.preprocess import PreprocessConfig, prepare_volume
+    from condiff.sampler import make_plan
+    from condiff.train.healing import healing_report
+    from condiff.train.tasks import ArrayPool
+
+    ms = open_model_set(args.models)
+    cfg = PreprocessConfig.from_dict(ms.preprocessing)
+    cases = discover([Path(args.data) / "ixi-t1"])
+    held = cases[-args.holdout:]
+    slices = []
+    for case in held:
+        vol = read_volume(case.path)
+        mask = read_mask(find_mask(case, "{dir}/{stem}_brainmask.nii.gz"), vol)
+        prep = prepare_volume(vol, cfg, mask=mask)
+        fg = prep.foreground.reshape(len(prep.slices), -1).mean(axis=1)
+        slices.append(prep.slices[fg > 0.15])  # slices with a real brain section
+    clean = np.concatenate(slices)
+    if args.max_slices and len(clean) > args.max_slices:
+        clean = clean[np.linspace(0, len(clean) - 1, args.max_slices).astype(int)]
+    denoisers = [open_denoiser(args.engine, d, device=args.device, precision=args.precision,
+                               max_batch=args.batch_size or 64) for d in ms.member_dirs]
+    plan = make_plan(args.sampler, args.steps)
+
+    from condiff.engine.runner import SliceJob, run_slices
+
+    def restore_fn(cond):
+        jobs = [SliceJob(torch.from_numpy(np.ascontiguousarray(c, np.float32)), "healing", i) for i, c in enumerate(cond)]
+        res = run_slices(denoisers, jobs, plan, seed=0, batch_size=args.batch_size or 64)
+        return np.stack([r.restoration.numpy() for r in res]), np.stack([r.amap.numpy() for r in res])
+
+    t0 = time.perf_counter()
+    rep = healing_report(restore_fn, clean, (0, 2, 3, 4), seed=1234, same_pool=ArrayPool(clean))
+    report["synthetic"] = {"subjects": [c.name for c in held], "n_clean_slices": int(len(clean)),
+                           "tasks": rep, "wall_s": time.perf_counter() - t0}
+
+
+def write_markdown(report: dict, path: Path) -> None:
+    lines = [f"# condiff quality report", "", f"- date: {report['date']}", f"- command: `{report['command']}`",
+             f"- versions: {report['versions']}", ""]
+    if report.get("synthetic"):
+        s = report["synthetic"]
+        lines += [f"## Healing on held-out healthy slices ({s['n_clean_slices']} slices of {', '.join(s['subjects'])})", "",
+                  "| task | removed | map AP | chance | slices |", "|---|---|---|---|---|"]
+        for name, row in s["tasks"].items():
+            lines.append(f"| {row['task']} {name} | {row['removed']:.3f} | {row['ap']:.3f} | {row['chance']:.3f} | {row['n_slices']} |")
+        lines.append("")
+    for name, res in report.get("lesions", {}).items():
+        lines.append(f"## {name}")
+        if "evaluation" not in res:
+            lines += [f"not run: {res.get('skipped') or res.get('error', '')[:300]}", ""]
+            continue
+        ev = res["evaluation"]
+        lines += [f"protocol: {ev['protocol']} — {ev['description']}; counts {ev['counts']}", "",
+                  "| row | AP_i | AUROC | AP_p | best Dice |", "|---|---|---|---|---|"]
+        for row in ev["rows"]:
+            cells = [row.get(k) for k in ("ap_image", "auroc", "ap_pixel", "dice")]
+            lines.append(f"| {row['row']} | " + " | ".join("" if v is None else f"{v:.3f}" for v in cells) + " |")
+        for b, vals in res["baselines"].items():
+            lines.append(f"| baseline: {b} | | | {vals['ap_pixel']:.3f} | |")
+        lines.append("")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def make_smoke_inputs(root: Path) -> tuple[Path, Path]:
+    """A tiny random model set and a lesion-style data folder (phantom volumes + brain masks + labels)."""
+    import nibabel as nib
+    import torch
+
+    from condiff.config import ModelConfig, preset
+    from condiff.modelset import save_model, save_model_set
+    from condiff.preprocess import PreprocessConfig
+    from condiff.unet import ConditionalUNet
+
+    pre = PreprocessConfig(modality="mri", image_size=32, fov_mm=64.0, normalisation="percentile", use_mask=True)
+    set_dir = root / "models"
+    for k in range(2):
+        torch.manual_seed(k)
+        cfg = preset("tiny", 1, sample_size=32)
+        save_model(set_dir / f"fold{k}", ConditionalUNet(cfg), ModelConfig(unet=cfg, preprocessing=pre.to_dict(), fold=k))
+    save_model_set(set_dir, [set_dir / "fold0", set_dir / "fold1"])
+    data = root / "data" / "brats-tumour"
+    data.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    zz, yy, xx = np.mgrid[:40, :40, :6]
+    for i in range(2):
+        brain = ((zz - 20) ** 2 + (yy - 20) ** 2) < 15 ** 2
+        img = np.where(brain, 0.5 + 0.1 * rng.standard_normal(brain.shape), -1.0).astype(np.float32)
+        lesion = ((zz - 14 - 4 * i) ** 2 + (yy - 22) ** 2 < 16) & (xx > 1) & (xx < 4)
+        img[lesion] += 1.0
+        aff = np.diag([2.0, 2.0, 2.0, 1.0])
+        nib.save(nib.Nifti1Image(img, aff), data / f"case{i}_t1c.nii.gz")
+        nib.save(nib.Nifti1Image(brain.astype(np.uint8), aff), data / f"case{i}_brainmask.nii.gz")
+        nib.save(nib.Nifti1Image((lesion * 2).astype(np.uint8), aff), data / f"case{i}_seg.nii.gz")
+    return set_dir, root / "data"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models")
+    ap.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"))
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--engine", default="torch")
+    ap.add_argument("--precision", default="fp32")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--sampler", default="ddpm")
+    ap.add_argument("--batch-size", type=int)
+    ap.add_argument("--holdout", type=int, default=2)
+    ap.add_argument("--max-slices", type=int, default=48)
+    ap.add_argument("--synthetic", action="store_true")
+    ap.add_argument("--lesions", action="store_true")
+    ap.add_argument("--smoke", action="store_true", help="CI: tiny random set on generated phantoms, 2 DDIM steps")
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.smoke:
+        args.models, args.data = map(str, make_smoke_inputs(out / "smoke-inputs"))
+        args.steps, args.sampler, args.device, args.lesions = 2, "ddim", "cpu", True
+        LESION_SETS.pop("ms-t1", None)
+    if not (args.synthetic or args.lesions):
+        args.synthetic = args.lesions = True
+    if not args.models:
+        ap.error("--models is required (or --smoke)")
+    report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "command": " ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])]), "versions": _versions(),
+              "models": args.models, "engine": args.engine, "precision": args.precision, "steps": args.steps,
+              "sampler": args.sampler, "lesions": {}}
+    if args.synthetic and (Path(args.data) / "ixi-t1").is_dir():
+        run_synthetic(args, report)
+    if args.lesions:
+        run_lesions(args, report)
+    (out / "quality.json").write_text(json.dumps(report, indent=1, sort_keys=True, default=float) + "\n")
+    write_markdown(report, out / "quality.md")
+    print((out / "quality.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

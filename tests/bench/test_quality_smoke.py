@@ -1,0 +1,49 @@
+"""bench/quality.py in smoke mode: the report is produced and agrees with scikit-learn on the written maps."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_quality_smoke_report_is_self_consistent(tmp_path):
+    sklearn_metrics = pytest.importorskip("sklearn.metrics")
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "quality.py"), "--smoke", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "quality.json").read_text())
+    assert (tmp_path / "quality.md").is_file()
+    res = report["lesions"]["brats-t1c"]
+    rows = {r["row"]: r for r in res["evaluation"]["rows"]}
+    for row in rows.values():
+        for k in ("ap_image", "auroc", "ap_pixel", "dice"):
+            if row.get(k) is not None:
+                assert 0.0 <= row[k] <= 1.0
+    # recompute the ensemble row from the written model-space maps with scikit-learn
+    from condiff.engine.evaluate import _benchmark_case
+    from condiff.engine.writer import load_records
+
+    out = tmp_path / "brats-t1c"
+    maps, masks, scores = [], [], []
+    for rec in load_records(out):
+        m, y, s, _ = _benchmark_case(out, rec, "{dir}/{base}_seg.nii.gz")
+        maps.append(m), masks.append(y), scores.append(s)
+    maps, masks, scores = np.concatenate(maps), np.concatenate(masks), np.concatenate(scores)
+    labels = masks.reshape(len(masks), -1).any(axis=1)
+    ens = rows["ensemble"]
+    assert ens["ap_pixel"] == pytest.approx(sklearn_metrics.average_precision_score(masks.ravel(), maps.ravel()), abs=1e-9)
+    assert ens["auroc"] == pytest.approx(sklearn_metrics.roc_auc_score(labels, scores), abs=1e-9)
+    assert ens["ap_image"] == pytest.approx(sklearn_metrics.average_precision_score(labels, scores), abs=1e-9)
+    p, r, _ = sklearn_metrics.precision_recall_curve(masks.ravel(), maps.ravel())
+    with np.errstate(invalid="ignore", divide="ignore"):
+        dice = np.nanmax(2 * p * r / (p + r))
+    assert ens["dice"] == pytest.approx(dice, abs=1e-9)
+    # members avg is the mean of the member rows
+    members = [r for name, r in rows.items() if name.startswith("member ")]
+    assert rows["members avg"]["ap_pixel"] == pytest.approx(np.mean([m["ap_pixel"] for m in members]), abs=1e-12)
+    base = res["baselines"]
+    assert base["chance"]["ap_pixel"] == pytest.approx(masks.mean(), abs=1e-12)
