@@ -13,13 +13,14 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DRY=${GPU_CHECK_DRY:-0}
-OUT=${OUT:-bench/results/gpu-$(date +%Y%m%d)}
-mkdir -p "$OUT"
+FINAL=${OUT:-bench/results/gpu-$(date +%Y%m%d)}   # what comes back: <= 8 files (device tool limit)
+STAGE=$(mktemp -d /tmp/gpu_check.XXXX)
+OUT="$STAGE/report"        # reports (JSON, Markdown, PNG, logs): packed into gpu_results.tgz
+RES="$STAGE/work"          # bulky intermediates: mostly left behind
+mkdir -p "$FINAL" "$OUT" "$RES"
 LOG="$OUT/gpu_check.log"
-RES="$OUT/work"
-mkdir -p "$RES"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD/src/..:${PYTHONPATH:-}"
-TRAIN_MIN=${TRAIN_MIN:-3.0}
+TRAIN_MIN=${TRAIN_MIN:-2.0}
 DATA=${DATA:-.carry/data}
 [ -d "$DATA" ] || DATA=../shared/data
 if [ "$DRY" = 1 ]; then TRAIN_MIN=0.3; fi
@@ -45,34 +46,72 @@ python3 -m pip install -q --no-deps --no-build-isolation -e . > "$RES/install.tx
   lscpu | grep 'Model name'; } 2>&1 | tee "$OUT/environment.txt" | tee -a "$LOG"
 
 section "2 GPU tests"
-run 150 pytest_gpu python3 -m pytest -q -m gpu tests/engine/test_graphs.py tests/engine/test_ssim_cuda.py
+run 75 pytest_gpu python3 -m pytest -q -m gpu -p no:cacheprovider tests/engine/test_graphs.py tests/engine/test_ssim_cuda.py
 
 section "3 SSIM kernel benchmark"
-if [ "$DRY" = 1 ]; then SSIM_ARGS="--batch 2 --repeats 2"; else SSIM_ARGS="--batch 40 400 --channels 1 3 --repeats 20"; fi
-run 60 bench_ssim python3 bench/ssim.py $SSIM_ARGS --json "$OUT/ssim.json"
+if [ "$DRY" = 1 ]; then SSIM_ARGS="--batch 2 --repeats 2"; else SSIM_ARGS="--batch 40 400 --channels 1 3 --repeats 20 --half-x"; fi
+run 35 bench_ssim python3 bench/ssim.py $SSIM_ARGS --json "$OUT/ssim.json"
 
 section "4 throughput"
 if [ "$DRY" = 1 ]; then
     run 300 throughput_smoke python3 bench/throughput.py --smoke --out "$OUT"
 else
-    run 170 throughput_paper python3 bench/throughput.py --preset paper --batch-sizes 8 32 --steps 10 --repeats 5 \
-        --engines torch fast --precisions fp32 fp16 --device cuda --out "$OUT"
-    run 110 throughput_symmetric python3 bench/throughput.py --preset symmetric --batch-sizes 32 128 --steps 10 --repeats 5 \
-        --engines torch fast --precisions fp32 fp16 --device cuda --out "$OUT"
+    run 110 throughput_paper python3 bench/throughput.py --preset paper --batch-sizes 8 32 --steps 10 --repeats 5 \
+        --engines torch fast --precisions fp32 fp16 --fp32-steps 2 --fp32-batch-sizes 8 --device cuda --out "$OUT"
+    run 70 throughput_symmetric python3 bench/throughput.py --preset symmetric --batch-sizes 32 128 --steps 10 --repeats 5 \
+        --engines torch fast --precisions fp32 fp16 --fp32-steps 2 --fp32-batch-sizes 32 --device cuda --out "$OUT"
 fi
 
-section "5 train demo members"
-TRAIN_OUT="$RES/demo-set"
-for fold in 0 4 8; do
-    timeout --signal=INT $(python3 -c "print(int($TRAIN_MIN*60+90))") python3 -m condiff.train.cli \
-        --data "$DATA/ixi-t1" --mask-pattern '{dir}/{stem}_brainmask.nii.gz' --preset small --fold $fold \
-        -o "$TRAIN_OUT" --batch-size 64 --time-budget-min "$TRAIN_MIN" --holdout 2 --no-progress \
-        > "$RES/train_fold$fold.txt" 2>&1 &
+section "5 train demo members (small preset, IXI T1, time-boxed)"
+FOLDS=${FOLDS:-"0 4 8"}
+if [ "$DRY" = 1 ]; then TRAIN_ARGS="--preset tiny --image-size 32 --batch-size 4 --max-steps 3 --val-start 2 --val-every 2 --val-max-slices 8"; \
+else TRAIN_ARGS="--preset small --batch-size 64 --val-start 500 --val-every 500 --val-max-slices 128"; fi
+OTHER=""; [ -d "$DATA/fundus" ] && OTHER="--other-data $DATA/fundus"
+for fold in $FOLDS; do
+    timeout --signal=INT $(python3 -c "print(int($TRAIN_MIN*60+60))") python3 -m condiff.train.cli \
+        --data "$DATA/ixi-t1" --mask-pattern '{dir}/{stem}_brainmask.nii.gz' $OTHER --fold $fold \
+        -o "$RES/train-fold$fold" --time-budget-min "$TRAIN_MIN" --holdout 2 $TRAIN_ARGS \
+        --val-hook condiff.train.healing:val_hook --checkpoint-every 1000 --checkpoint-part-mb 16 \
+        --weights-dtype fp16 --workers 5 --no-progress > "$RES/train_fold$fold.txt" 2>&1 &
 done
 wait
-for fold in 0 4 8; do echo "[train fold $fold]" | tee -a "$LOG"; tail -n 8 "$RES/train_fold$fold.txt" >> "$LOG"; done
+for fold in $FOLDS; do
+    echo "[train fold $fold]" | tee -a "$LOG"; tail -n 12 "$RES/train_fold$fold.txt" >> "$LOG"
+    cp "$RES/train-fold$fold/train/fold$fold/metrics.jsonl" "$RES/metrics-fold$fold.jsonl" 2>/dev/null
+done
+python3 - "$RES" $FOLDS <<'PY' 2>&1 | tee -a "$LOG"
+import shutil, sys
+from pathlib import Path
+from condiff.modelset import save_model_set
+res, folds = Path(sys.argv[1]), sys.argv[2:]
+demo = res / "demo-set"
+members = []
+for f in folds:
+    src = res / f"train-fold{f}" / f"fold{f}"
+    if (src / "model.safetensors").is_file():
+        shutil.copytree(src, demo / f"fold{f}", dirs_exist_ok=True)
+        members.append(demo / f"fold{f}")
+if members:
+    save_model_set(demo, members, name="condiff demo set (small preset, IXI T1)")
+print("demo set members:", [m.name for m in members])
+PY
 
-section "6 evaluate and pack"
-# (filled in once the inference CLI lands)
-tar -czf "$OUT/gpu_results.tgz" -C "$RES" . 2>/dev/null
-ls -la "$OUT" | tee -a "$LOG"
+section "6 quality of the demo set (fast engine) and pack"
+if [ -f "$RES/demo-set/set.json" ]; then
+    if [ "$DRY" = 1 ]; then Q="--engine torch --precision fp32 --device cpu --steps 2 --sampler ddim --max-slices 4"; \
+    else Q="--engine torch --precision fp32 --device cuda --batch-size 64"; fi
+    run 120 quality python3 bench/quality.py --models "$RES/demo-set" --data "$DATA" --out "$RES/quality" $Q
+    cp "$RES/quality/quality.md" "$RES/quality/quality.json" "$OUT/" 2>/dev/null
+    # the lesion outputs' overlays only (model-space arrays are too big to bring back)
+    mkdir -p "$RES/overlays" && cp "$RES"/quality/*/overlays/*.png "$RES/overlays/" 2>/dev/null
+    for fold in $FOLDS; do  # one archive per member: each stays under the 16 MiB per-file limit
+        [ -d "$RES/demo-set/fold$fold" ] && tar -czf "$FINAL/demo-fold$fold.tgz" -C "$RES/demo-set" "fold$fold"
+    done
+    cp "$RES/demo-set/set.json" "$OUT/demo-set.json"
+fi
+mkdir -p "$OUT/logs" && cp "$RES"/*.txt "$RES"/*.jsonl "$OUT/logs/" 2>/dev/null
+cp -r "$RES/overlays" "$OUT/" 2>/dev/null
+ls -la "$OUT" "$FINAL" | tee -a "$LOG"
+tar -czf "$FINAL/gpu_results.tgz" -C "$STAGE" report
+cp "$LOG" "$FINAL/"
+du -sh "$FINAL"/*

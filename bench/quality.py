@@ -75,7 +75,7 @@ def run_lesions(args, report: dict) -> None:
         cmd = [sys.executable, "-m", "condiff.engine.cli", str(folder), "-o", str(out), "--models", str(args.models),
                "--engine", args.engine, "--precision", args.precision, "--device", args.device,
                "--steps", str(args.steps), "--sampler", args.sampler, "--mask", spec["mask"], "--save-model-space",
-               "--save-member-maps", "--no-progress", "--overwrite"]
+               "--save-member-maps", "--no-restoration", "--no-progress", "--overwrite"]
         if args.batch_size:
             cmd += ["--batch-size", str(args.batch_size)]
         t0 = time.perf_counter()

@@ -114,7 +114,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--engines", nargs="+", default=list(ENGINES),
                    help="engine or engine:precision (torch, ort, fast); a bare name runs every --precisions")
     p.add_argument("--precisions", nargs="+", choices=PRECISIONS, default=None,
-                   help="default: fp32 on the CPU, fp32 fp16 on CUDA")
+                   help="for bare --engines names; default: fp32 on the CPU, fp16 on CUDA (fp32 is the baseline)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--repeats", type=int, default=5, help="timed runs per row (>= 5)")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs first (>= 1; the first also builds graphs)")
@@ -126,6 +126,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="batch sizes for the fp32 baseline only. Default: --batch-sizes")
     p.add_argument("--cpu-reference", choices=["bf16", "skip"], default="bf16",
                    help="reference-style baseline on the CPU: bf16 autocast, or skip it")
+    p.add_argument("--time-budget", type=float, default=None,
+                   help="seconds: rows that would end later are reported as skipped (results so far are kept)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="bench/results")
     p.add_argument("--smoke", action="store_true", help="CI: tiny preset, 32 px, 2 steps, batch 1 and 2, 2 repeats")
@@ -155,7 +157,7 @@ def engine_specs(args, device: torch.device) -> tuple[list[Spec], list[str]]:
     else:
         notes.append("CPU: reference-style baseline skipped (--cpu-reference skip); the reference ran fp16 "
                      "autocast on CUDA.")
-    precisions = args.precisions or (["fp32", "fp16"] if device.type == "cuda" else ["fp32"])
+    precisions = args.precisions or (["fp16"] if device.type == "cuda" else ["fp32"])
     for item in args.engines:
         name, _, prec = item.partition(":")
         for p in [prec] if prec else precisions:
@@ -278,10 +280,11 @@ def floor_ms(args, machine: dict) -> tuple[float | None, str]:
 # ---------------------------------------------------------------- engines
 
 def open_engine(spec: Spec, model_dir: Path, device: torch.device, max_batch: int, threads: int | None):
+    """Returns (denoiser, note about its build or None); raises Skip when the engine cannot run here."""
     if spec.engine == "torch":
-        return open_denoiser("torch", model_dir, device=device, precision=spec.precision, max_batch=max_batch)
+        return open_denoiser("torch", model_dir, device=device, precision=spec.precision, max_batch=max_batch), None
     if spec.engine == "torch-autocast":
-        return AutocastDenoiser(load_model(model_dir)[0], device, spec.precision, max_batch)
+        return AutocastDenoiser(load_model(model_dir)[0], device, spec.precision, max_batch), None
     if spec.engine == "ort":
         return open_ort_engine(model_dir, device, spec.precision, max_batch, threads)
     if spec.engine == "fast":
@@ -291,7 +294,8 @@ def open_engine(spec: Spec, model_dir: Path, device: torch.device, max_batch: in
             raise Skip(f"condiff.engine.graphs is not available ({exc})") from None
         if not hasattr(graphs, "open_fast"):
             raise Skip("condiff.engine.graphs has no open_fast")
-        return graphs.open_fast(model_dir, device=device, precision=spec.precision, max_batch=max_batch)
+        den = graphs.open_fast(model_dir, device=device, precision=spec.precision, max_batch=max_batch)
+        return den, None
     raise Skip(f"unknown engine {spec.engine}")
 
 
@@ -302,14 +306,21 @@ def open_ort_engine(model_dir: Path, device, precision: str, max_batch: int, thr
             importlib.import_module(module)
         except ModuleNotFoundError as exc:
             raise Skip(f"{module} is not available ({exc})") from None
+    import onnxruntime
+
     from condiff.engine.backends.ort_backend import open_ort
     from condiff.export import onnx_export
 
+    provider = "CUDAExecutionProvider" if torch.device(device).type == "cuda" else "CPUExecutionProvider"
+    if provider not in onnxruntime.get_available_providers():  # check before a long export
+        raise Skip(f"this onnxruntime has no {provider} (it offers {', '.join(onnxruntime.get_available_providers())})")
+    note = None
     if not (model_dir / "model.onnx").is_file():  # build time then includes the checked export
         result = onnx_export.export_onnx(model_dir, threads=threads)
-        print(f"[bench] exported {result.path.name} (attention {result.attention}, max |Δ| vs torch "
-              f"{result.max_abs_diff:.2g}) in {result.seconds:.1f} s", file=sys.stderr, flush=True)
-    return open_ort(model_dir, device=device, precision=precision, max_batch=max_batch, threads=threads)
+        note = (f"build time includes the checked ONNX export: {result.seconds:.1f} s, attention "
+                f"{result.attention}, max |Δ eps| vs torch {result.max_abs_diff:.2g}")
+        print(f"[bench] {note}", file=sys.stderr, flush=True)
+    return open_ort(model_dir, device=device, precision=precision, max_batch=max_batch, threads=threads), note
 
 
 @contextlib.contextmanager
@@ -345,20 +356,22 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed(fn, device: torch.device, warmup: int, repeats: int):
-    """Warm up, then time ``repeats`` runs. Returns (first warm-up seconds, [seconds], last output)."""
-    first = None
-    for i in range(warmup):
+class BudgetSpent(Exception):
+    """The next run would end after ``--time-budget``; the row is reported as skipped."""
+
+
+def timed(fn, device: torch.device, warmup: int, repeats: int, deadline: float | None = None):
+    """Warm up, then time ``repeats`` runs (CUDA events on GPU). Returns (first run s, [s], last output).
+
+    With a ``deadline`` (perf_counter time), stops before a run that the previous one says would pass it.
+    """
+    first, last, samples, out = None, 0.0, [], None
+    for i in range(warmup + repeats):
+        if deadline is not None and i > 0 and time.perf_counter() + last > deadline:
+            raise BudgetSpent(f"--time-budget reached after {i} of {warmup + repeats} runs (last run {last:.3g} s)")
         sync(device)
         t0 = time.perf_counter()
-        out = fn()
-        sync(device)
-        if i == 0:
-            first = time.perf_counter() - t0
-    samples = []
-    for _ in range(repeats):
-        sync(device)
-        if device.type == "cuda":
+        if i >= warmup and device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             out = fn()
@@ -366,9 +379,12 @@ def timed(fn, device: torch.device, warmup: int, repeats: int):
             end.synchronize()
             samples.append(start.elapsed_time(end) / 1e3)
         else:
-            t0 = time.perf_counter()
             out = fn()
-            samples.append(time.perf_counter() - t0)
+            sync(device)
+            if i >= warmup:
+                samples.append(time.perf_counter() - t0)
+        last = time.perf_counter() - t0
+        first = last if i == 0 else first
     return first, samples, out
 
 
@@ -384,7 +400,8 @@ def make_jobs(n: int, channels: int, size: int, seed: int) -> list[SliceJob]:
     return [SliceJob(cond=conds[i], digest="bench", slice_index=i) for i in range(n)]
 
 
-def measure(den, spec: Spec, batch: int, steps: int, args, device, memory: PeakMemory) -> dict:
+def measure(den, spec: Spec, batch: int, steps: int, args, device, memory: PeakMemory,
+            deadline: float | None = None) -> dict:
     """One row: pipeline timing through run_slices, then denoise alone, at batch ``batch``."""
     plan = make_plan("ddpm", steps)
     jobs = make_jobs(batch, args.image_channels, args.size, args.seed)
@@ -392,13 +409,13 @@ def measure(den, spec: Spec, batch: int, steps: int, args, device, memory: PeakM
     memory.reset()
     with loop_dispatch(den) as note:
         first, samples, results = timed(lambda: run_slices(members, jobs, plan, seed=args.seed, batch_size=batch),
-                                         device, args.warmup, args.repeats)
+                                         device, args.warmup, args.repeats, deadline)
     g = torch.Generator().manual_seed(args.seed + 2)
     shape = (batch, args.image_channels, args.size, args.size)
     x = torch.randn(shape, generator=g).to(den.device)
     cond = torch.rand(shape, generator=g).mul(2).sub(1).to(den.device)
     t = torch.full((batch,), 500, dtype=torch.int64, device=den.device)
-    _, d_samples, _ = timed(lambda: den.denoise(x, cond, t), device, args.warmup, args.repeats)
+    _, d_samples, _ = timed(lambda: den.denoise(x, cond, t), device, args.warmup, args.repeats, deadline)
     pipe = spread(samples)
     evals_per_s = batch * args.members * steps / pipe["median"]
     den_ms = spread(d_samples, 1e3)
@@ -459,7 +476,7 @@ def fmt(v, digits: int = 3) -> str:
     if v is None:
         return "–"
     if isinstance(v, float):
-        return f"{v:.{digits}g}" if abs(v) < 1e4 else f"{v:,.0f}"
+        return f"{v:.{digits}g}" if abs(v) < 1e3 else f"{v:,.0f}"
     return str(v)
 
 
@@ -472,7 +489,7 @@ def markdown(report: dict) -> str:
              + (f", GPU {m['gpu']} ({m['gpu_memory_gib']} GiB)" if m["gpu"] else ""),
              "- versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()),
              f"- network: {meta['preset']}, {meta['image_channels']} channel(s), {meta['size']} px, "
-             f"{meta['gflop_per_eval']:.4g} GFLOP per evaluation ({meta['flops_source']})",
+             f"{fmt(meta['gflop_per_eval'], 4)} GFLOP per evaluation ({meta['flops_source']})",
              f"- work: {meta['members']} member(s) x {meta['steps']} DDPM steps per slice; "
              f"'s/slice (500)' scales to the paper's 10 members x 50 steps; warm-up {meta['warmup']}, "
              f"{meta['repeats']} timed repeats, median (min–max)",
@@ -494,7 +511,8 @@ def markdown(report: dict) -> str:
             fmt(r["denoise_ms_per_image"]), fmt(r["pipeline_tflops"]), fmt(r["x_floor"]), fmt(r["vs_fp32"]),
             fmt(r["vs_reference"]), fmt(r["vs_reference_best"]), fmt(r["peak_mem_mib"], 4), fmt(r["build_s"]),
             fmt(r["first_call_s"]), fmt(r["max_abs_map_diff_vs_fp32"], 2)]) + " |")
-    lines += ["", f"Peak memory: {report['rows'][0].get('peak_mem_kind') or '–'}. '× floor' = achieved time per "
+    kinds = sorted({r["peak_mem_kind"] for r in report["rows"] if r.get("peak_mem_kind")})
+    lines += ["", f"Peak memory: {', '.join(kinds) or '–'}. '× floor' = achieved time per "
               "evaluation / sequential floor; 'vs ref best' compares with the reference baseline at its best "
               "batch size. Weights are random (seeded).", ""]
     notes = meta["notes"] + sorted({f"{r['label']}: {r['note']}" for r in report["rows"]
@@ -540,89 +558,130 @@ def plot(report: dict, path: Path) -> str | None:
 
 # ---------------------------------------------------------------- main
 
-def run(args) -> dict:
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
-    machine, vers = machine_info(device), versions()
-    specs, notes = engine_specs(args, device)
-    floor, floor_note = floor_ms(args, machine)
-    rows = []
+class Report:
+    """Rows so far plus the run's header; rewrites JSON and Markdown after every row, so a run cut short
+    (``timeout --signal=INT``, ``--time-budget``) still leaves what it measured."""
+
+    def __init__(self, args, device: torch.device):
+        self.args, self.device = args, device
+        self.machine, self.versions = machine_info(device), versions()
+        self.date = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        self.stem = f"throughput-{args.preset}-{device.type}-{self.date[:10]}"
+        self.out = Path(args.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.floor, self.floor_note = floor_ms(args, self.machine)
+        self.notes: list[str] = []
+        self.rows: list[dict] = []
+        self.gflop, self.flops_source = None, None
+
+    def add(self, row: dict) -> None:
+        if row["role"] == "baseline-fp32" and row["status"] == "ok":
+            row["_maps_keep"], row["_scores_keep"] = row["_maps"], row["_scores"]
+        self.rows.append(row)
+        self.write(final=False)
+
+    def build(self) -> dict:
+        args = self.args
+        rows = [dict(r) for r in self.rows]
+        finish(rows, self.gflop, self.floor)
+        map_differences(rows)
+        for r in rows:
+            r.pop("_maps_keep", None)
+            r.pop("_scores_keep", None)
+        notes = list(self.notes)
+        load, load_end = self.machine["loadavg_start"], _loadavg()
+        if self.device.type == "cpu" and load and load[0] > 0.5 * (os.cpu_count() or 1):
+            notes.append(f"the machine was busy (1-min load {load[0]} at the start, {load_end[0]} at the end, "
+                         f"{os.cpu_count()} cores): CPU timings are inflated; min is the least disturbed figure.")
+        meta = {"date": self.date, "command": "python " + shlex.join(sys.argv),
+                "preset": args.preset, "image_channels": args.image_channels, "size": args.size,
+                "steps": args.steps, "members": args.members, "repeats": args.repeats, "warmup": args.warmup,
+                "batch_sizes": args.batch_sizes, "fp32_steps": args.fp32_steps or args.steps,
+                "fp32_batch_sizes": args.fp32_batch_sizes or args.batch_sizes, "seed": args.seed,
+                "threads": args.threads, "time_budget_s": args.time_budget, "gflop_per_eval": self.gflop,
+                "flops_source": self.flops_source, "floor_ms_per_eval": self.floor, "floor_note": self.floor_note,
+                "evals_per_paper_slice": EVALS_PER_PAPER_SLICE, "loadavg_end": load_end, "notes": notes}
+        return {"schema": "condiff.bench.throughput/1", "meta": meta, "machine": self.machine,
+                "versions": self.versions, "rows": rows}
+
+    def write(self, final: bool) -> dict:
+        report = self.build()
+        if final:
+            note = plot(report, self.out / f"{self.stem}.png")
+            if note:
+                self.notes.append(note)
+                report["meta"]["notes"].append(note)
+        (self.out / f"{self.stem}.json").write_text(json.dumps(report, indent=1) + "\n")
+        (self.out / f"{self.stem}.md").write_text(markdown(report))
+        return report
+
+
+def run(args, rep: Report) -> None:
+    """Measure every planned row into ``rep``; engines are opened one at a time and freed after their rows."""
+    device = rep.device
+    deadline = time.perf_counter() + args.time_budget if args.time_budget else None
+    specs, rep.notes = engine_specs(args, device)
     with tempfile.TemporaryDirectory(prefix="condiff-bench-") as tmp:
-        model_dir, gflop, flops_source = build_model_dir(Path(tmp), args)
+        model_dir, rep.gflop, rep.flops_source = build_model_dir(Path(tmp), args)
         memory = PeakMemory(device)
         for spec in specs:
-            batches = args.batch_sizes
-            steps = args.steps
-            if spec.role == "baseline-fp32":
-                batches = args.fp32_batch_sizes or batches
-                steps = args.fp32_steps or steps
+            fp32 = spec.role == "baseline-fp32"
+            batches = (args.fp32_batch_sizes if fp32 else None) or args.batch_sizes
+            steps = (args.fp32_steps if fp32 else None) or args.steps
             base = {"engine": spec.engine, "precision": spec.precision, "role": spec.role, "label": spec.label,
-                    "members": args.members, "machine": machine, "versions": vers}
+                    "members": args.members, "steps": steps, "machine": rep.machine, "versions": rep.versions}
             den, build_s, skip = None, None, None
             try:
+                if deadline is not None and time.perf_counter() > deadline:
+                    raise Skip("not run: --time-budget spent")
                 t0 = time.perf_counter()
-                den = open_engine(spec, model_dir, device, max(batches), args.threads)
+                den, build_note = open_engine(spec, model_dir, device, max(batches), args.threads)
                 build_s = time.perf_counter() - t0
+                if build_note:
+                    rep.notes.append(f"{spec.label}: {build_note}")
             except (Skip, BackendUnavailableError) as exc:
                 skip = str(exc)
             except Exception as exc:  # a broken engine must not lose the baselines' numbers
                 traceback.print_exc()
                 skip = f"build failed: {type(exc).__name__}: {exc}"
             for batch in batches:
-                row = {**base, "batch_size": batch, "steps": steps, "build_s": build_s}
+                row = {**base, "batch_size": batch, "build_s": build_s, "status": "skipped", "note": skip}
                 if den is not None:
                     print(f"[bench] {spec.label} batch {batch} ...", file=sys.stderr, flush=True)
                     try:
-                        row.update(measure(den, spec, batch, steps, args, device, memory))
+                        row.update(measure(den, spec, batch, steps, args, device, memory, deadline))
+                    except BudgetSpent as exc:
+                        row["note"] = str(exc)
+                    except KeyboardInterrupt:
+                        row["note"] = "interrupted (SIGINT or timeout) during this row"
+                        rep.add(row)
+                        raise
                     except Exception as exc:
                         traceback.print_exc()
-                        row.update(status="skipped", note=f"failed: {type(exc).__name__}: {exc}")
-                else:
-                    row.update(status="skipped", note=skip)
-                if spec.role == "baseline-fp32" and row["status"] == "ok":
-                    row["_maps_keep"], row["_scores_keep"] = row["_maps"], row["_scores"]
-                rows.append(row)
+                        row["note"] = f"failed: {type(exc).__name__}: {exc}"
+                rep.add(row)
             del den
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-    finish(rows, gflop, floor)
-    map_differences(rows)
-    for r in rows:
-        r.pop("_maps_keep", None)
-        r.pop("_scores_keep", None)
-    now = datetime.now(timezone.utc)
-    meta = {"date": now.isoformat(timespec="seconds"), "command": "python " + shlex.join(sys.argv),
-            "preset": args.preset, "image_channels": args.image_channels, "size": args.size,
-            "steps": args.steps, "members": args.members, "repeats": args.repeats, "warmup": args.warmup,
-            "batch_sizes": args.batch_sizes, "fp32_steps": args.fp32_steps or args.steps,
-            "fp32_batch_sizes": args.fp32_batch_sizes or args.batch_sizes, "seed": args.seed,
-            "threads": args.threads, "gflop_per_eval": gflop, "flops_source": flops_source,
-            "floor_ms_per_eval": floor, "floor_note": floor_note, "evals_per_paper_slice": EVALS_PER_PAPER_SLICE,
-            "loadavg_end": _loadavg(), "notes": notes}
-    load = machine["loadavg_start"]
-    if device.type == "cpu" and load and load[0] > 0.5 * (os.cpu_count() or 1):
-        notes.append(f"the machine was busy (1-min load {load[0]} at the start, {meta['loadavg_end'][0]} at the end, "
-                     f"{os.cpu_count()} cores): CPU timings are inflated; min is the least disturbed figure.")
-    return {"schema": "condiff.bench.throughput/1", "meta": meta, "machine": machine, "versions": vers, "rows": rows}
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    report = run(args)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"throughput-{args.preset}-{report['machine']['device']}-{report['meta']['date'][:10]}"
-    note = plot(report, out / f"{stem}.png")
-    if note:
-        report["meta"]["notes"].append(note)
-    (out / f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n")
-    md = markdown(report)
-    (out / f"{stem}.md").write_text(md)
-    print(md)
-    print(f"wrote {out / stem}.json, .md" + ("" if note else ", .png"), file=sys.stderr)
-    return 0
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rep = Report(args, resolve_device(args.device))
+    rc = 0
+    try:
+        run(args, rep)
+    except KeyboardInterrupt:
+        rep.notes.append("the run was interrupted (SIGINT or timeout): rows not listed were not measured.")
+        rc = 130
+    report = rep.write(final=True)
+    print(markdown(report))
+    print(f"wrote {rep.out / rep.stem}.json, .md" + ("" if any("plot skipped" in n for n in rep.notes) else ", .png"),
+          file=sys.stderr)
+    return rc
 
 
 if __name__ == "__main__":

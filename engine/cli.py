@@ -159,17 +159,23 @@ def _infer(inputs, output, models, engine, device, precision, batch_size, steps,
         lock.check()  # fail before loading any network; acquire() below is the atomic check
         if ray_address is None:
             pipeline.load_denoisers(ctx)
-            process, run_info = pipeline.process_cases, {}
-        else:
-            run_info = {"ray": {}}
-
-            def process(cases, ctx):
-                return distributed.run_on_ray(cases, ctx_kwargs, ray_address, ray_workers, max_retries, ctx.progress,
-                                              on_work=ctx.on_work, on_outcome=ctx.on_outcome, ctx=ctx,
-                                              info=run_info["ray"])
+            writer.ensure_writable(output)
+            with lock:
+                return _run(cases, ctx, shard_t, arguments, progress, n_all)
         writer.ensure_writable(output)
-        with lock:
-            return _run(cases, ctx, shard_t, arguments, progress, n_all, process, run_info)
+        run_info: dict = {"ray": {}}
+
+        def process(cases, ctx):
+            return distributed.run_on_ray(cases, ctx_kwargs, ray_address, ray_workers, max_retries, ctx.progress,
+                                          on_work=ctx.on_work, on_outcome=ctx.on_outcome, ctx=ctx, info=run_info["ray"])
+
+        started = distributed.connect(ray_address)  # an unreachable cluster is exit 2 before any output
+        try:
+            with lock:
+                return _run(cases, ctx, shard_t, arguments, progress, n_all, process, run_info)
+        finally:
+            if started:
+                distributed.disconnect()
 
 
 def _run(cases, ctx, shard_t, arguments, progress: bool, n_all: int, process=None, run_info=None) -> int:

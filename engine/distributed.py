@@ -129,10 +129,19 @@ def connect(address: str = "local", num_cpus: int | None = None) -> bool:
             with _loopback_only(ray, starting=False) if _is_loopback(ray, address) else contextlib.nullcontext():
                 ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
     except (ConnectionError, TimeoutError, ValueError, RuntimeError) as exc:
+        if ray.is_initialized():  # half-started: do not leave processes behind
+            ray.shutdown()
         raise BackendUnavailableError(None, f"cannot connect to the Ray cluster at {address!r} ({exc})",
                                       "start one with 'ray start --head', or use --ray local for a cluster on "
                                       "this machine only") from exc
     return True
+
+
+def disconnect() -> None:
+    """Close this process's Ray connection (and stop the cluster if ``connect`` started it here)."""
+    ray = require("ray", "ray")
+    if ray.is_initialized():
+        ray.shutdown()
 
 
 @dataclasses.dataclass
@@ -179,7 +188,11 @@ def driver_context(ctx_kwargs: dict[str, Any]) -> RunContext:
     (the head node may have none); ``run_on_ray`` fills in the workers' device."""
     from .pipeline import make_context
 
-    return make_context(**{**ctx_kwargs, "device": "cpu"})
+    ctx = make_context(**{**ctx_kwargs, "device": "cpu"})
+    if (ctx_kwargs.get("device") or "auto").startswith("cuda"):  # known now, so --dry-run checks the right digest
+        ctx.options = dataclasses.replace(ctx.options, device_type="cuda")
+        ctx.device = "cuda"
+    return ctx
 
 
 def absolute_kwargs(ctx_kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -450,7 +463,12 @@ class _Scheduler:
     def _poll_progress(self) -> None:
         if self.box is None:
             return
-        work, done = self.ray.get(self.box.take.remote())
+        try:
+            work, done = self.ray.get(self.box.take.remote())
+        except self.ray.exceptions.RayError as exc:  # the bar is not worth stopping the run for
+            logger.warning("progress across the cluster is no longer shown (%s)", exc)
+            self.box = None
+            return
         if work and self.on_work is not None:
             self.on_work(work)
         if done and self.progress is not None:
@@ -549,5 +567,5 @@ def run_on_ray(cases: Sequence[Case], ctx_kwargs: dict[str, Any], address: str =
             ray.shutdown()
 
 
-__all__ = ["run_on_ray", "connect", "plan_workers", "driver_context", "absolute_kwargs", "check_address",
+__all__ = ["run_on_ray", "connect", "disconnect", "plan_workers", "driver_context", "absolute_kwargs", "check_address",
            "WorkerLayout", "CaseWorker", "ProgressBox"]

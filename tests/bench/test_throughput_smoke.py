@@ -108,6 +108,6 @@ def test_markdown_lists_every_row(smoke):
         cells = [c.strip() for c in line.strip("|").split("|")]
         assert cells[0] == r["label"] and cells[1] == str(r["batch_size"])
         if r["status"] == "ok":
-            assert float(cells[3]) == pytest.approx(r["slices_per_s"], rel=1e-2)
+            assert float(cells[3].replace(",", "")) == pytest.approx(r["slices_per_s"], rel=1e-2)
         else:
             assert cells[3].startswith("skipped")

@@ -254,3 +254,22 @@ def test_read_image_on_random_png_headers(scratch, width, height, depth, colour,
     ihdr = struct.pack(">IIBBBBB", width, height, depth, colour, 0, 0, 0)
     raw = b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", zlib.compress(body)) + _png_chunk(b"IEND", b"")
     _only_clear_errors(_write(scratch, "x.png", raw), (images.read_image,))
+
+
+def test_nifti_header_with_non_finite_vox_offset_is_a_clear_error(scratch):
+    """Found by the property test: a NaN/Inf vox_offset crashed the reader with ValueError/OverflowError."""
+    for bad in (float("nan"), float("inf")):
+        raw = bytearray(NII1)
+        raw[108:112] = struct.pack("<f", bad)  # vox_offset
+        for name, data in (("v.nii", bytes(raw)), ("v.nii.gz", gzip.compress(bytes(raw), mtime=0))):
+            with pytest.raises(InputImageError, match="vox_offset"):
+                volumes.read_volume(_write(scratch, name, data))
+
+
+def test_tiff_with_a_zero_length_axis_is_a_clear_error(scratch):
+    """Found by the property test: a TIFF with no pixels crashed with ValueError at out.min()."""
+    tifffile = pytest.importorskip("tifffile")
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, np.zeros((0, 5, 3), np.uint8))
+    with pytest.raises(InputImageError, match="no pixels"):
+        images.read_image(_write(scratch, "empty.tif", buf.getvalue()))

@@ -7,6 +7,7 @@ shards (one on Ray, one not) merged. The cluster starts once for the module.
 import gzip
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -271,3 +272,41 @@ def test_without_ray_installed_exit_2_names_the_extra(tmp_path, monkeypatch):
 def test_ray_address_that_looks_like_an_input_is_a_usage_error(tmp_path):
     res = _invoke(["--ray", str(tmp_path), "-o", tmp_path / "out"])
     assert res.exit_code == 2 and "--ray" in res.stderr and "ADDRESS" in res.stderr
+
+
+def test_lock_left_by_a_dead_process_on_this_host_is_taken_over(tmp_path):
+    import socket
+
+    from condiff.engine.writer import OutputLock
+    from condiff.errors import OutputConflictError
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host = socket.gethostname()
+    lock = OutputLock(tmp_path)
+    for holder in (f"host {host} pid {os.getppid()}", f"host another-{host} pid {dead.stdout.strip()}"):
+        lock.path.write_text(holder + "\n")  # alive here, or on a host we cannot check: locked
+        with pytest.raises(OutputConflictError, match="locked by another condiff run"):
+            lock.check()
+        with pytest.raises(OutputConflictError, match=re.escape(holder)):
+            lock.acquire()
+    lock.path.write_text(f"host {host} pid {dead.stdout.strip()}\n")
+    lock.check()
+    with lock:
+        assert lock.path.read_text() == f"host {host} pid {os.getpid()}\n"
+    assert not lock.path.exists()
+
+
+def test_worker_layout_follows_the_cluster():
+    from condiff.engine.distributed import plan_workers
+    from condiff.errors import BackendUnavailableError
+
+    assert plan_workers("auto", None, {"CPU": 16.0, "GPU": 4.0}) == plan_workers("cuda:1", None, {"CPU": 16, "GPU": 4})
+    lay = plan_workers("auto", None, {"CPU": 16.0, "GPU": 4.0})
+    assert (lay.device, lay.n_workers, lay.num_gpus, lay.num_cpus) == ("cuda", 4, 1, 1)
+    assert plan_workers("auto", 8, {"CPU": 16, "GPU": 4}).n_workers == 4  # never more than one per GPU
+    lay = plan_workers("auto", None, {"CPU": 16.0})
+    assert (lay.device, lay.n_workers, lay.num_cpus) == ("cpu", 4, 4)
+    lay = plan_workers("cpu", 2, {"CPU": 2.0, "GPU": 1.0})
+    assert (lay.device, lay.n_workers, lay.num_cpus, lay.num_gpus) == ("cpu", 2, 1, 0)
+    with pytest.raises(BackendUnavailableError, match="no GPU"):
+        plan_workers("cuda", None, {"CPU": 8.0})

@@ -55,6 +55,8 @@ def _sniff(path: Path) -> str:
 
 def _to_rgb(path: Path, arr: np.ndarray, scale: float) -> np.ndarray:
     """(H, W), (H, W, 1|2|3|4) integer or float array -> (H, W, 3) float32 in [0, 1]."""
+    if arr.size == 0:
+        raise InputImageError(path, f"image has no pixels (shape {arr.shape})")
     if arr.ndim == 3 and arr.shape[2] in (2, 4):
         logger.warning("%s: alpha channel dropped (not composited)", path)
         arr = arr[:, :, :-1]

@@ -125,6 +125,8 @@ def _parse_header(path: Path, block: bytes) -> dict[str, Any]:
 
 def _check_dims(path: Path, hdr: dict[str, Any]) -> tuple[tuple[int, ...], int]:
     """Shape and data size the header declares; refuse absurd values before any allocation."""
+    if not np.isfinite(hdr["vox_offset"]):
+        raise InputImageError(path, f"corrupt NIfTI header (vox_offset = {hdr['vox_offset']})")
     dim = hdr["dim"]
     ndim = int(dim[0])
     if not 1 <= ndim <= 7:
