@@ -20,19 +20,28 @@ RES="$STAGE/work"          # bulky intermediates: mostly left behind
 mkdir -p "$FINAL" "$OUT" "$RES"
 LOG="$OUT/gpu_check.log"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD/src/..:${PYTHONPATH:-}"
-TRAIN_MIN=${TRAIN_MIN:-2.0}
+TRAIN_MIN=${TRAIN_MIN:-1.75}
 DATA=${DATA:-.carry/data}
 [ -d "$DATA" ] || DATA=../shared/data
 if [ "$DRY" = 1 ]; then TRAIN_MIN=0.3; fi
 
 section() { echo; echo "=== $1 ($(date +%T)) ===" | tee -a "$LOG"; }
-run() {  # run LIMIT_S NAME CMD...: time-boxed, output to the log and to $RES/NAME.txt
+DEADLINE=${DEADLINE:-560}   # seconds for the whole script: the device tool stops a command at 600 s
+pack() {  # what has been produced so far goes into $FINAL now, so a late kill still returns it
+    mkdir -p "$OUT/logs" && cp "$RES"/*.txt "$RES"/*.jsonl "$OUT/logs/" 2>/dev/null
+    tar -czf "$FINAL/gpu_results.tgz" -C "$STAGE" report 2>/dev/null; cp "$LOG" "$FINAL/" 2>/dev/null
+}
+run() {  # run LIMIT_S NAME CMD...: time-boxed (and never past DEADLINE), output to the log and to $RES/NAME.txt
     local limit=$1 name=$2; shift 2
+    local left=$(( DEADLINE - SECONDS - 25 ))
+    if [ "$left" -lt 15 ]; then echo "[$name] skipped: deadline" | tee -a "$LOG"; return 0; fi
+    [ "$limit" -gt "$left" ] && limit=$left
     local t0=$(date +%s)
     timeout --signal=INT --kill-after=10 "$limit" "$@" > "$RES/$name.txt" 2>&1
     local rc=$?
     echo "[$name] rc=$rc in $(( $(date +%s) - t0 )) s" | tee -a "$LOG"
     tail -n 25 "$RES/$name.txt" >> "$LOG"
+    pack
     return 0
 }
 
@@ -40,30 +49,35 @@ section "1 environment"
 if ls .carry/whl/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --target /tmp/site .carry/whl/*.whl && export PYTHONPATH=/tmp/site:$PYTHONPATH
 fi
-python3 -m pip install -q --no-deps --no-build-isolation -e . > "$RES/install.txt" 2>&1 || echo "editable install failed" | tee -a "$LOG"
+# condiff itself travels as a wheel built by bench/prepare_gpu_carry.sh (installed above); else install the checkout
+python3 -c "import condiff" 2>/dev/null || python3 -m pip install -q --no-deps --no-build-isolation -e . > "$RES/install.txt" 2>&1 \
+    || echo "condiff install failed" | tee -a "$LOG"
 { date -u; nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>/dev/null || echo "no nvidia-smi";
   python3 -c "import torch, condiff; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'gpu', torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, 'condiff', condiff.__version__)";
   lscpu | grep 'Model name'; } 2>&1 | tee "$OUT/environment.txt" | tee -a "$LOG"
 
 section "2 GPU tests"
-run 75 pytest_gpu python3 -m pytest -q -m gpu -p no:cacheprovider tests/engine/test_graphs.py tests/engine/test_ssim_cuda.py
+run 70 pytest_gpu python3 -m pytest -q -m gpu -p no:cacheprovider tests/engine/test_graphs.py tests/engine/test_ssim_cuda.py
 
 section "3 SSIM kernel benchmark"
 if [ "$DRY" = 1 ]; then SSIM_ARGS="--batch 2 --repeats 2"; else SSIM_ARGS="--batch 40 400 --channels 1 3 --repeats 20 --half-x"; fi
-run 35 bench_ssim python3 bench/ssim.py $SSIM_ARGS --json "$OUT/ssim.json"
+run 30 bench_ssim python3 bench/ssim.py $SSIM_ARGS --json "$OUT/ssim.json"
 
 section "4 throughput"
 if [ "$DRY" = 1 ]; then
     run 300 throughput_smoke python3 bench/throughput.py --smoke --out "$OUT"
 else
-    run 110 throughput_paper python3 bench/throughput.py --preset paper --batch-sizes 8 32 --steps 10 --repeats 5 \
-        --engines torch fast --precisions fp32 fp16 --fp32-steps 2 --fp32-batch-sizes 8 --device cuda --out "$OUT"
+    run 130 throughput_paper python3 bench/throughput.py --preset paper --batch-sizes 8 32 --steps 10 --repeats 5 \
+        --engines fast:fp16 --fp32-steps 2 --fp32-batch-sizes 8 --time-budget 115 --device cuda --out "$OUT"
     run 70 throughput_symmetric python3 bench/throughput.py --preset symmetric --batch-sizes 32 128 --steps 10 --repeats 5 \
-        --engines torch fast --precisions fp32 fp16 --fp32-steps 2 --fp32-batch-sizes 32 --device cuda --out "$OUT"
+        --engines fast:fp16 --fp32-steps 2 --fp32-batch-sizes 32 --time-budget 60 --device cuda --out "$OUT"
 fi
 
 section "5 train demo members (small preset, IXI T1, time-boxed)"
 FOLDS=${FOLDS:-"0 4 8"}
+# what is left after training's start-up (~45 s) and the quality section (~110 s) bounds the training budget
+TRAIN_MIN=$(python3 -c "print(round(max(0.25, min($TRAIN_MIN, ($DEADLINE - $SECONDS - 155) / 60)), 2))")
+echo "training budget: $TRAIN_MIN min per member" | tee -a "$LOG"
 if [ "$DRY" = 1 ]; then TRAIN_ARGS="--preset tiny --image-size 32 --batch-size 4 --max-steps 3 --val-start 2 --val-every 2 --val-max-slices 8"; \
 else TRAIN_ARGS="--preset small --batch-size 64 --val-start 500 --val-every 500 --val-max-slices 128"; fi
 OTHER=""; [ -d "$DATA/fundus" ] && OTHER="--other-data $DATA/fundus"
@@ -95,6 +109,11 @@ if members:
     save_model_set(demo, members, name="condiff demo set (small preset, IXI T1)")
 print("demo set members:", [m.name for m in members])
 PY
+for fold in $FOLDS; do  # one archive per member: each stays under the 16 MiB per-file limit
+    [ -d "$RES/demo-set/fold$fold" ] && tar -czf "$FINAL/demo-fold$fold.tgz" -C "$RES/demo-set" "fold$fold"
+done
+cp "$RES/demo-set/set.json" "$OUT/demo-set.json" 2>/dev/null
+pack
 
 section "6 quality of the demo set (fast engine) and pack"
 if [ -f "$RES/demo-set/set.json" ]; then
@@ -104,14 +123,8 @@ if [ -f "$RES/demo-set/set.json" ]; then
     cp "$RES/quality/quality.md" "$RES/quality/quality.json" "$OUT/" 2>/dev/null
     # the lesion outputs' overlays only (model-space arrays are too big to bring back)
     mkdir -p "$RES/overlays" && cp "$RES"/quality/*/overlays/*.png "$RES/overlays/" 2>/dev/null
-    for fold in $FOLDS; do  # one archive per member: each stays under the 16 MiB per-file limit
-        [ -d "$RES/demo-set/fold$fold" ] && tar -czf "$FINAL/demo-fold$fold.tgz" -C "$RES/demo-set" "fold$fold"
-    done
-    cp "$RES/demo-set/set.json" "$OUT/demo-set.json"
 fi
-mkdir -p "$OUT/logs" && cp "$RES"/*.txt "$RES"/*.jsonl "$OUT/logs/" 2>/dev/null
 cp -r "$RES/overlays" "$OUT/" 2>/dev/null
-ls -la "$OUT" "$FINAL" | tee -a "$LOG"
-tar -czf "$FINAL/gpu_results.tgz" -C "$STAGE" report
-cp "$LOG" "$FINAL/"
-du -sh "$FINAL"/*
+echo "total ${SECONDS} s" | tee -a "$LOG"
+pack
+du -sh "$FINAL"/* | tee -a "$LOG"

@@ -8,6 +8,8 @@ rm -rf .carry && mkdir -p .carry/data/ixi-t1 .carry/data/brats-tumour .carry/dat
 cp "$DATA"/ixi-t1/*-T1.nii.gz "$DATA"/ixi-t1/*-T1_brainmask.nii.gz .carry/data/ixi-t1/
 cp "$DATA"/brats-tumour/*.nii.gz .carry/data/brats-tumour/
 cp "$DATA"/ms-lesion/*.nii.gz .carry/data/ms-lesion/
+cp -r "$DATA"/fundus .carry/data/fundus
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux2014_x86_64 -d .carry/whl nibabel==5.4.2
+python3 -m pip wheel -q --no-deps --no-build-isolation -w .carry/whl .   # condiff itself, as a wheel
 du -sh .carry
