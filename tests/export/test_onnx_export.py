@@ -220,12 +220,19 @@ _RSS_SCRIPT = textwrap.dedent("""
     start = time.perf_counter()
     (eps,) = session.run(["eps"], {"x_t": x, "cond": c, "t": t})
     assert eps.shape == x.shape and np.isfinite(eps).all()
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    # VmHWM: this process's own high-water mark. ru_maxrss is kept across execve (Linux), so in a
+    # child of a big process (pytest after an export) it reports the parent's size at spawn time.
+    try:
+        hwm = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+    except OSError:  # no /proc (macOS: ru_maxrss is in bytes there)
+        hwm = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(hwm, seconds, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 """)
 
 
 def _peak_rss(onnx_path: Path, batch: int) -> tuple[int, float]:
-    """Peak resident bytes (ru_maxrss) of a fresh process that loads the ONNX and runs one batch."""
+    """Peak resident bytes (VmHWM) of a fresh process that loads the ONNX and runs one batch."""
     out = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, str(onnx_path), str(batch)],
                          capture_output=True, text=True, check=True).stdout.split()
     return int(out[0]), float(out[1])
