@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from condiff.errors import CondiffError
+from condiff.io.atomic import fsync_dir
 
 FORMAT = "condiff.checkpoint/1"
 TENSORS = "tensors.safetensors"
@@ -63,19 +64,6 @@ def _write_file(path: Path, data: bytes) -> dict[str, Any]:
         f.flush()
         os.fsync(f.fileno())
     return {"name": path.name, "bytes": len(data), "sha256": _sha256(data)}
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def save_checkpoint(root: str | Path, step: int, tensors: dict[str, torch.Tensor], state: dict[str, Any],
@@ -115,7 +103,7 @@ def save_checkpoint(root: str | Path, step: int, tensors: dict[str, torch.Tensor
         manifest = {"format": FORMAT, "step": int(step), "files": files,
                     "tensors": {"parts": parts, "bytes": len(blob), "sha256": _sha256(blob)}}
         _write_file(tmp / MANIFEST, (json.dumps(manifest, sort_keys=True, indent=1) + "\n").encode())
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         if final.exists():
             old = root / f".{final.name}.{os.getpid()}.old"
             final.rename(old)
@@ -123,7 +111,7 @@ def save_checkpoint(root: str | Path, step: int, tensors: dict[str, torch.Tensor
             shutil.rmtree(old)
         else:
             tmp.rename(final)
-        _fsync_dir(root)
+        fsync_dir(root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

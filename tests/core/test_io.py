@@ -194,8 +194,9 @@ def test_permission_error_is_reported_even_as_root(tmp_path, monkeypatch):
     def refuse(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(volumes, "open", refuse, raising=False)
-    monkeypatch.setattr(images, "open", refuse, raising=False)
+    from condiff.io import atomic
+
+    monkeypatch.setattr(atomic, "open", refuse, raising=False)  # both readers read their first bytes there
     with pytest.raises(InputImageError, match="locked.nii.gz: cannot read the file: permission denied"):
         volumes.read_volume(p)
     with pytest.raises(InputImageError, match="locked.nii.gz: cannot read the file: permission denied"):

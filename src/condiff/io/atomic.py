@@ -21,7 +21,7 @@ def _temp_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
     """Make the rename itself durable; best effort (not every platform/file system allows it)."""
     try:
         fd = os.open(folder, os.O_RDONLY)
@@ -69,7 +69,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO[Any]]
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
@@ -94,3 +94,30 @@ def dumps_json(obj: Any) -> str:
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     """Write ``obj`` as canonical JSON (see ``dumps_json``) atomically; same object, same bytes."""
     write_text_atomic(path, dumps_json(obj))
+
+
+def read_head(path: Path, n: int, kind: str) -> bytes:
+    """The first ``n`` bytes of an input file, with OS errors turned into messages a user can act on.
+
+    ``kind`` names what the file should be ("a NIfTI file", "an image file") for the folder message.
+    """
+    from condiff.errors import InputImageError
+
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise InputImageError(path, "file not found") from None
+    except OSError as exc:
+        raise InputImageError(path, f"cannot access the file ({exc.strerror})") from exc
+    if os.path.isdir(path):
+        raise InputImageError(path, f"is a folder, not {kind}")
+    if st.st_size == 0:
+        raise InputImageError(path, "empty file (0 bytes)", "The file was not written completely; copy it again")
+    try:
+        with open(path, "rb") as f:
+            return f.read(n)
+    except PermissionError as exc:
+        raise InputImageError(path, f"cannot read the file: permission denied ({exc.strerror})",
+                              "Check the file's permissions") from exc
+    except OSError as exc:
+        raise InputImageError(path, f"cannot read the file ({exc.strerror})") from exc

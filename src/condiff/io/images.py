@@ -17,6 +17,7 @@ import numpy as np
 
 from condiff.errors import InputImageError
 from condiff.io.atomic import write_bytes_atomic
+from condiff.io.atomic import read_head
 
 logger = logging.getLogger(__name__)
 
@@ -28,24 +29,7 @@ _MAGIC = {
 
 
 def _sniff(path: Path) -> str:
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        raise InputImageError(path, "file not found") from None
-    except OSError as exc:
-        raise InputImageError(path, f"cannot access the file ({exc.strerror})") from exc
-    if os.path.isdir(path):
-        raise InputImageError(path, "is a folder, not an image file")
-    if st.st_size == 0:
-        raise InputImageError(path, "empty file (0 bytes)", "The file was not written completely; copy it again")
-    try:
-        with open(path, "rb") as f:
-            head = f.read(8)
-    except PermissionError as exc:
-        raise InputImageError(path, f"cannot read the file: permission denied ({exc.strerror})",
-                              "Check the file's permissions") from exc
-    except OSError as exc:
-        raise InputImageError(path, f"cannot read the file ({exc.strerror})") from exc
+    head = read_head(path, 8, "an image file")
     for magic, kind in _MAGIC.items():
         if head.startswith(magic):
             return kind

@@ -22,6 +22,7 @@ import numpy as np
 
 from condiff.errors import InputImageError
 from condiff.io.atomic import write_bytes_atomic
+from condiff.io.atomic import read_head
 
 logger = logging.getLogger(__name__)
 
@@ -62,24 +63,7 @@ class Volume:
 
 def _open_bytes(path: Path) -> bytes:
     """Read the first bytes, mapping OS errors to messages a user can act on."""
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        raise InputImageError(path, "file not found") from None
-    except OSError as exc:
-        raise InputImageError(path, f"cannot access the file ({exc.strerror})") from exc
-    if os.path.isdir(path):
-        raise InputImageError(path, "is a folder, not a NIfTI file")
-    if st.st_size == 0:
-        raise InputImageError(path, "empty file (0 bytes)", "The file was not written completely; re-export or copy it again")
-    try:
-        with open(path, "rb") as f:
-            return f.read(4)
-    except PermissionError as exc:
-        raise InputImageError(path, f"cannot read the file: permission denied ({exc.strerror})",
-                              "Check the file's permissions") from exc
-    except OSError as exc:
-        raise InputImageError(path, f"cannot read the file ({exc.strerror})") from exc
+    return read_head(path, 4, "a NIfTI file")
 
 
 def _parse_header(path: Path, block: bytes) -> dict[str, Any]:
