@@ -57,7 +57,7 @@ python3 -c "import condiff" 2>/dev/null || python3 -m pip install -q --no-deps -
   lscpu | grep 'Model name'; } 2>&1 | tee "$OUT/environment.txt" | tee -a "$LOG"
 
 section "2 GPU tests"
-run 70 pytest_gpu python3 -m pytest -q -m gpu -p no:cacheprovider tests/engine/test_graphs.py tests/engine/test_ssim_cuda.py
+run 70 pytest_gpu python3 -m pytest -q -m gpu -p no:cacheprovider tests/engine/test_graphs.py tests/engine/test_ssim_cuda.py tests/export/test_trt_stubbed.py
 
 section "3 SSIM kernel benchmark"
 if [ "$DRY" = 1 ]; then SSIM_ARGS="--batch 2 --repeats 2"; else SSIM_ARGS="--batch 40 400 --channels 1 3 --repeats 20 --half-x"; fi

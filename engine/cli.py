@@ -103,11 +103,13 @@ def infer_main(**kw: Any) -> None:
 def _infer(inputs, output, models, engine, device, precision, batch_size, steps, sampler, members, seed, mask_pattern,
            resume, dry_run, no_restoration, save_model_space, save_member_maps, nan_policy, shard, merge_dir,
            ray_address, ray_workers, max_retries, group_slices, progress, verbose) -> int:
+    from condiff.cli_common import resolve_precision
     from condiff.io.cases import discover
 
     from . import pipeline, plan as planning, writer
 
-    arguments = {k: _jsonable(v) for k, v in locals().items() if k not in ("discover", "pipeline", "planning", "writer")}
+    precision = resolve_precision(precision, engine)
+    arguments = {k: _jsonable(v) for k, v in locals().items() if k not in ("discover", "pipeline", "planning", "writer", "resolve_precision")}
     with logging_to(verbose, echo=_echo_err):
         if merge_dir is not None:
             return _merge(merge_dir)

@@ -62,8 +62,9 @@ def progress_option(f):
 def device_options(f):
     f = click.option("--batch-size", type=click.IntRange(min=1), default=None,
                      help="Slices per device batch [default: 16 on the CPU, 64 on a GPU]. Results never depend on it.")(f)
-    f = click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
-                     help="Network precision; sampler state and SSIM stay float32.")(f)
+    f = click.option("--precision", type=click.Choice(["auto", "fp32", "fp16", "bf16"]), default="auto", show_default=True,
+                     help="Network precision (auto: fp16 for the fast and trt engines, else fp32); "
+                          "sampler state and SSIM stay float32.")(f)
     f = click.option("--device", default="auto", show_default=True, metavar="auto|cpu|cuda[:N]",
                      help="Where the network runs; a missing GPU is an error, never a silent CPU fallback.")(f)
     f = click.option("--engine", type=click.Choice(list(ENGINES)), default="torch", show_default=True,
@@ -236,3 +237,10 @@ __all__ = ["ENGINES", "EXIT_OK", "EXIT_FAILED", "EXIT_USAGE", "EXIT_INTERRUPTED"
            "sigterm_raises", "verbose_option", "progress_option", "device_options", "seed_option", "version_option",
            "environment_report", "format_environment", "logging_to", "add_file_log", "remove_log",
            "exit_code_for", "run_command"]
+
+
+def resolve_precision(precision: str, engine: str) -> str:
+    """``auto`` -> fp16 for the half-precision engines (fast, trt), fp32 otherwise."""
+    if precision != "auto":
+        return precision
+    return "fp16" if engine in ("fast", "trt") else "fp32"

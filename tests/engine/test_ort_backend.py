@@ -2,8 +2,11 @@
 import shlex
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+
+REPO = Path(__file__).resolve().parents[2]
 
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
@@ -126,3 +129,33 @@ def test_provider_lists():
     assert cuda[0] == ("CUDAExecutionProvider", {"device_id": 1})
     trt = ort_backend._session_providers("TensorrtExecutionProvider", gpu, "fp16", Path("m"))
     assert trt[0][0] == "TensorrtExecutionProvider" and trt[0][1]["trt_fp16_enable"] is True
+
+
+def test_infer_engine_ort_maps_equal_engine_torch_on_real_slices(tmp_path):
+    """condiff-infer --engine ort vs --engine torch on a real T1 slab (bundled IXI sample), same seeds."""
+    import nibabel as nib
+    from click.testing import CliRunner
+
+    from _infer_helpers import make_model_set, one_torch_thread
+    from condiff.engine.cli import infer_main
+    from condiff.export.onnx_export import export_onnx
+    from condiff.modelset import open_model_set
+
+    scan = REPO / "examples" / "scans" / "ixi132_t1.nii.gz"
+    models = make_model_set(tmp_path / "set", n_members=2,
+                            preprocessing={"modality": "mri", "image_size": 32, "fov_mm": 192.0,
+                                           "normalisation": "percentile", "use_mask": True})
+    for member in open_model_set(models).member_dirs:
+        export_onnx(member)
+    maps = {}
+    with one_torch_thread():
+        for engine in ("torch", "ort"):
+            out = tmp_path / engine
+            res = CliRunner().invoke(infer_main, [str(scan), "-o", str(out), "--models", str(models), "--engine", engine,
+                                                  "--sampler", "ddpm", "--steps", "5", "--device", "cpu", "--no-progress"],
+                                     catch_exceptions=False)
+            assert res.exit_code == 0, res.output
+            maps[engine] = np.asarray(nib.load(str(out / "maps" / "ixi132_t1.nii.gz")).get_fdata())
+    diff = np.abs(maps["ort"] - maps["torch"]).max()
+    assert maps["torch"].max() > 0
+    assert diff <= 1e-4, diff
