@@ -2,7 +2,6 @@
 import pytest
 import torch
 
-from condiff.config import ScheduleConfig
 from condiff.noise import NoiseKey, draw_noise
 from condiff.sampler import make_plan, restore, step
 from condiff.schedule import alpha_bar, leading_timesteps, min_snr_weight

@@ -95,3 +95,12 @@ def digests(out: Path, folders=BYTE_FOLDERS, files=("cases.csv", "scores.csv")) 
     for name in files:
         found[name] = hashlib.sha256((out / name).read_bytes()).hexdigest()
     return found
+
+
+def invoke_infer(args):
+    """Run condiff-infer in-process (click's CliRunner); exceptions propagate so failures show their cause."""
+    from click.testing import CliRunner
+
+    from condiff.engine.cli import infer_main
+
+    return CliRunner().invoke(infer_main, [str(a) for a in args], catch_exceptions=False)

@@ -18,11 +18,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from _infer_helpers import FAST, make_model_set, one_torch_thread
-from condiff.engine.cli import infer_main
+from _infer_helpers import FAST, make_model_set, one_torch_thread, invoke_infer
 from condiff.errors import InputImageError
 from condiff.io import images, volumes
 
@@ -52,8 +50,7 @@ def _one_thread():
         yield
 
 
-def _invoke(args):
-    return CliRunner().invoke(infer_main, [str(a) for a in args], catch_exceptions=False)
+_invoke = invoke_infer
 
 
 def _rows(path: Path) -> dict[str, dict[str, str]]:

@@ -11,10 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
-from _infer_helpers import FAST, one_torch_thread, brain_like, make_model_set, make_scans, write_nifti
-from condiff.engine.cli import infer_main
+from _infer_helpers import FAST, one_torch_thread, brain_like, make_model_set, make_scans, write_nifti, invoke_infer
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -30,8 +28,7 @@ def _one_thread():
         yield
 
 
-def _invoke(args):
-    return CliRunner().invoke(infer_main, [str(a) for a in args], catch_exceptions=False)
+_invoke = invoke_infer
 
 
 def _rows(path):

@@ -3,11 +3,9 @@ import json
 import shutil
 
 import pytest
-from click.testing import CliRunner
 
-from _infer_helpers import FAST, one_torch_thread, digests, make_model_set, make_scans
+from _infer_helpers import FAST, one_torch_thread, digests, make_model_set, make_scans, invoke_infer
 from condiff.engine import pipeline
-from condiff.engine.cli import infer_main
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -16,8 +14,7 @@ def _one_thread():
         yield
 
 
-def _invoke(args):
-    return CliRunner().invoke(infer_main, [str(a) for a in args], catch_exceptions=False)
+_invoke = invoke_infer
 
 
 @pytest.fixture(scope="module")

@@ -9,23 +9,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
+
+from _train_helpers import phantoms
 
 SIZE = 32
 PER_RANK = 2
 
 
-def _phantoms(n=10, size=SIZE, seed=0):
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[:size, :size] / (size - 1) * 2 - 1
-    out = np.zeros((n, 1, size, size), np.float32)
-    for i in range(n):
-        a, b = rng.uniform(0.6, 0.85, 2)
-        inside = (xx / a) ** 2 + (yy / b) ** 2 <= 1
-        tex = 0.5 + 0.3 * np.sin(3 * xx + rng.uniform(0, 6)) * np.cos(2 * yy + rng.uniform(0, 6))
-        out[i, 0] = np.where(inside, np.clip(tex, 0.05, 1), 0)
-    return out
+
 
 
 def _trainer(work, batch_size, dist_info=None):
@@ -35,7 +27,7 @@ def _trainer(work, batch_size, dist_info=None):
     from condiff.train.tasks import ArrayPool, RestorationTask
     from condiff.unet import ConditionalUNet
 
-    images = _phantoms()
+    images = phantoms(n=10)
     task = RestorationTask([2, 3, 4], same_pool=ArrayPool(images), has_background=True)
     torch.manual_seed(0)
     model = ConditionalUNet(preset("tiny", 1, SIZE))
