@@ -9,7 +9,9 @@ x0) stays float32 (reference-method.md §10 D3); only the network runs in fp16/b
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -18,6 +20,23 @@ from condiff.sampler import SamplerPlan, step
 
 logger = logging.getLogger(__name__)
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+@dataclass
+class _Captured:
+    """Everything one captured loop reads. A CUDA graph replays raw device addresses, so every
+    tensor it reads must stay alive as long as the graph: the sampler's coefficient table
+    (``plan``) once lived only in a local variable, was freed after capture, and later replays read
+    whatever reused that memory (replays after the first disagreed with the eager loop)."""
+
+    static_cond: torch.Tensor
+    static_noise: torch.Tensor
+    t_table: torch.Tensor
+    plan: SamplerPlan
+    run: Callable[[], torch.Tensor]
+    graph: "torch.cuda.CUDAGraph | None" = None
+    static_out: torch.Tensor | None = None
+    checked: int = 0
 
 
 class GraphDenoiser:
@@ -41,9 +60,7 @@ class GraphDenoiser:
         self.use_graphs = use_graphs
         self.verify_replays = 2
         self.graph_fallbacks = 0
-        self._graphs: dict[tuple, tuple] = {}
-        self._tables: dict[tuple, torch.Tensor] = {}
-        self._checked: dict[tuple, int] = {}
+        self._graphs: dict[tuple, _Captured] = {}
 
     @torch.inference_mode()
     def denoise(self, x_t: torch.Tensor, cond: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -62,30 +79,30 @@ class GraphDenoiser:
             x, x0 = step(plan, i, x, eps.float(), z)
         return x
 
-    def _build(self, shape: tuple, plan: SamplerPlan):
+    def _build(self, shape: tuple, plan: SamplerPlan) -> _Captured:
         b = shape[0]
         plan_d = plan.to(self.device)
         static_cond = torch.zeros(shape, device=self.device)
         static_noise = torch.zeros((b, plan.n_noise_draws, *shape[1:]), device=self.device)
         t_table = torch.tensor(plan.timesteps, device=self.device, dtype=torch.int64)[:, None].expand(-1, b).contiguous()
-        self._tables[(shape, plan.kind, tuple(plan.timesteps))] = t_table
 
         def run():
             cond_h = static_cond.to(self.dtype).contiguous(memory_format=self.memory_format)
             return self._loop(static_noise[:, 0], cond_h, static_noise, t_table, plan_d)
 
+        entry = _Captured(static_cond, static_noise, t_table, plan_d, run)
         if not self.use_graphs:
-            return static_cond, static_noise, None, run
+            return entry
         # warm up on a side stream (cuDNN/cuBLAS pick their kernels), then capture
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side), torch.inference_mode():
             run()
         torch.cuda.current_stream(self.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.inference_mode(), torch.cuda.graph(graph):
-            static_out = run()
-        return static_cond, static_noise, graph, static_out
+        entry.graph = torch.cuda.CUDAGraph()
+        with torch.inference_mode(), torch.cuda.graph(entry.graph):
+            entry.static_out = run()
+        return entry
 
     @torch.inference_mode()
     def restore_batch(self, cond: torch.Tensor, noise: torch.Tensor, plan: SamplerPlan) -> torch.Tensor:
@@ -94,31 +111,26 @@ class GraphDenoiser:
         if key not in self._graphs:
             self._graphs[key] = self._build(tuple(cond.shape), plan)
             logger.debug("built %s graph for %s", "CUDA" if self.use_graphs else "eager", key)
-        static_cond, static_noise, graph, out = self._graphs[key]
-        static_cond.copy_(cond, non_blocking=True)
-        static_noise.copy_(noise.pin_memory() if noise.device.type == "cpu" else noise, non_blocking=True)
-        if graph is None:
-            return out().clone()
-        graph.replay()
-        result = out.clone()
-        checks = self._checked.get(key, 0)
-        if checks < self.verify_replays:
-            # A replay must reproduce the eager loop on the same inputs bit for bit (same kernels).
-            # bench/gpu_consistency.py saw replays that did not (random tiny nets, DDIM, small batches):
-            # until that is understood, the first replays of every graph are checked and a graph that
-            # disagrees is dropped for the eager loop.
-            cond_h = static_cond.to(self.dtype).contiguous(memory_format=self.memory_format)
-            eager = self._loop(static_noise[:, 0], cond_h, static_noise, self._tables[key], plan.to(self.device))
+        entry = self._graphs[key]
+        entry.static_cond.copy_(cond, non_blocking=True)
+        entry.static_noise.copy_(noise.pin_memory() if noise.device.type == "cpu" else noise, non_blocking=True)
+        if entry.graph is None:
+            return entry.run().clone()
+        entry.graph.replay()
+        result = entry.static_out.clone()
+        if entry.checked < self.verify_replays:
+            # Safety net: a replay must reproduce the eager loop on the same inputs bit for bit (same
+            # kernels). It caught the freed-coefficient bug (see _Captured); a graph that disagrees is
+            # dropped for the eager loop rather than trusted.
+            eager = entry.run()
             diff = float((eager - result).abs().max())
             if diff > 1e-5 * (1.0 + float(eager.abs().max())):
                 logger.warning("CUDA graph for %s disagrees with the eager loop (max |diff| %.3g): "
                                "using the eager loop for this shape", key[0], diff)
-                self._graphs[key] = (static_cond, static_noise, None, lambda: self._loop(
-                    static_noise[:, 0], static_cond.to(self.dtype).contiguous(memory_format=self.memory_format),
-                    static_noise, self._tables[key], plan.to(self.device)))
+                entry.graph = entry.static_out = None
                 self.graph_fallbacks += 1
                 return eager.clone()
-            self._checked[key] = checks + 1
+            entry.checked += 1
         return result
 
 
