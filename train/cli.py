@@ -298,7 +298,7 @@ def train_command(data: str, mask_pattern: str | None, modality: str, image_size
               help="Blending sources for task 1 (another image collection); repeatable. None: task 1 is dropped "
                    "and the substitution recorded.")
 @click.option("--other-mask-pattern", default=None, help="Mask pattern for --other-data volumes.")
-@click.option("--preset", "preset_name", type=click.Choice(["small", "tiny", "symmetric", "paper"]), default="small",
+@click.option("--preset", "preset_name", type=click.Choice(["small", "compact", "tiny", "symmetric", "paper"]), default="small",
               show_default=True)
 @click.option("--fold", default=None, help="0..9 or 'all' [default: 0].")
 @click.option("--folds", default=None, help="Comma list, e.g. 0,3,6.")

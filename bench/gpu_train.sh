@@ -1,0 +1,108 @@
+#!/usr/bin/env bash
+# One time-boxed chunk of a long training run on the GPU machine; chunks add up across sessions.
+#
+# Here (before):  bash bench/prepare_gpu_carry.sh          # scans + wheels into .carry/
+#                 python bench/train_chunks.py stage RUN   # last chunk's state into .carry/train-state/
+# There:          RUN=RUN bash bench/gpu_train.sh          # carry [".carry"]; writes pieces into $OUT
+# Here (after):   python bench/train_chunks.py collect RUN FILES_AT   # unpack, verify, record the chunk
+#
+# What comes back (device tool: <= 8 files, <= 16 MiB each, <= 64 MiB in all): the newest checkpoint
+# (exact resume: weights, EMA, AdamW moments, RNG and data-order state), the metrics log (loss, validation,
+# healing metric) and chunk.json, as one tar.gz cut into pieces of 15 MiB; the exported fp16 model
+# folder as model.tgz; SHA256SUMS and gpu_train.log. The `compact` preset exists so that state still travels next time (train_chunks.py
+# checks the 64 MiB working-tree budget before a run).
+#
+# Settings (environment): RUN (name), RECIPE (healing), PRESET (compact), FOLD (0), BATCH (64),
+# WORKERS (14), TRAIN_MIN (default: what DEADLINE leaves), DEADLINE (seconds, 560), DATA (.carry/data).
+# GPU_TRAIN_DRY=1 runs a few CPU steps on toy settings (used by tests/bench/test_gpu_train.py).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+DRY=${GPU_TRAIN_DRY:-0}
+RUN=${RUN:-long-compact-healing}
+RECIPE=${RECIPE:-healing}
+PRESET=${PRESET:-compact}
+FOLD=${FOLD:-0}
+BATCH=${BATCH:-64}
+WORKERS=${WORKERS:-14}
+DEADLINE=${DEADLINE:-560}
+DATA=${DATA:-.carry/data}
+STATE=${STATE:-.carry/train-state/$RUN}
+FINAL=${OUT:-bench/results/gpu-train-$(date +%Y%m%d)}
+WORK=${WORK:-$(mktemp -d /tmp/gpu_train.XXXX)}
+PIECE=${PIECE:-15M}
+mkdir -p "$FINAL" "$WORK"
+LOG="$FINAL/gpu_train.log"
+export PYTHONUNBUFFERED=1
+say() { echo "[gpu_train $(date +%T)] $*" | tee -a "$LOG"; }
+
+if [ "$DRY" != 1 ] && ls .carry/whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site .carry/whl/*.whl && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+fi
+python3 -c "import condiff" 2>/dev/null || python3 -m pip install -q --no-deps --no-build-isolation -e . >> "$LOG" 2>&1
+
+RESUMED_FROM=0
+if ls "$STATE"/state.tgz.part* >/dev/null 2>&1; then
+    (cd "$STATE" && sha256sum -c --quiet SHA256SUMS) || { say "carried state fails its checksums: not resuming"; exit 3; }
+    cat "$STATE"/state.tgz.part* | tar -xzf - -C "$WORK" || { say "carried state does not unpack"; exit 3; }
+    RESUMED_FROM=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['steps_after'])" "$WORK/chunk.json")
+    say "resuming $RUN from step $RESUMED_FROM"
+else
+    say "no carried state in $STATE: starting $RUN from scratch"
+fi
+
+if [ "$DRY" = 1 ]; then
+    ARGS="--preset tiny --image-size 32 --batch-size 4 --max-steps ${DRY_STEPS:-3} --val-start 1 --val-every 3 --val-max-slices 8 --checkpoint-every 3 --workers 0 --device cpu"
+    TRAIN_MIN=${TRAIN_MIN:-5}
+else
+    # start-up (~45 s) and packing (~20 s) come out of the deadline
+    TRAIN_MIN=${TRAIN_MIN:-$(python3 -c "print(round(max(0.5, ($DEADLINE - $SECONDS - 80) / 60), 2))")}
+    ARGS="--preset $PRESET --batch-size $BATCH --val-start 0 --val-every 500 --val-max-slices 128 --checkpoint-every 2000 --workers $WORKERS"
+fi
+say "recipe $RECIPE, fold $FOLD, budget $TRAIN_MIN min, args: $ARGS"
+T0=$(date +%s)
+timeout --signal=INT --kill-after=20 "$(python3 -c "print(int($TRAIN_MIN*60+60))")" \
+    python3 -m condiff.train.cli --data "$DATA/ixi-t1" --mask-pattern '{dir}/{stem}_brainmask.nii.gz' \
+    --fold "$FOLD" -o "$WORK" --resume --recipe "$RECIPE" --time-budget-min "$TRAIN_MIN" --holdout 2 $ARGS \
+    --val-hook condiff.train.healing:val_hook --checkpoint-part-mb 16 --weights-dtype fp16 --no-progress \
+    > "$WORK.train.txt" 2>&1
+RC=$?
+WALL=$(( $(date +%s) - T0 ))
+tail -n 15 "$WORK.train.txt" >> "$LOG"
+say "condiff-train rc=$RC in $WALL s"
+
+# keep the newest checkpoint only, record the chunk, pack, cut into pieces
+python3 - "$WORK" "$FOLD" "$RUN" "$RECIPE" "$RESUMED_FROM" "$WALL" "$RC" <<'PY' 2>&1 | tee -a "$LOG"
+import datetime, json, sys
+from pathlib import Path
+from condiff.train.checkpoint import latest_checkpoint, prune_checkpoints
+work, fold, run, recipe, before, wall, rc = sys.argv[1:]
+ck_root = Path(work) / "train" / f"fold{fold}" / "checkpoints"
+prune_checkpoints(ck_root, keep=1)
+latest = latest_checkpoint(ck_root)
+steps = json.loads((latest / "state.json").read_text())["step"] if latest else 0
+try:
+    import torch
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+except Exception:
+    device = "unknown"
+rec = {"run": run, "recipe": recipe, "fold": int(fold), "steps_before": int(before), "steps_after": int(steps),
+       "train_wall_s": int(wall), "train_rc": int(rc), "device": device,
+       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+       "checkpoint": latest.name if latest else None}
+(Path(work) / "chunk.json").write_text(json.dumps(rec, indent=1) + "\n")
+print(json.dumps(rec))
+PY
+# state (what the next chunk resumes from) and the exported fp16 model folder travel separately:
+# only the state goes back to the device, and it must fit the 64 MiB working tree with the repo
+(cd "$WORK" && tar -czf "$WORK.state.tgz" chunk.json "train/fold$FOLD/checkpoints" "train/fold$FOLD/metrics.jsonl")
+rm -f "$FINAL"/state.tgz.part* "$FINAL/model.tgz"
+split -b "$PIECE" -d -a 2 "$WORK.state.tgz" "$FINAL/state.tgz.part"
+[ -d "$WORK/fold$FOLD" ] && (cd "$WORK" && tar -czf "$FINAL/model.tgz" chunk.json "fold$FOLD")
+(cd "$FINAL" && sha256sum state.tgz.part* $(ls model.tgz 2>/dev/null) > SHA256SUMS)
+N=$(ls "$FINAL" | wc -l)
+TOTAL=$(du -cb "$FINAL"/* | tail -n 1 | cut -f1)
+say "packed $(ls "$FINAL"/state.tgz.part* | wc -l) pieces, $N files, $TOTAL bytes into $FINAL"
+if [ "$N" -gt 8 ] || [ "$TOTAL" -gt 67108864 ]; then
+    say "ERROR: more than the device tool returns (8 files, 64 MiB): choose a smaller preset"; exit 4
+fi
+exit 0
