@@ -6,8 +6,9 @@
 # On a CPU machine, GPU_CHECK_DRY=1 runs every section at toy sizes to test the script itself.
 #
 # Sections (each time-boxed, each failure recorded and the script goes on):
-#   1 environment report      2 GPU tests (CUDA-graph engine, CUDA SSIM kernel)
-#   3 bench/ssim.py           4 bench/throughput.py (paper, symmetric; eager fp32, reference autocast, fast)
+#   1 environment report      2 GPU tests (CUDA-graph engine, CUDA SSIM kernel, Triton kernels compiled)
+#   3 bench/ssim.py, bench/attention.py (Triton vs SDPA at the paper's attention shapes, a few tile configs)
+#   4 bench/throughput.py (paper, symmetric; eager fp32, reference autocast, fast, fast with Triton kernels)
 #   5 train the demo members (small preset, IXI T1, folds in parallel, time-boxed)
 #   6 evaluate them on the lesion cases (fast engine) and pack everything into one archive
 set -uo pipefail
@@ -58,19 +59,26 @@ python3 -c "import condiff" 2>/dev/null || python3 -m pip install -q --no-deps -
 
 section "2 GPU tests"
 run 70 pytest_gpu python3 -m pytest -q -m gpu -p no:cacheprovider tests/engine/test_graphs.py tests/engine/test_ssim_cuda.py tests/export/test_trt_stubbed.py
+# the Triton kernels compiled (no interpreter) against float64 oracles and SDPA; most of the time is compiling
+run 75 pytest_triton python3 -m pytest -q -m gpu -p no:cacheprovider tests/engine/test_triton_kernels.py
 
-section "3 SSIM kernel benchmark"
+section "3 SSIM and attention kernel benchmarks"
 if [ "$DRY" = 1 ]; then SSIM_ARGS="--batch 2 --repeats 2"; else SSIM_ARGS="--batch 40 400 --channels 1 3 --repeats 20 --half-x"; fi
 run 30 bench_ssim python3 bench/ssim.py $SSIM_ARGS --json "$OUT/ssim.json"
+# attention alone (performance.md §4 table): exp/SM/clock of SDPA's backends and the Triton kernel, MUFU-only
+# and with a fifth of the exponentials on the FMA pipe, plus a few tile configs for tuning engine/kernels
+if [ "$DRY" = 1 ]; then ATTN_ARGS="--interpret"; else ATTN_ARGS="--repeats 10 --warmup 2 --poly-shares 0 0.2 \
+    --configs 128,64,4,2 128,128,4,3 256,128,8,2 --time-budget 45"; fi
+run 60 bench_attention python3 bench/attention.py $ATTN_ARGS --json "$OUT/attention.json"
 
 section "4 throughput"
 if [ "$DRY" = 1 ]; then
     run 300 throughput_smoke python3 bench/throughput.py --smoke --out "$OUT"
 else
-    run 130 throughput_paper python3 bench/throughput.py --preset paper --batch-sizes 8 32 --steps 10 --repeats 5 \
-        --engines fast:fp16 --fp32-steps 2 --fp32-batch-sizes 8 --time-budget 115 --device cuda --out "$OUT"
-    run 70 throughput_symmetric python3 bench/throughput.py --preset symmetric --batch-sizes 32 128 --steps 10 --repeats 5 \
-        --engines fast:fp16 --fp32-steps 2 --fp32-batch-sizes 32 --time-budget 60 --device cuda --out "$OUT"
+    run 155 throughput_paper python3 bench/throughput.py --preset paper --batch-sizes 8 32 --steps 10 --repeats 5 \
+        --engines fast:fp16 fast-triton:fp16 --fp32-steps 2 --fp32-batch-sizes 8 --time-budget 140 --device cuda --out "$OUT"
+    run 80 throughput_symmetric python3 bench/throughput.py --preset symmetric --batch-sizes 32 128 --steps 10 --repeats 5 \
+        --engines fast:fp16 fast-triton:fp16 --fp32-steps 2 --fp32-batch-sizes 32 --time-budget 68 --device cuda --out "$OUT"
 fi
 
 section "5 train demo members (small preset, IXI T1, time-boxed)"

@@ -64,6 +64,10 @@ def _jsonable(value: Any) -> Any:
 @click.option("--models", type=click.Path(path_type=Path),
               help="A model set (set.json) or one model folder [default: the bundled demo set].")
 @device_options
+@click.option("--fast-kernels", type=click.Choice(["torch", "triton"]), default="torch", show_default=True,
+              help="Attention and GroupNorm+SiLU kernels inside --engine fast: PyTorch's (cuDNN) or condiff's "
+                   "Triton kernels (needs the triton package). Triton is unmeasured on GPU until the benchmark "
+                   "(bench/gpu_check.sh) records it.")
 @click.option("--steps", type=click.IntRange(1, 1000), default=50, show_default=True, help="Sampler steps.")
 @click.option("--sampler", type=click.Choice(["ddpm", "ddim"]), default="ddpm", show_default=True)
 @click.option("--members", metavar="N|I,J,...", help="First N members, or these member indices [default: all].")
@@ -100,8 +104,8 @@ def infer_main(**kw: Any) -> None:
     run_command(lambda: _infer(**kw), verbose=kw["verbose"])
 
 
-def _infer(inputs, output, models, engine, device, precision, batch_size, steps, sampler, members, seed, mask_pattern,
-           resume, dry_run, no_restoration, save_model_space, save_member_maps, nan_policy, shard, merge_dir,
+def _infer(inputs, output, models, engine, device, precision, batch_size, fast_kernels, steps, sampler, members, seed,
+           mask_pattern, resume, dry_run, no_restoration, save_model_space, save_member_maps, nan_policy, shard, merge_dir,
            ray_address, ray_workers, max_retries, group_slices, progress, verbose) -> int:
     from condiff.cli_common import resolve_precision
     from condiff.io.cases import discover
@@ -145,7 +149,8 @@ def _infer(inputs, output, models, engine, device, precision, batch_size, steps,
         ctx_kwargs = dict(models=models, out_dir=output, engine=engine, device=device, precision=precision,
                           batch_size=batch_size, steps=steps, sampler=sampler, members=members, seed=seed,
                           mask_pattern=mask_pattern, restoration=not no_restoration, model_space=save_model_space,
-                          member_maps=save_member_maps, nan_policy=nan_policy, resume=resume, group_slices=group_slices)
+                          member_maps=save_member_maps, nan_policy=nan_policy, resume=resume, group_slices=group_slices,
+                          fast_kernels=fast_kernels)
         if ray_address is None:
             ctx = pipeline.make_context(**ctx_kwargs)
         else:

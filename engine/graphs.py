@@ -5,6 +5,10 @@ updates: the timestep table and the sampler coefficients live on the device, noi
 into a static buffer (made ahead on the CPU by ``condiff.noise``, so every backend consumes the
 same numbers), and nothing synchronises with the host inside the loop. Sampler state (x_t,
 x0) stays float32 (reference-method.md §10 D3); only the network runs in fp16/bf16.
+
+``kernels="triton"`` runs the network's attention and GroupNorm(+SiLU) through condiff's Triton
+kernels (``condiff.engine.kernels``) instead of PyTorch's (cuDNN attention, eager GroupNorm); they
+are compiled during the warm-up run, before capture. Unmeasured until bench/gpu_check.sh records it.
 """
 from __future__ import annotations
 
@@ -46,17 +50,25 @@ class GraphDenoiser:
     fixed_batch = True
 
     def __init__(self, model: torch.nn.Module, device: torch.device, precision: str = "fp16",
-                 max_batch: int = 32, channels_last: bool = False, use_graphs: bool = True):
+                 max_batch: int = 32, channels_last: bool = False, use_graphs: bool = True, kernels: str = "torch"):
+        from condiff.engine.kernels import KERNELS
+
         if device.type != "cuda":
             raise BackendUnavailableError(None, "the fast engine needs a CUDA device", "use --engine torch on the CPU")
         if precision not in DTYPES:
             raise BackendUnavailableError(None, f"unknown precision {precision!r}", "choose fp16, bf16 or fp32")
-        self.device, self.precision, self.max_batch = device, precision, max_batch
+        if kernels not in KERNELS:
+            raise BackendUnavailableError(None, f"unknown kernels {kernels!r}", f"choose one of {', '.join(KERNELS)}")
+        self.device, self.precision, self.max_batch, self.kernels = device, precision, max_batch, kernels
         self.dtype = DTYPES[precision]
         self.model = model.to(device=device, dtype=self.dtype).eval()
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+        if kernels == "triton":
+            from condiff.engine.kernels import use_triton_kernels
+
+            use_triton_kernels(self.model)  # in place, like the casts above; weights unchanged
         self.use_graphs = use_graphs
         self.verify_replays = 2
         self.graph_fallbacks = 0
@@ -135,10 +147,11 @@ class GraphDenoiser:
 
 
 def open_fast(model_dir: str | Path | torch.nn.Module, *, device=None, precision: str = "fp16",
-              max_batch: int = 32, channels_last: bool = False, use_graphs: bool = True) -> GraphDenoiser:
+              max_batch: int = 32, channels_last: bool = False, use_graphs: bool = True,
+              kernels: str = "torch") -> GraphDenoiser:
     from condiff.engine.backends.torch_backend import resolve_device
     from condiff.modelset import load_model
 
     dev = resolve_device(device or "cuda")
     model = model_dir if isinstance(model_dir, torch.nn.Module) else load_model(model_dir)[0]
-    return GraphDenoiser(model, dev, precision, max_batch, channels_last, use_graphs)
+    return GraphDenoiser(model, dev, precision, max_batch, channels_last, use_graphs, kernels=kernels)

@@ -116,7 +116,7 @@ def make_context(models: str | Path, out_dir: str | Path, *, engine: str = "torc
                  precision: str = "fp32", batch_size: int | None = None, steps: int = 50, sampler: str = "ddpm",
                  members: str | None = None, seed: int = 0, mask_pattern: str | None = None, restoration: bool = True,
                  model_space: bool = False, member_maps: bool = False, nan_policy: str = "error",
-                 resume: bool = True, group_slices: int | None = None) -> RunContext:
+                 resume: bool = True, group_slices: int | None = None, fast_kernels: str = "torch") -> RunContext:
     """Validate the model set and options; no network is loaded (see ``load_denoisers``).
 
     Raises ``CondiffError`` subclasses (exit 2 in the CLI) for an invalid set, member list,
@@ -141,11 +141,15 @@ def make_context(models: str | Path, out_dir: str | Path, *, engine: str = "torc
         plan = make_plan(sampler, steps, schedule)
     except ValueError as exc:
         raise ModelSetError(models, f"cannot build the {sampler} sampler ({exc})") from exc
+    if fast_kernels != "torch" and engine != "fast":
+        raise BackendUnavailableError(None, f"--fast-kernels {fast_kernels} applies only to the fast engine",
+                                      "add --engine fast, or drop --fast-kernels")
     dev = resolve_device(device)
     options = RunOptions(engine=engine, precision=precision, device_type=dev.split(":")[0], sampler=sampler,
                          steps=steps, members=tuple(member_idx), seed=seed, mask=mask_pattern,
                          restoration=restoration, model_space=model_space or member_maps, member_maps=member_maps,
-                         nan_policy=nan_policy, preprocessing=preprocess.to_dict(), schedule=schedule.to_dict())
+                         nan_policy=nan_policy, preprocessing=preprocess.to_dict(), schedule=schedule.to_dict(),
+                         fast_kernels=fast_kernels)
     return RunContext(out_dir=Path(out_dir), model_set=model_set, members=member_idx, options=options,
                       preprocess=preprocess, plan=plan, device=dev,
                       batch_size=batch_size or (16 if dev == "cpu" else 64), mask_pattern=mask_pattern,
@@ -157,8 +161,10 @@ def load_denoisers(ctx: RunContext) -> None:
     from .backends import open_denoiser
 
     t0 = time.perf_counter()
+    extra = {"kernels": ctx.options.fast_kernels} if ctx.options.engine == "fast" else {}
     ctx.denoisers = [open_denoiser(ctx.options.engine, ctx.model_set.member_dirs[m], device=ctx.device,
-                                   precision=ctx.options.precision, max_batch=ctx.batch_size) for m in ctx.members]
+                                   precision=ctx.options.precision, max_batch=ctx.batch_size, **extra)
+                     for m in ctx.members]
     ctx.stats.load_s += time.perf_counter() - t0
 
 

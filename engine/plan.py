@@ -57,10 +57,13 @@ class RunOptions:
     nan_policy: str = "error"
     preprocessing: dict[str, Any] = field(default_factory=dict)
     schedule: dict[str, Any] = field(default_factory=dict)
+    fast_kernels: str = "torch"  # --fast-kernels: torch | triton (the fast engine's attention and GroupNorm)
 
     def to_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)
         d["members"] = list(self.members)
+        if d["fast_kernels"] == "torch":
+            del d["fast_kernels"]  # absent at its default, so records written before it existed stay current
         return d
 
     def digest(self) -> str:

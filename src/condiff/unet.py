@@ -5,7 +5,10 @@ a condiff model folder stays readable by diffusers. The network sees ``cat([x_t,
 (noisy image first, reference-method.md §2.2) and returns eps for ``x_t``.
 
 Attention runs through ``attention_fn`` (default: PyTorch SDPA); export swaps it for a
-memory-bounded or runtime-specific form without touching the weights.
+memory-bounded or runtime-specific form without touching the weights. Every GroupNorm (and the SiLU
+that follows it in resnets and before ``conv_out``) runs through ``norm_fn`` (default: the modules
+and ``F.silu``), so a fused kernel can replace the pair (``condiff.engine.kernels``); the
+``nn.GroupNorm`` modules and their parameter names stay as they are.
 """
 from __future__ import annotations
 
@@ -19,11 +22,18 @@ from torch import nn
 from condiff.config import UNetConfig
 
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+NormFn = Callable[[nn.GroupNorm, torch.Tensor, bool], torch.Tensor]  # (norm, x, silu) -> silu?(norm(x))
 
 
 def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """(B, heads, N, d) -> (B, heads, N, d); softmax scale d**-0.5 as diffusers."""
     return F.scaled_dot_product_attention(q, k, v)
+
+
+def torch_group_norm(norm: nn.GroupNorm, x: torch.Tensor, silu: bool) -> torch.Tensor:
+    """``norm(x)``, then SiLU when ``silu``: the eager form of the ``NormFn`` seam."""
+    y = norm(x)
+    return F.silu(y) if silu else y
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos: bool, freq_shift: float,
@@ -63,11 +73,12 @@ class ResnetBlock(nn.Module):
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
         self.conv_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
         self.output_scale = output_scale
+        self.norm_fn: NormFn = torch_group_norm
 
     def forward(self, x, temb):
-        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv1(self.norm_fn(self.norm1, x, True))
         h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]
-        h = self.conv2(F.silu(self.norm2(h)))
+        h = self.conv2(self.norm_fn(self.norm2, h, True))
         if self.conv_shortcut is not None:
             x = self.conv_shortcut(x)
         out = x + h
@@ -88,10 +99,11 @@ class AttentionBlock(nn.Module):
         self.to_out = nn.ModuleList([nn.Linear(self.heads * head_dim, channels)])
         self.output_scale = output_scale
         self.attention_fn: AttentionFn = sdpa_attention
+        self.norm_fn: NormFn = torch_group_norm
 
     def forward(self, x):
         b, c, hgt, wid = x.shape
-        tokens = self.group_norm(x).flatten(2).transpose(1, 2)  # (B, N, C)
+        tokens = self.norm_fn(self.group_norm, x, False).flatten(2).transpose(1, 2)  # (B, N, C)
 
         def heads(t):
             return t.view(b, -1, self.heads, self.head_dim).transpose(1, 2)
@@ -219,6 +231,7 @@ class ConditionalUNet(nn.Module):
                                           kind == "AttnUpBlock2D", cfg, add_upsample=i < n - 1))
         self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, ch[0], eps=cfg.norm_eps)
         self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
+        self.norm_fn: NormFn = torch_group_norm
 
     def attention_blocks(self) -> list[AttentionBlock]:
         return [m for m in self.modules() if isinstance(m, AttentionBlock)]
@@ -226,6 +239,12 @@ class ConditionalUNet(nn.Module):
     def set_attention_fn(self, fn: AttentionFn) -> None:
         for block in self.attention_blocks():
             block.attention_fn = fn
+
+    def set_norm_fn(self, fn: NormFn) -> None:
+        """Route every GroupNorm(+SiLU) through ``fn``; ``torch_group_norm`` restores the eager form."""
+        for m in self.modules():
+            if isinstance(m, (ResnetBlock, AttentionBlock, ConditionalUNet)):
+                m.norm_fn = fn
 
     def forward(self, x_t: torch.Tensor, cond: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         cfg = self.config
@@ -241,7 +260,7 @@ class ConditionalUNet(nn.Module):
         x = self.mid_block(x, emb)
         for block in self.up_blocks:
             x = block(x, skips, emb)
-        return self.conv_out(F.silu(self.conv_norm_out(x)))
+        return self.conv_out(self.norm_fn(self.conv_norm_out, x, True))
 
 
 def count_parameters(model: nn.Module) -> int:
