@@ -11,6 +11,7 @@
 #   4 bench/throughput.py (paper, symmetric; eager fp32, reference autocast, fast, fast with Triton kernels)
 #   5 train the demo members (small preset, IXI T1, folds in parallel, time-boxed)
 #   6 evaluate them on the lesion cases (fast engine) and pack everything into one archive
+# SECTIONS="2 3 4" (default) or e.g. SECTIONS="2 3 4 5 6"; DEADLINE (s) bounds the whole script.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DRY=${GPU_CHECK_DRY:-0}
@@ -27,6 +28,10 @@ DATA=${DATA:-.carry/data}
 if [ "$DRY" = 1 ]; then TRAIN_MIN=0.3; fi
 
 section() { echo; echo "=== $1 ($(date +%T)) ===" | tee -a "$LOG"; }
+# SECTIONS picks what runs (1 always): the default leaves the demo-set training (5, 6) to
+# bench/gpu_train.sh, so one device session fits this script and a training chunk
+SECTIONS=${SECTIONS:-"2 3 4"}
+want() { [[ " $SECTIONS " == *" $1 "* ]]; }
 DEADLINE=${DEADLINE:-560}   # seconds for the whole script: the device tool stops a command at 600 s
 pack() {  # what has been produced so far goes into $FINAL now, so a late kill still returns it
     mkdir -p "$OUT/logs" && cp "$RES"/*.txt "$RES"/*.jsonl "$OUT/logs/" 2>/dev/null
@@ -47,8 +52,8 @@ run() {  # run LIMIT_S NAME CMD...: time-boxed (and never past DEADLINE), output
 }
 
 section "1 environment"
-if ls .carry/whl/*.whl >/dev/null 2>&1; then
-    python3 -m pip install -q --no-index --no-deps --target /tmp/site .carry/whl/*.whl && export PYTHONPATH=/tmp/site:$PYTHONPATH
+if [ "$DRY" != 1 ] && ls .carry/whl/*.whl >/dev/null 2>&1; then  # dry runs test the checkout, not a staged wheel
+    python3 -m pip install -q --no-index --no-deps --upgrade --target /tmp/site .carry/whl/*.whl && export PYTHONPATH=/tmp/site:$PYTHONPATH
 fi
 # condiff itself travels as a wheel built by bench/prepare_gpu_carry.sh (installed above); else install the checkout
 python3 -c "import condiff" 2>/dev/null || python3 -m pip install -q --no-deps --no-build-isolation -e . > "$RES/install.txt" 2>&1 \
@@ -57,11 +62,14 @@ python3 -c "import condiff" 2>/dev/null || python3 -m pip install -q --no-deps -
   python3 -c "import torch, condiff; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'gpu', torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, 'condiff', condiff.__version__)";
   lscpu | grep 'Model name'; } 2>&1 | tee "$OUT/environment.txt" | tee -a "$LOG"
 
+if want 2; then
 section "2 GPU tests"
 run 70 pytest_gpu python3 -m pytest -q -m gpu -p no:cacheprovider tests/engine/test_graphs.py tests/engine/test_ssim_cuda.py tests/export/test_trt_stubbed.py
 # the Triton kernels compiled (no interpreter) against float64 oracles and SDPA; most of the time is compiling
 run 75 pytest_triton python3 -m pytest -q -m gpu -p no:cacheprovider tests/engine/test_triton_kernels.py
+fi
 
+if want 3; then
 section "3 SSIM and attention kernel benchmarks"
 if [ "$DRY" = 1 ]; then SSIM_ARGS="--batch 2 --repeats 2"; else SSIM_ARGS="--batch 40 400 --channels 1 3 --repeats 20 --half-x"; fi
 run 30 bench_ssim python3 bench/ssim.py $SSIM_ARGS --json "$OUT/ssim.json"
@@ -70,7 +78,9 @@ run 30 bench_ssim python3 bench/ssim.py $SSIM_ARGS --json "$OUT/ssim.json"
 if [ "$DRY" = 1 ]; then ATTN_ARGS="--interpret"; else ATTN_ARGS="--repeats 10 --warmup 2 --poly-shares 0 0.2 \
     --configs 128,64,4,2 128,128,4,3 256,128,8,2 --time-budget 45"; fi
 run 60 bench_attention python3 bench/attention.py $ATTN_ARGS --json "$OUT/attention.json"
+fi
 
+if want 4; then
 section "4 throughput"
 if [ "$DRY" = 1 ]; then
     run 300 throughput_smoke python3 bench/throughput.py --smoke --out "$OUT"
@@ -80,7 +90,9 @@ else
     run 80 throughput_symmetric python3 bench/throughput.py --preset symmetric --batch-sizes 32 128 --steps 10 --repeats 5 \
         --engines fast:fp16 fast-triton:fp16 --fp32-steps 2 --fp32-batch-sizes 32 --time-budget 68 --device cuda --out "$OUT"
 fi
+fi
 
+if want 5; then
 section "5 train demo members (small preset, IXI T1, time-boxed)"
 FOLDS=${FOLDS:-"0 4 8"}
 # what is left after training's start-up (~45 s) and the quality section (~110 s) bounds the training budget
@@ -122,7 +134,9 @@ for fold in $FOLDS; do  # one archive per member: each stays under the 16 MiB pe
 done
 cp "$RES/demo-set/set.json" "$OUT/demo-set.json" 2>/dev/null
 pack
+fi
 
+if want 6; then
 section "6 quality of the demo set (fast engine) and pack"
 if [ -f "$RES/demo-set/set.json" ]; then
     if [ "$DRY" = 1 ]; then Q="--engine torch --precision fp32 --device cpu --steps 2 --sampler ddim --max-slices 4"; \
@@ -133,6 +147,7 @@ if [ -f "$RES/demo-set/set.json" ]; then
     mkdir -p "$RES/overlays" && cp "$RES"/quality/*/overlays/*.png "$RES/overlays/" 2>/dev/null
 fi
 cp -r "$RES/overlays" "$OUT/" 2>/dev/null
+fi
 echo "total ${SECONDS} s" | tee -a "$LOG"
 pack
 du -sh "$FINAL"/* | tee -a "$LOG"

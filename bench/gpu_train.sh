@@ -36,7 +36,7 @@ export PYTHONUNBUFFERED=1
 say() { echo "[gpu_train $(date +%T)] $*" | tee -a "$LOG"; }
 
 if [ "$DRY" != 1 ] && ls .carry/whl/*.whl >/dev/null 2>&1; then
-    python3 -m pip install -q --no-index --no-deps --target /tmp/site .carry/whl/*.whl && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+    python3 -m pip install -q --no-index --no-deps --upgrade --target /tmp/site .carry/whl/*.whl && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
 fi
 python3 -c "import condiff" 2>/dev/null || python3 -m pip install -q --no-deps --no-build-isolation -e . >> "$LOG" 2>&1
 
