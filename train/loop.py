@@ -1,4 +1,4 @@
-"""The training loop: objective, optimiser, EMA, validation with best-checkpoint rule, resume, DDP.
+"""The training loop: objective, optimiser, EMA, validation schedule, resume, DDP.
 
 One step (reference-method §3), per process on its shard of the global batch:
 
@@ -11,12 +11,8 @@ with m = 1 everywhere for the reference recipe, and m = ``mask_weight`` inside t
 mask for a recipe that pushes healing (``RECIPES``). AdamW (lr 1e-4, wd 1e-2), constant LR, global
 grad-norm clip 1.0 (after unscaling under fp16), EMA update after every optimiser step.
 
-Validation (§3, §10 D5): from ``val_start`` every ``val_every`` steps, the EMA weights on the held-out
-subjects corrupted with the fold's held-out tasks, the reference objective (mask weight 1), with task
-draws, t and eps re-drawn every evaluation (keys ``(step, index)``, so deterministic given the step).
-m ← 0.9·m + 0.1·L (m starts at the first L); a lower m than ever before is the new best and its EMA
-weights are written to ``best/``; training stops when ``step − best_step > patience``. The raw
-weights are never swapped out, so nothing needs restoring after validation.
+Validation (§3, §10 D5): the EMA weights on the held-out subjects every ``val_every`` steps from
+``val_start``; the moving average, best-checkpoint rule and early stopping live in ``validation.py``.
 
 Distributed (torchrun, ``WORLD_SIZE`` > 1): every rank holds the same model, takes its own ``B``
 samples of the global batch (``StepBatchSampler``), DDP averages gradients; validation is sharded and
@@ -33,7 +29,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -43,6 +38,8 @@ from condiff.schedule import alpha_bar, min_snr_weight
 from condiff.train import checkpoint as ckpt
 from condiff.train.data import StepBatchSampler, TaskSamples, collate
 from condiff.train.ema import EMA
+from condiff.train.validation import (ValHook, ValState, best_weights_path, run_hooks, should_validate, sum_val_loss,
+                                      val_batches, val_record, write_best)
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +50,6 @@ RECIPES: dict[str, dict[str, float]] = {
     "healing": {"lr": 1e-4, "mask_weight": 10.0, "p_no_task": 0.05},
 }
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-ValHook = Callable[[int, nn.Module], dict]
 
 
 @dataclass
@@ -182,27 +178,7 @@ def diffusion_loss(model: nn.Module, batch: dict[str, torch.Tensor], alpha_bar_t
     return per_sample.mean(), per_sample
 
 
-# --------------------------------------------------------------------------------------- validation
-
-
-@dataclass
-class ValState:
-    """Moving average of the validation loss and the best-checkpoint bookkeeping (§3)."""
-
-    ma: float | None = None
-    best: float | None = None
-    best_step: int | None = None
-    last: float | None = None
-    n_evals: int = 0
-
-    def update(self, loss: float, step: int, alpha: float = 0.9) -> bool:
-        self.last = loss
-        self.ma = loss if self.ma is None else alpha * self.ma + (1.0 - alpha) * loss
-        self.n_evals += 1
-        if self.best is None or self.ma < self.best:
-            self.best, self.best_step = self.ma, step
-            return True
-        return False
+# ------------------------------------------------------------------------------------------ result
 
 
 @dataclass
@@ -299,43 +275,20 @@ class Trainer:
         return norm.detach()
 
     # ----------------------------------------------------------------------------- validation
-    def _val_indices(self) -> np.ndarray:
-        n = len(self.val_set)
-        m = self.cfg.val_max_slices
-        if m is None or m >= n:
-            return np.arange(n)
-        return np.unique(np.linspace(0, n - 1, m).round().astype(np.int64))
-
     @torch.no_grad()
     def validate(self) -> float:
         """Mean per-sample validation loss of the EMA weights at the current step (all ranks agree)."""
-        idx = self._val_indices()
-        keys = [(self.step, int(i)) for i in idx]
-        batches = [keys[i:i + self.cfg.val_batch_size] for i in range(0, len(keys), self.cfg.val_batch_size)]
-        mine = batches[self.dist.rank::self.dist.world_size]
-        total, count = 0.0, 0
-        if mine:
-            loader = torch.utils.data.DataLoader(self.val_set, batch_sampler=mine, collate_fn=collate,
-                                                 num_workers=min(self.cfg.num_workers, len(mine)))
-            for batch in loader:
-                _, per = diffusion_loss(self.ema.module, self._to_device(batch), self.alpha_bar, self.cfg.snr_gamma,
-                                        1.0, self.autocast_dtype, self.memory_format)
-                total += float(per.double().sum())
-                count += len(per)
+        cfg = self.cfg
+        mine = val_batches(len(self.val_set), self.step, cfg.val_batch_size, cfg.val_max_slices, self.dist.rank,
+                           self.dist.world_size)
+
+        def per_sample_loss(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+            return diffusion_loss(self.ema.module, self._to_device(batch), self.alpha_bar, cfg.snr_gamma, 1.0,
+                                  self.autocast_dtype, self.memory_format)[1]
+
+        total, count = sum_val_loss(self.val_set, mine, per_sample_loss, cfg.num_workers)
         total, count = _all_reduce_sum([total, count], self.dist, self.device)
         return total / max(count, 1)
-
-    def _write_best(self) -> Path:
-        from safetensors.torch import save as st_save
-
-        from condiff.io.atomic import write_bytes_atomic, write_json_atomic
-
-        best = self.work_dir / "best"
-        best.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().float().cpu().contiguous() for k, v in self.ema.state_dict().items()}
-        write_bytes_atomic(best / "ema.safetensors", st_save(state, metadata={"step": str(self.step)}))
-        write_json_atomic(best / "best.json", {"step": self.step, "val_ma": self.val.ma, "val_loss": self.val.last})
-        return best
 
     # ----------------------------------------------------------------------------- state
     def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -434,20 +387,18 @@ class Trainer:
         return record
 
     def _should_validate(self) -> bool:
-        return (self.val_set is not None and self.step >= self.cfg.val_start and self.cfg.val_every > 0
-                and self.step % self.cfg.val_every == 0)
+        return self.val_set is not None and should_validate(self.step, self.cfg.val_start, self.cfg.val_every)
 
     def _run_validation(self) -> dict:
+        """Validate, update the moving average, write a new best (rank 0), run the hooks (rank 0), log."""
         t0 = time.monotonic()
         loss = self.validate()
         improved = self.val.update(loss, self.step, self.cfg.ma_alpha)
-        record = {"kind": "val", "step": self.step, "val_loss": loss, "val_ma": self.val.ma, "best_ma": self.val.best,
-                  "best_step": self.val.best_step, "improved": improved}
-        if improved and self.dist.is_main:
-            self._write_best()
+        record = val_record(self.step, loss, self.val, improved)
         if self.dist.is_main:
-            for hook in self.hooks:
-                record.update(hook(self.step, self.ema.module))
+            if improved:
+                write_best(self.work_dir, self.ema.state_dict(), self.step, self.val)
+            record.update(run_hooks(self.hooks, self.step, self.ema.module))
         record["val_time_s"] = time.monotonic() - t0
         record["elapsed_s"] = self.elapsed_before + self._run_time()
         self._log(record)
@@ -508,7 +459,7 @@ class Trainer:
                         bar.set_postfix(loss=f"{record['loss']:.4g}", ma=f"{self.val.ma:.4g}" if self.val.ma else "-")
                 if self._should_validate():
                     self._run_validation()
-                    if self.val.best_step is not None and self.step - self.val.best_step > cfg.patience:
+                    if self.val.patience_exceeded(self.step, cfg.patience):
                         reason = "early_stopping"
                         self.finished = reason
                 if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
@@ -537,8 +488,7 @@ class Trainer:
         return FitResult(self.step, reason, wall, self.val, self._best_path())
 
     def _best_path(self) -> Path | None:
-        p = self.work_dir / "best" / "ema.safetensors"
-        return p if self.val.best_step is not None and p.is_file() else None
+        return best_weights_path(self.work_dir, self.val)
 
 
 def bit_equal(a: nn.Module, b: nn.Module) -> bool:
