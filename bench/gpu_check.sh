@@ -11,7 +11,8 @@
 #   4 bench/throughput.py (paper, symmetric; eager fp32, reference autocast, fast, fast with Triton kernels)
 #   5 train the demo members (small preset, IXI T1, folds in parallel, time-boxed)
 #   6 evaluate them on the lesion cases (fast engine) and pack everything into one archive
-# SECTIONS="2 3 4" (default) or e.g. SECTIONS="2 3 4 5 6"; DEADLINE (s) bounds the whole script.
+#   7 torch.compile inside the fast engine (--fast-kernels compile): GPU test and a symmetric throughput row
+# SECTIONS="2 3 4" (default) or e.g. SECTIONS="2 3 4 5 6" or "7"; DEADLINE (s) bounds the whole script.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DRY=${GPU_CHECK_DRY:-0}
@@ -147,6 +148,17 @@ if [ -f "$RES/demo-set/set.json" ]; then
     mkdir -p "$RES/overlays" && cp "$RES"/quality/*/overlays/*.png "$RES/overlays/" 2>/dev/null
 fi
 cp -r "$RES/overlays" "$OUT/" 2>/dev/null
+fi
+if want 7; then
+section "7 torch.compile inside the fast engine (about a minute of compiling per shape)"
+if [ "$DRY" = 1 ]; then
+    run 120 pytest_compile python3 -m pytest -q -p no:cacheprovider -m slow tests/engine/test_fast_kernels_option.py -k compiled
+else
+    run 120 pytest_compile python3 -m pytest -q -m gpu -p no:cacheprovider tests/engine/test_graphs.py -k compiled
+    run 200 throughput_compile python3 bench/throughput.py --preset symmetric --batch-sizes 32 --steps 10 --repeats 5 \
+        --engines fast:fp16 fast-compile:fp16 --fp32-steps 2 --fp32-batch-sizes 32 --time-budget 185 --device cuda \
+        --out "$OUT/compile"
+fi
 fi
 echo "total ${SECONDS} s" | tee -a "$LOG"
 pack

@@ -64,10 +64,11 @@ def _jsonable(value: Any) -> Any:
 @click.option("--models", type=click.Path(path_type=Path),
               help="A model set (set.json) or one model folder [default: the bundled demo set].")
 @device_options
-@click.option("--fast-kernels", type=click.Choice(["torch", "triton"]), default="torch", show_default=True,
-              help="Attention and GroupNorm+SiLU kernels inside --engine fast: PyTorch's (cuDNN) or condiff's "
-                   "Triton kernels (needs the triton package). Triton is unmeasured on GPU until the benchmark "
-                   "(bench/gpu_check.sh) records it.")
+@click.option("--fast-kernels", type=click.Choice(["torch", "triton", "compile"]), default="torch", show_default=True,
+              help="Kernels inside --engine fast: PyTorch's (cuDNN attention, eager GroupNorm), condiff's Triton "
+                   "attention and GroupNorm+SiLU (needs the triton package), or torch.compile of the network "
+                   "(about a minute of compiling per batch shape). triton and compile are unmeasured on GPU until "
+                   "the benchmark (bench/gpu_check.sh) records them.")
 @click.option("--steps", type=click.IntRange(1, 1000), default=50, show_default=True, help="Sampler steps.")
 @click.option("--sampler", type=click.Choice(["ddpm", "ddim"]), default="ddpm", show_default=True)
 @click.option("--members", metavar="N|I,J,...", help="First N members, or these member indices [default: all].")

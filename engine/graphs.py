@@ -69,6 +69,10 @@ class GraphDenoiser:
             from condiff.engine.kernels import use_triton_kernels
 
             use_triton_kernels(self.model)  # in place, like the casts above; weights unchanged
+        elif kernels == "compile":
+            from condiff.engine.kernels import compile_model
+
+            self.model = compile_model(self.model)  # compiled by _build's warm-up run, before capture
         self.use_graphs = use_graphs
         self.verify_replays = 2
         self.graph_fallbacks = 0

@@ -3,6 +3,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from condiff.engine.plan import RunOptions
 from condiff.errors import BackendUnavailableError
@@ -55,3 +56,28 @@ def test_cli_help_and_misuse(tmp_path):
                         "--fast-kernels", "triton"])
     assert res.exit_code == 2 and "--fast-kernels triton applies only to the fast engine" in res.stderr
     assert not (tmp_path / "out" / "records").exists()
+
+
+@pytest.mark.slow
+def test_compiled_network_equals_eager_on_cpu():
+    """--fast-kernels compile: inductor's fused network computes what the eager one does (CPU build here;
+    the GPU test in tests/engine/test_graphs.py checks it inside the captured loop)."""
+    import shutil
+
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("torch.compile on the CPU needs a C compiler")
+    from condiff.config import preset
+    from condiff.engine.kernels import compile_model
+    from condiff.unet import ConditionalUNet
+
+    torch.manual_seed(0)
+    model = ConditionalUNet(preset("tiny", 1, sample_size=32)).eval()
+    compiled = compile_model(model)
+    g = torch.Generator().manual_seed(1)
+    x, c = torch.randn(2, 1, 32, 32, generator=g), torch.rand(2, 1, 32, 32, generator=g)
+    t = torch.tensor([10, 900])
+    with torch.no_grad():
+        want = model(x, c, t)
+        got = compiled(x, c, t)
+    assert got.shape == want.shape and torch.isfinite(got).all()
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

@@ -108,3 +108,22 @@ def test_replays_survive_memory_reuse_between_calls():
             assert torch.isfinite(got).all()
             torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
     assert den.graph_fallbacks == 0
+
+
+def test_compiled_graph_maps_within_fp16_bound_of_eager_fp32():
+    """--fast-kernels compile: torch.compile inside the captured loop keeps maps and scores within the
+    fp16 bound of the eager fp32 loop, and no replay falls back to eager."""
+    from condiff.engine.graphs import GraphDenoiser
+
+    dev = torch.device("cuda")
+    models = _models("small", 64)
+    plan = make_plan("ddpm", 20)
+    jobs = _jobs(6, 64)
+    ref = run_slices([TorchDenoiser(m, dev, "fp32", 8) for m in models], jobs, plan, batch_size=8)
+    dens = [GraphDenoiser(m, dev, "fp16", 8, kernels="compile") for m in models]
+    fast = run_slices(dens, jobs, plan, batch_size=8)
+    assert sum(d.graph_fallbacks for d in dens) == 0
+    for a, b in zip(ref, fast):
+        peak = a.amap.abs().max().item()
+        assert (a.amap - b.amap).abs().max().item() <= 5e-2 * peak
+        assert abs(a.score - b.score) <= 0.05 * abs(a.score)
