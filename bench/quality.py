@@ -29,6 +29,7 @@ LESION_SETS = {
     "brats-t1c": {"folder": "brats-tumour", "mask": "{dir}/{base}_brainmask.nii.gz", "labels": "{dir}/{base}_seg.nii.gz"},
     "ms-t1": {"folder": "ms-lesion", "mask": "auto", "labels": "{dir}/{base}_lesionmask.nii.gz"},
 }
+HEALING_TASKS = (0, 2, 3, 4)  # task 1 blends in another dataset, which held-out IXI slices do not bring
 
 
 def _versions() -> dict:
@@ -91,22 +92,16 @@ def run_lesions(args, report: dict) -> None:
                                    "throughput": run.get("throughput")}
 
 
-def run_synthetic(args, report: dict) -> None:
-    import torch
-
-    from condiff.engine.backends import open_denoiser
-    from condiff.io.cases import find_mask, discover
+def held_out_slices(preprocessing: dict, ixi_dir: Path, holdout: int, max_slices: int | None) -> tuple[list[str], np.ndarray]:
+    """The healing metric's clean slices: the last ``holdout`` IXI subjects (those condiff-train holds
+    out), prepared with the set's contract, slices with a real brain section, evenly thinned to
+    ``max_slices``. Returns (subject names, slices (N, C, H, W))."""
+    from condiff.io.cases import discover, find_mask
     from condiff.io.volumes import read_mask, read_volume
-    from condiff.modelset import open_model_set
     from condiff.preprocess import PreprocessConfig, prepare_volume
-    from condiff.sampler import make_plan
-    from condiff.train.healing import healing_report
-    from condiff.train.tasks import ArrayPool
 
-    ms = open_model_set(args.models)
-    cfg = PreprocessConfig.from_dict(ms.preprocessing)
-    cases = discover([Path(args.data) / "ixi-t1"])
-    held = cases[-args.holdout:]
+    cfg = PreprocessConfig.from_dict(preprocessing)
+    held = discover([ixi_dir])[-holdout:]
     slices = []
     for case in held:
         vol = read_volume(case.path)
@@ -115,22 +110,52 @@ def run_synthetic(args, report: dict) -> None:
         fg = prep.foreground.reshape(len(prep.slices), -1).mean(axis=1)
         slices.append(prep.slices[fg > 0.15])  # slices with a real brain section
     clean = np.concatenate(slices)
-    if args.max_slices and len(clean) > args.max_slices:
-        clean = clean[np.linspace(0, len(clean) - 1, args.max_slices).astype(int)]
-    denoisers = [open_denoiser(args.engine, d, device=args.device, precision=args.precision,
-                               max_batch=args.batch_size or 64) for d in ms.member_dirs]
-    plan = make_plan(args.sampler, args.steps)
+    if max_slices and len(clean) > max_slices:
+        clean = clean[np.linspace(0, len(clean) - 1, max_slices).astype(int)]
+    return [c.name for c in held], clean
 
-    from condiff.engine.runner import SliceJob, run_slices
+
+def healing_restorer(run):
+    """``healing_report``'s restore_fn over ``run(jobs) -> list[SliceResult]`` (e.g. ``run_slices``).
+
+    Slice i of each call is keyed ("healing", i), so every engine and configuration draws the same noise.
+    """
+    import torch
+
+    from condiff.engine.runner import SliceJob
 
     def restore_fn(cond):
         jobs = [SliceJob(torch.from_numpy(np.ascontiguousarray(c, np.float32)), "healing", i) for i, c in enumerate(cond)]
-        res = run_slices(denoisers, jobs, plan, seed=0, batch_size=args.batch_size or 64)
+        res = run(jobs)
         return np.stack([r.restoration.numpy() for r in res]), np.stack([r.amap.numpy() for r in res])
 
+    return restore_fn
+
+
+def healing_of(restore_fn, clean: np.ndarray) -> dict:
+    """``healing_report`` with this benchmark's fixed tasks and corruption seed (comparable across runs)."""
+    from condiff.train.healing import healing_report
+    from condiff.train.tasks import ArrayPool
+
+    return healing_report(restore_fn, clean, HEALING_TASKS, seed=1234, same_pool=ArrayPool(clean))
+
+
+def run_synthetic(args, report: dict) -> None:
+    from condiff.engine.backends import open_denoiser
+    from condiff.engine.runner import run_slices
+    from condiff.modelset import open_model_set
+    from condiff.sampler import make_plan
+
+    ms = open_model_set(args.models)
+    subjects, clean = held_out_slices(ms.preprocessing, Path(args.data) / "ixi-t1", args.holdout, args.max_slices)
+    denoisers = [open_denoiser(args.engine, d, device=args.device, precision=args.precision,
+                               max_batch=args.batch_size or 64) for d in ms.member_dirs]
+    plan = make_plan(args.sampler, args.steps)
+    restore_fn = healing_restorer(lambda jobs: run_slices(denoisers, jobs, plan, seed=0, batch_size=args.batch_size or 64))
+
     t0 = time.perf_counter()
-    rep = healing_report(restore_fn, clean, (0, 2, 3, 4), seed=1234, same_pool=ArrayPool(clean))
-    report["synthetic"] = {"subjects": [c.name for c in held], "n_clean_slices": int(len(clean)),
+    rep = healing_of(restore_fn, clean)
+    report["synthetic"] = {"subjects": subjects, "n_clean_slices": int(len(clean)),
                            "tasks": rep, "wall_s": time.perf_counter() - t0}
 
 
@@ -192,6 +217,25 @@ def make_smoke_inputs(root: Path) -> tuple[Path, Path]:
         nib.save(nib.Nifti1Image(brain.astype(np.uint8), aff), data / f"case{i}_brainmask.nii.gz")
         nib.save(nib.Nifti1Image((lesion * 2).astype(np.uint8), aff), data / f"case{i}_seg.nii.gz")
     return set_dir, root / "data"
+
+
+def make_smoke_healthy(data_root: Path, n_subjects: int = 2) -> Path:
+    """IXI-like healthy phantoms (``ixi-t1/<id>-T1.nii.gz`` + ``_brainmask``) for the healing metric in smoke runs."""
+    import nibabel as nib
+
+    folder = data_root / "ixi-t1"
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(1)
+    zz, yy, xx = np.mgrid[:40, :40, :8]
+    for i in range(n_subjects):
+        brain = ((zz - 20) ** 2 / 15.0 ** 2 + (yy - 20) ** 2 / (13.0 + i) ** 2) < 1
+        # two tissue classes, so the tasks' blends and deformations have structure to change
+        tissue = np.where(((zz - 20) ** 2 + (yy - 20) ** 2) < 36, 0.3, 0.6) + 0.05 * rng.standard_normal(brain.shape)
+        img = np.where(brain, tissue, 0.0).astype(np.float32)
+        aff = np.diag([2.0, 2.0, 2.0, 1.0])
+        nib.save(nib.Nifti1Image(img, aff), folder / f"IXI9{i:02d}-HH-0000-T1.nii.gz")
+        nib.save(nib.Nifti1Image(brain.astype(np.uint8), aff), folder / f"IXI9{i:02d}-HH-0000-T1_brainmask.nii.gz")
+    return folder
 
 
 def main(argv=None) -> int:
