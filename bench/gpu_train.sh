@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One time-boxed chunk of a long training run on the GPU machine; chunks add up across sessions.
 #
-# Here (before):  bash bench/prepare_gpu_carry.sh          # scans + wheels into .carry/
+# Here (before):  DATA_SETS=ixi-t1 bash bench/prepare_gpu_carry.sh   # scans + wheels into .carry/ (first)
 #                 python bench/train_chunks.py stage RUN   # last chunk's state into .carry/train-state/
 # There:          RUN=RUN bash bench/gpu_train.sh          # carry [".carry"]; writes pieces into $OUT
 # Here (after):   python bench/train_chunks.py collect RUN FILES_AT   # unpack, verify, record the chunk

@@ -116,10 +116,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         "down_block_types": ("DownBlock2D", "DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
         "up_block_types": ("AttnUpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D"),
     },
-    # For long training carried across GPU sessions: 2.22 M parameters, so a checkpoint with its EMA
-    # and AdamW moments (35 MB) still travels to the device beside the repo and the IXI scans (64 MiB).
+    # For long training carried across GPU sessions: 1.84 M parameters, so a checkpoint with its EMA
+    # and AdamW moments (29.5 MB) still travels to the device beside the repo, the IXI scans and the
+    # wheels (64 MiB a call; bench/train_chunks.py stage checks it).
     "compact": {
-        "block_out_channels": (32, 64, 64, 96), "layers_per_block": 1, "norm_num_groups": 16,
+        "block_out_channels": (32, 64, 64, 80), "layers_per_block": 1, "norm_num_groups": 16,
         "down_block_types": ("DownBlock2D", "DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
         "up_block_types": ("AttnUpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D"),
     },
