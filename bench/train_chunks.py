@@ -13,7 +13,6 @@ e.g. two recipes) into the healing metric over training time: JSON, Markdown and
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import shutil
 import subprocess
@@ -22,17 +21,11 @@ import tarfile
 import tempfile
 from pathlib import Path
 
+from condiff.modelset import sha256_file as sha256
+
 REPO = Path(__file__).resolve().parents[1]
 TRAVEL_LIMIT = 64 * 2**20   # the device tool's working-tree limit
 RESULTS = REPO / "bench" / "results" / "training-chunks"
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def check_sums(folder: Path, names: list[str] | None = None) -> None:
