@@ -165,10 +165,15 @@ def write_markdown(report: dict, path: Path) -> None:
     if report.get("synthetic"):
         s = report["synthetic"]
         lines += [f"## Healing on held-out healthy slices ({s['n_clean_slices']} slices of {', '.join(s['subjects'])})", "",
-                  "| task | removed | map AP | chance | slices |", "|---|---|---|---|---|"]
+                  "| task | removed | copier reference | own error on healthy input | map AP | chance | slices |",
+                  "|---|---|---|---|---|---|---|"]
         for name, row in s["tasks"].items():
-            lines.append(f"| {row['task']} {name} | {row['removed']:.3f} | {row['ap']:.3f} | {row['chance']:.3f} | {row['n_slices']} |")
-        lines.append("")
+            lines.append(f"| {row['task']} {name} | {row['removed']:.3f} | {row.get('copier_removed', float('nan')):.3f} | "
+                         f"{row.get('clean_error', float('nan')):.3f} | {row['ap']:.3f} | {row['chance']:.3f} | {row['n_slices']} |")
+        lines += ["", "removed: 1 - mean|x̂0 - x0| / mean|c - x0| in the anomaly; copier reference: what a model "
+                  "scores that keeps the anomaly and adds its own error on the healthy slice (same noise); own "
+                  "error: mean|R(x0) - x0| / mean|c - x0| (train/healing.py). Healing shows as removed above the "
+                  "copier reference.", ""]
     for name, res in report.get("lesions", {}).items():
         lines.append(f"## {name}")
         if "evaluation" not in res:

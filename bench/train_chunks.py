@@ -90,7 +90,8 @@ def healing_summary(val: dict) -> dict:
     removed = {k.split("/", 1)[1]: v for k, v in val.items() if k.startswith("heal_removed/")}
     ap = {k.split("/", 1)[1]: v for k, v in val.items() if k.startswith("heal_ap/")}
     chance = {k.split("/", 1)[1]: v for k, v in val.items() if k.startswith("heal_chance/")}
-    return {"removed": removed, "ap": ap, "chance": chance,
+    copier = {k.split("/", 1)[1]: v for k, v in val.items() if k.startswith("heal_copier/")}
+    return {"removed": removed, "ap": ap, "chance": chance, "copier": copier,
             "min_removed": min(removed.values()) if removed else None}
 
 
@@ -147,7 +148,8 @@ def write_chunk_table(log: Path, md: Path) -> None:
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         h = r["healing"]
-        removed = ", ".join(f"{k} {v:.2f}" for k, v in sorted(h["removed"].items()))
+        removed = ", ".join(f"{k} {v:.2f}" + (f" (copier {h['copier'][k]:.2f})" if k in h.get("copier", {}) else "")
+                            for k, v in sorted(h["removed"].items()))
         ap = ", ".join(f"{k} {v:.3f} ({h['chance'].get(k, float('nan')):.3f})" for k, v in sorted(h["ap"].items()))
         lines.append(f"| {r['date'][:10]} | {r['device']} | {r['recipe']} | {r['steps_before']} → {r['steps_after']} | "
                      f"{r['train_wall_s'] / 60:.1f} / {r['device_train_min_total']:.1f} | {r.get('val_step')} | {removed} | {ap} |")
@@ -182,12 +184,15 @@ def report(named: list[tuple[str, Path]], out: Path, title: str, command: str) -
     tasks = sorted({t for s in series.values() for row in s for t in row["removed"]})
     lines = [f"# {title}", "", f"command: `{command}`", "",
              "Healing metric (train/healing.py) at each validation: share of each synthetic anomaly removed, and the "
-             "map's pixel AP against the anomaly mask (chance in brackets).", "",
+             "map's pixel AP against the anomaly mask (chance in brackets). Where the log has it, the copier "
+             "reference follows each removed share in brackets: the score of a model that keeps the anomaly and adds "
+             "its own error on the healthy slice; healing is removed above it.", "",
              "| run | step | elapsed min | val loss | " + " | ".join(f"removed {t}" for t in tasks) + " | mean AP (chance) |",
              "|---|---|---|---|" + "---|" * len(tasks) + "---|"]
     for name, rows in series.items():
         for r in rows:
-            cells = " | ".join(f"{r['removed'].get(t, float('nan')):.3f}" for t in tasks)
+            cells = " | ".join(f"{r['removed'].get(t, float('nan')):.3f}"
+                               + (f" ({r['copier'][t]:.2f})" if t in r.get("copier", {}) else "") for t in tasks)
             el = "" if r["elapsed_s"] is None else f"{r['elapsed_s'] / 60:.1f}"
             vl = "" if r["val_loss"] is None else f"{r['val_loss']:.4f}"
             lines.append(f"| {name} | {r['step']} | {el} | {vl} | {cells} | {r['mean_ap']:.3f} ({r['mean_chance']:.3f}) |")

@@ -150,7 +150,8 @@ def train_command(data: str, mask_pattern: str | None, modality: str, image_size
     from condiff.preprocess import PreprocessConfig
     from condiff.train import data as tdata
     from condiff.train.folds import fold_tasks
-    from condiff.train.loop import Trainer, init_distributed, recipe_config, resolve_device
+    from condiff.train.distributed import init_distributed, resolve_device
+    from condiff.train.loop import Trainer, recipe_config
     from condiff.train.tasks import P_NO_TASK, ArrayPool, RestorationTask
     from condiff.train import checkpoint as ckpt
     from condiff.unet import ConditionalUNet

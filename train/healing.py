@@ -10,6 +10,16 @@ corrupted with each task at fixed seeds (c, anomaly mask A), restored (x̂0), an
 
 A is the task's mask restricted to pixels the task actually changed (channel-mean change
 > 1e-3), so "the anomaly" is what there is to remove.
+
+A stochastic restorer also errs where there is nothing to remove, and for a subtle anomaly (a
+Poisson blend changes pixels by ~0.06 on average) that error alone can push ``removed`` below 0.
+So the clean slices are restored too, with the same noise, and two reference figures sit beside it:
+
+- clean_error = mean_A |R(x0) - x0| / mean_A |c - x0|: the restorer's own error on healthy input,
+  as a share of the anomaly (``removed`` can reach 1 - clean_error at best, roughly);
+- copier_removed = 1 - mean_A |(c - x0) + (R(x0) - x0)| / mean_A |c - x0|: what a model scores that
+  keeps the anomaly and adds its own healthy-input error. ``removed`` above it is healing; equal to
+  it is copying, however negative both are.
 """
 from __future__ import annotations
 
@@ -57,33 +67,59 @@ def removed_share(clean: np.ndarray, corrupted: np.ndarray, restored: np.ndarray
 Restorer = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 
+def copier_reference(clean: np.ndarray, corrupted: np.ndarray, restored_clean: np.ndarray,
+                     mask: np.ndarray) -> tuple[float, float]:
+    """(clean_error, copier_removed) of the module docstring, pooled over slices; NaN for an empty mask."""
+    m = np.broadcast_to(mask[:, None], clean.shape)
+    if not m.any():
+        return float("nan"), float("nan")
+    anomaly = (corrupted - clean)[m]
+    own_error = (restored_clean - clean)[m]
+    before = np.abs(anomaly).mean()
+    if not before > 0:
+        return float("nan"), float("nan")
+    return float(np.abs(own_error).mean() / before), float(1.0 - np.abs(anomaly + own_error).mean() / before)
+
+
 def healing_report(restore_fn: Restorer, clean: np.ndarray, task_ids: Sequence[int] = (0, 2, 3, 4), *,
                    seed: int = 0, same_pool=None, other_pools=(), has_background: bool = True,
-                   centre: bool = False) -> dict[str, dict[str, float]]:
-    """Per task: removed share, map AP, chance AP and the number of slices with an anomaly.
+                   centre: bool = False, copier_baseline: bool = True) -> dict[str, dict[str, float]]:
+    """Per task: removed share, map AP, chance AP and the number of slices with an anomaly; with
+    ``copier_baseline`` also ``clean_error`` and ``copier_removed`` (module docstring), at the cost
+    of one more restoration of the clean slices.
 
-    ``restore_fn(cond (N, C, H, W) in the model's range) -> (restorations, maps (N, H, W))``;
+    ``restore_fn(cond (N, C, H, W) in the model's range) -> (restorations, maps (N, H, W))``; slice i
+    of every call should draw the same noise (the restorers here key noise by position), so every
+    task's inputs are passed whole, in the order of ``clean``, and filtered afterwards.
     ``centre``: the model works in [-1, 1] (RGB): inputs are centred and outputs un-centred.
     """
+    def restore(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        restored, maps = restore_fn(images * 2 - 1 if centre else images)
+        return ((restored + 1) / 2 if centre else restored), maps
+
+    restored_clean = restore(clean)[0] if copier_baseline else None
     report = {}
     for task_id in task_ids:
-        cases = [c for c in make_cases(clean, task_id, seed=seed, same_pool=same_pool, other_pools=other_pools,
-                                       has_background=has_background) if c.mask.any()]
-        if not cases:
+        cases = make_cases(clean, task_id, seed=seed, same_pool=same_pool, other_pools=other_pools,
+                           has_background=has_background)
+        keep = np.array([c.mask.any() for c in cases])
+        if not keep.any():
             continue
-        x0 = np.stack([c.clean for c in cases])
-        cond = np.stack([c.corrupted for c in cases])
-        mask = np.stack([c.mask for c in cases])
-        restored, maps = restore_fn(cond * 2 - 1 if centre else cond)
-        if centre:
-            restored = (restored + 1) / 2
-        report[TASK_NAMES[task_id]] = {
+        restored, maps = restore(np.stack([c.corrupted for c in cases]))
+        restored, maps = restored[keep], maps[keep]
+        x0 = clean[keep]
+        cond = np.stack([c.corrupted for c, k in zip(cases, keep) if k])
+        mask = np.stack([c.mask for c, k in zip(cases, keep) if k])
+        row = {
             "task": int(task_id),
             "removed": removed_share(x0, cond, restored, mask),
             "ap": average_precision(mask.ravel(), maps.ravel()),
             "chance": float(mask.mean()),
-            "n_slices": len(cases),
+            "n_slices": int(keep.sum()),
         }
+        if restored_clean is not None:
+            row["clean_error"], row["copier_removed"] = copier_reference(x0, cond, restored_clean[keep], mask)
+        report[TASK_NAMES[task_id]] = row
     return report
 
 
@@ -124,7 +160,8 @@ def val_hook(context: dict, n_slices: int = 12, n_steps: int = 50, sampler: str 
 
     Uses a fixed subset of the held-out slices (the ``n_slices`` with the most foreground, evenly
     spread), every task that has its sources, the EMA weights and the inference sampler; logs
-    ``heal_removed/<task id>``, ``heal_ap/<task id>`` and ``heal_chance/<task id>``.
+    ``heal_removed/<task id>``, ``heal_ap/<task id>``, ``heal_chance/<task id>`` and the copier
+    reference ``heal_copier/<task id>`` (``copier_removed``).
     """
     from condiff.sampler import make_plan
 
@@ -155,6 +192,7 @@ def val_hook(context: dict, n_slices: int = 12, n_steps: int = 50, sampler: str 
             out[f"heal_removed/{k}"] = row["removed"]
             out[f"heal_ap/{k}"] = row["ap"]
             out[f"heal_chance/{k}"] = row["chance"]
+            out[f"heal_copier/{k}"] = row["copier_removed"]
         return out
 
     return hook

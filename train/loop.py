@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -37,14 +36,15 @@ from condiff.config import ScheduleConfig
 from condiff.schedule import alpha_bar, min_snr_weight
 from condiff.train import checkpoint as ckpt
 from condiff.train.data import StepBatchSampler, TaskSamples, collate
+from condiff.train.distributed import DistInfo, all_reduce_sum
 from condiff.train.ema import EMA
 from condiff.train.validation import (ValHook, ValState, best_weights_path, run_hooks, should_validate, sum_val_loss,
                                       val_batches, val_record, write_best)
 
 logger = logging.getLogger(__name__)
 
-# Named recipes. "reference" is the paper's (§3). "healing" is the starting point of the faster-healing
-# experiments (issue 9): its values are PROVISIONAL until measured against "reference" at equal GPU time.
+# Named recipes. "reference" is the paper's (§3). "healing" removes more of the synthetic anomalies at
+# equal steps (CPU evidence: bench/results/recipes-cpu-2026-11-27/); the GPU comparison is still to run.
 RECIPES: dict[str, dict[str, float]] = {
     "reference": {"lr": 1e-4, "mask_weight": 1.0, "p_no_task": 0.2},
     "healing": {"lr": 1e-4, "mask_weight": 10.0, "p_no_task": 0.05},
@@ -103,53 +103,6 @@ def recipe_config(recipe: str, **overrides) -> TrainConfig:
         raise ValueError(f"unknown recipe {recipe!r}; choose one of {sorted(RECIPES)}")
     values = {**RECIPES[recipe], **{k: v for k, v in overrides.items() if v is not None}}
     return TrainConfig(recipe=recipe, **values)
-
-
-# --------------------------------------------------------------------------------------- distributed
-
-
-@dataclass(frozen=True)
-class DistInfo:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-
-def init_distributed(device: torch.device) -> DistInfo:
-    """Join the torchrun process group when ``WORLD_SIZE`` > 1 (gloo on CPU, nccl on CUDA)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return DistInfo()
-    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return DistInfo(rank=rank, world_size=world, local_rank=local)
-
-
-def resolve_device(name: str, info_local_rank: int = 0) -> torch.device:
-    """``auto`` → CUDA when available (this process's local rank), else CPU."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(name)
-    if dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", info_local_rank)
-    return dev
-
-
-def _all_reduce_sum(values: Sequence[float], info: DistInfo, device: torch.device) -> list[float]:
-    if not info.enabled:
-        return [float(v) for v in values]
-    buf = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
-    dist.all_reduce(buf)
-    return buf.tolist()
 
 
 # ------------------------------------------------------------------------------------------ objective
@@ -287,7 +240,7 @@ class Trainer:
                                   self.autocast_dtype, self.memory_format)[1]
 
         total, count = sum_val_loss(self.val_set, mine, per_sample_loss, cfg.num_workers)
-        total, count = _all_reduce_sum([total, count], self.dist, self.device)
+        total, count = all_reduce_sum([total, count], self.dist, self.device)
         return total / max(count, 1)
 
     # ----------------------------------------------------------------------------- state
@@ -375,7 +328,7 @@ class Trainer:
     def _log_train(self, acc: dict) -> dict:
         """Log the mean loss and gradient norm since the last record (all ranks take part), then reset."""
         n = acc["n"]
-        loss, norm = _all_reduce_sum([acc["loss"].item() / n, acc["norm"].item() / n], self.dist, self.device)
+        loss, norm = all_reduce_sum([acc["loss"].item() / n, acc["norm"].item() / n], self.dist, self.device)
         dt = time.monotonic() - acc["t"]
         record = {"kind": "train", "step": self.step, "loss": loss / self.dist.world_size,
                   "grad_norm": norm / self.dist.world_size, "lr": self.optimizer.param_groups[0]["lr"],

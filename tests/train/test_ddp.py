@@ -23,7 +23,8 @@ PER_RANK = 2
 def _trainer(work, batch_size, dist_info=None):
     from condiff.config import preset
     from condiff.train.data import TaskSamples
-    from condiff.train.loop import DistInfo, TrainConfig, Trainer
+    from condiff.train.distributed import DistInfo
+    from condiff.train.loop import TrainConfig, Trainer
     from condiff.train.tasks import ArrayPool, RestorationTask
     from condiff.unet import ConditionalUNet
 
@@ -39,7 +40,7 @@ def _worker(out: Path) -> None:
     import torch.distributed as dist
     from safetensors.torch import save_file
 
-    from condiff.train.loop import init_distributed
+    from condiff.train.distributed import init_distributed
 
     torch.set_num_threads(1)
     info = init_distributed(torch.device("cpu"))

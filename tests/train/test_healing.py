@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from condiff.ssim import ssim_map
-from condiff.train.healing import healing_report, make_cases, removed_share
+from condiff.train.healing import copier_reference, healing_report, make_cases, removed_share
 from condiff.train.tasks import ArrayPool
 
 
@@ -38,7 +38,8 @@ def test_copier_scores_zero_removed_and_chance_ap_healer_scores_one(task_id):
         return cond.copy(), _map(cond, cond)
 
     def healer(cond):
-        restored = np.stack([lookup[c.tobytes()] for c in cond])
+        # the clean slices (restored for the copier reference) are returned as they are
+        restored = np.stack([lookup.get(c.tobytes(), c) for c in cond])
         return restored, _map(restored, cond)
 
     rep_copy = healing_report(copier, clean, (task_id,), seed=1, same_pool=pool)
@@ -48,6 +49,50 @@ def test_copier_scores_zero_removed_and_chance_ap_healer_scores_one(task_id):
     assert c["ap"] == pytest.approx(c["chance"], rel=1e-6)  # a constant map ranks nothing
     assert h["removed"] == pytest.approx(1.0, abs=1e-9)
     assert h["ap"] > 0.5 and h["ap"] > 3 * h["chance"]
+    for row in (c, h):  # both are exact on healthy input: no own error, a copier reference of 0
+        assert row["clean_error"] == pytest.approx(0.0, abs=1e-12)
+        assert row["copier_removed"] == pytest.approx(0.0, abs=1e-9)
+
+
+@pytest.mark.parametrize("task_id", [0, 4])
+def test_noisy_copier_scores_its_copier_reference(task_id):
+    """A restorer that keeps the anomaly and adds its own error (the same per slice position, as
+    noise keyed by position would) scores exactly its copier reference, below 0; a noisy healer
+    scores above it."""
+    clean = _phantoms()
+    pool = ArrayPool(clean)
+    error = 0.08 * np.random.default_rng(5).standard_normal(clean.shape).astype(np.float32)
+    lookup = {c.corrupted.tobytes(): c.clean for c in make_cases(clean, task_id, seed=1, same_pool=pool)}
+
+    def noisy_copier(cond):
+        restored = cond + error[: len(cond)]
+        return restored, _map(restored, cond)
+
+    def noisy_healer(cond):
+        restored = np.stack([lookup.get(c.tobytes(), c) for c in cond]) + error[: len(cond)]
+        return restored, _map(restored, cond)
+
+    (c,) = healing_report(noisy_copier, clean, (task_id,), seed=1, same_pool=pool).values()
+    (h,) = healing_report(noisy_healer, clean, (task_id,), seed=1, same_pool=pool).values()
+    assert c["removed"] == pytest.approx(c["copier_removed"], abs=1e-6)
+    assert c["removed"] < 0 and c["clean_error"] > 0
+    assert h["removed"] > h["copier_removed"] + 0.2
+    assert h["clean_error"] == pytest.approx(c["clean_error"], rel=1e-6)
+
+
+def test_copier_reference_float64_oracle():
+    rng = np.random.default_rng(1)
+    x0 = rng.random((2, 1, 8, 8))
+    mask = np.zeros((2, 8, 8), bool)
+    mask[:, 1:4, 2:7] = True
+    c = x0 + 0.3 * mask[:, None]
+    own = rng.normal(0, 0.1, x0.shape)
+    err, cop = copier_reference(x0, c, x0 + own, mask)
+    m = mask[:, None]
+    expected_err = sum(abs(own[i][m[i]]).sum() for i in range(2)) / (0.3 * m.sum())
+    expected_cop = 1 - sum(abs(0.3 + own[i][m[i]]).sum() for i in range(2)) / (0.3 * m.sum())
+    assert err == pytest.approx(expected_err, abs=1e-12)
+    assert cop == pytest.approx(expected_cop, abs=1e-12)
 
 
 def test_removed_share_float64_oracle():
@@ -72,3 +117,4 @@ def test_val_hook_logs_every_task_with_finite_values():
     for k in (0, 2, 3, 4):
         assert np.isfinite(out[f"heal_removed/{k}"]) and 0 <= out[f"heal_ap/{k}"] <= 1
         assert 0 < out[f"heal_chance/{k}"] < 1
+        assert np.isfinite(out[f"heal_copier/{k}"])
