@@ -39,7 +39,7 @@ import torch
 
 from quality import healing_of, healing_restorer, held_out_slices, make_smoke_healthy, make_smoke_inputs
 from speed_quality_report import write_markdown, write_plot
-from throughput import machine_info, versions
+from machine import machine_info, versions
 
 SCHEMA = "condiff.bench.speed_quality/1"
 TOLERANCE = 0.02          # recommended = fastest configuration at most 2 % below the reference on both measures

@@ -27,7 +27,6 @@ import importlib
 import inspect
 import json
 import os
-import platform
 import resource
 import shlex
 import statistics
@@ -41,7 +40,6 @@ from pathlib import Path
 
 import torch
 
-import condiff
 from condiff.config import ModelConfig, preset
 from condiff.engine.backends import open_denoiser
 from condiff.engine.backends.torch_backend import resolve_device
@@ -50,6 +48,9 @@ from condiff.errors import BackendUnavailableError
 from condiff.modelset import load_model, save_model
 from condiff.sampler import make_plan
 from condiff.unet import ConditionalUNet
+
+from machine import loadavg, machine_info, versions  # noqa: E402 (bench/ is on sys.path when run as a script)
+from throughput_report import markdown, plot
 
 EVALS_PER_PAPER_SLICE = 500  # 10 members x 50 DDPM steps
 # performance.md §1: all tensor-core work of one 128x128 1-channel evaluation; 3 channels add 0.23 GFLOP
@@ -167,49 +168,6 @@ def engine_specs(args, device: torch.device) -> tuple[list[Spec], list[str]]:
             if spec not in specs:
                 specs.append(spec)
     return specs, notes
-
-
-# ---------------------------------------------------------------- environment
-
-def cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
-def machine_info(device: torch.device) -> dict:
-    ram = None
-    with contextlib.suppress(OSError, ValueError):
-        ram = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
-    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
-    gpu_mem = (round(torch.cuda.get_device_properties(device).total_memory / 2**30, 1)
-               if device.type == "cuda" else None)
-    return {"host": platform.node(), "platform": platform.platform(), "cpu": cpu_model(),
-            "cpu_count": os.cpu_count(), "ram_gib": ram, "torch_threads": torch.get_num_threads(),
-            "device": device.type, "gpu": gpu, "gpu_memory_gib": gpu_mem, "loadavg_start": _loadavg()}
-
-
-def _loadavg() -> list[float] | None:
-    """1/5/15-minute load average: other work on the machine inflates CPU timings."""
-    with contextlib.suppress(OSError, AttributeError):
-        return [round(x, 2) for x in os.getloadavg()]
-    return None
-
-
-def versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": platform.python_version(), "condiff": condiff.__version__, "torch": torch.__version__,
-           "cuda": torch.version.cuda,
-           "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None}
-    for pkg in ("onnxruntime", "onnx", "numpy", "matplotlib"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            out[pkg] = None
-    return out
 
 
 class PeakMemory:
@@ -481,92 +439,6 @@ def map_differences(rows: list[dict]) -> None:
         r["max_abs_score_diff_vs_fp32"] = float((scores - base["_scores_keep"]).abs().max())
 
 
-# ---------------------------------------------------------------- reports
-
-def fmt(v, digits: int = 3) -> str:
-    if v is None:
-        return "–"
-    if isinstance(v, float):
-        return f"{v:.{digits}g}" if abs(v) < 1e3 else f"{v:,.0f}"
-    return str(v)
-
-
-def markdown(report: dict) -> str:
-    m, meta = report["machine"], report["meta"]
-    lines = [f"# condiff throughput: {meta['preset']} on {m['gpu'] or m['cpu']}", "",
-             f"- date: {meta['date']}", f"- command: `{meta['command']}`",
-             f"- machine: {m['host']}, {m['platform']}, CPU {m['cpu']} ({m['cpu_count']} cores, "
-             f"{m['ram_gib']} GiB), torch threads {m['torch_threads']}, device {m['device']}"
-             + (f", GPU {m['gpu']} ({m['gpu_memory_gib']} GiB)" if m["gpu"] else ""),
-             "- versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()),
-             f"- network: {meta['preset']}, {meta['image_channels']} channel(s), {meta['size']} px, "
-             f"{fmt(meta['gflop_per_eval'], 4)} GFLOP per evaluation ({meta['flops_source']})",
-             f"- work: {meta['members']} member(s) x {meta['steps']} DDPM steps per slice; "
-             f"'s/slice (500)' scales to the paper's 10 members x 50 steps; warm-up {meta['warmup']}, "
-             f"{meta['repeats']} timed repeats, median (min–max)",
-             f"- floor: {meta['floor_note']}",
-             f"- load average (1/5/15 min): {m['loadavg_start']} at the start, {meta['loadavg_end']} at the end", "",
-             "| engine | batch | steps | slices/s | evals/s | s/slice (500) | pipeline s median (min–max) "
-             "| denoise ms/image | TFLOP/s | × floor | vs fp32 | vs ref | vs ref best | peak MiB | build s "
-             "| first call s | max Δmap vs fp32 |",
-             "|" + "---|" * 17]
-    for r in report["rows"]:
-        if r["status"] != "ok":
-            lines.append(f"| {r['label']} | {r['batch_size']} | {r['steps']} | skipped: {r['note']} |"
-                         + " |" * 13)
-            continue
-        p = r["pipeline_s"]
-        lines.append(" | ".join([
-            f"| {r['label']}", str(r["batch_size"]), str(r["steps"]), fmt(r["slices_per_s"]), fmt(r["evals_per_s"]),
-            fmt(r["paper_slice_s"]), f"{fmt(p['median'])} ({fmt(p['min'])}–{fmt(p['max'])})",
-            fmt(r["denoise_ms_per_image"]), fmt(r["pipeline_tflops"]), fmt(r["x_floor"]), fmt(r["vs_fp32"]),
-            fmt(r["vs_reference"]), fmt(r["vs_reference_best"]), fmt(r["peak_mem_mib"], 4), fmt(r["build_s"]),
-            fmt(r["first_call_s"]), fmt(r["max_abs_map_diff_vs_fp32"], 2)]) + " |")
-    kinds = sorted({r["peak_mem_kind"] for r in report["rows"] if r.get("peak_mem_kind")})
-    lines += ["", f"Peak memory: {', '.join(kinds) or '–'}. '× floor' = achieved time per "
-              "evaluation / sequential floor; 'vs ref best' compares with the reference baseline at its best "
-              "batch size. Weights are random (seeded).", ""]
-    notes = meta["notes"] + sorted({f"{r['label']}: {r['note']}" for r in report["rows"]
-                                    if r["status"] == "ok" and r.get("note")})
-    if notes:
-        lines += ["Notes:", ""] + [f"- {n}" for n in notes] + [""]
-    return "\n".join(lines)
-
-
-def plot(report: dict, path: Path) -> str | None:
-    """slices/s (scaled to 500-evaluation slices) against batch size, one line per engine/precision."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return "plot skipped: matplotlib is not installed (pip install condiff[bench])"
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for label in dict.fromkeys(r["label"] for r in report["rows"]):
-        pts = sorted((r["batch_size"], r["paper_slices_per_s"]) for r in report["rows"]
-                     if r["label"] == label and r["status"] == "ok")
-        if pts:
-            ax.plot(*zip(*pts), marker="o", label=label)
-    from matplotlib.ticker import FormatStrFormatter
-
-    batches = sorted({r["batch_size"] for r in report["rows"]})
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(batches, [str(b) for b in batches])
-    ax.set_yscale("log")
-    ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
-    ax.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
-    ax.set_xlabel("batch size (slices per call)")
-    ax.set_ylabel("slices/s (10 members x 50 steps)")
-    m = report["machine"]
-    ax.set_title(f"condiff {report['meta']['preset']}, {m['gpu'] or m['cpu']}", fontsize=10)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return None
-
-
 # ---------------------------------------------------------------- main
 
 class Report:
@@ -600,7 +472,7 @@ class Report:
             r.pop("_maps_keep", None)
             r.pop("_scores_keep", None)
         notes = list(self.notes)
-        load, load_end = self.machine["loadavg_start"], _loadavg()
+        load, load_end = self.machine["loadavg_start"], loadavg()
         if self.device.type == "cpu" and load and load[0] > 0.5 * (os.cpu_count() or 1):
             notes.append(f"the machine was busy (1-min load {load[0]} at the start, {load_end[0]} at the end, "
                          f"{os.cpu_count()} cores): CPU timings are inflated; min is the least disturbed figure.")
