@@ -44,10 +44,12 @@ from condiff.train.validation import (ValHook, ValState, best_weights_path, run_
 logger = logging.getLogger(__name__)
 
 # Named recipes. "reference" is the paper's (§3). "healing" removes more of the synthetic anomalies at
-# equal steps (CPU evidence: bench/results/recipes-cpu-2026-11-27/); the GPU comparison is still to run.
+# equal steps (CPU evidence, bench/results/recipes-cpu-2026-11-27/): the mask weight and the identity
+# share were measured first (at lr 1e-4), the 4x learning rate on top of them; the GPU comparison is
+# still to run. A resume that changes these values is logged (Trainer.load).
 RECIPES: dict[str, dict[str, float]] = {
     "reference": {"lr": 1e-4, "mask_weight": 1.0, "p_no_task": 0.2},
-    "healing": {"lr": 1e-4, "mask_weight": 10.0, "p_no_task": 0.05},
+    "healing": {"lr": 4e-4, "mask_weight": 10.0, "p_no_task": 0.05},
 }
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
@@ -95,6 +97,15 @@ class TrainConfig:
         d = asdict(self)
         d["betas"] = list(self.betas)
         return d
+
+
+RECIPE_KEYS = ("recipe", "lr", "mask_weight", "p_no_task", "weight_decay", "betas", "grad_clip", "snr_gamma")
+
+
+def recipe_changes(before: dict, now: dict) -> str:
+    """'lr 0.0001 -> 0.0004, …' for the optimisation settings that differ (a resume with another recipe)."""
+    return ", ".join(f"{k} {before[k]} -> {now[k]}" for k in RECIPE_KEYS
+                     if k in before and k in now and before[k] != now[k])
 
 
 def recipe_config(recipe: str, **overrides) -> TrainConfig:
@@ -283,6 +294,10 @@ class Trainer:
         if order["global_batch"] != self.global_batch:
             logger.warning("%s: global batch %d differs from the checkpoint's %d; the resume is not exact",
                            path, self.global_batch, order["global_batch"])
+        changed = recipe_changes(s.get("train_config") or {}, self.cfg.to_dict())
+        if changed:
+            logger.warning("%s: the optimisation changed since this checkpoint (%s); training goes on with the new "
+                           "values", path, changed)
         self.position = int(order["position"])
         self.val = ValState(**s["val"])
         self.elapsed_before = float(s["elapsed_s"])

@@ -248,6 +248,21 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(slices, tmp_path):
     assert {"loss", "lr", "ema_decay", "images_per_s", "elapsed_s"} <= set(logged[0])
 
 
+def test_resume_with_another_learning_rate_warns_and_uses_the_new_one(slices, tmp_path, caplog):
+    first = _trainer(slices, tmp_path, max_steps=2, checkpoint_every=2, lr=1e-4)
+    first.fit()
+    second = _trainer(slices, tmp_path, max_steps=3, lr=4e-4)
+    with caplog.at_level("WARNING", logger="condiff.train.loop"):
+        second.load(ckpt.latest_checkpoint(tmp_path / "checkpoints"))
+    assert "lr 0.0001 -> 0.0004" in caplog.text
+    assert all(g["lr"] == pytest.approx(4e-4) for g in second.optimizer.param_groups)
+    caplog.clear()
+    same = _trainer(slices, tmp_path, max_steps=3, lr=1e-4)
+    with caplog.at_level("WARNING", logger="condiff.train.loop"):
+        same.load(ckpt.latest_checkpoint(tmp_path / "checkpoints"))
+    assert "optimisation changed" not in caplog.text
+
+
 def test_best_checkpoint_moving_average_and_early_stopping(slices, tmp_path):
     tr = _trainer(slices[:8], tmp_path, val_images=slices[8:], max_steps=50, val_start=1, val_every=1, patience=2)
     losses = iter([0.5, 1.0, 1.0, 1.0, 1.0, 1.0])
