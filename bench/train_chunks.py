@@ -87,11 +87,12 @@ def last_validation(metrics: Path) -> dict:
 
 
 def healing_summary(val: dict) -> dict:
-    removed = {k.split("/", 1)[1]: v for k, v in val.items() if k.startswith("heal_removed/")}
-    ap = {k.split("/", 1)[1]: v for k, v in val.items() if k.startswith("heal_ap/")}
-    chance = {k.split("/", 1)[1]: v for k, v in val.items() if k.startswith("heal_chance/")}
-    copier = {k.split("/", 1)[1]: v for k, v in val.items() if k.startswith("heal_copier/")}
-    return {"removed": removed, "ap": ap, "chance": chance, "copier": copier,
+    def per_task(metric: str) -> dict:
+        prefix = f"heal_{metric}/"
+        return {k[len(prefix):]: v for k, v in val.items() if k.startswith(prefix)}
+
+    removed = per_task("removed")
+    return {"removed": removed, "ap": per_task("ap"), "chance": per_task("chance"), "copier": per_task("copier"),
             "min_removed": min(removed.values()) if removed else None}
 
 

@@ -69,16 +69,14 @@ Restorer = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 def copier_reference(clean: np.ndarray, corrupted: np.ndarray, restored_clean: np.ndarray,
                      mask: np.ndarray) -> tuple[float, float]:
-    """(clean_error, copier_removed) of the module docstring, pooled over slices; NaN for an empty mask."""
-    m = np.broadcast_to(mask[:, None], clean.shape)
-    if not m.any():
-        return float("nan"), float("nan")
-    anomaly = (corrupted - clean)[m]
-    own_error = (restored_clean - clean)[m]
-    before = np.abs(anomaly).mean()
-    if not before > 0:
-        return float("nan"), float("nan")
-    return float(np.abs(own_error).mean() / before), float(1.0 - np.abs(anomaly + own_error).mean() / before)
+    """(clean_error, copier_removed) of the module docstring, pooled over slices; NaN for an empty mask.
+
+    Both are ``removed_share`` of a stand-in restoration: R(x0) itself (clean_error = 1 - its share),
+    and the copier's c + (R(x0) - x0).
+    """
+    clean_error = 1.0 - removed_share(clean, corrupted, restored_clean, mask)
+    copier_removed = removed_share(clean, corrupted, corrupted + (restored_clean - clean), mask)
+    return clean_error, copier_removed
 
 
 def healing_report(restore_fn: Restorer, clean: np.ndarray, task_ids: Sequence[int] = (0, 2, 3, 4), *,
