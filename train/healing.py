@@ -121,6 +121,34 @@ def healing_report(restore_fn: Restorer, clean: np.ndarray, task_ids: Sequence[i
     return report
 
 
+def draw_averages(restorer_for_seed: Callable[[int], Restorer], counts: Sequence[int]) -> dict[int, Restorer]:
+    """For each K in ``counts``: a restorer that averages the restorations and maps of noise seeds 0..K-1.
+
+    A stochastic restorer's own error on healthy input is partly sampling noise, which averaging
+    draws (or members) shrinks; this measures how much. Each input's draws are computed once and
+    shared, so all counts together cost max(counts) restorations per input; K = 1 is seed 0 alone.
+    """
+    cache: dict[bytes, tuple[list[np.ndarray], list[np.ndarray]]] = {}
+
+    def draws(cond: np.ndarray, k: int):
+        key = np.ascontiguousarray(cond).tobytes()
+        restored, maps = cache.setdefault(key, ([], []))
+        while len(restored) < k:
+            r, m = restorer_for_seed(len(restored))(cond)
+            restored.append(np.asarray(r, np.float64)), maps.append(np.asarray(m, np.float64))
+        return restored[:k], maps[:k]
+
+    def averaged(k: int) -> Restorer:
+        def restore_fn(cond: np.ndarray):
+            restored, maps = draws(cond, max(counts))
+            return (np.mean(restored[:k], axis=0).astype(np.float32), np.mean(maps[:k], axis=0).astype(np.float32))
+        return restore_fn
+
+    if not counts or min(counts) < 1:
+        raise ValueError(f"draw counts must be >= 1, got {list(counts)}")
+    return {int(k): averaged(int(k)) for k in counts}
+
+
 def model_restorer(models: Sequence[torch.nn.Module], plan, *, seed: int = 0, batch_size: int = 16,
                    device: str | torch.device = "cpu") -> Restorer:
     """Restore with networks directly (core sampler, no engine): member-mean restorations and maps.

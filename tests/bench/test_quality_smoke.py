@@ -47,3 +47,21 @@ def test_quality_smoke_report_is_self_consistent(tmp_path):
     assert rows["members avg"]["ap_pixel"] == pytest.approx(np.mean([m["ap_pixel"] for m in members]), abs=1e-12)
     base = res["baselines"]
     assert base["chance"]["ap_pixel"] == pytest.approx(masks.mean(), abs=1e-12)
+
+
+def test_quality_smoke_draws_one_equals_the_plain_healing_report(tmp_path):
+    """--draws: K = 1 restores with noise seed 0 like the plain report (bit-identical figures); every
+    count reports every task, with finite numbers, and the Markdown shows the table."""
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "quality.py"), "--smoke", "--synthetic",
+                           "--draws", "1", "2", "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "quality.json").read_text())
+    assert report["lesions"] == {}  # --smoke --synthetic: the healing part alone
+    syn = report["synthetic"]
+    assert set(syn["by_draws"]) == {"1", "2"}
+    for name, row in syn["tasks"].items():
+        for key in ("removed", "ap", "clean_error", "copier_removed"):
+            assert syn["by_draws"]["1"][name][key] == row[key]
+            assert np.isfinite(syn["by_draws"]["2"][name][key])
+        assert syn["by_draws"]["2"][name]["clean_error"] != row["clean_error"]  # another draw was averaged in
+    assert "noise draws averaged" in (tmp_path / "quality.md").read_text()

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from condiff.ssim import ssim_map
-from condiff.train.healing import copier_reference, healing_report, make_cases, removed_share
+from condiff.train.healing import copier_reference, draw_averages, healing_report, make_cases, removed_share
 from condiff.train.tasks import ArrayPool
 
 
@@ -118,3 +118,36 @@ def test_val_hook_logs_every_task_with_finite_values():
         assert np.isfinite(out[f"heal_removed/{k}"]) and 0 <= out[f"heal_ap/{k}"] <= 1
         assert 0 < out[f"heal_chance/{k}"] < 1
         assert np.isfinite(out[f"heal_copier/{k}"])
+
+
+def test_draw_averages_shrink_sampling_noise_like_one_over_sqrt_k():
+    """A copier plus Gaussian noise of a fixed seed per draw: averaging K draws divides its own error
+    by sqrt(K) (mean |N(0, s^2/K)|), it still scores exactly its copier reference, K = 1 is draw 0
+    alone, and each input is restored once per draw however many counts are asked."""
+    clean = _phantoms(n=8)
+    pool = ArrayPool(clean)
+    calls = []
+
+    def noisy_copier_for_seed(seed):
+        def restore_fn(cond):
+            calls.append(seed)
+            noise = 0.05 * np.random.default_rng([seed, 7]).standard_normal(cond.shape).astype(np.float32)
+            restored = cond + noise  # same noise for every input of this shape: keyed by position
+            return restored, _map(restored, cond)
+        return restore_fn
+
+    averaged = draw_averages(noisy_copier_for_seed, [1, 4, 16])
+    reps = {k: next(iter(healing_report(fn, clean, (2,), seed=1, same_pool=pool).values())) for k, fn in averaged.items()}
+    err = {k: r["clean_error"] for k, r in reps.items()}
+    assert err[4] / err[1] == pytest.approx(0.5, rel=0.08)
+    assert err[16] / err[1] == pytest.approx(0.25, rel=0.08)
+    for r in reps.values():
+        assert r["removed"] == pytest.approx(r["copier_removed"], abs=1e-5)
+    assert reps[1]["removed"] < reps[4]["removed"] < reps[16]["removed"] < 0
+    assert len(calls) == 2 * 16  # clean and corrupted inputs, 16 draws each, shared by all counts
+    one = averaged[1](clean)
+    ref = noisy_copier_for_seed(0)(clean)
+    np.testing.assert_array_equal(one[0], ref[0])
+    np.testing.assert_array_equal(one[1], ref[1])
+    with pytest.raises(ValueError, match="draw counts"):
+        draw_averages(noisy_copier_for_seed, [0, 2])
