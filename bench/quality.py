@@ -70,6 +70,8 @@ def run_lesions(args, report: dict) -> None:
     from condiff.engine.evaluate import evaluate
 
     for name, spec in LESION_SETS.items():
+        if args.lesion_sets and name not in args.lesion_sets:
+            continue
         folder = Path(args.data) / spec["folder"]
         if not folder.is_dir():
             report["lesions"][name] = {"skipped": f"{folder} not found"}
@@ -282,6 +284,8 @@ def main(argv=None) -> int:
     ap.add_argument("--holdout", type=int, default=2)
     ap.add_argument("--max-slices", type=int, default=48)
     ap.add_argument("--synthetic", action="store_true")
+    ap.add_argument("--lesion-sets", nargs="+", choices=sorted(LESION_SETS), metavar="NAME",
+                    help=f"lesion sets to run [all: {', '.join(LESION_SETS)}]")
     ap.add_argument("--draws", type=int, nargs="+", metavar="K",
                     help="also report healing with restorations averaged over K noise draws of the set (e.g. 1 2 4 8)")
     ap.add_argument("--lesions", action="store_true")
