@@ -130,18 +130,18 @@ def draw_averages(restorer_for_seed: Callable[[int], Restorer], counts: Sequence
     """
     cache: dict[bytes, tuple[list[np.ndarray], list[np.ndarray]]] = {}
 
-    def draws(cond: np.ndarray, k: int):
-        key = np.ascontiguousarray(cond).tobytes()
-        restored, maps = cache.setdefault(key, ([], []))
-        while len(restored) < k:
+    def all_draws(cond: np.ndarray):
+        restored, maps = cache.setdefault(np.ascontiguousarray(cond).tobytes(), ([], []))
+        while len(restored) < max(counts):
             r, m = restorer_for_seed(len(restored))(cond)
-            restored.append(np.asarray(r, np.float64)), maps.append(np.asarray(m, np.float64))
-        return restored[:k], maps[:k]
+            restored.append(np.asarray(r, np.float32)), maps.append(np.asarray(m, np.float32))
+        return restored, maps
 
     def averaged(k: int) -> Restorer:
         def restore_fn(cond: np.ndarray):
-            restored, maps = draws(cond, max(counts))
-            return (np.mean(restored[:k], axis=0).astype(np.float32), np.mean(maps[:k], axis=0).astype(np.float32))
+            restored, maps = all_draws(cond)
+            # float32 storage (the cache holds max(counts) draws), float64 sums
+            return tuple(np.mean(a[:k], axis=0, dtype=np.float64).astype(np.float32) for a in (restored, maps))
         return restore_fn
 
     if not counts or min(counts) < 1:
