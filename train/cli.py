@@ -139,7 +139,7 @@ def train_command(data: str, mask_pattern: str | None, modality: str, image_size
                   batch_size: int, device_name: str, precision: str, seed: int, holdout: int, checkpoint_every: int,
                   checkpoint_part_mb: float | None, val_every: int, val_start: int, val_max_slices: int | None,
                   patience: int, recipe: str, lr: float | None, mask_weight: float | None, p_no_task: float | None,
-                  workers: int | None, cache_dir: str | None, log_every: int, val_hooks: tuple[str, ...],
+                  size_curriculum: str | None, workers: int | None, cache_dir: str | None, log_every: int, val_hooks: tuple[str, ...],
                   weights_dtype: str, progress: bool) -> int:
     """The command body (also callable from Python); returns the exit code."""
     import numpy as np
@@ -154,6 +154,7 @@ def train_command(data: str, mask_pattern: str | None, modality: str, image_size
     from condiff.train.loop import Trainer, recipe_config
     from condiff.train.tasks import P_NO_TASK, ArrayPool, RestorationTask
     from condiff.train import checkpoint as ckpt
+    from condiff.train.curriculum import SizeCurriculum, parse_size_curriculum
     from condiff.unet import ConditionalUNet
 
     t_start = time.monotonic()
@@ -193,7 +194,10 @@ def train_command(data: str, mask_pattern: str | None, modality: str, image_size
     train_slices, val_slices = slices.split_holdout(holdout)
     other_pools = [ArrayPool(o.images) for o in others]
     channels = slices.channels
-    cfg = recipe_config(recipe, lr=lr, mask_weight=mask_weight, p_no_task=p_no_task, max_steps=max_steps,
+    curriculum = parse_size_curriculum(size_curriculum)
+    cfg = recipe_config(recipe, lr=lr, mask_weight=mask_weight, p_no_task=p_no_task,
+                        size_scale_start=curriculum.start if curriculum.active else None,
+                        size_curriculum_steps=curriculum.steps if curriculum.active else None, max_steps=max_steps,
                         batch_size=batch_size, precision=precision, val_every=val_every, val_start=val_start,
                         val_max_slices=val_max_slices, patience=patience, checkpoint_every=checkpoint_every,
                         checkpoint_part_mb=checkpoint_part_mb, log_every=log_every, seed=seed, num_workers=workers)
@@ -227,8 +231,10 @@ def train_command(data: str, mask_pattern: str | None, modality: str, image_size
                 fold_cfg.time_budget_s = remaining
             train_task = RestorationTask(eff_train, p_no_task=fold_cfg.p_no_task, same_pool=ArrayPool(train_slices.images),
                                          other_pools=other_pools, has_background=modality == "mri")
+            sizes = SizeCurriculum(fold_cfg.size_scale_start, fold_cfg.size_curriculum_steps)
+            scale_at = sizes.epoch_scale(len(train_slices.images), batch_size * info.world_size) if sizes.active else None
             train_set = tdata.TaskSamples(train_slices.images, train_task, fold_seed, tdata.TRAIN_STREAM,
-                                          centre=modality == "rgb")
+                                          centre=modality == "rgb", size_scale_at=scale_at)
             val_set = None
             if val_slices is not None:
                 # Validation keeps the reference's 20 % no-task rate whatever the recipe, so losses compare.
@@ -326,6 +332,8 @@ def train_command(data: str, mask_pattern: str | None, modality: str, image_size
 @click.option("--lr", type=float, default=None, help="Override the recipe's learning rate.")
 @click.option("--mask-weight", type=float, default=None, help="Loss weight inside synthetic anomaly masks.")
 @click.option("--p-no-task", type=click.FloatRange(0, 1), default=None, help="Share of uncorrupted training samples.")
+@click.option("--size-curriculum", default=None, metavar="START:STEPS",
+              help="Anomaly sizes stretched by START at step 0, falling linearly to the reference's at STEPS (e.g. 2:4000).")
 @click.option("--workers", type=click.IntRange(min=0), default=None, help="Data-loader workers per process.")
 @click.option("--cache-dir", default=None, type=click.Path(file_okay=False), help="[default: OUT/train/cache]")
 @click.option("--log-every", type=click.IntRange(min=1), default=50, show_default=True)
@@ -338,6 +346,12 @@ def train_command(data: str, mask_pattern: str | None, modality: str, image_size
 def main(verbose: int, fold: str | None, folds: str | None, fov_mm: float, **kw) -> None:
     """Train condiff fold models on healthy images and write a model set (reference-method §3)."""
     fold_list = _parse_folds(fold, folds)
+    from condiff.train.curriculum import parse_size_curriculum
+
+    try:
+        parse_size_curriculum(kw.get("size_curriculum"))
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint="--size-curriculum") from None
 
     def body() -> int:
         with logging_to(verbose):

@@ -244,10 +244,13 @@ class TaskSamples(torch.utils.data.Dataset):
     ``x0`` (C, H, W) clean, ``cond`` (C, H, W) corrupted (both centred to [-1, 1] when ``centre``),
     ``mask`` (H, W) bool synthetic anomaly mask, ``task`` int (−1 = no task), ``t`` int64, ``eps``
     (C, H, W) float32. ``task``: a ``RestorationTask``-like callable (image, rng) -> (corrupted, mask, id).
+    ``size_scale_at``: optional ``epoch -> scale`` (``train/curriculum.py``), passed to the task as
+    ``size_scale``; it depends on the key only, so resumed runs draw the same samples.
     """
 
     def __init__(self, images: np.ndarray, task, seed: int, stream: int = TRAIN_STREAM, centre: bool = False,
-                 noise_offset: float = NOISE_OFFSET, n_timesteps: int = N_TRAIN_TIMESTEPS):
+                 noise_offset: float = NOISE_OFFSET, n_timesteps: int = N_TRAIN_TIMESTEPS,
+                 size_scale_at=None):
         self.images = images
         self.task = task
         self.seed = int(seed)
@@ -255,6 +258,7 @@ class TaskSamples(torch.utils.data.Dataset):
         self.centre = centre
         self.noise_offset = noise_offset
         self.n_timesteps = n_timesteps
+        self.size_scale_at = size_scale_at
 
     def __len__(self) -> int:
         return len(self.images)
@@ -263,7 +267,10 @@ class TaskSamples(torch.utils.data.Dataset):
         epoch, index = key
         image = np.asarray(self.images[index], dtype=np.float32)
         task_rng, noise_rng = sample_streams(self.seed, self.stream, epoch, index)
-        cond, mask, task_id = self.task(image, task_rng)
+        if self.size_scale_at is None:
+            cond, mask, task_id = self.task(image, task_rng)
+        else:
+            cond, mask, task_id = self.task(image, task_rng, size_scale=float(self.size_scale_at(epoch)))
         t, eps = draw_diffusion_noise(noise_rng, image.shape, self.noise_offset, self.n_timesteps)
         x0 = image
         if self.centre:

@@ -64,6 +64,8 @@ class TrainConfig:
     lr: float = 1e-4
     mask_weight: float = 1.0
     p_no_task: float = 0.2               # used by whoever builds the training RestorationTask
+    size_scale_start: float = 1.0        # anomaly-size curriculum (train/curriculum.py): scale at step 0 …
+    size_curriculum_steps: int = 0       # … falling linearly to 1 at this step (0: no curriculum)
     weight_decay: float = 1e-2
     betas: tuple[float, float] = (0.9, 0.999)
     adam_eps: float = 1e-8
@@ -99,7 +101,8 @@ class TrainConfig:
         return d
 
 
-RECIPE_KEYS = ("recipe", "lr", "mask_weight", "p_no_task", "weight_decay", "betas", "grad_clip", "snr_gamma")
+RECIPE_KEYS = ("recipe", "lr", "mask_weight", "p_no_task", "size_scale_start", "size_curriculum_steps",
+               "weight_decay", "betas", "grad_clip", "snr_gamma")
 
 
 def recipe_changes(before: dict, now: dict) -> str:

@@ -68,11 +68,15 @@ def size_bounds(image_hw: tuple[int, int], regions: list[Region] | None = None) 
 
 
 def sample_side_lengths(lb: np.ndarray, ub: np.ndarray, image_hw: tuple[int, int],
-                        rng: np.random.Generator) -> np.ndarray:
-    """Side lengths d (2,) int: int(clip((0.03 + Gamma(2, 0.1)) · image side, lb, ub)), at least one side ≥ 2."""
+                        rng: np.random.Generator, scale: float = 1.0) -> np.ndarray:
+    """Side lengths d (2,) int: int(clip(scale · (0.03 + Gamma(2, 0.1)) · image side, lb, ub)), one side ≥ 2.
+
+    ``scale`` (1 in the reference) stretches the draw before the clip, for a size curriculum
+    (``train/curriculum.py``); it consumes the same random numbers whatever its value.
+    """
     g = rng.gamma(GAMMA_SHAPE, GAMMA_SCALE, size=2)
     # The image size, not the foreground size s, scales the draw (reference quirk, kept).
-    d = np.clip((GAMMA_OFFSET + g) * np.asarray(image_hw), lb, ub).astype(int)  # astype truncates like int()
+    d = np.clip(scale * (GAMMA_OFFSET + g) * np.asarray(image_hw), lb, ub).astype(int)  # astype truncates like int()
     d[d < 1] = 1
     if np.all(d == 1):
         d[rng.integers(2)] = 2
@@ -133,14 +137,15 @@ def _ray_to_ellipse(q0: np.ndarray, dq: np.ndarray, half: np.ndarray) -> np.ndar
 
 
 def make_shape(lb: np.ndarray, ub: np.ndarray, image_hw: tuple[int, int], rng: np.random.Generator,
-               kind: str | None = None) -> AnomalyShape:
+               kind: str | None = None, scale: float = 1.0) -> AnomalyShape:
     """Draw one anomaly shape (§5.0 item 4): type, sides, shear N(0, 0.2²), rotation U(−π/2, π/2).
 
     If the rasterised grid is longer than ``ub`` on any axis, A is shrunk by the largest excess factor.
+    ``scale`` stretches the side-length draw (``sample_side_lengths``).
     """
     if kind is None:
         kind = RECTANGLE if rng.random() < 0.5 else ELLIPSE
-    sides = sample_side_lengths(lb, ub, image_hw, rng)
+    sides = sample_side_lengths(lb, ub, image_hw, rng, scale)
 
     shear = np.identity(2)
     shear[0, 1] = rng.normal(0.0, SHEAR_STD)

@@ -102,9 +102,9 @@ def _layout(image: np.ndarray, fg_mask: np.ndarray | None) -> _Layout:
     return _Layout(image_hw, fg_mask, regions, lb, ub)
 
 
-def _draw_shape(layout: _Layout, rng: np.random.Generator) -> shapes.AnomalyShape:
+def _draw_shape(layout: _Layout, rng: np.random.Generator, size_scale: float = 1.0) -> shapes.AnomalyShape:
     for _ in range(MAX_SHAPE_DRAWS):
-        shape = shapes.make_shape(layout.lb, layout.ub, layout.image_hw, rng)
+        shape = shapes.make_shape(layout.lb, layout.ub, layout.image_hw, rng, scale=size_scale)
         if shapes.is_large_enough(shape.mask, layout.image_hw, layout.fg_mask):
             return shape
     raise TrainingDataError(None, f"no anomaly shape reached the visibility floor in {MAX_SHAPE_DRAWS} draws",
@@ -120,9 +120,9 @@ def _source_draw(pool: ImagePool, rng: np.random.Generator, with_mask: bool):
 
 
 def _apply_one(task_id: int, image: np.ndarray, rng: np.random.Generator, layout: _Layout,
-               source_pool: ImagePool | None) -> tuple[np.ndarray, np.ndarray]:
+               source_pool: ImagePool | None, size_scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """One anomaly: draw a shape, place it, apply the task. Returns (image, mask (H, W) bool)."""
-    shape = _draw_shape(layout, rng)
+    shape = _draw_shape(layout, rng, size_scale)
     corner = shapes.place_anomaly(shape.mask, layout.image_hw, rng, layout.fg_mask, layout.regions)
     patch_mask = shape.mask
     if task_id in BLEND_TASKS:
@@ -173,9 +173,10 @@ def clip_bounds(image: np.ndarray, reference_clip: bool = False) -> tuple[np.nda
 
 def apply_task(task_id: int, image: np.ndarray, rng: np.random.Generator, fg_mask: np.ndarray | None = None,
                *, source_pool: ImagePool | None = None,
-               reference_clip: bool = False) -> tuple[np.ndarray, np.ndarray, int]:
+               reference_clip: bool = False, size_scale: float = 1.0) -> tuple[np.ndarray, np.ndarray, int]:
     """Apply task ``task_id`` with 1–4 anomalies; P(n) = 1/2, 1/4, 1/8, 1/8.
 
+    ``size_scale`` stretches every anomaly's side-length draw (1 = the reference's sizes).
     Anomalies are applied one after the other to the running image (later ones may overwrite earlier
     ones), each followed by the clip of ``clip_bounds``. Returns (corrupted (C, H, W) of the image's dtype,
     union anomaly mask (H, W) bool, number of anomalies).
@@ -187,7 +188,7 @@ def apply_task(task_id: int, image: np.ndarray, rng: np.random.Generator, fg_mas
     mask = np.zeros(layout.image_hw, dtype=bool)
     n = 0
     while n < MAX_ANOMALIES:
-        corrupted, one = _apply_one(task_id, corrupted, rng, layout, source_pool)
+        corrupted, one = _apply_one(task_id, corrupted, rng, layout, source_pool, size_scale)
         corrupted = np.clip(corrupted, low, high)
         mask |= one
         n += 1
@@ -202,8 +203,9 @@ class RestorationTask:
     ``task_ids``: the fold's tasks (chosen uniformly). ``same_pool``: blend sources for task 0 (the data
     set the images come from). ``other_pools``: sources for task 1; one pool is chosen per image, then a
     new sample per anomaly (as the reference's ``OTHER_DSET_BLEND`` does). ``has_background``: MRI, where
-    the foreground mask F steers placement. Call with (image (C, H, W) float32, rng); returns
+    the foreground mask F steers placement. Call with (image (C, H, W) float32, rng[, size_scale]); returns
     (corrupted (C, H, W) float32, anomaly mask (H, W) bool, task id or None when no task was applied).
+    ``size_scale`` stretches the anomalies' side lengths (a size curriculum; 1 = the reference).
     """
 
     def __init__(self, task_ids: Sequence[int], *, p_no_task: float = P_NO_TASK,
@@ -229,7 +231,8 @@ class RestorationTask:
         self.has_background = has_background
         self.reference_clip = reference_clip
 
-    def __call__(self, image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, int | None]:
+    def __call__(self, image: np.ndarray, rng: np.random.Generator,
+                 size_scale: float = 1.0) -> tuple[np.ndarray, np.ndarray, int | None]:
         image = _check_image(image)
         if rng.random() < self.p_no_task:
             return image.astype(np.float32, copy=True), np.zeros(image.shape[1:], dtype=bool), None
@@ -241,5 +244,5 @@ class RestorationTask:
             pool = self.other_pools[rng.integers(len(self.other_pools))]
         fg_mask = foreground_mask(image) if self.has_background else None
         corrupted, mask, _ = apply_task(task_id, image, rng, fg_mask, source_pool=pool,
-                                        reference_clip=self.reference_clip)
+                                        reference_clip=self.reference_clip, size_scale=size_scale)
         return corrupted.astype(np.float32, copy=False), mask, task_id

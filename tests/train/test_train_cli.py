@@ -156,3 +156,16 @@ def test_sigterm_stops_cleanly_with_a_checkpoint_and_a_model_folder(data_dir, ca
     from condiff.train.checkpoint import latest_checkpoint, load_checkpoint
 
     assert load_checkpoint(latest_checkpoint(out / "train" / "fold0" / "checkpoints")).step == trained["steps"]
+
+
+def test_cli_records_a_size_curriculum_and_rejects_a_malformed_one(data_dir, cache_dir, tmp_path):
+    out = tmp_path / "set"
+    code, output = _run(*_common(data_dir, cache_dir, out), "--fold", 9, "--max-steps", 1, "--holdout", 0,
+                        "--recipe", "healing", "--size-curriculum", "2.5:300")
+    assert code == 0, output
+    recipe = open_model_set(out).configs[0].trained["recipe"]
+    assert recipe["size_scale_start"] == 2.5 and recipe["size_curriculum_steps"] == 300
+    assert recipe["name"] == "healing" and recipe["mask_weight"] == 10.0
+    code, output = _run(*_common(data_dir, cache_dir, tmp_path / "bad"), "--size-curriculum", "2.5")
+    assert code == 2 and "--size-curriculum" in output and "START:STEPS" in output
+    assert not (tmp_path / "bad").exists()
