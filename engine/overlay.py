@@ -3,7 +3,9 @@
 Drawn in model slice space (every case the same size), with numpy only and written through
 ``condiff.io.images.png_bytes`` (fixed settings, no metadata), so identical arrays give
 identical bytes. MRI slices are shown anterior up (the canonical slice transposed and flipped);
-the map uses a black-red-yellow-white ramp scaled to the case's largest map value.
+the map uses a black-red-yellow-white ramp scaled to the case's largest map value. Panels of
+low-resolution models (32 or 64 px) are enlarged by pixel replication to at least ``MIN_PANEL``
+pixels, so the image stays readable and every model pixel is still shown as it is.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import numpy as np
 from condiff.io.images import png_bytes, to_png8
 
 N_ROWS = 3
+MIN_PANEL = 128  # pixels; smaller panels are repeated by an integer factor
 
 
 def top_slices(scores: np.ndarray, k: int = N_ROWS) -> np.ndarray:
@@ -37,7 +40,7 @@ def _grey(img: np.ndarray, lo: float, hi: float) -> np.ndarray:
 
 def overlay_image(slices: np.ndarray, restorations: np.ndarray, maps: np.ndarray, scores: np.ndarray,
                   kind: str = "volume", k: int = N_ROWS) -> np.ndarray:
-    """uint8 ``(rows * H, 3 * W, 3)`` for the top ``k`` slices.
+    """uint8 ``(rows * f·H, 3 * f·W, 3)`` for the top ``k`` slices; f = ceil(MIN_PANEL / min(H, W)) or 1.
 
     ``slices``, ``restorations``: ``(S, C, H, W)`` in the model's range ([0, 1] for MRI volumes,
     [-1, 1] for RGB images); ``maps``: ``(S, H, W)``; ``scores``: ``(S,)``.
@@ -51,7 +54,9 @@ def overlay_image(slices: np.ndarray, restorations: np.ndarray, maps: np.ndarray
         if kind == "volume":  # canonical (R->, A->) slice: show anterior up, patient right on the right
             panels = [np.ascontiguousarray(np.swapaxes(p, 0, 1)[::-1]) for p in panels]
         rows.append(np.concatenate(panels, axis=1))
-    return np.concatenate(rows, axis=0)
+    image = np.concatenate(rows, axis=0)
+    factor = max(1, -(-MIN_PANEL // min(maps.shape[-2:])))
+    return np.repeat(np.repeat(image, factor, axis=0), factor, axis=1) if factor > 1 else image
 
 
 def overlay_png(slices, restorations, maps, scores, kind: str = "volume", k: int = N_ROWS) -> bytes:

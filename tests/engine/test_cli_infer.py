@@ -79,7 +79,8 @@ def test_infer_writes_layout_geometry_and_records(tmp_path, model_set):
         from PIL import Image
 
         with Image.open(out / "overlays" / f"{case}.png") as im:
-            assert im.mode == "RGB" and im.size == (3 * 32, 3 * 32)  # top 3 slices, input | restoration | map
+            assert im.mode == "RGB" and im.size == (3 * 128, 3 * 128)  # top 3 slices, input | restoration | map,
+            # each 32-px panel enlarged 4x
         rec = json.loads((out / "records" / f"{case}.json").read_text())
         assert rec["status"] == "ok" and rec["members"] == [0]
         assert rec["input_sha256"] == hashlib.sha256(src_path.read_bytes()).hexdigest()
@@ -141,7 +142,7 @@ def test_photographs_get_float_tiff_maps_and_png_previews(tmp_path):
     with Image.open(out / "maps" / "eye.png") as im:
         assert im.size == (52, 40) and im.mode == "L"
     with Image.open(out / "overlays" / "eye.png") as im:
-        assert im.size == (3 * 32, 32)  # one image: one row
+        assert im.size == (3 * 128, 128)  # one image: one row (32-px panels enlarged 4x)
     # an MRI volume given to a photo model fails alone, with a reason
     make_scans(tmp_path / "in", n=1)
     res = _invoke([tmp_path / "in", "-o", out, "--models", models, *FAST])

@@ -1,0 +1,41 @@
+"""The overlay PNG: which slices, which panels, and the enlargement of low-resolution panels."""
+import numpy as np
+import pytest
+
+from condiff.engine import overlay
+
+
+def _case(size, n=5, seed=0):
+    rng = np.random.default_rng(seed)
+    slices = rng.uniform(0, 1, (n, 1, size, size)).astype(np.float32)
+    restorations = rng.uniform(0, 1, (n, 1, size, size)).astype(np.float32)
+    maps = rng.uniform(0, 2, (n, size, size)).astype(np.float32)
+    scores = rng.uniform(0, 1, n)
+    return slices, restorations, maps, scores
+
+
+@pytest.mark.parametrize("size, factor", [(32, 4), (64, 2), (100, 2), (128, 1), (160, 1)])
+def test_small_panels_are_enlarged_by_pixel_replication_only(size, factor, monkeypatch):
+    args = _case(size)
+    big = overlay.overlay_image(*args)
+    assert big.shape == (3 * factor * size, 3 * factor * size, 3) and big.dtype == np.uint8
+    monkeypatch.setattr(overlay, "MIN_PANEL", 1)
+    plain = overlay.overlay_image(*args)
+    assert plain.shape == (3 * size, 3 * size, 3)
+    np.testing.assert_array_equal(big, np.repeat(np.repeat(plain, factor, axis=0), factor, axis=1))
+
+
+def test_rows_are_the_top_slices_with_input_restoration_and_map():
+    slices, restorations, maps, scores = _case(128, n=4)
+    slices, restorations = slices * 2 - 1, restorations * 2 - 1  # photographs live in [-1, 1]
+    img = overlay.overlay_image(slices, restorations, maps, scores, kind="image", k=2)
+    assert img.shape == (2 * 128, 3 * 128, 3)
+    top = np.argsort(-scores)[:2]
+    for row, i in enumerate(top):
+        band = img[row * 128:(row + 1) * 128].astype(np.float64)
+        for col, source in enumerate((slices[i, 0], restorations[i, 0])):
+            panel = band[:, col * 128:(col + 1) * 128]
+            assert (panel[..., 0] == panel[..., 1]).all() and (panel[..., 1] == panel[..., 2]).all()  # grey
+            np.testing.assert_allclose(panel[..., 0] / 255 * 2 - 1, source, atol=2 / 255)
+        ramp = band[:, 256:, 0]  # red rises first on the black-red-yellow-white ramp
+        np.testing.assert_allclose(ramp / 255, np.clip(3 * maps[i] / maps.max(), 0, 1), atol=1 / 255)
