@@ -15,7 +15,7 @@
 # Settings (environment): RUN (name), RECIPE (healing), PRESET (compact), FOLD (0), BATCH (64),
 # WORKERS (14), TRAIN_MIN (default: what DEADLINE leaves), DEADLINE (seconds, 560), DATA (.carry/data),
 # LR (unset: the recipe's learning rate; e.g. LR=1e-4 if the healing recipe's 4e-4 proves unstable here),
-# CURRICULUM (unset: none; START:STEPS for condiff-train --size-curriculum, e.g. CURRICULUM=2:3000).
+# CURRICULUM (unset: the recipe's, healing 2:2500; START:STEPS or none for condiff-train --size-curriculum).
 # GPU_TRAIN_DRY=1 runs a few CPU steps on toy settings (used by tests/bench/test_gpu_train.py).
 set -uo pipefail
 cd "$(dirname "$0")/.."

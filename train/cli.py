@@ -194,10 +194,13 @@ def train_command(data: str, mask_pattern: str | None, modality: str, image_size
     train_slices, val_slices = slices.split_holdout(holdout)
     other_pools = [ArrayPool(o.images) for o in others]
     channels = slices.channels
-    curriculum = parse_size_curriculum(size_curriculum)
+    # An explicit --size-curriculum (``none`` included) overrides the recipe's; absent, the recipe's stands.
+    curriculum = parse_size_curriculum(size_curriculum) if size_curriculum is not None else None
+    if curriculum is not None and not curriculum.active:
+        curriculum = SizeCurriculum(1.0, 0)
     cfg = recipe_config(recipe, lr=lr, mask_weight=mask_weight, p_no_task=p_no_task,
-                        size_scale_start=curriculum.start if curriculum.active else None,
-                        size_curriculum_steps=curriculum.steps if curriculum.active else None, max_steps=max_steps,
+                        size_scale_start=curriculum.start if curriculum else None,
+                        size_curriculum_steps=curriculum.steps if curriculum else None, max_steps=max_steps,
                         batch_size=batch_size, precision=precision, val_every=val_every, val_start=val_start,
                         val_max_slices=val_max_slices, patience=patience, checkpoint_every=checkpoint_every,
                         checkpoint_part_mb=checkpoint_part_mb, log_every=log_every, seed=seed, num_workers=workers)
@@ -333,7 +336,8 @@ def train_command(data: str, mask_pattern: str | None, modality: str, image_size
 @click.option("--mask-weight", type=float, default=None, help="Loss weight inside synthetic anomaly masks.")
 @click.option("--p-no-task", type=click.FloatRange(0, 1), default=None, help="Share of uncorrupted training samples.")
 @click.option("--size-curriculum", default=None, metavar="START:STEPS",
-              help="Anomaly sizes stretched by START at step 0, falling linearly to the reference's at STEPS (e.g. 2:4000).")
+              help="Anomaly sizes stretched by START at step 0, falling linearly to the reference's at STEPS "
+                   "(e.g. 2:4000); 'none' turns off a recipe's curriculum [healing: 2:2500, reference: none].")
 @click.option("--workers", type=click.IntRange(min=0), default=None, help="Data-loader workers per process.")
 @click.option("--cache-dir", default=None, type=click.Path(file_okay=False), help="[default: OUT/train/cache]")
 @click.option("--log-every", type=click.IntRange(min=1), default=50, show_default=True)

@@ -44,8 +44,8 @@ class SizeCurriculum:
 
 
 def parse_size_curriculum(text: str | None) -> SizeCurriculum:
-    """``'START:STEPS'`` (e.g. ``'2:4000'``) -> ``SizeCurriculum``; None or '' -> no curriculum."""
-    if not text:
+    """``'START:STEPS'`` (e.g. ``'2:4000'``) -> ``SizeCurriculum``; None, '' or 'none' -> no curriculum."""
+    if not text or text.strip().lower() in ("none", "off"):
         return SizeCurriculum()
     parts = text.split(":")
     try:
@@ -53,5 +53,5 @@ def parse_size_curriculum(text: str | None) -> SizeCurriculum:
             raise ValueError
         start, steps = float(parts[0]), int(parts[1])
     except ValueError:
-        raise ValueError(f"size curriculum {text!r}: expected START:STEPS, e.g. 2:4000") from None
+        raise ValueError(f"size curriculum {text!r}: expected START:STEPS (e.g. 2:4000) or none") from None
     return SizeCurriculum(start, steps)

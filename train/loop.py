@@ -47,9 +47,12 @@ logger = logging.getLogger(__name__)
 # equal steps (CPU evidence, bench/results/recipes-cpu-2026-11-27/): the mask weight and the identity
 # share were measured first (at lr 1e-4), the 4x learning rate on top of them; the GPU comparison is
 # still to run. A resume that changes these values is logged (Trainer.load).
-RECIPES: dict[str, dict[str, float]] = {
+RECIPES: dict[str, dict[str, float | int]] = {
     "reference": {"lr": 1e-4, "mask_weight": 1.0, "p_no_task": 0.2},
-    "healing": {"lr": 4e-4, "mask_weight": 10.0, "p_no_task": 0.05},
+    # size curriculum 2:2500 measured on the CPU (bench/results/curriculum-cpu-2026-12-04): heals sooner at
+    # equal steps, most on the tasks a fold never trains on; off again by step 2,500
+    "healing": {"lr": 4e-4, "mask_weight": 10.0, "p_no_task": 0.05,
+                "size_scale_start": 2.0, "size_curriculum_steps": 2500},
 }
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 

@@ -149,8 +149,12 @@ def test_loss_matches_float64_hand_computation(mask_weight):
 def test_recipes():
     ref = recipe_config("reference")
     assert (ref.lr, ref.mask_weight, ref.p_no_task, ref.weight_decay, ref.grad_clip) == (1e-4, 1.0, 0.2, 1e-2, 1.0)
+    assert (ref.size_scale_start, ref.size_curriculum_steps) == (1.0, 0)
     heal = recipe_config("healing", lr=3e-4)
     assert heal.mask_weight > 1 and heal.p_no_task < 0.2 and heal.lr == 3e-4
+    assert heal.size_scale_start > 1 and heal.size_curriculum_steps > 0  # the recipe's size curriculum
+    off = recipe_config("healing", size_scale_start=1.0, size_curriculum_steps=0)
+    assert (off.size_scale_start, off.size_curriculum_steps, off.mask_weight) == (1.0, 0, heal.mask_weight)
     with pytest.raises(ValueError):
         recipe_config("nope")
 

@@ -166,6 +166,15 @@ def test_cli_records_a_size_curriculum_and_rejects_a_malformed_one(data_dir, cac
     recipe = open_model_set(out).configs[0].trained["recipe"]
     assert recipe["size_scale_start"] == 2.5 and recipe["size_curriculum_steps"] == 300
     assert recipe["name"] == "healing" and recipe["mask_weight"] == 10.0
+    # the healing recipe brings its own curriculum; 'none' turns it off, the reference recipe has none
+    for extra, expected in ((("--recipe", "healing"), (2.0, 2500)),
+                            (("--recipe", "healing", "--size-curriculum", "none"), (1.0, 0)),
+                            ((), (1.0, 0))):
+        other = tmp_path / f"set{len(extra)}"
+        code, output = _run(*_common(data_dir, cache_dir, other), "--fold", 9, "--max-steps", 1, "--holdout", 0, *extra)
+        assert code == 0, output
+        recipe = open_model_set(other).configs[0].trained["recipe"]
+        assert (recipe["size_scale_start"], recipe["size_curriculum_steps"]) == expected, extra
     code, output = _run(*_common(data_dir, cache_dir, tmp_path / "bad"), "--size-curriculum", "2.5")
     assert code == 2 and "--size-curriculum" in output and "START:STEPS" in output
     assert not (tmp_path / "bad").exists()
