@@ -196,8 +196,6 @@ def train_command(data: str, mask_pattern: str | None, modality: str, image_size
     channels = slices.channels
     # An explicit --size-curriculum (``none`` included) overrides the recipe's; absent, the recipe's stands.
     curriculum = parse_size_curriculum(size_curriculum) if size_curriculum is not None else None
-    if curriculum is not None and not curriculum.active:
-        curriculum = SizeCurriculum(1.0, 0)
     cfg = recipe_config(recipe, lr=lr, mask_weight=mask_weight, p_no_task=p_no_task,
                         size_scale_start=curriculum.start if curriculum else None,
                         size_curriculum_steps=curriculum.steps if curriculum else None, max_steps=max_steps,

@@ -44,7 +44,10 @@ class SizeCurriculum:
 
 
 def parse_size_curriculum(text: str | None) -> SizeCurriculum:
-    """``'START:STEPS'`` (e.g. ``'2:4000'``) -> ``SizeCurriculum``; None, '' or 'none' -> no curriculum."""
+    """``'START:STEPS'`` (e.g. ``'2:4000'``) -> ``SizeCurriculum``; None, '' or 'none' -> no curriculum.
+
+    Every value that stretches nothing (``1:500``, ``3:0``) comes back as the one "off" value, ``(1, 0)``.
+    """
     if not text or text.strip().lower() in ("none", "off"):
         return SizeCurriculum()
     parts = text.split(":")
@@ -54,4 +57,5 @@ def parse_size_curriculum(text: str | None) -> SizeCurriculum:
         start, steps = float(parts[0]), int(parts[1])
     except ValueError:
         raise ValueError(f"size curriculum {text!r}: expected START:STEPS (e.g. 2:4000) or none") from None
-    return SizeCurriculum(start, steps)
+    curriculum = SizeCurriculum(start, steps)
+    return curriculum if curriculum.active else SizeCurriculum()

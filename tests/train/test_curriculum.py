@@ -38,7 +38,8 @@ def test_epoch_scale_maps_an_epoch_to_the_step_where_it_starts():
 
 
 @pytest.mark.parametrize("text, expected", [("2:4000", (2.0, 4000)), ("0.5:10", (0.5, 10)), ("", (1.0, 0)),
-                                            (None, (1.0, 0)), ("none", (1.0, 0)), ("OFF", (1.0, 0))])
+                                            (None, (1.0, 0)), ("none", (1.0, 0)), ("OFF", (1.0, 0)),
+                                            ("1:500", (1.0, 0)), ("3:0", (1.0, 0))])
 def test_parse(text, expected):
     c = parse_size_curriculum(text)
     assert (c.start, c.steps) == expected
