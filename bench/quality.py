@@ -8,6 +8,7 @@ prepared with the set's own contract, corrupted by each task at fixed seeds; per
 of the anomaly the restoration removes and the map's pixel AP against the anomaly mask, with chance.
 ``--draws 1 2 4 8`` adds the same metric with restorations averaged over K noise draws of the set:
 how much of the restorer's own error is sampling noise that more members (or draws) would average out.
+``--per-member`` adds each member's healing alone beside the ensemble's (mean / min / max over members).
 Lesions (``--lesions``): condiff-infer on the BraTS T1c cases (brain masks) and the MS T1 cases, then
 condiff-eval's benchmark protocol (AP_i, AUROC, AP_p, best Dice; ensemble and per member
 avg/max/std), beside two non-learned baselines computed on the same slices: the normalised
@@ -144,6 +145,29 @@ def healing_of(restore_fn, clean: np.ndarray) -> dict:
     return healing_report(restore_fn, clean, HEALING_TASKS, seed=1234, same_pool=ArrayPool(clean))
 
 
+def member_restorers(denoisers, plan, batch_size: int, seed: int = 0) -> list:
+    """One healing restorer per member, each alone but with the noise it draws inside the set
+    (``member_ids=[k]``), so the ensemble's restoration and map are exactly the members' mean."""
+    from condiff.engine.runner import run_slices
+
+    return [healing_restorer(lambda jobs, d=d, k=k: run_slices([d], jobs, plan, seed=seed, batch_size=batch_size,
+                                                              member_ids=[k]))
+            for k, d in enumerate(denoisers)]
+
+
+def member_summary(ensemble: dict, members: list[dict]) -> dict:
+    """Per task: the ensemble's removed share and map AP beside its members' mean / min / max / std."""
+    out = {}
+    for name, row in ensemble.items():
+        entry = {"task": row["task"], "ensemble_removed": row["removed"], "ensemble_ap": row["ap"]}
+        for key in ("removed", "ap"):
+            vals = np.array([m[name][key] for m in members], dtype=np.float64)
+            entry[f"members_{key}"] = {"mean": float(vals.mean()), "min": float(vals.min()),
+                                       "max": float(vals.max()), "std": float(vals.std())}
+        out[name] = entry
+    return out
+
+
 def run_synthetic(args, report: dict) -> None:
     from condiff.engine.backends import open_denoiser
     from condiff.engine.runner import run_slices
@@ -161,6 +185,14 @@ def run_synthetic(args, report: dict) -> None:
     rep = healing_of(restore_fn, clean)
     report["synthetic"] = {"subjects": subjects, "n_clean_slices": int(len(clean)),
                            "tasks": rep, "wall_s": time.perf_counter() - t0}
+    if args.per_member and len(denoisers) > 1:
+        t0 = time.perf_counter()
+        members = []
+        for k, restore_k in enumerate(member_restorers(denoisers, plan, args.batch_size or 64)):
+            members.append({"member": ms.member_dirs[k].name, "tasks": healing_of(restore_k, clean)})
+        report["synthetic"]["members"] = members
+        report["synthetic"]["member_summary"] = member_summary(rep, [m["tasks"] for m in members])
+        report["synthetic"]["members_wall_s"] = time.perf_counter() - t0
     if args.draws:
         from condiff.train.healing import draw_averages
 
@@ -189,6 +221,18 @@ def write_markdown(report: dict, path: Path) -> None:
                   "scores that keeps the anomaly and adds its own error on the healthy slice (same noise); own "
                   "error: mean|R(x0) - x0| / mean|c - x0| (train/healing.py). Healing shows as removed above the "
                   "copier reference.", ""]
+        if s.get("member_summary"):
+            lines += ["### Ensemble against its members", "",
+                      f"Each of the {len(s['members'])} members ({', '.join(m['member'] for m in s['members'])}) "
+                      "restores alone with the noise it draws inside the set, so the ensemble's restoration and "
+                      "map are the members' mean. Members: mean [min, max].", "",
+                      "| task | ensemble removed | members removed | ensemble map AP | members map AP |",
+                      "|---|---|---|---|---|"]
+            for name, e in s["member_summary"].items():
+                r, a = e["members_removed"], e["members_ap"]
+                lines.append(f"| {e['task']} {name} | {e['ensemble_removed']:.3f} | {r['mean']:.3f} [{r['min']:.3f}, "
+                             f"{r['max']:.3f}] | {e['ensemble_ap']:.3f} | {a['mean']:.3f} [{a['min']:.3f}, {a['max']:.3f}] |")
+            lines.append("")
         if s.get("by_draws"):
             names = list(s["tasks"])
             lines += ["### Healing against the number of noise draws averaged", "",
@@ -288,6 +332,8 @@ def main(argv=None) -> int:
                     help=f"lesion sets to run [all: {', '.join(LESION_SETS)}]")
     ap.add_argument("--draws", type=int, nargs="+", metavar="K",
                     help="also report healing with restorations averaged over K noise draws of the set (e.g. 1 2 4 8)")
+    ap.add_argument("--per-member", action="store_true",
+                    help="also report healing for each member alone (same noise as inside the set), beside the ensemble")
     ap.add_argument("--lesions", action="store_true")
     ap.add_argument("--smoke", action="store_true", help="CI: tiny random set on generated phantoms, 2 DDIM steps")
     args = ap.parse_args(argv)

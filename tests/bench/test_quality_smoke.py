@@ -65,3 +65,50 @@ def test_quality_smoke_draws_one_equals_the_plain_healing_report(tmp_path):
             assert np.isfinite(syn["by_draws"]["2"][name][key])
         assert syn["by_draws"]["2"][name]["clean_error"] != row["clean_error"]  # another draw was averaged in
     assert "noise draws averaged" in (tmp_path / "quality.md").read_text()
+
+
+def test_quality_smoke_per_member_rows_sit_beside_the_ensemble(tmp_path):
+    """--per-member: one healing report per member, and the summary's mean / min / max are those of the
+    member rows; the ensemble row is the plain report's (the per-member runs change nothing in it)."""
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "quality.py"), "--smoke", "--synthetic",
+                           "--per-member", "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    syn = json.loads((tmp_path / "quality.json").read_text())["synthetic"]
+    assert [m["member"] for m in syn["members"]] == ["fold0", "fold1"]
+    for name, row in syn["tasks"].items():
+        summary = syn["member_summary"][name]
+        assert summary["ensemble_removed"] == row["removed"] and summary["ensemble_ap"] == row["ap"]
+        for key in ("removed", "ap"):
+            vals = [m["tasks"][name][key] for m in syn["members"]]
+            assert all(np.isfinite(vals))
+            assert summary[f"members_{key}"]["mean"] == pytest.approx(np.mean(vals), abs=1e-12)
+            assert summary[f"members_{key}"]["min"] == min(vals) and summary[f"members_{key}"]["max"] == max(vals)
+        assert 0.0 <= row["ap"] <= 1.0
+    assert "Ensemble against its members" in (tmp_path / "quality.md").read_text()
+
+
+def test_member_restorers_average_to_the_ensemble_restorer(tmp_path):
+    """Each member restores alone with the noise it draws inside the set, so the members' mean restoration
+    and map equal the ensemble's (a member keyed with another member's noise would not)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("quality_bench", REPO / "bench" / "quality.py")
+    quality = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(quality)
+    from condiff.engine.backends import open_denoiser
+    from condiff.engine.runner import run_slices
+    from condiff.modelset import open_model_set
+    from condiff.sampler import make_plan
+
+    set_dir, _ = quality.make_smoke_inputs(tmp_path)
+    ms = open_model_set(set_dir)
+    dens = [open_denoiser("torch", d, device="cpu", precision="fp32", max_batch=8) for d in ms.member_dirs]
+    plan = make_plan("ddim", 3)
+    rng = np.random.default_rng(0)
+    cond = (rng.random((3, 1, 32, 32)) * (rng.random((3, 1, 32, 32)) > 0.3)).astype(np.float32)
+    ens_rest, ens_map = quality.healing_restorer(lambda jobs: run_slices(dens, jobs, plan, seed=0, batch_size=8))(cond)
+    outs = [fn(cond) for fn in quality.member_restorers(dens, plan, 8)]
+    np.testing.assert_allclose(np.mean([o[0] for o in outs], axis=0), ens_rest, atol=1e-6)
+    np.testing.assert_allclose(np.mean([o[1] for o in outs], axis=0), ens_map, atol=1e-6)
+    # the members differ from each other (else the equality above would prove nothing)
+    assert np.abs(outs[0][0] - outs[1][0]).max() > 1e-3
