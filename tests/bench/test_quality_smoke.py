@@ -69,11 +69,17 @@ def test_quality_smoke_draws_one_equals_the_plain_healing_report(tmp_path):
 
 def test_quality_smoke_per_member_rows_sit_beside_the_ensemble(tmp_path):
     """--per-member: one healing report per member, and the summary's mean / min / max are those of the
-    member rows; the ensemble row is the plain report's (the per-member runs change nothing in it)."""
-    proc = subprocess.run([sys.executable, str(REPO / "bench" / "quality.py"), "--smoke", "--synthetic",
-                           "--per-member", "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    member rows; the ensemble rows (averaged from the members' restorations) are the plain report's."""
+    for flags, out in ((["--per-member"], tmp_path), ([], tmp_path / "plain")):
+        proc = subprocess.run([sys.executable, str(REPO / "bench" / "quality.py"), "--smoke", "--synthetic",
+                               *flags, "--out", str(out)], capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
     syn = json.loads((tmp_path / "quality.json").read_text())["synthetic"]
+    plain = json.loads((tmp_path / "plain" / "quality.json").read_text())["synthetic"]["tasks"]
+    assert set(plain) == set(syn["tasks"])
+    for name, row in plain.items():
+        for key in ("removed", "ap", "clean_error", "copier_removed"):
+            assert syn["tasks"][name][key] == pytest.approx(row[key], abs=1e-5)
     assert [m["member"] for m in syn["members"]] == ["fold0", "fold1"]
     for name, row in syn["tasks"].items():
         summary = syn["member_summary"][name]
@@ -110,5 +116,29 @@ def test_member_restorers_average_to_the_ensemble_restorer(tmp_path):
     outs = [fn(cond) for fn in quality.member_restorers(dens, plan, 8)]
     np.testing.assert_allclose(np.mean([o[0] for o in outs], axis=0), ens_rest, atol=1e-6)
     np.testing.assert_allclose(np.mean([o[1] for o in outs], axis=0), ens_map, atol=1e-6)
+    # what --per-member reports as the ensemble: the mean of the members' outputs
+    mean_rest, mean_map = quality.members_mean(quality.member_restorers(dens, plan, 8))(cond)
+    np.testing.assert_allclose(mean_rest, ens_rest, atol=1e-6)
+    np.testing.assert_allclose(mean_map, ens_map, atol=1e-6)
     # the members differ from each other (else the equality above would prove nothing)
     assert np.abs(outs[0][0] - outs[1][0]).max() > 1e-3
+
+
+def test_remembering_restores_each_distinct_input_once():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("quality_bench", REPO / "bench" / "quality.py")
+    quality = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(quality)
+    calls = []
+
+    def restore(cond):
+        calls.append(cond.copy())
+        return cond * 2, cond[:, 0] + 1
+
+    fn = quality.remembering(restore)
+    a, b = np.zeros((2, 1, 4, 4), np.float32), np.ones((2, 1, 4, 4), np.float32)
+    first = fn(a)
+    assert fn(a.copy())[0] is first[0] and len(calls) == 1  # equal content: remembered
+    np.testing.assert_array_equal(fn(b)[0], b * 2)  # new content: restored
+    assert len(calls) == 2
