@@ -199,18 +199,18 @@ def run_synthetic(args, report: dict) -> None:
 
     ms = open_model_set(args.models)
     subjects, clean = held_out_slices(ms.preprocessing, Path(args.data) / "ixi-t1", args.holdout, args.max_slices)
+    batch = args.batch_size or 64
     denoisers = [open_denoiser(args.engine, d, device=args.device, precision=args.precision,
-                               max_batch=args.batch_size or 64) for d in ms.member_dirs]
+                               max_batch=batch) for d in ms.member_dirs]
     plan = make_plan(args.sampler, args.steps)
     per_member = args.per_member and len(denoisers) > 1
     if per_member:
         # the ensemble is exactly its members' mean (tested), so each member restores every slice once
         # and the ensemble report averages their remembered outputs
-        member_fns = [remembering(fn) for fn in member_restorers(denoisers, plan, args.batch_size or 64)]
+        member_fns = [remembering(fn) for fn in member_restorers(denoisers, plan, batch)]
         restore_fn = members_mean(member_fns)
     else:
-        restore_fn = healing_restorer(lambda jobs: run_slices(denoisers, jobs, plan, seed=0,
-                                                              batch_size=args.batch_size or 64))
+        restore_fn = healing_restorer(lambda jobs: run_slices(denoisers, jobs, plan, seed=0, batch_size=batch))
     restore_fn = remembering(restore_fn)
 
     t0 = time.perf_counter()
@@ -219,7 +219,7 @@ def run_synthetic(args, report: dict) -> None:
                            "tasks": rep, "wall_s": time.perf_counter() - t0}
     if per_member:
         t0 = time.perf_counter()
-        members = [{"member": ms.member_dirs[k].name, "tasks": healing_of(fn, clean)} for k, fn in enumerate(member_fns)]
+        members = [{"member": d.name, "tasks": healing_of(fn, clean)} for d, fn in zip(ms.member_dirs, member_fns)]
         report["synthetic"]["members"] = members
         report["synthetic"]["member_summary"] = member_summary(rep, [m["tasks"] for m in members])
         report["synthetic"]["members_wall_s"] = time.perf_counter() - t0
@@ -229,8 +229,7 @@ def run_synthetic(args, report: dict) -> None:
         def restorer_for_seed(seed):
             if seed == 0:  # the report above restored with seed 0 already
                 return restore_fn
-            return healing_restorer(lambda jobs: run_slices(denoisers, jobs, plan, seed=seed,
-                                                            batch_size=args.batch_size or 64))
+            return healing_restorer(lambda jobs: run_slices(denoisers, jobs, plan, seed=seed, batch_size=batch))
 
         t0 = time.perf_counter()
         averaged = draw_averages(restorer_for_seed, args.draws)

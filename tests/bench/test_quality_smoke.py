@@ -10,6 +10,16 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 
 
+def _quality_module():
+    """bench/quality.py as a module (bench/ is not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("quality_bench", REPO / "bench" / "quality.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_quality_smoke_report_is_self_consistent(tmp_path):
     sklearn_metrics = pytest.importorskip("sklearn.metrics")
     proc = subprocess.run([sys.executable, str(REPO / "bench" / "quality.py"), "--smoke", "--out", str(tmp_path)],
@@ -96,11 +106,7 @@ def test_quality_smoke_per_member_rows_sit_beside_the_ensemble(tmp_path):
 def test_member_restorers_average_to_the_ensemble_restorer(tmp_path):
     """Each member restores alone with the noise it draws inside the set, so the members' mean restoration
     and map equal the ensemble's (a member keyed with another member's noise would not)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("quality_bench", REPO / "bench" / "quality.py")
-    quality = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(quality)
+    quality = _quality_module()
     from condiff.engine.backends import open_denoiser
     from condiff.engine.runner import run_slices
     from condiff.modelset import open_model_set
@@ -125,11 +131,7 @@ def test_member_restorers_average_to_the_ensemble_restorer(tmp_path):
 
 
 def test_remembering_restores_each_distinct_input_once():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("quality_bench", REPO / "bench" / "quality.py")
-    quality = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(quality)
+    quality = _quality_module()
     calls = []
 
     def restore(cond):
