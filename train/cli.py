@@ -16,6 +16,7 @@ folders, then exits 130 / 143; a second SIGINT aborts at once.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import logging
@@ -140,7 +141,7 @@ def train_command(data: str, mask_pattern: str | None, modality: str, image_size
                   checkpoint_part_mb: float | None, val_every: int, val_start: int, val_max_slices: int | None,
                   patience: int, recipe: str, lr: float | None, mask_weight: float | None, p_no_task: float | None,
                   size_curriculum: str | None, workers: int | None, cache_dir: str | None, log_every: int, val_hooks: tuple[str, ...],
-                  weights_dtype: str, progress: bool) -> int:
+                  weights_dtype: str, progress: bool, landmarks: bool = False) -> int:
     """The command body (also callable from Python); returns the exit code."""
     import numpy as np
     import torch
@@ -177,6 +178,11 @@ def train_command(data: str, mask_pattern: str | None, modality: str, image_size
     if modality == "mri":
         pre = PreprocessConfig(modality="mri", image_size=image_size, fov_mm=fov_mm, normalisation=normalisation,
                                use_mask=bool(mask_pattern))
+        if landmarks:
+            fitted = tdata.fit_training_landmarks(cases, pre, mask_pattern, holdout)
+            pre = dataclasses.replace(pre, landmarks=fitted)
+            logger.info("intensity landmarks from %d training scans: %s", len(cases) - holdout,
+                        " ".join(f"{v:.3f}" for v in fitted))
     else:
         pre = PreprocessConfig(modality="rgb", image_size=image_size)
     cache = Path(cache_dir) if cache_dir else out / "train" / "cache"
@@ -192,6 +198,8 @@ def train_command(data: str, mask_pattern: str | None, modality: str, image_size
     if info.enabled and info.is_main:
         torch.distributed.barrier()
     train_slices, val_slices = slices.split_holdout(holdout)
+    if pre.landmarks is not None:
+        tdata.check_landmark_subjects(cases, holdout, train_slices)
     other_pools = [ArrayPool(o.images) for o in others]
     channels = slices.channels
     # An explicit --size-curriculum (``none`` included) overrides the recipe's; absent, the recipe's stands.
@@ -302,6 +310,9 @@ def train_command(data: str, mask_pattern: str | None, modality: str, image_size
 @click.option("--fov-mm", type=float, default=192.0, show_default=True, help="In-plane field of view (MRI); 0 = reference crop.")
 @click.option("--normalisation", type=click.Choice(["percentile", "max"]), default="percentile", show_default=True,
               help="MRI intensity scaling ('max' is the reference's).")
+@click.option("--landmarks/--no-landmarks", default=False, show_default=True,
+              help="MRI, percentile: also standardise each scan's intensity histogram to landmarks fitted on the "
+                   "training scans (Nyúl & Udupa), stored in the model (robust to contrast enhancement).")
 @click.option("--other-data", multiple=True, type=click.Path(file_okay=False),
               help="Blending sources for task 1 (another image collection); repeatable. None: task 1 is dropped "
                    "and the substitution recorded.")

@@ -199,6 +199,38 @@ def load_slices(folder: str | Path, cfg: PreprocessConfig, mask_pattern: str | N
                     subjects=names, modality=modality, source=str(folder), files=files)
 
 
+def fit_training_landmarks(cases: Sequence[Case], cfg: PreprocessConfig, mask_pattern: str | None,
+                           holdout: int) -> tuple[float, ...]:
+    """Intensity landmarks (``preprocess.fit_landmarks``) of the training scans: ``cases`` without the last
+    ``holdout`` (the subjects ``SliceSet.split_holdout`` keeps for validation)."""
+    from condiff import preprocess
+    from condiff.io import volumes
+
+    train = list(cases)[:len(cases) - holdout] if holdout else list(cases)
+    if not train:
+        raise TrainingDataError(cases[0].path.parent if cases else "--data", "no training scan to fit landmarks on",
+                                "lower --holdout or add scans")
+
+    def pairs():
+        for case in train:
+            vol = volumes.read_volume(case.path)
+            mask = find_mask(case, mask_pattern) if mask_pattern else None
+            yield vol, (volumes.read_mask(mask, vol) if mask is not None else None)
+
+    return preprocess.fit_landmarks(pairs(), cfg)
+
+
+def check_landmark_subjects(cases: Sequence[Case], holdout: int, train_slices: "SliceSet") -> None:
+    """The landmarks were fitted on the listed scans minus the held-out ones; make sure those are exactly the
+    training subjects (a scan without usable slices would shift the split)."""
+    fitted = [c.name for c in list(cases)[:len(cases) - holdout]] if holdout else [c.name for c in cases]
+    if list(train_slices.subjects) != fitted:
+        skipped = sorted(set(fitted) - set(train_slices.subjects))
+        raise TrainingDataError(train_slices.source, f"the landmarks were fitted on scans that are not all training "
+                                f"subjects (without usable slices: {', '.join(skipped) or 'none'})",
+                                "remove the scans without slices, or train with --no-landmarks")
+
+
 def load_source_pool(folder: str | Path, image_size: int, cache_dir: str | Path | None = None,
                      mask_pattern: str | None = None, fov_mm: float | None = 192.0) -> SliceSet:
     """Blending sources for task 1 ("other data set") from any folder of volumes or photographs.

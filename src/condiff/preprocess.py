@@ -12,7 +12,11 @@ MRI (``prepare_volume``), in this order:
 2. Intensities on the native grid. ``max`` (reference-method §8): values < 1e-4 -> 0, and
    after resampling divide by the volume maximum. ``percentile``: inside the brain mask (or,
    without a mask, the automatic foreground, ``auto_foreground``) take the ``percentiles`` and
-   map them to 0 and 1, clipping. With ``use_mask`` everything outside the mask is 0.
+   map them to 0 and 1, clipping. With ``landmarks`` (histogram standardisation, Nyúl & Udupa
+   2000) the brain's own ``LANDMARK_PERCENTILES`` are then mapped piecewise-linearly onto the
+   model's stored landmarks, so healthy tissue lands where it did in training even when a few
+   very bright voxels (contrast enhancement, vessels) set the upper percentile. With
+   ``use_mask`` everything outside the mask is 0.
 3. In-plane resampling of every axial slice to ``image_size`` px. ``fov_mm`` set: a square of
    ``fov_mm`` mm centred on the in-plane bounding box of the brain mask (or of the foreground),
    so a brain covers the same number of pixels whatever the voxel size (DESIGN §5, "Physical
@@ -45,6 +49,7 @@ from condiff.errors import InputImageError
 MODALITIES = ("mri", "rgb")
 NORMALISATIONS = ("max", "percentile")
 ZERO_BELOW = 1e-4  # reference-method §8 step 3: interpolation residue below this is background
+LANDMARK_PERCENTILES = (1.0, 10.0, 20.0, 30.0, 40.0, 50.0, 60.0, 70.0, 80.0, 90.0, 99.0)
 MASK_THRESHOLD = 0.5  # a resampled brain mask is inside where it is > 0.5
 LABEL_THRESHOLD = 0.4  # reference-method §8 item 6: resampled lesion masks are binarised at > 0.4
 
@@ -61,6 +66,7 @@ class PreprocessConfig:
     percentiles: tuple[float, float] = (0.5, 99.5)
     use_mask: bool = False
     min_foreground_fraction: float = 0.0
+    landmarks: tuple[float, ...] | None = None
 
     def __post_init__(self):
         if self.modality not in MODALITIES:
@@ -88,6 +94,15 @@ class PreprocessConfig:
         if not 0.0 <= f < 1.0:
             raise ValueError(f"min_foreground_fraction must be in [0, 1), not {self.min_foreground_fraction!r}")
         object.__setattr__(self, "min_foreground_fraction", f)
+        if self.landmarks is not None:
+            if self.modality != "mri" or self.normalisation != "percentile":
+                raise ValueError("landmarks apply to MRI with 'percentile' normalisation only")
+            marks = tuple(float(v) for v in self.landmarks)
+            if len(marks) != len(LANDMARK_PERCENTILES) or not all(0.0 <= v <= 1.0 for v in marks) \
+                    or any(b <= a for a, b in zip(marks, marks[1:])):
+                raise ValueError(f"landmarks must be {len(LANDMARK_PERCENTILES)} increasing values in [0, 1] "
+                                 f"(at percentiles {LANDMARK_PERCENTILES}), not {self.landmarks!r}")
+            object.__setattr__(self, "landmarks", marks)
 
     @property
     def channels(self) -> int:
@@ -96,6 +111,10 @@ class PreprocessConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["percentiles"] = list(self.percentiles)
+        if self.landmarks is None:
+            del d["landmarks"]  # configs written before landmarks existed stay byte-identical
+        else:
+            d["landmarks"] = list(self.landmarks)
         return d
 
     @classmethod
@@ -112,6 +131,10 @@ class PreprocessConfig:
             if not isinstance(p, (list, tuple)) or len(p) != 2:
                 raise ValueError(f"percentiles must be a pair [low, high], not {p!r}")
             d["percentiles"] = tuple(p)
+        if d.get("landmarks") is not None:
+            if not isinstance(d["landmarks"], (list, tuple)):
+                raise ValueError(f"landmarks must be a list of numbers, not {d['landmarks']!r}")
+            d["landmarks"] = tuple(d["landmarks"])
         return cls(**d)
 
 
@@ -179,6 +202,24 @@ def auto_foreground(data: np.ndarray) -> np.ndarray:
     if counts.max() >= 4:
         return data != values[np.argmax(counts)]
     return data > data.min()
+
+
+def intensity_landmarks(values: np.ndarray) -> np.ndarray:
+    """The ``LANDMARK_PERCENTILES`` of ``values`` (float64), made strictly increasing."""
+    marks = np.percentile(np.asarray(values, dtype=np.float64), LANDMARK_PERCENTILES)
+    # Ties (quantised data, a clipped tail) would make the piecewise map undefined; separate them minutely.
+    return np.maximum.accumulate(marks + 1e-9 * np.arange(len(marks)))
+
+
+def map_landmarks(values: np.ndarray, source: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """Piecewise-linear map sending ``source`` landmarks to ``target``, continued linearly past both ends."""
+    v = np.asarray(values, dtype=np.float64)
+    src, dst = np.asarray(source, dtype=np.float64), np.asarray(target, dtype=np.float64)
+    out = np.interp(v, src, dst)
+    low_slope = (dst[1] - dst[0]) / max(src[1] - src[0], 1e-9)
+    high_slope = (dst[-1] - dst[-2]) / max(src[-1] - src[-2], 1e-9)
+    out = np.where(v < src[0], dst[0] + (v - src[0]) * low_slope, out)
+    return np.where(v > src[-1], dst[-1] + (v - src[-1]) * high_slope, out)
 
 
 def _bbox_centre(inside: np.ndarray) -> tuple[float, float]:
@@ -262,9 +303,33 @@ def _normalise_native(vol: np.ndarray, mask: np.ndarray | None, cfg: PreprocessC
             raise InputImageError(path, f"constant intensity ({lo:g}) inside the brain mask", "Check the image and its brain mask")
         vol = ((np.clip(vol, lo, hi) - lo) / (hi - lo)).astype(np.float32)
         intensity = {"offset": lo, "scale": hi - lo}
+        if cfg.landmarks is not None:
+            own = intensity_landmarks(vol[region])
+            # Only inside the region: the background keeps its value (0 after the clip above).
+            vol[region] = np.clip(map_landmarks(vol[region], own, cfg.landmarks), 0.0, 1.0)
+            intensity["landmarks_own"] = [float(v) for v in own]
+            intensity["landmarks_to"] = list(cfg.landmarks)
     if cfg.use_mask:
         vol[~mask] = 0.0
     return vol, intensity
+
+
+def fit_landmarks(cases, cfg: PreprocessConfig) -> tuple[float, ...]:
+    """Standard landmarks for ``cfg``: the mean over ``cases`` ((volume, brain mask or None) pairs,
+    the training scans) of each scan's ``intensity_landmarks`` after the percentile step."""
+    base = dataclasses.replace(cfg, landmarks=None)
+    if base.modality != "mri" or base.normalisation != "percentile":
+        raise ValueError("landmarks apply to MRI with 'percentile' normalisation only")
+    marks = []
+    for volume, mask in cases:
+        data = np.asarray(volume.data, dtype=np.float32)
+        region = np.asarray(mask, dtype=bool) if mask is not None else auto_foreground(data)
+        scaled, _ = _normalise_native(data.copy(), region if mask is not None else None, base, volume.path)
+        marks.append(intensity_landmarks(scaled[region]))
+    if not marks:
+        raise ValueError("fit_landmarks needs at least one scan")
+    # Each scan's landmarks are increasing and in [0, 1] (up to the 1e-9 tie breaks), so their mean is too.
+    return tuple(float(v) for v in np.clip(np.mean(np.asarray(marks), axis=0), 0.0, 1.0))
 
 
 def prepare_volume(volume, cfg: PreprocessConfig, mask: np.ndarray | None = None) -> Prepared:
@@ -336,7 +401,7 @@ def prepare_volume(volume, cfg: PreprocessConfig, mask: np.ndarray | None = None
         "canonical_shape": [int(s) for s in vol.shape], "ornt": [[int(a), int(f)] for a, f in t],
         "scale": [float(s) for s in scale], "offset": [float(o) for o in offset],
         "voxel_size_mm": zooms, "pixel_size_mm": [float(scale[0] * zooms[0]), float(scale[1] * zooms[1])],
-        "intensity": {k: float(v) for k, v in intensity.items()},
+        "intensity": {k: (float(v) if np.isscalar(v) else [float(x) for x in v]) for k, v in intensity.items()},
         "slice_index": [int(k) for k in keep],
     }
     return Prepared(slices=np.ascontiguousarray(stack[keep][:, None]), foreground=np.ascontiguousarray(foreground[keep]),
@@ -462,13 +527,16 @@ def mask_to_slices(mask_volume, prepared: Geometry) -> np.ndarray:
 
 
 def to_input_units(prepared: Geometry, values: np.ndarray) -> np.ndarray:
-    """Undo the MRI intensity normalisation (e.g. for a restoration): ``offset + scale * values``."""
+    """Undo the MRI intensity normalisation (e.g. for a restoration): ``offset + scale * values``,
+    after undoing the landmark map where the contract has one."""
     g = _geometry(prepared)
     if g["kind"] != "volume":
         raise ValueError("to_input_units applies to MRI volumes")
     i = g["intensity"]
+    if "landmarks_own" in i:
+        values = map_landmarks(values, i["landmarks_to"], i["landmarks_own"]).astype(np.float32)
     return (np.float32(i["offset"]) + np.float32(i["scale"]) * np.asarray(values, dtype=np.float32)).astype(np.float32)
 
 
 __all__ = ["PreprocessConfig", "Prepared", "prepare_volume", "prepare_image", "invert_to_input", "mask_to_slices",
-           "auto_foreground", "to_input_units"]
+           "auto_foreground", "to_input_units", "intensity_landmarks", "map_landmarks", "fit_landmarks", "LANDMARK_PERCENTILES"]

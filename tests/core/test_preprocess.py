@@ -319,3 +319,96 @@ def test_lesion_in_an_oblique_non_canonical_volume_maps_back_to_its_voxels():
     # and nothing lands far from it
     far = ~ndi.binary_dilation(truth, iterations=3)
     assert not (back & far).any()
+
+
+# ----------------------------------------------------------------------------------------- landmarks
+
+
+def test_landmark_map_hits_the_targets_is_monotone_and_inverts():
+    rng = np.random.default_rng(0)
+    src = np.sort(rng.uniform(0.05, 0.95, len(P.LANDMARK_PERCENTILES)))
+    dst = np.sort(rng.uniform(0.05, 0.95, len(P.LANDMARK_PERCENTILES)))
+    assert np.allclose(P.map_landmarks(src, src, dst), dst)
+    x = np.linspace(-0.2, 1.2, 2001)  # past both end landmarks too
+    y = P.map_landmarks(x, src, dst)
+    assert np.all(np.diff(y) > 0)
+    assert np.allclose(P.map_landmarks(y, dst, src), x, atol=1e-9)
+    # Past the ends the map continues the end segments' slopes.
+    slope = (dst[-1] - dst[-2]) / (src[-1] - src[-2])
+    assert y[-1] == pytest.approx(dst[-1] + (1.2 - src[-1]) * slope)
+
+
+def test_intensity_landmarks_are_numpy_percentiles_and_break_ties():
+    vals = np.random.default_rng(1).gamma(4.0, 0.1, 5000)
+    assert np.allclose(P.intensity_landmarks(vals), np.percentile(vals, P.LANDMARK_PERCENTILES), atol=1e-8)
+    tied = P.intensity_landmarks(np.r_[np.zeros(500), np.linspace(0, 1, 500)])  # 1st..40th percentile all 0
+    assert np.all(np.diff(tied) > 0)
+
+
+def _tissue_volume(seed: int, bright_share: float = 0.0):
+    """A 'brain' of three tissue classes (0.3 / 0.6 / 0.8 of a scanner unit of 1000) with noise; optionally a
+    share of its voxels made 3x brighter (contrast enhancement), which moves the 99.5th percentile."""
+    rng = np.random.default_rng(seed)
+    shape = (40, 44, 12)
+    brain = np.zeros(shape, bool)
+    brain[4:36, 4:40, 1:11] = True
+    tissue = rng.choice([300.0, 600.0, 800.0], size=shape, p=[0.2, 0.4, 0.4]) * rng.uniform(0.9, 1.1)
+    data = np.where(brain, tissue + rng.normal(0, 20, shape), 0.0)
+    enhanced = brain & (rng.uniform(size=shape) < bright_share)
+    data[enhanced] *= 3.0
+    return Volume(data.astype(np.float32), np.eye(4), None, f"tissue{seed}.nii.gz"), brain, enhanced
+
+
+def test_landmarks_put_healthy_tissue_back_where_training_had_it():
+    train = [_tissue_volume(s)[:2] for s in range(3)]
+    marks = P.fit_landmarks(train, P.PreprocessConfig(modality="mri", normalisation="percentile", use_mask=True))
+    # Oracle: the mean over the training scans of numpy's percentiles of the percentile-scaled brain.
+    expect = []
+    for vol, brain in train:
+        v = vol.data[brain].astype(np.float64)
+        lo, hi = np.percentile(v, (0.5, 99.5))
+        expect.append(np.percentile(np.clip((v - lo) / (hi - lo), 0, 1), P.LANDMARK_PERCENTILES))
+    assert np.allclose(marks, np.mean(expect, axis=0), atol=1e-6)
+
+    vol, brain, enhanced = _tissue_volume(7, bright_share=0.03)
+    plain = P.PreprocessConfig(modality="mri", normalisation="percentile", use_mask=True, fov_mm=None, image_size=40)
+    standard = P.PreprocessConfig(**{**plain.to_dict(), "percentiles": (0.5, 99.5), "landmarks": marks})
+    healthy_train = np.median(np.concatenate([np.clip((v.data[b] - np.percentile(v.data[b], 0.5))
+                                              / np.ptp(np.percentile(v.data[b], (0.5, 99.5))), 0, 1) for v, b in train]))
+    medians = {}
+    for name, cfg in (("plain", plain), ("standard", standard)):
+        scaled, intensity = P._normalise_native(vol.data.copy(), brain, cfg, vol.path)
+        medians[name] = float(np.median(scaled[brain & ~enhanced]))
+        assert np.all(scaled[~brain] == 0) and scaled.min() >= 0 and scaled.max() <= 1
+    # The bright 3 % push the healthy tissue far down without landmarks; with them it lands near training's.
+    assert abs(medians["plain"] - healthy_train) > 0.15
+    assert abs(medians["standard"] - healthy_train) < 0.03
+
+
+def test_landmark_config_round_trips_and_rejects_bad_values():
+    marks = tuple(np.linspace(0.05, 0.95, len(P.LANDMARK_PERCENTILES)))
+    cfg = P.PreprocessConfig(modality="mri", normalisation="percentile", use_mask=True, landmarks=marks)
+    d = json.loads(json.dumps(cfg.to_dict()))
+    assert P.PreprocessConfig.from_dict(d) == cfg and d["landmarks"] == pytest.approx(list(marks))
+    # A config without landmarks writes no key, so sets written before the option keep their bytes and digests.
+    assert "landmarks" not in P.PreprocessConfig(modality="mri", normalisation="percentile").to_dict()
+    for bad in ({"landmarks": marks[:-1]}, {"landmarks": marks[::-1]}, {"landmarks": (2.0,) + marks[1:]},
+                {"landmarks": marks, "normalisation": "max"}):
+        with pytest.raises(ValueError, match="landmarks"):
+            P.PreprocessConfig(**{"modality": "mri", "normalisation": "percentile", **bad})
+
+
+def test_restoration_with_landmarks_returns_to_input_units():
+    vol, brain, _ = _tissue_volume(3, bright_share=0.02)
+    marks = P.fit_landmarks([_tissue_volume(s)[:2] for s in range(2)],
+                            P.PreprocessConfig(modality="mri", normalisation="percentile", use_mask=True))
+    cfg = P.PreprocessConfig(modality="mri", normalisation="percentile", use_mask=True, fov_mm=None, image_size=40,
+                             landmarks=marks)
+    scaled, intensity = P._normalise_native(vol.data.copy(), brain, cfg, vol.path)
+    geometry = {"kind": "volume", "intensity": intensity}
+    back = P.to_input_units(geometry, scaled[brain])
+    lo, hi = intensity["offset"], intensity["offset"] + intensity["scale"]
+    # The clips (to the percentiles, then of the mapped values to [0, 1]) are the only loss.
+    inside = (vol.data[brain] > lo) & (vol.data[brain] < hi) & (scaled[brain] > 0) & (scaled[brain] < 1)
+    assert inside.mean() > 0.9
+    assert np.allclose(back[inside], vol.data[brain][inside], rtol=1e-4, atol=1e-2)

@@ -121,6 +121,44 @@ def test_real_ixi_slab_with_brain_mask(tmp_path, model_set):
     assert rec["mask"].endswith("ixi132_t1_brainmask.nii.gz") and rec["mask_sha256"]
 
 
+def test_a_set_with_landmarks_standardises_the_input_and_restores_in_input_units(tmp_path):
+    import nibabel as nib
+
+    from condiff.io.volumes import read_mask, read_volume
+    from condiff.preprocess import LANDMARK_PERCENTILES, PreprocessConfig, prepare_volume
+
+    scan = REPO / "examples" / "scans" / "ixi132_t1.nii.gz"
+    if not scan.is_file():
+        pytest.skip("bundled IXI sample scan not present")
+    # Landmarks far from this scan's own, so the standardised input must differ visibly from the plain one.
+    marks = list(np.linspace(0.02, 0.7, len(LANDMARK_PERCENTILES)))
+    pre = {"modality": "mri", "image_size": 32, "fov_mm": 192.0, "normalisation": "percentile", "use_mask": True}
+    outs = {}
+    for name, extra in (("plain", {}), ("landmarks", {"landmarks": marks})):
+        models = make_model_set(tmp_path / f"set-{name}", n_members=1, preprocessing={**pre, **extra})
+        outs[name] = tmp_path / name
+        res = _invoke([scan, "-o", outs[name], "--models", models, *FAST, "--save-model-space",
+                       "--mask", "{dir}/{stem}_brainmask.nii.gz"])
+        assert res.exit_code == 0, res.output + res.stderr
+    vol = read_volume(scan)
+    mask = read_mask(scan.with_name("ixi132_t1_brainmask.nii.gz"), vol)
+    expect = prepare_volume(vol, PreprocessConfig.from_dict({**pre, "landmarks": marks}), mask).slices
+    seen = {k: np.load(o / "model_space" / "ixi132_t1.npz")["slices"] for k, o in outs.items()}
+    np.testing.assert_allclose(seen["landmarks"], expect, atol=1e-6)  # the engine applied the set's contract
+    assert np.abs(seen["landmarks"] - seen["plain"]).max() > 0.1
+    # The record's geometry (JSON) carries the landmark map, and undoing it brings the model-space input back to
+    # the scan's own units (what the writer does to a restoration): within resampling blur of the scan.
+    from condiff.preprocess import invert_to_input, to_input_units
+
+    rec = json.loads((outs["landmarks"] / "records" / "ixi132_t1.json").read_text())
+    assert rec["geometry"]["intensity"]["landmarks_to"] == pytest.approx(marks)
+    back = invert_to_input(rec["geometry"], to_input_units(rec["geometry"], seen["landmarks"][:, 0]))
+    src = np.asarray(vol.data, np.float64)
+    inner = mask & (src > 0)
+    assert np.median(np.abs(back[inner] - src[inner]) / src[inner]) < 0.15
+    assert nib.load(str(outs["landmarks"] / "restorations" / "ixi132_t1.nii.gz")).shape == src.shape
+
+
 def test_photographs_get_float_tiff_maps_and_png_previews(tmp_path):
     from PIL import Image
 

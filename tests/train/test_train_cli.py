@@ -178,3 +178,27 @@ def test_cli_records_a_size_curriculum_and_rejects_a_malformed_one(data_dir, cac
     code, output = _run(*_common(data_dir, cache_dir, tmp_path / "bad"), "--size-curriculum", "2.5")
     assert code == 2 and "--size-curriculum" in output and "START:STEPS" in output
     assert not (tmp_path / "bad").exists()
+
+
+def test_cli_landmarks_are_fitted_on_the_training_scans_and_stored(data_dir, cache_dir, tmp_path):
+    from condiff import preprocess
+    from condiff.io import volumes
+
+    out = tmp_path / "set"
+    code, output = _run(*_common(data_dir, cache_dir, out), "--fold", 0, "--max-steps", 1, "--landmarks")
+    assert code == 0, output
+    pre = open_model_set(out).preprocessing
+    # Oracle: numpy percentiles of the percentile-scaled brain of the one training scan (--holdout 1 keeps the
+    # last of the two subjects for validation), computed here without condiff's landmark helpers.
+    image = data_dir / f"{SUBJECTS[0]}-T1.nii.gz"
+    vol = volumes.read_volume(image)
+    brain = np.asarray(volumes.read_mask(data_dir / f"{SUBJECTS[0]}-T1_brainmask.nii.gz", vol), bool)
+    v = np.asarray(vol.data, np.float64)[brain]
+    lo, hi = np.percentile(v, (0.5, 99.5))
+    expect = np.percentile(np.clip((v - lo) / (hi - lo), 0, 1), preprocess.LANDMARK_PERCENTILES)
+    assert pre["landmarks"] == pytest.approx(expect.tolist(), abs=1e-6)
+    # Without the flag the contract has no landmarks (and its config no key for them).
+    plain = tmp_path / "plain"
+    code, output = _run(*_common(data_dir, cache_dir, plain), "--fold", 0, "--max-steps", 1)
+    assert code == 0, output
+    assert "landmarks" not in open_model_set(plain).preprocessing
