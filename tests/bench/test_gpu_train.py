@@ -63,7 +63,7 @@ def test_two_chunks_equal_one_run_and_are_recorded(tmp_path):
     assert sorted(p.name for p in staged.glob("state.tgz.part*")) == [p.name for p in pieces]
     ret2 = _chunk(tmp_path, "2", staged, 6)
     log2 = (ret2 / "gpu_train.log").read_text()
-    assert "resuming t from step 3" in log2 and "size curriculum 2:5" in log2
+    assert "resuming t from step 3" in log2 and "size curriculum 2:5" in log2 and "landmarks 1" in log2
     rec2 = train_chunks.collect("t", ret2, runs, results)
     assert (rec2["steps_before"], rec2["steps_after"]) == (3, 6)
     assert rec2["device_train_min_total"] >= rec1["device_train_min_total"]
@@ -73,6 +73,8 @@ def test_two_chunks_equal_one_run_and_are_recorded(tmp_path):
     a = load_file(str(runs / "t" / "model" / "fold0" / "model.safetensors"))
     b = load_file(str(runs / "straight" / "model" / "fold0" / "model.safetensors"))
     assert a.keys() == b.keys()
+    config = json.loads((runs / "t" / "model" / "fold0" / "config.json").read_text())
+    assert len(config["preprocessing"]["landmarks"]) == 11  # LANDMARKS defaults to 1 for GPU runs
     for k in a:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
