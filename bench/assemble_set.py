@@ -40,9 +40,9 @@ def landmarks_for(configs, data: Path) -> list[float]:
     patterns = {r.get("mask_pattern") for r in records}
     if len(subjects) != 1 or not next(iter(subjects)):
         raise SystemExit("--landmarks: the members do not record one common list of training subjects")
-    wanted, pattern = next(iter(subjects)), next(iter(patterns))
     if len(patterns) != 1:
         raise SystemExit("--landmarks: the members record different mask patterns")
+    wanted, pattern = next(iter(subjects)), next(iter(patterns))
     by_name = {c.name: c for c in tdata.list_cases(data)}
     missing = [s for s in wanted if s not in by_name]
     if missing:

@@ -19,13 +19,13 @@ import numpy as np
 
 from condiff.io.volumes import read_mask, read_volume
 from condiff.modelset import open_model_set
-from condiff.preprocess import PreprocessConfig, _normalise_native, fit_landmarks
+from condiff.preprocess import PreprocessConfig, fit_landmarks, normalised_intensities
 
 
 def healthy_percentiles(image: Path, mask: Path, labels: Path | None, cfg: PreprocessConfig) -> list[float]:
     vol = read_volume(image)
     brain = np.asarray(read_mask(mask, vol), bool)
-    scaled, _ = _normalise_native(np.asarray(vol.data, np.float32).copy(), brain, cfg, str(image))
+    scaled = normalised_intensities(vol, brain, cfg)
     keep = brain if labels is None else brain & ~(np.asarray(read_volume(labels).data) > 0)
     return [float(v) for v in np.percentile(scaled[keep], (10, 50, 90))]
 

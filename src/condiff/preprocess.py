@@ -314,6 +314,14 @@ def _normalise_native(vol: np.ndarray, mask: np.ndarray | None, cfg: PreprocessC
     return vol, intensity
 
 
+def normalised_intensities(volume, mask: np.ndarray | None, cfg: PreprocessConfig) -> np.ndarray:
+    """The contract's intensity step alone (percentiles, landmarks, mask) on the volume's own grid: float32,
+    same shape as ``volume.data``; for inspecting where tissue lands on the model's scale."""
+    data = np.asarray(volume.data, dtype=np.float32).copy()
+    region = None if mask is None else np.asarray(mask, dtype=bool)
+    return _normalise_native(data, region, cfg, volume.path)[0]
+
+
 def fit_landmarks(cases, cfg: PreprocessConfig) -> tuple[float, ...]:
     """Standard landmarks for ``cfg``: the mean over ``cases`` ((volume, brain mask or None) pairs,
     the training scans) of each scan's ``intensity_landmarks`` after the percentile step."""
@@ -322,10 +330,8 @@ def fit_landmarks(cases, cfg: PreprocessConfig) -> tuple[float, ...]:
         raise ValueError("landmarks apply to MRI with 'percentile' normalisation only")
     marks = []
     for volume, mask in cases:
-        data = np.asarray(volume.data, dtype=np.float32)
-        region = np.asarray(mask, dtype=bool) if mask is not None else auto_foreground(data)
-        scaled, _ = _normalise_native(data.copy(), region if mask is not None else None, base, volume.path)
-        marks.append(intensity_landmarks(scaled[region]))
+        region = np.asarray(mask, dtype=bool) if mask is not None else auto_foreground(np.asarray(volume.data))
+        marks.append(intensity_landmarks(normalised_intensities(volume, mask, base)[region]))
     if not marks:
         raise ValueError("fit_landmarks needs at least one scan")
     # Each scan's landmarks are increasing and in [0, 1] (up to the 1e-9 tie breaks), so their mean is too.
@@ -539,4 +545,5 @@ def to_input_units(prepared: Geometry, values: np.ndarray) -> np.ndarray:
 
 
 __all__ = ["PreprocessConfig", "Prepared", "prepare_volume", "prepare_image", "invert_to_input", "mask_to_slices",
-           "auto_foreground", "to_input_units", "intensity_landmarks", "map_landmarks", "fit_landmarks", "LANDMARK_PERCENTILES"]
+           "auto_foreground", "to_input_units", "intensity_landmarks", "map_landmarks", "fit_landmarks", "normalised_intensities",
+           "LANDMARK_PERCENTILES"]
