@@ -13,7 +13,8 @@ rm -rf .carry && mkdir -p .carry/data .carry/whl
 for set in $DATA_SETS; do
     mkdir -p ".carry/data/$set"
     case "$set" in
-        ixi-t1) cp "$DATA"/ixi-t1/*-T1.nii.gz "$DATA"/ixi-t1/*-T1_brainmask.nii.gz .carry/data/ixi-t1/ ;;
+        # cropped to the brain masks: the same masked training slices in 5.1 MB instead of 9.3
+        ixi-t1) python3 bench/crop_to_mask.py "$DATA/ixi-t1" .carry/data/ixi-t1 ;;
         fundus) cp -r "$DATA"/fundus/. .carry/data/fundus/ ;;
         *) cp "$DATA/$set"/*.nii.gz ".carry/data/$set/" ;;
     esac
