@@ -199,6 +199,11 @@ def load_slices(folder: str | Path, cfg: PreprocessConfig, mask_pattern: str | N
                     subjects=names, modality=modality, source=str(folder), files=files)
 
 
+def _training_cases(cases: Sequence[Case], holdout: int) -> list[Case]:
+    """``cases`` without the last ``holdout``: the subjects ``SliceSet.split_holdout`` trains on."""
+    return list(cases)[:len(cases) - holdout]
+
+
 def fit_training_landmarks(cases: Sequence[Case], cfg: PreprocessConfig, mask_pattern: str | None,
                            holdout: int) -> tuple[float, ...]:
     """Intensity landmarks (``preprocess.fit_landmarks``) of the training scans: ``cases`` without the last
@@ -206,7 +211,7 @@ def fit_training_landmarks(cases: Sequence[Case], cfg: PreprocessConfig, mask_pa
     from condiff import preprocess
     from condiff.io import volumes
 
-    train = list(cases)[:len(cases) - holdout] if holdout else list(cases)
+    train = _training_cases(cases, holdout)
     if not train:
         raise TrainingDataError(cases[0].path.parent if cases else "--data", "no training scan to fit landmarks on",
                                 "lower --holdout or add scans")
@@ -223,7 +228,7 @@ def fit_training_landmarks(cases: Sequence[Case], cfg: PreprocessConfig, mask_pa
 def check_landmark_subjects(cases: Sequence[Case], holdout: int, train_slices: "SliceSet") -> None:
     """The landmarks were fitted on the listed scans minus the held-out ones; make sure those are exactly the
     training subjects (a scan without usable slices would shift the split)."""
-    fitted = [c.name for c in list(cases)[:len(cases) - holdout]] if holdout else [c.name for c in cases]
+    fitted = [c.name for c in _training_cases(cases, holdout)]
     if list(train_slices.subjects) != fitted:
         skipped = sorted(set(fitted) - set(train_slices.subjects))
         raise TrainingDataError(train_slices.source, f"the landmarks were fitted on scans that are not all training "
