@@ -27,14 +27,14 @@ MAX_HEAD_DIM = 16  # one MMA K-step of fp16/bf16; larger heads would need a K lo
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 # Launch configurations keyed by sequence length: (max N, BLOCK_M, BLOCK_N, num_warps, num_stages).
-# UNTUNED starting points, no autotune (autotuning inside a captured CUDA graph is not possible and
-# costs minutes per shape): 128x128 tiles with 8 warps is the experimental kernel of performance.md §4
-# (16.6 ms per 128-px layer on an H100). The GPU session must tune this table with bench/attention.py
-# at N = 16384 and N = 4096 (the paper preset's 128- and 64-px layers) and record what it chose.
+# No autotune (autotuning inside a captured CUDA graph is not possible and costs minutes per shape).
+# Tuned on an H100 by bench/attention.py (bench/results/gpu-2026-12-06-h100/attention.md), head dim 8:
+# 128x64 tiles with 4 warps and 2 stages were fastest at both of the paper preset's attention sizes,
+# 17.0 ms at N = 16384 (B 8, 16 heads; SDPA 17.2 ms, the former 128x128/8-warp entry 24.4 ms) and
+# 2.20 ms at N = 4096 (SDPA 2.23 ms); 128x128/4/3 and 256x128/8/2 were slower at both.
 CONFIGS = (
     (256, 64, 64, 4, 2),
-    (4096, 128, 64, 4, 2),
-    (math.inf, 128, 128, 8, 2),
+    (math.inf, 128, 64, 4, 2),
 )
 
 

@@ -104,7 +104,8 @@ def test_replays_survive_memory_reuse_between_calls():
             garbage = [torch.full((n,), float("nan"), device=dev) for n in (16, 64, 256, 1024, 4096) for _ in range(8)]
             got = den.restore_batch(cond, noise, plan)
             del garbage
-            want = den._graphs[(tuple(cond.shape), kind, tuple(plan.timesteps))].run()
+            with torch.inference_mode():  # as restore_batch runs it: the static tensors are inference tensors
+                want = den._graphs[(tuple(cond.shape), kind, tuple(plan.timesteps))].run()
             assert torch.isfinite(got).all()
             torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
     assert den.graph_fallbacks == 0
