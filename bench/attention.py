@@ -43,6 +43,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="Triton rows with this share of exponentials on the FMA pipe (0 = MUFU only)")
     p.add_argument("--configs", nargs="*", default=[], metavar="BM,BN,WARPS,STAGES",
                    help="extra Triton rows with these launch parameters instead of the CONFIGS table (tuning)")
+    p.add_argument("--no-experimental", action="store_true",
+                   help="leave out the rows of the kernel's experimental switches (MMA row sum, paired f16 exp)")
     p.add_argument("--no-sdpa-backends", action="store_true",
                    help="time only SDPA's default dispatch, not also its cuDNN and FlashAttention backends")
     p.add_argument("--repeats", type=int, default=20)
@@ -110,12 +112,17 @@ def implementations(args, torch, attention_triton):
         rows += [("sdpa cuDNN", backend(SDPBackend.CUDNN_ATTENTION)),
                  ("sdpa FlashAttention-2", backend(SDPBackend.FLASH_ATTENTION))]
 
-    def triton_row(share, config=None):
+    def triton_row(share, config=None, **switches):
         def fn(q, k, v):
-            return attention_triton.triton_attention(q, k, v, poly_exp_share=share, config=config)
+            return attention_triton.triton_attention(q, k, v, poly_exp_share=share, config=config, **switches)
         return fn
     for share in args.poly_shares:
         rows.append((f"triton, poly share {share:g}" if share else "triton", triton_row(share)))
+    if not args.no_experimental:  # the kernel's experimental switches (module docstring): d < 16; f16 exp in fp16 only
+        rows.append(("triton, MMA row sum", triton_row(0.0, mma_rowsum=True)))
+        if args.dtype == "fp16":
+            rows += [("triton, paired f16 exp", triton_row(0.0, half_exp=True)),
+                     ("triton, MMA row sum + paired f16 exp", triton_row(0.0, mma_rowsum=True, half_exp=True))]
     for cfg in args.config_list:
         rows.append((f"triton BM{cfg[0]} BN{cfg[1]} w{cfg[2]} s{cfg[3]}", triton_row(0.0, cfg)))
     return rows

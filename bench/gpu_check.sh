@@ -88,10 +88,13 @@ if [ "$DRY" = 1 ]; then
 else
     # 2026-12-06 H100: section 2 took 108 s and 3 took 23 s, and the 68 s symmetric budget cut fast-triton
     # (and fast at batch 128) off, so throughput gets the rest; batch 64 instead of 128 for symmetric
-    run 200 throughput_paper python3 bench/throughput.py --preset paper --batch-sizes 8 32 --steps 10 --repeats 5 \
-        --engines fast:fp16 fast-triton:fp16 --fp32-steps 2 --fp32-batch-sizes 8 --time-budget 185 --device cuda --out "$OUT"
+    # fast-triton-x: the attention kernel's experimental switches (MMA row sum, paired f16 exp), not yet measured
+    run 215 throughput_paper python3 bench/throughput.py --preset paper --batch-sizes 8 32 --steps 10 --repeats 5 \
+        --engines fast:fp16 fast-triton:fp16 fast-triton-x:fp16 --fp32-steps 2 --fp32-batch-sizes 8 --time-budget 200 \
+        --device cuda --out "$OUT"
     run 130 throughput_symmetric python3 bench/throughput.py --preset symmetric --batch-sizes 32 64 --steps 10 --repeats 5 \
-        --engines fast:fp16 fast-triton:fp16 --fp32-steps 2 --fp32-batch-sizes 32 --time-budget 115 --device cuda --out "$OUT"
+        --engines fast:fp16 fast-triton:fp16 fast-triton-x:fp16 --fp32-steps 2 --fp32-batch-sizes 32 --time-budget 115 \
+        --device cuda --out "$OUT"
 fi
 fi
 

@@ -57,7 +57,9 @@ EVALS_PER_PAPER_SLICE = 500  # 10 members x 50 DDPM steps
 TABLE_GFLOP = {"paper": 727.9, "symmetric": 311.1}
 # performance.md §3: sequential floor per 128x128 evaluation (ms), by card
 FLOOR_MS = {"paper": {"H100": 4.05, "H200": 4.06}, "symmetric": {"H100": 0.97, "H200": 0.97}}
-ENGINES = ("torch", "ort", "fast", "fast-triton", "fast-compile")  # fast-<k>: the fast engine with kernels="<k>"
+# fast-<k>: the fast engine with kernels="<k>"; fast-triton-x: Triton with the attention kernel's
+# experimental switches (MMA row sum; paired f16 exp in fp16), measured before they become defaults
+ENGINES = ("torch", "ort", "fast", "fast-triton", "fast-compile", "fast-triton-x")
 PRECISIONS = ("fp32", "fp16", "bf16")
 
 
@@ -67,7 +69,7 @@ class Skip(Exception):
 
 @dataclass(frozen=True)
 class Spec:
-    engine: str     # torch | torch-autocast | ort | fast | fast-triton | fast-compile
+    engine: str     # torch | torch-autocast | ort | fast | fast-triton | fast-compile | fast-triton-x
     precision: str  # fp32 | fp16 | bf16 (for torch-autocast: the autocast dtype)
     role: str       # baseline-fp32 | baseline-reference | engine
 
@@ -113,7 +115,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=50, help="DDPM steps per member")
     p.add_argument("--members", type=int, default=1, help="ensemble members (per-slice numbers are also scaled to 10)")
     p.add_argument("--engines", nargs="+", default=list(ENGINES),
-                   help="engine or engine:precision (torch, ort, fast, fast-triton, fast-compile); a bare name runs every --precisions")
+                   help="engine or engine:precision (torch, ort, fast, fast-triton, fast-compile, fast-triton-x); a bare name runs every --precisions")
     p.add_argument("--precisions", nargs="+", choices=PRECISIONS, default=None,
                    help="for bare --engines names; default: fp32 on the CPU, fp16 on CUDA (fp32 is the baseline)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -245,7 +247,7 @@ def open_engine(spec: Spec, model_dir: Path, device: torch.device, max_batch: in
         return AutocastDenoiser(load_model(model_dir)[0], device, spec.precision, max_batch), None
     if spec.engine == "ort":
         return open_ort_engine(model_dir, device, spec.precision, max_batch, threads)
-    if spec.engine in ("fast", "fast-triton", "fast-compile"):
+    if spec.engine in ("fast", "fast-triton", "fast-compile", "fast-triton-x"):
         try:
             graphs = importlib.import_module("condiff.engine.graphs")
         except ModuleNotFoundError as exc:
@@ -262,6 +264,11 @@ def open_engine(spec: Spec, model_dir: Path, device: torch.device, max_batch: in
             import triton  # noqa: F401
         except ImportError as exc:
             raise Skip(f"triton is not installed ({exc})") from None
+        if spec.engine == "fast-triton-x":
+            den = graphs.open_fast(model_dir, device=device, precision=spec.precision, max_batch=max_batch,
+                                   kernels="triton", kernel_options={"mma_rowsum": True, "half_exp": True})
+            return den, ("Triton kernels with the attention's experimental switches: row sum in the P @ V MMA, "
+                         "exp2 as paired f16 (fp16 only); compiled in the first run")
         den = graphs.open_fast(model_dir, device=device, precision=spec.precision, max_batch=max_batch,
                                kernels="triton")
         return den, "Triton attention + GroupNorm/SiLU kernels (engine/kernels), compiled in the first run"

@@ -50,7 +50,8 @@ class GraphDenoiser:
     fixed_batch = True
 
     def __init__(self, model: torch.nn.Module, device: torch.device, precision: str = "fp16",
-                 max_batch: int = 32, channels_last: bool = False, use_graphs: bool = True, kernels: str = "torch"):
+                 max_batch: int = 32, channels_last: bool = False, use_graphs: bool = True, kernels: str = "torch",
+                 kernel_options: dict | None = None):
         from condiff.engine.kernels import KERNELS
 
         if device.type != "cuda":
@@ -68,7 +69,8 @@ class GraphDenoiser:
         if kernels == "triton":
             from condiff.engine.kernels import use_triton_kernels
 
-            use_triton_kernels(self.model)  # in place, like the casts above; weights unchanged
+            # in place, like the casts above; weights unchanged. kernel_options: use_triton_kernels' switches
+            use_triton_kernels(self.model, **(kernel_options or {}))
         elif kernels == "compile":
             from condiff.engine.kernels import compile_model
 
@@ -152,10 +154,11 @@ class GraphDenoiser:
 
 def open_fast(model_dir: str | Path | torch.nn.Module, *, device=None, precision: str = "fp16",
               max_batch: int = 32, channels_last: bool = False, use_graphs: bool = True,
-              kernels: str = "torch") -> GraphDenoiser:
+              kernels: str = "torch", kernel_options: dict | None = None) -> GraphDenoiser:
     from condiff.engine.backends.torch_backend import resolve_device
     from condiff.modelset import load_model
 
     dev = resolve_device(device or "cuda")
     model = model_dir if isinstance(model_dir, torch.nn.Module) else load_model(model_dir)[0]
-    return GraphDenoiser(model, dev, precision, max_batch, channels_last, use_graphs, kernels=kernels)
+    return GraphDenoiser(model, dev, precision, max_batch, channels_last, use_graphs, kernels=kernels,
+                         kernel_options=kernel_options)

@@ -9,8 +9,7 @@ before the first call for Triton's CPU interpreter (tests only: it is orders of 
 """
 from __future__ import annotations
 
-import functools
-
+import torch
 from torch import nn
 
 from condiff.errors import BackendUnavailableError
@@ -28,17 +27,23 @@ def _triton_modules():
     return attention_triton, groupnorm_silu_triton
 
 
-def use_triton_kernels(model: nn.Module, poly_exp_share: float = 0.0) -> nn.Module:
+def use_triton_kernels(model: nn.Module, poly_exp_share: float = 0.0, mma_rowsum: bool = False,
+                       half_exp: bool = False) -> nn.Module:
     """Route ``model``'s attention and GroupNorm(+SiLU) through the Triton kernels, in place; returns it.
 
     ``poly_exp_share``: share of the attention exponentials computed on the FMA pipe (0 = none;
-    see ``attention_triton.poly_split`` for the shares on offer).
+    see ``attention_triton.poly_split`` for the shares on offer). ``mma_rowsum`` and ``half_exp``: the
+    attention kernel's experimental switches (its module docstring); ``half_exp`` applies to fp16
+    calls only, other dtypes keep fp32 exponentials.
     """
     attention, groupnorm = _triton_modules()
     attention.poly_split(128, poly_exp_share)  # refuse a bad share now, not at the first forward
     fn = attention.triton_attention
-    if poly_exp_share:
-        fn = functools.partial(attention.triton_attention, poly_exp_share=poly_exp_share)
+    if poly_exp_share or mma_rowsum or half_exp:
+        def fn(q, k, v):
+            return attention.triton_attention(q, k, v, poly_exp_share=poly_exp_share,
+                                              mma_rowsum=mma_rowsum and q.shape[-1] < attention.MAX_HEAD_DIM,
+                                              half_exp=half_exp and q.dtype == torch.float16)
     model.set_attention_fn(fn)
     model.set_norm_fn(groupnorm.triton_group_norm)
     return model

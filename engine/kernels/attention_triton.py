@@ -10,6 +10,15 @@ last step so the main loop carries no masks. ``poly_exp_share`` moves a share of
 the FMA pipe (a Cody-Waite style split and a cubic, as FlashAttention-4 does), which pays only once
 the kernel is SFU-bound (§6 item 1).
 
+Two experimental switches, off by default until a GPU measures them (bench/attention.py rows "MMA row
+sum" and "paired f16 exp"): on an H100 every implementation ran at 48 % of the SFU peak and the
+polynomial share made things slower, so the limit is the other per-score work. ``mma_rowsum`` drops
+the row-sum reduction (an add per score and cross-lane shuffles): V's first zero-padded column is set
+to 1, so the P @ V MMA accumulates the softmax denominator in fp32 for free, rescaled with the output.
+``half_exp`` (fp16 only) rounds the exponent argument to fp16 and takes exp2 two at a time with PTX
+``ex2.approx.f16x2``: half the SFU instructions, and P comes out in the MMA's input type, so its
+separate fp32 -> fp16 conversion goes too. P is rounded to fp16 for the MMA either way.
+
 Same order as the Triton tutorials: reference, kernels, launcher. Tests: tests/engine/test_triton_kernels.py
 (CPU through ``TRITON_INTERPRET=1``, compiled on CUDA with ``-m gpu``); timing: bench/attention.py.
 """
@@ -69,6 +78,20 @@ def _exp2_poly(x):
 
 
 @triton.jit
+def _exp2_half(x, INTERPRET: tl.constexpr):
+    """2**x in fp16, two per SFU instruction (PTX ex2.approx.f16x2; the argument rounded to fp16 first).
+    The interpreter cannot run PTX: it rounds the same way around an exact exp2, so CPU tests check
+    the kernel's data flow and the GPU tests the instruction's accuracy."""
+    xh = x.to(tl.float16)
+    if INTERPRET:
+        y = tl.math.exp2(xh.to(tl.float32)).to(tl.float16)
+    else:
+        y = tl.inline_asm_elementwise("ex2.approx.f16x2 $0, $1;", "=r,r", [xh], dtype=tl.float16,
+                                      is_pure=True, pack=2)
+    return y
+
+
+@triton.jit
 def _load_2d(ptrs, row_ok, col_ok, MASK_ROWS: tl.constexpr, MASK_COLS: tl.constexpr):
     """Load a tile with only the masks this call needs (the unmasked case stays a plain load)."""
     if MASK_ROWS:
@@ -113,10 +136,13 @@ def _scores(q, k_base, start_n, N, offs_d, d_ok, stride_kn, stride_kd,
 @triton.jit
 def _accumulate_pv(acc, p, v_base, start_n, N, offs_d, d_ok, stride_vn, stride_vd,
                    SUB_N: tl.constexpr, MASK_N: tl.constexpr, PAD_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
-            UPCAST: tl.constexpr):
+                   UPCAST: tl.constexpr, ROWSUM_COL: tl.constexpr):
     offs_n = start_n + tl.arange(0, SUB_N)
     # masked V rows load 0 (not garbage that 0 * NaN would spread); their p is 0 (or 2**-126) anyway
     v = _load_2d(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, offs_n < N, d_ok, MASK_N, PAD_D)
+    if ROWSUM_COL >= 0:  # a column of ones (valid keys only): acc[:, ROWSUM_COL] becomes the row sum of p
+        v_dtype = v.dtype
+        v = tl.where((offs_d[None, :] == ROWSUM_COL) & (offs_n[:, None] < N), 1.0, v).to(v_dtype)
     return _dot(p.to(v.dtype), v, acc, DOT_PRECISION, UPCAST)
 
 
@@ -124,10 +150,12 @@ def _accumulate_pv(acc, p, v_base, start_n, N, offs_d, d_ok, stride_vn, stride_v
 def _attn_step(acc, l_i, m_i, q, k_base, v_base, start_n, N, qk_scale, offs_d, d_ok,
                stride_kn, stride_kd, stride_vn, stride_vd,
                BLOCK_N: tl.constexpr, POLY_N: tl.constexpr, MASK_N: tl.constexpr, PAD_D: tl.constexpr,
-               DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+               DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, ROWSUM_COL: tl.constexpr,
+               HALF_EXP: tl.constexpr, INTERPRET: tl.constexpr):
     """One online-softmax step over BLOCK_N keys on MUFU exp2, then POLY_N keys on the polynomial.
 
     m_i is kept in scaled log2 units, so p = exp2(s * qk_scale - m) is one FMA and one exponential.
+    With ROWSUM_COL >= 0 the row sum rides in acc (l_i is left alone); HALF_EXP: see _exp2_half.
     """
     s_a = _scores(q, k_base, start_n, N, offs_d, d_ok, stride_kn, stride_kd,
                   BLOCK_N, MASK_N, PAD_D, DOT_PRECISION, UPCAST)
@@ -137,16 +165,21 @@ def _attn_step(acc, l_i, m_i, q, k_base, v_base, start_n, N, qk_scale, offs_d, d
                       POLY_N, MASK_N, PAD_D, DOT_PRECISION, UPCAST)
         m_new = tl.maximum(m_new, tl.max(s_b, 1) * qk_scale)
     alpha = tl.math.exp2(m_i - m_new)
-    p_a = tl.math.exp2(s_a * qk_scale - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p_a, 1)
+    if HALF_EXP:
+        p_a = _exp2_half(s_a * qk_scale - m_new[:, None], INTERPRET)
+    else:
+        p_a = tl.math.exp2(s_a * qk_scale - m_new[:, None])
+    if ROWSUM_COL < 0:
+        l_i = l_i * alpha + tl.sum(p_a.to(tl.float32), 1)
     acc = acc * alpha[:, None]
     acc = _accumulate_pv(acc, p_a, v_base, start_n, N, offs_d, d_ok, stride_vn, stride_vd,
-                         BLOCK_N, MASK_N, PAD_D, DOT_PRECISION, UPCAST)
+                         BLOCK_N, MASK_N, PAD_D, DOT_PRECISION, UPCAST, ROWSUM_COL)
     if POLY_N > 0:
         p_b = _exp2_poly(s_b * qk_scale - m_new[:, None])
-        l_i += tl.sum(p_b, 1)
+        if ROWSUM_COL < 0:
+            l_i += tl.sum(p_b, 1)
         acc = _accumulate_pv(acc, p_b, v_base, start_n + BLOCK_N, N, offs_d, d_ok, stride_vn, stride_vd,
-                             POLY_N, MASK_N, PAD_D, DOT_PRECISION, UPCAST)
+                             POLY_N, MASK_N, PAD_D, DOT_PRECISION, UPCAST, ROWSUM_COL)
     return acc, l_i, m_new
 
 
@@ -156,7 +189,8 @@ def _attn_fwd(Q, K, V, O,
               stride_vb, stride_vh, stride_vn, stride_vd, stride_ob, stride_oh, stride_on, stride_od,
               H, qk_scale, N: tl.constexpr,
               D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              POLY_N: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+              POLY_N: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+              ROWSUM_COL: tl.constexpr, HALF_EXP: tl.constexpr, INTERPRET: tl.constexpr):
     """Grid (cdiv(N, BLOCK_M), B * H): one program owns BLOCK_M queries of one head.
 
     N is a compile-time constant: a UNet has a handful of token counts, a known trip count lets the
@@ -185,12 +219,16 @@ def _attn_fwd(Q, K, V, O,
     for start_n in range(0, (N // (BLOCK_N + POLY_N)) * (BLOCK_N + POLY_N), BLOCK_N + POLY_N):
         acc, l_i, m_i = _attn_step(acc, l_i, m_i, q, k_base, v_base, start_n, N, qk_scale, offs_d, d_ok,
                                    stride_kn, stride_kd, stride_vn, stride_vd,
-                                   BLOCK_N, POLY_N, False, D < BLOCK_D, DOT_PRECISION, UPCAST)
+                                   BLOCK_N, POLY_N, False, D < BLOCK_D, DOT_PRECISION, UPCAST,
+                                   ROWSUM_COL, HALF_EXP, INTERPRET)
     if N % (BLOCK_N + POLY_N) != 0:  # static: the tail, the only step with key masks (>= 1 valid key in BLOCK_N)
         acc, l_i, m_i = _attn_step(acc, l_i, m_i, q, k_base, v_base, (N // (BLOCK_N + POLY_N)) * (BLOCK_N + POLY_N),
                                    N, qk_scale, offs_d, d_ok,
                                    stride_kn, stride_kd, stride_vn, stride_vd,
-                                   BLOCK_N, POLY_N, True, D < BLOCK_D, DOT_PRECISION, UPCAST)
+                                   BLOCK_N, POLY_N, True, D < BLOCK_D, DOT_PRECISION, UPCAST,
+                                   ROWSUM_COL, HALF_EXP, INTERPRET)
+    if ROWSUM_COL >= 0:
+        l_i = tl.sum(tl.where(offs_d[None, :] == ROWSUM_COL, acc, 0.0), 1)
     out = acc / l_i[:, None]
     o_ptrs = o_base + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
@@ -236,14 +274,16 @@ def poly_split(block_n: int, share: float) -> tuple[int, int]:
 
 
 def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, out: torch.Tensor | None = None,
-                     poly_exp_share: float = 0.0, config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+                     poly_exp_share: float = 0.0, config: tuple[int, int, int, int] | None = None,
+                     mma_rowsum: bool = False, half_exp: bool = False) -> torch.Tensor:
     """softmax(q k^T / sqrt(d)) v for q, k, v (B, H, N, d), d <= 16: ``F.scaled_dot_product_attention(q, k, v)``.
 
     Any strides (the UNet's head view of a (B, N, H*d) projection is read in place). The output has
     q's layout unless ``out`` is given. fp16/bf16/fp32 inputs, fp32 softmax and accumulation; fp32
     matmuls run in IEEE fp32 (SDPA's semantics, not TF32). ``poly_exp_share``: the share of
     exponentials on the FMA pipe (snapped by ``poly_split``). ``config``: (BLOCK_M, BLOCK_N,
-    num_warps, num_stages) instead of the ``CONFIGS`` table, for tuning.
+    num_warps, num_stages) instead of the ``CONFIGS`` table, for tuning. ``mma_rowsum`` (d < 16) and
+    ``half_exp`` (fp16): the experimental switches of the module docstring.
     """
     if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
         raise ValueError(f"q, k, v must share one (B, H, N, d) shape, got {tuple(q.shape)}, {tuple(k.shape)}, "
@@ -254,6 +294,10 @@ def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, out: 
     if not 1 <= d <= MAX_HEAD_DIM:
         raise ValueError(f"head dim {d} is not supported: this kernel pads d to {MAX_HEAD_DIM} in registers "
                          "(use F.scaled_dot_product_attention for larger heads)")
+    if mma_rowsum and d >= MAX_HEAD_DIM:
+        raise ValueError(f"mma_rowsum needs a free padded column: head dim {d} must be below {MAX_HEAD_DIM}")
+    if half_exp and q.dtype != torch.float16:
+        raise ValueError(f"half_exp computes P in fp16 for an fp16 P @ V; got {q.dtype} inputs")
     if k.device != q.device or v.device != q.device:
         raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
     check_device(q, k, v)
@@ -271,5 +315,6 @@ def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, out: 
                     D=d, BLOCK_D=MAX_HEAD_DIM, BLOCK_M=block_m, BLOCK_N=block_n, POLY_N=poly_n,
                     DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
                     UPCAST=interpreting() and q.dtype == torch.bfloat16,
+                    ROWSUM_COL=d if mma_rowsum else -1, HALF_EXP=half_exp, INTERPRET=interpreting(),
                     num_warps=warps, num_stages=stages)
     return out

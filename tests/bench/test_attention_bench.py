@@ -36,7 +36,8 @@ def test_interpret_run_writes_a_consistent_report(tmp_path):
     assert report["schema"] == "condiff.bench.attention/1" and report["meta"]["interpret"]
     rows = report["rows"]
     assert [r["impl"] for r in rows] == ["sdpa (default dispatch)", "triton", "triton, poly share 0.5",
-                                        "triton BM64 BN32 w4 s2"]
+                                        "triton, MMA row sum", "triton, paired f16 exp",
+                                        "triton, MMA row sum + paired f16 exp", "triton BM64 BN32 w4 s2"]
     for r in rows:
         assert r["status"] == "ok" and r["rel_err"] < 2e-3  # fp16 against the float64 oracle
         assert math.isclose(r["exp_per_s"], r["B"] * r["H"] * r["N"] ** 2 / (r["ms"] / 1e3), rel_tol=1e-9)

@@ -96,6 +96,37 @@ def test_attention_poly_exp_share_accuracy(share):
         assert err <= max(ATTN_REL[dtype], 2e-4), f"{dtype} share {share}: relative error {err:.2e}"
 
 
+VARIANTS = {"mma row sum": dict(mma_rowsum=True), "paired f16 exp": dict(half_exp=True),
+            "both": dict(mma_rowsum=True, half_exp=True)}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("n,d", [(100, 8), (256, 8), (64, 5)])
+def test_attention_experimental_switches_match_oracle(n, d, variant):
+    """mma_rowsum (the softmax denominator from a ones column in the P @ V MMA) and half_exp (exp2 in
+    fp16): within fp16 rounding of the float64 oracle, and of the default kernel (same P rounding)."""
+    kw = VARIANTS[variant]
+    dtypes = (torch.float16,) if kw.get("half_exp") else (torch.float16, torch.float32)
+    for dtype in dtypes:
+        q, k, v = _qkv(2, 2, n, d, dtype, seed=31 + n + d)
+        ref = attention_triton.attention_reference(q, k, v)
+        out = _attention(q, k, v, **kw)
+        assert rel_err(out, ref) <= ATTN_REL[dtype], f"{dtype}: relative error {rel_err(out, ref):.2e}"
+        # against the default kernel: same tiles and P rounding, so far closer than to the oracle in fp32
+        assert rel_err(out, _attention(q, k, v)) <= (1e-6 if dtype == torch.float32 else ATTN_REL[dtype])
+
+
+def test_attention_mma_rowsum_is_the_denominator():
+    """Softmax rows sum to 1: with v = 1 everywhere the output is 1 exactly up to rounding; a denominator
+    that missed keys (tail) or counted masked ones would move it. N = 100 leaves a masked tail."""
+    q, k, _ = _qkv(1, 2, 100, 8, torch.float32, seed=5)
+    ones = torch.ones_like(q)
+    for kw in VARIANTS.values():
+        dtype = torch.float16 if kw.get("half_exp") else torch.float32
+        out = _attention(q.to(dtype), k.to(dtype), ones.to(dtype), **kw).double()
+        torch.testing.assert_close(out, torch.ones_like(out), rtol=0, atol=2e-3 if dtype == torch.float16 else 1e-6)
+
+
 def _check_exp2_poly():
     import triton
     import triton.language as tl
@@ -143,6 +174,11 @@ def test_attention_refuses_what_it_cannot_do(monkeypatch):
         attention_triton.triton_attention(q, k.float(), v)
     with pytest.raises(ValueError, match="shape"):
         attention_triton.triton_attention(q, k[:, :, :8], v[:, :, :8])
+    with pytest.raises(ValueError, match="half_exp"):
+        attention_triton.triton_attention(q.float(), k.float(), v.float(), half_exp=True)
+    q16, k16, v16 = _qkv(1, 1, 16, 16, torch.float16, seed=0)
+    with pytest.raises(ValueError, match="mma_rowsum needs a free padded column"):
+        attention_triton.triton_attention(q16, k16, v16, mma_rowsum=True)
     monkeypatch.setattr(attention_triton, "interpreting", lambda: False)
     with pytest.raises(ValueError, match="CUDA tensors"):
         attention_triton.triton_attention(*(t.cpu() for t in (q, k, v)))
@@ -223,6 +259,20 @@ def test_tiny_unet_with_triton_kernels_equals_eager():
     assert model.norm_fn is torch_group_norm and model.attention_blocks()[0].attention_fn is sdpa_attention
 
 
+def test_tiny_unet_with_experimental_switches_equals_eager():
+    """use_triton_kernels(mma_rowsum, half_exp) in fp32: the row sum moves into the MMA (summation order
+    only) and half_exp stays off for fp32 calls, so the network still equals eager to rounding."""
+    model = _tiny_unet().to(DEVICE)
+    g = torch.Generator().manual_seed(3)
+    x_t, cond = torch.randn(2, 1, 16, 16, generator=g).to(DEVICE), torch.rand(2, 1, 16, 16, generator=g).to(DEVICE)
+    t = torch.tensor([5, 900], device=DEVICE)
+    with torch.no_grad():
+        eager = model(x_t, cond, t)
+        kernels.use_triton_kernels(model, mma_rowsum=True, half_exp=True)
+        fused = model(x_t, cond, t)
+    torch.testing.assert_close(fused, eager, rtol=0, atol=2e-5)
+
+
 # ---------------------------------------------------------------------------------------------- GPU (compiled)
 
 
@@ -249,11 +299,14 @@ def test_gpu_attention_paper_shapes(n, heads):
     g = torch.Generator().manual_seed(n)
     proj = [torch.randn(b, n, heads * d, generator=g).to(DEVICE, torch.float16) for _ in range(3)]
     q, k, v = (t.view(b, n, heads, d).transpose(1, 2) for t in proj)
+    rows = torch.arange(0, n, n // 128, device=DEVICE)
+    ref = attention_triton.attention_reference(q[:, :, rows], k, v)
     for share in (0.0, 0.2):
         out = _attention(q, k, v, poly_exp_share=share)
-        rows = torch.arange(0, n, n // 128, device=DEVICE)
-        ref = attention_triton.attention_reference(q[:, :, rows], k, v)
         assert rel_err(out[:, :, rows], ref) <= ATTN_REL[torch.float16], f"share {share}"
+    for name, kw in VARIANTS.items():  # compiled: ex2.approx.f16x2 itself, not the interpreter's stand-in
+        out = _attention(q, k, v, **kw)
+        assert rel_err(out[:, :, rows], ref) <= ATTN_REL[torch.float16], name
 
 
 @pytest.mark.gpu
@@ -286,8 +339,10 @@ def test_gpu_small_unet_fp16_triton_close_to_eager():
 
 
 @pytest.mark.gpu
-def test_gpu_fast_engine_with_triton_kernels():
-    """The CUDA-graph engine with kernels="triton": replays equal its eager loop, maps close to torch kernels."""
+@pytest.mark.parametrize("options", [None, {"mma_rowsum": True, "half_exp": True}], ids=["default", "switches"])
+def test_gpu_fast_engine_with_triton_kernels(options):
+    """The CUDA-graph engine with kernels="triton" (and the experimental switches, as bench/throughput.py's
+    fast-triton-x runs them): replays equal its eager loop, maps close to torch kernels."""
     from condiff.engine.graphs import GraphDenoiser
     from condiff.engine.runner import SliceJob, run_slices
     from condiff.sampler import make_plan
@@ -299,7 +354,7 @@ def test_gpu_fast_engine_with_triton_kernels():
     jobs = [SliceJob(torch.rand(1, 64, 64, generator=g) * 2 - 1, "digest", i) for i in range(5)]
     plan = make_plan("ddpm", 20)
     ref = run_slices([GraphDenoiser(m, DEVICE, "fp16", 4) for m in models], jobs, plan, batch_size=4)
-    dens = [GraphDenoiser(m, DEVICE, "fp16", 4, kernels="triton") for m in twins]
+    dens = [GraphDenoiser(m, DEVICE, "fp16", 4, kernels="triton", kernel_options=options) for m in twins]
     fast = run_slices(dens, jobs, plan, batch_size=4)
     assert sum(d.graph_fallbacks for d in dens) == 0
     for a, b in zip(ref, fast):
