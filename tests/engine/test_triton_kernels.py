@@ -292,6 +292,18 @@ def test_gpu_attention_matches_oracle_and_sdpa(n, d, dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("n", [100, 1000])
+def test_gpu_experimental_switches_with_a_key_tail(n, variant):
+    """Compiled, with a masked tail step: ex2.approx.f16x2 must turn the masked keys' -inf into 0, and
+    the ones column must count valid keys only."""
+    q, k, v = _qkv(2, 4, n, 8, torch.float16, seed=n + 17)
+    out = _attention(q, k, v, **VARIANTS[variant])
+    assert rel_err(out, attention_triton.attention_reference(q, k, v)) <= ATTN_REL[torch.float16]
+    assert rel_err(out, _attention(q, k, v)) <= ATTN_REL[torch.float16]
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("n,heads", [(16384, 16), (4096, 32)])
 def test_gpu_attention_paper_shapes(n, heads):
     """The paper preset's 128- and 64-px layers at batch 2; the float64 oracle on 128 query rows."""
