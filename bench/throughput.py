@@ -57,9 +57,20 @@ EVALS_PER_PAPER_SLICE = 500  # 10 members x 50 DDPM steps
 TABLE_GFLOP = {"paper": 727.9, "symmetric": 311.1}
 # performance.md §3: sequential floor per 128x128 evaluation (ms), by card
 FLOOR_MS = {"paper": {"H100": 4.05, "H200": 4.06}, "symmetric": {"H100": 0.97, "H200": 0.97}}
-# fast-<k>: the fast engine with kernels="<k>"; fast-triton-x: Triton with the attention kernel's
+# fast-*: the fast engine's variants (FAST_ENGINES); fast-triton-x: Triton with the attention kernel's
 # experimental switches (MMA row sum; paired f16 exp in fp16), measured before they become defaults
 ENGINES = ("torch", "ort", "fast", "fast-triton", "fast-compile", "fast-triton-x")
+# the fast engine's variants: engine name -> (kernels, kernel_options, note for the report)
+FAST_ENGINES = {
+    "fast": ("torch", None, None),
+    "fast-compile": ("compile", None,
+                     "torch.compile (inductor, default mode) inside the whole-loop CUDA graph; compiled in the first run"),
+    "fast-triton": ("triton", None,
+                    "Triton attention + GroupNorm/SiLU kernels (engine/kernels), compiled in the first run"),
+    "fast-triton-x": ("triton", {"mma_rowsum": True, "half_exp": True},
+                      "Triton kernels with the attention's experimental switches: row sum in the P @ V MMA, "
+                      "exp2 as paired f16 (fp16 only); compiled in the first run"),
+}
 PRECISIONS = ("fp32", "fp16", "bf16")
 
 
@@ -247,31 +258,22 @@ def open_engine(spec: Spec, model_dir: Path, device: torch.device, max_batch: in
         return AutocastDenoiser(load_model(model_dir)[0], device, spec.precision, max_batch), None
     if spec.engine == "ort":
         return open_ort_engine(model_dir, device, spec.precision, max_batch, threads)
-    if spec.engine in ("fast", "fast-triton", "fast-compile", "fast-triton-x"):
+    if spec.engine in FAST_ENGINES:
+        kernels, options, note = FAST_ENGINES[spec.engine]
         try:
             graphs = importlib.import_module("condiff.engine.graphs")
         except ModuleNotFoundError as exc:
             raise Skip(f"condiff.engine.graphs is not available ({exc})") from None
         if not hasattr(graphs, "open_fast"):
             raise Skip("condiff.engine.graphs has no open_fast")
-        if spec.engine == "fast":
-            return graphs.open_fast(model_dir, device=device, precision=spec.precision, max_batch=max_batch), None
-        if spec.engine == "fast-compile":
-            den = graphs.open_fast(model_dir, device=device, precision=spec.precision, max_batch=max_batch,
-                                   kernels="compile")
-            return den, "torch.compile (inductor, default mode) inside the whole-loop CUDA graph; compiled in the first run"
-        try:
-            import triton  # noqa: F401
-        except ImportError as exc:
-            raise Skip(f"triton is not installed ({exc})") from None
-        if spec.engine == "fast-triton-x":
-            den = graphs.open_fast(model_dir, device=device, precision=spec.precision, max_batch=max_batch,
-                                   kernels="triton", kernel_options={"mma_rowsum": True, "half_exp": True})
-            return den, ("Triton kernels with the attention's experimental switches: row sum in the P @ V MMA, "
-                         "exp2 as paired f16 (fp16 only); compiled in the first run")
+        if kernels == "triton":
+            try:
+                import triton  # noqa: F401
+            except ImportError as exc:
+                raise Skip(f"triton is not installed ({exc})") from None
         den = graphs.open_fast(model_dir, device=device, precision=spec.precision, max_batch=max_batch,
-                               kernels="triton")
-        return den, "Triton attention + GroupNorm/SiLU kernels (engine/kernels), compiled in the first run"
+                               kernels=kernels, kernel_options=options)
+        return den, note
     raise Skip(f"unknown engine {spec.engine}")
 
 
