@@ -196,6 +196,7 @@ def _run(cases, ctx, shard_t, arguments, progress: bool, n_all: int, process=Non
         writer.clean_orphans(out)
     log_handler = add_file_log(str(out / "condiff.log"), verbose=arguments["verbose"])
     started, t0 = _dt.datetime.now(_dt.timezone.utc), time.perf_counter()
+    batch_size_requested = ctx.batch_size  # the run may halve it after running out of memory
     n_members = len(ctx.members)
     bar = tqdm(total=0, unit="slice", unit_scale=1.0 / n_members, dynamic_ncols=True, file=sys.stderr,
                disable=not progress or not sys.stderr.isatty(), desc="condiff-infer")
@@ -231,6 +232,7 @@ def _run(cases, ctx, shard_t, arguments, progress: bool, n_all: int, process=Non
                           "members": [d.as_posix() for d in ctx.model_set.member_dirs], "used": ctx.members},
             "options": ctx.options.to_dict(), "options_digest": ctx.options_digest,
             "device": ctx.device, "device_name": _device_name(ctx.device), "batch_size": ctx.batch_size,
+            "batch_size_requested": batch_size_requested, "batch_halvings": st.batch_halvings,
             "shard": None if shard_t is None else list(shard_t),
             "started": started.isoformat(timespec="seconds"),
             "finished": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

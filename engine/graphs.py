@@ -122,6 +122,11 @@ class GraphDenoiser:
             entry.static_out = run()
         return entry
 
+    def release_cached(self) -> None:
+        """Forget every captured loop (each holds a private memory pool for its batch shape); the
+        pipeline calls this before retrying at a smaller batch after running out of memory."""
+        self._graphs.clear()
+
     @torch.inference_mode()
     def restore_batch(self, cond: torch.Tensor, noise: torch.Tensor, plan: SamplerPlan) -> torch.Tensor:
         """cond (B, C, H, W) on the device, noise (B, n_draws, C, H, W) on the CPU -> x0 float32."""

@@ -58,6 +58,7 @@ class RunStats:
     infer_s: float = 0.0
     write_s: float = 0.0
     load_s: float = 0.0
+    batch_halvings: int = 0  # out-of-memory back-offs (each halves the batch size and reruns the group)
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -308,8 +309,7 @@ def _run_group(group: list[_Pending], ctx: RunContext) -> list[CaseOutcome]:
     if ctx.on_work is not None:
         ctx.on_work(len(jobs) * n_members)
     t0 = time.perf_counter()
-    results = run_slices(ctx.denoisers, jobs, ctx.plan, seed=ctx.options.seed, batch_size=ctx.batch_size,
-                         progress=ctx.progress, member_ids=ctx.members, keep_member_maps=ctx.options.member_maps)
+    results = _run_slices_within_memory(jobs, ctx)
     ctx.stats.infer_s += time.perf_counter() - t0
     ctx.stats.n_slices += len(jobs)
     ctx.stats.n_unet_evals += len(jobs) * n_members * ctx.plan.n_steps
@@ -334,6 +334,68 @@ def _run_group(group: list[_Pending], ctx: RunContext) -> list[CaseOutcome]:
         _report(ctx, outcome)
     ctx.stats.write_s += time.perf_counter() - t0
     return outcomes
+
+
+_OUT_OF_MEMORY_TEXT = ("out of memory", "not enough memory", "failed to allocate memory")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """A device or host allocation failure: torch's ``OutOfMemoryError`` (CUDA), or a runtime
+    error that says so (the CPU allocator, ONNX Runtime's CUDA provider, TensorRT)."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    return isinstance(exc, Exception) and any(t in str(exc).lower() for t in _OUT_OF_MEMORY_TEXT)
+
+
+def _release_device_memory(ctx: RunContext) -> None:
+    """Drop what the denoisers cached for the old batch shape (the fast engine's CUDA graphs) and
+    return freed blocks to the driver, so the smaller batch starts from a clean pool."""
+    for den in ctx.denoisers:
+        release = getattr(den, "release_cached", None)
+        if release is not None:
+            release()
+    if ctx.device.startswith("cuda") and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _run_slices_within_memory(jobs: list[SliceJob], ctx: RunContext):
+    """``run_slices`` for one group; when the device runs out of memory, halve the batch size and
+    rerun the group, keeping the smaller size for the rest of the run. Noise is drawn per slice, so
+    the rerun gives the same results: bit for bit on the CPU (rows are evaluated one at a time), to
+    rounding on a GPU (other kernels for another batch shape). Progress is reported
+    once per restoration however many attempts a group takes. Out of memory at batch 1 is a
+    configuration error (exit 2): nothing smaller can be tried."""
+    reported = attempted = 0
+
+    def progress_once(n: int) -> None:
+        nonlocal reported, attempted
+        attempted += n
+        if attempted > reported and ctx.progress is not None:
+            ctx.progress(attempted - reported)
+        reported = max(reported, attempted)
+
+    while True:
+        attempted = 0
+        try:
+            return run_slices(ctx.denoisers, jobs, ctx.plan, seed=ctx.options.seed, batch_size=ctx.batch_size,
+                              progress=progress_once, member_ids=ctx.members,
+                              keep_member_maps=ctx.options.member_maps)
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                raise
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        # outside the handler, so the exception's frames (and the device tensors they hold) are gone
+        if ctx.batch_size <= 1:
+            raise BackendUnavailableError(
+                None, f"out of memory on {ctx.device} even at batch size 1 ({reason})",
+                "free device memory (other processes), select fewer --members for --engine fast, "
+                "or use a smaller model set")
+        smaller = ctx.batch_size // 2
+        logger.warning("out of memory on %s at batch size %d (%s); halving to %d and rerunning the group "
+                       "(the same noise per slice: results equal to rounding)", ctx.device, ctx.batch_size, reason, smaller)
+        _release_device_memory(ctx)
+        ctx.batch_size = smaller
+        ctx.stats.batch_halvings += 1
 
 
 def _report(ctx: RunContext, outcome: CaseOutcome) -> None:
@@ -379,4 +441,4 @@ def process_cases(cases: Sequence[Case], ctx: RunContext) -> list[CaseOutcome]:
 
 
 __all__ = ["CaseOutcome", "RunStats", "RunContext", "resolve_device", "make_context", "load_denoisers",
-           "process_cases"]
+           "process_cases", "is_out_of_memory"]

@@ -61,7 +61,8 @@ def progress_option(f):
 
 def device_options(f):
     f = click.option("--batch-size", type=click.IntRange(min=1), default=None,
-                     help="Slices per device batch [default: 16 on the CPU, 64 on a GPU]. Results never depend on it.")(f)
+                     help="Slices per device batch [default: 16 on the CPU, 64 on a GPU]; halved automatically when "
+                          "the device runs out of memory. Results do not depend on it (on a GPU: to rounding).")(f)
     f = click.option("--precision", type=click.Choice(["auto", "fp32", "fp16", "bf16"]), default="auto", show_default=True,
                      help="Network precision (auto: fp16 for the fast and trt engines, else fp32); "
                           "sampler state and SSIM stay float32.")(f)

@@ -111,6 +111,31 @@ def test_replays_survive_memory_reuse_between_calls():
     assert den.graph_fallbacks == 0
 
 
+def test_release_cached_frees_the_graph_pools_and_replays_rebuild_them():
+    """The out-of-memory back-off drops every captured loop before retrying at a smaller batch: the
+    graphs' private pools must really go back (reserved memory falls), and the next call captures
+    again with the same result."""
+    from condiff.engine.graphs import GraphDenoiser
+    from condiff.noise import NoiseKey, draw_noise
+
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    dev = torch.device("cuda")
+    den = GraphDenoiser(_models("small", 64, n=1)[0], dev, "fp32", 16)
+    plan = make_plan("ddim", 10)
+    cond = torch.stack([j.cond for j in _jobs(16, 64)]).to(dev)
+    noise = draw_noise([NoiseKey(0, "d", i, 0) for i in range(16)], plan.n_noise_draws, (1, 64, 64))
+    first = den.restore_batch(cond, noise, plan)
+    torch.cuda.synchronize()
+    held = torch.cuda.memory_reserved(dev)
+    den.release_cached()
+    torch.cuda.empty_cache()
+    assert not den._graphs
+    assert torch.cuda.memory_reserved(dev) < held
+    again = den.restore_batch(cond, noise, plan)
+    torch.testing.assert_close(again, first, rtol=0, atol=1e-5)
+
+
 def test_compiled_graph_maps_within_fp16_bound_of_eager_fp32():
     """--fast-kernels compile: torch.compile inside the captured loop keeps maps and scores within the
     fp16 bound of the eager fp32 loop, and no replay falls back to eager."""

@@ -1,0 +1,149 @@
+"""Out of memory during inference: the batch is halved and the group rerun, with the same outputs.
+
+A real CUDA out-of-memory cannot be provoked on the CPU test machine, so the runner is wrapped to
+raise torch's ``OutOfMemoryError`` (what the CUDA allocator raises) whenever it is asked for more
+slices per batch than a pretend device holds; everything around it (pipeline, CLI, writer) is real.
+"""
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from _infer_helpers import FAST, digests, invoke_infer, make_model_set, make_scans, one_torch_thread
+from condiff.engine import pipeline
+from condiff.errors import BackendUnavailableError
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    with one_torch_thread():
+        yield
+
+
+def _device_holding(limit: int, real=pipeline.run_slices, calls=None):
+    """``run_slices`` on a pretend device that holds ``limit`` slices per batch: larger batches
+    report the first batch's progress (work was under way) and then run out of memory."""
+    def run(denoisers, jobs, plan, *, batch_size, progress=None, **kw):
+        if calls is not None:
+            calls.append(batch_size)
+        if batch_size > limit:
+            if progress is not None:
+                progress(min(batch_size, len(jobs)))
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 7.79 GiB total)")
+        return real(denoisers, jobs, plan, batch_size=batch_size, progress=progress, **kw)
+
+    return run
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    root = tmp_path_factory.mktemp("oom")
+    models = make_model_set(root / "set", n_members=2)
+    scans = root / "scans"
+    make_scans(scans, n=2)
+    ref = root / "ref"
+    res = invoke_infer([scans, "-o", ref, "--models", models, *FAST])  # batch 4, never out of memory
+    assert res.exit_code == 0, res.output + res.stderr
+    return models, scans, digests(ref)
+
+
+def test_out_of_memory_halves_the_batch_and_gives_the_same_outputs(tmp_path, reference, monkeypatch):
+    models, scans, want = reference
+    calls = []
+    monkeypatch.setattr(pipeline, "run_slices", _device_holding(1, calls=calls))
+    out = tmp_path / "out"
+    res = invoke_infer([scans, "-o", out, "--models", models, *FAST])  # asks for batch 4
+    assert res.exit_code == 0, res.output + res.stderr
+    assert "2 done, 0 already done, 0 failed" in res.stdout
+    assert digests(out) == want  # bit for bit on the CPU
+    run = json.loads((out / "run.json").read_text())
+    assert (run["batch_size_requested"], run["batch_size"], run["batch_halvings"]) == (4, 1, 2)
+    # 4 -> 2 -> 1 once, then every later group starts at the size that worked
+    assert calls[:3] == [4, 2, 1] and set(calls[3:]) <= {1}
+    log = (out / "condiff.log").read_text()
+    assert "out of memory on cpu at batch size 4" in log and "halving to 2" in log
+
+
+def test_out_of_memory_at_batch_1_stops_the_run_with_a_clear_error(tmp_path, reference, monkeypatch):
+    models, scans, _ = reference
+    monkeypatch.setattr(pipeline, "run_slices", _device_holding(0))
+    out = tmp_path / "out"
+    res = invoke_infer([scans, "-o", out, "--models", models, *FAST, "--batch-size", "2"])  # the last --batch-size wins
+    assert res.exit_code == 2, res.output + res.stderr
+    assert "out of memory on cpu even at batch size 1" in res.stderr
+    assert "fewer --members" in res.stderr
+    run = json.loads((out / "run.json").read_text())
+    assert run["batch_halvings"] == 1 and run["batch_size"] == 1
+    assert not list(out.glob("records/*.json"))  # the group in flight leaves no record
+    assert not list(out.rglob("*.tmp"))
+
+
+def _context(batch_size, progress):
+    return SimpleNamespace(denoisers=[object(), object()], plan=None, options=SimpleNamespace(seed=0, member_maps=False),
+                           batch_size=batch_size, members=[0, 1], progress=progress, device="cpu",
+                           stats=pipeline.RunStats())
+
+
+def test_progress_counts_each_restoration_once_across_attempts(monkeypatch):
+    n_jobs, n_members = 10, 2
+
+    def fake_run(denoisers, jobs, plan, *, batch_size, progress, **kw):
+        for m in range(n_members):
+            for start in range(0, len(jobs), batch_size):
+                if batch_size > 3 and m == 1 and start > 0:  # dies in the second member's second batch
+                    raise torch.OutOfMemoryError("CUDA out of memory.")
+                progress(min(batch_size, len(jobs) - start))
+        return "results"
+
+    monkeypatch.setattr(pipeline, "run_slices", fake_run)
+    ticks = []
+    ctx = _context(8, ticks.append)
+    assert pipeline._run_slices_within_memory(list(range(n_jobs)), ctx) == "results"
+    assert (ctx.batch_size, ctx.stats.batch_halvings) == (2, 2)
+    assert sum(ticks) == n_jobs * n_members and all(t > 0 for t in ticks)
+
+
+def test_other_errors_are_not_retried(monkeypatch):
+    calls = []
+
+    def broken(*a, batch_size, **kw):
+        calls.append(batch_size)
+        raise RuntimeError("cuDNN error: CUDNN_STATUS_EXECUTION_FAILED")
+
+    monkeypatch.setattr(pipeline, "run_slices", broken)
+    ctx = _context(8, None)
+    with pytest.raises(RuntimeError, match="EXECUTION_FAILED"):
+        pipeline._run_slices_within_memory([0, 1], ctx)
+    assert calls == [8] and ctx.batch_size == 8 and ctx.stats.batch_halvings == 0
+
+
+def test_backends_release_their_cached_state_before_the_retry(monkeypatch):
+    released = []
+
+    class GraphLike:  # what the fast engine offers: captured loops that pin memory per batch shape
+        def release_cached(self):
+            released.append(True)
+
+    def run(denoisers, jobs, plan, *, batch_size, **kw):
+        if batch_size > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory.")
+        return "ok"
+
+    monkeypatch.setattr(pipeline, "run_slices", run)
+    ctx = _context(4, None)
+    ctx.denoisers = [GraphLike(), object(), GraphLike()]
+    assert pipeline._run_slices_within_memory([0], ctx) == "ok"
+    assert released == [True, True]
+
+
+@pytest.mark.parametrize("exc, expected", [
+    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB"), True),
+    (RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: not enough memory: you tried to allocate 8 GB"), True),
+    (RuntimeError("Failed to allocate memory for requested buffer of size 1073741824"), True),  # ONNX Runtime, CUDA EP
+    (RuntimeError("Expected all tensors to be on the same device"), False),
+    (ValueError("out of range"), False),
+    (BackendUnavailableError(None, "unknown engine"), False),
+])
+def test_out_of_memory_is_recognised_from_each_runtime(exc, expected):
+    assert pipeline.is_out_of_memory(exc) is expected
