@@ -1,9 +1,12 @@
-"""The overlay PNG: a case's highest-scoring slices as rows of input | restoration | map.
+"""The overlay PNG: a case's highest-scoring slices as rows of input | restoration | map | map on input.
 
 Drawn in model slice space (every case the same size), with numpy only and written through
 ``condiff.io.images.png_bytes`` (fixed settings, no metadata), so identical arrays give
 identical bytes. MRI slices are shown anterior up (the canonical slice transposed and flipped);
-the map uses a black-red-yellow-white ramp scaled to the case's largest map value. Panels of
+the map uses a black-red-yellow-white ramp scaled to the case's largest map value. The last
+panel lays that ramp over the input, transparent below ``OVERLAY_FROM`` of the case's largest
+value and rising to ``OVERLAY_OPACITY`` at ``OVERLAY_FULL``, so the brain stays readable and the
+strongest responses show where they sit in the anatomy. Panels of
 low-resolution models (32 or 64 px) are enlarged by pixel replication to at least ``MIN_PANEL``
 pixels, so the image stays readable and every model pixel is still shown as it is.
 """
@@ -15,6 +18,7 @@ from condiff.io.images import png_bytes, to_png8
 
 N_ROWS = 3
 MIN_PANEL = 128  # pixels; smaller panels are repeated by an integer factor
+OVERLAY_FROM, OVERLAY_FULL, OVERLAY_OPACITY = 0.2, 0.8, 0.85  # shares of the case's largest map value; opacity
 
 
 def top_slices(scores: np.ndarray, k: int = N_ROWS) -> np.ndarray:
@@ -38,9 +42,16 @@ def _grey(img: np.ndarray, lo: float, hi: float) -> np.ndarray:
     return np.repeat(u8, 3, axis=-1) if u8.shape[-1] == 1 else u8
 
 
+def _map_on(grey: np.ndarray, values01: np.ndarray) -> np.ndarray:
+    """The hot ramp over a grey (H, W, 3) uint8 panel, opacity rising with the map value."""
+    v = np.clip(np.asarray(values01, dtype=np.float64), 0.0, 1.0)
+    alpha = OVERLAY_OPACITY * np.clip((v - OVERLAY_FROM) / (OVERLAY_FULL - OVERLAY_FROM), 0.0, 1.0)[..., None]
+    return np.round(grey * (1.0 - alpha) + _hot(v) * alpha).astype(np.uint8)
+
+
 def overlay_image(slices: np.ndarray, restorations: np.ndarray, maps: np.ndarray, scores: np.ndarray,
                   kind: str = "volume", k: int = N_ROWS) -> np.ndarray:
-    """uint8 ``(rows * f·H, 3 * f·W, 3)`` for the top ``k`` slices; f = ceil(MIN_PANEL / min(H, W)) or 1.
+    """uint8 ``(rows * f·H, 4 * f·W, 3)`` for the top ``k`` slices; f = ceil(MIN_PANEL / min(H, W)) or 1.
 
     ``slices``, ``restorations``: ``(S, C, H, W)`` in the model's range ([0, 1] for MRI volumes,
     [-1, 1] for RGB images); ``maps``: ``(S, H, W)``; ``scores``: ``(S,)``.
@@ -49,8 +60,9 @@ def overlay_image(slices: np.ndarray, restorations: np.ndarray, maps: np.ndarray
     vmax = float(np.max(maps)) if maps.size else 0.0
     rows = []
     for i in top_slices(scores, k):
-        panels = [_grey(slices[i], lo, hi), _grey(restorations[i], lo, hi),
-                  _hot(maps[i] / vmax) if vmax > 0 else np.zeros((*maps[i].shape, 3), np.uint8)]
+        values = maps[i] / vmax if vmax > 0 else np.zeros(maps[i].shape)
+        grey = _grey(slices[i], lo, hi)
+        panels = [grey, _grey(restorations[i], lo, hi), _hot(values), _map_on(grey, values)]
         if kind == "volume":  # canonical (R->, A->) slice: show anterior up, patient right on the right
             panels = [np.ascontiguousarray(np.swapaxes(p, 0, 1)[::-1]) for p in panels]
         rows.append(np.concatenate(panels, axis=1))

@@ -79,8 +79,8 @@ def test_infer_writes_layout_geometry_and_records(tmp_path, model_set):
         from PIL import Image
 
         with Image.open(out / "overlays" / f"{case}.png") as im:
-            assert im.mode == "RGB" and im.size == (3 * 128, 3 * 128)  # top 3 slices, input | restoration | map,
-            # each 32-px panel enlarged 4x
+            assert im.mode == "RGB" and im.size == (4 * 128, 3 * 128)  # top 3 slices, input | restoration | map
+            # | map on input, each 32-px panel enlarged 4x
         rec = json.loads((out / "records" / f"{case}.json").read_text())
         assert rec["status"] == "ok" and rec["members"] == [0]
         assert rec["input_sha256"] == hashlib.sha256(src_path.read_bytes()).hexdigest()

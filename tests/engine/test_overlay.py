@@ -18,18 +18,18 @@ def _case(size, n=5, seed=0):
 def test_small_panels_are_enlarged_by_pixel_replication_only(size, factor, monkeypatch):
     args = _case(size)
     big = overlay.overlay_image(*args)
-    assert big.shape == (3 * factor * size, 3 * factor * size, 3) and big.dtype == np.uint8
+    assert big.shape == (3 * factor * size, 4 * factor * size, 3) and big.dtype == np.uint8
     monkeypatch.setattr(overlay, "MIN_PANEL", 1)
     plain = overlay.overlay_image(*args)
-    assert plain.shape == (3 * size, 3 * size, 3)
+    assert plain.shape == (3 * size, 4 * size, 3)
     np.testing.assert_array_equal(big, np.repeat(np.repeat(plain, factor, axis=0), factor, axis=1))
 
 
-def test_rows_are_the_top_slices_with_input_restoration_and_map():
+def test_rows_are_the_top_slices_with_input_restoration_map_and_map_on_input():
     slices, restorations, maps, scores = _case(128, n=4)
     slices, restorations = slices * 2 - 1, restorations * 2 - 1  # photographs live in [-1, 1]
     img = overlay.overlay_image(slices, restorations, maps, scores, kind="image", k=2)
-    assert img.shape == (2 * 128, 3 * 128, 3)
+    assert img.shape == (2 * 128, 4 * 128, 3)
     top = np.argsort(-scores)[:2]
     for row, i in enumerate(top):
         band = img[row * 128:(row + 1) * 128].astype(np.float64)
@@ -37,5 +37,15 @@ def test_rows_are_the_top_slices_with_input_restoration_and_map():
             panel = band[:, col * 128:(col + 1) * 128]
             assert (panel[..., 0] == panel[..., 1]).all() and (panel[..., 1] == panel[..., 2]).all()  # grey
             np.testing.assert_allclose(panel[..., 0] / 255 * 2 - 1, source, atol=2 / 255)
-        ramp = band[:, 256:, 0]  # red rises first on the black-red-yellow-white ramp
+        ramp = band[:, 256:384, 0]  # red rises first on the black-red-yellow-white ramp
         np.testing.assert_allclose(ramp / 255, np.clip(3 * maps[i] / maps.max(), 0, 1), atol=1 / 255)
+        # map on input: the input's grey where the map is below 20 % of the case's largest value, the
+        # ramp at 85 % opacity from 80 % on, a linear blend between (float64 oracle)
+        on = band[:, 384:]
+        grey = band[:, :128]
+        v = maps[i] / maps.max()
+        hot = np.stack([np.clip(3 * v, 0, 1), np.clip(3 * v - 1, 0, 1), np.clip(3 * v - 2, 0, 1)], -1) * 255
+        alpha = 0.85 * np.clip((v - 0.2) / 0.6, 0, 1)[..., None]
+        np.testing.assert_array_equal(on[v <= 0.2], grey[v <= 0.2])
+        np.testing.assert_allclose(on, grey * (1 - alpha) + hot * alpha, atol=1.5)
+        assert np.abs(on[v >= 0.8] - hot[v >= 0.8]).max() > 0  # the anatomy still shows through
