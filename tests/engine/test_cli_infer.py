@@ -180,7 +180,7 @@ def test_photographs_get_float_tiff_maps_and_png_previews(tmp_path):
     with Image.open(out / "maps" / "eye.png") as im:
         assert im.size == (52, 40) and im.mode == "L"
     with Image.open(out / "overlays" / "eye.png") as im:
-        assert im.size == (3 * 128, 128)  # one image: one row (32-px panels enlarged 4x)
+        assert im.size == (4 * 128, 128)  # one image: one row of 4 panels (32 px enlarged 4x)
     # an MRI volume given to a photo model fails alone, with a reason
     make_scans(tmp_path / "in", n=1)
     res = _invoke([tmp_path / "in", "-o", out, "--models", models, *FAST])
