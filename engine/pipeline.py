@@ -77,6 +77,7 @@ class RunContext:
     device: str
     batch_size: int
     mask_pattern: str | None = None
+    batch_auto: bool = False  # --batch-size auto: halve on out of memory instead of failing
     resume: bool = True
     denoisers: list = field(default_factory=list)
     group_slices: int | None = None
@@ -154,7 +155,7 @@ def make_context(models: str | Path, out_dir: str | Path, *, engine: str = "torc
     return RunContext(out_dir=Path(out_dir), model_set=model_set, members=member_idx, options=options,
                       preprocess=preprocess, plan=plan, device=dev,
                       batch_size=batch_size or (16 if dev == "cpu" else 64), mask_pattern=mask_pattern,
-                      resume=resume, group_slices=group_slices)
+                      resume=resume, group_slices=group_slices, batch_auto=batch_size is None)
 
 
 def load_denoisers(ctx: RunContext) -> None:
@@ -359,12 +360,12 @@ def _release_device_memory(ctx: RunContext) -> None:
 
 
 def _run_slices_within_memory(jobs: list[SliceJob], ctx: RunContext):
-    """``run_slices`` for one group; when the device runs out of memory, halve the batch size and
-    rerun the group, keeping the smaller size for the rest of the run. Noise is drawn per slice, so
-    the rerun gives the same results: bit for bit on the CPU (rows are evaluated one at a time), to
-    rounding on a GPU (other kernels for another batch shape). Progress is reported
-    once per restoration however many attempts a group takes. Out of memory at batch 1 is a
-    configuration error (exit 2): nothing smaller can be tried."""
+    """``run_slices`` for one group. With ``--batch-size auto``, running out of memory halves the
+    batch size and reruns the group, keeping the smaller size for the rest of the run. Noise is
+    drawn per slice, so the rerun gives the same results: bit for bit on the CPU (rows are evaluated
+    one at a time), to rounding on a GPU (other kernels for another batch shape). Progress is
+    reported once per restoration however many attempts a group takes. Out of memory with a batch
+    size the user fixed, or at batch 1, is a configuration error (exit 2) that says what to try."""
     reported = attempted = 0
 
     def progress_once(n: int) -> None:
@@ -385,6 +386,10 @@ def _run_slices_within_memory(jobs: list[SliceJob], ctx: RunContext):
                 raise
             reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         # outside the handler, so the exception's frames (and the device tensors they hold) are gone
+        if not ctx.batch_auto and ctx.batch_size > 1:
+            raise BackendUnavailableError(
+                None, f"out of memory on {ctx.device} at --batch-size {ctx.batch_size} ({reason})",
+                f"use --batch-size {ctx.batch_size // 2}, or --batch-size auto to halve it whenever memory runs out")
         if ctx.batch_size <= 1:
             raise BackendUnavailableError(
                 None, f"out of memory on {ctx.device} even at batch size 1 ({reason})",

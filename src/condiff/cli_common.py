@@ -59,10 +59,27 @@ def progress_option(f):
                         help="Progress bar on stderr (never drawn when stderr is not a terminal).")(f)
 
 
+class BatchSize(click.ParamType):
+    """``auto`` (None) or a positive integer."""
+
+    name = "N|auto"
+
+    def convert(self, value, param, ctx):
+        if value is None or isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+            return value
+        text = str(value).strip().lower()
+        if text == "auto":
+            return None
+        if text.isdigit() and int(text) >= 1:
+            return int(text)
+        self.fail(f"{value!r} is neither a positive integer nor 'auto'", param, ctx)
+
+
 def device_options(f):
-    f = click.option("--batch-size", type=click.IntRange(min=1), default=None,
-                     help="Slices per device batch [default: 16 on the CPU, 64 on a GPU]; halved automatically when "
-                          "the device runs out of memory. Results do not depend on it (on a GPU: to rounding).")(f)
+    f = click.option("--batch-size", type=BatchSize(), default="auto", show_default=True, metavar="N|auto",
+                     help="Slices per device batch. auto: 16 on the CPU, 64 on a GPU, halved whenever the device "
+                          "runs out of memory; a number is used as given (out of memory is then an error). "
+                          "Results do not depend on it (on a GPU: to rounding).")(f)
     f = click.option("--precision", type=click.Choice(["auto", "fp32", "fp16", "bf16"]), default="auto", show_default=True,
                      help="Network precision (auto: fp16 for the fast and trt engines, else fp32); "
                           "sampler state and SSIM stay float32.")(f)
@@ -235,7 +252,7 @@ def run_command(body: Callable[[], int], verbose: int = 0) -> None:
 
 
 __all__ = ["ENGINES", "EXIT_OK", "EXIT_FAILED", "EXIT_USAGE", "EXIT_INTERRUPTED", "EXIT_TERMINATED", "Terminated",
-           "sigterm_raises", "verbose_option", "progress_option", "device_options", "seed_option", "version_option",
+           "sigterm_raises", "verbose_option", "progress_option", "device_options", "BatchSize", "seed_option", "version_option",
            "environment_report", "format_environment", "logging_to", "add_file_log", "remove_log",
            "exit_code_for", "run_command"]
 

@@ -1,4 +1,5 @@
-"""Out of memory during inference: the batch is halved and the group rerun, with the same outputs.
+"""Out of memory during inference: with --batch-size auto the batch is halved and the group rerun,
+with the same outputs; with a fixed batch size it is a clear error that suggests the next size.
 
 A real CUDA out-of-memory cannot be provoked on the CPU test machine, so the runner is wrapped to
 raise torch's ``OutOfMemoryError`` (what the CUDA allocator raises) whenever it is asked for more
@@ -53,36 +54,69 @@ def test_out_of_memory_halves_the_batch_and_gives_the_same_outputs(tmp_path, ref
     calls = []
     monkeypatch.setattr(pipeline, "run_slices", _device_holding(1, calls=calls))
     out = tmp_path / "out"
-    res = invoke_infer([scans, "-o", out, "--models", models, *FAST])  # asks for batch 4
+    res = invoke_infer([scans, "-o", out, "--models", models, *FAST, "--batch-size", "auto"])  # the last one wins
     assert res.exit_code == 0, res.output + res.stderr
     assert "2 done, 0 already done, 0 failed" in res.stdout
-    assert digests(out) == want  # bit for bit on the CPU
+    assert digests(out) == want  # bit for bit on the CPU, though the reference ran at batch 4
     run = json.loads((out / "run.json").read_text())
-    assert (run["batch_size_requested"], run["batch_size"], run["batch_halvings"]) == (4, 1, 2)
-    # 4 -> 2 -> 1 once, then every later group starts at the size that worked
-    assert calls[:3] == [4, 2, 1] and set(calls[3:]) <= {1}
+    assert (run["batch_size_requested"], run["batch_size_start"], run["batch_size"], run["batch_halvings"]) == \
+        ("auto", 16, 1, 4)
+    # 16 -> 8 -> 4 -> 2 -> 1 once, then every later group starts at the size that worked
+    assert calls[:5] == [16, 8, 4, 2, 1] and set(calls[5:]) <= {1}
     log = (out / "condiff.log").read_text()
-    assert "out of memory on cpu at batch size 4" in log and "halving to 2" in log
+    assert "out of memory on cpu at batch size 16" in log and "halving to 8" in log
+
+
+def test_out_of_memory_with_a_fixed_batch_size_is_an_error_that_suggests_the_next(tmp_path, reference, monkeypatch):
+    models, scans, _ = reference
+    calls = []
+    monkeypatch.setattr(pipeline, "run_slices", _device_holding(2, calls=calls))
+    out = tmp_path / "out"
+    res = invoke_infer([scans, "-o", out, "--models", models, *FAST])  # --batch-size 4
+    assert res.exit_code == 2, res.output + res.stderr
+    assert "out of memory on cpu at --batch-size 4" in res.stderr
+    assert "use --batch-size 2, or --batch-size auto" in res.stderr
+    assert calls == [4]  # not retried
+    run = json.loads((out / "run.json").read_text())
+    assert (run["batch_size_requested"], run["batch_size"], run["batch_halvings"]) == (4, 4, 0)
+    assert not list(out.glob("records/*.json")) and not list(out.rglob("*.tmp"))
 
 
 def test_out_of_memory_at_batch_1_stops_the_run_with_a_clear_error(tmp_path, reference, monkeypatch):
     models, scans, _ = reference
     monkeypatch.setattr(pipeline, "run_slices", _device_holding(0))
     out = tmp_path / "out"
-    res = invoke_infer([scans, "-o", out, "--models", models, *FAST, "--batch-size", "2"])  # the last --batch-size wins
+    res = invoke_infer([scans, "-o", out, "--models", models, *FAST, "--batch-size", "auto"])
     assert res.exit_code == 2, res.output + res.stderr
     assert "out of memory on cpu even at batch size 1" in res.stderr
     assert "fewer --members" in res.stderr
     run = json.loads((out / "run.json").read_text())
-    assert run["batch_halvings"] == 1 and run["batch_size"] == 1
+    assert run["batch_halvings"] == 4 and run["batch_size"] == 1
     assert not list(out.glob("records/*.json"))  # the group in flight leaves no record
     assert not list(out.rglob("*.tmp"))
+
+
+@pytest.mark.parametrize("text, expected", [("auto", None), ("AUTO", None), ("7", 7)])
+def test_batch_size_option_takes_a_number_or_auto(text, expected):
+    from condiff.cli_common import BatchSize
+
+    assert BatchSize().convert(text, None, None) == expected
+
+
+@pytest.mark.parametrize("text", ["0", "-2", "big", "1.5"])
+def test_batch_size_option_refuses_anything_else(text):
+    import click
+
+    from condiff.cli_common import BatchSize
+
+    with pytest.raises(click.BadParameter):
+        BatchSize().convert(text, None, None)
 
 
 def _context(batch_size, progress):
     return SimpleNamespace(denoisers=[object(), object()], plan=None, options=SimpleNamespace(seed=0, member_maps=False),
                            batch_size=batch_size, members=[0, 1], progress=progress, device="cpu",
-                           stats=pipeline.RunStats())
+                           stats=pipeline.RunStats(), batch_auto=True)
 
 
 def test_progress_counts_each_restoration_once_across_attempts(monkeypatch):
