@@ -312,6 +312,11 @@ def _merge(out_dir: Path) -> int:
               help="Label mask per case, e.g. '{dir}/{stem}_seg.nii.gz' ({dir}, {stem}, {case} of the input).")
 @click.option("--protocol", type=click.Choice(["native", "benchmark"]), default="native", show_default=True,
               help="native: the written maps on the input grid; benchmark: reference §8-§9 in model slice space.")
+@click.option("--missing-label", type=click.Choice(["error", "normal"]), default="error", show_default=True,
+              help="A case without a label file: error (not evaluated, exit 1) or normal (a case without lesion).")
+@click.option("--overlays/--no-overlays", default=True, show_default=True,
+              help="native protocol: also write eval-overlays/<case>.png, the label's outline on the input and on "
+                   "the map, for the slices holding the most label.")
 @verbose_option
 @version_option
 def eval_main(**kw: Any) -> None:
@@ -319,7 +324,7 @@ def eval_main(**kw: Any) -> None:
     run_command(lambda: _eval(**kw), verbose=kw["verbose"])
 
 
-def _eval(out_dir: Path, mask_pattern: str, protocol: str, verbose: int) -> int:
+def _eval(out_dir: Path, mask_pattern: str, protocol: str, missing_label: str, overlays: bool, verbose: int) -> int:
     import math
 
     from condiff.io.atomic import write_json_atomic, write_text_atomic
@@ -327,7 +332,8 @@ def _eval(out_dir: Path, mask_pattern: str, protocol: str, verbose: int) -> int:
     from .evaluate import evaluate, format_table, table_csv
 
     with logging_to(verbose, echo=_echo_err):
-        ev = evaluate(out_dir, mask_pattern, protocol)
+        ev = evaluate(out_dir, mask_pattern, protocol, overlays=overlays and protocol == "native",
+                      missing_label=missing_label)
         click.echo(format_table(ev))
         doc = ev.to_dict()
         for row in doc["rows"]:  # JSON has no NaN: a metric without both classes is null

@@ -30,6 +30,7 @@ from condiff.metrics import DetectionMetrics, detection_metrics, slice_metrics, 
 
 logger = logging.getLogger(__name__)
 PROTOCOLS = ("native", "benchmark")
+MISSING_LABEL = ("error", "normal")
 METRIC_KEYS = ("ap_image", "auroc", "ap_pixel", "dice", "threshold")
 METRIC_LABELS = {"ap_image": "AP_i", "auroc": "AUROC", "ap_pixel": "AP_p", "dice": "best Dice", "threshold": "thr"}
 
@@ -74,8 +75,12 @@ def _like_volume(path: Path):
     return Volume(data=data, affine=np.asarray(img.affine, dtype=np.float64), header=img.header, path=str(path))
 
 
-def _read_label(path: Path, like=None, shape: tuple[int, ...] | None = None) -> np.ndarray:
+def _read_label(path: Path | None, like=None, shape: tuple[int, ...] | None = None) -> np.ndarray:
+    """The label on the map's grid; ``path`` None (no label, ``--missing-label normal``): all normal."""
     from condiff.io import images, volumes
+
+    if path is None:
+        return np.zeros(like.data.shape if like is not None else tuple(shape), dtype=bool)
 
     low = path.name.lower()
     if low.endswith((".nii", ".nii.gz")):
@@ -89,19 +94,22 @@ def _read_label(path: Path, like=None, shape: tuple[int, ...] | None = None) -> 
     return label
 
 
-def _native_case(out_dir: Path, rec: dict[str, Any], pattern: str):
-    """(pixel labels, pixel scores, sample labels, sample scores) of one case on the input grid."""
+def _native_case(out_dir: Path, rec: dict[str, Any], pattern: str, figure: bool = False, required: bool = True):
+    """(pixel labels, pixel scores, sample labels, sample scores) of one case on the input grid;
+    with ``figure``, also writes ``eval-overlays/<case>.png`` (``eval_overlay``)."""
     from nibabel.orientations import apply_orientation  # the exact permutation/flip inference used
 
     from condiff.io.volumes import read_mask
 
-    label_path = find_mask(_case_of(rec), pattern)
+    label_path = find_mask(_case_of(rec), pattern, required=required)
     map_path = out_dir / rec["outputs"]["map"]["path"]
     if rec.get("kind") == "image":
         import tifffile
 
         amap = np.asarray(tifffile.imread(map_path), dtype=np.float32)
         label = _read_label(label_path, shape=amap.shape)
+        if figure:
+            _write_figure(out_dir, rec, lambda: _image_figure(rec, amap, label))
         return label.ravel(), amap.ravel(), np.array([label.any()]), np.array([rec["score"]])
     like = _like_volume(map_path)
     label = _read_label(label_path, like=like)
@@ -115,10 +123,54 @@ def _native_case(out_dir: Path, rec: dict[str, Any], pattern: str):
     ks = sorted(slice_scores)
     sample_labels = np.array([canon[:, :, k].any() for k in ks])
     sample_scores = np.array([slice_scores[k] for k in ks])
+    if figure:
+        _write_figure(out_dir, rec, lambda: _volume_figure(rec, like, canon, ornt, slice_scores))
     return label[sel], like.data[sel], sample_labels, sample_scores
 
 
-def _benchmark_case(out_dir: Path, rec: dict[str, Any], pattern: str):
+def _volume_figure(rec: dict[str, Any], like, canon_label: np.ndarray, ornt: np.ndarray, slice_scores) -> np.ndarray:
+    from nibabel.orientations import apply_orientation
+
+    from condiff.io.volumes import read_volume_or_slice
+
+    from .eval_overlay import volume_figure
+
+    image = read_volume_or_slice(rec["input"], nan_policy="zero").data
+    if image.shape != like.data.shape:
+        raise ValueError(f"input {rec['input']} is {image.shape}, its map {like.data.shape}: the input changed")
+    return volume_figure(np.asarray(apply_orientation(image, ornt)), np.asarray(apply_orientation(like.data, ornt)),
+                         canon_label, slice_scores)
+
+
+def _image_figure(rec: dict[str, Any], amap: np.ndarray, label: np.ndarray) -> np.ndarray:
+    from condiff.io.images import read_image
+
+    from .eval_overlay import image_figure
+
+    rgb = read_image(rec["input"])
+    if rgb.shape[:2] != amap.shape:
+        raise ValueError(f"input {rec['input']} is {rgb.shape[:2]}, its map {amap.shape}: the input changed")
+    return image_figure(rgb, amap, label)
+
+
+def _write_figure(out_dir: Path, rec: dict[str, Any], draw) -> None:
+    """Draw and write a case's figure; a figure that cannot be drawn (input moved or changed) is a
+    warning, never a reason to drop the case from the metrics."""
+    from condiff.io.atomic import write_bytes_atomic
+    from condiff.io.images import png_bytes
+
+    path = out_dir / "eval-overlays" / f"{rec['case']}.png"
+    try:
+        image = draw()
+    except (CondiffError, OSError, ValueError) as exc:
+        text = exc.message if isinstance(exc, CondiffError) else f"{type(exc).__name__}: {exc}"
+        logger.warning("case %s: no eval overlay (%s)", rec["case"], text)
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_bytes_atomic(path, png_bytes(image))
+
+
+def _benchmark_case(out_dir: Path, rec: dict[str, Any], pattern: str, required: bool = True):
     """(maps, masks, scores, member maps or None) of one case in model slice space."""
     from condiff.preprocess import mask_to_slices
 
@@ -126,7 +178,7 @@ def _benchmark_case(out_dir: Path, rec: dict[str, Any], pattern: str):
     if entry is None:
         raise CondiffError(rec["input"], "no model-space maps were saved for this case",
                            "rerun condiff-infer with --save-model-space (or --save-member-maps)")
-    label_path = find_mask(_case_of(rec), pattern)
+    label_path = find_mask(_case_of(rec), pattern, required=required)
     with np.load(out_dir / entry["path"]) as z:
         maps, slices, scores = z["maps"], z["slices"], z["scores"]
         member_maps = z["member_maps"] if "member_maps" in z.files else None
@@ -145,12 +197,19 @@ def _row(m: DetectionMetrics) -> dict[str, float]:
     return {k: getattr(m, k) for k in METRIC_KEYS}
 
 
-def evaluate(out_dir: str | Path, mask_pattern: str, protocol: str = "native") -> Evaluation:
-    """Evaluate every ``ok`` record in ``out_dir`` (see the module docstring)."""
+def evaluate(out_dir: str | Path, mask_pattern: str, protocol: str = "native", overlays: bool = False,
+             missing_label: str = "error") -> Evaluation:
+    """Evaluate every ``ok`` record in ``out_dir`` (see the module docstring); ``overlays`` (native
+    protocol) also draws ``eval-overlays/<case>.png``: the label's outline on the input and on the map.
+    ``missing_label``: ``error`` (a case without a label file is not evaluated) or ``normal`` (it
+    counts as a case without lesion; counted in ``counts["cases_without_label"]``)."""
     from .writer import load_records
 
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {PROTOCOLS}")
+    if missing_label not in MISSING_LABEL:
+        raise ValueError(f"missing_label must be one of {MISSING_LABEL}")
+    required = missing_label == "error"
     out_dir = Path(out_dir)
     records = [r for r in load_records(out_dir) if r.get("status") == "ok"]
     if not records:
@@ -158,9 +217,15 @@ def evaluate(out_dir: str | Path, mask_pattern: str, protocol: str = "native") -
                            "run condiff-infer into this folder first")
     ev = Evaluation(protocol)
     parts: list[tuple] = []
+    without_label: list[str] = []
     for rec in records:
         try:
-            part = (_native_case if protocol == "native" else _benchmark_case)(out_dir, rec, mask_pattern)
+            if not required and find_mask(_case_of(rec), mask_pattern, required=False) is None:
+                without_label.append(rec["case"])
+            if protocol == "native":
+                part = _native_case(out_dir, rec, mask_pattern, figure=overlays, required=required)
+            else:
+                part = _benchmark_case(out_dir, rec, mask_pattern, required=required)
         except (CondiffError, OSError, ValueError, KeyError) as exc:
             text = exc.message if isinstance(exc, CondiffError) else f"{type(exc).__name__}: {exc}"
             ev.failures.append((rec["case"], text))
@@ -193,6 +258,8 @@ def evaluate(out_dir: str | Path, mask_pattern: str, protocol: str = "native") -
                                                      for key in METRIC_KEYS if key != "threshold"}))
     ev.counts = {"cases": len(parts), "samples": m.n_samples, "positive_samples": m.n_positive_samples,
                  "pixels": m.n_pixels, "positive_pixels": m.n_positive_pixels}
+    if not required:
+        ev.counts["cases_without_label"] = len(without_label)
     return ev
 
 
@@ -203,7 +270,9 @@ def format_table(ev: Evaluation) -> str:
     if ev.counts:
         c = ev.counts
         lines.append(f"{c['cases']} cases, {c['samples']} samples ({c['positive_samples']} positive), "
-                     f"{c['pixels']} pixels ({c['positive_pixels']} positive)")
+                     f"{c['pixels']} pixels ({c['positive_pixels']} positive)"
+                     + (f"; {c['cases_without_label']} case(s) without a label file counted as normal"
+                        if c.get("cases_without_label") else ""))
     cols = [k for k in METRIC_KEYS]
     lines.append(f"{'':<14}" + "".join(f"{METRIC_LABELS[k]:>11}" for k in cols))
     for name, values in ev.rows:
