@@ -204,7 +204,7 @@ def _run(cases, ctx, shard_t, arguments, progress: bool, n_all: int, process=Non
     ctx.progress = bar.update
 
     def on_outcome(o: pipeline.CaseOutcome) -> None:
-        if o.status == "failed":
+        if o.status == "failed" and o.error_type != "NoSpaceLeft":  # those are summed up once, below
             _echo_err(f"FAILED {o.case.name}: {o.error}")
 
     ctx.on_outcome = on_outcome
@@ -220,9 +220,15 @@ def _run(cases, ctx, shard_t, arguments, progress: bool, n_all: int, process=Non
         raise
     finally:
         bar.close()
-        counts = writer.rebuild_tables(out)
+        try:
+            counts = writer.rebuild_tables(out)
+        except OSError as exc:  # a full disk must not hide the run's own report
+            logger.error("could not rebuild cases.csv/scores.csv: %s", exc)
+            counts = {}
         elapsed = time.perf_counter() - t0
         st = ctx.stats
+        # a full output disk stops the run (Ray workers report it through their cases' outcomes)
+        stopped = pipeline.stop_reason(ctx, outcomes)
         by_status: dict[str, int] = {}
         for o in outcomes:
             by_status[o.status] = by_status.get(o.status, 0) + 1
@@ -242,10 +248,13 @@ def _run(cases, ctx, shard_t, arguments, progress: bool, n_all: int, process=Non
                            "slices_per_s": st.n_slices / st.infer_s if st.infer_s else None,
                            "unet_evaluations_per_s": st.n_unet_evals / st.infer_s if st.infer_s else None},
             "counts": {"cases": len(cases), **by_status}, "records": counts,
-            "failed": [o.case.name for o in outcomes if o.status == "failed"],
+            "failed": [o.case.name for o in outcomes if o.status == "failed"], "stopped": stopped,
             "interrupted": interrupted is not None, "signal": interrupted, **(run_info or {}),
         }
-        writer.write_run_json(out, doc, shard_t)
+        try:
+            writer.write_run_json(out, doc, shard_t)
+        except OSError as exc:
+            logger.error("could not write run.json: %s", exc)
         logger.info("finished in %.1f s: %s%s", elapsed, by_status, " (interrupted)" if interrupted else "")
         remove_log(log_handler)
     n_failed = by_status.get("failed", 0)
@@ -253,6 +262,10 @@ def _run(cases, ctx, shard_t, arguments, progress: bool, n_all: int, process=Non
                f"{n_failed} failed -> {out}")
     if n_failed:
         click.echo(f"{n_failed} case(s) failed; reasons in {out / 'cases.csv'}", err=True)
+    if stopped is not None:
+        n_left = sum(o.error_type == "NoSpaceLeft" for o in outcomes)
+        _echo_err(f"STOPPED: {stopped}; {n_left} case(s) not finished. "
+                  "Free space and rerun the same command: finished cases are kept and skipped")
     return EXIT_FAILED if n_failed else EXIT_OK
 
 

@@ -10,6 +10,7 @@ record, or fails alone: its reason is recorded (``records/<case>.json`` with sta
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import time
@@ -81,6 +82,7 @@ class RunContext:
     resume: bool = True
     denoisers: list = field(default_factory=list)
     group_slices: int | None = None
+    out_of_space: str | None = None  # set when the output disk filled up: no further case is started
     progress: Callable[[int], None] | None = None      # slice-member restorations just finished
     on_work: Callable[[int], None] | None = None       # slice-member restorations about to start
     on_outcome: Callable[[CaseOutcome], None] | None = None
@@ -323,6 +325,11 @@ def _run_group(group: list[_Pending], ctx: RunContext) -> list[CaseOutcome]:
         n = len(p.jobs)
         sl = slice(start, start + n)
         start += n
+        if ctx.out_of_space is not None:  # the disk filled while writing an earlier case of this group
+            outcome = _unfinished(p.case, ctx)
+            outcomes.append(outcome)
+            _report(ctx, outcome)
+            continue
         try:
             rest = np.stack([r.restoration.numpy() for r in results[sl]]).astype(np.float32)
             scores = np.array([r.score for r in results[sl]], dtype=np.float64)
@@ -330,11 +337,41 @@ def _run_group(group: list[_Pending], ctx: RunContext) -> list[CaseOutcome]:
             outcome = _write_case(ctx, p, all_maps[sl], rest, scores, member_scores,
                                   None if member_maps is None else member_maps[:, sl])
         except Exception as exc:
+            if is_out_of_space(exc):
+                ctx.out_of_space = f"no space left on the output disk ({ctx.out_dir}) while writing {p.case.name}"
+                logger.error("%s: %s; stopping: no further case is started", p.case.name, exc)
             outcome = _fail(ctx, p.case, p.plan, exc, p.input_sha256, p.mask_path, p.mask_sha256)
         outcomes.append(outcome)
         _report(ctx, outcome)
     ctx.stats.write_s += time.perf_counter() - t0
     return outcomes
+
+
+def is_out_of_space(exc: BaseException) -> bool:
+    """The output file system is full or over quota (every later case would fail the same way)."""
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+
+
+def _unfinished(case: Case, ctx: RunContext) -> CaseOutcome:
+    """A case left unfinished (not started, or computed but not written) because the output disk
+    filled up. No record is written: there is no room, and none is needed (a rerun after freeing
+    space picks the case up like any unfinished one)."""
+    text = f"{_UNFINISHED}{ctx.out_of_space}{_RESUME}"
+    return CaseOutcome(case, "failed", error=text, error_type="NoSpaceLeft")
+
+
+_UNFINISHED, _RESUME = "not finished: ", "; free space and rerun the same command to resume"
+
+
+def stop_reason(ctx: RunContext, outcomes: Sequence[CaseOutcome]) -> str | None:
+    """Why the run stopped early (a full output disk), from the context or, for cases that Ray
+    workers ran, from their outcomes; None when it did not."""
+    if ctx.out_of_space is not None:
+        return ctx.out_of_space
+    for o in outcomes:
+        if o.error_type == "NoSpaceLeft" and o.error:
+            return o.error.removeprefix(_UNFINISHED).removesuffix(_RESUME)
+    return None
 
 
 _OUT_OF_MEMORY_TEXT = ("out of memory", "not enough memory", "failed to allocate memory")
@@ -430,6 +467,10 @@ def process_cases(cases: Sequence[Case], ctx: RunContext) -> list[CaseOutcome]:
         group, n_group = [], 0
 
     for k, case in enumerate(cases):
+        if ctx.out_of_space is not None:
+            done[k] = _unfinished(case, ctx)
+            _report(ctx, done[k])
+            continue
         t0 = time.perf_counter()
         item = _prepare(case, ctx)
         ctx.stats.prepare_s += time.perf_counter() - t0
@@ -442,8 +483,10 @@ def process_cases(cases: Sequence[Case], ctx: RunContext) -> list[CaseOutcome]:
         if n_group >= target:
             flush()
     flush()
+    if ctx.out_of_space is not None:
+        logger.error("stopped early: %s", ctx.out_of_space)
     return [done[k] for k in range(len(cases))]
 
 
 __all__ = ["CaseOutcome", "RunStats", "RunContext", "resolve_device", "make_context", "load_denoisers",
-           "process_cases", "is_out_of_memory"]
+           "process_cases", "is_out_of_memory", "is_out_of_space", "stop_reason"]
