@@ -377,12 +377,20 @@ def stop_reason(ctx: RunContext, outcomes: Sequence[CaseOutcome]) -> str | None:
 _OUT_OF_MEMORY_TEXT = ("out of memory", "not enough memory", "failed to allocate memory")
 
 
-def is_out_of_memory(exc: BaseException) -> bool:
+def is_out_of_memory(exc: BaseException | None) -> bool:
     """A device or host allocation failure: torch's ``OutOfMemoryError`` (CUDA), or a runtime
-    error that says so (the CPU allocator, ONNX Runtime's CUDA provider, TensorRT)."""
-    if isinstance(exc, torch.OutOfMemoryError):
-        return True
-    return isinstance(exc, Exception) and any(t in str(exc).lower() for t in _OUT_OF_MEMORY_TEXT)
+    error that says so (the CPU allocator, ONNX Runtime's CUDA provider, TensorRT). The chain is
+    followed: running out of memory inside a CUDA graph capture surfaces as the capture's own
+    error ("capture invalidated") raised while handling the ``OutOfMemoryError``."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, torch.OutOfMemoryError):
+            return True
+        if isinstance(exc, Exception) and any(t in str(exc).lower() for t in _OUT_OF_MEMORY_TEXT):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def _release_device_memory(ctx: RunContext) -> None:

@@ -181,3 +181,63 @@ def test_backends_release_their_cached_state_before_the_retry(monkeypatch):
 ])
 def test_out_of_memory_is_recognised_from_each_runtime(exc, expected):
     assert pipeline.is_out_of_memory(exc) is expected
+
+
+def test_out_of_memory_behind_another_error_is_recognised():
+    """Out of memory during a CUDA graph capture: the capture's end raises its own error while the
+    OutOfMemoryError is being handled (torch.cuda.graph's __exit__ calls capture_end)."""
+    try:
+        try:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
+        except torch.OutOfMemoryError:
+            raise RuntimeError("CUDA error: operation failed due to a previous error during capture")
+    except RuntimeError as exc:
+        chained = exc
+    assert pipeline.is_out_of_memory(chained)
+    try:
+        try:
+            raise ValueError("bad shape")
+        except ValueError:
+            raise RuntimeError("capture invalidated")
+    except RuntimeError as exc:
+        assert not pipeline.is_out_of_memory(exc)
+
+
+@pytest.mark.gpu
+def test_real_cuda_out_of_memory_with_the_fast_engine_backs_off_to_a_batch_that_fits():
+    """On a GPU: cap this process's memory at 3x what batch 4 needs, ask for batch 64 and let the
+    real allocator fail (in the warm-up or inside a graph capture); the back-off must release the
+    captured graphs, find a batch that fits and give the batch-4 maps to fp16 rounding."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    from condiff.config import preset
+    from condiff.engine.graphs import GraphDenoiser
+    from condiff.engine.runner import SliceJob, run_slices
+    from condiff.sampler import make_plan
+    from condiff.unet import ConditionalUNet
+
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    model = ConditionalUNet(preset("small", 1, sample_size=64)).eval()
+    g = torch.Generator().manual_seed(0)
+    jobs = [SliceJob(torch.rand(1, 64, 64, generator=g) * 0.8, "digest", i) for i in range(24)]
+    plan = make_plan("ddim", 5)
+    den = GraphDenoiser(model, dev, "fp16", 64)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(dev)
+    ref = run_slices([den], jobs, plan, batch_size=4)
+    peak4 = torch.cuda.max_memory_reserved(dev)
+    den.release_cached()
+    torch.cuda.empty_cache()
+    total = torch.cuda.get_device_properties(dev).total_memory
+    ctx = SimpleNamespace(denoisers=[den], plan=plan, options=SimpleNamespace(seed=0, member_maps=False), batch_size=64,
+                          members=[0], progress=None, device="cuda", stats=pipeline.RunStats(), batch_auto=True)
+    torch.cuda.set_per_process_memory_fraction(min(1.0, 3 * peak4 / total), dev)
+    try:
+        got = pipeline._run_slices_within_memory(jobs, ctx)
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, dev)
+    assert ctx.stats.batch_halvings >= 1 and ctx.batch_size < 64
+    for a, b in zip(ref, got):
+        peak = a.amap.abs().max().item()
+        assert (a.amap - b.amap).abs().max().item() <= 5e-2 * peak
