@@ -85,6 +85,8 @@ def _jsonable(value: Any) -> Any:
 @click.option("--save-member-maps", is_flag=True, help="Also keep every member's model-space maps in the npz.")
 @click.option("--nan-policy", type=click.Choice(["error", "zero"]), default="error", show_default=True,
               help="NaN/Inf voxels fail the case, or count as 0.")
+@click.option("--fail-fast", is_flag=True,
+              help="Stop at the first failed case (the others are left for a rerun) instead of going on.")
 @click.option("--shard", metavar="I/N", help="Process only sorted cases k with k % N == I (0 <= I < N).")
 @click.option("--merge", "merge_dir", type=click.Path(path_type=Path), metavar="OUT",
               help="Only rebuild OUT/cases.csv and OUT/scores.csv from OUT/records, then exit.")
@@ -106,7 +108,7 @@ def infer_main(**kw: Any) -> None:
 
 
 def _infer(inputs, output, models, engine, device, precision, batch_size, fast_kernels, steps, sampler, members, seed,
-           mask_pattern, resume, dry_run, no_restoration, save_model_space, save_member_maps, nan_policy, shard, merge_dir,
+           mask_pattern, resume, dry_run, no_restoration, save_model_space, save_member_maps, nan_policy, fail_fast, shard, merge_dir,
            ray_address, ray_workers, max_retries, group_slices, progress, verbose) -> int:
     from condiff.cli_common import resolve_precision
     from condiff.io.cases import discover
@@ -124,6 +126,8 @@ def _infer(inputs, output, models, engine, device, precision, batch_size, fast_k
             shard_t = planning.parse_shard(shard) if shard else None
         except ValueError as exc:
             raise click.BadParameter(str(exc), param_hint="--shard") from None
+        if ray_address is not None and fail_fast:
+            raise click.UsageError("--fail-fast is not supported with --ray yet (workers run cases in parallel)")
         if ray_address is not None:
             from .distributed import check_address
 
@@ -154,6 +158,7 @@ def _infer(inputs, output, models, engine, device, precision, batch_size, fast_k
                           fast_kernels=fast_kernels)
         if ray_address is None:
             ctx = pipeline.make_context(**ctx_kwargs)
+            ctx.fail_fast = fail_fast
         else:
             from condiff.optional import require
 
@@ -204,7 +209,7 @@ def _run(cases, ctx, shard_t, arguments, progress: bool, n_all: int, process=Non
     ctx.progress = bar.update
 
     def on_outcome(o: pipeline.CaseOutcome) -> None:
-        if o.status == "failed" and o.error_type != "NoSpaceLeft":  # those are summed up once, below
+        if o.status == "failed" and o.error_type != "NotFinished":  # those are summed up once, below
             _echo_err(f"FAILED {o.case.name}: {o.error}")
 
     ctx.on_outcome = on_outcome
@@ -263,9 +268,9 @@ def _run(cases, ctx, shard_t, arguments, progress: bool, n_all: int, process=Non
     if n_failed:
         click.echo(f"{n_failed} case(s) failed; reasons in {out / 'cases.csv'}", err=True)
     if stopped is not None:
-        n_left = sum(o.error_type == "NoSpaceLeft" for o in outcomes)
+        n_left = sum(o.error_type == "NotFinished" for o in outcomes)
         _echo_err(f"STOPPED: {stopped}; {n_left} case(s) not finished. "
-                  "Free space and rerun the same command: finished cases are kept and skipped")
+                  "Rerun the same command to resume: finished cases are kept and skipped")
     return EXIT_FAILED if n_failed else EXIT_OK
 
 

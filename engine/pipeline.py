@@ -47,6 +47,7 @@ class CaseOutcome:
     score: float | None = None
     max_slice_score: float | None = None
     n_slices: int = 0
+    stopped_by: str | None = None  # set on cases left unfinished because the run stopped early (why)
 
 
 @dataclass
@@ -82,7 +83,8 @@ class RunContext:
     resume: bool = True
     denoisers: list = field(default_factory=list)
     group_slices: int | None = None
-    out_of_space: str | None = None  # set when the output disk filled up: no further case is started
+    fail_fast: bool = False          # stop at the first failed case
+    stopped: str | None = None       # why the run stopped early (full output disk, --fail-fast): no further case starts
     progress: Callable[[int], None] | None = None      # slice-member restorations just finished
     on_work: Callable[[int], None] | None = None       # slice-member restorations about to start
     on_outcome: Callable[[CaseOutcome], None] | None = None
@@ -325,7 +327,7 @@ def _run_group(group: list[_Pending], ctx: RunContext) -> list[CaseOutcome]:
         n = len(p.jobs)
         sl = slice(start, start + n)
         start += n
-        if ctx.out_of_space is not None:  # the disk filled while writing an earlier case of this group
+        if ctx.stopped is not None:  # the disk filled, or --fail-fast, at an earlier case of this group
             outcome = _unfinished(p.case, ctx)
             outcomes.append(outcome)
             _report(ctx, outcome)
@@ -338,9 +340,10 @@ def _run_group(group: list[_Pending], ctx: RunContext) -> list[CaseOutcome]:
                                   None if member_maps is None else member_maps[:, sl])
         except Exception as exc:
             if is_out_of_space(exc):
-                ctx.out_of_space = f"no space left on the output disk ({ctx.out_dir}) while writing {p.case.name}"
+                ctx.stopped = f"no space left on the output disk ({ctx.out_dir}) while writing {p.case.name}"
                 logger.error("%s: %s; stopping: no further case is started", p.case.name, exc)
             outcome = _fail(ctx, p.case, p.plan, exc, p.input_sha256, p.mask_path, p.mask_sha256)
+        _stop_if_failing_fast(ctx, outcome)
         outcomes.append(outcome)
         _report(ctx, outcome)
     ctx.stats.write_s += time.perf_counter() - t0
@@ -353,25 +356,25 @@ def is_out_of_space(exc: BaseException) -> bool:
 
 
 def _unfinished(case: Case, ctx: RunContext) -> CaseOutcome:
-    """A case left unfinished (not started, or computed but not written) because the output disk
-    filled up. No record is written: there is no room, and none is needed (a rerun after freeing
-    space picks the case up like any unfinished one)."""
-    text = f"{_UNFINISHED}{ctx.out_of_space}{_RESUME}"
-    return CaseOutcome(case, "failed", error=text, error_type="NoSpaceLeft")
+    """A case left unfinished (not started, or computed but not written) because the run stopped
+    early. No record is written: after a full disk there is no room, and none is needed (a rerun
+    picks the case up like any unfinished one)."""
+    return CaseOutcome(case, "failed", error=f"not finished: the run stopped ({ctx.stopped}); rerun to resume",
+                       error_type="NotFinished", stopped_by=ctx.stopped)
 
 
-_UNFINISHED, _RESUME = "not finished: ", "; free space and rerun the same command to resume"
+def _stop_if_failing_fast(ctx: RunContext, outcome: CaseOutcome) -> None:
+    if ctx.fail_fast and ctx.stopped is None and outcome.status == "failed":
+        ctx.stopped = f"--fail-fast: {outcome.case.name} failed"
+        logger.error("%s failed and --fail-fast is set; stopping: no further case is started", outcome.case.name)
 
 
 def stop_reason(ctx: RunContext, outcomes: Sequence[CaseOutcome]) -> str | None:
-    """Why the run stopped early (a full output disk), from the context or, for cases that Ray
-    workers ran, from their outcomes; None when it did not."""
-    if ctx.out_of_space is not None:
-        return ctx.out_of_space
-    for o in outcomes:
-        if o.error_type == "NoSpaceLeft" and o.error:
-            return o.error.removeprefix(_UNFINISHED).removesuffix(_RESUME)
-    return None
+    """Why the run stopped early, from the context or, for cases that Ray workers ran, from their
+    outcomes; None when it did not."""
+    if ctx.stopped is not None:
+        return ctx.stopped
+    return next((o.stopped_by for o in outcomes if o.stopped_by), None)
 
 
 _OUT_OF_MEMORY_TEXT = ("out of memory", "not enough memory", "failed to allocate memory")
@@ -475,7 +478,7 @@ def process_cases(cases: Sequence[Case], ctx: RunContext) -> list[CaseOutcome]:
         group, n_group = [], 0
 
     for k, case in enumerate(cases):
-        if ctx.out_of_space is not None:
+        if ctx.stopped is not None:
             done[k] = _unfinished(case, ctx)
             _report(ctx, done[k])
             continue
@@ -485,14 +488,17 @@ def process_cases(cases: Sequence[Case], ctx: RunContext) -> list[CaseOutcome]:
         if isinstance(item, CaseOutcome):
             done[k] = item
             _report(ctx, item)
+            if ctx.fail_fast and item.status == "failed":
+                flush()  # the cases before it (in input order) still finish
+                _stop_if_failing_fast(ctx, item)
             continue
         group.append((k, item))
         n_group += len(item.jobs)
         if n_group >= target:
             flush()
     flush()
-    if ctx.out_of_space is not None:
-        logger.error("stopped early: %s", ctx.out_of_space)
+    if ctx.stopped is not None:
+        logger.error("stopped early: %s", ctx.stopped)
     return [done[k] for k in range(len(cases))]
 
 

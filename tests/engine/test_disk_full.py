@@ -1,5 +1,5 @@
-"""A full output disk: the case being written fails, no further case is started (their compute would
-be lost too), the run says how to resume, and a rerun after freeing space finishes the same outputs."""
+"""Stopping early: a full output disk (the case being written fails, no further case is started: their
+compute would be lost too) and --fail-fast; the run says how to resume, and a rerun finishes the same outputs."""
 import errno
 import json
 
@@ -101,8 +101,54 @@ def test_stop_reason_is_read_back_from_the_outcomes_of_ray_workers():
 
     from condiff.io.cases import Case
 
-    worker_ctx = SimpleNamespace(out_of_space="no space left on the output disk (/o) while writing a")
+    worker_ctx = SimpleNamespace(stopped="no space left on the output disk (/o) while writing a")
     outcome = pipeline._unfinished(Case(name="b", path=None, kind="volume"), worker_ctx)
-    driver_ctx = SimpleNamespace(out_of_space=None)
-    assert pipeline.stop_reason(driver_ctx, [outcome]) == worker_ctx.out_of_space
+    driver_ctx = SimpleNamespace(stopped=None)
+    assert pipeline.stop_reason(driver_ctx, [outcome]) == worker_ctx.stopped
     assert pipeline.stop_reason(driver_ctx, []) is None
+
+
+def test_fail_fast_stops_at_the_first_failed_case_and_a_rerun_resumes(tmp_path, reference):
+    import shutil
+
+    models, scans, want = reference
+    broken = tmp_path / "scans"
+    shutil.copytree(scans, broken)
+    good = (broken / "case1.nii.gz").read_bytes()
+    (broken / "case1.nii.gz").write_bytes(good[: len(good) // 2])  # truncated: fails when read
+    out = tmp_path / "out"
+    res = invoke_infer([broken, "-o", out, "--models", models, *FAST, "--fail-fast"])
+    assert res.exit_code == 1
+    assert "1 done, 0 already done, 3 failed" in res.stdout  # case0, read before case1, still finishes
+    assert "FAILED case1" in res.stderr and "STOPPED: --fail-fast: case1 failed; 2 case(s) not finished" in res.stderr
+    assert not (out / "maps" / "case2.nii.gz").exists() and not (out / "records" / "case2.json").exists()
+    res = invoke_infer([broken, "-o", out, "--models", models, *FAST])  # without: the rest is done
+    assert res.exit_code == 1 and "2 done, 1 already done, 1 failed" in res.stdout
+    (broken / "case1.nii.gz").write_bytes(good)
+    res = invoke_infer([broken, "-o", out, "--models", models, *FAST])
+    assert res.exit_code == 0 and "1 done, 3 already done" in res.stdout
+    assert {k: v for k, v in digests(out).items() if k.startswith("maps/")} == \
+        {k: v for k, v in want.items() if k.startswith("maps/")}
+
+
+def test_fail_fast_is_refused_with_ray(tmp_path, reference):
+    models, scans, _ = reference
+    res = invoke_infer([scans, "-o", tmp_path / "out", "--models", models, *FAST, "--fail-fast", "--ray"])
+    assert res.exit_code == 2 and "--fail-fast is not supported with --ray" in res.output + res.stderr
+
+
+def test_fail_fast_also_stops_on_a_failure_after_inference(tmp_path, reference, monkeypatch):
+    models, scans, _ = reference
+    real_write = pipeline.write_case_files
+
+    def fails_for_case1(out_dir, plan, **kw):
+        if plan.case.name == "case1":
+            raise ValueError("cannot write this map")
+        return real_write(out_dir, plan, **kw)
+
+    monkeypatch.setattr(pipeline, "write_case_files", fails_for_case1)
+    out = tmp_path / "out"
+    res = invoke_infer([scans, "-o", out, "--models", models, *FAST, "--fail-fast", "--group-slices", "1"])
+    assert res.exit_code == 1 and "1 done, 0 already done, 3 failed" in res.stdout
+    assert "STOPPED: --fail-fast: case1 failed; 2 case(s) not finished" in res.stderr
+    assert json.loads((out / "run.json").read_text())["stopped"] == "--fail-fast: case1 failed"
