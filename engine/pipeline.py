@@ -30,6 +30,7 @@ from condiff.preprocess import PreprocessConfig, Prepared, auto_foreground, prep
 from condiff.sampler import SamplerPlan, make_plan
 
 from .plan import AUTO_MASK, RECORD_SCHEMA, resolve_mask_path, CasePlan, RunOptions, parse_members, plan_case, resume_check, sha256_path
+from .backoff import run_within_memory
 from .runner import SliceJob, run_slices
 from .writer import remove_outputs, write_case_files, write_record
 
@@ -314,7 +315,7 @@ def _run_group(group: list[_Pending], ctx: RunContext) -> list[CaseOutcome]:
     if ctx.on_work is not None:
         ctx.on_work(len(jobs) * n_members)
     t0 = time.perf_counter()
-    results = _run_slices_within_memory(jobs, ctx)
+    results = run_within_memory(run_slices, jobs, ctx)  # run_slices looked up here: tests replace it
     ctx.stats.infer_s += time.perf_counter() - t0
     ctx.stats.n_slices += len(jobs)
     ctx.stats.n_unet_evals += len(jobs) * n_members * ctx.plan.n_steps
@@ -377,80 +378,6 @@ def stop_reason(ctx: RunContext, outcomes: Sequence[CaseOutcome]) -> str | None:
     return next((o.stopped_by for o in outcomes if o.stopped_by), None)
 
 
-_OUT_OF_MEMORY_TEXT = ("out of memory", "not enough memory", "failed to allocate memory")
-
-
-def is_out_of_memory(exc: BaseException | None) -> bool:
-    """A device or host allocation failure: torch's ``OutOfMemoryError`` (CUDA), or a runtime
-    error that says so (the CPU allocator, ONNX Runtime's CUDA provider, TensorRT). The chain is
-    followed: running out of memory inside a CUDA graph capture surfaces as the capture's own
-    error ("capture invalidated") raised while handling the ``OutOfMemoryError``."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, torch.OutOfMemoryError):
-            return True
-        if isinstance(exc, Exception) and any(t in str(exc).lower() for t in _OUT_OF_MEMORY_TEXT):
-            return True
-        exc = exc.__cause__ or exc.__context__
-    return False
-
-
-def _release_device_memory(ctx: RunContext) -> None:
-    """Drop what the denoisers cached for the old batch shape (the fast engine's CUDA graphs) and
-    return freed blocks to the driver, so the smaller batch starts from a clean pool."""
-    for den in ctx.denoisers:
-        release = getattr(den, "release_cached", None)
-        if release is not None:
-            release()
-    if ctx.device.startswith("cuda") and torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-def _run_slices_within_memory(jobs: list[SliceJob], ctx: RunContext):
-    """``run_slices`` for one group. With ``--batch-size auto``, running out of memory halves the
-    batch size and reruns the group, keeping the smaller size for the rest of the run. Noise is
-    drawn per slice, so the rerun gives the same results: bit for bit on the CPU (rows are evaluated
-    one at a time), to rounding on a GPU (other kernels for another batch shape). Progress is
-    reported once per restoration however many attempts a group takes. Out of memory with a batch
-    size the user fixed, or at batch 1, is a configuration error (exit 2) that says what to try."""
-    reported = attempted = 0
-
-    def progress_once(n: int) -> None:
-        nonlocal reported, attempted
-        attempted += n
-        if attempted > reported and ctx.progress is not None:
-            ctx.progress(attempted - reported)
-        reported = max(reported, attempted)
-
-    while True:
-        attempted = 0
-        try:
-            return run_slices(ctx.denoisers, jobs, ctx.plan, seed=ctx.options.seed, batch_size=ctx.batch_size,
-                              progress=progress_once, member_ids=ctx.members,
-                              keep_member_maps=ctx.options.member_maps)
-        except Exception as exc:
-            if not is_out_of_memory(exc):
-                raise
-            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        # outside the handler, so the exception's frames (and the device tensors they hold) are gone
-        if not ctx.batch_auto and ctx.batch_size > 1:
-            raise BackendUnavailableError(
-                None, f"out of memory on {ctx.device} at --batch-size {ctx.batch_size} ({reason})",
-                f"use --batch-size {ctx.batch_size // 2}, or --batch-size auto to halve it whenever memory runs out")
-        if ctx.batch_size <= 1:
-            raise BackendUnavailableError(
-                None, f"out of memory on {ctx.device} even at batch size 1 ({reason})",
-                "free device memory (other processes), select fewer --members for --engine fast, "
-                "or use a smaller model set")
-        smaller = ctx.batch_size // 2
-        logger.warning("out of memory on %s at batch size %d (%s); halving to %d and rerunning the group "
-                       "(the same noise per slice: results equal to rounding)", ctx.device, ctx.batch_size, reason, smaller)
-        _release_device_memory(ctx)
-        ctx.batch_size = smaller
-        ctx.stats.batch_halvings += 1
-
-
 def _report(ctx: RunContext, outcome: CaseOutcome) -> None:
     if ctx.on_outcome is not None:
         ctx.on_outcome(outcome)
@@ -503,4 +430,4 @@ def process_cases(cases: Sequence[Case], ctx: RunContext) -> list[CaseOutcome]:
 
 
 __all__ = ["CaseOutcome", "RunStats", "RunContext", "resolve_device", "make_context", "load_denoisers",
-           "process_cases", "is_out_of_memory", "is_out_of_space", "stop_reason"]
+           "process_cases", "is_out_of_space", "stop_reason"]

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from _infer_helpers import FAST, digests, invoke_infer, make_model_set, make_scans, one_torch_thread
-from condiff.engine import pipeline
+from condiff.engine import backoff, pipeline
 from condiff.errors import BackendUnavailableError
 
 
@@ -119,7 +119,7 @@ def _context(batch_size, progress):
                            stats=pipeline.RunStats(), batch_auto=True)
 
 
-def test_progress_counts_each_restoration_once_across_attempts(monkeypatch):
+def test_progress_counts_each_restoration_once_across_attempts():
     n_jobs, n_members = 10, 2
 
     def fake_run(denoisers, jobs, plan, *, batch_size, progress, **kw):
@@ -130,29 +130,27 @@ def test_progress_counts_each_restoration_once_across_attempts(monkeypatch):
                 progress(min(batch_size, len(jobs) - start))
         return "results"
 
-    monkeypatch.setattr(pipeline, "run_slices", fake_run)
     ticks = []
     ctx = _context(8, ticks.append)
-    assert pipeline._run_slices_within_memory(list(range(n_jobs)), ctx) == "results"
+    assert backoff.run_within_memory(fake_run, list(range(n_jobs)), ctx) == "results"
     assert (ctx.batch_size, ctx.stats.batch_halvings) == (2, 2)
     assert sum(ticks) == n_jobs * n_members and all(t > 0 for t in ticks)
 
 
-def test_other_errors_are_not_retried(monkeypatch):
+def test_other_errors_are_not_retried():
     calls = []
 
     def broken(*a, batch_size, **kw):
         calls.append(batch_size)
         raise RuntimeError("cuDNN error: CUDNN_STATUS_EXECUTION_FAILED")
 
-    monkeypatch.setattr(pipeline, "run_slices", broken)
     ctx = _context(8, None)
     with pytest.raises(RuntimeError, match="EXECUTION_FAILED"):
-        pipeline._run_slices_within_memory([0, 1], ctx)
+        backoff.run_within_memory(broken, [0, 1], ctx)
     assert calls == [8] and ctx.batch_size == 8 and ctx.stats.batch_halvings == 0
 
 
-def test_backends_release_their_cached_state_before_the_retry(monkeypatch):
+def test_backends_release_their_cached_state_before_the_retry():
     released = []
 
     class GraphLike:  # what the fast engine offers: captured loops that pin memory per batch shape
@@ -164,10 +162,9 @@ def test_backends_release_their_cached_state_before_the_retry(monkeypatch):
             raise torch.OutOfMemoryError("CUDA out of memory.")
         return "ok"
 
-    monkeypatch.setattr(pipeline, "run_slices", run)
     ctx = _context(4, None)
     ctx.denoisers = [GraphLike(), object(), GraphLike()]
-    assert pipeline._run_slices_within_memory([0], ctx) == "ok"
+    assert backoff.run_within_memory(run, [0], ctx) == "ok"
     assert released == [True, True]
 
 
@@ -180,7 +177,7 @@ def test_backends_release_their_cached_state_before_the_retry(monkeypatch):
     (BackendUnavailableError(None, "unknown engine"), False),
 ])
 def test_out_of_memory_is_recognised_from_each_runtime(exc, expected):
-    assert pipeline.is_out_of_memory(exc) is expected
+    assert backoff.is_out_of_memory(exc) is expected
 
 
 def test_out_of_memory_behind_another_error_is_recognised():
@@ -193,14 +190,14 @@ def test_out_of_memory_behind_another_error_is_recognised():
             raise RuntimeError("CUDA error: operation failed due to a previous error during capture")
     except RuntimeError as exc:
         chained = exc
-    assert pipeline.is_out_of_memory(chained)
+    assert backoff.is_out_of_memory(chained)
     try:
         try:
             raise ValueError("bad shape")
         except ValueError:
             raise RuntimeError("capture invalidated")
     except RuntimeError as exc:
-        assert not pipeline.is_out_of_memory(exc)
+        assert not backoff.is_out_of_memory(exc)
 
 
 @pytest.mark.gpu
@@ -234,7 +231,7 @@ def test_real_cuda_out_of_memory_with_the_fast_engine_backs_off_to_a_batch_that_
                           members=[0], progress=None, device="cuda", stats=pipeline.RunStats(), batch_auto=True)
     torch.cuda.set_per_process_memory_fraction(min(1.0, 3 * peak4 / total), dev)
     try:
-        got = pipeline._run_slices_within_memory(jobs, ctx)
+        got = backoff.run_within_memory(run_slices, jobs, ctx)
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0, dev)
     assert ctx.stats.batch_halvings >= 1 and ctx.batch_size < 64
