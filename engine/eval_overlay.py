@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .overlay import MIN_PANEL, _hot, _map_on
+from .overlay import MIN_PANEL, _map_on
 
 ROWS = 3
 OUTLINE = np.array([0, 255, 255], dtype=np.uint8)  # cyan: apart from every colour of the map's ramp

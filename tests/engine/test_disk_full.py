@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from _infer_helpers import FAST, digests, invoke_infer, make_model_set, make_scans, one_torch_thread
+from _infer_helpers import FAST, digests, invoke_infer, one_torch_thread, reference_run
 from condiff.engine import pipeline
 
 
@@ -17,13 +17,7 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    root = tmp_path_factory.mktemp("full")
-    models = make_model_set(root / "set", n_members=1)
-    scans = root / "scans"
-    make_scans(scans, n=4)
-    ref = root / "ref"
-    res = invoke_infer([scans, "-o", ref, "--models", models, *FAST])
-    assert res.exit_code == 0, res.output + res.stderr
+    models, scans, ref = reference_run(tmp_path_factory.mktemp("full"), n_members=1, n_scans=4)
     return models, scans, digests(ref)
 
 

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from _infer_helpers import FAST, digests, invoke_infer, make_model_set, make_scans, one_torch_thread
+from _infer_helpers import FAST, digests, invoke_infer, one_torch_thread, reference_run
 from condiff.engine import backoff, pipeline
 from condiff.errors import BackendUnavailableError
 
@@ -39,13 +39,7 @@ def _device_holding(limit: int, real=pipeline.run_slices, calls=None):
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    root = tmp_path_factory.mktemp("oom")
-    models = make_model_set(root / "set", n_members=2)
-    scans = root / "scans"
-    make_scans(scans, n=2)
-    ref = root / "ref"
-    res = invoke_infer([scans, "-o", ref, "--models", models, *FAST])  # batch 4, never out of memory
-    assert res.exit_code == 0, res.output + res.stderr
+    models, scans, ref = reference_run(tmp_path_factory.mktemp("oom"), n_members=2, n_scans=2)  # at batch 4, never out of memory
     return models, scans, digests(ref)
 
 

@@ -4,7 +4,7 @@ import shutil
 
 import pytest
 
-from _infer_helpers import FAST, one_torch_thread, digests, make_model_set, make_scans, invoke_infer
+from _infer_helpers import FAST, one_torch_thread, digests, invoke_infer, reference_run
 from condiff.engine import pipeline
 
 
@@ -20,13 +20,7 @@ _invoke = invoke_infer
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """An uninterrupted run of 3 cases with 2 members: the bytes every other run must reproduce."""
-    root = tmp_path_factory.mktemp("resume")
-    models = make_model_set(root / "set", n_members=2)
-    scans = root / "scans"
-    make_scans(scans, n=3)
-    ref = root / "ref"
-    res = _invoke([scans, "-o", ref, "--models", models, *FAST])
-    assert res.exit_code == 0, res.output + res.stderr
+    models, scans, ref = reference_run(tmp_path_factory.mktemp("resume"), n_members=2, n_scans=3)
     return models, scans, ref, digests(ref)
 
 
