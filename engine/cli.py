@@ -85,6 +85,9 @@ def _jsonable(value: Any) -> Any:
 @click.option("--save-member-maps", is_flag=True, help="Also keep every member's model-space maps in the npz.")
 @click.option("--nan-policy", type=click.Choice(["error", "zero"]), default="error", show_default=True,
               help="NaN/Inf voxels fail the case, or count as 0.")
+@click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True,
+              help="OUT/condiff.log as text lines, or JSON lines (time, level, message; case, status, score "
+                   "for each finished case) for log collectors.")
 @click.option("--fail-fast", is_flag=True,
               help="Stop at the first failed case (the others are left for a rerun) instead of going on.")
 @click.option("--shard", metavar="I/N", help="Process only sorted cases k with k % N == I (0 <= I < N).")
@@ -108,7 +111,7 @@ def infer_main(**kw: Any) -> None:
 
 
 def _infer(inputs, output, models, engine, device, precision, batch_size, fast_kernels, steps, sampler, members, seed,
-           mask_pattern, resume, dry_run, no_restoration, save_model_space, save_member_maps, nan_policy, fail_fast, shard, merge_dir,
+           mask_pattern, resume, dry_run, no_restoration, save_model_space, save_member_maps, nan_policy, log_format, fail_fast, shard, merge_dir,
            ray_address, ray_workers, max_retries, group_slices, progress, verbose) -> int:
     from condiff.cli_common import resolve_precision
     from condiff.io.cases import discover
@@ -199,7 +202,7 @@ def _run(cases, ctx, shard_t, arguments, progress: bool, n_all: int, process=Non
     out = ctx.out_dir
     if shard_t is None:
         writer.clean_orphans(out)
-    log_handler = add_file_log(str(out / "condiff.log"), verbose=arguments["verbose"])
+    log_handler = add_file_log(str(out / "condiff.log"), verbose=arguments["verbose"], log_format=arguments["log_format"])
     started, t0 = _dt.datetime.now(_dt.timezone.utc), time.perf_counter()
     batch_size_requested = ctx.batch_size  # the run may halve it after running out of memory
     n_members = len(ctx.members)

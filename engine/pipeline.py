@@ -220,7 +220,7 @@ def _fail(ctx: RunContext, case: Case, plan: CasePlan, exc: BaseException, input
         write_record(ctx.out_dir, plan, record)
     except OSError as write_exc:
         logger.error("%s: could not record the failure (%s)", case.name, write_exc)
-    logger.info("case %s failed: %s", case.name, text)
+    logger.info("case %s failed: %s", case.name, text, extra={"case": case.name, "status": "failed", "error": text})
     return CaseOutcome(case, "failed", error=text, error_type=type(exc).__name__)
 
 
@@ -239,7 +239,7 @@ def _prepare(case: Case, ctx: RunContext) -> _Pending | CaseOutcome:
             reason = resume_check(ctx.out_dir, plan, input_sha256=input_sha, mask_sha256=mask_sha,
                                   model_set_digest=ctx.model_set.digest, options_digest=ctx.options_digest)
             if reason is None:
-                logger.info("case %s: outputs up to date, skipped", case.name)
+                logger.info("case %s: outputs up to date, skipped", case.name, extra={"case": case.name, "status": "skipped"})
                 return CaseOutcome(case, "skipped")
             logger.debug("case %s: recomputing (%s)", case.name, reason)
         modality = ctx.preprocess.modality
@@ -305,7 +305,8 @@ def _write_case(ctx: RunContext, p: _Pending, maps: np.ndarray, rest: np.ndarray
         "outputs": written,
     }
     write_record(ctx.out_dir, p.plan, record)  # last: the proof the case is done
-    logger.info("case %s done: score %.6g, max slice %.6g, %d slices", case.name, score, top, len(scores))
+    logger.info("case %s done: score %.6g, max slice %.6g, %d slices", case.name, score, top, len(scores),
+                extra={"case": case.name, "status": "ok", "score": score, "max_slice_score": top, "n_slices": len(scores)})
     return CaseOutcome(case, "ok", score=score, max_slice_score=top, n_slices=int(len(scores)))
 
 

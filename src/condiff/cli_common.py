@@ -204,11 +204,30 @@ class _EchoHandler(logging.Handler):
             self.handleError(record)
 
 
-def add_file_log(log_file: str, verbose: int) -> logging.Handler:
-    """Attach a file handler to the ``condiff`` logger (caller removes it with ``remove_log``)."""
+class JsonLineFormatter(logging.Formatter):
+    """One JSON object per line: time (UTC, ISO 8601), level, logger, message, plus the structured
+    fields a record carries (``extra={"case": ..., "status": ..., "score": ...}``)."""
+
+    FIELDS = ("case", "status", "score", "max_slice_score", "n_slices", "error")
+
+    def format(self, record: logging.LogRecord) -> str:
+        import datetime as _dt
+        import json
+
+        doc = {"time": _dt.datetime.fromtimestamp(record.created, _dt.timezone.utc).isoformat(timespec="milliseconds"),
+               "level": record.levelname, "logger": record.name, "message": record.getMessage()}
+        doc.update({k: getattr(record, k) for k in self.FIELDS if hasattr(record, k)})
+        if record.exc_info:
+            doc["traceback"] = self.formatException(record.exc_info)
+        return json.dumps(doc, ensure_ascii=False, default=str)
+
+
+def add_file_log(log_file: str, verbose: int, log_format: str = "text") -> logging.Handler:
+    """Attach a file handler to the ``condiff`` logger (caller removes it with ``remove_log``);
+    ``log_format`` ``json`` writes JSON lines (``JsonLineFormatter``) for log collectors."""
     fh = logging.FileHandler(log_file, mode="a", encoding="utf-8")
     fh.setLevel(logging.DEBUG if verbose else logging.INFO)
-    fh.setFormatter(logging.Formatter(LOG_FORMAT))
+    fh.setFormatter(JsonLineFormatter() if log_format == "json" else logging.Formatter(LOG_FORMAT))
     logging.getLogger("condiff").addHandler(fh)
     return fh
 
@@ -252,7 +271,7 @@ def run_command(body: Callable[[], int], verbose: int = 0) -> None:
 
 
 __all__ = ["ENGINES", "EXIT_OK", "EXIT_FAILED", "EXIT_USAGE", "EXIT_INTERRUPTED", "EXIT_TERMINATED", "Terminated",
-           "sigterm_raises", "verbose_option", "progress_option", "device_options", "BatchSize", "seed_option", "version_option",
+           "sigterm_raises", "verbose_option", "progress_option", "device_options", "BatchSize", "JsonLineFormatter", "seed_option", "version_option",
            "environment_report", "format_environment", "logging_to", "add_file_log", "remove_log",
            "exit_code_for", "run_command"]
 
