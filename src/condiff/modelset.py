@@ -40,6 +40,21 @@ def _write_atomic(path: Path, data: bytes) -> None:
     tmp.replace(path)
 
 
+def canonical_safetensors(blob: bytes) -> bytes:
+    """The same safetensors file with its JSON header written in sorted key order.
+
+    The safetensors library stores the ``__metadata__`` map in a hash map whose order changes from
+    process to process, so saving identical tensors twice gave different bytes (and a different
+    model-set digest). Reordering keys does not change the header's length, and the data buffer
+    and its offsets are untouched; trailing spaces keep the header's original (aligned) size."""
+    n = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8:8 + n])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    if len(text) > n:  # cannot happen for the library's compact header; never corrupt a file
+        raise ValueError("safetensors header grew when canonicalised")
+    return blob[:8] + text + b" " * (n - len(text)) + blob[8 + n:]
+
+
 def save_model(model_dir: str | Path, model: torch.nn.Module, config: ModelConfig, dtype: torch.dtype = torch.float32) -> Path:
     """Write ``config.json`` and ``model.safetensors`` (float32, or float16 for a shipped set)."""
     from safetensors.torch import save as st_save
@@ -47,7 +62,8 @@ def save_model(model_dir: str | Path, model: torch.nn.Module, config: ModelConfi
     model_dir = Path(model_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()}
-    _write_atomic(model_dir / WEIGHTS, st_save(state, metadata={"format": "pt", "schema": "condiff.model/1"}))
+    blob = st_save(state, metadata={"format": "pt", "schema": "condiff.model/1"})
+    _write_atomic(model_dir / WEIGHTS, canonical_safetensors(blob))
     _write_atomic(model_dir / CONFIG, (json.dumps(config.to_dict(), indent=1, sort_keys=True) + "\n").encode())
     return model_dir
 

@@ -121,3 +121,47 @@ def test_diffusers_folder_import_is_lossless(tmp_path, fmt):
     save_model(tmp_path / "again", ours, open_model_set(tmp_path / "ours").configs[0])
     again, _ = load_model(tmp_path / "again")
     assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), again.state_dict().values()))
+
+
+def test_saving_identical_weights_gives_identical_bytes_in_every_process(tmp_path):
+    """The safetensors library orders its metadata map differently per process; save_model writes a
+    canonical header, so a re-saved set keeps its bytes and digest (resume trusts the digest)."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    script = (
+        "import sys, torch\n"
+        "from condiff.config import ModelConfig, preset\n"
+        "from condiff.modelset import save_model\n"
+        "from condiff.unet import ConditionalUNet\n"
+        "torch.manual_seed(0)\n"
+        "cfg = preset('tiny', 1, sample_size=32)\n"
+        "save_model(sys.argv[1], ConditionalUNet(cfg), ModelConfig(unet=cfg, preprocessing={'modality': 'mri', "
+        "'image_size': 32}), dtype=torch.float16)\n"
+    )
+    blobs = []
+    for k in range(4):  # four processes: four draws of the library's hash order
+        subprocess.run([sys.executable, "-c", script, str(tmp_path / f"m{k}")], check=True)
+        blobs.append((tmp_path / f"m{k}" / "model.safetensors").read_bytes())
+    assert all(b == blobs[0] for b in blobs[1:])
+    tensors = load_file(tmp_path / "m0" / "model.safetensors")  # still a valid file for the library
+    torch.manual_seed(0)
+    want = ConditionalUNet(preset("tiny", 1, sample_size=32)).state_dict()
+    assert set(tensors) == set(want) and all(torch.equal(tensors[k], want[k].half()) for k in want)
+
+
+def test_canonical_header_keeps_length_and_data():
+    from safetensors.torch import save
+
+    from condiff.modelset import canonical_safetensors
+
+    t = {"b": torch.arange(6.0).reshape(2, 3), "a": torch.ones(3, dtype=torch.float16)}
+    one = save(t, metadata={"x": "1", "y": "2", "z": "3"})
+    two = save(t, metadata={"z": "3", "x": "1", "y": "2"})
+    c1, c2 = canonical_safetensors(one), canonical_safetensors(two)
+    n = int.from_bytes(one[:8], "little")
+    assert c1 == c2 and len(c1) == len(one) and c1[:8] == one[:8]
+    assert c1[8 + n:] == one[8 + n:]  # the data buffer, byte for byte
+    assert json.loads(c1[8:8 + n]) == json.loads(one[8:8 + n])
