@@ -46,7 +46,7 @@ def _versions() -> dict:
 
 def baseline_rows(out_dir: Path, label_pattern: str) -> dict:
     """AP_p of the intensity baselines on exactly the slices and masks the benchmark protocol uses."""
-    from condiff.engine.evaluate import _benchmark_case
+    from condiff.engine.evaluate import benchmark_arrays
     from condiff.engine.writer import load_records
     from condiff.metrics import average_precision
 
@@ -54,7 +54,7 @@ def baseline_rows(out_dir: Path, label_pattern: str) -> dict:
     for rec in load_records(out_dir):
         if rec.get("status") != "ok":
             continue
-        _, m, _, _ = _benchmark_case(out_dir, rec, label_pattern)
+        _, m, _, _ = benchmark_arrays(out_dir, rec, label_pattern)
         npz = np.load(out_dir / "model_space" / f"{rec['case']}.npz")
         slices, fg = npz["slices"][:, 0], npz["foreground"]
         keep = slices.reshape(len(slices), -1).sum(axis=1) != 0

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .overlay import MIN_PANEL, _map_on
+from condiff.io.images import to_png8
+
+from .overlay import enlarge, map_on
 
 ROWS = 3
 OUTLINE = np.array([0, 255, 255], dtype=np.uint8)  # cyan: apart from every colour of the map's ramp
@@ -36,22 +38,16 @@ def pick_slices(label: np.ndarray, slice_scores: dict[int, float], k: int = ROWS
 
 def _grey(image: np.ndarray, lo: float, hi: float) -> np.ndarray:
     """(H, W) or (H, W, 3) -> (H, W, 3) uint8 on [lo, hi]."""
-    scaled = np.clip((np.asarray(image, dtype=np.float64) - lo) / max(hi - lo, 1e-12), 0.0, 1.0)
-    u8 = np.round(scaled * 255.0).astype(np.uint8)
+    u8 = to_png8(image, lo, hi)
     return np.repeat(u8[..., None], 3, axis=-1) if u8.ndim == 2 else u8
 
 
 def _row(grey: np.ndarray, values01: np.ndarray, label: np.ndarray) -> np.ndarray:
     edge = outline(label)
-    left, right = grey.copy(), _map_on(grey, values01)
+    left, right = grey.copy(), map_on(grey, values01)
     left[edge] = OUTLINE
     right[edge] = OUTLINE
     return np.concatenate([left, right], axis=1)
-
-
-def _enlarge(image: np.ndarray, side: int) -> np.ndarray:
-    factor = max(1, -(-MIN_PANEL // side))
-    return np.repeat(np.repeat(image, factor, axis=0), factor, axis=1) if factor > 1 else image
 
 
 def volume_figure(image: np.ndarray, amap: np.ndarray, label: np.ndarray, slice_scores: dict[int, float],
@@ -69,14 +65,14 @@ def volume_figure(image: np.ndarray, amap: np.ndarray, label: np.ndarray, slice_
         values = show(amap) / vmax if vmax > 0 else np.zeros(show(amap).shape)
         rows.append(_row(_grey(show(image), float(lo), float(hi)), values, show(label)))
     figure = np.concatenate(rows, axis=0)
-    return _enlarge(figure, min(image.shape[0], image.shape[1]))
+    return enlarge(figure, min(image.shape[0], image.shape[1]))
 
 
 def image_figure(rgb01: np.ndarray, amap: np.ndarray, label: np.ndarray) -> np.ndarray:
     """uint8 (H', 2 * W', 3) for a photograph (``rgb01`` (H, W, 3) in [0, 1])."""
     vmax = float(amap.max()) if amap.size else 0.0
     values = amap / vmax if vmax > 0 else np.zeros(amap.shape)
-    return _enlarge(_row(_grey(rgb01, 0.0, 1.0), values, label), min(amap.shape))
+    return enlarge(_row(_grey(rgb01, 0.0, 1.0), values, label), min(amap.shape))
 
 
 __all__ = ["ROWS", "OUTLINE", "outline", "pick_slices", "volume_figure", "image_figure"]

@@ -94,14 +94,14 @@ def _read_label(path: Path | None, like=None, shape: tuple[int, ...] | None = No
     return label
 
 
-def _native_case(out_dir: Path, rec: dict[str, Any], pattern: str, figure: bool = False, required: bool = True):
-    """(pixel labels, pixel scores, sample labels, sample scores) of one case on the input grid;
-    with ``figure``, also writes ``eval-overlays/<case>.png`` (``eval_overlay``)."""
+def _native_case(out_dir: Path, rec: dict[str, Any], label_path: Path | None, figure: bool = False):
+    """(pixel labels, pixel scores, sample labels, sample scores) of one case on the input grid
+    (``label_path`` None: no label, all normal); with ``figure``, also writes
+    ``eval-overlays/<case>.png`` (``eval_overlay``)."""
     from nibabel.orientations import apply_orientation  # the exact permutation/flip inference used
 
     from condiff.io.volumes import read_mask
 
-    label_path = find_mask(_case_of(rec), pattern, required=required)
     map_path = out_dir / rec["outputs"]["map"]["path"]
     if rec.get("kind") == "image":
         import tifffile
@@ -170,7 +170,7 @@ def _write_figure(out_dir: Path, rec: dict[str, Any], draw) -> None:
     write_bytes_atomic(path, png_bytes(image))
 
 
-def _benchmark_case(out_dir: Path, rec: dict[str, Any], pattern: str, required: bool = True):
+def _benchmark_case(out_dir: Path, rec: dict[str, Any], label_path: Path | None):
     """(maps, masks, scores, member maps or None) of one case in model slice space."""
     from condiff.preprocess import mask_to_slices
 
@@ -178,7 +178,6 @@ def _benchmark_case(out_dir: Path, rec: dict[str, Any], pattern: str, required: 
     if entry is None:
         raise CondiffError(rec["input"], "no model-space maps were saved for this case",
                            "rerun condiff-infer with --save-model-space (or --save-member-maps)")
-    label_path = find_mask(_case_of(rec), pattern, required=required)
     with np.load(out_dir / entry["path"]) as z:
         maps, slices, scores = z["maps"], z["slices"], z["scores"]
         member_maps = z["member_maps"] if "member_maps" in z.files else None
@@ -191,6 +190,12 @@ def _benchmark_case(out_dir: Path, rec: dict[str, Any], pattern: str, required: 
         masks = mask_to_slices(_read_label(label_path, like=like), rec["geometry"])
         keep = slices.reshape(len(slices), -1).sum(axis=1) != 0  # reference §8: empty slices dropped
     return maps[keep], masks[keep], scores[keep], None if member_maps is None else member_maps[:, keep]
+
+
+def benchmark_arrays(out_dir: Path, rec: dict[str, Any], mask_pattern: str):
+    """(maps, masks, scores, member maps or None) of one finished case in model slice space, as the
+    benchmark protocol scores it (for tools that score other maps on exactly the same pixels)."""
+    return _benchmark_case(Path(out_dir), rec, find_mask(_case_of(rec), mask_pattern))
 
 
 def _row(m: DetectionMetrics) -> dict[str, float]:
@@ -220,12 +225,13 @@ def evaluate(out_dir: str | Path, mask_pattern: str, protocol: str = "native", o
     without_label: list[str] = []
     for rec in records:
         try:
-            if not required and find_mask(_case_of(rec), mask_pattern, required=False) is None:
+            label_path = find_mask(_case_of(rec), mask_pattern, required=required)
+            if label_path is None:
                 without_label.append(rec["case"])
             if protocol == "native":
-                part = _native_case(out_dir, rec, mask_pattern, figure=overlays, required=required)
+                part = _native_case(out_dir, rec, label_path, figure=overlays)
             else:
-                part = _benchmark_case(out_dir, rec, mask_pattern, required=required)
+                part = _benchmark_case(out_dir, rec, label_path)
         except (CondiffError, OSError, ValueError, KeyError) as exc:
             text = exc.message if isinstance(exc, CondiffError) else f"{type(exc).__name__}: {exc}"
             ev.failures.append((rec["case"], text))
@@ -297,4 +303,4 @@ def table_csv(ev: Evaluation) -> str:
     return buf.getvalue()
 
 
-__all__ = ["PROTOCOLS", "Evaluation", "evaluate", "format_table", "table_csv"]
+__all__ = ["PROTOCOLS", "Evaluation", "evaluate", "benchmark_arrays", "format_table", "table_csv"]

@@ -42,7 +42,7 @@ def _grey(img: np.ndarray, lo: float, hi: float) -> np.ndarray:
     return np.repeat(u8, 3, axis=-1) if u8.shape[-1] == 1 else u8
 
 
-def _map_on(grey: np.ndarray, values01: np.ndarray) -> np.ndarray:
+def map_on(grey: np.ndarray, values01: np.ndarray) -> np.ndarray:
     """The hot ramp over a grey (H, W, 3) uint8 panel, opacity rising with the map value."""
     v = np.clip(np.asarray(values01, dtype=np.float64), 0.0, 1.0)
     alpha = OVERLAY_OPACITY * np.clip((v - OVERLAY_FROM) / (OVERLAY_FULL - OVERLAY_FROM), 0.0, 1.0)[..., None]
@@ -62,12 +62,17 @@ def overlay_image(slices: np.ndarray, restorations: np.ndarray, maps: np.ndarray
     for i in top_slices(scores, k):
         values = maps[i] / vmax if vmax > 0 else np.zeros(maps[i].shape)
         grey = _grey(slices[i], lo, hi)
-        panels = [grey, _grey(restorations[i], lo, hi), _hot(values), _map_on(grey, values)]
+        panels = [grey, _grey(restorations[i], lo, hi), _hot(values), map_on(grey, values)]
         if kind == "volume":  # canonical (R->, A->) slice: show anterior up, patient right on the right
             panels = [np.ascontiguousarray(np.swapaxes(p, 0, 1)[::-1]) for p in panels]
         rows.append(np.concatenate(panels, axis=1))
-    image = np.concatenate(rows, axis=0)
-    factor = max(1, -(-MIN_PANEL // min(maps.shape[-2:])))
+    return enlarge(np.concatenate(rows, axis=0), min(maps.shape[-2:]))
+
+
+def enlarge(image: np.ndarray, side: int) -> np.ndarray:
+    """Repeat every pixel f = ceil(MIN_PANEL / side) times per axis (f >= 1), so panels of ``side``
+    pixels become at least ``MIN_PANEL`` wide and every model pixel is still shown as it is."""
+    factor = max(1, -(-MIN_PANEL // side))
     return np.repeat(np.repeat(image, factor, axis=0), factor, axis=1) if factor > 1 else image
 
 
@@ -76,4 +81,4 @@ def overlay_png(slices, restorations, maps, scores, kind: str = "volume", k: int
     return png_bytes(overlay_image(slices, restorations, maps, scores, kind=kind, k=k))
 
 
-__all__ = ["overlay_image", "overlay_png", "top_slices"]
+__all__ = ["overlay_image", "overlay_png", "top_slices", "map_on", "enlarge"]

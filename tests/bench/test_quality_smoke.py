@@ -34,13 +34,13 @@ def test_quality_smoke_report_is_self_consistent(tmp_path):
             if row.get(k) is not None:
                 assert 0.0 <= row[k] <= 1.0
     # recompute the ensemble row from the written model-space maps with scikit-learn
-    from condiff.engine.evaluate import _benchmark_case
+    from condiff.engine.evaluate import benchmark_arrays
     from condiff.engine.writer import load_records
 
     out = tmp_path / "brats-t1c"
     maps, masks, scores = [], [], []
     for rec in load_records(out):
-        m, y, s, _ = _benchmark_case(out, rec, "{dir}/{base}_seg.nii.gz")
+        m, y, s, _ = benchmark_arrays(out, rec, "{dir}/{base}_seg.nii.gz")
         maps.append(m), masks.append(y), scores.append(s)
     maps, masks, scores = np.concatenate(maps), np.concatenate(masks), np.concatenate(scores)
     labels = masks.reshape(len(masks), -1).any(axis=1)

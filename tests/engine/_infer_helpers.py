@@ -106,13 +106,13 @@ def invoke_infer(args):
     return CliRunner().invoke(infer_main, [str(a) for a in args], catch_exceptions=False)
 
 
-def reference_run(root: Path, n_members: int = 2, n_scans: int = 3) -> tuple[Path, Path, Path]:
-    """A tiny model set, ``n_scans`` synthetic scans and one uninterrupted ``condiff-infer`` run of
-    them with ``FAST`` settings into ``root/ref``: the outputs other runs must reproduce.
-    Returns (models, scans, ref)."""
+def reference_run(root: Path, n_members: int = 2, n_scans: int = 3, with_masks: bool = False) -> tuple[Path, Path, Path]:
+    """A tiny model set, ``n_scans`` synthetic scans (``with_masks``: and their lesion masks) and one
+    uninterrupted ``condiff-infer`` run of them with ``FAST`` settings into ``root/ref``: the
+    outputs other runs must reproduce. Returns (models, scans, ref)."""
     models = make_model_set(root / "set", n_members=n_members)
     scans = root / "scans"
-    make_scans(scans, n=n_scans)
+    make_scans(scans, n=n_scans, with_masks=with_masks)
     ref = root / "ref"
     res = invoke_infer([scans, "-o", ref, "--models", models, *FAST])
     assert res.exit_code == 0, res.output + res.stderr

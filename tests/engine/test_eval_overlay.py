@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from _infer_helpers import FAST, make_model_set, make_scans, one_torch_thread
+from _infer_helpers import one_torch_thread, reference_run
 from condiff.engine import eval_overlay, evaluate as evaluation
-from condiff.engine.cli import eval_main, infer_main
+from condiff.engine.cli import eval_main
 
 ndimage = pytest.importorskip("scipy.ndimage")
 SEG = "{dir}/{stem}_seg.nii.gz"
@@ -42,15 +42,8 @@ def test_pick_slices_prefers_label_then_score_and_falls_back_to_scores():
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("evalfig")
-    with one_torch_thread():
-        models = make_model_set(root / "set", n_members=1)
-        scans = root / "scans"
-        make_scans(scans, n=2, with_masks=True)  # case0 with a lesion, case1 without
-        out = root / "out"
-        res = CliRunner().invoke(infer_main, [str(scans), "-o", str(out), "--models", str(models), *FAST],
-                                 catch_exceptions=False)
-    assert res.exit_code == 0, res.output + res.stderr
+    with one_torch_thread():  # case0 with a lesion, case1 without
+        _, scans, out = reference_run(tmp_path_factory.mktemp("evalfig"), n_members=1, n_scans=2, with_masks=True)
     return scans, out
 
 
