@@ -23,8 +23,8 @@ from typing import Any
 import click
 
 from condiff.cli_common import (EXIT_FAILED, EXIT_OK, Terminated, add_file_log, device_options, environment_report,
-                                logging_to, progress_option, remove_log, run_command, seed_option, verbose_option,
-                                version_option)
+                                logging_to, progress_option, quiet_option, remove_log, run_command, seed_option,
+                                verbose_option, version_option)
 from condiff.errors import ModelSetError
 
 logger = logging.getLogger("condiff.engine.cli")
@@ -88,6 +88,8 @@ def _jsonable(value: Any) -> Any:
 @click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True,
               help="OUT/condiff.log as text lines, or JSON lines (time, level, message; case, status, score "
                    "for each finished case) for log collectors.")
+@click.option("--log-file", type=click.Path(path_type=Path, dir_okay=False), default=None, metavar="PATH",
+              help="Append the run's log here instead of OUT/condiff.log (its folder is created).")
 @click.option("--fail-fast", is_flag=True,
               help="Stop at the first failed case (the others are left for a rerun) instead of going on.")
 @click.option("--shard", metavar="I/N", help="Process only sorted cases k with k % N == I (0 <= I < N).")
@@ -103,6 +105,7 @@ def _jsonable(value: Any) -> Any:
 @click.option("--group-slices", type=click.IntRange(min=1), default=None, hidden=True,
               help="Slices per processing group [default: 4 x batch size].")
 @progress_option
+@quiet_option
 @verbose_option
 @version_option
 def infer_main(**kw: Any) -> None:
@@ -111,8 +114,8 @@ def infer_main(**kw: Any) -> None:
 
 
 def _infer(inputs, output, models, engine, device, precision, batch_size, fast_kernels, steps, sampler, members, seed,
-           mask_pattern, resume, dry_run, no_restoration, save_model_space, save_member_maps, nan_policy, log_format, fail_fast, shard, merge_dir,
-           ray_address, ray_workers, max_retries, group_slices, progress, verbose) -> int:
+           mask_pattern, resume, dry_run, no_restoration, save_model_space, save_member_maps, nan_policy, log_format, log_file, fail_fast, shard,
+           merge_dir, ray_address, ray_workers, max_retries, group_slices, progress, quiet, verbose) -> int:
     from condiff.cli_common import resolve_precision
     from condiff.io.cases import discover
 
@@ -120,7 +123,9 @@ def _infer(inputs, output, models, engine, device, precision, batch_size, fast_k
 
     precision = resolve_precision(precision, engine)
     arguments = {k: _jsonable(v) for k, v in locals().items() if k not in ("discover", "pipeline", "planning", "writer", "resolve_precision")}
-    with logging_to(verbose, echo=_echo_err):
+    if quiet and verbose:
+        raise click.UsageError("-q/--quiet and -v/--verbose contradict each other: give one")
+    with logging_to(verbose, echo=_echo_err, quiet=quiet, backlog=True):
         if merge_dir is not None:
             return _merge(merge_dir)
         if output is None:
@@ -150,6 +155,8 @@ def _infer(inputs, output, models, engine, device, precision, batch_size, fast_k
                                           "(condiff.examples/models is missing)",
                                     "pass --models DIR (a model set or a model folder)")
         planning.check_output_location(output, inputs)  # before discovery, which would read our own outputs
+        if log_file is not None:
+            check_log_file(log_file)  # before any network is loaded
         cases = discover(inputs)
         n_all = len(cases)
         if shard_t is not None:
@@ -202,12 +209,13 @@ def _run(cases, ctx, shard_t, arguments, progress: bool, n_all: int, process=Non
     out = ctx.out_dir
     if shard_t is None:
         writer.clean_orphans(out)
-    log_handler = add_file_log(str(out / "condiff.log"), verbose=arguments["verbose"], log_format=arguments["log_format"])
+    log_handler = open_run_log(arguments["log_file"] or out / "condiff.log", arguments)
+    quiet = arguments["quiet"]
     started, t0 = _dt.datetime.now(_dt.timezone.utc), time.perf_counter()
     batch_size_requested = ctx.batch_size  # the run may halve it after running out of memory
     n_members = len(ctx.members)
     bar = tqdm(total=0, unit="slice", unit_scale=1.0 / n_members, dynamic_ncols=True, file=sys.stderr,
-               disable=not progress or not sys.stderr.isatty(), desc="condiff-infer")
+               disable=quiet or not progress or not sys.stderr.isatty(), desc="condiff-infer")
     ctx.on_work = lambda n: (setattr(bar, "total", bar.total + n), bar.refresh())
     ctx.progress = bar.update
 
@@ -266,8 +274,9 @@ def _run(cases, ctx, shard_t, arguments, progress: bool, n_all: int, process=Non
         logger.info("finished in %.1f s: %s%s", elapsed, by_status, " (interrupted)" if interrupted else "")
         remove_log(log_handler)
     n_failed = by_status.get("failed", 0)
-    click.echo(f"condiff-infer: {by_status.get('ok', 0)} done, {by_status.get('skipped', 0)} already done, "
-               f"{n_failed} failed -> {out}")
+    if not quiet:
+        click.echo(f"condiff-infer: {by_status.get('ok', 0)} done, {by_status.get('skipped', 0)} already done, "
+                   f"{n_failed} failed -> {out}")
     if n_failed:
         click.echo(f"{n_failed} case(s) failed; reasons in {out / 'cases.csv'}", err=True)
     if stopped is not None:
@@ -275,6 +284,28 @@ def _run(cases, ctx, shard_t, arguments, progress: bool, n_all: int, process=Non
         _echo_err(f"STOPPED: {stopped}; {n_left} case(s) not finished. "
                   "Rerun the same command to resume: finished cases are kept and skipped")
     return EXIT_FAILED if n_failed else EXIT_OK
+
+
+def check_log_file(path: Path) -> None:
+    """A --log-file must be a file we could append to (its folder may still have to be created);
+    exit 2 naming it otherwise. Creates nothing, so --dry-run can check it too."""
+    import os
+
+    from condiff.errors import OutputConflictError
+
+    if path.is_dir():
+        raise OutputConflictError(path, "is a folder, not a file for the run log", "give a file path to --log-file")
+    target = path if path.exists() else next(p for p in path.absolute().parents if p.exists())
+    if (target is not path and not target.is_dir()) or not os.access(target, os.W_OK):
+        raise OutputConflictError(path, "cannot be written as the run log"
+                                  + ("" if target is path else f" ({target} is not a writable folder)"),
+                                  "give a writable file path to --log-file")
+
+
+def open_run_log(path: Path, arguments: dict):
+    """The run's file log (appended to), its folder created."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return add_file_log(str(path), verbose=arguments["verbose"], log_format=arguments["log_format"])
 
 
 def _device_name(device: str) -> str:

@@ -54,6 +54,12 @@ def verbose_option(f):
     return click.option("-v", "--verbose", count=True, help="Debug logs on stderr and tracebacks for errors.")(f)
 
 
+def quiet_option(f):
+    return click.option("-q", "--quiet", is_flag=True,
+                        help="Only errors on the terminal: no progress bar, warnings or summary line "
+                             "(the log file still gets everything).")(f)
+
+
 def progress_option(f):
     return click.option("--progress/--no-progress", default=True, show_default=True,
                         help="Progress bar on stderr (never drawn when stderr is not a terminal).")(f)
@@ -165,19 +171,25 @@ def format_environment(report: dict[str, Any]) -> str:
 
 
 @contextlib.contextmanager
-def logging_to(verbose: int, echo: Callable[[str], None] | None = None) -> Iterator[None]:
-    """Configure the ``condiff`` logger for one command: stderr (WARNING, or DEBUG with -v), through
-    ``echo`` when given (e.g. ``tqdm.write``). Handlers are removed afterwards, so commands can run
-    repeatedly in one process (tests, Ray drivers); ``add_file_log`` adds the run's log file."""
+def logging_to(verbose: int, echo: Callable[[str], None] | None = None, quiet: bool = False,
+               backlog: bool = False) -> Iterator[None]:
+    """Configure the ``condiff`` logger for one command: stderr (WARNING, DEBUG with -v, ERROR with
+    ``quiet``), through ``echo`` when given (e.g. ``tqdm.write``). ``backlog``: keep what is logged
+    until ``add_file_log`` opens the run's log file, and write it there first. Handlers are removed
+    afterwards, so commands can run repeatedly in one process (tests, Ray drivers)."""
     logger = logging.getLogger("condiff")
     added: list[logging.Handler] = []
     old_level, old_propagate = logger.level, logger.propagate
     logger.setLevel(logging.DEBUG if verbose else logging.INFO)
     logger.propagate = False
     stream = _EchoHandler(echo) if echo else logging.StreamHandler(sys.stderr)
-    stream.setLevel(logging.DEBUG if verbose else logging.WARNING)
+    stream.setLevel(logging.DEBUG if verbose else logging.ERROR if quiet else logging.WARNING)
     stream.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
     added.append(stream)
+    if backlog:  # what is logged before the run's log file opens (discovery) still reaches it
+        keeper = _Backlog()
+        keeper.setLevel(logging.DEBUG if verbose else logging.INFO)
+        added.append(keeper)
     for h in added:
         logger.addHandler(h)
     try:
@@ -188,6 +200,20 @@ def logging_to(verbose: int, echo: Callable[[str], None] | None = None) -> Itera
             h.close()
         logger.setLevel(old_level)
         logger.propagate = old_propagate
+
+
+class _Backlog(logging.Handler):
+    """Keeps records until ``add_file_log`` writes them to the run's log file (then it is removed)."""
+
+    LIMIT = 10_000
+
+    def __init__(self):
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if len(self.records) < self.LIMIT:
+            self.records.append(record)
 
 
 class _EchoHandler(logging.Handler):
@@ -228,7 +254,14 @@ def add_file_log(log_file: str, verbose: int, log_format: str = "text") -> loggi
     fh = logging.FileHandler(log_file, mode="a", encoding="utf-8")
     fh.setLevel(logging.DEBUG if verbose else logging.INFO)
     fh.setFormatter(JsonLineFormatter() if log_format == "json" else logging.Formatter(LOG_FORMAT))
-    logging.getLogger("condiff").addHandler(fh)
+    logger = logging.getLogger("condiff")
+    for backlog in [h for h in logger.handlers if isinstance(h, _Backlog)]:
+        logger.removeHandler(backlog)
+        for record in backlog.records:
+            if record.levelno >= fh.level:
+                fh.handle(record)
+        backlog.records.clear()
+    logger.addHandler(fh)
     return fh
 
 
@@ -271,7 +304,7 @@ def run_command(body: Callable[[], int], verbose: int = 0) -> None:
 
 
 __all__ = ["ENGINES", "EXIT_OK", "EXIT_FAILED", "EXIT_USAGE", "EXIT_INTERRUPTED", "EXIT_TERMINATED", "Terminated",
-           "sigterm_raises", "verbose_option", "progress_option", "device_options", "BatchSize", "JsonLineFormatter", "seed_option", "version_option",
+           "sigterm_raises", "verbose_option", "quiet_option", "progress_option", "device_options", "BatchSize", "JsonLineFormatter", "seed_option", "version_option",
            "environment_report", "format_environment", "logging_to", "add_file_log", "remove_log",
            "exit_code_for", "run_command"]
 
