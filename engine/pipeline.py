@@ -90,6 +90,8 @@ class RunContext:
     on_work: Callable[[int], None] | None = None       # slice-member restorations about to start
     on_outcome: Callable[[CaseOutcome], None] | None = None
     stats: RunStats = field(default_factory=RunStats)
+    fallback_precision: str | None = None  # rerun a case with non-finite output on eager torch at this precision
+    fallback_denoisers: list = field(default_factory=list)  # opened at the first such case
 
     @property
     def options_digest(self) -> str:
@@ -123,7 +125,8 @@ def make_context(models: str | Path, out_dir: str | Path, *, engine: str = "torc
                  precision: str = "fp32", batch_size: int | None = None, steps: int = 50, sampler: str = "ddpm",
                  members: str | None = None, seed: int = 0, mask_pattern: str | None = None, restoration: bool = True,
                  model_space: bool = False, member_maps: bool = False, nan_policy: str = "error",
-                 resume: bool = True, group_slices: int | None = None, fast_kernels: str = "torch") -> RunContext:
+                 resume: bool = True, group_slices: int | None = None, fast_kernels: str = "torch",
+                 fallback_precision: str | None = None) -> RunContext:
     """Validate the model set and options; no network is loaded (see ``load_denoisers``).
 
     Raises ``CondiffError`` subclasses (exit 2 in the CLI) for an invalid set, member list,
@@ -160,7 +163,8 @@ def make_context(models: str | Path, out_dir: str | Path, *, engine: str = "torc
     return RunContext(out_dir=Path(out_dir), model_set=model_set, members=member_idx, options=options,
                       preprocess=preprocess, plan=plan, device=dev,
                       batch_size=batch_size or (16 if dev == "cpu" else 64), mask_pattern=mask_pattern,
-                      resume=resume, group_slices=group_slices, batch_auto=batch_size is None)
+                      resume=resume, group_slices=group_slices, batch_auto=batch_size is None,
+                      fallback_precision=fallback_precision)
 
 
 def load_denoisers(ctx: RunContext) -> None:
@@ -276,12 +280,16 @@ def _prepare(case: Case, ctx: RunContext) -> _Pending | CaseOutcome:
 
 
 def _write_case(ctx: RunContext, p: _Pending, maps: np.ndarray, rest: np.ndarray, scores: np.ndarray,
-                member_scores: np.ndarray, member_maps: np.ndarray | None) -> CaseOutcome:
-    """Write one case's outputs, then its record. ``maps`` (S, H, W), ``rest`` (S, C, H, W) in model space."""
+                member_scores: np.ndarray, member_maps: np.ndarray | None, fallback: dict | None = None) -> CaseOutcome:
+    """Write one case's outputs, then its record. ``maps`` (S, H, W), ``rest`` (S, C, H, W) in model space.
+    ``fallback``: the case was recomputed on eager torch (``_fallback_results``); the record says so."""
     case = p.case
-    if not (np.all(np.isfinite(maps)) and np.all(np.isfinite(rest))):
-        raise CondiffError(case.path, f"non-finite output from engine {ctx.options.engine} ({ctx.options.precision})",
-                           "try --precision fp32")
+    engine, precision = ctx.options.engine, ctx.options.precision
+    if fallback is not None:
+        engine, precision = "torch", fallback["precision"]
+    if not _finite(maps, rest):
+        raise CondiffError(case.path, f"non-finite output from engine {engine} ({precision})",
+                           "try --precision fp32, or --fallback-precision fp32 to recompute such cases")
     arrays = None
     if "model_space" in p.plan.outputs:
         arrays = {"slices": p.prepared.slices, "maps": maps, "foreground": p.prepared.foreground,
@@ -296,7 +304,7 @@ def _write_case(ctx: RunContext, p: _Pending, maps: np.ndarray, rest: np.ndarray
         "schema": RECORD_SCHEMA, "case": case.name, "status": "ok", "kind": case.kind,
         "input": _abs(case.path), "input_sha256": p.input_sha256, "mask": _abs(p.mask_path), "mask_sha256": p.mask_sha256,
         "model_set_digest": ctx.model_set.digest, "options_digest": ctx.options_digest, "options": ctx.options.to_dict(),
-        "condiff_version": __version__, "engine": ctx.options.engine, "precision": ctx.options.precision,
+        "condiff_version": __version__, "engine": engine, "precision": precision, "fallback": fallback,
         "seed": ctx.options.seed, "members": list(ctx.members), "sampler": ctx.options.sampler,
         "steps": ctx.options.steps, **p.info, "geometry": p.prepared.geometry, "n_slices": int(len(scores)),
         "score": score, "max_slice_score": top,
@@ -320,9 +328,6 @@ def _run_group(group: list[_Pending], ctx: RunContext) -> list[CaseOutcome]:
     ctx.stats.infer_s += time.perf_counter() - t0
     ctx.stats.n_slices += len(jobs)
     ctx.stats.n_unet_evals += len(jobs) * n_members * ctx.plan.n_steps
-    all_maps = np.stack([r.amap.numpy() for r in results]).astype(np.float32)
-    member_maps = (np.stack([r.member_maps.numpy() for r in results], axis=1).astype(np.float32)
-                   if ctx.options.member_maps else None)
     t0 = time.perf_counter()
     outcomes, start = [], 0
     for p in group:
@@ -335,11 +340,16 @@ def _run_group(group: list[_Pending], ctx: RunContext) -> list[CaseOutcome]:
             _report(ctx, outcome)
             continue
         try:
-            rest = np.stack([r.restoration.numpy() for r in results[sl]]).astype(np.float32)
-            scores = np.array([r.score for r in results[sl]], dtype=np.float64)
-            member_scores = np.array([r.member_scores for r in results[sl]], dtype=np.float64).T.reshape(n_members, n)
-            outcome = _write_case(ctx, p, all_maps[sl], rest, scores, member_scores,
-                                  None if member_maps is None else member_maps[:, sl])
+            case_results, fallback = results[sl], None
+            maps, rest = _maps_and_restorations(case_results)
+            if not _finite(maps, rest) and _can_fall_back(ctx):
+                case_results, fallback = _fallback_results(p, ctx)
+                maps, rest = _maps_and_restorations(case_results)
+            scores = np.array([r.score for r in case_results], dtype=np.float64)
+            member_scores = np.array([r.member_scores for r in case_results], dtype=np.float64).T.reshape(n_members, n)
+            case_member_maps = (np.stack([r.member_maps.numpy() for r in case_results], axis=1).astype(np.float32)
+                                if ctx.options.member_maps else None)
+            outcome = _write_case(ctx, p, maps, rest, scores, member_scores, case_member_maps, fallback)
         except Exception as exc:
             if is_out_of_space(exc):
                 ctx.stopped = f"no space left on the output disk ({ctx.out_dir}) while writing {p.case.name}"
@@ -350,6 +360,48 @@ def _run_group(group: list[_Pending], ctx: RunContext) -> list[CaseOutcome]:
         _report(ctx, outcome)
     ctx.stats.write_s += time.perf_counter() - t0
     return outcomes
+
+
+def _maps_and_restorations(results) -> tuple[np.ndarray, np.ndarray]:
+    return (np.stack([r.amap.numpy() for r in results]).astype(np.float32),
+            np.stack([r.restoration.numpy() for r in results]).astype(np.float32))
+
+
+def _finite(maps: np.ndarray, rest: np.ndarray) -> bool:
+    return bool(np.all(np.isfinite(maps)) and np.all(np.isfinite(rest)))
+
+
+def _can_fall_back(ctx: RunContext) -> bool:
+    """--fallback-precision is set and would run something other than what just failed."""
+    fb = ctx.fallback_precision
+    return fb is not None and not (ctx.options.engine == "torch" and ctx.options.precision == fb)
+
+
+def _fallback_results(p: _Pending, ctx: RunContext) -> tuple[list, dict]:
+    """Recompute one case on eager torch at ``ctx.fallback_precision`` (half-precision overflow, ecosystem
+    C.39): the same members, noise and batch rules, so the case equals a run made that way from the start."""
+    from .backends import open_denoiser
+
+    logger.warning("case %s: non-finite output from engine %s (%s); recomputing it on torch %s (--fallback-precision)",
+                   p.case.name, ctx.options.engine, ctx.options.precision, ctx.fallback_precision)
+    if not ctx.fallback_denoisers:
+        ctx.fallback_denoisers = [open_denoiser("torch", ctx.model_set.member_dirs[m], device=ctx.device,
+                                                precision=ctx.fallback_precision, max_batch=ctx.batch_size)
+                                  for m in ctx.members]
+    if ctx.on_work is not None:
+        ctx.on_work(len(p.jobs) * len(ctx.members))
+    primary = ctx.denoisers
+    ctx.denoisers = ctx.fallback_denoisers
+    t0 = time.perf_counter()
+    try:
+        results = run_within_memory(run_slices, p.jobs, ctx)
+    finally:
+        ctx.denoisers = primary
+    ctx.stats.infer_s += time.perf_counter() - t0
+    ctx.stats.n_unet_evals += len(p.jobs) * len(ctx.members) * ctx.plan.n_steps
+    reason = f"non-finite output from engine {ctx.options.engine} ({ctx.options.precision})"
+    return results, {"precision": ctx.fallback_precision, "from_engine": ctx.options.engine,
+                     "from_precision": ctx.options.precision, "reason": reason}
 
 
 def is_out_of_space(exc: BaseException) -> bool:
