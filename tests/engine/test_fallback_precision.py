@@ -16,15 +16,11 @@ from condiff.engine import pipeline
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with one_torch_thread():
-        yield
-
-
-@pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    """A set, two scans and their fp32 eager outputs (the fallback must reproduce case1's)."""
-    return reference_run(tmp_path_factory.mktemp("fallback"), n_members=2, n_scans=2)
+    """A set, two scans and their fp32 eager outputs (the fallback must reproduce case1's); the
+    module's tests run on one torch thread."""
+    with one_torch_thread():
+        yield reference_run(tmp_path_factory.mktemp("fallback"), n_members=2, n_scans=2)
 
 
 def _poisoning(digest: str, times: int, real=pipeline.run_slices, calls=None):
