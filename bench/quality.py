@@ -67,6 +67,16 @@ def baseline_rows(out_dir: Path, label_pattern: str) -> dict:
             "chance": {"ap_pixel": float(masks.mean())}}
 
 
+def _healthy_response(out: Path, label_pattern: str) -> dict:
+    """bench/healthy_response.py's pooled summary: which maps answer healthy brain."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    try:
+        from healthy_response import healthy_response
+    finally:
+        sys.path.pop(0)
+    return healthy_response(out, label_pattern)["pooled"]
+
+
 def run_lesions(args, report: dict) -> None:
     from condiff.engine.evaluate import evaluate
 
@@ -94,6 +104,7 @@ def run_lesions(args, report: dict) -> None:
         run = json.loads((out / "run.json").read_text()) if (out / "run.json").is_file() else {}
         report["lesions"][name] = {"command": " ".join(cmd), "wall_s": elapsed, "evaluation": ev,
                                    "baselines": baseline_rows(out, spec["labels"]),
+                                   "healthy_response": _healthy_response(out, spec["labels"]),
                                    "throughput": run.get("throughput")}
 
 
@@ -290,6 +301,15 @@ def write_markdown(report: dict, path: Path) -> None:
         for b, vals in res["baselines"].items():
             lines.append(f"| baseline: {b} | | | {vals['ap_pixel']:.3f} | |")
         lines.append("")
+        hr = res.get("healthy_response")
+        if hr:
+            ratios = [hr["ensemble"]["ratio"]] + [m["ratio"] for m in hr["members"]]
+            inner, outer = hr["border_bands"][-1]["healthy_mean"], hr["border_bands"][0]["healthy_mean"]
+            lines += ["Mean map inside the label / in healthy brain (bench/healthy_response.py): ensemble "
+                      f"{ratios[0]:.2f}, members " + " / ".join(f"{r:.2f}" for r in ratios[1:]) +
+                      f"; healthy response deep inside / at the brain border {inner / outer:.2f}; "
+                      f"share of dark input (< 0.3) in healthy brain's top 5 % {hr['intensity']['healthy_top']['dark_share']:.2f} "
+                      f"(all healthy brain {hr['intensity']['healthy_all']['dark_share']:.2f}).", ""]
     path.write_text("\n".join(lines) + "\n")
 
 

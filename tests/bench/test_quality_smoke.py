@@ -57,6 +57,10 @@ def test_quality_smoke_report_is_self_consistent(tmp_path):
     assert rows["members avg"]["ap_pixel"] == pytest.approx(np.mean([m["ap_pixel"] for m in members]), abs=1e-12)
     base = res["baselines"]
     assert base["chance"]["ap_pixel"] == pytest.approx(masks.mean(), abs=1e-12)
+    # the healthy-response summary scores the same pixels: its AP_p is the ensemble row's
+    hr = res["healthy_response"]
+    assert hr["ap_pixel"]["map"] == pytest.approx(ens["ap_pixel"], abs=1e-9)
+    assert len(hr["members"]) == len(members) and "Mean map inside the label" in (tmp_path / "quality.md").read_text()
 
 
 def test_quality_smoke_draws_one_equals_the_plain_healing_report(tmp_path):
