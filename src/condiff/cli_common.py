@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import importlib.metadata
 import logging
+import os
 import platform
 import signal
 import sys
@@ -139,6 +140,11 @@ def environment_report() -> dict[str, Any]:
                           if report["cuda_available"] else [])
     except Exception as exc:  # a broken torch install must not hide the rest of the report
         report["torch"] = f"unavailable ({exc})"
+    else:
+        try:
+            report["tf32"] = _tf32_settings(torch)
+        except Exception as exc:  # pragma: no cover - flags renamed in a future torch
+            report["tf32"] = f"unknown ({exc})"
     try:
         import onnxruntime
 
@@ -155,9 +161,23 @@ def environment_report() -> dict[str, Any]:
     return report
 
 
+def _tf32_settings(torch) -> str:
+    """Whether float32 convolutions and matmuls may run on TF32 tensor cores (10-bit mantissa): on a
+    GPU, ``--precision fp32`` means that unless NVIDIA_TF32_OVERRIDE=0 forbids it (PyTorch's defaults:
+    convolutions yes, matmuls no)."""
+    import warnings
+
+    with warnings.catch_warnings():  # newer torch deprecates these flags in favour of fp32_precision
+        warnings.simplefilter("ignore")
+        conv, matmul = bool(torch.backends.cudnn.allow_tf32), bool(torch.backends.cuda.matmul.allow_tf32)
+    override = os.environ.get("NVIDIA_TF32_OVERRIDE")
+    text = f"convolutions {'allowed' if conv else 'off'}, matmuls {'allowed' if matmul else 'off'}"
+    return text + (f" (NVIDIA_TF32_OVERRIDE={override})" if override is not None else "")
+
+
 def format_environment(report: dict[str, Any]) -> str:
     lines = [f"condiff {report['condiff']}"]
-    for key in ("python", "platform", "torch", "torch_cuda_build", "cuda_available", "cudnn", "gpus",
+    for key in ("python", "platform", "torch", "torch_cuda_build", "cuda_available", "cudnn", "gpus", "tf32",
                 "onnxruntime", "onnxruntime_providers", "tensorrt", "numpy", "nibabel", "pillow"):
         if key in report:
             value = report[key]

@@ -315,3 +315,18 @@ def test_version_reports_environment():
     assert res.exit_code == 0
     for word in ("condiff 0.1.0", "torch", "cuda_available", "gpus", "onnxruntime", "tensorrt"):
         assert word in res.stdout
+
+
+def test_version_says_whether_fp32_may_run_on_tf32(monkeypatch):
+    """--precision fp32 on a GPU lets cuDNN use TF32 unless told otherwise: the report (and run.json) says so."""
+    import torch
+
+    from condiff.cli_common import environment_report
+
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setenv("NVIDIA_TF32_OVERRIDE", "0")
+    assert environment_report()["tf32"] == "convolutions off, matmuls off (NVIDIA_TF32_OVERRIDE=0)"
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    monkeypatch.delenv("NVIDIA_TF32_OVERRIDE")
+    assert environment_report()["tf32"].startswith("convolutions allowed")
+    assert "tf32" in _invoke(["--version"]).stdout
