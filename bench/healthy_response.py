@@ -13,7 +13,8 @@ space, empty slices dropped) it reports, pooled over cases and per case:
   (mask or skull-stripping mismatch) from responses inside the brain;
 - the input intensity where healthy tissue answers most (its top 5 % of map values) against all healthy
   brain: dark responders point at CSF spaces (ventricles), bright ones at vessels or enhancement;
-- AP_p of the map and of the "bright" baseline (the normalised input) for reference.
+- AP_p of the map and of the non-learned baselines (the normalised input inside the brain, "bright",
+  and its complement, "dark") and chance, for reference (bench/quality.py reports these).
 
 Writes ``healthy_response.json`` and ``healthy_response.md`` into ``--report`` (default OUT).
 """
@@ -42,9 +43,10 @@ def case_arrays(out_dir: Path, rec: dict, label_pattern: str) -> dict[str, np.nd
     keep = slices.reshape(len(slices), -1).sum(axis=1) != 0  # the protocol's slice rule (evaluate.py)
     if member_maps is None:
         raise SystemExit(f"{out_dir}: {rec['case']} has no member maps; rerun condiff-infer with --save-member-maps")
-    return {"map": maps.reshape(slices[keep].shape), "members": member_maps.reshape(len(member_maps), *slices[keep].shape),
-            "label": labels.reshape(slices[keep].shape).astype(bool), "input": slices[keep],
-            "brain": brain[keep].reshape(slices[keep].shape).astype(bool)}
+    shape = slices[keep].shape
+    return {"map": maps.reshape(shape), "members": member_maps.reshape(len(member_maps), *shape),
+            "label": labels.reshape(shape).astype(bool), "input": slices[keep],
+            "brain": brain[keep].reshape(shape).astype(bool)}
 
 
 def border_distance(brain: np.ndarray) -> np.ndarray:
@@ -88,6 +90,7 @@ def summarise(arrays: dict[str, np.ndarray]) -> dict:
         "intensity": {"healthy_top": intensity(top), "healthy_all": intensity(healthy), "label": intensity(label)},
         "ap_pixel": {"map": average_precision(flat_label, amap.ravel()),
                      "bright": average_precision(flat_label, (x * brain).ravel()),
+                     "dark": average_precision(flat_label, ((1.0 - x) * brain).ravel()),
                      "chance": float(flat_label.mean())},
     }
 

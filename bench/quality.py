@@ -44,37 +44,17 @@ def _versions() -> dict:
             "python": platform.python_version(), "machine": platform.node(), "cpu": platform.processor()}
 
 
-def baseline_rows(out_dir: Path, label_pattern: str) -> dict:
-    """AP_p of the intensity baselines on exactly the slices and masks the benchmark protocol uses."""
-    from condiff.engine.evaluate import benchmark_arrays
-    from condiff.engine.writer import load_records
-    from condiff.metrics import average_precision
-
-    bright, dark, masks = [], [], []
-    for rec in load_records(out_dir):
-        if rec.get("status") != "ok":
-            continue
-        _, m, _, _ = benchmark_arrays(out_dir, rec, label_pattern)
-        npz = np.load(out_dir / "model_space" / f"{rec['case']}.npz")
-        slices, fg = npz["slices"][:, 0], npz["foreground"]
-        keep = slices.reshape(len(slices), -1).sum(axis=1) != 0
-        bright.append((slices * fg)[keep])
-        dark.append(((1 - slices) * fg)[keep])
-        masks.append(m)
-    masks = np.concatenate(masks).ravel()
-    return {"bright": {"ap_pixel": average_precision(masks, np.concatenate(bright).ravel())},
-            "dark": {"ap_pixel": average_precision(masks, np.concatenate(dark).ravel())},
-            "chance": {"ap_pixel": float(masks.mean())}}
-
-
-def _healthy_response(out: Path, label_pattern: str) -> dict:
-    """bench/healthy_response.py's pooled summary: which maps answer healthy brain."""
+def lesion_analysis(out: Path, label_pattern: str) -> tuple[dict, dict]:
+    """(intensity baselines, healthy-tissue response) on exactly the slices and masks the benchmark
+    protocol uses, from one pass of bench/healthy_response.py over the written model-space files."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     try:
         from healthy_response import healthy_response
     finally:
         sys.path.pop(0)
-    return healthy_response(out, label_pattern)["pooled"]
+    pooled = healthy_response(out, label_pattern)["pooled"]
+    baselines = {name: {"ap_pixel": pooled["ap_pixel"][name]} for name in ("bright", "dark", "chance")}
+    return baselines, pooled
 
 
 def run_lesions(args, report: dict) -> None:
@@ -102,9 +82,9 @@ def run_lesions(args, report: dict) -> None:
             continue
         ev = evaluate(out, spec["labels"], "benchmark").to_dict()
         run = json.loads((out / "run.json").read_text()) if (out / "run.json").is_file() else {}
+        baselines, healthy = lesion_analysis(out, spec["labels"])
         report["lesions"][name] = {"command": " ".join(cmd), "wall_s": elapsed, "evaluation": ev,
-                                   "baselines": baseline_rows(out, spec["labels"]),
-                                   "healthy_response": _healthy_response(out, spec["labels"]),
+                                   "baselines": baselines, "healthy_response": healthy,
                                    "throughput": run.get("throughput")}
 
 

@@ -36,11 +36,15 @@ SYNTHETIC = ("ixi-t1/IXI526-HH-2392-T1.nii.gz", "ixi-t1/IXI526-HH-2392-T1_brainm
 CHANGED = 0.01  # a voxel belongs to the synthetic anomaly where the intensity changed by more (of the max)
 
 
-def cut(src: Path, axis: int, first: int, dst: Path) -> None:
-    img = nib.load(src)
+def slab(path: Path, axis: int, first: int):
+    """The N_SLICES-slice slab of the image at ``path`` from slice ``first`` along ``axis`` (affine exact)."""
     index = [slice(None)] * 3
     index[axis] = slice(first, first + N_SLICES)
-    _write_gz(img.slicer[tuple(index)], dst)
+    return nib.load(path).slicer[tuple(index)]
+
+
+def cut(src: Path, axis: int, first: int, dst: Path) -> None:
+    _write_gz(slab(src, axis, first), dst)
 
 
 def _write_gz(image, dst: Path) -> None:
@@ -51,9 +55,7 @@ def synthetic_anomaly_slab(scan: Path, brain_mask: Path, axis: int, first: int, 
     """Write ``stem`` (float32 scan), ``stem_brainmask`` and ``stem_lesionmask``; returns the seed used."""
     from condiff.train.tasks import apply_anomaly
 
-    index = [slice(None)] * 3
-    index[axis] = slice(first, first + N_SLICES)
-    img, bm = nib.load(scan).slicer[tuple(index)], nib.load(brain_mask).slicer[tuple(index)]
+    img, bm = slab(scan, axis, first), slab(brain_mask, axis, first)
     x = np.asarray(img.get_fdata(), dtype=np.float64)
     brain = np.asarray(bm.dataobj) > 0
     top = x.max()
