@@ -385,19 +385,20 @@ def _eval(out_dir: Path, mask_pattern: str, protocol: str, missing_label: str, o
 
     from condiff.io.atomic import write_json_atomic, write_text_atomic
 
-    from .evaluate import evaluate, format_table, table_csv
+    from .evaluate import cases_csv, evaluate, format_table, table_csv
 
     with logging_to(verbose, echo=_echo_err):
         ev = evaluate(out_dir, mask_pattern, protocol, overlays=overlays and protocol == "native",
                       missing_label=missing_label)
         click.echo(format_table(ev))
         doc = ev.to_dict()
-        for row in doc["rows"]:  # JSON has no NaN: a metric without both classes is null
+        for row in doc["rows"] + doc["per_case"]:  # JSON has no NaN: a metric without both classes is null
             for k, v in row.items():
                 if isinstance(v, float) and math.isnan(v):
                     row[k] = None
         write_json_atomic(out_dir / f"metrics-{protocol}.json", doc)
         write_text_atomic(out_dir / f"metrics-{protocol}.csv", table_csv(ev))
+        write_text_atomic(out_dir / f"metrics-{protocol}-cases.csv", cases_csv(ev))
         for case, err in ev.failures:
             _echo_err(f"NOT EVALUATED {case}: {err}")
         return EXIT_FAILED if ev.failures else EXIT_OK

@@ -26,7 +26,8 @@ import numpy as np
 
 from condiff.errors import CondiffError, InputImageError
 from condiff.io.cases import Case, find_mask
-from condiff.metrics import DetectionMetrics, detection_metrics, slice_metrics, summarise
+from condiff.metrics import (DetectionMetrics, average_precision, best_dice, detection_metrics, dice_at,
+                             slice_metrics, summarise)
 
 logger = logging.getLogger(__name__)
 PROTOCOLS = ("native", "benchmark")
@@ -42,12 +43,35 @@ class Evaluation:
     counts: dict[str, int] = field(default_factory=dict)
     failures: list[tuple[str, str]] = field(default_factory=list)
     cases: list[str] = field(default_factory=list)
+    per_case: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {"protocol": self.protocol, "description": DESCRIPTIONS[self.protocol],
                 "threshold_chosen_on_evaluated_data": True,
                 "rows": [{"row": name, **values} for name, values in self.rows], "counts": self.counts,
-                "cases": self.cases, "failures": [{"case": c, "error": e} for c, e in self.failures]}
+                "cases": self.cases, "per_case": self.per_case,
+                "failures": [{"case": c, "error": e} for c, e in self.failures]}
+
+
+CASE_KEYS = ("case", "score", "pixels", "positive_pixels", "ap_pixel", "dice", "dice_at_threshold",
+             "pixels_at_threshold")
+CASE_LABELS = {"case": "case", "score": "score", "pixels": "pixels", "positive_pixels": "lesion px",
+               "ap_pixel": "AP_p", "dice": "best Dice", "dice_at_threshold": "Dice@thr",
+               "pixels_at_threshold": "px@thr"}
+PRINTED_CASES = 20
+
+
+def case_row(case: str, score: float, labels: np.ndarray, values: np.ndarray, threshold: float) -> dict[str, Any]:
+    """One case's pixels alone: its AP_p and best Dice (NaN without lesion), and the Dice and the
+    number of pixels called at the pooled table's threshold (where a lesion-free case's false
+    positives show)."""
+    labels = np.asarray(labels, dtype=bool).ravel()
+    values = np.asarray(values, dtype=np.float64).ravel()
+    dice, _ = best_dice(labels, values)
+    return {"case": case, "score": float(score), "pixels": int(labels.size), "positive_pixels": int(labels.sum()),
+            "ap_pixel": average_precision(labels, values), "dice": dice,
+            "dice_at_threshold": dice_at(labels, values, threshold),
+            "pixels_at_threshold": int(np.sum(values >= threshold))}
 
 
 DESCRIPTIONS = {
@@ -222,6 +246,7 @@ def evaluate(out_dir: str | Path, mask_pattern: str, protocol: str = "native", o
                            "run condiff-infer into this folder first")
     ev = Evaluation(protocol)
     parts: list[tuple] = []
+    scores_of: list[float] = []
     without_label: list[str] = []
     for rec in records:
         try:
@@ -239,6 +264,7 @@ def evaluate(out_dir: str | Path, mask_pattern: str, protocol: str = "native", o
             continue
         parts.append(part)
         ev.cases.append(rec["case"])
+        scores_of.append(rec["score"])
     if not parts:
         return ev
     if protocol == "native":
@@ -248,12 +274,14 @@ def evaluate(out_dir: str | Path, mask_pattern: str, protocol: str = "native", o
         ss = np.concatenate([p[3] for p in parts])
         m = detection_metrics(sy, ss, py, ps)
         ev.rows.append(("ensemble", _row(m)))
+        pixels_of = [(p[0], p[1]) for p in parts]
     else:
         maps = np.concatenate([p[0] for p in parts])
         masks = np.concatenate([p[1] for p in parts])
         scores = np.concatenate([p[2] for p in parts])
         m = slice_metrics(maps, masks, scores)
         ev.rows.append(("ensemble", _row(m)))
+        pixels_of = [(p[1], p[0]) for p in parts]
         if all(p[3] is not None for p in parts) and len({p[3].shape[0] for p in parts}) == 1:
             member_maps = np.concatenate([p[3] for p in parts], axis=1)
             per_member = [_row(slice_metrics(member_maps[k], masks)) for k in range(len(member_maps))]
@@ -262,6 +290,8 @@ def evaluate(out_dir: str | Path, mask_pattern: str, protocol: str = "native", o
             for stat in ("avg", "max", "std"):
                 ev.rows.append((f"members {stat}", {key: summarise([r[key] for r in per_member])[stat]
                                                      for key in METRIC_KEYS if key != "threshold"}))
+    ev.per_case = [case_row(case, score, labels, values, m.threshold)
+                   for case, score, (labels, values) in zip(ev.cases, scores_of, pixels_of)]
     ev.counts = {"cases": len(parts), "samples": m.n_samples, "positive_samples": m.n_positive_samples,
                  "pixels": m.n_pixels, "positive_pixels": m.n_positive_pixels}
     if not required:
@@ -286,9 +316,40 @@ def format_table(ev: Evaluation) -> str:
         lines.append(f"{name:<14}{cells}")
     if ev.rows:
         lines.append("best Dice threshold chosen on the evaluated data (as the benchmark does)")
+    if ev.per_case:
+        shown = ev.per_case[:PRINTED_CASES]
+        width = min(max(len(r["case"]) for r in shown), 40) + 2
+        lines += ["", "per case (AP_p and best Dice of the case's pixels alone; Dice and pixels called at the "
+                      "pooled thr)",
+                  f"{'case':<{width}}" + "".join(f"{CASE_LABELS[k]:>11}" for k in CASE_KEYS[1:])]
+        for row in shown:
+            lines.append(f"{row['case'][:width - 2]:<{width}}" + f"{row['score']:>11.3e}"
+                         + "".join(_cell(row[k]) for k in CASE_KEYS[2:]))
+        more = len(ev.per_case) - len(shown)
+        lines.append((f"... {more} more; " if more else "") + f"every case: metrics-{ev.protocol}-cases.csv")
     for case, err in ev.failures:
         lines.append(f"not evaluated: {case}: {err}")
     return "\n".join(lines)
+
+
+def _cell(value) -> str:
+    if isinstance(value, int):
+        return f"{value:>11d}"
+    return f"{'-':>11}" if value is None or np.isnan(value) else f"{value:>11.4f}"
+
+
+def cases_csv(ev: Evaluation) -> str:
+    """Per-case rows; an undefined metric (no lesion in the case) is an empty cell."""
+    import csv
+    import io
+
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["protocol", *CASE_KEYS])
+    for row in ev.per_case:
+        w.writerow([ev.protocol, *["" if isinstance(row[k], float) and np.isnan(row[k]) else
+                                   repr(row[k]) if isinstance(row[k], float) else row[k] for k in CASE_KEYS]])
+    return buf.getvalue()
 
 
 def table_csv(ev: Evaluation) -> str:
@@ -303,4 +364,5 @@ def table_csv(ev: Evaluation) -> str:
     return buf.getvalue()
 
 
-__all__ = ["PROTOCOLS", "Evaluation", "evaluate", "benchmark_arrays", "format_table", "table_csv"]
+__all__ = ["PROTOCOLS", "Evaluation", "evaluate", "benchmark_arrays", "case_row", "format_table", "table_csv",
+           "cases_csv"]

@@ -95,6 +95,14 @@ def best_dice(labels, scores) -> tuple[float, float]:
     return float(dice[k]), float(thr[k])
 
 
+def dice_at(labels, scores, threshold: float) -> float:
+    """Dice of "score >= threshold" against the labels; NaN where both are empty (no lesion, none called)."""
+    y, s = _check(labels, scores)
+    called = s >= threshold
+    denominator = int(y.sum()) + int(called.sum())
+    return float("nan") if denominator == 0 else 2.0 * float(np.sum(y & called)) / denominator
+
+
 @dataclass
 class DetectionMetrics:
     """One row of the evaluation table."""
@@ -149,5 +157,5 @@ def summarise(values) -> dict[str, float]:
     return {"avg": float(v.mean()), "max": float(v.max()), "std": float(v.std())}
 
 
-__all__ = ["binary_clf_curve", "roc_auc", "precision_recall", "average_precision", "best_dice",
+__all__ = ["binary_clf_curve", "roc_auc", "precision_recall", "average_precision", "best_dice", "dice_at",
            "DetectionMetrics", "detection_metrics", "slice_metrics", "summarise"]

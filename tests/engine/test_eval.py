@@ -105,6 +105,76 @@ def test_native_protocol_uses_written_maps_inside_the_brain_mask(run):
     assert abs(ens["auroc"] - sk.roc_auc_score(labels, scores)) <= 1e-10
 
 
+def _case_pixels_native(scans, out, k):
+    import nibabel as nib
+
+    amap = nib.load(str(out / "maps" / f"case{k}.nii.gz")).get_fdata(dtype=np.float32)
+    seg = np.asarray(nib.load(str(scans / f"case{k}_seg.nii.gz")).dataobj) > 0
+    brain = np.asarray(nib.load(str(scans / f"case{k}_brainmask.nii.gz")).dataobj) > 0
+    return (seg & brain)[brain], amap[brain]
+
+
+def _case_pixels_benchmark(scans, out, k):
+    from condiff.io.volumes import read_mask, read_volume
+    from condiff.preprocess import mask_to_slices
+
+    rec = json.loads((out / "records" / f"case{k}.json").read_text())
+    z = np.load(out / "model_space" / f"case{k}.npz")
+    m = mask_to_slices(read_mask(scans / f"case{k}_seg.nii.gz", read_volume(scans / f"case{k}.nii.gz")),
+                       rec["geometry"])
+    keep = z["slices"].reshape(len(z["slices"]), -1).sum(1) != 0
+    return m[keep].ravel(), z["maps"][keep].ravel()
+
+
+@pytest.mark.parametrize("protocol", ["native", "benchmark"])
+def test_per_case_rows_match_sklearn_on_each_case_alone(run, protocol):
+    scans, out = run
+    res = _eval(out, "--masks", SEG, "--protocol", protocol)
+    assert res.exit_code == 0, res.output + res.stderr
+    assert "per case" in res.stdout and f"metrics-{protocol}-cases.csv" in res.stdout
+    doc = json.loads((out / f"metrics-{protocol}.json").read_text())
+    thr = doc["rows"][0]["threshold"]
+    pixels_of = _case_pixels_native if protocol == "native" else _case_pixels_benchmark
+    assert [r["case"] for r in doc["per_case"]] == ["case0", "case1", "case2"]
+    for k, row in enumerate(doc["per_case"]):
+        y, s = pixels_of(scans, out, k)
+        rec = json.loads((out / "records" / f"case{k}.json").read_text())
+        assert row["score"] == rec["score"]
+        assert (row["pixels"], row["positive_pixels"]) == (y.size, int(y.sum()))
+        assert y.any() and not y.all(), "the fixture's cases each hold lesion and normal pixels"
+        assert abs(row["ap_pixel"] - sk.average_precision_score(y, s)) <= 1e-10
+        p, r, _ = sk.precision_recall_curve(y, s)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            assert abs(row["dice"] - np.nanmax(2 * p * r / (p + r))) <= 1e-10
+        assert abs(row["dice_at_threshold"] - sk.f1_score(y, s >= thr)) <= 1e-10
+        assert row["pixels_at_threshold"] == int(np.sum(s >= thr))
+    # the pooled pixels are exactly the cases' pixels
+    assert doc["counts"]["pixels"] == sum(r["pixels"] for r in doc["per_case"])
+    lines = (out / f"metrics-{protocol}-cases.csv").read_text().splitlines()
+    assert lines[0] == "protocol,case,score,pixels,positive_pixels,ap_pixel,dice,dice_at_threshold,pixels_at_threshold"
+    for line, row in zip(lines[1:], doc["per_case"]):
+        cells = line.split(",")
+        assert cells[1] == row["case"] and float(cells[5]) == row["ap_pixel"] and int(cells[8]) == row["pixels_at_threshold"]
+
+
+def test_lesion_free_case_has_empty_cells_and_counts_its_false_positives(run, tmp_path):
+    scans, out = run
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    for k in (0, 2):  # case1 has no label file: counted as normal
+        (labels / f"case{k}_seg.nii.gz").write_bytes((scans / f"case{k}_seg.nii.gz").read_bytes())
+    res = _eval(out, "--masks", str(labels) + "/{stem}_seg.nii.gz", "--missing-label", "normal")
+    assert res.exit_code == 0, res.output + res.stderr
+    doc = json.loads((out / "metrics-native.json").read_text())
+    row = {r["case"]: r for r in doc["per_case"]}["case1"]
+    y, s = _case_pixels_native(scans, out, 1)
+    thr = doc["rows"][0]["threshold"]
+    assert row["positive_pixels"] == 0 and row["ap_pixel"] is None and row["dice"] is None
+    assert row["pixels_at_threshold"] == int(np.sum(s >= thr)) > 0 and row["dice_at_threshold"] == 0.0
+    line = [x for x in (out / "metrics-native-cases.csv").read_text().splitlines() if ",case1," in x][0]
+    assert line.split(",")[5:7] == ["", ""]
+
+
 def test_missing_labels_fail_alone_with_exit_1(run, tmp_path):
     scans, out = run
     res = _eval(out, "--masks", "{dir}/{stem}_missing.nii.gz")

@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from condiff.metrics import (average_precision, best_dice, detection_metrics, precision_recall, roc_auc, slice_metrics,
-                             summarise)
+from condiff.metrics import (average_precision, best_dice, detection_metrics, dice_at, precision_recall, roc_auc,
+                             slice_metrics, summarise)
 
 sklearn_metrics = pytest.importorskip("sklearn.metrics")
 
@@ -72,6 +72,15 @@ def test_dice_is_twice_tp_over_confusion_at_best_threshold():
     pred = s >= thr
     tp, fp, fn = (pred & y).sum(), (pred & ~y).sum(), (~pred & y).sum()
     assert abs(dice - 2 * tp / (2 * tp + fp + fn)) <= 1e-12
+
+
+def test_dice_at_a_given_threshold_matches_sklearn_f1():
+    y, s = _data(6, 300, 0.2, 10)
+    for thr in (0.0, 0.35, 0.6, 2.0):  # everything called, a tie level, a middle, nothing called
+        expected = sklearn_metrics.f1_score(y, s >= thr, zero_division=0.0)
+        assert abs(dice_at(y, s, thr) - expected) <= 1e-12, thr
+    assert dice_at([0, 0, 0], [0.1, 0.5, 0.9], 0.4) == 0.0  # no lesion, two pixels called: Dice 0
+    assert np.isnan(dice_at([0, 0], [0.1, 0.2], 0.5))       # no lesion, none called: undefined
 
 
 def test_degenerate_inputs_give_nan_or_errors():
