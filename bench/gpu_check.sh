@@ -6,7 +6,8 @@
 # On a CPU machine, GPU_CHECK_DRY=1 runs every section at toy sizes to test the script itself.
 #
 # Sections (each time-boxed, each failure recorded and the script goes on):
-#   1 environment report      2 GPU tests (CUDA-graph engine, CUDA SSIM kernel, Triton kernels compiled)
+#   1 environment report      2 GPU tests (CUDA-graph engine, CUDA SSIM kernel, Triton kernels compiled,
+#                               --deterministic reruns)
 #   3 bench/ssim.py, bench/attention.py (Triton vs SDPA at the paper's attention shapes, a few tile configs)
 #   4 bench/throughput.py (paper, symmetric; eager fp32, reference autocast, fast, fast with Triton kernels)
 #   5 train the demo members (small preset, IXI T1, folds in parallel, time-boxed)
@@ -70,6 +71,8 @@ run 70 pytest_gpu python3 -m pytest -q -m gpu -p no:cacheprovider tests/engine/t
 run 45 pytest_oom python3 -m pytest -q -m gpu -p no:cacheprovider tests/engine/test_memory_backoff.py
 # the Triton kernels compiled (no interpreter) against float64 oracles and SDPA; most of the time is compiling
 run 75 pytest_triton python3 -m pytest -q -m gpu -p no:cacheprovider tests/engine/test_triton_kernels.py
+# --deterministic: two fresh processes per engine (torch, fast) must write identical bytes
+run 40 pytest_deterministic python3 -m pytest -q -m gpu -p no:cacheprovider tests/engine/test_deterministic.py
 fi
 
 if want 3; then

@@ -88,6 +88,10 @@ def _jsonable(value: Any) -> Any:
 @click.option("--fallback-precision", type=click.Choice(["fp32", "bf16"]), default=None,
               help="A case whose output is not finite (half-precision overflow) is recomputed once on eager torch "
                    "at this precision, and its record and cases.csv say so [default: such a case fails].")
+@click.option("--deterministic", is_flag=True,
+              help="Deterministic GPU kernels (PyTorch deterministic algorithms, cuDNN without autotuning, "
+                   "CUBLAS_WORKSPACE_CONFIG, ORT deterministic compute), so reruns on one machine repeat bit for "
+                   "bit; may be slower. Recorded in run.json. (CPU runs already repeat.)")
 @click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True,
               help="OUT/condiff.log as text lines, or JSON lines (time, level, message; case, status, score "
                    "for each finished case) for log collectors.")
@@ -118,7 +122,7 @@ def infer_main(**kw: Any) -> None:
 
 def _infer(inputs, output, models, engine, device, precision, batch_size, fast_kernels, steps, sampler, members, seed,
            mask_pattern, resume, dry_run, no_restoration, save_model_space, save_member_maps, nan_policy, fallback_precision,
-           log_format, log_file, fail_fast, shard,
+           deterministic, log_format, log_file, fail_fast, shard,
            merge_dir, ray_address, ray_workers, max_retries, group_slices, progress, quiet, verbose) -> int:
     from condiff.cli_common import resolve_precision
     from condiff.io.cases import discover
@@ -169,7 +173,8 @@ def _infer(inputs, output, models, engine, device, precision, batch_size, fast_k
                           batch_size=batch_size, steps=steps, sampler=sampler, members=members, seed=seed,
                           mask_pattern=mask_pattern, restoration=not no_restoration, model_space=save_model_space,
                           member_maps=save_member_maps, nan_policy=nan_policy, resume=resume, group_slices=group_slices,
-                          fast_kernels=fast_kernels, fallback_precision=fallback_precision)
+                          fast_kernels=fast_kernels, fallback_precision=fallback_precision,
+                          deterministic=deterministic)
         if ray_address is None:
             ctx = pipeline.make_context(**ctx_kwargs)
             ctx.fail_fast = fail_fast

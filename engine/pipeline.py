@@ -92,6 +92,7 @@ class RunContext:
     stats: RunStats = field(default_factory=RunStats)
     fallback_precision: str | None = None  # rerun a case with non-finite output on eager torch at this precision
     fallback_denoisers: list = field(default_factory=list)  # opened at the first such case
+    deterministic: bool = False  # deterministic kernels (engine.determinism); process-wide once set
 
     @property
     def options_digest(self) -> str:
@@ -126,8 +127,10 @@ def make_context(models: str | Path, out_dir: str | Path, *, engine: str = "torc
                  members: str | None = None, seed: int = 0, mask_pattern: str | None = None, restoration: bool = True,
                  model_space: bool = False, member_maps: bool = False, nan_policy: str = "error",
                  resume: bool = True, group_slices: int | None = None, fast_kernels: str = "torch",
-                 fallback_precision: str | None = None) -> RunContext:
+                 fallback_precision: str | None = None, deterministic: bool = False) -> RunContext:
     """Validate the model set and options; no network is loaded (see ``load_denoisers``).
+
+    ``deterministic`` switches this process to deterministic kernels (``engine.determinism``).
 
     Raises ``CondiffError`` subclasses (exit 2 in the CLI) for an invalid set, member list,
     preprocessing contract, sampler settings or device.
@@ -155,6 +158,10 @@ def make_context(models: str | Path, out_dir: str | Path, *, engine: str = "torc
         raise BackendUnavailableError(None, f"--fast-kernels {fast_kernels} applies only to the fast engine",
                                       "add --engine fast, or drop --fast-kernels")
     dev = resolve_device(device)
+    if deterministic:
+        from .determinism import enable_deterministic
+
+        enable_deterministic(engine)
     options = RunOptions(engine=engine, precision=precision, device_type=dev.split(":")[0], sampler=sampler,
                          steps=steps, members=tuple(member_idx), seed=seed, mask=mask_pattern,
                          restoration=restoration, model_space=model_space or member_maps, member_maps=member_maps,
@@ -164,7 +171,7 @@ def make_context(models: str | Path, out_dir: str | Path, *, engine: str = "torc
                       preprocess=preprocess, plan=plan, device=dev,
                       batch_size=batch_size or (16 if dev == "cpu" else 64), mask_pattern=mask_pattern,
                       resume=resume, group_slices=group_slices, batch_auto=batch_size is None,
-                      fallback_precision=fallback_precision)
+                      fallback_precision=fallback_precision, deterministic=deterministic)
 
 
 def load_denoisers(ctx: RunContext) -> None:
@@ -173,6 +180,8 @@ def load_denoisers(ctx: RunContext) -> None:
 
     t0 = time.perf_counter()
     extra = {"kernels": ctx.options.fast_kernels} if ctx.options.engine == "fast" else {}
+    if ctx.options.engine == "ort" and ctx.deterministic:
+        extra["deterministic"] = True  # torch and fast follow the process-wide switch
     ctx.denoisers = [open_denoiser(ctx.options.engine, ctx.model_set.member_dirs[m], device=ctx.device,
                                    precision=ctx.options.precision, max_batch=ctx.batch_size, **extra)
                      for m in ctx.members]

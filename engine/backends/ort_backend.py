@@ -101,13 +101,14 @@ class OrtDenoiser:
 
 
 def open_ort(model_dir: str | Path, *, device=None, precision: str = "fp32", max_batch: int = 16,
-             provider: str | None = None, threads: int | None = None) -> OrtDenoiser:
+             provider: str | None = None, threads: int | None = None, deterministic: bool = False) -> OrtDenoiser:
     """Open ``model_dir/model.onnx`` after verifying its sidecar.
 
     ``provider``: ``cpu`` (default on the CPU), ``cuda`` (default for a CUDA ``device``) or
     ``tensorrt``; one that ONNX Runtime does not offer, or that the session does not load, raises
     ``BackendUnavailableError``. ``threads`` sets intra-op threads (default: ORT's choice, all cores).
     ``precision`` is fp32 (the exported graph); fp16 only through the TensorRT provider.
+    ``deterministic``: ORT's deterministic compute (``--deterministic``; matters for the CUDA provider).
     """
     model_dir = Path(model_dir)
     ort = require("onnxruntime", "ort")
@@ -136,6 +137,7 @@ def open_ort(model_dir: str | Path, *, device=None, precision: str = "fp32", max
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.use_deterministic_compute = bool(deterministic)
     if threads:
         options.intra_op_num_threads = int(threads)
         options.inter_op_num_threads = 1

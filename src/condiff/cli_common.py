@@ -145,6 +145,7 @@ def environment_report() -> dict[str, Any]:
             report["tf32"] = _tf32_settings(torch)
         except Exception as exc:  # pragma: no cover - flags renamed in a future torch
             report["tf32"] = f"unknown ({exc})"
+        report["determinism"] = _determinism_settings(torch)
     try:
         import onnxruntime
 
@@ -175,10 +176,21 @@ def _tf32_settings(torch) -> str:
     return text + (f" (NVIDIA_TF32_OVERRIDE={override})" if override is not None else "")
 
 
+def _determinism_settings(torch) -> str:
+    """What decides whether GPU kernels repeat bit for bit (``--deterministic`` turns all of it on)."""
+    def state(flag) -> str:
+        return "on" if flag else "off"
+
+    text = (f"deterministic algorithms {state(torch.are_deterministic_algorithms_enabled())}, cuDNN deterministic "
+            f"{state(torch.backends.cudnn.deterministic)}, cuDNN benchmark {state(torch.backends.cudnn.benchmark)}")
+    workspace = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+    return text + (f", CUBLAS_WORKSPACE_CONFIG={workspace}" if workspace else "")
+
+
 def format_environment(report: dict[str, Any]) -> str:
     lines = [f"condiff {report['condiff']}"]
     for key in ("python", "platform", "torch", "torch_cuda_build", "cuda_available", "cudnn", "gpus", "tf32",
-                "onnxruntime", "onnxruntime_providers", "tensorrt", "numpy", "nibabel", "pillow"):
+                "determinism", "onnxruntime", "onnxruntime_providers", "tensorrt", "numpy", "nibabel", "pillow"):
         if key in report:
             value = report[key]
             if isinstance(value, list):
