@@ -375,6 +375,9 @@ def _merge(out_dir: Path) -> int:
               help="native: the written maps on the input grid; benchmark: reference §8-§9 in model slice space.")
 @click.option("--missing-label", type=click.Choice(["error", "normal"]), default="error", show_default=True,
               help="A case without a label file: error (not evaluated, exit 1) or normal (a case without lesion).")
+@click.option("--label-values", metavar="V,V,...", callback=lambda ctx, param, text: _label_values(text),
+              help="Only these values of the label maps are lesion, e.g. BraTS 2013/2015 '4' (enhancing tumour) or "
+                   "'1,3,4' (tumour core) [default: every value > 0]. NIfTI label maps only.")
 @click.option("--overlays/--no-overlays", default=True, show_default=True,
               help="native protocol: also write eval-overlays/<case>.png, the label's outline on the input and on "
                    "the map, for the slices holding the most label.")
@@ -385,7 +388,22 @@ def eval_main(**kw: Any) -> None:
     run_command(lambda: _eval(**kw), verbose=kw["verbose"])
 
 
-def _eval(out_dir: Path, mask_pattern: str, protocol: str, missing_label: str, overlays: bool, verbose: int) -> int:
+def _label_values(text: str | None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a comma-separated list of integer label values",
+                                 param_hint="--label-values") from None
+    if not values or any(v <= 0 for v in values):
+        raise click.BadParameter(f"{text!r}: give one or more label values above 0 (0 is background)",
+                                 param_hint="--label-values")
+    return tuple(sorted(set(values)))
+
+
+def _eval(out_dir: Path, mask_pattern: str, protocol: str, missing_label: str, label_values, overlays: bool,
+          verbose: int) -> int:
     import math
 
     from condiff.io.atomic import write_json_atomic, write_text_atomic
@@ -394,7 +412,7 @@ def _eval(out_dir: Path, mask_pattern: str, protocol: str, missing_label: str, o
 
     with logging_to(verbose, echo=_echo_err):
         ev = evaluate(out_dir, mask_pattern, protocol, overlays=overlays and protocol == "native",
-                      missing_label=missing_label)
+                      missing_label=missing_label, label_values=label_values)
         click.echo(format_table(ev))
         doc = ev.to_dict()
         for row in doc["rows"] + doc["per_case"]:  # JSON has no NaN: a metric without both classes is null

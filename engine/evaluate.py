@@ -44,9 +44,11 @@ class Evaluation:
     failures: list[tuple[str, str]] = field(default_factory=list)
     cases: list[str] = field(default_factory=list)
     per_case: list[dict[str, Any]] = field(default_factory=list)
+    label_values: tuple[int, ...] | None = None  # None: every label value > 0 is lesion
 
     def to_dict(self) -> dict[str, Any]:
         return {"protocol": self.protocol, "description": DESCRIPTIONS[self.protocol],
+                "label_values": list(self.label_values) if self.label_values else None,
                 "threshold_chosen_on_evaluated_data": True,
                 "rows": [{"row": name, **values} for name, values in self.rows], "counts": self.counts,
                 "cases": self.cases, "per_case": self.per_case,
@@ -75,9 +77,10 @@ def case_row(case: str, score: float, labels: np.ndarray, values: np.ndarray, th
 
 
 DESCRIPTIONS = {
-    "native": "input grid; user's masks as they are (> 0); restricted to the inference brain mask where one was used; "
+    "native": "input grid; user's masks as they are (lesion: > 0, or the chosen label values); restricted to the inference brain mask where one was used; "
               "pixels pooled over cases; samples = analysed axial slices (volumes) or images",
-    "benchmark": "reference-method §8-§9: model slice space, masks through the recorded preprocessing and > 0.4, "
+    "benchmark": "reference-method §8-§9: model slice space, masks (lesion: > 0, or the chosen label values) through "
+                 "the recorded preprocessing and > 0.4, "
                  "empty image slices dropped, pooled over all slices",
 }
 
@@ -99,8 +102,10 @@ def _like_volume(path: Path):
     return Volume(data=data, affine=np.asarray(img.affine, dtype=np.float64), header=img.header, path=str(path))
 
 
-def _read_label(path: Path | None, like=None, shape: tuple[int, ...] | None = None) -> np.ndarray:
-    """The label on the map's grid; ``path`` None (no label, ``--missing-label normal``): all normal."""
+def _read_label(path: Path | None, like=None, shape: tuple[int, ...] | None = None,
+                values: tuple[int, ...] | None = None) -> np.ndarray:
+    """The label on the map's grid; ``path`` None (no label, ``--missing-label normal``): all normal.
+    ``values``: only these label values count as lesion (NIfTI label maps)."""
     from condiff.io import images, volumes
 
     if path is None:
@@ -110,7 +115,10 @@ def _read_label(path: Path | None, like=None, shape: tuple[int, ...] | None = No
     if low.endswith((".nii", ".nii.gz")):
         if like is None:
             raise InputImageError(path, "a NIfTI mask for a 2-D image", "give the mask as PNG or TIFF")
-        return volumes.read_mask(path, like)
+        return volumes.read_mask(path, like, values)
+    if values:
+        raise InputImageError(path, "label values select classes of a NIfTI label map, not of an image mask",
+                              "drop --label-values, or give the mask as NIfTI")
     label = images.read_label_image(path)
     if shape is not None and label.shape != tuple(shape):
         raise InputImageError(path, f"mask shape {label.shape} differs from the image's {tuple(shape)}",
@@ -118,7 +126,8 @@ def _read_label(path: Path | None, like=None, shape: tuple[int, ...] | None = No
     return label
 
 
-def _native_case(out_dir: Path, rec: dict[str, Any], label_path: Path | None, figure: bool = False):
+def _native_case(out_dir: Path, rec: dict[str, Any], label_path: Path | None, figure: bool = False,
+                 values: tuple[int, ...] | None = None):
     """(pixel labels, pixel scores, sample labels, sample scores) of one case on the input grid
     (``label_path`` None: no label, all normal); with ``figure``, also writes
     ``eval-overlays/<case>.png`` (``eval_overlay``)."""
@@ -131,12 +140,12 @@ def _native_case(out_dir: Path, rec: dict[str, Any], label_path: Path | None, fi
         import tifffile
 
         amap = np.asarray(tifffile.imread(map_path), dtype=np.float32)
-        label = _read_label(label_path, shape=amap.shape)
+        label = _read_label(label_path, shape=amap.shape, values=values)
         if figure:
             _write_figure(out_dir, rec, lambda: _image_figure(rec, amap, label))
         return label.ravel(), amap.ravel(), np.array([label.any()]), np.array([rec["score"]])
     like = _like_volume(map_path)
-    label = _read_label(label_path, like=like)
+    label = _read_label(label_path, like=like, values=values)
     brain = read_mask(rec["mask"], like) if rec.get("mask") else None
     if brain is not None:
         label = label & brain
@@ -194,7 +203,8 @@ def _write_figure(out_dir: Path, rec: dict[str, Any], draw) -> None:
     write_bytes_atomic(path, png_bytes(image))
 
 
-def _benchmark_case(out_dir: Path, rec: dict[str, Any], label_path: Path | None):
+def _benchmark_case(out_dir: Path, rec: dict[str, Any], label_path: Path | None,
+                    values: tuple[int, ...] | None = None):
     """(maps, masks, scores, member maps or None) of one case in model slice space."""
     from condiff.preprocess import mask_to_slices
 
@@ -206,20 +216,20 @@ def _benchmark_case(out_dir: Path, rec: dict[str, Any], label_path: Path | None)
         maps, slices, scores = z["maps"], z["slices"], z["scores"]
         member_maps = z["member_maps"] if "member_maps" in z.files else None
     if rec.get("kind") == "image":
-        label = _read_label(label_path, shape=tuple(rec["geometry"]["input_shape"]))
+        label = _read_label(label_path, shape=tuple(rec["geometry"]["input_shape"]), values=values)
         masks = mask_to_slices(label, rec["geometry"])
         keep = np.ones(len(maps), dtype=bool)
     else:
         like = _like_volume(out_dir / rec["outputs"]["map"]["path"])
-        masks = mask_to_slices(_read_label(label_path, like=like), rec["geometry"])
+        masks = mask_to_slices(_read_label(label_path, like=like, values=values), rec["geometry"])
         keep = slices.reshape(len(slices), -1).sum(axis=1) != 0  # reference §8: empty slices dropped
     return maps[keep], masks[keep], scores[keep], None if member_maps is None else member_maps[:, keep]
 
 
-def benchmark_arrays(out_dir: Path, rec: dict[str, Any], mask_pattern: str):
+def benchmark_arrays(out_dir: Path, rec: dict[str, Any], mask_pattern: str, label_values: tuple[int, ...] | None = None):
     """(maps, masks, scores, member maps or None) of one finished case in model slice space, as the
     benchmark protocol scores it (for tools that score other maps on exactly the same pixels)."""
-    return _benchmark_case(Path(out_dir), rec, find_mask(_case_of(rec), mask_pattern))
+    return _benchmark_case(Path(out_dir), rec, find_mask(_case_of(rec), mask_pattern), label_values)
 
 
 def _row(m: DetectionMetrics) -> dict[str, float]:
@@ -227,11 +237,13 @@ def _row(m: DetectionMetrics) -> dict[str, float]:
 
 
 def evaluate(out_dir: str | Path, mask_pattern: str, protocol: str = "native", overlays: bool = False,
-             missing_label: str = "error") -> Evaluation:
+             missing_label: str = "error", label_values: tuple[int, ...] | None = None) -> Evaluation:
     """Evaluate every ``ok`` record in ``out_dir`` (see the module docstring); ``overlays`` (native
     protocol) also draws ``eval-overlays/<case>.png``: the label's outline on the input and on the map.
     ``missing_label``: ``error`` (a case without a label file is not evaluated) or ``normal`` (it
-    counts as a case without lesion; counted in ``counts["cases_without_label"]``)."""
+    counts as a case without lesion; counted in ``counts["cases_without_label"]``).
+    ``label_values``: only these values of the label maps are lesion (e.g. BraTS (4,): enhancing
+    tumour; default: every value > 0)."""
     from .writer import load_records
 
     if protocol not in PROTOCOLS:
@@ -244,7 +256,7 @@ def evaluate(out_dir: str | Path, mask_pattern: str, protocol: str = "native", o
     if not records:
         raise CondiffError(out_dir, "holds no finished cases (records/*.json with status ok)",
                            "run condiff-infer into this folder first")
-    ev = Evaluation(protocol)
+    ev = Evaluation(protocol, label_values=tuple(label_values) if label_values else None)
     parts: list[tuple] = []
     scores_of: list[float] = []
     without_label: list[str] = []
@@ -254,9 +266,9 @@ def evaluate(out_dir: str | Path, mask_pattern: str, protocol: str = "native", o
             if label_path is None:
                 without_label.append(rec["case"])
             if protocol == "native":
-                part = _native_case(out_dir, rec, label_path, figure=overlays)
+                part = _native_case(out_dir, rec, label_path, figure=overlays, values=ev.label_values)
             else:
-                part = _benchmark_case(out_dir, rec, label_path)
+                part = _benchmark_case(out_dir, rec, label_path, ev.label_values)
         except (CondiffError, OSError, ValueError, KeyError) as exc:
             text = exc.message if isinstance(exc, CondiffError) else f"{type(exc).__name__}: {exc}"
             ev.failures.append((rec["case"], text))
@@ -303,6 +315,8 @@ def format_table(ev: Evaluation) -> str:
     """A plain-text table labelled with its protocol."""
     head = f"condiff-eval  protocol: {ev.protocol}  ({DESCRIPTIONS[ev.protocol]})"
     lines = [head]
+    if ev.label_values:
+        lines.append(f"lesion = label values {', '.join(str(v) for v in ev.label_values)} (other values count as normal)")
     if ev.counts:
         c = ev.counts
         lines.append(f"{c['cases']} cases, {c['samples']} samples ({c['positive_samples']} positive), "

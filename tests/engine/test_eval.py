@@ -175,6 +175,60 @@ def test_lesion_free_case_has_empty_cells_and_counts_its_false_positives(run, tm
     assert line.split(",")[5:7] == ["", ""]
 
 
+@pytest.mark.parametrize("protocol", ["native", "benchmark"])
+def test_label_values_select_classes_of_a_label_map(run, tmp_path, protocol):
+    """BraTS-style label maps (each lesion split into values 2 and 4): --label-values 4 scores value 4 only."""
+    import nibabel as nib
+
+    from condiff.io.volumes import read_volume
+    from condiff.preprocess import mask_to_slices
+
+    scans, out = run
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    for k in range(3):
+        img = nib.load(str(scans / f"case{k}_seg.nii.gz"))
+        seg = np.asarray(img.dataobj) > 0
+        classes = np.where(seg, 2, 0).astype(np.uint8)
+        checker = (np.indices(seg.shape).sum(axis=0) % 2).astype(bool)
+        classes[seg & checker] = 4  # a checkerboard of each lesion is "4"
+        nib.save(nib.Nifti1Image(classes, img.affine, img.header), str(labels / f"case{k}_seg.nii.gz"))
+    res = _eval(out, "--masks", str(labels) + "/{stem}_seg.nii.gz", "--protocol", protocol, "--label-values", "4",
+                "--no-overlays")
+    assert res.exit_code == 0, res.output + res.stderr
+    assert "lesion = label values 4" in res.stdout
+    doc = json.loads((out / f"metrics-{protocol}.json").read_text())
+    assert doc["label_values"] == [4]
+    ys, ss = [], []
+    for k in range(3):
+        classes = np.asarray(nib.load(str(labels / f"case{k}_seg.nii.gz")).dataobj)
+        assert (classes == 4).any() and (classes == 2).any()
+        if protocol == "native":
+            brain = np.asarray(nib.load(str(scans / f"case{k}_brainmask.nii.gz")).dataobj) > 0
+            amap = nib.load(str(out / "maps" / f"case{k}.nii.gz")).get_fdata(dtype=np.float32)
+            ys.append(((classes == 4) & brain)[brain]), ss.append(amap[brain])
+        else:
+            rec = json.loads((out / "records" / f"case{k}.json").read_text())
+            z = np.load(out / "model_space" / f"case{k}.npz")
+            keep = z["slices"].reshape(len(z["slices"]), -1).sum(1) != 0
+            m = mask_to_slices(classes == 4, rec["geometry"])
+            ys.append(m[keep].ravel()), ss.append(z["maps"][keep].ravel())
+    y, s = np.concatenate(ys), np.concatenate(ss)
+    assert doc["counts"]["positive_pixels"] == int(y.sum())
+    assert abs(doc["rows"][0]["ap_pixel"] - sk.average_precision_score(y, s)) <= 1e-10
+    # without the option every value > 0 is lesion, as before
+    res = _eval(out, "--masks", str(labels) + "/{stem}_seg.nii.gz", "--protocol", protocol, "--no-overlays")
+    whole = json.loads((out / f"metrics-{protocol}.json").read_text())
+    assert whole["label_values"] is None and whole["counts"]["positive_pixels"] > int(y.sum())
+
+
+def test_label_values_are_checked(run):
+    scans, out = run
+    for bad, text in (("a,4", "integer label values"), ("0", "above 0"), (",", "above 0")):
+        res = _eval(out, "--masks", SEG, "--label-values", bad)
+        assert res.exit_code == 2 and text in res.stderr, (bad, res.stderr)
+
+
 def test_missing_labels_fail_alone_with_exit_1(run, tmp_path):
     scans, out = run
     res = _eval(out, "--masks", "{dir}/{stem}_missing.nii.gz")

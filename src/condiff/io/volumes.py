@@ -240,8 +240,9 @@ def read_volume_or_slice(path: str | os.PathLike, nan_policy: str = "error") -> 
     return _load(path, allow_2d=True, nan_policy=nan_policy, check_content=True)
 
 
-def read_mask(path: str | os.PathLike, like: Volume) -> np.ndarray:
-    """A mask on the same grid as ``like``: bool ``like.data.shape`` (True where the file is > 0).
+def read_mask(path: str | os.PathLike, like: Volume, values=None) -> np.ndarray:
+    """A mask on the same grid as ``like``: bool ``like.data.shape`` (True where the file is > 0,
+    or, with ``values``, where it holds one of these label values, e.g. (1, 3, 4) for a tumour core).
 
     Refuses a mask whose shape or affine differs from the volume's (the message names both
     files); an all-zero mask is allowed (e.g. a lesion mask of a healthy case).
@@ -256,6 +257,8 @@ def read_mask(path: str | os.PathLike, like: Volume) -> np.ndarray:
         raise InputImageError(path, f"mask affine differs from the affine of {like.path} "
                                     f"(max difference {np.abs(m.affine - like.affine).max():.4g} mm)",
                               "Give a mask on the same voxel grid as its image")
+    if values:
+        return np.isin(m.data, np.asarray(values, dtype=np.float64))
     return m.data > 0
 
 
