@@ -32,12 +32,12 @@ DARK, BRIGHT = 0.3, 0.8  # input intensity thresholds on the [0, 1] model scale
 TOP_SHARE = 0.05
 
 
-def case_arrays(out_dir: Path, rec: dict, label_pattern: str) -> dict[str, np.ndarray]:
+def case_arrays(out_dir: Path, rec: dict, label_pattern: str, label_values=None) -> dict[str, np.ndarray]:
     """Model-space arrays of one case on the benchmark protocol's slices: map, member maps, label,
-    input and brain (all (S, H, W); member maps (M, S, H, W))."""
+    input and brain (all (S, H, W); member maps (M, S, H, W)). ``label_values``: as condiff-eval's."""
     from condiff.engine.evaluate import benchmark_arrays
 
-    maps, labels, _, member_maps = benchmark_arrays(out_dir, rec, label_pattern)
+    maps, labels, _, member_maps = benchmark_arrays(out_dir, rec, label_pattern, label_values)
     with np.load(out_dir / "model_space" / f"{rec['case']}.npz") as z:
         slices, brain = z["slices"][:, 0], z["foreground"]
     keep = slices.reshape(len(slices), -1).sum(axis=1) != 0  # the protocol's slice rule (evaluate.py)
@@ -95,18 +95,21 @@ def summarise(arrays: dict[str, np.ndarray]) -> dict:
     }
 
 
-def healthy_response(out_dir: Path, label_pattern: str) -> dict:
+def healthy_response(out_dir: Path, label_pattern: str, label_values=None) -> dict:
+    """``label_values``: only these label classes are lesion (condiff-eval --label-values); the
+    other labelled voxels then count as healthy tissue."""
     from condiff.engine.writer import load_records
 
     cases = {}
     for rec in load_records(out_dir):
         if rec.get("status") == "ok":
-            cases[rec["case"]] = case_arrays(out_dir, rec, label_pattern)
+            cases[rec["case"]] = case_arrays(out_dir, rec, label_pattern, label_values)
     if not cases:
         raise SystemExit(f"{out_dir}: no finished cases")
     pooled = {k: np.concatenate([c[k] for c in cases.values()], axis=1 if k == "members" else 0)
               for k in ("map", "members", "label", "input", "brain")}
-    return {"out_dir": str(out_dir), "labels": label_pattern, "pooled": summarise(pooled),
+    return {"out_dir": str(out_dir), "labels": label_pattern,
+            "label_values": list(label_values) if label_values else None, "pooled": summarise(pooled),
             "cases": {name: summarise(a) for name, a in cases.items()}}
 
 
@@ -117,7 +120,9 @@ def _fmt(v) -> str:
 def write_markdown(report: dict, path: Path) -> None:
     p = report["pooled"]
     lines = [f"# Healthy-tissue response: `{report['out_dir']}`", "",
-             f"Labels `{report['labels']}`; model slice space, benchmark protocol's slices; pooled over "
+             f"Labels `{report['labels']}`"
+             + (f" (values {', '.join(map(str, report['label_values']))})" if report.get("label_values") else "")
+             + "; model slice space, benchmark protocol's slices; pooled over "
              f"{len(report['cases'])} case(s).", "",
              "| maps | mean in label | mean in healthy brain | ratio |", "|---|---|---|---|"]
     rows = [("ensemble", p["ensemble"])] + [(f"member {i}", m) for i, m in enumerate(p["members"])]
@@ -140,9 +145,11 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out_dir", type=Path)
     ap.add_argument("--labels", required=True, help="label pattern, as condiff-eval --masks")
+    ap.add_argument("--label-values", type=int, nargs="+", metavar="V",
+                    help="only these label classes are lesion, as condiff-eval --label-values")
     ap.add_argument("--report", type=Path, help="folder for the report [default: OUT]")
     args = ap.parse_args(argv)
-    report = healthy_response(args.out_dir, args.labels)
+    report = healthy_response(args.out_dir, args.labels, args.label_values)
     dest = args.report or args.out_dir
     dest.mkdir(parents=True, exist_ok=True)
     (dest / "healthy_response.json").write_text(json.dumps(report, indent=1, allow_nan=True))

@@ -29,7 +29,10 @@ from pathlib import Path
 import numpy as np
 
 LESION_SETS = {
-    "brats-t1c": {"folder": "brats-tumour", "mask": "{dir}/{base}_brainmask.nii.gz", "labels": "{dir}/{base}_seg.nii.gz"},
+    "brats-t1c": {"folder": "brats-tumour", "mask": "{dir}/{base}_brainmask.nii.gz", "labels": "{dir}/{base}_seg.nii.gz",
+                  # BRATS 2013/2015 classes (data/README.md): where learned maps and brightness part ways
+                  "regions": {"enhancing tumour": (4,), "tumour core": (1, 3, 4), "oedema": (2,),
+                              "necrosis + non-enhancing": (1, 3)}},
     "ms-t1": {"folder": "ms-lesion", "mask": "auto", "labels": "{dir}/{base}_lesionmask.nii.gz"},
 }
 HEALING_TASKS = (0, 2, 3, 4)  # task 1 blends in another dataset, which held-out IXI slices do not bring
@@ -44,7 +47,7 @@ def _versions() -> dict:
             "python": platform.python_version(), "machine": platform.node(), "cpu": platform.processor()}
 
 
-def lesion_analysis(out: Path, label_pattern: str) -> tuple[dict, dict]:
+def lesion_analysis(out: Path, label_pattern: str, label_values=None) -> tuple[dict, dict]:
     """(intensity baselines, healthy-tissue response) on exactly the slices and masks the benchmark
     protocol uses, from one pass of bench/healthy_response.py over the written model-space files."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -52,7 +55,7 @@ def lesion_analysis(out: Path, label_pattern: str) -> tuple[dict, dict]:
         from healthy_response import healthy_response
     finally:
         sys.path.pop(0)
-    pooled = healthy_response(out, label_pattern)["pooled"]
+    pooled = healthy_response(out, label_pattern, label_values)["pooled"]
     baselines = {name: {"ap_pixel": pooled["ap_pixel"][name]} for name in ("bright", "dark", "chance")}
     return baselines, pooled
 
@@ -85,7 +88,22 @@ def run_lesions(args, report: dict) -> None:
         baselines, healthy = lesion_analysis(out, spec["labels"])
         report["lesions"][name] = {"command": " ".join(cmd), "wall_s": elapsed, "evaluation": ev,
                                    "baselines": baselines, "healthy_response": healthy,
-                                   "throughput": run.get("throughput")}
+                                   "throughput": run.get("throughput"),
+                                   "regions": label_regions(out, spec["labels"], spec.get("regions", {}))}
+
+
+def label_regions(out: Path, label_pattern: str, regions: dict) -> dict:
+    """Per label class (condiff-eval --label-values): the benchmark rows and the baselines on the same
+    pixels, the other classes counting as healthy tissue."""
+    from condiff.engine.evaluate import evaluate
+
+    found = {}
+    for region, values in regions.items():
+        ev = evaluate(out, label_pattern, "benchmark", label_values=values).to_dict()
+        baselines, _ = lesion_analysis(out, label_pattern, values)
+        found[region] = {"label_values": list(values), "counts": ev["counts"],
+                         "rows": {r["row"]: r for r in ev["rows"]}, "baselines": baselines}
+    return found
 
 
 def held_out_slices(preprocessing: dict, ixi_dir: Path, holdout: int, max_slices: int | None) -> tuple[list[str], np.ndarray]:
@@ -228,6 +246,10 @@ def run_synthetic(args, report: dict) -> None:
         report["synthetic"]["by_draws_wall_s"] = time.perf_counter() - t0
 
 
+def _num(v) -> str:
+    return "–" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{v:.3f}"
+
+
 def write_markdown(report: dict, path: Path) -> None:
     lines = [f"# condiff quality report", "", f"- date: {report['date']}", f"- command: `{report['command']}`",
              f"- versions: {report['versions']}", ""]
@@ -281,6 +303,18 @@ def write_markdown(report: dict, path: Path) -> None:
         for b, vals in res["baselines"].items():
             lines.append(f"| baseline: {b} | | | {vals['ap_pixel']:.3f} | |")
         lines.append("")
+        if res.get("regions"):
+            lines += ["Per label class (`condiff-eval --label-values`; the other classes count as healthy):", "",
+                      "| class (values) | lesion pixels | AP_p ensemble | AP_p members avg / max | bright | dark | chance |",
+                      "|---|---|---|---|---|---|---|"]
+            for region, r in res["regions"].items():
+                rows, b = r["rows"], r["baselines"]
+                avg, top = rows.get("members avg", {}).get("ap_pixel"), rows.get("members max", {}).get("ap_pixel")
+                members = "" if avg is None else f"{avg:.3f} / {top:.3f}"
+                lines.append(f"| {region} ({', '.join(map(str, r['label_values']))}) | {r['counts'].get('positive_pixels')} | "
+                             f"{_num(rows['ensemble'].get('ap_pixel'))} | {members} | {_num(b['bright']['ap_pixel'])} | "
+                             f"{_num(b['dark']['ap_pixel'])} | {_num(b['chance']['ap_pixel'])} |")
+            lines.append("")
         hr = res.get("healthy_response")
         if hr:
             ratios = [hr["ensemble"]["ratio"]] + [m["ratio"] for m in hr["members"]]
@@ -322,7 +356,8 @@ def make_smoke_inputs(root: Path) -> tuple[Path, Path]:
         aff = np.diag([2.0, 2.0, 2.0, 1.0])
         nib.save(nib.Nifti1Image(img, aff), data / f"case{i}_t1c.nii.gz")
         nib.save(nib.Nifti1Image(brain.astype(np.uint8), aff), data / f"case{i}_brainmask.nii.gz")
-        nib.save(nib.Nifti1Image((lesion * 2).astype(np.uint8), aff), data / f"case{i}_seg.nii.gz")
+        core = lesion & ((zz - 14 - 4 * i) ** 2 + (yy - 22) ** 2 < 6)  # BraTS-like classes: 4 inside 2
+        nib.save(nib.Nifti1Image(np.where(core, 4, lesion * 2).astype(np.uint8), aff), data / f"case{i}_seg.nii.gz")
     return set_dir, root / "data"
 
 

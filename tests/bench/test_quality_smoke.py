@@ -61,6 +61,18 @@ def test_quality_smoke_report_is_self_consistent(tmp_path):
     hr = res["healthy_response"]
     assert hr["ap_pixel"]["map"] == pytest.approx(ens["ap_pixel"], abs=1e-9)
     assert len(hr["members"]) == len(members) and "Mean map inside the label" in (tmp_path / "quality.md").read_text()
+    # per label class: the enhancing core alone (value 4), recomputed from the written maps
+    region = res["regions"]["enhancing tumour"]
+    core_maps, core_masks = [], []
+    for rec in load_records(out):
+        m, y, _, _ = benchmark_arrays(out, rec, "{dir}/{base}_seg.nii.gz", (4,))
+        core_maps.append(m), core_masks.append(y)
+    core_maps, core_masks = np.concatenate(core_maps), np.concatenate(core_masks)
+    assert 0 < core_masks.sum() < masks.sum() and region["counts"]["positive_pixels"] == core_masks.sum()
+    assert region["rows"]["ensemble"]["ap_pixel"] == pytest.approx(
+        sklearn_metrics.average_precision_score(core_masks.ravel(), core_maps.ravel()), abs=1e-9)
+    assert region["baselines"]["chance"]["ap_pixel"] == pytest.approx(core_masks.mean(), abs=1e-12)
+    assert "| enhancing tumour (4) |" in (tmp_path / "quality.md").read_text()
 
 
 def test_quality_smoke_draws_one_equals_the_plain_healing_report(tmp_path):
