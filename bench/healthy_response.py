@@ -35,18 +35,22 @@ TOP_SHARE = 0.05
 def case_arrays(out_dir: Path, rec: dict, label_pattern: str, label_values=None) -> dict[str, np.ndarray]:
     """Model-space arrays of one case on the benchmark protocol's slices: map, member maps, label,
     input and brain (all (S, H, W); member maps (M, S, H, W)). ``label_values``: as condiff-eval's."""
-    from condiff.engine.evaluate import benchmark_arrays
+    from condiff.engine.evaluate import baseline_maps, benchmark_arrays
+    from condiff.preprocess import PreprocessConfig
 
     maps, labels, _, member_maps = benchmark_arrays(out_dir, rec, label_pattern, label_values)
     with np.load(out_dir / "model_space" / f"{rec['case']}.npz") as z:
-        slices, brain = z["slices"][:, 0], z["foreground"]
+        slices, brain = z["slices"], z["foreground"]
     keep = slices.reshape(len(slices), -1).sum(axis=1) != 0  # the protocol's slice rule (evaluate.py)
     if member_maps is None:
         raise SystemExit(f"{out_dir}: {rec['case']} has no member maps; rerun condiff-infer with --save-member-maps")
-    shape = slices[keep].shape
+    shape = slices[keep][:, 0].shape
+    brain = brain[keep].reshape(shape).astype(bool)
+    # condiff-eval --baselines' maps, so both tools score the same non-learned references
+    base = baseline_maps(slices[keep], brain, PreprocessConfig.from_dict(rec["options"]["preprocessing"]).value_range)
     return {"map": maps.reshape(shape), "members": member_maps.reshape(len(member_maps), *shape),
-            "label": labels.reshape(shape).astype(bool), "input": slices[keep],
-            "brain": brain[keep].reshape(shape).astype(bool)}
+            "label": labels.reshape(shape).astype(bool), "input": slices[keep][:, 0], "brain": brain,
+            "bright": base["bright"], "dark": base["dark"]}
 
 
 def border_distance(brain: np.ndarray) -> np.ndarray:
@@ -89,8 +93,8 @@ def summarise(arrays: dict[str, np.ndarray]) -> dict:
         "border_bands": bands,
         "intensity": {"healthy_top": intensity(top), "healthy_all": intensity(healthy), "label": intensity(label)},
         "ap_pixel": {"map": average_precision(flat_label, amap.ravel()),
-                     "bright": average_precision(flat_label, (x * brain).ravel()),
-                     "dark": average_precision(flat_label, ((1.0 - x) * brain).ravel()),
+                     "bright": average_precision(flat_label, arrays["bright"].ravel()),
+                     "dark": average_precision(flat_label, arrays["dark"].ravel()),
                      "chance": float(flat_label.mean())},
     }
 
@@ -107,7 +111,7 @@ def healthy_response(out_dir: Path, label_pattern: str, label_values=None) -> di
     if not cases:
         raise SystemExit(f"{out_dir}: no finished cases")
     pooled = {k: np.concatenate([c[k] for c in cases.values()], axis=1 if k == "members" else 0)
-              for k in ("map", "members", "label", "input", "brain")}
+              for k in ("map", "members", "label", "input", "brain", "bright", "dark")}
     return {"out_dir": str(out_dir), "labels": label_pattern,
             "label_values": list(label_values) if label_values else None, "pooled": summarise(pooled),
             "cases": {name: summarise(a) for name, a in cases.items()}}

@@ -378,6 +378,10 @@ def _merge(out_dir: Path) -> int:
 @click.option("--label-values", metavar="V,V,...", callback=lambda ctx, param, text: _label_values(text),
               help="Only these values of the label maps are lesion, e.g. BraTS 2013/2015 '4' (enhancing tumour) or "
                    "'1,3,4' (tumour core) [default: every value > 0]. NIfTI label maps only.")
+@click.option("--baselines", is_flag=True,
+              help="benchmark protocol: also score two non-learned maps on the same pixels, the input's intensity "
+                   "inside the brain ('bright') and its complement ('dark'), and chance: is the model better than "
+                   "thresholding brightness?")
 @click.option("--overlays/--no-overlays", default=True, show_default=True,
               help="native protocol: also write eval-overlays/<case>.png, the label's outline on the input and on "
                    "the map, for the slices holding the most label.")
@@ -402,8 +406,8 @@ def _label_values(text: str | None) -> tuple[int, ...] | None:
     return tuple(sorted(set(values)))
 
 
-def _eval(out_dir: Path, mask_pattern: str, protocol: str, missing_label: str, label_values, overlays: bool,
-          verbose: int) -> int:
+def _eval(out_dir: Path, mask_pattern: str, protocol: str, missing_label: str, label_values, baselines: bool,
+          overlays: bool, verbose: int) -> int:
     import math
 
     from condiff.io.atomic import write_json_atomic, write_text_atomic
@@ -411,8 +415,11 @@ def _eval(out_dir: Path, mask_pattern: str, protocol: str, missing_label: str, l
     from .evaluate import cases_csv, evaluate, format_table, table_csv
 
     with logging_to(verbose, echo=_echo_err):
+        if baselines and protocol != "benchmark":
+            raise click.UsageError("--baselines needs --protocol benchmark (the baselines are scored on the "
+                                   "model-space slices that --save-model-space writes)")
         ev = evaluate(out_dir, mask_pattern, protocol, overlays=overlays and protocol == "native",
-                      missing_label=missing_label, label_values=label_values)
+                      missing_label=missing_label, label_values=label_values, baselines=baselines)
         click.echo(format_table(ev))
         doc = ev.to_dict()
         for row in doc["rows"] + doc["per_case"]:  # JSON has no NaN: a metric without both classes is null

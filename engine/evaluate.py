@@ -226,6 +226,30 @@ def _benchmark_case(out_dir: Path, rec: dict[str, Any], label_path: Path | None,
     return maps[keep], masks[keep], scores[keep], None if member_maps is None else member_maps[:, keep]
 
 
+def baseline_maps(slices: np.ndarray, foreground: np.ndarray, value_range: tuple[float, float]) -> dict[str, np.ndarray]:
+    """Non-learned reference maps on model-space slices ``(S, C, H, W)`` (channels averaged):
+    "bright" = intensity above the range's floor, "dark" = below its ceiling, both 0 outside the
+    foreground (brain mask), so background never outranks tissue. For MRI ([0, 1]) these are
+    x · brain and (1 − x) · brain."""
+    x = np.asarray(slices, dtype=np.float64)
+    x = x.mean(axis=1) if x.ndim == 4 else x
+    fg = np.asarray(foreground, dtype=bool).reshape(x.shape)
+    lo, hi = value_range
+    return {"bright": (x - lo) * fg, "dark": (hi - x) * fg}
+
+
+def _baseline_case(out_dir: Path, rec: dict[str, Any]) -> dict[str, np.ndarray]:
+    """``baseline_maps`` of one case on exactly the slices ``_benchmark_case`` keeps."""
+    from condiff.preprocess import PreprocessConfig
+
+    with np.load(out_dir / rec["outputs"]["model_space"]["path"]) as z:
+        slices, foreground = z["slices"], z["foreground"]
+    keep = (np.ones(len(slices), dtype=bool) if rec.get("kind") == "image"
+            else slices.reshape(len(slices), -1).sum(axis=1) != 0)
+    value_range = PreprocessConfig.from_dict(rec["options"]["preprocessing"]).value_range
+    return baseline_maps(slices[keep], foreground[keep], value_range)
+
+
 def benchmark_arrays(out_dir: Path, rec: dict[str, Any], mask_pattern: str, label_values: tuple[int, ...] | None = None):
     """(maps, masks, scores, member maps or None) of one finished case in model slice space, as the
     benchmark protocol scores it (for tools that score other maps on exactly the same pixels)."""
@@ -237,19 +261,23 @@ def _row(m: DetectionMetrics) -> dict[str, float]:
 
 
 def evaluate(out_dir: str | Path, mask_pattern: str, protocol: str = "native", overlays: bool = False,
-             missing_label: str = "error", label_values: tuple[int, ...] | None = None) -> Evaluation:
+             missing_label: str = "error", label_values: tuple[int, ...] | None = None,
+             baselines: bool = False) -> Evaluation:
     """Evaluate every ``ok`` record in ``out_dir`` (see the module docstring); ``overlays`` (native
     protocol) also draws ``eval-overlays/<case>.png``: the label's outline on the input and on the map.
     ``missing_label``: ``error`` (a case without a label file is not evaluated) or ``normal`` (it
     counts as a case without lesion; counted in ``counts["cases_without_label"]``).
     ``label_values``: only these values of the label maps are lesion (e.g. BraTS (4,): enhancing
-    tumour; default: every value > 0)."""
+    tumour; default: every value > 0). ``baselines`` (benchmark protocol): also rows for the
+    non-learned ``baseline_maps`` and chance on the same pixels."""
     from .writer import load_records
 
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {PROTOCOLS}")
     if missing_label not in MISSING_LABEL:
         raise ValueError(f"missing_label must be one of {MISSING_LABEL}")
+    if baselines and protocol != "benchmark":
+        raise ValueError("baselines are computed on the model-space slices: use the benchmark protocol")
     required = missing_label == "error"
     out_dir = Path(out_dir)
     records = [r for r in load_records(out_dir) if r.get("status") == "ok"]
@@ -269,6 +297,8 @@ def evaluate(out_dir: str | Path, mask_pattern: str, protocol: str = "native", o
                 part = _native_case(out_dir, rec, label_path, figure=overlays, values=ev.label_values)
             else:
                 part = _benchmark_case(out_dir, rec, label_path, ev.label_values)
+                if baselines:
+                    part = (*part, _baseline_case(out_dir, rec))
         except (CondiffError, OSError, ValueError, KeyError) as exc:
             text = exc.message if isinstance(exc, CondiffError) else f"{type(exc).__name__}: {exc}"
             ev.failures.append((rec["case"], text))
@@ -302,6 +332,12 @@ def evaluate(out_dir: str | Path, mask_pattern: str, protocol: str = "native", o
             for stat in ("avg", "max", "std"):
                 ev.rows.append((f"members {stat}", {key: summarise([r[key] for r in per_member])[stat]
                                                      for key in METRIC_KEYS if key != "threshold"}))
+        if baselines:
+            for name in ("bright", "dark"):
+                ev.rows.append((f"baseline: {name}", _row(slice_metrics(np.concatenate([p[4][name] for p in parts]),
+                                                                          masks))))
+            ev.rows.append(("chance", {"ap_image": m.n_positive_samples / m.n_samples, "auroc": 0.5,
+                                       "ap_pixel": m.n_positive_pixels / m.n_pixels}))
     ev.per_case = [case_row(case, score, labels, values, m.threshold)
                    for case, score, (labels, values) in zip(ev.cases, scores_of, pixels_of)]
     ev.counts = {"cases": len(parts), "samples": m.n_samples, "positive_samples": m.n_positive_samples,
@@ -324,10 +360,11 @@ def format_table(ev: Evaluation) -> str:
                      + (f"; {c['cases_without_label']} case(s) without a label file counted as normal"
                         if c.get("cases_without_label") else ""))
     cols = [k for k in METRIC_KEYS]
-    lines.append(f"{'':<14}" + "".join(f"{METRIC_LABELS[k]:>11}" for k in cols))
+    width = max([14] + [len(name) + 2 for name, _ in ev.rows])
+    lines.append(f"{'':<{width}}" + "".join(f"{METRIC_LABELS[k]:>11}" for k in cols))
     for name, values in ev.rows:
         cells = "".join(f"{values[k]:>11.4f}" if k in values and values[k] is not None else f"{'':>11}" for k in cols)
-        lines.append(f"{name:<14}{cells}")
+        lines.append(f"{name:<{width}}{cells}")
     if ev.rows:
         lines.append("best Dice threshold chosen on the evaluated data (as the benchmark does)")
     if ev.per_case:
@@ -378,5 +415,5 @@ def table_csv(ev: Evaluation) -> str:
     return buf.getvalue()
 
 
-__all__ = ["PROTOCOLS", "Evaluation", "evaluate", "benchmark_arrays", "case_row", "format_table", "table_csv",
+__all__ = ["PROTOCOLS", "Evaluation", "evaluate", "benchmark_arrays", "baseline_maps", "case_row", "format_table", "table_csv",
            "cases_csv"]

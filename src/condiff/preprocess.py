@@ -108,6 +108,11 @@ class PreprocessConfig:
     def channels(self) -> int:
         return 1 if self.modality == "mri" else 3
 
+    @property
+    def value_range(self) -> tuple[float, float]:
+        """The nominal range of prepared slices: MRI [0, 1] (background 0), RGB photos [-1, 1]."""
+        return (0.0, 1.0) if self.modality == "mri" else (-1.0, 1.0)
+
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["percentiles"] = list(self.percentiles)

@@ -222,6 +222,31 @@ def test_label_values_select_classes_of_a_label_map(run, tmp_path, protocol):
     assert whole["label_values"] is None and whole["counts"]["positive_pixels"] > int(y.sum())
 
 
+def test_baselines_score_intensity_inside_the_brain_like_sklearn(run):
+    scans, out = run
+    res = _eval(out, "--masks", SEG, "--protocol", "benchmark", "--baselines")
+    assert res.exit_code == 0, res.output + res.stderr
+    assert "baseline: bright" in res.stdout and "chance" in res.stdout
+    rows = _rows(out, "benchmark")
+    masks, bright, dark = [], [], []
+    for k in range(3):
+        pixels_y, _ = _case_pixels_benchmark(scans, out, k)
+        z = np.load(out / "model_space" / f"case{k}.npz")
+        keep = z["slices"].reshape(len(z["slices"]), -1).sum(1) != 0
+        x, brain = z["slices"][keep][:, 0].astype(np.float64), z["foreground"][keep].astype(bool)
+        masks.append(pixels_y), bright.append((x * brain).ravel()), dark.append(((1 - x) * brain).ravel())
+    y = np.concatenate(masks)
+    assert abs(rows["baseline: bright"]["ap_pixel"] - sk.average_precision_score(y, np.concatenate(bright))) <= 1e-10
+    assert abs(rows["baseline: dark"]["ap_pixel"] - sk.average_precision_score(y, np.concatenate(dark))) <= 1e-10
+    assert rows["chance"]["ap_pixel"] == pytest.approx(y.mean(), abs=1e-12)
+    # the ensemble row is untouched by the extra rows
+    plain = _eval(out, "--masks", SEG, "--protocol", "benchmark")
+    assert plain.exit_code == 0 and "baseline" not in plain.stdout
+    assert _rows(out, "benchmark")["ensemble"] == rows["ensemble"]
+    native = _eval(out, "--masks", SEG, "--baselines")
+    assert native.exit_code == 2 and "--protocol benchmark" in native.stderr
+
+
 def test_label_values_are_checked(run):
     scans, out = run
     for bad, text in (("a,4", "integer label values"), ("0", "above 0"), (",", "above 0")):
@@ -248,3 +273,16 @@ def test_missing_labels_fail_alone_with_exit_1(run, tmp_path):
 def test_empty_output_folder_is_a_usage_error(tmp_path):
     res = _eval(tmp_path, "--masks", SEG)
     assert res.exit_code == 2 and "no finished cases" in res.stderr
+
+
+def test_baseline_maps_put_background_below_all_tissue_for_rgb_ranges():
+    from condiff.engine.evaluate import baseline_maps
+
+    rng = np.random.default_rng(3)
+    x = rng.uniform(-1, 1, size=(2, 3, 8, 8))
+    fg = rng.random((2, 8, 8)) > 0.3
+    maps = baseline_maps(x, fg, (-1.0, 1.0))
+    grey = x.mean(axis=1)
+    np.testing.assert_allclose(maps["bright"], (grey + 1) * fg, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(maps["dark"], (1 - grey) * fg, rtol=0, atol=1e-12)
+    assert maps["bright"][fg].min() >= 0 and np.all(maps["bright"][~fg] == 0)
