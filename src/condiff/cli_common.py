@@ -12,9 +12,11 @@ import importlib.metadata
 import logging
 import os
 import platform
+import re
 import signal
 import sys
 import traceback
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import click
@@ -110,7 +112,8 @@ def version_option(f):
         ctx.exit(EXIT_OK)
 
     return click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=_show,
-                        help="Print condiff's version and an environment report (torch, CUDA, GPU, ORT, TensorRT).")(f)
+                        help="Print condiff's version and an environment report (torch, CUDA, GPU and driver, TF32 "
+                             "and determinism switches, ORT, TensorRT, readable formats).")(f)
 
 
 # ----------------------------------------------------------------------------------------- environment
@@ -146,6 +149,8 @@ def environment_report() -> dict[str, Any]:
         except Exception as exc:  # pragma: no cover - flags renamed in a future torch
             report["tf32"] = f"unknown ({exc})"
         report["determinism"] = _determinism_settings(torch)
+    report["nvidia_driver"] = _nvidia_driver()
+    report["formats"] = _formats()
     try:
         import onnxruntime
 
@@ -176,6 +181,23 @@ def _tf32_settings(torch) -> str:
     return text + (f" (NVIDIA_TF32_OVERRIDE={override})" if override is not None else "")
 
 
+def _nvidia_driver(path: Path = Path("/proc/driver/nvidia/version")) -> str | None:
+    """The NVIDIA kernel driver's version (Linux; None where there is none), read without CUDA."""
+    try:
+        first = path.read_text(errors="replace").splitlines()[0]
+    except (OSError, IndexError):
+        return None
+    match = re.search(r"Kernel Module\s+(?:for \S+\s+)?([0-9][0-9.]+)", first)
+    return match.group(1) if match else first.strip()
+
+
+def _formats() -> str:
+    """The file formats this condiff reads (what a model set or export from elsewhere must be)."""
+    from . import artifacts, config, modelset
+
+    return f"model set {modelset.SET_SCHEMA}, model {config.SCHEMA}, exported engines {artifacts.SCHEMA}"
+
+
 def _determinism_settings(torch) -> str:
     """What decides whether GPU kernels repeat bit for bit (``--deterministic`` turns all of it on)."""
     def state(flag) -> str:
@@ -189,8 +211,8 @@ def _determinism_settings(torch) -> str:
 
 def format_environment(report: dict[str, Any]) -> str:
     lines = [f"condiff {report['condiff']}"]
-    for key in ("python", "platform", "torch", "torch_cuda_build", "cuda_available", "cudnn", "gpus", "tf32",
-                "determinism", "onnxruntime", "onnxruntime_providers", "tensorrt", "numpy", "nibabel", "pillow"):
+    for key in ("python", "platform", "torch", "torch_cuda_build", "cuda_available", "cudnn", "gpus", "nvidia_driver",
+                "tf32", "determinism", "formats", "onnxruntime", "onnxruntime_providers", "tensorrt", "numpy", "nibabel", "pillow"):
         if key in report:
             value = report[key]
             if isinstance(value, list):

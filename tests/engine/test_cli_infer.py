@@ -330,3 +330,22 @@ def test_version_says_whether_fp32_may_run_on_tf32(monkeypatch):
     monkeypatch.delenv("NVIDIA_TF32_OVERRIDE")
     assert environment_report()["tf32"].startswith("convolutions allowed")
     assert "tf32" in _invoke(["--version"]).stdout
+
+
+def test_version_reports_the_nvidia_driver_and_readable_formats(tmp_path):
+    from condiff.cli_common import _nvidia_driver, environment_report
+    from condiff.config import SCHEMA as MODEL_SCHEMA
+    from condiff.modelset import SET_SCHEMA
+
+    proprietary = tmp_path / "a"
+    proprietary.write_text("NVRM version: NVIDIA UNIX x86_64 Kernel Module  550.54.14  Thu Feb 22 01:44:30 UTC 2024\n"
+                           "GCC version:  gcc version 12.2.0\n")
+    open_module = tmp_path / "b"
+    open_module.write_text("NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  580.65.06  Release Build  (dvs-builder@U16)\n")
+    assert _nvidia_driver(proprietary) == "550.54.14"
+    assert _nvidia_driver(open_module) == "580.65.06"
+    assert _nvidia_driver(tmp_path / "missing") is None
+    report = environment_report()
+    assert SET_SCHEMA in report["formats"] and MODEL_SCHEMA in report["formats"]
+    out = _invoke(["--version"]).stdout
+    assert "nvidia_driver" in out and "formats" in out and SET_SCHEMA in out
