@@ -77,8 +77,9 @@ def case_row(case: str, score: float, labels: np.ndarray, values: np.ndarray, th
 
 
 DESCRIPTIONS = {
-    "native": "input grid; user's masks as they are (lesion: > 0, or the chosen label values); restricted to the inference brain mask where one was used; "
-              "pixels pooled over cases; samples = analysed axial slices (volumes) or images",
+    "native": "input grid; user's masks as they are (lesion: > 0, or the chosen label values); restricted to the "
+              "inference brain mask where one was used; pixels pooled over cases; samples = analysed axial slices "
+              "(volumes) or images",
     "benchmark": "reference-method §8-§9: model slice space, masks (lesion: > 0, or the chosen label values) through "
                  "the recorded preprocessing and > 0.4, "
                  "empty image slices dropped, pooled over all slices",
@@ -203,6 +204,13 @@ def _write_figure(out_dir: Path, rec: dict[str, Any], draw) -> None:
     write_bytes_atomic(path, png_bytes(image))
 
 
+def _kept_slices(rec: dict[str, Any], slices: np.ndarray) -> np.ndarray:
+    """The slices the benchmark protocol scores: every image; of volumes, the non-empty slices (reference §8)."""
+    if rec.get("kind") == "image":
+        return np.ones(len(slices), dtype=bool)
+    return slices.reshape(len(slices), -1).sum(axis=1) != 0
+
+
 def _benchmark_case(out_dir: Path, rec: dict[str, Any], label_path: Path | None,
                     values: tuple[int, ...] | None = None):
     """(maps, masks, scores, member maps or None) of one case in model slice space."""
@@ -218,15 +226,15 @@ def _benchmark_case(out_dir: Path, rec: dict[str, Any], label_path: Path | None,
     if rec.get("kind") == "image":
         label = _read_label(label_path, shape=tuple(rec["geometry"]["input_shape"]), values=values)
         masks = mask_to_slices(label, rec["geometry"])
-        keep = np.ones(len(maps), dtype=bool)
     else:
         like = _like_volume(out_dir / rec["outputs"]["map"]["path"])
         masks = mask_to_slices(_read_label(label_path, like=like, values=values), rec["geometry"])
-        keep = slices.reshape(len(slices), -1).sum(axis=1) != 0  # reference §8: empty slices dropped
+    keep = _kept_slices(rec, slices)
     return maps[keep], masks[keep], scores[keep], None if member_maps is None else member_maps[:, keep]
 
 
-def baseline_maps(slices: np.ndarray, foreground: np.ndarray, value_range: tuple[float, float]) -> dict[str, np.ndarray]:
+def baseline_maps(slices: np.ndarray, foreground: np.ndarray,
+                  value_range: tuple[float, float]) -> dict[str, np.ndarray]:
     """Non-learned reference maps on model-space slices ``(S, C, H, W)`` (channels averaged):
     "bright" = intensity above the range's floor, "dark" = below its ceiling, both 0 outside the
     foreground (brain mask), so background never outranks tissue. For MRI ([0, 1]) these are
@@ -244,13 +252,13 @@ def _baseline_case(out_dir: Path, rec: dict[str, Any]) -> dict[str, np.ndarray]:
 
     with np.load(out_dir / rec["outputs"]["model_space"]["path"]) as z:
         slices, foreground = z["slices"], z["foreground"]
-    keep = (np.ones(len(slices), dtype=bool) if rec.get("kind") == "image"
-            else slices.reshape(len(slices), -1).sum(axis=1) != 0)
+    keep = _kept_slices(rec, slices)
     value_range = PreprocessConfig.from_dict(rec["options"]["preprocessing"]).value_range
     return baseline_maps(slices[keep], foreground[keep], value_range)
 
 
-def benchmark_arrays(out_dir: Path, rec: dict[str, Any], mask_pattern: str, label_values: tuple[int, ...] | None = None):
+def benchmark_arrays(out_dir: Path, rec: dict[str, Any], mask_pattern: str,
+                     label_values: tuple[int, ...] | None = None):
     """(maps, masks, scores, member maps or None) of one finished case in model slice space, as the
     benchmark protocol scores it (for tools that score other maps on exactly the same pixels)."""
     return _benchmark_case(Path(out_dir), rec, find_mask(_case_of(rec), mask_pattern), label_values)
@@ -352,7 +360,8 @@ def format_table(ev: Evaluation) -> str:
     head = f"condiff-eval  protocol: {ev.protocol}  ({DESCRIPTIONS[ev.protocol]})"
     lines = [head]
     if ev.label_values:
-        lines.append(f"lesion = label values {', '.join(str(v) for v in ev.label_values)} (other values count as normal)")
+        values = ", ".join(str(v) for v in ev.label_values)
+        lines.append(f"lesion = label values {values} (other values count as normal)")
     if ev.counts:
         c = ev.counts
         lines.append(f"{c['cases']} cases, {c['samples']} samples ({c['positive_samples']} positive), "
@@ -415,5 +424,6 @@ def table_csv(ev: Evaluation) -> str:
     return buf.getvalue()
 
 
-__all__ = ["PROTOCOLS", "Evaluation", "evaluate", "benchmark_arrays", "baseline_maps", "case_row", "format_table", "table_csv",
+__all__ = ["PROTOCOLS", "Evaluation", "evaluate", "benchmark_arrays", "baseline_maps", "case_row", "format_table",
+           "table_csv",
            "cases_csv"]
