@@ -425,5 +425,4 @@ def table_csv(ev: Evaluation) -> str:
 
 
 __all__ = ["PROTOCOLS", "Evaluation", "evaluate", "benchmark_arrays", "baseline_maps", "case_row", "format_table",
-           "table_csv",
-           "cases_csv"]
+           "table_csv", "cases_csv"]
