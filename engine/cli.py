@@ -88,6 +88,10 @@ def _jsonable(value: Any) -> Any:
 @click.option("--fallback-precision", type=click.Choice(["fp32", "bf16"]), default=None,
               help="A case whose output is not finite (half-precision overflow) is recomputed once on eager torch "
                    "at this precision, and its record and cases.csv say so [default: such a case fails].")
+@click.option("--layout", type=click.Choice(["flat", "bids"]), default="flat", show_default=True,
+              help="flat: maps/, restorations/, ... mirroring the inputs; bids: OUT is a BIDS derivative dataset "
+                   "(sub-*/[ses-*/]anat/*_desc-anomaly_<suffix>.nii.gz, dataset_description.json); needs BIDS-named "
+                   "NIfTI inputs and skips the dataset's derivatives/, so -o DATASET/derivatives/condiff works.")
 @click.option("--deterministic", is_flag=True,
               help="Deterministic GPU kernels (PyTorch deterministic algorithms, cuDNN without autotuning, "
                    "CUBLAS_WORKSPACE_CONFIG, ORT deterministic compute), so reruns on one machine repeat bit for "
@@ -122,10 +126,10 @@ def infer_main(**kw: Any) -> None:
 
 def _infer(inputs, output, models, engine, device, precision, batch_size, fast_kernels, steps, sampler, members, seed,
            mask_pattern, resume, dry_run, no_restoration, save_model_space, save_member_maps, nan_policy, fallback_precision,
-           deterministic, log_format, log_file, fail_fast, shard,
+           layout, deterministic, log_format, log_file, fail_fast, shard,
            merge_dir, ray_address, ray_workers, max_retries, group_slices, progress, quiet, verbose) -> int:
     from condiff.cli_common import resolve_precision
-    from condiff.io.cases import discover
+    from condiff.io.cases import DEFAULT_EXCLUDE, discover
 
     from . import pipeline, plan as planning, writer
 
@@ -162,10 +166,19 @@ def _infer(inputs, output, models, engine, device, precision, batch_size, fast_k
                 raise ModelSetError(None, "no --models given and the bundled demo model set is not installed "
                                           "(condiff.examples/models is missing)",
                                     "pass --models DIR (a model set or a model folder)")
-        planning.check_output_location(output, inputs)  # before discovery, which would read our own outputs
+        from . import bids
+
+        bids_layout = layout == "bids"
+        # before discovery, which would read our own outputs (a BIDS dataset's derivatives/ is never read)
+        planning.check_output_location(output, inputs, bids.RESERVED_FOLDERS if bids_layout else ())
         if log_file is not None:
             check_log_file(log_file)  # before any network is loaded
-        cases = discover(inputs)
+        cases = discover(inputs, DEFAULT_EXCLUDE + bids.EXCLUDE) if bids_layout else discover(inputs)
+        if bids_layout:
+            try:
+                bids.check_cases(cases)
+            except ValueError as exc:
+                raise click.BadParameter(str(exc), param_hint="--layout") from None
         n_all = len(cases)
         if shard_t is not None:
             cases = planning.select_shard(cases, *shard_t)
@@ -174,7 +187,7 @@ def _infer(inputs, output, models, engine, device, precision, batch_size, fast_k
                           mask_pattern=mask_pattern, restoration=not no_restoration, model_space=save_model_space,
                           member_maps=save_member_maps, nan_policy=nan_policy, resume=resume, group_slices=group_slices,
                           fast_kernels=fast_kernels, fallback_precision=fallback_precision,
-                          deterministic=deterministic)
+                          deterministic=deterministic, layout=layout)
         if ray_address is None:
             ctx = pipeline.make_context(**ctx_kwargs)
             ctx.fail_fast = fail_fast
@@ -218,6 +231,10 @@ def _run(cases, ctx, shard_t, arguments, progress: bool, n_all: int, process=Non
     out = ctx.out_dir
     if shard_t is None:
         writer.clean_orphans(out)
+    if ctx.options.layout == "bids":
+        from .bids import write_dataset_files
+
+        write_dataset_files(out, arguments["inputs"])
     log_handler = open_run_log(arguments["log_file"] or out / "condiff.log", arguments)
     quiet = arguments["quiet"]
     started, t0 = _dt.datetime.now(_dt.timezone.utc), time.perf_counter()

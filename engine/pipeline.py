@@ -127,7 +127,8 @@ def make_context(models: str | Path, out_dir: str | Path, *, engine: str = "torc
                  members: str | None = None, seed: int = 0, mask_pattern: str | None = None, restoration: bool = True,
                  model_space: bool = False, member_maps: bool = False, nan_policy: str = "error",
                  resume: bool = True, group_slices: int | None = None, fast_kernels: str = "torch",
-                 fallback_precision: str | None = None, deterministic: bool = False) -> RunContext:
+                 fallback_precision: str | None = None, deterministic: bool = False,
+                 layout: str = "flat") -> RunContext:
     """Validate the model set and options; no network is loaded (see ``load_denoisers``).
 
     ``deterministic`` switches this process to deterministic kernels (``engine.determinism``).
@@ -166,7 +167,7 @@ def make_context(models: str | Path, out_dir: str | Path, *, engine: str = "torc
                          steps=steps, members=tuple(member_idx), seed=seed, mask=mask_pattern,
                          restoration=restoration, model_space=model_space or member_maps, member_maps=member_maps,
                          nan_policy=nan_policy, preprocessing=preprocess.to_dict(), schedule=schedule.to_dict(),
-                         fast_kernels=fast_kernels)
+                         fast_kernels=fast_kernels, layout=layout)
     return RunContext(out_dir=Path(out_dir), model_set=model_set, members=member_idx, options=options,
                       preprocess=preprocess, plan=plan, device=dev,
                       batch_size=batch_size or (16 if dev == "cpu" else 64), mask_pattern=mask_pattern,

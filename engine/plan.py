@@ -58,12 +58,14 @@ class RunOptions:
     preprocessing: dict[str, Any] = field(default_factory=dict)
     schedule: dict[str, Any] = field(default_factory=dict)
     fast_kernels: str = "torch"  # --fast-kernels: torch | triton (the fast engine's attention and GroupNorm)
+    layout: str = "flat"  # --layout: flat (DESIGN §3) | bids (engine/bids.py); it decides the output paths
 
     def to_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)
         d["members"] = list(self.members)
-        if d["fast_kernels"] == "torch":
-            del d["fast_kernels"]  # absent at its default, so records written before it existed stay current
+        for key, default in (("fast_kernels", "torch"), ("layout", "flat")):
+            if d[key] == default:
+                del d[key]  # absent at its default, so records written before it existed stay current
         return d
 
     def digest(self) -> str:
@@ -84,7 +86,14 @@ def plan_case(case: Case, options: RunOptions) -> CasePlan:
     """Output paths of ``case`` (DESIGN §3): volumes mirror their extension, images get TIFF + PNG."""
     name = case.name
     out: dict[str, str] = {}
-    if case.kind == "volume":
+    if options.layout == "bids":
+        from .bids import derivative_paths
+
+        paths = derivative_paths(case)  # BIDS-named volumes only (checked before any work)
+        out["map"] = paths["map"]
+        if options.restoration:
+            out["restoration"] = paths["restoration"]
+    elif case.kind == "volume":
         _, suffix = split_suffix(case.path.name)
         ext = ".nii" if suffix == ".nii" else ".nii.gz"
         out["map"] = f"maps/{name}{ext}"
@@ -189,8 +198,10 @@ def select_shard(cases: Sequence[Case], index: int, count: int) -> list[Case]:
     return [c for k, c in enumerate(ordered) if k % count == index]
 
 
-def check_output_location(out_dir: str | os.PathLike, inputs: Sequence[str | os.PathLike]) -> None:
-    """Refuse an output folder that is a file, or equal to / inside an input folder."""
+def check_output_location(out_dir: str | os.PathLike, inputs: Sequence[str | os.PathLike],
+                          excluded_folders: Sequence[str] = ()) -> None:
+    """Refuse an output folder that is a file, or equal to / inside an input folder (unless inside
+    one of its ``excluded_folders``, which discovery skips: a BIDS dataset's ``derivatives``)."""
     out = Path(os.path.realpath(out_dir))
     if out.exists() and not out.is_dir():
         raise OutputConflictError(out_dir, "exists and is not a folder", "give a folder for -o")
@@ -199,6 +210,8 @@ def check_output_location(out_dir: str | os.PathLike, inputs: Sequence[str | os.
         if not item_path.is_dir():
             continue
         root = Path(os.path.realpath(item_path))
+        if any(root / folder == out or root / folder in out.parents for folder in excluded_folders):
+            continue
         if out == root or root in out.parents:
             raise OutputConflictError(out_dir, f"is inside the input folder {item}",
                                       "write outputs outside the input folders, so a rerun never reads its own maps")

@@ -244,8 +244,8 @@ def clean_orphans(out_dir: Path) -> int:
     """Remove temporary files a killed run left in the output folders (only call while no other
     process writes there, i.e. not from a shard). Returns how many were removed."""
     n = 0
-    for folder in OUTPUT_FOLDERS:
-        root = out_dir / folder
+    roots = [out_dir / folder for folder in OUTPUT_FOLDERS] + sorted(out_dir.glob("sub-*"))  # sub-*: --layout bids
+    for root in roots:
         if not root.is_dir():
             continue
         for p in root.rglob(".*.tmp"):

@@ -1,0 +1,104 @@
+"""``--layout bids``: a BIDS derivative dataset whose maps equal the flat layout's, byte for byte."""
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+from _infer_helpers import FAST, brain_like, invoke_infer, make_model_set, one_torch_thread, write_nifti
+from condiff.engine.bids import derived_stem, parse_name
+from condiff.io.cases import Case
+
+
+def test_bids_names_parse_and_derive():
+    name = parse_name("sub-01_ses-pre_acq-mprage_run-2_T1w.nii.gz")
+    assert name.entities == (("sub", "01"), ("ses", "pre"), ("acq", "mprage"), ("run", "2"))
+    assert name.suffix == "T1w" and name.extension == ".nii.gz"
+    assert derived_stem(name, "anomaly") == "sub-01_ses-pre_acq-mprage_run-2_desc-anomaly_T1w"
+    # an existing desc stays inside the new label, still last before the suffix
+    assert derived_stem(parse_name("sub-01_desc-preproc_run-1_T1w.nii"), "restored") == \
+        "sub-01_run-1_desc-preprocRestored_T1w"
+    for bad in ("T1w.nii.gz", "ses-1_sub-01_T1w.nii.gz", "sub-01_T1w.png", "sub-01_run-1_run-2_T1w.nii.gz",
+                "sub-01_acq_T1w.nii.gz", "sub-0_1_T1w.nii.gz", "sub-01.nii.gz", "sub-01_T1-w.nii.gz"):
+        assert parse_name(bad) is None, bad
+
+
+def test_derivative_paths_follow_the_datatype_folder():
+    from condiff.engine.bids import derivative_paths
+
+    case = Case(name="x", path=Path("/data/sub-07/ses-2/anat/sub-07_ses-2_FLAIR.nii"), kind="volume")
+    assert derivative_paths(case) == {"map": "sub-07/ses-2/anat/sub-07_ses-2_desc-anomaly_FLAIR.nii",
+                                      "restoration": "sub-07/ses-2/anat/sub-07_ses-2_desc-restored_FLAIR.nii"}
+    loose = Case(name="x", path=Path("/elsewhere/sub-07_T1w.nii.gz"), kind="volume")
+    assert derivative_paths(loose)["map"] == "sub-07/anat/sub-07_desc-anomaly_T1w.nii.gz"
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def dataset(tmp_path):
+    """A small BIDS dataset (two subjects, one with a session) plus a derivatives/ folder holding a
+    NIfTI that must never be read as an input."""
+    root = tmp_path / "ds"
+    for k, rel in enumerate(("sub-01/ses-1/anat/sub-01_ses-1_T1w.nii.gz", "sub-02/anat/sub-02_T1w.nii.gz")):
+        img, _ = brain_like(seed=k)
+        write_nifti(root / rel, img)
+    img, _ = brain_like(seed=5)
+    write_nifti(root / "derivatives" / "other" / "sub-01" / "anat" / "sub-01_desc-x_T1w.nii.gz", img)
+    (root / "dataset_description.json").write_text('{"Name": "test", "BIDSVersion": "1.9.0"}')
+    return root
+
+
+def test_bids_run_writes_a_derivative_dataset_with_the_flat_runs_bytes(tmp_path, dataset):
+    models = make_model_set(tmp_path / "set", n_members=2)
+    out = dataset / "derivatives" / "condiff"
+    with one_torch_thread():
+        res = invoke_infer([dataset, "-o", out, "--models", models, *FAST, "--layout", "bids"])
+        assert res.exit_code == 0, res.output + res.stderr
+        assert "2 done" in res.output  # the derivatives/ NIfTI was not an input
+        # the flat layout has no notion of derivatives/: give it the subjects' folders
+        flat = invoke_infer([dataset / "sub-01", dataset / "sub-02", "-o", tmp_path / "flat", "--models", models, *FAST])
+        assert flat.exit_code == 0, flat.output
+    for flat_name, bids_name in (("ses-1/anat/sub-01_ses-1_T1w", "sub-01/ses-1/anat/sub-01_ses-1_desc-{}_T1w"),
+                                 ("anat/sub-02_T1w", "sub-02/anat/sub-02_desc-{}_T1w")):
+        assert _sha(out / (bids_name.format("anomaly") + ".nii.gz")) == \
+            _sha(tmp_path / "flat" / "maps" / (flat_name + ".nii.gz"))
+        assert _sha(out / (bids_name.format("restored") + ".nii.gz")) == \
+            _sha(tmp_path / "flat" / "restorations" / (flat_name + ".nii.gz"))
+    desc = json.loads((out / "dataset_description.json").read_text())
+    assert desc["DatasetType"] == "derivative" and desc["GeneratedBy"][0]["Name"] == "condiff"
+    assert desc["SourceDatasets"] == [{"URL": dataset.resolve().as_uri()}]
+    ignored = (out / ".bidsignore").read_text().split()
+    assert {"overlays/", "records/", "cases.csv", "run*.json"} <= set(ignored)
+    assert not (out / "maps").exists() and not (out / "restorations").exists()
+    # every file condiff wrote is either BIDS (sub-*, dataset_description.json) or listed in .bidsignore
+    import fnmatch
+    for p in out.rglob("*"):
+        rel = p.relative_to(out).as_posix()
+        if p.is_file() and not rel.startswith("sub-") and rel not in ("dataset_description.json", ".bidsignore"):
+            assert any(fnmatch.fnmatch(rel, pat.rstrip("/") + ("/*" if pat.endswith("/") else "")) for pat in ignored), rel
+    # the records point at the BIDS paths, so a rerun resumes and condiff-eval finds the maps
+    with one_torch_thread():
+        again = invoke_infer([dataset, "-o", out, "--models", models, *FAST, "--layout", "bids"])
+    assert again.exit_code == 0 and "0 done, 2 already done" in again.output
+    rec = json.loads((out / "records" / "sub-02" / "anat" / "sub-02_T1w.json").read_text())
+    assert rec["outputs"]["map"]["path"] == "sub-02/anat/sub-02_desc-anomaly_T1w.nii.gz"
+
+
+def test_bids_layout_refuses_non_bids_inputs_and_colliding_names(tmp_path, dataset):
+    models = make_model_set(tmp_path / "set", n_members=1)
+    img, _ = brain_like(seed=0)
+    write_nifti(tmp_path / "loose" / "scan1.nii.gz", img)
+    res = invoke_infer([tmp_path / "loose", "-o", tmp_path / "o1", "--models", models, *FAST, "--layout", "bids"])
+    assert res.exit_code == 2 and "scan1.nii.gz: not a BIDS-named NIfTI volume" in res.stderr
+    write_nifti(tmp_path / "a" / "sub-09" / "anat" / "sub-09_T1w.nii.gz", img)  # different case names,
+    write_nifti(tmp_path / "b" / "sub-09_T1w.nii.gz", img)                      # one BIDS output name
+    res = invoke_infer([tmp_path / "a", tmp_path / "b", "-o", tmp_path / "o2", "--models", models, *FAST,
+                        "--layout", "bids"])
+    assert res.exit_code == 2 and "would both write sub-09/anat/sub-09_desc-anomaly_T1w.nii.gz" in res.stderr
+    # only the dataset's derivatives/ may hold OUT; anywhere else inside the inputs is refused as before
+    res = invoke_infer([dataset, "-o", dataset / "sub-01" / "out", "--models", models, *FAST, "--layout", "bids"])
+    assert res.exit_code == 2 and "inside the input folder" in res.stderr
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
