@@ -75,7 +75,8 @@ def _jsonable(value: Any) -> Any:
 @seed_option
 @click.option("--mask", "mask_pattern", metavar="PATTERN", default="auto", show_default=True,
               help="Brain mask per scan: a pattern such as '{dir}/{stem}_brainmask.nii.gz' ({dir}, {stem}, "
-                   "{base} = stem without its last '_part', {case}); 'auto' = '{dir}/{stem}_brainmask.nii.gz' "
+                   "{base} = stem without its last '_part', {case}, {casedir} = the case's folder part); "
+                   "'auto' = '{dir}/{stem}_brainmask.nii.gz' "
                    "where that file exists, else the scan's own non-background voxels; 'none' = no mask.")
 @click.option("--resume/--overwrite", default=True, show_default=True,
               help="Skip cases whose record proves their outputs current, or recompute everything.")
@@ -387,7 +388,8 @@ def _merge(out_dir: Path) -> int:
 @click.command("condiff-eval", context_settings=CONTEXT)
 @click.argument("out_dir", type=click.Path(path_type=Path, exists=True, file_okay=False))
 @click.option("--masks", "mask_pattern", required=True, metavar="PATTERN",
-              help="Label mask per case, e.g. '{dir}/{stem}_seg.nii.gz' ({dir}, {stem}, {case} of the input).")
+              help="Label mask per case, e.g. '{dir}/{stem}_seg.nii.gz' ({dir}, {stem}, {base}, {case}, {casedir} "
+                   "of the input, as --mask of condiff-infer).")
 @click.option("--protocol", type=click.Choice(["native", "benchmark"]), default="native", show_default=True,
               help="native: the written maps on the input grid; benchmark: reference §8-§9 in model slice space.")
 @click.option("--missing-label", type=click.Choice(["error", "normal"]), default="error", show_default=True,

@@ -417,3 +417,15 @@ def test_find_mask_placeholders(tmp_path):
     with pytest.raises(ValueError, match="placeholder"):
         cases.find_mask(case, "{folder}/{stem}.nii.gz")
     json.dumps([c.name for c in cases.discover([tmp_path / "in"])])  # names are plain strings
+
+
+def test_find_mask_casedir_reaches_a_bids_derivative_mask(tmp_path):
+    ds = tmp_path / "ds"
+    _touch(ds, "sub-01/ses-1/anat/sub-01_ses-1_T1w.nii.gz", "top_T1w.nii.gz",
+           "derivatives/fmriprep/sub-01/ses-1/anat/sub-01_ses-1_desc-brain_mask.nii.gz",
+           "derivatives/fmriprep/top_desc-brain_mask.nii.gz")
+    found = {c.name: c for c in cases.discover([ds], cases.DEFAULT_EXCLUDE + ("derivatives/*",))}
+    pattern = str(ds / "derivatives/fmriprep/{casedir}/{base}_desc-brain_mask.nii.gz")
+    assert cases.find_mask(found["sub-01/ses-1/anat/sub-01_ses-1_T1w"], pattern) == \
+        ds / "derivatives/fmriprep/sub-01/ses-1/anat/sub-01_ses-1_desc-brain_mask.nii.gz"
+    assert cases.find_mask(found["top_T1w"], pattern) == ds / "derivatives/fmriprep/top_desc-brain_mask.nii.gz"

@@ -145,16 +145,22 @@ def find_mask(case: Case, pattern: str, required: bool = True) -> Path | None:
 
     Placeholders: ``{dir}`` the folder holding the input file, ``{stem}`` the input's file name
     without extension(s) (``IXI132-T1`` for ``IXI132-T1.nii.gz``), ``{case}`` the case name
-    (may contain ``/``), ``{base}`` the stem without its last ``_part`` (``pat1`` for ``pat1_t1c``). Example: ``{dir}/{stem}_brainmask.nii.gz``. A relative result is relative
+    (may contain ``/``), ``{casedir}`` the case name's folder part (``sub-01/anat`` for the case
+    ``sub-01/anat/sub-01_T1w``; empty at the top), ``{base}`` the stem without its last ``_part``
+    (``pat1`` for ``pat1_t1c``; a BIDS name's entities, ``sub-01`` for ``sub-01_T1w``). Examples:
+    ``{dir}/{stem}_brainmask.nii.gz``; a BIDS derivative mask
+    ``ds/derivatives/fmriprep/{casedir}/{base}_desc-brain_mask.nii.gz``. A relative result is relative
     to the current folder. A missing file raises ``InputImageError`` (or returns None when
     ``required`` is False).
     """
     stem, _ = split_suffix(case.path.name)
     try:
         base = stem.rsplit("_", 1)[0]
-        mask = Path(pattern.format(dir=str(case.path.parent), stem=stem, base=base, case=case.name))
+        casedir = case.name.rsplit("/", 1)[0] if "/" in case.name else ""
+        mask = Path(pattern.format(dir=str(case.path.parent), stem=stem, base=base, case=case.name, casedir=casedir))
     except (KeyError, IndexError, ValueError) as exc:
-        raise ValueError(f"mask pattern {pattern!r}: unknown placeholder {exc}; use {{dir}}, {{stem}}, {{base}}, {{case}}") from None
+        raise ValueError(f"mask pattern {pattern!r}: unknown placeholder {exc}; use {{dir}}, {{stem}}, {{base}}, "
+                         "{case}, {casedir}") from None
     if not mask.is_file():
         if not required:
             return None
