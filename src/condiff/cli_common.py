@@ -137,6 +137,7 @@ def environment_report() -> dict[str, Any]:
 
         report["torch"] = torch.__version__
         report["torch_cuda_build"] = torch.version.cuda
+        report["torch_threads"] = torch.get_num_threads()  # CPU results repeat bit for bit only at equal counts
         report["cuda_available"] = bool(torch.cuda.is_available())
         report["cudnn"] = torch.backends.cudnn.version() if report["cuda_available"] else None
         report["gpus"] = ([torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
@@ -211,8 +212,9 @@ def _determinism_settings(torch) -> str:
 
 def format_environment(report: dict[str, Any]) -> str:
     lines = [f"condiff {report['condiff']}"]
-    for key in ("python", "platform", "torch", "torch_cuda_build", "cuda_available", "cudnn", "gpus", "nvidia_driver",
-                "tf32", "determinism", "formats", "onnxruntime", "onnxruntime_providers", "tensorrt", "numpy", "nibabel", "pillow"):
+    for key in ("python", "platform", "torch", "torch_cuda_build", "torch_threads", "cuda_available", "cudnn", "gpus",
+                "nvidia_driver", "tf32", "determinism", "formats", "onnxruntime", "onnxruntime_providers", "tensorrt",
+                "numpy", "nibabel", "pillow"):
         if key in report:
             value = report[key]
             if isinstance(value, list):

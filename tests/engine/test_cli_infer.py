@@ -347,5 +347,10 @@ def test_version_reports_the_nvidia_driver_and_readable_formats(tmp_path):
     assert _nvidia_driver(tmp_path / "missing") is None
     report = environment_report()
     assert SET_SCHEMA in report["formats"] and MODEL_SCHEMA in report["formats"]
+    import torch
+
+    from _infer_helpers import one_torch_thread
+    with one_torch_thread():  # CPU bytes depend on it, so run.json says it
+        assert environment_report()["torch_threads"] == 1 == torch.get_num_threads()
     out = _invoke(["--version"]).stdout
     assert "nvidia_driver" in out and "formats" in out and SET_SCHEMA in out
