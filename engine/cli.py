@@ -347,6 +347,11 @@ def _device_name(device: str) -> str:
     return platform.processor() or platform.machine()
 
 
+def _one_screen() -> bool:
+    """stdout and stderr both on a terminal: a message printed to both would show twice."""
+    return sys.stdout.isatty() and sys.stderr.isatty()
+
+
 def _dry_run(cases, ctx, n_all: int, shard_t) -> int:
     from .plan import dry_run_status
 
@@ -355,12 +360,14 @@ def _dry_run(cases, ctx, n_all: int, shard_t) -> int:
                f"model set {ctx.model_set.root} ({len(ctx.members)} of {len(ctx.model_set)} members, digest "
                f"{ctx.model_set.digest[:12]}); {ctx.options.engine} on {ctx.device}; output {ctx.out_dir}")
     n_bad = 0
+    one_screen = _one_screen()
     for case in cases:
         status, reason, plan = dry_run_status(case, ctx)
         if status == "invalid":
             n_bad += 1
             click.echo(f"  invalid  {case.name}: {reason}")
-            _echo_err(f"INVALID {case.name}: {reason}")
+            if not one_screen:
+                _echo_err(f"INVALID {case.name}: {reason}")
             continue
         click.echo(f"  {status:<8} {case.name}  <- {case.path}  ({reason})")
         for rel in [*plan.outputs.values(), plan.record]:

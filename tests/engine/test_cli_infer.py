@@ -289,7 +289,14 @@ def test_dry_run_loads_no_model_and_lists_outputs(tmp_path, model_set, monkeypat
                 "records/case0.json"):
         assert rel in res.stdout
     assert "invalid  empty" in res.stdout and "no model was loaded" in res.stdout
+    assert "INVALID empty" in res.stderr  # stdout may be a file: errors also go to stderr
     assert not out.exists()
+    from condiff.engine import cli
+    monkeypatch.setattr(cli, "_one_screen", lambda: True)  # both on one terminal: said once, on stdout
+    res = _invoke([tmp_path / "in", "-o", out, "--models", model_set, *FAST, "--dry-run"])
+    assert res.exit_code == 1 and "invalid  empty" in res.stdout and "INVALID" not in res.stderr
+    monkeypatch.undo()
+    _no_model_loading(monkeypatch)
     (tmp_path / "in" / "empty.nii.gz").unlink()
     res = _invoke([tmp_path / "in", "-o", out, "--models", model_set, *FAST, "--no-restoration", "--dry-run"])
     assert res.exit_code == 0 and "maps/case0.nii.gz" in res.stdout and "restorations/" not in res.stdout
