@@ -93,16 +93,17 @@ def run_lesions(args, report: dict) -> None:
 
 
 def label_regions(out: Path, label_pattern: str, regions: dict) -> dict:
-    """Per label class (condiff-eval --label-values): the benchmark rows and the baselines on the same
-    pixels, the other classes counting as healthy tissue."""
+    """Per label class (condiff-eval --label-values --baselines): the benchmark rows and the baselines on
+    the same pixels, the other classes counting as healthy tissue."""
     from condiff.engine.evaluate import evaluate
 
     found = {}
     for region, values in regions.items():
-        ev = evaluate(out, label_pattern, "benchmark", label_values=values).to_dict()
-        baselines, _ = lesion_analysis(out, label_pattern, values)
-        found[region] = {"label_values": list(values), "counts": ev["counts"],
-                         "rows": {r["row"]: r for r in ev["rows"]}, "baselines": baselines}
+        ev = evaluate(out, label_pattern, "benchmark", label_values=values, baselines=True).to_dict()
+        rows = {r["row"]: r for r in ev["rows"]}
+        baselines = {name: {"ap_pixel": rows.pop(key)["ap_pixel"]}
+                     for name, key in (("bright", "baseline: bright"), ("dark", "baseline: dark"), ("chance", "chance"))}
+        found[region] = {"label_values": list(values), "counts": ev["counts"], "rows": rows, "baselines": baselines}
     return found
 
 
