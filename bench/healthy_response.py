@@ -35,13 +35,13 @@ TOP_SHARE = 0.05
 def case_arrays(out_dir: Path, rec: dict, label_pattern: str, label_values=None) -> dict[str, np.ndarray]:
     """Model-space arrays of one case on the benchmark protocol's slices: map, member maps, label,
     input and brain (all (S, H, W); member maps (M, S, H, W)). ``label_values``: as condiff-eval's."""
-    from condiff.engine.evaluate import baseline_maps, benchmark_arrays
+    from condiff.engine.evaluate import baseline_maps, benchmark_arrays, kept_slices
     from condiff.preprocess import PreprocessConfig
 
     maps, labels, _, member_maps = benchmark_arrays(out_dir, rec, label_pattern, label_values)
     with np.load(out_dir / "model_space" / f"{rec['case']}.npz") as z:
         slices, brain = z["slices"], z["foreground"]
-    keep = slices.reshape(len(slices), -1).sum(axis=1) != 0  # the protocol's slice rule (evaluate.py)
+    keep = kept_slices(rec, slices)  # the benchmark protocol's slices
     if member_maps is None:
         raise SystemExit(f"{out_dir}: {rec['case']} has no member maps; rerun condiff-infer with --save-member-maps")
     shape = slices[keep][:, 0].shape

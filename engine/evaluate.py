@@ -204,7 +204,7 @@ def _write_figure(out_dir: Path, rec: dict[str, Any], draw) -> None:
     write_bytes_atomic(path, png_bytes(image))
 
 
-def _kept_slices(rec: dict[str, Any], slices: np.ndarray) -> np.ndarray:
+def kept_slices(rec: dict[str, Any], slices: np.ndarray) -> np.ndarray:
     """The slices the benchmark protocol scores: every image; of volumes, the non-empty slices (reference §8)."""
     if rec.get("kind") == "image":
         return np.ones(len(slices), dtype=bool)
@@ -229,7 +229,7 @@ def _benchmark_case(out_dir: Path, rec: dict[str, Any], label_path: Path | None,
     else:
         like = _like_volume(out_dir / rec["outputs"]["map"]["path"])
         masks = mask_to_slices(_read_label(label_path, like=like, values=values), rec["geometry"])
-    keep = _kept_slices(rec, slices)
+    keep = kept_slices(rec, slices)
     return maps[keep], masks[keep], scores[keep], None if member_maps is None else member_maps[:, keep]
 
 
@@ -252,7 +252,7 @@ def _baseline_case(out_dir: Path, rec: dict[str, Any]) -> dict[str, np.ndarray]:
 
     with np.load(out_dir / rec["outputs"]["model_space"]["path"]) as z:
         slices, foreground = z["slices"], z["foreground"]
-    keep = _kept_slices(rec, slices)
+    keep = kept_slices(rec, slices)
     value_range = PreprocessConfig.from_dict(rec["options"]["preprocessing"]).value_range
     return baseline_maps(slices[keep], foreground[keep], value_range)
 
@@ -424,5 +424,5 @@ def table_csv(ev: Evaluation) -> str:
     return buf.getvalue()
 
 
-__all__ = ["PROTOCOLS", "Evaluation", "evaluate", "benchmark_arrays", "baseline_maps", "case_row", "format_table",
-           "table_csv", "cases_csv"]
+__all__ = ["PROTOCOLS", "Evaluation", "evaluate", "benchmark_arrays", "baseline_maps", "kept_slices", "case_row",
+           "format_table", "table_csv", "cases_csv"]
