@@ -408,13 +408,18 @@ def _merge(out_dir: Path) -> int:
               help="benchmark protocol: also score two non-learned maps on the same pixels, the input's intensity "
                    "inside the brain ('bright') and its complement ('dark'), and chance: is the model better than "
                    "thresholding brightness?")
+@click.option("--threshold", "threshold_text", metavar="T|METRICS.json",
+              help="Also report the Dice at a threshold chosen outside the evaluated data: a number, or the "
+                   "metrics-<protocol>.json of condiff-eval on other (e.g. validation) cases, whose best-Dice "
+                   "threshold is taken; the per-case rows use it too.")
 @click.option("--overlays/--no-overlays", default=True, show_default=True,
               help="native protocol: also write eval-overlays/<case>.png, the label's outline on the input and on "
                    "the map, for the slices holding the most label.")
 @verbose_option
 @version_option
 def eval_main(**kw: Any) -> None:
-    """Pixel and sample metrics (AP_i, AUROC, AP_p, best Dice) of a condiff-infer output folder."""
+    """Pixel and sample metrics (AP_i, AUROC, AP_p, best Dice; Dice at 5 % FPR, AUPRO) of a condiff-infer
+    output folder."""
     run_command(lambda: _eval(**kw), verbose=kw["verbose"])
 
 
@@ -433,19 +438,20 @@ def _label_values(text: str | None) -> tuple[int, ...] | None:
 
 
 def _eval(out_dir: Path, mask_pattern: str, protocol: str, missing_label: str, label_values, baselines: bool,
-          overlays: bool, verbose: int) -> int:
+          threshold_text: str | None, overlays: bool, verbose: int) -> int:
     import math
 
     from condiff.io.atomic import write_json_atomic, write_text_atomic
 
-    from .evaluate import cases_csv, evaluate, format_table, table_csv
+    from .evaluate import cases_csv, evaluate, format_table, read_given_threshold, table_csv
 
     with logging_to(verbose, echo=_echo_err):
         if baselines and protocol != "benchmark":
             raise click.UsageError("--baselines needs --protocol benchmark (the baselines are scored on the "
                                    "model-space slices that --save-model-space writes)")
+        given = None if threshold_text is None else read_given_threshold(threshold_text, protocol)
         ev = evaluate(out_dir, mask_pattern, protocol, overlays=overlays and protocol == "native",
-                      missing_label=missing_label, label_values=label_values, baselines=baselines)
+                      missing_label=missing_label, label_values=label_values, baselines=baselines, threshold=given)
         click.echo(format_table(ev))
         doc = ev.to_dict()
         for row in doc["rows"] + doc["per_case"]:  # JSON has no NaN: a metric without both classes is null

@@ -12,6 +12,13 @@ Two protocols, always named in the table:
   metrics pooled over all slices of all cases. With ``--save-member-maps`` each member is
   scored too and summarised as avg/max/std (population std).
 
+Beyond the benchmark's four metrics, both protocols report Dice at 5 % pixel FPR and AUPRO (the
+per-lesion overlap to 30 % FPR; lesions are the label's connected components: 3-D per volume on
+the input grid, 2-D per slice in model space, 8/26-connected), and ``threshold`` applies a
+threshold chosen elsewhere (a number, or the best-Dice threshold of another folder's
+``metrics-<protocol>.json``, e.g. of validation cases): an honest Dice, where the benchmark picks
+its threshold on the evaluated data.
+
 A case whose label is missing or on another grid fails alone (listed, exit 1); the others are
 evaluated.
 """
@@ -32,8 +39,18 @@ from condiff.metrics import (DetectionMetrics, average_precision, best_dice, det
 logger = logging.getLogger(__name__)
 PROTOCOLS = ("native", "benchmark")
 MISSING_LABEL = ("error", "normal")
-METRIC_KEYS = ("ap_image", "auroc", "ap_pixel", "dice", "threshold")
-METRIC_LABELS = {"ap_image": "AP_i", "auroc": "AUROC", "ap_pixel": "AP_p", "dice": "best Dice", "threshold": "thr"}
+METRIC_KEYS = ("ap_image", "auroc", "ap_pixel", "dice", "threshold", "dice_fpr5", "aupro")
+METRIC_LABELS = {"ap_image": "AP_i", "auroc": "AUROC", "ap_pixel": "AP_p", "dice": "best Dice", "threshold": "thr",
+                 "dice_fpr5": "Dice@5%FPR", "aupro": "AUPRO@30%", "dice_given": "Dice@given"}
+AUPRO_MAX_FPR = 0.3
+
+
+@dataclass(frozen=True)
+class GivenThreshold:
+    """A threshold chosen outside the evaluated data (``--threshold``) and where it came from."""
+
+    value: float
+    source: str  # "command line" or the metrics JSON it was read from
 
 
 @dataclass
@@ -45,11 +62,15 @@ class Evaluation:
     cases: list[str] = field(default_factory=list)
     per_case: list[dict[str, Any]] = field(default_factory=list)
     label_values: tuple[int, ...] | None = None  # None: every label value > 0 is lesion
+    given: GivenThreshold | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"protocol": self.protocol, "description": DESCRIPTIONS[self.protocol],
                 "label_values": list(self.label_values) if self.label_values else None,
-                "threshold_chosen_on_evaluated_data": True,
+                "threshold_chosen_on_evaluated_data": self.given is None,
+                "given_threshold": None if self.given is None else {"value": self.given.value,
+                                                                     "source": self.given.source},
+                "aupro_max_fpr": AUPRO_MAX_FPR,
                 "rows": [{"row": name, **values} for name, values in self.rows], "counts": self.counts,
                 "cases": self.cases, "per_case": self.per_case,
                 "failures": [{"case": c, "error": e} for c, e in self.failures]}
@@ -144,7 +165,8 @@ def _native_case(out_dir: Path, rec: dict[str, Any], label_path: Path | None, fi
         label = _read_label(label_path, shape=amap.shape, values=values)
         if figure:
             _write_figure(out_dir, rec, lambda: _image_figure(rec, amap, label))
-        return label.ravel(), amap.ravel(), np.array([label.any()]), np.array([rec["score"]])
+        return (label.ravel(), amap.ravel(), np.array([label.any()]), np.array([rec["score"]]),
+                lesion_regions(label).ravel())
     like = _like_volume(map_path)
     label = _read_label(label_path, like=like, values=values)
     brain = read_mask(rec["mask"], like) if rec.get("mask") else None
@@ -159,7 +181,7 @@ def _native_case(out_dir: Path, rec: dict[str, Any], label_path: Path | None, fi
     sample_scores = np.array([slice_scores[k] for k in ks])
     if figure:
         _write_figure(out_dir, rec, lambda: _volume_figure(rec, like, canon, ornt, slice_scores))
-    return label[sel], like.data[sel], sample_labels, sample_scores
+    return label[sel], like.data[sel], sample_labels, sample_scores, lesion_regions(label)[sel]
 
 
 def _volume_figure(rec: dict[str, Any], like, canon_label: np.ndarray, ornt: np.ndarray, slice_scores) -> np.ndarray:
@@ -202,6 +224,62 @@ def _write_figure(out_dir: Path, rec: dict[str, Any], draw) -> None:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     write_bytes_atomic(path, png_bytes(image))
+
+
+def lesion_regions(label: np.ndarray, per_slice: bool = False) -> np.ndarray:
+    """Connected lesions of a boolean label as ids > 0 (0 = normal), fully connected (8 in 2-D, 26
+    in 3-D); ``per_slice``: components of each ``label[k]`` of an ``(N, H, W)`` stack on their own."""
+    from scipy import ndimage
+
+    label = np.asarray(label, dtype=bool)
+    structure = np.ones((3,) * label.ndim, dtype=bool)
+    if per_slice:
+        structure[0] = structure[2] = False  # no connection between neighbouring slices
+    ids, _ = ndimage.label(label, structure=structure)
+    return ids
+
+
+def _offset_regions(parts: list[np.ndarray]) -> np.ndarray:
+    """Concatenate per-case region ids so that every case's lesions keep ids of their own."""
+    out, offset = [], 0
+    for ids in parts:
+        ids = np.asarray(ids, dtype=np.int64)
+        out.append(np.where(ids > 0, ids + offset, 0))
+        offset += int(ids.max(initial=0))
+    return np.concatenate(out)
+
+
+def read_given_threshold(text: str, protocol: str) -> GivenThreshold:
+    """``--threshold``: a number, or a ``metrics-<protocol>.json`` of condiff-eval whose ensemble row's
+    best-Dice threshold is taken (its protocol must be this one: the two score different pixels)."""
+    import json
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        value = None
+    if value is not None:
+        if not math.isfinite(value):
+            raise CondiffError(text, "is not a finite threshold", "give a number or a metrics-<protocol>.json")
+        return GivenThreshold(value, "command line")
+    path = Path(text)
+    try:
+        doc = json.loads(path.read_text())
+    except OSError as exc:
+        raise CondiffError(path, f"cannot be read ({exc.strerror or exc})",
+                           "give a number or the metrics-<protocol>.json of another condiff-eval run") from None
+    except ValueError as exc:
+        raise CondiffError(path, f"is not JSON ({exc})", "give a metrics-<protocol>.json of condiff-eval") from None
+    rows = {r.get("row"): r for r in doc.get("rows", [])} if isinstance(doc, dict) else {}
+    value = rows.get("ensemble", {}).get("threshold")
+    if not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise CondiffError(path, "holds no ensemble best-Dice threshold",
+                           "give the metrics-<protocol>.json of a condiff-eval run on labelled cases")
+    if doc.get("protocol") != protocol:
+        raise CondiffError(path, f"was evaluated with the {doc.get('protocol')} protocol, this evaluation uses "
+                           f"{protocol}", f"evaluate both with the same --protocol")
+    return GivenThreshold(float(value), str(path))
 
 
 def kept_slices(rec: dict[str, Any], slices: np.ndarray) -> np.ndarray:
@@ -268,16 +346,24 @@ def _row(m: DetectionMetrics) -> dict[str, float]:
     return {k: getattr(m, k) for k in METRIC_KEYS}
 
 
+def _with_given(row: dict[str, float], given: GivenThreshold | None, labels, values) -> dict[str, float]:
+    if given is not None:
+        row["dice_given"] = dice_at(labels, values, given.value)
+    return row
+
+
 def evaluate(out_dir: str | Path, mask_pattern: str, protocol: str = "native", overlays: bool = False,
              missing_label: str = "error", label_values: tuple[int, ...] | None = None,
-             baselines: bool = False) -> Evaluation:
+             baselines: bool = False, threshold: GivenThreshold | None = None) -> Evaluation:
     """Evaluate every ``ok`` record in ``out_dir`` (see the module docstring); ``overlays`` (native
     protocol) also draws ``eval-overlays/<case>.png``: the label's outline on the input and on the map.
     ``missing_label``: ``error`` (a case without a label file is not evaluated) or ``normal`` (it
     counts as a case without lesion; counted in ``counts["cases_without_label"]``).
     ``label_values``: only these values of the label maps are lesion (e.g. BraTS (4,): enhancing
     tumour; default: every value > 0). ``baselines`` (benchmark protocol): also rows for the
-    non-learned ``baseline_maps`` and chance on the same pixels."""
+    non-learned ``baseline_maps`` and chance on the same pixels. ``threshold``: a threshold chosen
+    elsewhere (``read_given_threshold``); the ensemble's Dice at it is the ``dice_given`` column and
+    the per-case rows use it instead of the pooled best-Dice threshold."""
     from .writer import load_records
 
     if protocol not in PROTOCOLS:
@@ -292,7 +378,7 @@ def evaluate(out_dir: str | Path, mask_pattern: str, protocol: str = "native", o
     if not records:
         raise CondiffError(out_dir, "holds no finished cases (records/*.json with status ok)",
                            "run condiff-infer into this folder first")
-    ev = Evaluation(protocol, label_values=tuple(label_values) if label_values else None)
+    ev = Evaluation(protocol, label_values=tuple(label_values) if label_values else None, given=threshold)
     parts: list[tuple] = []
     scores_of: list[float] = []
     without_label: list[str] = []
@@ -322,19 +408,20 @@ def evaluate(out_dir: str | Path, mask_pattern: str, protocol: str = "native", o
         ps = np.concatenate([p[1] for p in parts])
         sy = np.concatenate([p[2] for p in parts])
         ss = np.concatenate([p[3] for p in parts])
-        m = detection_metrics(sy, ss, py, ps)
-        ev.rows.append(("ensemble", _row(m)))
+        m = detection_metrics(sy, ss, py, ps, _offset_regions([p[4] for p in parts]))
+        ev.rows.append(("ensemble", _with_given(_row(m), threshold, py, ps)))
         pixels_of = [(p[0], p[1]) for p in parts]
     else:
         maps = np.concatenate([p[0] for p in parts])
         masks = np.concatenate([p[1] for p in parts])
         scores = np.concatenate([p[2] for p in parts])
-        m = slice_metrics(maps, masks, scores)
-        ev.rows.append(("ensemble", _row(m)))
+        regions = lesion_regions(masks, per_slice=True)
+        m = slice_metrics(maps, masks, scores, regions)
+        ev.rows.append(("ensemble", _with_given(_row(m), threshold, masks, maps)))
         pixels_of = [(p[1], p[0]) for p in parts]
         if all(p[3] is not None for p in parts) and len({p[3].shape[0] for p in parts}) == 1:
             member_maps = np.concatenate([p[3] for p in parts], axis=1)
-            per_member = [_row(slice_metrics(member_maps[k], masks)) for k in range(len(member_maps))]
+            per_member = [_row(slice_metrics(member_maps[k], masks, regions=regions)) for k in range(len(member_maps))]
             for k, row in enumerate(per_member):
                 ev.rows.append((f"member {k}", row))
             for stat in ("avg", "max", "std"):
@@ -343,13 +430,15 @@ def evaluate(out_dir: str | Path, mask_pattern: str, protocol: str = "native", o
         if baselines:
             for name in ("bright", "dark"):
                 ev.rows.append((f"baseline: {name}", _row(slice_metrics(np.concatenate([p[4][name] for p in parts]),
-                                                                          masks))))
+                                                                          masks, regions=regions))))
+            # a random map: PRO = FPR along the curve, so the normalised area is max_fpr / 2
             ev.rows.append(("chance", {"ap_image": m.n_positive_samples / m.n_samples, "auroc": 0.5,
-                                       "ap_pixel": m.n_positive_pixels / m.n_pixels}))
-    ev.per_case = [case_row(case, score, labels, values, m.threshold)
+                                       "ap_pixel": m.n_positive_pixels / m.n_pixels, "aupro": AUPRO_MAX_FPR / 2}))
+    case_threshold = m.threshold if threshold is None else threshold.value
+    ev.per_case = [case_row(case, score, labels, values, case_threshold)
                    for case, score, (labels, values) in zip(ev.cases, scores_of, pixels_of)]
     ev.counts = {"cases": len(parts), "samples": m.n_samples, "positive_samples": m.n_positive_samples,
-                 "pixels": m.n_pixels, "positive_pixels": m.n_positive_pixels}
+                 "pixels": m.n_pixels, "positive_pixels": m.n_positive_pixels, "lesions": m.n_regions}
     if not required:
         ev.counts["cases_without_label"] = len(without_label)
     return ev
@@ -365,22 +454,27 @@ def format_table(ev: Evaluation) -> str:
     if ev.counts:
         c = ev.counts
         lines.append(f"{c['cases']} cases, {c['samples']} samples ({c['positive_samples']} positive), "
-                     f"{c['pixels']} pixels ({c['positive_pixels']} positive)"
+                     f"{c['pixels']} pixels ({c['positive_pixels']} positive"
+                     + (f", in {c['lesions']} connected lesions" if c.get("lesions") else "") + ")"
                      + (f"; {c['cases_without_label']} case(s) without a label file counted as normal"
                         if c.get("cases_without_label") else ""))
-    cols = [k for k in METRIC_KEYS]
+    cols = _columns(ev)
     width = max([14] + [len(name) + 2 for name, _ in ev.rows])
     lines.append(f"{'':<{width}}" + "".join(f"{METRIC_LABELS[k]:>11}" for k in cols))
     for name, values in ev.rows:
         cells = "".join(f"{values[k]:>11.4f}" if k in values and values[k] is not None else f"{'':>11}" for k in cols)
         lines.append(f"{name:<{width}}{cells}")
     if ev.rows:
-        lines.append("best Dice threshold chosen on the evaluated data (as the benchmark does)")
+        lines += ["best Dice threshold chosen on the evaluated data (as the benchmark does)",
+                  "Dice@5%FPR: the most pixels called at <= 5 % of normal pixels; AUPRO@30%: mean overlap per "
+                  f"connected lesion, area to {AUPRO_MAX_FPR:.0%} FPR"]
+        if ev.given is not None:
+            lines.append(f"Dice@given: threshold {ev.given.value:.6g} chosen outside these data ({ev.given.source})")
     if ev.per_case:
         shown = ev.per_case[:PRINTED_CASES]
         width = min(max(len(r["case"]) for r in shown), 40) + 2
-        lines += ["", "per case (AP_p and best Dice of the case's pixels alone; Dice and pixels called at the "
-                      "pooled thr)",
+        at = "the pooled thr" if ev.given is None else f"the given thr {ev.given.value:.6g}"
+        lines += ["", f"per case (AP_p and best Dice of the case's pixels alone; Dice and pixels called at {at})",
                   f"{'case':<{width}}" + "".join(f"{CASE_LABELS[k]:>11}" for k in CASE_KEYS[1:])]
         for row in shown:
             lines.append(f"{row['case'][:width - 2]:<{width}}" + f"{row['score']:>11.3e}"
@@ -390,6 +484,10 @@ def format_table(ev: Evaluation) -> str:
     for case, err in ev.failures:
         lines.append(f"not evaluated: {case}: {err}")
     return "\n".join(lines)
+
+
+def _columns(ev: Evaluation) -> list[str]:
+    return [*METRIC_KEYS, *(["dice_given"] if ev.given is not None else [])]
 
 
 def _cell(value) -> str:
@@ -418,11 +516,12 @@ def table_csv(ev: Evaluation) -> str:
 
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["protocol", "row", *[METRIC_LABELS[k] for k in METRIC_KEYS]])
+    cols = _columns(ev)
+    w.writerow(["protocol", "row", *[METRIC_LABELS[k] for k in cols]])
     for name, values in ev.rows:
-        w.writerow([ev.protocol, name, *["" if values.get(k) is None else repr(float(values[k])) for k in METRIC_KEYS]])
+        w.writerow([ev.protocol, name, *["" if values.get(k) is None else repr(float(values[k])) for k in cols]])
     return buf.getvalue()
 
 
-__all__ = ["PROTOCOLS", "Evaluation", "evaluate", "benchmark_arrays", "baseline_maps", "kept_slices", "case_row",
+__all__ = ["PROTOCOLS", "Evaluation", "GivenThreshold", "read_given_threshold", "lesion_regions", "evaluate", "benchmark_arrays", "baseline_maps", "kept_slices", "case_row",
            "format_table", "table_csv", "cases_csv"]

@@ -6,6 +6,11 @@ the pooled maps (``precision_recall_curve``; Dice = 2PR/(P+R), NaN ignored). The
 implementations follow scikit-learn 1.3's formulas step for step, so they agree with it to
 rounding (the tests check 1e-10 on data with ties) without importing it.
 
+Two metrics beyond the benchmark (ecosystem B.5), for thresholds and lesions of every size:
+Dice at a fixed pixel false-positive rate (``dice_at_fpr``; 5 % by default) and the area under
+the per-region overlap curve up to 30 % FPR (``aupro``; Bergmann et al., MVTec AD), where every
+connected lesion counts equally whatever its size. The caller labels the regions.
+
 All inputs are flattened; labels must be binary (0/1 or bool), scores finite.
 """
 from __future__ import annotations
@@ -103,6 +108,73 @@ def dice_at(labels, scores, threshold: float) -> float:
     return float("nan") if denominator == 0 else 2.0 * float(np.sum(y & called)) / denominator
 
 
+def dice_at_fpr(labels, scores, max_fpr: float = 0.05) -> tuple[float, float]:
+    """Dice of the largest call set "score >= t" whose false-positive rate (called normal pixels /
+    normal pixels) is at most ``max_fpr``, and that t; (NaN, NaN) without lesion or normal pixels.
+    Where even the top score exceeds the rate (ties), nothing is called: (0, inf)."""
+    y, s = _check(labels, scores)
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan"), float("nan")
+    fps, tps, thr = binary_clf_curve(y, s)
+    within = np.flatnonzero(fps <= max_fpr * n_neg)
+    if within.size == 0:
+        return 0.0, float("inf")
+    k = int(within[-1])  # fps grows as the threshold falls: the last one within is the largest call set
+    return 2.0 * float(tps[k]) / (n_pos + tps[k] + fps[k]), float(thr[k])
+
+
+def pro_curve(regions, scores) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-region overlap against false-positive rate at every distinct score, highest first.
+
+    ``regions``: integer region id per pixel, 0 = normal, each lesion (connected component) its
+    own id > 0. At threshold t the PRO is the mean over regions of the share of the region's pixels
+    with score >= t; it is a cumulative sum of weights 1 / (n_regions * region size), so one sort
+    gives the exact curve. Returns ``(fpr, pro, thresholds)``.
+    """
+    r = np.asarray(regions).ravel()
+    if not np.issubdtype(r.dtype, np.integer) or (r.size and r.min() < 0):
+        raise ValueError("regions must be non-negative integer ids (0 = normal)")
+    s = np.asarray(scores, dtype=np.float64).ravel()
+    if r.shape != s.shape:
+        raise ValueError(f"regions and scores differ in size: {r.size} vs {s.size}")
+    if not np.all(np.isfinite(s)):
+        raise ValueError("scores contain NaN or Inf")
+    ids, inverse, sizes = np.unique(r, return_inverse=True, return_counts=True)
+    lesion = ids > 0
+    n_regions = int(lesion.sum())
+    n_neg = int(sizes[~lesion].sum()) if (~lesion).any() else 0
+    if n_regions == 0 or n_neg == 0:
+        return np.zeros(0), np.zeros(0), np.zeros(0)
+    weight_of = np.where(lesion, 1.0 / (n_regions * np.maximum(sizes, 1)), 0.0)
+    weights = weight_of[inverse.ravel()]
+    order = np.argsort(s, kind="mergesort")[::-1]
+    s, weights, normal = s[order], weights[order], (r[order] == 0)
+    ends = np.r_[np.flatnonzero(np.diff(s)), s.size - 1]
+    pro = np.cumsum(weights)[ends]
+    fpr = np.cumsum(normal, dtype=np.float64)[ends] / n_neg
+    return fpr, np.minimum(pro, 1.0), s[ends]
+
+
+def aupro(regions, scores, max_fpr: float = 0.3) -> float:
+    """Area under the PRO curve from FPR 0 to ``max_fpr`` (trapezoids; the curve is interpolated
+    linearly at ``max_fpr``), divided by ``max_fpr``: 1 for a perfect map, about ``max_fpr / 2``
+    for a random one. NaN without lesion regions or normal pixels."""
+    if not 0 < max_fpr <= 1:
+        raise ValueError(f"max_fpr must be in (0, 1], got {max_fpr}")
+    fpr, pro, _ = pro_curve(regions, scores)
+    if fpr.size == 0:
+        return float("nan")
+    fpr, pro = np.r_[0.0, fpr], np.r_[0.0, pro]
+    inside = fpr <= max_fpr
+    x, y = fpr[inside], pro[inside]
+    if x[-1] < max_fpr:  # close the area at max_fpr on the segment that crosses it
+        j = int(np.flatnonzero(~inside)[0])
+        y_end = pro[j - 1] + (pro[j] - pro[j - 1]) * (max_fpr - fpr[j - 1]) / (fpr[j] - fpr[j - 1])
+        x, y = np.r_[x, max_fpr], np.r_[y, y_end]
+    return float(np.sum(np.diff(x) * (y[1:] + y[:-1]) / 2.0) / max_fpr)
+
+
 @dataclass
 class DetectionMetrics:
     """One row of the evaluation table."""
@@ -116,28 +188,42 @@ class DetectionMetrics:
     n_positive_samples: int
     n_pixels: int
     n_positive_pixels: int
+    dice_fpr5: float = float("nan")  # Dice of the largest call set at <= 5 % pixel FPR (dice_at_fpr)
+    aupro: float = float("nan")      # per-region overlap area to 30 % FPR (aupro); NaN without regions given
+    n_regions: int = 0
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
 
 
-def detection_metrics(image_labels, image_scores, pixel_labels, pixel_scores) -> DetectionMetrics:
-    """All four reference metrics from sample labels/scores and pooled pixel labels/scores."""
+def detection_metrics(image_labels, image_scores, pixel_labels, pixel_scores, pixel_regions=None) -> DetectionMetrics:
+    """All four reference metrics from sample labels/scores and pooled pixel labels/scores, and
+    Dice at 5 % FPR; AUPRO too where ``pixel_regions`` (lesion ids per pixel, ``pro_curve``) are given."""
     yi, si = _check(image_labels, image_scores)
     yp, sp = _check(pixel_labels, pixel_scores)
     dice, thr = best_dice(yp, sp)
+    n_regions, area = 0, float("nan")
+    if pixel_regions is not None:
+        regions = np.asarray(pixel_regions).ravel()
+        if regions.shape != yp.shape or not np.array_equal(regions > 0, yp):
+            raise ValueError("pixel regions must be > 0 exactly on the positive pixels")
+        n_regions = int(np.unique(regions[regions > 0]).size)
+        area = aupro(regions, sp)
     return DetectionMetrics(
         ap_image=average_precision(yi, si), auroc=roc_auc(yi, si), ap_pixel=average_precision(yp, sp),
         dice=dice, threshold=thr, n_samples=int(yi.size), n_positive_samples=int(yi.sum()),
-        n_pixels=int(yp.size), n_positive_pixels=int(yp.sum()),
+        n_pixels=int(yp.size), n_positive_pixels=int(yp.sum()), dice_fpr5=dice_at_fpr(yp, sp)[0],
+        aupro=area, n_regions=n_regions,
     )
 
 
-def slice_metrics(maps: np.ndarray, masks: np.ndarray, scores: np.ndarray | None = None) -> DetectionMetrics:
+def slice_metrics(maps: np.ndarray, masks: np.ndarray, scores: np.ndarray | None = None,
+                  regions: np.ndarray | None = None) -> DetectionMetrics:
     """The benchmark protocol on model-space slices: maps, masks ``(N, H, W)`` pooled.
 
     Sample label = the slice's mask has a positive pixel; sample score = ``scores`` or the mean
     of the map over all pixels (reference §6 item 5); pixels include background (§9).
+    ``regions`` (``(N, H, W)`` lesion ids): also AUPRO.
     """
     maps = np.asarray(maps)
     masks = np.asarray(masks, dtype=bool)
@@ -145,7 +231,7 @@ def slice_metrics(maps: np.ndarray, masks: np.ndarray, scores: np.ndarray | None
         raise ValueError(f"maps {maps.shape} and masks {masks.shape} must both be (N, H, W)")
     if scores is None:
         scores = maps.reshape(len(maps), -1).astype(np.float64).mean(axis=1)
-    return detection_metrics(masks.reshape(len(masks), -1).any(axis=1), scores, masks, maps)
+    return detection_metrics(masks.reshape(len(masks), -1).any(axis=1), scores, masks, maps, regions)
 
 
 def summarise(values) -> dict[str, float]:
@@ -158,4 +244,5 @@ def summarise(values) -> dict[str, float]:
 
 
 __all__ = ["binary_clf_curve", "roc_auc", "precision_recall", "average_precision", "best_dice", "dice_at",
+           "dice_at_fpr", "pro_curve", "aupro",
            "DetectionMetrics", "detection_metrics", "slice_metrics", "summarise"]

@@ -74,7 +74,7 @@ def test_benchmark_protocol_matches_sklearn_on_model_space(run):
     assert abs(rows["members avg"]["ap_pixel"] - np.mean(per_member)) <= 1e-10
     assert abs(rows["members max"]["ap_pixel"] - np.max(per_member)) <= 1e-10
     assert abs(rows["members std"]["ap_pixel"] - np.std(per_member)) <= 1e-10
-    assert (out / "metrics-benchmark.csv").read_text().startswith("protocol,row,AP_i,AUROC,AP_p,best Dice,thr\n")
+    assert (out / "metrics-benchmark.csv").read_text().startswith("protocol,row,AP_i,AUROC,AP_p,best Dice,thr,Dice@5%FPR,AUPRO@30%\n")
 
 
 def test_native_protocol_uses_written_maps_inside_the_brain_mask(run):
@@ -286,3 +286,109 @@ def test_baseline_maps_put_background_below_all_tissue_for_rgb_ranges():
     np.testing.assert_allclose(maps["bright"], (grey + 1) * fg, rtol=0, atol=1e-12)
     np.testing.assert_allclose(maps["dark"], (1 - grey) * fg, rtol=0, atol=1e-12)
     assert maps["bright"][fg].min() >= 0 and np.all(maps["bright"][~fg] == 0)
+
+
+def _several_lesions(scans, folder):
+    """Label maps with lesions of several sizes per case: the blob, a 2x2x2 cube, and a voxel touching the cube
+    by a corner only (one lesion in 3-D, 26-connected)."""
+    import nibabel as nib
+
+    folder.mkdir()
+    for k in range(3):
+        img = nib.load(str(scans / f"case{k}_seg.nii.gz"))
+        seg = np.asarray(img.dataobj) > 0
+        seg[4:6, 8:10, 1:3] = True
+        seg[6, 10, 3] = True
+        nib.save(nib.Nifti1Image(seg.astype(np.uint8), img.affine, img.header), str(folder / f"case{k}_seg.nii.gz"))
+    return str(folder) + "/{stem}_seg.nii.gz"
+
+
+@pytest.mark.parametrize("protocol", ["native", "benchmark"])
+def test_aupro_and_dice_at_5_percent_fpr_count_connected_lesions(run, tmp_path, protocol):
+    import nibabel as nib
+    from skimage.measure import label as connected
+
+    from condiff.io.volumes import read_mask, read_volume
+    from condiff.metrics import aupro, dice_at_fpr
+    from condiff.preprocess import mask_to_slices
+
+    scans, out = run
+    pattern = _several_lesions(scans, tmp_path / "labels")
+    res = _eval(out, "--masks", pattern, "--protocol", protocol, "--no-overlays")
+    assert res.exit_code == 0, res.output + res.stderr
+    assert "AUPRO@30%" in res.stdout and "Dice@5%FPR" in res.stdout and "connected lesions" in res.stdout
+    ys, ss, ids, offset = [], [], [], 0
+    for k in range(3):
+        if protocol == "native":
+            brain = np.asarray(nib.load(str(scans / f"case{k}_brainmask.nii.gz")).dataobj) > 0
+            seg = (np.asarray(nib.load(str(tmp_path / "labels" / f"case{k}_seg.nii.gz")).dataobj) > 0) & brain
+            lesions = connected(seg, connectivity=3)[brain]
+            amap = nib.load(str(out / "maps" / f"case{k}.nii.gz")).get_fdata(dtype=np.float32)
+            ys.append(seg[brain]), ss.append(amap[brain])
+        else:
+            rec = json.loads((out / "records" / f"case{k}.json").read_text())
+            z = np.load(out / "model_space" / f"case{k}.npz")
+            keep = z["slices"].reshape(len(z["slices"]), -1).sum(1) != 0
+            m = mask_to_slices(read_mask(tmp_path / "labels" / f"case{k}_seg.nii.gz",
+                                         read_volume(scans / f"case{k}.nii.gz")), rec["geometry"])[keep]
+            lesions = np.stack([connected(s, connectivity=2) for s in m])
+            per_slice_offsets = np.r_[0, np.cumsum([s.max() for s in lesions])[:-1]][:, None, None]
+            lesions = np.where(lesions > 0, lesions + per_slice_offsets, 0).ravel()
+            ys.append(m.ravel()), ss.append(z["maps"][keep].ravel())
+        ids.append(np.where(lesions > 0, lesions + offset, 0))
+        offset += int(lesions.max())
+    y, s, regions = np.concatenate(ys), np.concatenate(ss), np.concatenate(ids)
+    doc = json.loads((out / f"metrics-{protocol}.json").read_text())
+    ens = doc["rows"][0]
+    assert doc["counts"]["lesions"] == len(np.unique(regions[regions > 0]))
+    if protocol == "native":
+        assert doc["counts"]["lesions"] == 6  # (blob, cube with its corner voxel) x 3 cases: 26-connected
+    assert abs(ens["aupro"] - aupro(regions, s, 0.3)) <= 1e-12
+    assert abs(ens["dice_fpr5"] - dice_at_fpr(y, s, 0.05)[0]) <= 1e-12
+    assert 0 <= ens["aupro"] <= 1 and doc["aupro_max_fpr"] == 0.3
+
+
+def test_given_threshold_from_a_number_or_another_evaluation(run, tmp_path):
+    scans, out = run
+    res = _eval(out, "--masks", SEG, "--protocol", "benchmark")
+    assert res.exit_code == 0, res.output + res.stderr
+    own = json.loads((out / "metrics-benchmark.json").read_text())
+    assert own["threshold_chosen_on_evaluated_data"] is True and own["given_threshold"] is None
+    saved = tmp_path / "validation-metrics.json"
+    saved.write_text((out / "metrics-benchmark.json").read_text())
+    # the folder's own best threshold, given back: Dice@given is the best Dice
+    res = _eval(out, "--masks", SEG, "--protocol", "benchmark", "--threshold", saved)
+    assert res.exit_code == 0, res.output + res.stderr
+    doc = json.loads((out / "metrics-benchmark.json").read_text())
+    assert doc["threshold_chosen_on_evaluated_data"] is False
+    assert doc["given_threshold"] == {"value": own["rows"][0]["threshold"], "source": str(saved)}
+    assert abs(doc["rows"][0]["dice_given"] - own["rows"][0]["dice"]) <= 1e-12
+    assert "Dice@given" in res.stdout and str(saved) in res.stdout
+    # a number: Dice and per-case rows at it, as scikit-learn's F1
+    thr = 0.5 * own["rows"][0]["threshold"]
+    res = _eval(out, "--masks", SEG, "--protocol", "benchmark", "--threshold", repr(thr))
+    assert res.exit_code == 0, res.output + res.stderr
+    doc = json.loads((out / "metrics-benchmark.json").read_text())
+    ys, ss = zip(*[_case_pixels_benchmark(scans, out, k) for k in range(3)])
+    y, s = np.concatenate(ys), np.concatenate(ss)
+    assert abs(doc["rows"][0]["dice_given"] - sk.f1_score(y, s >= thr)) <= 1e-12
+    for k, row in enumerate(doc["per_case"]):
+        assert row["pixels_at_threshold"] == int(np.sum(ss[k] >= thr))
+    assert "Dice@given" in (out / "metrics-benchmark.csv").read_text().splitlines()[0]
+    assert all("dice_given" not in r for r in doc["rows"][1:])  # members are not scored at the ensemble's threshold
+
+
+def test_given_threshold_is_checked(run, tmp_path):
+    scans, out = run
+    res = _eval(out, "--masks", SEG, "--protocol", "benchmark")
+    assert res.exit_code == 0
+    other = out / "metrics-benchmark.json"
+    res = _eval(out, "--masks", SEG, "--threshold", other, "--no-overlays")  # native against benchmark
+    assert res.exit_code == 2 and str(other) in res.stderr and "same --protocol" in res.stderr
+    for bad, text in ((tmp_path / "nope.json", "cannot be read"), ("inf", "not a finite threshold")):
+        res = _eval(out, "--masks", SEG, "--threshold", bad)
+        assert res.exit_code == 2 and text in res.stderr and str(bad) in res.stderr, res.stderr
+    junk = tmp_path / "junk.json"
+    junk.write_text('{"rows": []}')
+    res = _eval(out, "--masks", SEG, "--threshold", junk)
+    assert res.exit_code == 2 and "no ensemble best-Dice threshold" in res.stderr

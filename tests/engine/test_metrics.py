@@ -124,3 +124,131 @@ def test_pixel_metrics_on_ten_million_pixels_match_sklearn():
     assert ap == pytest.approx(average_precision_score(labels, scores), abs=1e-9)
     assert dice == pytest.approx(ref_dice, abs=1e-9)
     print(f"AP + best Dice on 1e7 pixels: {ours_s:.2f} s")  # recorded, not asserted (no timing thresholds)
+
+
+# ---------------------------------------------------------------- Dice at a fixed FPR, AUPRO
+
+
+def _brute_dice_at_fpr(y, s, max_fpr):
+    """Every distinct threshold tried: the lowest whose FPR is within max_fpr, scored by scikit-learn's F1."""
+    n_neg = (~y).sum()
+    best = None
+    for t in np.unique(s)[::-1]:
+        if ((s >= t) & ~y).sum() / n_neg <= max_fpr:
+            best = t
+    if best is None:
+        return 0.0
+    return sklearn_metrics.f1_score(y, s >= best)
+
+
+@pytest.mark.parametrize("seed,n,p,levels,max_fpr", [(0, 50, 0.3, 4, 0.05), (1, 2000, 0.1, 30, 0.05),
+                                                     (2, 3000, 0.05, 1000, 0.2), (3, 400, 0.5, 3, 0.0)])
+def test_dice_at_fpr_matches_a_threshold_sweep(seed, n, p, levels, max_fpr):
+    from condiff.metrics import dice_at_fpr
+
+    y, s = _data(seed, n, p, levels)
+    dice, thr = dice_at_fpr(y, s, max_fpr)
+    assert abs(dice - _brute_dice_at_fpr(y, s, max_fpr)) <= 1e-12
+    if np.isfinite(thr):
+        assert ((s >= thr) & ~y).sum() <= max_fpr * (~y).sum()
+        lower = s[s < thr]
+        if lower.size:  # one more level would exceed the rate
+            assert ((s >= lower.max()) & ~y).sum() > max_fpr * (~y).sum()
+
+
+def test_dice_at_fpr_degenerate_cases():
+    from condiff.metrics import dice_at_fpr
+
+    assert dice_at_fpr([0, 1, 1, 0], [0.9, 0.9, 0.9, 0.1], 0.05) == (0.0, float("inf"))  # the top tie holds a normal
+    assert all(np.isnan(dice_at_fpr([0, 0], [0.1, 0.2])))
+    assert dice_at_fpr([0, 1], [0.1, 0.2])[0] == 1.0
+
+
+def _blobs(seed, shape=(4, 24, 24), n_blobs=7):
+    """Lesion masks of several sizes (some touching only diagonally) and a map with ties."""
+    rng = np.random.default_rng(seed)
+    masks = np.zeros(shape, dtype=bool)
+    yy, xx = np.mgrid[:shape[1], :shape[2]]
+    for _ in range(n_blobs):
+        k, cy, cx, r = rng.integers(shape[0]), rng.integers(3, shape[1] - 3), rng.integers(3, shape[2] - 3), rng.uniform(0.6, 4)
+        masks[k] |= (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+    masks[0, 1, 1] = masks[0, 2, 2] = True  # two pixels joined by a corner: one 8-connected lesion
+    maps = np.round((rng.random(shape) + 0.5 * masks * rng.random(shape)) * 40) / 40
+    return masks, maps
+
+
+def _brute_aupro(masks, maps, max_fpr):
+    """Independent PRO curve: every threshold, every lesion (scipy 8-connected components per slice), then
+    trapezoids segment by segment up to max_fpr, divided by max_fpr."""
+    from scipy import ndimage
+
+    regions = []
+    for k in range(len(masks)):
+        ids, n = ndimage.label(masks[k], structure=np.ones((3, 3)))
+        regions += [(k, ids == j) for j in range(1, n + 1)]
+    normal = ~masks
+    points = [(0.0, 0.0)]
+    for t in np.unique(maps)[::-1]:
+        pred = maps >= t
+        fpr = (pred & normal).sum() / normal.sum()
+        pro = np.mean([(pred[k] & region).sum() / region.sum() for k, region in regions])
+        points.append((fpr, pro))
+    area = 0.0
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        if x0 >= max_fpr:
+            break
+        if x1 > max_fpr:
+            y1 = y0 + (y1 - y0) * (max_fpr - x0) / (x1 - x0)
+            x1 = max_fpr
+        area += (x1 - x0) * (y0 + y1) / 2
+    return area / max_fpr
+
+
+@pytest.mark.parametrize("seed,max_fpr", [(0, 0.3), (1, 0.3), (2, 0.05), (3, 1.0)])
+def test_aupro_matches_a_per_threshold_per_lesion_sweep(seed, max_fpr):
+    from condiff.engine.evaluate import lesion_regions
+    from condiff.metrics import aupro
+
+    masks, maps = _blobs(seed)
+    regions = lesion_regions(masks, per_slice=True)
+    assert len(np.unique(regions[regions > 0])) >= 4
+    assert abs(aupro(regions, maps, max_fpr) - _brute_aupro(masks, maps, max_fpr)) <= 1e-12
+
+
+def test_aupro_weighs_every_lesion_equally():
+    from condiff.metrics import aupro
+
+    # a big lesion found and a small one missed: PRO 0.5, while pixel recall would be 16/17
+    regions = np.zeros((8, 8), dtype=np.int64)
+    regions[:4, :4] = 1
+    regions[7, 7] = 2
+    scores = np.where(regions == 1, 1.0, 0.0) + np.linspace(0, 0.01, 64).reshape(8, 8)
+    scores[7, 7] = 0.0
+    # the big lesion is called before any normal pixel, the small one after all of them: PRO 0.5 throughout
+    assert abs(aupro(regions, scores, 0.3) - 0.5) <= 1e-12
+
+
+def test_aupro_with_one_lesion_over_the_whole_fpr_range_is_the_roc_auc():
+    from condiff.metrics import aupro
+
+    y, s = _data(9, 3000, 0.2, 25)
+    assert abs(aupro(y.astype(np.int64), s, 1.0) - sklearn_metrics.roc_auc_score(y, s)) <= 1e-12
+
+
+def test_aupro_bounds_perfect_random_and_checks():
+    from condiff.metrics import aupro, detection_metrics
+
+    masks, _ = _blobs(4)
+    regions = np.arange(1, masks.sum() + 1)
+    ids = np.zeros(masks.shape, dtype=np.int64)
+    ids[masks] = regions
+    assert aupro(ids, masks.astype(float)) == 1.0
+    rng = np.random.default_rng(0)
+    big = np.zeros(200_000, dtype=np.int64)
+    big[rng.random(big.size) < 0.1] = 1
+    assert abs(aupro(big, rng.random(big.size), 0.3) - 0.15) < 0.005  # random map: max_fpr / 2
+    assert np.isnan(aupro(np.zeros(5, dtype=np.int64), np.arange(5.0)))
+    with pytest.raises(ValueError, match="integer"):
+        aupro(np.array([0.0, 1.0]), [0.1, 0.2])
+    with pytest.raises(ValueError, match="positive pixels"):
+        detection_metrics([0, 1], [0.1, 0.2], [0, 1, 1], [0.0, 0.5, 0.5], pixel_regions=[0, 1, 0])
