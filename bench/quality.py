@@ -297,12 +297,12 @@ def write_markdown(report: dict, path: Path) -> None:
             continue
         ev = res["evaluation"]
         lines += [f"protocol: {ev['protocol']} — {ev['description']}; counts {ev['counts']}", "",
-                  "| row | AP_i | AUROC | AP_p | best Dice |", "|---|---|---|---|---|"]
+                  "| row | AP_i | AUROC | AP_p | best Dice | Dice@5%FPR | AUPRO@30% |", "|---|---|---|---|---|---|---|"]
         for row in ev["rows"]:
-            cells = [row.get(k) for k in ("ap_image", "auroc", "ap_pixel", "dice")]
+            cells = [row.get(k) for k in ("ap_image", "auroc", "ap_pixel", "dice", "dice_fpr5", "aupro")]
             lines.append(f"| {row['row']} | " + " | ".join("" if v is None else f"{v:.3f}" for v in cells) + " |")
         for b, vals in res["baselines"].items():
-            lines.append(f"| baseline: {b} | | | {vals['ap_pixel']:.3f} | |")
+            lines.append(f"| baseline: {b} | | | {vals['ap_pixel']:.3f} | | | |")
         lines.append("")
         if res.get("regions"):
             lines += ["Per label class (`condiff-eval --label-values`; the other classes count as healthy):", "",
