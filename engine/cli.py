@@ -412,6 +412,11 @@ def _merge(out_dir: Path) -> int:
               help="Also report the Dice at a threshold chosen outside the evaluated data: a number, or the "
                    "metrics-<protocol>.json of condiff-eval on other (e.g. validation) cases, whose best-Dice "
                    "threshold is taken; the per-case rows use it too.")
+@click.option("--bootstrap", type=click.IntRange(min=0), default=0, show_default=True, metavar="N",
+              help="N case resamples (e.g. 1000): 95 % intervals of the metrics and of the ensemble's difference "
+                   "to each member and baseline row; 0: none.")
+@click.option("--bootstrap-seed", type=int, default=0, show_default=True, help="Seed of the case resamples.")
+@progress_option
 @click.option("--overlays/--no-overlays", default=True, show_default=True,
               help="native protocol: also write eval-overlays/<case>.png, the label's outline on the input and on "
                    "the map, for the slices holding the most label.")
@@ -438,7 +443,8 @@ def _label_values(text: str | None) -> tuple[int, ...] | None:
 
 
 def _eval(out_dir: Path, mask_pattern: str, protocol: str, missing_label: str, label_values, baselines: bool,
-          threshold_text: str | None, overlays: bool, verbose: int) -> int:
+          threshold_text: str | None, bootstrap: int, bootstrap_seed: int, progress: bool, overlays: bool,
+          verbose: int) -> int:
     import math
 
     from condiff.io.atomic import write_json_atomic, write_text_atomic
@@ -449,21 +455,34 @@ def _eval(out_dir: Path, mask_pattern: str, protocol: str, missing_label: str, l
         if baselines and protocol != "benchmark":
             raise click.UsageError("--baselines needs --protocol benchmark (the baselines are scored on the "
                                    "model-space slices that --save-model-space writes)")
+        from tqdm import tqdm
+
         given = None if threshold_text is None else read_given_threshold(threshold_text, protocol)
-        ev = evaluate(out_dir, mask_pattern, protocol, overlays=overlays and protocol == "native",
-                      missing_label=missing_label, label_values=label_values, baselines=baselines, threshold=given)
+        with tqdm(total=bootstrap, unit="resample", desc="condiff-eval bootstrap", file=sys.stderr,
+                  disable=not (bootstrap and progress and sys.stderr.isatty())) as bar:
+            ev = evaluate(out_dir, mask_pattern, protocol, overlays=overlays and protocol == "native",
+                          missing_label=missing_label, label_values=label_values, baselines=baselines,
+                          threshold=given, bootstrap=bootstrap, bootstrap_seed=bootstrap_seed, progress=bar.update)
         click.echo(format_table(ev))
-        doc = ev.to_dict()
-        for row in doc["rows"] + doc["per_case"]:  # JSON has no NaN: a metric without both classes is null
-            for k, v in row.items():
-                if isinstance(v, float) and math.isnan(v):
-                    row[k] = None
+        doc = _nan_to_none(ev.to_dict())  # JSON has no NaN: a metric without both classes is null
         write_json_atomic(out_dir / f"metrics-{protocol}.json", doc)
         write_text_atomic(out_dir / f"metrics-{protocol}.csv", table_csv(ev))
         write_text_atomic(out_dir / f"metrics-{protocol}-cases.csv", cases_csv(ev))
         for case, err in ev.failures:
             _echo_err(f"NOT EVALUATED {case}: {err}")
         return EXIT_FAILED if ev.failures else EXIT_OK
+
+
+def _nan_to_none(obj):
+    import math
+
+    if isinstance(obj, float) and math.isnan(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _nan_to_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_nan_to_none(v) for v in obj]
+    return obj
 
 
 __all__ = ["infer_main", "eval_main", "bundled"]

@@ -63,6 +63,7 @@ class Evaluation:
     per_case: list[dict[str, Any]] = field(default_factory=list)
     label_values: tuple[int, ...] | None = None  # None: every label value > 0 is lesion
     given: GivenThreshold | None = None
+    intervals: Any = None  # bootstrap.Intervals with --bootstrap
 
     def to_dict(self) -> dict[str, Any]:
         return {"protocol": self.protocol, "description": DESCRIPTIONS[self.protocol],
@@ -72,6 +73,7 @@ class Evaluation:
                                                                      "source": self.given.source},
                 "aupro_max_fpr": AUPRO_MAX_FPR,
                 "rows": [{"row": name, **values} for name, values in self.rows], "counts": self.counts,
+                "bootstrap": None if self.intervals is None else self.intervals.to_dict(),
                 "cases": self.cases, "per_case": self.per_case,
                 "failures": [{"case": c, "error": e} for c, e in self.failures]}
 
@@ -354,7 +356,8 @@ def _with_given(row: dict[str, float], given: GivenThreshold | None, labels, val
 
 def evaluate(out_dir: str | Path, mask_pattern: str, protocol: str = "native", overlays: bool = False,
              missing_label: str = "error", label_values: tuple[int, ...] | None = None,
-             baselines: bool = False, threshold: GivenThreshold | None = None) -> Evaluation:
+             baselines: bool = False, threshold: GivenThreshold | None = None, bootstrap: int = 0,
+             bootstrap_seed: int = 0, progress=None) -> Evaluation:
     """Evaluate every ``ok`` record in ``out_dir`` (see the module docstring); ``overlays`` (native
     protocol) also draws ``eval-overlays/<case>.png``: the label's outline on the input and on the map.
     ``missing_label``: ``error`` (a case without a label file is not evaluated) or ``normal`` (it
@@ -363,7 +366,9 @@ def evaluate(out_dir: str | Path, mask_pattern: str, protocol: str = "native", o
     tumour; default: every value > 0). ``baselines`` (benchmark protocol): also rows for the
     non-learned ``baseline_maps`` and chance on the same pixels. ``threshold``: a threshold chosen
     elsewhere (``read_given_threshold``); the ensemble's Dice at it is the ``dice_given`` column and
-    the per-case rows use it instead of the pooled best-Dice threshold."""
+    the per-case rows use it instead of the pooled best-Dice threshold. ``bootstrap`` > 0: that many
+    case resamples give 95 % intervals of every bootstrapped row and of the ensemble's difference to
+    each other row (``engine.bootstrap``; ``progress(1)`` after each resample)."""
     from .writer import load_records
 
     if protocol not in PROTOCOLS:
@@ -434,6 +439,11 @@ def evaluate(out_dir: str | Path, mask_pattern: str, protocol: str = "native", o
             # a random map: PRO = FPR along the curve, so the normalised area is max_fpr / 2
             ev.rows.append(("chance", {"ap_image": m.n_positive_samples / m.n_samples, "auroc": 0.5,
                                        "ap_pixel": m.n_positive_pixels / m.n_pixels, "aupro": AUPRO_MAX_FPR / 2}))
+    if bootstrap > 0:
+        from .bootstrap import bootstrap as case_bootstrap
+
+        ev.intervals = case_bootstrap(_pooled_rows(protocol, parts, ev.rows), bootstrap, bootstrap_seed,
+                                      progress=progress)
     case_threshold = m.threshold if threshold is None else threshold.value
     ev.per_case = [case_row(case, score, labels, values, case_threshold)
                    for case, score, (labels, values) in zip(ev.cases, scores_of, pixels_of)]
@@ -442,6 +452,55 @@ def evaluate(out_dir: str | Path, mask_pattern: str, protocol: str = "native", o
     if not required:
         ev.counts["cases_without_label"] = len(without_label)
     return ev
+
+
+def _pooled_rows(protocol: str, parts: list[tuple], rows: list[tuple[str, dict]]) -> dict:
+    """``bootstrap.PooledCases`` per bootstrapped row (ensemble first; members and baselines where
+    the table has them), case by case, on exactly the pixels and samples of the table."""
+    from .bootstrap import PooledCases
+
+    names = [name for name, _ in rows]
+    if protocol == "native":
+        return {"ensemble": PooledCases([p[0] for p in parts], [p[1] for p in parts], [p[4] for p in parts],
+                                        [p[2] for p in parts], [p[3] for p in parts])}
+    masks = [p[1] for p in parts]
+    regions = [lesion_regions(m, per_slice=True) for m in masks]
+    positive = [m.reshape(len(m), -1).any(axis=1) for m in masks]
+
+    def pooled(maps: list[np.ndarray], scores: list[np.ndarray] | None = None) -> PooledCases:
+        if scores is None:  # slice_metrics' sample score: the map's mean over the slice
+            scores = [m.reshape(len(m), -1).astype(np.float64).mean(axis=1) for m in maps]
+        return PooledCases(masks, maps, regions, positive, scores)
+
+    out = {"ensemble": pooled([p[0] for p in parts], [p[2] for p in parts])}
+    for name in names:
+        if name.startswith("member ") and name[7:].isdigit():
+            out[name] = pooled([p[3][int(name[7:])] for p in parts])
+        elif name.startswith("baseline: "):
+            out[name] = pooled([p[4][name[10:]] for p in parts])
+    return out
+
+
+def format_intervals(ev: Evaluation) -> list[str]:
+    """The bootstrap block under the table: each row's interval, then the ensemble minus each other row."""
+    from .bootstrap import INTERVAL_KEYS
+
+    iv = ev.intervals
+    names = list(iv.rows) + [f"ensemble - {name}" for name in iv.differences]
+    width = max(14, *(len(n) + 2 for n in names))
+    lines = ["", f"{iv.level:.0%} intervals over {iv.n} case resamples (bootstrap, seed {iv.seed}); "
+                 "a difference whose interval excludes 0 is unlikely to be luck of the case draw",
+             f"{'':<{width}}" + "".join(f"{METRIC_LABELS[k]:>20}" for k in INTERVAL_KEYS)]
+
+    def cells(values: dict[str, list[float]]) -> str:
+        return "".join(f"{'-':>20}" if np.isnan(values[k][0]) else f"  {values[k][0]:>7.4f} ..{values[k][1]:>8.4f}"
+                       for k in INTERVAL_KEYS)
+
+    for name, values in iv.rows.items():
+        lines.append(f"{name:<{width}}{cells(values)}")
+    for name, values in iv.differences.items():
+        lines.append(f"{'ensemble - ' + name:<{width}}{cells(values)}")
+    return lines
 
 
 def format_table(ev: Evaluation) -> str:
@@ -470,6 +529,8 @@ def format_table(ev: Evaluation) -> str:
                   f"connected lesion, area to {AUPRO_MAX_FPR:.0%} FPR"]
         if ev.given is not None:
             lines.append(f"Dice@given: threshold {ev.given.value:.6g} chosen outside these data ({ev.given.source})")
+    if ev.intervals is not None:
+        lines += format_intervals(ev)
     if ev.per_case:
         shown = ev.per_case[:PRINTED_CASES]
         width = min(max(len(r["case"]) for r in shown), 40) + 2

@@ -163,8 +163,12 @@ def aupro(regions, scores, max_fpr: float = 0.3) -> float:
     if not 0 < max_fpr <= 1:
         raise ValueError(f"max_fpr must be in (0, 1], got {max_fpr}")
     fpr, pro, _ = pro_curve(regions, scores)
-    if fpr.size == 0:
-        return float("nan")
+    return float("nan") if fpr.size == 0 else partial_area(fpr, pro, max_fpr)
+
+
+def partial_area(fpr: np.ndarray, pro: np.ndarray, max_fpr: float) -> float:
+    """``aupro``'s integral of a curve given highest threshold first (fpr non-decreasing, from the
+    implicit point (0, 0)), to ``max_fpr``, divided by ``max_fpr``."""
     fpr, pro = np.r_[0.0, fpr], np.r_[0.0, pro]
     inside = fpr <= max_fpr
     x, y = fpr[inside], pro[inside]
@@ -244,5 +248,5 @@ def summarise(values) -> dict[str, float]:
 
 
 __all__ = ["binary_clf_curve", "roc_auc", "precision_recall", "average_precision", "best_dice", "dice_at",
-           "dice_at_fpr", "pro_curve", "aupro",
+           "dice_at_fpr", "pro_curve", "aupro", "partial_area",
            "DetectionMetrics", "detection_metrics", "slice_metrics", "summarise"]

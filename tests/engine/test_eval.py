@@ -392,3 +392,29 @@ def test_given_threshold_is_checked(run, tmp_path):
     junk.write_text('{"rows": []}')
     res = _eval(out, "--masks", SEG, "--threshold", junk)
     assert res.exit_code == 2 and "no ensemble best-Dice threshold" in res.stderr
+
+
+def test_native_bootstrap_resamples_the_written_maps_by_case(run, tmp_path):
+    import nibabel as nib
+    from skimage.measure import label as connected
+
+    from condiff.engine.bootstrap import INTERVAL_KEYS, PooledCases, bootstrap
+
+    scans, out = run
+    pattern = _several_lesions(scans, tmp_path / "labels")  # lesions of different sizes: AUPRO is not recall
+    res = _eval(out, "--masks", pattern, "--bootstrap", "30", "--bootstrap-seed", "7", "--no-overlays")
+    assert res.exit_code == 0, res.output + res.stderr
+    boot = json.loads((out / "metrics-native.json").read_text())["bootstrap"]
+    assert list(boot["rows"]) == ["ensemble"] and boot["seed"] == 7
+    ys, ss, ids, sy, ssc = [], [], [], [], []
+    for k in range(3):
+        brain = np.asarray(nib.load(str(scans / f"case{k}_brainmask.nii.gz")).dataobj) > 0
+        seg = (np.asarray(nib.load(str(tmp_path / "labels" / f"case{k}_seg.nii.gz")).dataobj) > 0) & brain
+        amap = nib.load(str(out / "maps" / f"case{k}.nii.gz")).get_fdata(dtype=np.float32)
+        rec = json.loads((out / "records" / f"case{k}.json").read_text())
+        ys.append(seg[brain]), ss.append(amap[brain]), ids.append(connected(seg, connectivity=3)[brain])
+        sy.append([seg[:, :, z].any() for z, _ in rec["slice_scores"]])
+        ssc.append([score for _, score in rec["slice_scores"]])
+    ours = bootstrap({"ensemble": PooledCases(ys, ss, ids, sy, ssc)}, 30, seed=7).to_dict()
+    for key in INTERVAL_KEYS:
+        np.testing.assert_allclose(boot["rows"]["ensemble"][key], ours["rows"]["ensemble"][key], rtol=0, atol=1e-12)

@@ -1,0 +1,136 @@
+"""Case bootstrap of condiff-eval: a re-weighted resample equals the metrics of the explicitly concatenated cases."""
+import json
+
+import numpy as np
+import pytest
+
+from condiff.engine.bootstrap import INTERVAL_KEYS, PooledCases, bootstrap
+from condiff.engine.evaluate import lesion_regions
+from condiff.metrics import aupro, dice_at_fpr
+
+sk = pytest.importorskip("sklearn.metrics")
+
+
+def _cases(seed, n_cases=4):
+    """Per case: (N, 12, 12) slices with lesions of several sizes (one case without any), maps with ties."""
+    rng = np.random.default_rng(seed)
+    cases = []
+    yy, xx = np.mgrid[:12, :12]
+    for k in range(n_cases):
+        n = int(rng.integers(2, 5))
+        masks = np.zeros((n, 12, 12), dtype=bool)
+        if k != 1:
+            for _ in range(int(rng.integers(1, 4))):
+                j, cy, cx, r = rng.integers(n), rng.integers(2, 10), rng.integers(2, 10), rng.uniform(0.5, 3)
+                masks[j] |= (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+        maps = np.round((rng.random(masks.shape) + 0.6 * masks * rng.random(masks.shape)) * 30) / 30
+        cases.append((masks, maps))
+    return cases
+
+
+def _pooled(cases):
+    masks, maps = [c[0] for c in cases], [c[1] for c in cases]
+    return PooledCases(masks, maps, [lesion_regions(m, per_slice=True) for m in masks],
+                       [m.reshape(len(m), -1).any(1) for m in masks],
+                       [x.reshape(len(x), -1).mean(1) for x in maps])
+
+
+def _concatenated(cases, mult):
+    """The resampled cohort built by hand: each drawn case repeated, its lesions given ids of their own."""
+    ys, ss, ids, sy, ssc, offset = [], [], [], [], [], 0
+    for (masks, maps), m in zip(cases, mult):
+        for _ in range(m):
+            r = lesion_regions(masks, per_slice=True)
+            ids.append(np.where(r > 0, r + offset, 0).ravel())
+            offset += int(r.max())
+            ys.append(masks.ravel()), ss.append(maps.ravel())
+            sy.append(masks.reshape(len(masks), -1).any(1)), ssc.append(maps.reshape(len(maps), -1).mean(1))
+    return [np.concatenate(a) for a in (ys, ss, ids, sy, ssc)]
+
+
+@pytest.mark.parametrize("mult", [(1, 1, 1, 1), (2, 0, 1, 1), (0, 3, 0, 1), (4, 0, 0, 0), (0, 1, 2, 1)])
+def test_a_reweighted_resample_equals_the_concatenated_cases(mult):
+    cases = _cases(0)
+    got = _pooled(cases).metrics(np.array(mult))
+    y, s, regions, sy, ss = _concatenated(cases, mult)
+    p, r, _ = sk.precision_recall_curve(y, s)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        best = np.nanmax(2 * p * r / (p + r))
+    assert abs(got["ap_pixel"] - sk.average_precision_score(y, s)) <= 1e-10
+    assert abs(got["dice"] - best) <= 1e-10
+    assert abs(got["dice_fpr5"] - dice_at_fpr(y, s, 0.05)[0]) <= 1e-10
+    assert abs(got["aupro"] - aupro(regions, s, 0.3)) <= 1e-10
+    assert abs(got["ap_image"] - sk.average_precision_score(sy, ss)) <= 1e-10
+    assert abs(got["auroc"] - sk.roc_auc_score(sy, ss)) <= 1e-10
+
+
+def test_a_resample_without_lesions_is_undefined_and_left_out():
+    cases = _cases(1)
+    assert all(np.isnan(v) for v in _pooled(cases).metrics(np.array([0, 4, 0, 0])).values())  # case 1 has none
+    iv = bootstrap({"a": _pooled(cases)}, 200, seed=3)
+    assert 0 < iv.undefined["a"]["ap_pixel"] < 200
+    for k in INTERVAL_KEYS:
+        lo, hi = iv.rows["a"][k]
+        assert 0 <= lo <= hi <= 1
+
+
+def test_differences_are_paired_and_seeded():
+    cases = _cases(2)
+    same = bootstrap({"a": _pooled(cases), "b": _pooled(cases)}, 50, seed=1)
+    assert all(same.differences["b"][k] == [0.0, 0.0] for k in INTERVAL_KEYS)  # paired: identical rows differ by 0
+    worse = [(m, np.where(np.random.default_rng(5).random(x.shape) < 0.5, x, x[::-1])) for m, x in cases]
+    a = bootstrap({"a": _pooled(cases), "b": _pooled(worse)}, 50, seed=1)
+    b = bootstrap({"a": _pooled(cases), "b": _pooled(worse)}, 50, seed=1)
+    assert a.to_dict() == b.to_dict()
+    assert a.differences["b"]["ap_pixel"][0] > 0  # the scrambled maps are worse in every resample
+
+
+def test_condiff_eval_bootstrap_block_and_json(tmp_path):
+    from click.testing import CliRunner
+
+    from _infer_helpers import FAST, make_model_set, make_scans, one_torch_thread
+    from condiff.engine.cli import eval_main, infer_main
+
+    with one_torch_thread():
+        models = make_model_set(tmp_path / "set", n_members=2)
+        make_scans(tmp_path / "scans", n=3, with_masks=True)
+        res = CliRunner().invoke(infer_main, [str(tmp_path / "scans"), "-o", str(tmp_path / "out"), "--models",
+                                              str(models), *FAST, "--save-member-maps"], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    out = tmp_path / "out"
+    res = CliRunner().invoke(eval_main, [str(out), "--masks", "{dir}/{stem}_seg.nii.gz", "--protocol", "benchmark",
+                                         "--baselines", "--bootstrap", "40"], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    assert "intervals over 40 case resamples" in res.stdout and "ensemble - baseline: bright" in res.stdout
+    doc = json.loads((out / "metrics-benchmark.json").read_text())
+    boot = doc["bootstrap"]
+    assert boot["resamples"] == 40 and boot["unit"] == "case"
+    assert set(boot["rows"]) == {"ensemble", "member 0", "member 1", "baseline: bright", "baseline: dark"}
+    # the same resamples rebuilt by hand from the saved model-space arrays give the same intervals
+    from condiff.io.volumes import read_mask, read_volume
+    from condiff.preprocess import mask_to_slices
+
+    masks, maps, scores, bright = [], [], [], []
+    for k in range(3):
+        rec = json.loads((out / "records" / f"case{k}.json").read_text())
+        z = np.load(out / "model_space" / f"case{k}.npz")
+        keep = z["slices"].reshape(len(z["slices"]), -1).sum(1) != 0
+        scan = tmp_path / "scans" / f"case{k}.nii.gz"
+        masks.append(mask_to_slices(read_mask(tmp_path / "scans" / f"case{k}_seg.nii.gz", read_volume(scan)),
+                                    rec["geometry"])[keep])
+        maps.append(z["maps"][keep]), scores.append(z["scores"][keep])
+        bright.append(z["slices"][keep][:, 0].astype(np.float64) * z["foreground"][keep])
+    regions = [lesion_regions(m, per_slice=True) for m in masks]
+    positive = [m.reshape(len(m), -1).any(1) for m in masks]
+    rows = {"ensemble": PooledCases(masks, maps, regions, positive, scores),
+            "baseline: bright": PooledCases(masks, bright, regions, positive,
+                                            [b.reshape(len(b), -1).mean(1) for b in bright])}
+    ours = bootstrap(rows, 40, seed=0).to_dict()
+    for name in rows:
+        for k in INTERVAL_KEYS:
+            np.testing.assert_allclose(boot["rows"][name][k], ours["rows"][name][k], rtol=0, atol=1e-12)
+    np.testing.assert_allclose(boot["differences_to_first_row"]["baseline: bright"]["aupro"],
+                               ours["differences_to_first_row"]["baseline: bright"]["aupro"], rtol=0, atol=1e-12)
+    plain = CliRunner().invoke(eval_main, [str(out), "--masks", "{dir}/{stem}_seg.nii.gz"], catch_exceptions=False)
+    assert "intervals" not in plain.stdout
+    assert json.loads((out / "metrics-native.json").read_text())["bootstrap"] is None
