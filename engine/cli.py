@@ -80,7 +80,9 @@ def _jsonable(value: Any) -> Any:
                    "where that file exists, else the scan's own non-background voxels; 'none' = no mask.")
 @click.option("--resume/--overwrite", default=True, show_default=True,
               help="Skip cases whose record proves their outputs current, or recompute everything.")
-@click.option("--dry-run", is_flag=True, help="Check inputs and list planned outputs; loads no model.")
+@click.option("--dry-run", is_flag=True,
+              help="Read and preprocess every input (and brain mask) as the run would, name the broken ones, and "
+                   "list planned outputs; loads no model.")
 @click.option("--no-restoration", is_flag=True, help="Do not write restorations/.")
 @click.option("--save-model-space", is_flag=True, help="Also write model_space/<case>.npz (for condiff-eval --protocol benchmark).")
 @click.option("--save-member-maps", is_flag=True, help="Also keep every member's model-space maps in the npz.")

@@ -238,10 +238,41 @@ def _fail(ctx: RunContext, case: Case, plan: CasePlan, exc: BaseException, input
     return CaseOutcome(case, "failed", error=text, error_type=type(exc).__name__)
 
 
-def _prepare(case: Case, ctx: RunContext) -> _Pending | CaseOutcome:
-    """Digest, resume check, read, preprocess. Returns the pending case or its final outcome."""
+def read_case(case: Case, ctx: RunContext, mask_path: Path | None):
+    """Read a case and its brain mask and preprocess it into model slices, as the run does (and
+    ``--dry-run``, so that "valid" there means the run's reader accepts the file). Returns
+    ``(source volume or None, brain mask or None, Prepared, info)``; raises ``CondiffError``."""
     from condiff.io import images, volumes
 
+    modality = ctx.preprocess.modality
+    if case.kind == "volume":
+        if modality != "mri":
+            raise InputImageError(case.path, "is a volume but this model set analyses RGB photographs",
+                                  "use an MRI model set for NIfTI scans")
+        source = volumes.read_volume_or_slice(case.path, nan_policy=ctx.options.nan_policy)
+        mask = None if mask_path is None else volumes.read_mask(mask_path, source)
+        if mask is None and ctx.preprocess.use_mask and ctx.mask_pattern == AUTO_MASK:
+            # a skull-stripped scan without a mask file: its own non-background voxels are the brain
+            mask = auto_foreground(source.data)
+            logger.info("case %s: no brain mask file, using the scan's non-background voxels", case.name)
+        prepared = prepare_volume(source, ctx.preprocess, mask=mask)
+        info = {"shape": [int(s) for s in source.data.shape], "spacing": [float(z) for z in source.zooms],
+                "orientation": "".join(prepared.geometry.get("input_axcodes") or [])}
+    else:
+        if modality != "rgb":
+            raise InputImageError(case.path, "is a 2-D photograph but this model set analyses MRI volumes",
+                                  "use an RGB model set for photographs, or give NIfTI scans")
+        rgb = images.read_image(case.path)
+        source = mask = None
+        prepared = prepare_image(rgb, ctx.preprocess)
+        info = {"shape": [int(s) for s in rgb.shape[:2]], "spacing": None, "orientation": None}
+    if len(prepared.slices) == 0:
+        raise InputImageError(case.path, "no slice has foreground to analyse", "check the image (and its brain mask)")
+    return source, mask, prepared, info
+
+
+def _prepare(case: Case, ctx: RunContext) -> _Pending | CaseOutcome:
+    """Digest, resume check, read, preprocess. Returns the pending case or its final outcome."""
     plan = plan_case(case, ctx.options)
     input_sha = mask_path = mask_sha = None
     try:
@@ -256,30 +287,7 @@ def _prepare(case: Case, ctx: RunContext) -> _Pending | CaseOutcome:
                 logger.info("case %s: outputs up to date, skipped", case.name, extra={"case": case.name, "status": "skipped"})
                 return CaseOutcome(case, "skipped")
             logger.debug("case %s: recomputing (%s)", case.name, reason)
-        modality = ctx.preprocess.modality
-        if case.kind == "volume":
-            if modality != "mri":
-                raise InputImageError(case.path, "is a volume but this model set analyses RGB photographs",
-                                      "use an MRI model set for NIfTI scans")
-            source = volumes.read_volume_or_slice(case.path, nan_policy=ctx.options.nan_policy)
-            mask = None if mask_path is None else volumes.read_mask(mask_path, source)
-            if mask is None and ctx.preprocess.use_mask and ctx.mask_pattern == AUTO_MASK:
-                # a skull-stripped scan without a mask file: its own non-background voxels are the brain
-                mask = auto_foreground(source.data)
-                logger.info("case %s: no brain mask file, using the scan's non-background voxels", case.name)
-            prepared = prepare_volume(source, ctx.preprocess, mask=mask)
-            info = {"shape": [int(s) for s in source.data.shape], "spacing": [float(z) for z in source.zooms],
-                    "orientation": "".join(prepared.geometry.get("input_axcodes") or [])}
-        else:
-            if modality != "rgb":
-                raise InputImageError(case.path, "is a 2-D photograph but this model set analyses MRI volumes",
-                                      "use an RGB model set for photographs, or give NIfTI scans")
-            rgb = images.read_image(case.path)
-            source = mask = None
-            prepared = prepare_image(rgb, ctx.preprocess)
-            info = {"shape": [int(s) for s in rgb.shape[:2]], "spacing": None, "orientation": None}
-        if len(prepared.slices) == 0:
-            raise InputImageError(case.path, "no slice has foreground to analyse", "check the image (and its brain mask)")
+        source, mask, prepared, info = read_case(case, ctx, mask_path)
     except Exception as exc:
         return _fail(ctx, case, plan, exc, input_sha, mask_path, mask_sha)
     remove_outputs(ctx.out_dir, plan)  # no stale record or file may outlive the outputs we are about to replace

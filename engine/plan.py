@@ -221,33 +221,19 @@ def check_output_location(out_dir: str | os.PathLike, inputs: Sequence[str | os.
 
 
 def check_input(case: Case, ctx) -> str | None:
-    """Header-level check for ``--dry-run``: None if the file looks usable, else the reason.
+    """``--dry-run``'s check: None if the run would accept the case, else the reason.
 
-    Reads headers only (nibabel's lazy image, PIL's lazy open), and finds the brain mask.
+    Reads the file (and its brain mask) completely and preprocesses it with the run's own code
+    (``pipeline.read_case``), so truncated or corrupt data, NaN voxels, a mask on another grid or a
+    scan without foreground are named now, not hours into a run; no model is loaded.
     """
+    from .pipeline import read_case
+
     try:
-        with open(case.path, "rb") as f:
-            if not f.read(1):
-                return f"{case.path}: empty file (0 bytes)"
-        if case.kind == "volume":
-            if ctx.preprocess.modality != "mri":
-                return f"{case.path}: is a volume but this model set analyses RGB photographs"
-            import nibabel as nib
-
-            shape = tuple(nib.load(str(case.path)).shape)
-            while len(shape) > 3 and shape[-1] == 1:
-                shape = shape[:-1]
-            if len(shape) not in (2, 3):
-                return f"{case.path}: expected a 3-D volume, got shape {shape}"
-            if ctx.mask_pattern is not None:
-                resolve_mask_path(case, ctx.mask_pattern)
-        else:
-            if ctx.preprocess.modality != "rgb":
-                return f"{case.path}: is a 2-D photograph but this model set analyses MRI volumes"
-            from PIL import Image
-
-            with Image.open(case.path) as im:
-                im.size  # header only
+        mask_path = None
+        if ctx.mask_pattern is not None and case.kind == "volume":
+            mask_path = resolve_mask_path(case, ctx.mask_pattern)
+        read_case(case, ctx, mask_path)
     except CondiffError as exc:
         return exc.message
     except Exception as exc:
@@ -256,23 +242,26 @@ def check_input(case: Case, ctx) -> str | None:
 
 
 def dry_run_status(case: Case, ctx) -> tuple[str, str | None, CasePlan]:
-    """("run" | "skip" | "invalid", reason, plan) for one case, loading no model (``ctx``: a RunContext)."""
+    """("run" | "skip" | "invalid", reason, plan) for one case, loading no model (``ctx``: a RunContext).
+    A case whose outputs are current is "skip" without reading it again (the run will not either)."""
     plan = plan_case(case, ctx.options)
+    reason = "--overwrite"
+    if ctx.resume:
+        try:
+            mask_sha = None
+            if ctx.mask_pattern is not None and case.kind == "volume":
+                mask_path = resolve_mask_path(case, ctx.mask_pattern)
+                mask_sha = None if mask_path is None else sha256_path(mask_path)
+            reason = resume_check(ctx.out_dir, plan, input_sha256=sha256_path(case.path), mask_sha256=mask_sha,
+                                  model_set_digest=ctx.model_set.digest, options_digest=ctx.options_digest)
+        except CondiffError as exc:
+            return "invalid", exc.message, plan
+        if reason is None:
+            return "skip", "outputs up to date", plan
     problem = check_input(case, ctx)
     if problem is not None:
         return "invalid", problem, plan
-    if not ctx.resume:
-        return "run", "--overwrite", plan
-    try:
-        mask_sha = None
-        if ctx.mask_pattern is not None and case.kind == "volume":
-            mask_path = resolve_mask_path(case, ctx.mask_pattern)
-            mask_sha = None if mask_path is None else sha256_path(mask_path)
-        reason = resume_check(ctx.out_dir, plan, input_sha256=sha256_path(case.path), mask_sha256=mask_sha,
-                              model_set_digest=ctx.model_set.digest, options_digest=ctx.options_digest)
-    except CondiffError as exc:
-        return "invalid", exc.message, plan
-    return ("skip", "outputs up to date", plan) if reason is None else ("run", reason, plan)
+    return "run", reason, plan
 
 
 __all__ = ["RECORD_SCHEMA", "OUTPUT_FOLDERS", "RunOptions", "CasePlan", "plan_case", "read_record", "resume_check",

@@ -218,8 +218,10 @@ def _no_model_loading(monkeypatch):
     def refuse(*a, **k):
         raise AssertionError("a model was loaded")
 
-    monkeypatch.setattr("condiff.modelset.load_model", refuse)
+    # the backend first: importing it binds condiff.modelset.load_model, which must still be the real one
+    # for monkeypatch.undo() to restore it
     monkeypatch.setattr("condiff.engine.backends.torch_backend.load_model", refuse)
+    monkeypatch.setattr("condiff.modelset.load_model", refuse)
 
 
 def test_colliding_names_exit_2_before_work(tmp_path, model_set, monkeypatch):
@@ -301,6 +303,40 @@ def test_dry_run_loads_no_model_and_lists_outputs(tmp_path, model_set, monkeypat
     res = _invoke([tmp_path / "in", "-o", out, "--models", model_set, *FAST, "--no-restoration", "--dry-run"])
     assert res.exit_code == 0 and "maps/case0.nii.gz" in res.stdout and "restorations/" not in res.stdout
     assert "model_space/" not in res.stdout
+
+
+def test_dry_run_reads_like_the_run_and_names_what_it_would_fail(tmp_path, model_set, monkeypatch):
+    """Broken data behind a valid header (cut-off gzip data, NaN voxels, a brain mask on another grid) are
+    named by --dry-run, with the run's own messages, and a later run fails exactly those cases."""
+    import gzip
+
+    import nibabel as nib
+
+    _no_model_loading(monkeypatch)
+    scans = tmp_path / "in"
+    make_scans(scans, n=4)
+    raw = gzip.decompress((scans / "case0.nii.gz").read_bytes())
+    (scans / "case0.nii.gz").write_bytes(gzip.compress(raw[:len(raw) - 200]))  # a valid gzip of a cut NIfTI
+    img = nib.load(str(scans / "case1.nii.gz"))
+    data = np.asarray(img.dataobj, dtype=np.float32)
+    data[3, 3, 1] = np.nan
+    nib.save(nib.Nifti1Image(data, img.affine), str(scans / "case1.nii.gz"))
+    write_nifti(scans / "case2_brainmask.nii.gz", np.ones((7, 7, 3), dtype=np.uint8))
+    out = tmp_path / "out"
+    args = [scans, "-o", out, "--models", model_set, *FAST]
+    assert nib.load(str(scans / "case0.nii.gz")).shape  # a header-only check would call it valid
+    res = _invoke([*args, "--dry-run"])
+    assert res.exit_code == 1, res.output + res.stderr
+    invalid = {line.split()[1].rstrip(":"): line for line in res.stdout.splitlines() if line.startswith("  invalid")}
+    assert set(invalid) == {"case0", "case1", "case2"}, res.stdout
+    assert "truncated" in invalid["case0"] and "NaN" in invalid["case1"] and "case2_brainmask" in invalid["case2"]
+    assert "3 case(s) valid" not in res.stdout and "1 case(s) valid, 3 invalid" in res.stdout
+    monkeypatch.undo()
+    with one_torch_thread():
+        run = _invoke(args)
+    assert run.exit_code == 1
+    rows = {r["case"]: r for r in csv.DictReader((out / "cases.csv").open())}
+    assert [c for c, r in sorted(rows.items()) if r["status"] == "failed"] == ["case0", "case1", "case2"]
 
 
 def test_subprocess_run_exit_code(tmp_path, model_set):
