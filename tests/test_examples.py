@@ -65,3 +65,32 @@ def test_bundled_models_find_the_bundled_synthetic_anomaly(tmp_path):
     row = next(r for r in doc["rows"] if r["row"] == "ensemble")
     chance = doc["counts"]["positive_pixels"] / doc["counts"]["pixels"]
     assert row["ap_pixel"] > 0.5 and row["ap_pixel"] > 5 * chance, (row, chance)  # measured 0.85, chance 0.05
+
+
+def test_model_card_front_matter_matches_its_evidence():
+    """The card's machine-readable figures are the recorded reports' numbers (rounded), and describe the
+    bundled members as they are."""
+    import json
+
+    yaml = pytest.importorskip("yaml")
+    repo = REPO
+    card = (repo / "examples" / "models" / "README.md").read_text()
+    assert card.startswith("---\n")
+    meta = yaml.safe_load(card.split("---\n")[1])
+    healing = json.loads((repo / meta["evidence"]["healing"]).read_text())["synthetic"]["member_summary"]
+    for task, value in meta["metrics"]["healing_removed"].items():
+        assert abs(healing[task]["ensemble_removed"] - value) <= 5e-4, task
+    for task, value in meta["metrics"]["healing_map_ap"].items():
+        assert abs(healing[task]["ensemble_ap"] - value) <= 5e-4, task
+    assert set(meta["metrics"]["healing_removed"]) == set(healing)
+    lesions = json.loads((repo / meta["evidence"]["lesions"]).read_text())["lesions"]
+    for data, claimed in meta["metrics"]["lesions_ap_pixel"].items():
+        rows = {r["row"]: r for r in lesions[data]["evaluation"]["rows"]}
+        assert abs(rows["ensemble"]["ap_pixel"] - claimed["ensemble"]) <= 5e-4, data
+        for name in ("bright", "chance"):
+            assert abs(lesions[data]["baselines"][name]["ap_pixel"] - claimed[name]) <= 5e-4, (data, name)
+    members = json.loads((repo / "examples" / "models" / "set.json").read_text())["members"]
+    assert [m["path"] for m in members] == meta["model"]["members"]
+    for member, steps in zip(meta["model"]["members"], meta["model"]["steps_per_member"]):
+        config = json.loads((repo / "examples" / "models" / member / "config.json").read_text())
+        assert config["trained"]["steps"] == steps and config["preprocessing"]["image_size"] == meta["model"]["image_size"]
