@@ -36,10 +36,10 @@ class PooledCases:
         start = 0
         for k, ids in enumerate(pixel_regions):  # 1 / size of the pixel's lesion, per case
             ids = np.asarray(ids).ravel()
-            labels, inverse, sizes = np.unique(ids, return_inverse=True, return_counts=True)
-            inv = np.where(labels > 0, 1.0 / sizes, 0.0)[inverse.ravel()]
-            inv_size[start:start + ids.size] = inv
-            self.regions_per_case[k] = int(np.sum(labels > 0))
+            lesion = ids > 0
+            _, inverse, sizes = np.unique(ids[lesion], return_inverse=True, return_counts=True)
+            inv_size[start:start + ids.size][lesion] = 1.0 / sizes[inverse.ravel()]
+            self.regions_per_case[k] = sizes.size
             start += ids.size
         order = np.argsort(s, kind="mergesort")[::-1]
         self.case, self.y, self.inv_size = case_of[order], y[order], inv_size[order]

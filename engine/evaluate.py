@@ -245,9 +245,11 @@ def _offset_regions(parts: list[np.ndarray]) -> np.ndarray:
     """Concatenate per-case region ids so that every case's lesions keep ids of their own."""
     out, offset = [], 0
     for ids in parts:
-        ids = np.asarray(ids, dtype=np.int64)
-        out.append(np.where(ids > 0, ids + offset, 0))
+        ids = np.asarray(ids)
+        out.append(np.where(ids > 0, ids + np.int64(offset), 0).astype(np.int32))  # 4 bytes a pixel: cohorts are big
         offset += int(ids.max(initial=0))
+    if offset >= np.iinfo(np.int32).max:
+        raise ValueError(f"{offset} lesions do not fit 32-bit region ids")
     return np.concatenate(out)
 
 

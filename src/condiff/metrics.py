@@ -140,14 +140,13 @@ def pro_curve(regions, scores) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         raise ValueError(f"regions and scores differ in size: {r.size} vs {s.size}")
     if not np.all(np.isfinite(s)):
         raise ValueError("scores contain NaN or Inf")
-    ids, inverse, sizes = np.unique(r, return_inverse=True, return_counts=True)
-    lesion = ids > 0
-    n_regions = int(lesion.sum())
-    n_neg = int(sizes[~lesion].sum()) if (~lesion).any() else 0
+    lesion = r > 0
+    _, inverse, sizes = np.unique(r[lesion], return_inverse=True, return_counts=True)  # lesion pixels only: few
+    n_regions, n_neg = int(sizes.size), int(r.size - lesion.sum())
     if n_regions == 0 or n_neg == 0:
         return np.zeros(0), np.zeros(0), np.zeros(0)
-    weight_of = np.where(lesion, 1.0 / (n_regions * np.maximum(sizes, 1)), 0.0)
-    weights = weight_of[inverse.ravel()]
+    weights = np.zeros(r.size)
+    weights[lesion] = 1.0 / (n_regions * sizes[inverse.ravel()])
     order = np.argsort(s, kind="mergesort")[::-1]
     s, weights, normal = s[order], weights[order], (r[order] == 0)
     ends = np.r_[np.flatnonzero(np.diff(s)), s.size - 1]
