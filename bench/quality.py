@@ -90,6 +90,9 @@ def run_lesions(args, report: dict) -> None:
                                    "baselines": baselines, "healthy_response": healthy,
                                    "throughput": run.get("throughput"),
                                    "regions": label_regions(out, spec["labels"], spec.get("regions", {}))}
+        if args.bootstrap:  # condiff-eval --baselines --bootstrap N: is the gap to the baselines luck of the cases?
+            boot = evaluate(out, spec["labels"], "benchmark", baselines=True, bootstrap=args.bootstrap).intervals
+            report["lesions"][name]["bootstrap"] = boot.to_dict()
 
 
 def label_regions(out: Path, label_pattern: str, regions: dict) -> dict:
@@ -304,6 +307,16 @@ def write_markdown(report: dict, path: Path) -> None:
         for b, vals in res["baselines"].items():
             lines.append(f"| baseline: {b} | | | {vals['ap_pixel']:.3f} | | | |")
         lines.append("")
+        boot = res.get("bootstrap")
+        if boot:
+            lines += [f"Case bootstrap ({boot['resamples']} resamples of the cases, {boot['level']:.0%} intervals; "
+                      "paired differences):", "", "| | AP_p | best Dice | AUPRO@30% |", "|---|---|---|---|"]
+            cells = lambda d: " | ".join(f"{_num(d[k][0])} .. {_num(d[k][1])}" for k in ("ap_pixel", "dice", "aupro"))
+            lines.append(f"| ensemble | {cells(boot['rows']['ensemble'])} |")
+            for other, diff in boot["differences_to_first_row"].items():
+                if other.startswith("baseline: "):
+                    lines.append(f"| ensemble − {other[10:]} | {cells(diff)} |")
+            lines.append("")
         if res.get("regions"):
             lines += ["Per label class (`condiff-eval --label-values`; the other classes count as healthy):", "",
                       "| class (values) | lesion pixels | AP_p ensemble | AP_p members avg / max | bright | dark | chance |",
@@ -402,10 +415,15 @@ def main(argv=None) -> int:
     ap.add_argument("--per-member", action="store_true",
                     help="also report healing for each member alone (same noise as inside the set), beside the ensemble")
     ap.add_argument("--lesions", action="store_true")
+    ap.add_argument("--bootstrap", type=int, default=None, metavar="N",
+                    help="real lesions: N case resamples for intervals of the ensemble and of its differences to the "
+                         "intensity baselines (condiff-eval --bootstrap) [0; 20 with --smoke]")
     ap.add_argument("--smoke", action="store_true", help="CI: tiny random set on generated phantoms, 2 DDIM steps")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.bootstrap is None:
+        args.bootstrap = 20 if args.smoke else 0
     if args.smoke:
         args.models, args.data = map(str, make_smoke_inputs(out / "smoke-inputs"))
         make_smoke_healthy(Path(args.data))

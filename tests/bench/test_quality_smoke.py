@@ -73,6 +73,13 @@ def test_quality_smoke_report_is_self_consistent(tmp_path):
         sklearn_metrics.average_precision_score(core_masks.ravel(), core_maps.ravel()), abs=1e-9)
     assert region["baselines"]["chance"]["ap_pixel"] == pytest.approx(core_masks.mean(), abs=1e-12)
     assert "| enhancing tumour (4) |" in (tmp_path / "quality.md").read_text()
+    # case bootstrap (--smoke: 20 resamples): the ensemble and its paired differences to the baselines
+    boot = res["bootstrap"]
+    assert boot["resamples"] == 20 and set(boot["rows"]) >= {"ensemble", "baseline: bright", "baseline: dark"}
+    for row in list(boot["rows"].values()) + list(boot["differences_to_first_row"].values()):
+        for lo, hi in row.values():
+            assert (lo is None and hi is None) or lo <= hi
+    assert "| ensemble − bright |" in (tmp_path / "quality.md").read_text()
 
 
 def test_quality_smoke_draws_one_equals_the_plain_healing_report(tmp_path):
