@@ -282,7 +282,8 @@ def read_given_threshold(text: str, protocol: str) -> GivenThreshold:
                            "give the metrics-<protocol>.json of a condiff-eval run on labelled cases")
     if doc.get("protocol") != protocol:
         raise CondiffError(path, f"was evaluated with the {doc.get('protocol')} protocol, this evaluation uses "
-                           f"{protocol}", f"evaluate both with the same --protocol")
+                           f"{protocol}", "evaluate both with the same --protocol")
+    logger.info("threshold %.6g from %s (label values %s)", value, path, doc.get("label_values") or "all > 0")
     return GivenThreshold(float(value), str(path))
 
 
