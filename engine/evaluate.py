@@ -51,6 +51,7 @@ class GivenThreshold:
 
     value: float
     source: str  # "command line" or the metrics JSON it was read from
+    label_values: tuple[int, ...] | None = None  # the lesion classes that JSON was evaluated on
 
 
 @dataclass
@@ -283,8 +284,8 @@ def read_given_threshold(text: str, protocol: str) -> GivenThreshold:
     if doc.get("protocol") != protocol:
         raise CondiffError(path, f"was evaluated with the {doc.get('protocol')} protocol, this evaluation uses "
                            f"{protocol}", "evaluate both with the same --protocol")
-    logger.info("threshold %.6g from %s (label values %s)", value, path, doc.get("label_values") or "all > 0")
-    return GivenThreshold(float(value), str(path))
+    values = doc.get("label_values")
+    return GivenThreshold(float(value), str(path), tuple(values) if values else None)
 
 
 def kept_slices(rec: dict[str, Any], slices: np.ndarray) -> np.ndarray:
@@ -387,6 +388,9 @@ def evaluate(out_dir: str | Path, mask_pattern: str, protocol: str = "native", o
         raise CondiffError(out_dir, "holds no finished cases (records/*.json with status ok)",
                            "run condiff-infer into this folder first")
     ev = Evaluation(protocol, label_values=tuple(label_values) if label_values else None, given=threshold)
+    if threshold is not None and threshold.source != "command line" and threshold.label_values != ev.label_values:
+        logger.warning("the threshold from %s was chosen for label values %s, these data are evaluated for %s",
+                       threshold.source, threshold.label_values or "all > 0", ev.label_values or "all > 0")
     parts: list[tuple] = []
     scores_of: list[float] = []
     without_label: list[str] = []

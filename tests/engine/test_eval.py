@@ -388,6 +388,9 @@ def test_given_threshold_is_checked(run, tmp_path):
     for bad, text in ((tmp_path / "nope.json", "cannot be read"), ("inf", "not a finite threshold")):
         res = _eval(out, "--masks", SEG, "--threshold", bad)
         assert res.exit_code == 2 and text in res.stderr and str(bad) in res.stderr, res.stderr
+    # a threshold chosen for other lesion classes is used, with a warning
+    res = _eval(out, "--masks", SEG, "--protocol", "benchmark", "--threshold", other, "--label-values", "1")
+    assert res.exit_code == 0 and "chosen for label values all > 0" in res.stderr, res.stderr
     junk = tmp_path / "junk.json"
     junk.write_text('{"rows": []}')
     res = _eval(out, "--masks", SEG, "--threshold", junk)
