@@ -75,10 +75,16 @@ def precision_recall(labels, scores) -> tuple[np.ndarray, np.ndarray, np.ndarray
 def average_precision(labels, scores) -> float:
     """Step-wise AP, -sum_k (R_{k+1} - R_k) P_k (= scikit-learn); NaN without positives."""
     y, s = _check(labels, scores)
-    if not y.any():
+    return _ap_of_curve(*binary_clf_curve(y, s)[:2])
+
+
+def _ap_of_curve(fps: np.ndarray, tps: np.ndarray) -> float:
+    """``average_precision`` from ``binary_clf_curve``'s counts (highest threshold first)."""
+    if tps.size == 0 or tps[-1] == 0:
         return float("nan")
-    precision, recall, _ = precision_recall(y, s)
-    return float(-np.sum(np.diff(recall) * precision[:-1]))
+    called = tps + fps
+    precision = np.divide(tps, called, out=np.zeros_like(tps), where=called != 0)
+    return float(np.sum(np.diff(np.r_[0.0, tps / tps[-1]]) * precision))
 
 
 def best_dice(labels, scores) -> tuple[float, float]:
@@ -88,15 +94,16 @@ def best_dice(labels, scores) -> tuple[float, float]:
     the result is (NaN, NaN).
     """
     y, s = _check(labels, scores)
-    if not y.any():
+    return _best_dice_of_curve(*binary_clf_curve(y, s))
+
+
+def _best_dice_of_curve(fps: np.ndarray, tps: np.ndarray, thr: np.ndarray) -> tuple[float, float]:
+    """``best_dice`` from ``binary_clf_curve``: 2PR/(P+R) = 2TP/(TP+FP+positives) wherever TP > 0;
+    the first (highest) threshold wins ties, as scikit-learn's nanargmax over its reversed curve."""
+    if tps.size == 0 or tps[-1] == 0:
         return float("nan"), float("nan")
-    precision, recall, thr = precision_recall(y, s)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        dice = 2 * precision * recall / (precision + recall)
-    dice = dice[:-1]  # the appended (1, 0) point has no threshold (and Dice 0)
-    if np.all(np.isnan(dice)):
-        return float("nan"), float("nan")
-    k = int(np.nanargmax(dice))
+    dice = np.where(tps > 0, 2.0 * tps / (tps + fps + tps[-1]), np.nan)
+    k = dice.size - 1 - int(np.nanargmax(dice[::-1]))  # sklearn's curve runs lowest threshold first
     return float(dice[k]), float(thr[k])
 
 
@@ -113,10 +120,13 @@ def dice_at_fpr(labels, scores, max_fpr: float = 0.05) -> tuple[float, float]:
     normal pixels) is at most ``max_fpr``, and that t; (NaN, NaN) without lesion or normal pixels.
     Where even the top score exceeds the rate (ties), nothing is called: (0, inf)."""
     y, s = _check(labels, scores)
-    n_pos, n_neg = int(y.sum()), int((~y).sum())
-    if n_pos == 0 or n_neg == 0:
+    return _dice_at_fpr_of_curve(*binary_clf_curve(y, s), max_fpr)
+
+
+def _dice_at_fpr_of_curve(fps: np.ndarray, tps: np.ndarray, thr: np.ndarray, max_fpr: float) -> tuple[float, float]:
+    if tps.size == 0 or tps[-1] == 0 or fps[-1] == 0:
         return float("nan"), float("nan")
-    fps, tps, thr = binary_clf_curve(y, s)
+    n_pos, n_neg = tps[-1], fps[-1]
     within = np.flatnonzero(fps <= max_fpr * n_neg)
     if within.size == 0:
         return 0.0, float("inf")
@@ -204,7 +214,10 @@ def detection_metrics(image_labels, image_scores, pixel_labels, pixel_scores, pi
     Dice at 5 % FPR; AUPRO too where ``pixel_regions`` (lesion ids per pixel, ``pro_curve``) are given."""
     yi, si = _check(image_labels, image_scores)
     yp, sp = _check(pixel_labels, pixel_scores)
-    dice, thr = best_dice(yp, sp)
+    curve = binary_clf_curve(yp, sp)  # one sort of the pooled pixels for AP, best Dice and Dice at 5 % FPR
+    dice, thr = _best_dice_of_curve(*curve)
+    ap_pixel, dice_fpr5 = _ap_of_curve(*curve[:2]), _dice_at_fpr_of_curve(*curve, 0.05)[0]
+    del curve  # released before AUPRO's own sort: peak memory is what limits a cohort
     n_regions, area = 0, float("nan")
     if pixel_regions is not None:
         regions = np.asarray(pixel_regions).ravel()
@@ -213,9 +226,9 @@ def detection_metrics(image_labels, image_scores, pixel_labels, pixel_scores, pi
         n_regions = int(np.unique(regions[regions > 0]).size)
         area = aupro(regions, sp)
     return DetectionMetrics(
-        ap_image=average_precision(yi, si), auroc=roc_auc(yi, si), ap_pixel=average_precision(yp, sp),
+        ap_image=average_precision(yi, si), auroc=roc_auc(yi, si), ap_pixel=ap_pixel,
         dice=dice, threshold=thr, n_samples=int(yi.size), n_positive_samples=int(yi.sum()),
-        n_pixels=int(yp.size), n_positive_pixels=int(yp.sum()), dice_fpr5=dice_at_fpr(yp, sp)[0],
+        n_pixels=int(yp.size), n_positive_pixels=int(yp.sum()), dice_fpr5=dice_fpr5,
         aupro=area, n_regions=n_regions,
     )
 
