@@ -77,10 +77,12 @@ def configurations(n_members: int, smoke: bool = False) -> list[Config]:
     rows = [ref]
     rows += [Config(e, p, "ddpm", 50, None) for e, p in (("torch", "fp16"), ("torch", "bf16"), ("ort", "fp32"), ("fast", "fp16"))]
     rows += [Config("torch", "fp32", "ddim", n, None) for n in (10, 20, 25)]
+    rows += [Config("torch", "fp32", "ddpm", n, None) for n in (10, 25)]  # the reference sampler, strided further
     rows += [Config("torch", "fp32", "ddpm", 50, k) for k in (1, 3, 5) if k != n_members]  # k = set size is "all"
     rows += [Config("torch", "fp32", "ddim", 10, 1), Config("ort", "fp32", "ddim", 10, None),
              Config("ort", "fp32", "ddim", 10, 1), Config("fast", "fp16", "ddim", 10, None),
-             Config("fast", "fp16", "ddim", 10, 1)]
+             Config("fast", "fp16", "ddim", 10, 1), Config("ort", "fp32", "ddpm", 10, None),
+             Config("fast", "fp16", "ddpm", 10, None)]
     return rows
 
 
@@ -235,6 +237,7 @@ def measure(cfg: Config, model_set, inputs: dict, args, device: torch.device, sc
             "slices_per_s": watch.slices / watch.seconds, "unet_evals_per_slice": len(ids) * plan.n_steps,
             "member_ids": ids, "healing": healing,
             "healing_ap": float(np.mean([row["ap"] for row in healing.values()])),
+            "healing_removed": float(np.mean([row["removed"] for row in healing.values()])),
             "lesion_ap": average_precision(inputs["lesions"]["labels"][brain], maps[brain])}
 
 
@@ -246,19 +249,25 @@ def summarise(rows: list[dict], reference: str) -> str | None:
 
     Pareto: no other row that ran is at least as fast and at least as good (min of the two relative
     qualities) and strictly better in one. Recommended: the fastest row faster than the reference whose
-    healing AP and lesion AP_p are both at least (1 - TOLERANCE) x the reference's.
+    healing AP, healing removal (mean removed share over the tasks) and lesion AP_p are all at least
+    (1 - TOLERANCE) x the reference's. (Removal joined the rule after a single-member row passed on map
+    AP while removing 10-13 % less of two anomaly kinds: a map can rank pixels as well from a worse restoration.)
     """
     ok = [r for r in rows if r["status"] == "ok"]
     ref = next(r for r in ok if r["name"] == reference)
     for r in ok:
         r["speed_ratio"] = r["slices_per_s"] / ref["slices_per_s"]
         r["healing_rel"] = r["healing_ap"] / ref["healing_ap"]
+        r["removed_rel"] = r["healing_removed"] / ref["healing_removed"]
         r["lesion_rel"] = r["lesion_ap"] / ref["lesion_ap"]
         r["quality_rel"] = min(r["healing_rel"], r["lesion_rel"])
     for r in ok:
         r["pareto"] = not any(o is not r and o["slices_per_s"] >= r["slices_per_s"] and o["quality_rel"] >= r["quality_rel"]
                               and (o["slices_per_s"] > r["slices_per_s"] or o["quality_rel"] > r["quality_rel"]) for o in ok)
-    good = [r for r in ok if r["speed_ratio"] > 1 and min(r["healing_rel"], r["lesion_rel"]) >= 1 - TOLERANCE]
+    # removal as "at most TOLERANCE x |reference| below it": a copier set's reference removal can be negative
+    removal_floor = ref["healing_removed"] - TOLERANCE * abs(ref["healing_removed"])
+    good = [r for r in ok if r["speed_ratio"] > 1 and min(r["healing_rel"], r["lesion_rel"]) >= 1 - TOLERANCE
+            and r["healing_removed"] >= removal_floor]
     return max(good, key=lambda r: r["slices_per_s"])["name"] if good else None
 
 

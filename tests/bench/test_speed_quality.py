@@ -101,12 +101,17 @@ def test_rows_that_cannot_run_are_listed_with_a_reason(smoke):
         assert f"not run: {r['reason']}" in md
 
 
+def removal(row):
+    return sum(t["removed"] for t in row["healing"].values()) / len(row["healing"])
+
+
 def test_recommendation_follows_the_two_percent_rule(smoke):
     report, out = smoke
     tol = report["meta"]["tolerance"]
     assert tol == 0.02
     good = [r for r in ok_rows(report) if r["speed_ratio"] > 1
             and r["healing_ap"] >= (1 - tol) * report["rows"][0]["healing_ap"]
+            and removal(r) >= removal(report["rows"][0]) - tol * abs(removal(report["rows"][0]))
             and r["lesion_ap"] >= (1 - tol) * report["rows"][0]["lesion_ap"]]
     expected = max(good, key=lambda r: r["slices_per_s"])["name"] if good else None
     assert report["meta"]["recommended"] == expected
@@ -144,3 +149,31 @@ def test_unknown_configuration_is_refused(tmp_path):
     proc = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--out", str(tmp_path), "--configs", "torch-fp64-x"],
                           capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode != 0 and "torch-fp64-x" in proc.stderr and "torch-fp32-ddim2-m1" in proc.stderr
+
+
+def _summarise():
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        from speed_quality import summarise
+    finally:
+        sys.path.pop(0)
+    return summarise
+
+
+def _row(name, speed, ap, removed, lesion):
+    return {"name": name, "status": "ok", "slices_per_s": speed, "healing_ap": ap, "healing_removed": removed,
+            "lesion_ap": lesion}
+
+
+@pytest.mark.parametrize("ref_removed", [0.5, -0.2])
+def test_the_rule_keeps_removal_as_well_as_map_ap(ref_removed):
+    """A row whose maps rank as well but whose restorations remove less is not recommended; removal is compared
+    as "at most 2 % of |reference| below", so a copier set's negative reference removal works too."""
+    summarise = _summarise()
+    slack = 0.01 * abs(ref_removed)
+    rows = [_row("ref", 1.0, 0.6, ref_removed, 0.1),
+            _row("fastest, removes less", 9.0, 0.6, ref_removed - 0.1 * abs(ref_removed), 0.1),
+            _row("fast, removes a little less", 4.0, 0.6, ref_removed - slack, 0.1),
+            _row("faster, maps worse", 6.0, 0.5, ref_removed, 0.1)]
+    assert summarise(rows, "ref") == "fast, removes a little less"
+    assert abs(rows[2]["removed_rel"] - (ref_removed - slack) / ref_removed) < 1e-12
