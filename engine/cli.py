@@ -447,7 +447,7 @@ def _label_values(text: str | None) -> tuple[int, ...] | None:
 def _eval(out_dir: Path, mask_pattern: str, protocol: str, missing_label: str, label_values, baselines: bool,
           threshold_text: str | None, bootstrap: int, bootstrap_seed: int, progress: bool, overlays: bool,
           verbose: int) -> int:
-    import math
+    from tqdm import tqdm
 
     from condiff.io.atomic import write_json_atomic, write_text_atomic
 
@@ -457,8 +457,6 @@ def _eval(out_dir: Path, mask_pattern: str, protocol: str, missing_label: str, l
         if baselines and protocol != "benchmark":
             raise click.UsageError("--baselines needs --protocol benchmark (the baselines are scored on the "
                                    "model-space slices that --save-model-space writes)")
-        from tqdm import tqdm
-
         given = None if threshold_text is None else read_given_threshold(threshold_text, protocol)
         with tqdm(total=bootstrap, unit="resample", desc="condiff-eval bootstrap", file=sys.stderr,
                   disable=not (bootstrap and progress and sys.stderr.isatty())) as bar:
