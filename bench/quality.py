@@ -83,16 +83,19 @@ def run_lesions(args, report: dict) -> None:
         if proc.returncode not in (0, 1):
             report["lesions"][name] = {"error": proc.stderr[-2000:], "command": " ".join(cmd)}
             continue
-        ev = evaluate(out, spec["labels"], "benchmark").to_dict()
+        # with --bootstrap, one pass scores the baselines too (the intervals of the gaps need them on the same
+        # draws); their rows stay out of the table, whose baselines come from lesion_analysis below
+        ev = evaluate(out, spec["labels"], "benchmark", baselines=bool(args.bootstrap), bootstrap=args.bootstrap).to_dict()
+        boot = ev.pop("bootstrap")
+        ev["rows"] = [r for r in ev["rows"] if not r["row"].startswith("baseline: ") and r["row"] != "chance"]
         run = json.loads((out / "run.json").read_text()) if (out / "run.json").is_file() else {}
         baselines, healthy = lesion_analysis(out, spec["labels"])
         report["lesions"][name] = {"command": " ".join(cmd), "wall_s": elapsed, "evaluation": ev,
                                    "baselines": baselines, "healthy_response": healthy,
                                    "throughput": run.get("throughput"),
                                    "regions": label_regions(out, spec["labels"], spec.get("regions", {}))}
-        if args.bootstrap:  # condiff-eval --baselines --bootstrap N: is the gap to the baselines luck of the cases?
-            boot = evaluate(out, spec["labels"], "benchmark", baselines=True, bootstrap=args.bootstrap).intervals
-            report["lesions"][name]["bootstrap"] = boot.to_dict()
+        if boot is not None:  # condiff-eval --baselines --bootstrap N: is the gap to the baselines luck of the cases?
+            report["lesions"][name]["bootstrap"] = boot
 
 
 def label_regions(out: Path, label_pattern: str, regions: dict) -> dict:

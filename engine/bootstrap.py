@@ -15,7 +15,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from condiff.metrics import average_precision, partial_area, roc_auc
+from condiff.metrics import (ap_from_counts, average_precision, best_dice_from_counts, dice_at_fpr_from_counts,
+                             partial_area, roc_auc)
 
 INTERVAL_KEYS = ("ap_image", "auroc", "ap_pixel", "dice", "dice_fpr5", "aupro")
 
@@ -44,6 +45,7 @@ class PooledCases:
         order = np.argsort(s, kind="mergesort")[::-1]
         self.case, self.y, self.inv_size = case_of[order], y[order], inv_size[order]
         self.ends = np.r_[np.flatnonzero(np.diff(s[order])), s.size - 1]
+        self.thresholds = s[order][self.ends]
         self.samples = [(np.asarray(a, dtype=bool).ravel(), np.asarray(b, dtype=np.float64).ravel())
                         for a, b in zip(sample_labels, sample_scores)]
 
@@ -62,14 +64,9 @@ class PooledCases:
         n_pos, n_neg = tps[-1], fps[-1]
         if n_pos == 0 or n_neg == 0:
             return out
-        called = tps + fps
-        precision = np.divide(tps, called, out=np.zeros_like(tps), where=called > 0)
-        recall = tps / n_pos
-        out["ap_pixel"] = float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
-        dice = 2.0 * tps / (n_pos + called)  # = 2PR/(P+R) wherever it is defined
-        out["dice"] = float(dice.max())
-        within = np.flatnonzero(fps <= self.max_fpr * n_neg)
-        out["dice_fpr5"] = float(dice[within[-1]]) if within.size else 0.0
+        out["ap_pixel"] = ap_from_counts(fps, tps)
+        out["dice"] = best_dice_from_counts(fps, tps, self.thresholds)[0]
+        out["dice_fpr5"] = dice_at_fpr_from_counts(fps, tps, self.thresholds, self.max_fpr)[0]
         n_regions = float(np.sum(mult * self.regions_per_case))
         if n_regions > 0:
             pro = np.minimum(np.cumsum(w * self.inv_size)[self.ends] / n_regions, 1.0)

@@ -415,6 +415,7 @@ def evaluate(out_dir: str | Path, mask_pattern: str, protocol: str = "native", o
         scores_of.append(rec["score"])
     if not parts:
         return ev
+    regions = None
     if protocol == "native":
         py = np.concatenate([p[0] for p in parts])
         ps = np.concatenate([p[1] for p in parts])
@@ -449,7 +450,7 @@ def evaluate(out_dir: str | Path, mask_pattern: str, protocol: str = "native", o
     if bootstrap > 0:
         from .bootstrap import bootstrap as case_bootstrap
 
-        ev.intervals = case_bootstrap(_pooled_rows(protocol, parts, ev.rows), bootstrap, bootstrap_seed,
+        ev.intervals = case_bootstrap(_pooled_rows(protocol, parts, ev.rows, regions), bootstrap, bootstrap_seed,
                                       progress=progress)
     case_threshold = m.threshold if threshold is None else threshold.value
     ev.per_case = [case_row(case, score, labels, values, case_threshold)
@@ -461,9 +462,11 @@ def evaluate(out_dir: str | Path, mask_pattern: str, protocol: str = "native", o
     return ev
 
 
-def _pooled_rows(protocol: str, parts: list[tuple], rows: list[tuple[str, dict]]) -> dict:
+def _pooled_rows(protocol: str, parts: list[tuple], rows: list[tuple[str, dict]],
+                 regions: np.ndarray | None = None) -> dict:
     """``bootstrap.PooledCases`` per bootstrapped row (ensemble first; members and baselines where
-    the table has them), case by case, on exactly the pixels and samples of the table."""
+    the table has them), case by case, on exactly the pixels and samples of the table.
+    ``regions``: the benchmark protocol's lesion ids of all cases' slices, as the table labelled them."""
     from .bootstrap import PooledCases
 
     names = [name for name, _ in rows]
@@ -471,7 +474,7 @@ def _pooled_rows(protocol: str, parts: list[tuple], rows: list[tuple[str, dict]]
         return {"ensemble": PooledCases([p[0] for p in parts], [p[1] for p in parts], [p[4] for p in parts],
                                         [p[2] for p in parts], [p[3] for p in parts])}
     masks = [p[1] for p in parts]
-    regions = [lesion_regions(m, per_slice=True) for m in masks]
+    regions = np.split(regions, np.cumsum([len(m) for m in masks])[:-1])  # per case; ids stay unique
     positive = [m.reshape(len(m), -1).any(axis=1) for m in masks]
 
     def pooled(maps: list[np.ndarray], scores: list[np.ndarray] | None = None) -> PooledCases:

@@ -220,19 +220,17 @@ def check_output_location(out_dir: str | os.PathLike, inputs: Sequence[str | os.
 # ----------------------------------------------------------------------------------------- dry run
 
 
-def check_input(case: Case, ctx) -> str | None:
+def check_input(case: Case, ctx, mask_path: Path | None = None) -> str | None:
     """``--dry-run``'s check: None if the run would accept the case, else the reason.
 
     Reads the file (and its brain mask) completely and preprocesses it with the run's own code
     (``pipeline.read_case``), so truncated or corrupt data, NaN voxels, a mask on another grid or a
-    scan without foreground are named now, not hours into a run; no model is loaded.
+    scan without foreground are named now, not hours into a run; no model is loaded. ``mask_path``:
+    the case's brain mask as ``resolve_mask_path`` found it.
     """
     from .pipeline import read_case
 
     try:
-        mask_path = None
-        if ctx.mask_pattern is not None and case.kind == "volume":
-            mask_path = resolve_mask_path(case, ctx.mask_pattern)
         read_case(case, ctx, mask_path)
     except CondiffError as exc:
         return exc.message
@@ -246,19 +244,19 @@ def dry_run_status(case: Case, ctx) -> tuple[str, str | None, CasePlan]:
     A case whose outputs are current is "skip" without reading it again (the run will not either)."""
     plan = plan_case(case, ctx.options)
     reason = "--overwrite"
-    if ctx.resume:
-        try:
-            mask_sha = None
-            if ctx.mask_pattern is not None and case.kind == "volume":
-                mask_path = resolve_mask_path(case, ctx.mask_pattern)
-                mask_sha = None if mask_path is None else sha256_path(mask_path)
+    try:
+        mask_path = None
+        if ctx.mask_pattern is not None and case.kind == "volume":
+            mask_path = resolve_mask_path(case, ctx.mask_pattern)
+        if ctx.resume:
+            mask_sha = None if mask_path is None else sha256_path(mask_path)
             reason = resume_check(ctx.out_dir, plan, input_sha256=sha256_path(case.path), mask_sha256=mask_sha,
                                   model_set_digest=ctx.model_set.digest, options_digest=ctx.options_digest)
-        except CondiffError as exc:
-            return "invalid", exc.message, plan
-        if reason is None:
-            return "skip", "outputs up to date", plan
-    problem = check_input(case, ctx)
+    except CondiffError as exc:
+        return "invalid", exc.message, plan
+    if reason is None:
+        return "skip", "outputs up to date", plan
+    problem = check_input(case, ctx, mask_path)
     if problem is not None:
         return "invalid", problem, plan
     return "run", reason, plan

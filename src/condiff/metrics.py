@@ -75,11 +75,13 @@ def precision_recall(labels, scores) -> tuple[np.ndarray, np.ndarray, np.ndarray
 def average_precision(labels, scores) -> float:
     """Step-wise AP, -sum_k (R_{k+1} - R_k) P_k (= scikit-learn); NaN without positives."""
     y, s = _check(labels, scores)
-    return _ap_of_curve(*binary_clf_curve(y, s)[:2])
+    return ap_from_counts(*binary_clf_curve(y, s)[:2])
 
 
-def _ap_of_curve(fps: np.ndarray, tps: np.ndarray) -> float:
-    """``average_precision`` from ``binary_clf_curve``'s counts (highest threshold first)."""
+def ap_from_counts(fps: np.ndarray, tps: np.ndarray) -> float:
+    """``average_precision`` from ``binary_clf_curve``'s counts (highest threshold first). The
+    ``*_from_counts`` functions also take weighted counts (``engine.bootstrap``): a run of weight 0
+    repeats the previous point and changes nothing."""
     if tps.size == 0 or tps[-1] == 0:
         return float("nan")
     called = tps + fps
@@ -94,10 +96,10 @@ def best_dice(labels, scores) -> tuple[float, float]:
     the result is (NaN, NaN).
     """
     y, s = _check(labels, scores)
-    return _best_dice_of_curve(*binary_clf_curve(y, s))
+    return best_dice_from_counts(*binary_clf_curve(y, s))
 
 
-def _best_dice_of_curve(fps: np.ndarray, tps: np.ndarray, thr: np.ndarray) -> tuple[float, float]:
+def best_dice_from_counts(fps: np.ndarray, tps: np.ndarray, thr: np.ndarray) -> tuple[float, float]:
     """``best_dice`` from ``binary_clf_curve``: 2PR/(P+R) = 2TP/(TP+FP+positives) wherever TP > 0;
     the first (highest) threshold wins ties, as scikit-learn's nanargmax over its reversed curve."""
     if tps.size == 0 or tps[-1] == 0:
@@ -120,10 +122,11 @@ def dice_at_fpr(labels, scores, max_fpr: float = 0.05) -> tuple[float, float]:
     normal pixels) is at most ``max_fpr``, and that t; (NaN, NaN) without lesion or normal pixels.
     Where even the top score exceeds the rate (ties), nothing is called: (0, inf)."""
     y, s = _check(labels, scores)
-    return _dice_at_fpr_of_curve(*binary_clf_curve(y, s), max_fpr)
+    return dice_at_fpr_from_counts(*binary_clf_curve(y, s), max_fpr)
 
 
-def _dice_at_fpr_of_curve(fps: np.ndarray, tps: np.ndarray, thr: np.ndarray, max_fpr: float) -> tuple[float, float]:
+def dice_at_fpr_from_counts(fps: np.ndarray, tps: np.ndarray, thr: np.ndarray, max_fpr: float) -> tuple[float, float]:
+    """``dice_at_fpr`` from ``binary_clf_curve``'s counts and thresholds."""
     if tps.size == 0 or tps[-1] == 0 or fps[-1] == 0:
         return float("nan"), float("nan")
     n_pos, n_neg = tps[-1], fps[-1]
@@ -215,8 +218,8 @@ def detection_metrics(image_labels, image_scores, pixel_labels, pixel_scores, pi
     yi, si = _check(image_labels, image_scores)
     yp, sp = _check(pixel_labels, pixel_scores)
     curve = binary_clf_curve(yp, sp)  # one sort of the pooled pixels for AP, best Dice and Dice at 5 % FPR
-    dice, thr = _best_dice_of_curve(*curve)
-    ap_pixel, dice_fpr5 = _ap_of_curve(*curve[:2]), _dice_at_fpr_of_curve(*curve, 0.05)[0]
+    dice, thr = best_dice_from_counts(*curve)
+    ap_pixel, dice_fpr5 = ap_from_counts(*curve[:2]), dice_at_fpr_from_counts(*curve, 0.05)[0]
     del curve  # released before AUPRO's own sort: peak memory is what limits a cohort
     n_regions, area = 0, float("nan")
     if pixel_regions is not None:
@@ -260,5 +263,6 @@ def summarise(values) -> dict[str, float]:
 
 
 __all__ = ["binary_clf_curve", "roc_auc", "precision_recall", "average_precision", "best_dice", "dice_at",
-           "dice_at_fpr", "pro_curve", "aupro", "partial_area",
+           "dice_at_fpr", "pro_curve", "aupro", "partial_area", "ap_from_counts", "best_dice_from_counts",
+           "dice_at_fpr_from_counts",
            "DetectionMetrics", "detection_metrics", "slice_metrics", "summarise"]
