@@ -310,6 +310,12 @@ def write_markdown(report: dict, path: Path) -> None:
         for b, vals in res["baselines"].items():
             lines.append(f"| baseline: {b} | | | {vals['ap_pixel']:.3f} | | | |")
         lines.append("")
+        det = ev.get("lesion_detection")
+        if det and det["lesions"]:
+            lines += [f"Lesion by lesion at the ensemble's best-Dice threshold ({det['threshold']:.4g}; connected per "
+                      f"slice): {det['found']} of {det['lesions']} lesions found (recall {_num(det['recall'])}); "
+                      f"{det['called_regions']} called regions, {det['false_regions']} touching no lesion "
+                      f"(precision {_num(det['precision'])}); lesion F1 {_num(det['f1'])}.", ""]
         boot = res.get("bootstrap")
         if boot:
             lines += [f"Case bootstrap ({boot['resamples']} resamples of the cases, {boot['level']:.0%} intervals; "

@@ -426,7 +426,7 @@ def _merge(out_dir: Path) -> int:
 @version_option
 def eval_main(**kw: Any) -> None:
     """Pixel and sample metrics (AP_i, AUROC, AP_p, best Dice; Dice at 5 % FPR, AUPRO) of a condiff-infer
-    output folder."""
+    output folder, and lesions found / false regions at the best-Dice (or given) threshold."""
     run_command(lambda: _eval(**kw), verbose=kw["verbose"])
 
 

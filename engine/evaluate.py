@@ -17,7 +17,9 @@ per-lesion overlap to 30 % FPR; lesions are the label's connected components: 3-
 the input grid, 2-D per slice in model space, 8/26-connected), and ``threshold`` applies a
 threshold chosen elsewhere (a number, or the best-Dice threshold of another folder's
 ``metrics-<protocol>.json``, e.g. of validation cases): an honest Dice, where the benchmark picks
-its threshold on the evaluated data.
+its threshold on the evaluated data. At the table's threshold (best Dice, or the given one) the
+lesions are also counted one by one (``engine.lesions``): found, missed, and called regions that
+touch no lesion, per case and in all.
 
 A case whose label is missing or on another grid fails alone (listed, exit 1); the others are
 evaluated.
@@ -35,6 +37,8 @@ from condiff.errors import CondiffError, InputImageError
 from condiff.io.cases import Case, find_mask
 from condiff.metrics import (DetectionMetrics, average_precision, best_dice, detection_metrics, dice_at,
                              slice_metrics, summarise)
+
+from .lesions import LesionDetection, lesion_detection, lesion_regions, offset_regions
 
 logger = logging.getLogger(__name__)
 PROTOCOLS = ("native", "benchmark")
@@ -65,6 +69,8 @@ class Evaluation:
     label_values: tuple[int, ...] | None = None  # None: every label value > 0 is lesion
     given: GivenThreshold | None = None
     intervals: Any = None  # bootstrap.Intervals with --bootstrap
+    lesion_threshold: float | None = None  # where the lesion-wise counts were taken
+    lesion_counts: LesionDetection | None = None  # all cases' lesion-wise counts at it
 
     def to_dict(self) -> dict[str, Any]:
         return {"protocol": self.protocol, "description": DESCRIPTIONS[self.protocol],
@@ -75,29 +81,35 @@ class Evaluation:
                 "aupro_max_fpr": AUPRO_MAX_FPR,
                 "rows": [{"row": name, **values} for name, values in self.rows], "counts": self.counts,
                 "bootstrap": None if self.intervals is None else self.intervals.to_dict(),
+                "lesion_detection": None if self.lesion_counts is None else
+                {"threshold": self.lesion_threshold, **self.lesion_counts.to_dict()},
                 "cases": self.cases, "per_case": self.per_case,
                 "failures": [{"case": c, "error": e} for c, e in self.failures]}
 
 
 CASE_KEYS = ("case", "score", "pixels", "positive_pixels", "ap_pixel", "dice", "dice_at_threshold",
-             "pixels_at_threshold")
+             "pixels_at_threshold", "lesions", "lesions_found", "false_regions")
 CASE_LABELS = {"case": "case", "score": "score", "pixels": "pixels", "positive_pixels": "lesion px",
                "ap_pixel": "AP_p", "dice": "best Dice", "dice_at_threshold": "Dice@thr",
-               "pixels_at_threshold": "px@thr"}
+               "pixels_at_threshold": "px@thr", "lesions": "lesions", "lesions_found": "found",
+               "false_regions": "false rgn"}
 PRINTED_CASES = 20
 
 
-def case_row(case: str, score: float, labels: np.ndarray, values: np.ndarray, threshold: float) -> dict[str, Any]:
+def case_row(case: str, score: float, labels: np.ndarray, values: np.ndarray, threshold: float,
+             lesions: LesionDetection | None = None) -> dict[str, Any]:
     """One case's pixels alone: its AP_p and best Dice (NaN without lesion), and the Dice and the
     number of pixels called at the pooled table's threshold (where a lesion-free case's false
-    positives show)."""
+    positives show); ``lesions``: its lesion-wise counts at that threshold."""
     labels = np.asarray(labels, dtype=bool).ravel()
     values = np.asarray(values, dtype=np.float64).ravel()
     dice, _ = best_dice(labels, values)
     return {"case": case, "score": float(score), "pixels": int(labels.size), "positive_pixels": int(labels.sum()),
             "ap_pixel": average_precision(labels, values), "dice": dice,
             "dice_at_threshold": dice_at(labels, values, threshold),
-            "pixels_at_threshold": int(np.sum(values >= threshold))}
+            "pixels_at_threshold": int(np.sum(values >= threshold)),
+            **({} if lesions is None else {"lesions": lesions.lesions, "lesions_found": lesions.found,
+                                           "false_regions": lesions.false_regions})}
 
 
 DESCRIPTIONS = {
@@ -153,8 +165,9 @@ def _read_label(path: Path | None, like=None, shape: tuple[int, ...] | None = No
 
 def _native_case(out_dir: Path, rec: dict[str, Any], label_path: Path | None, figure: bool = False,
                  values: tuple[int, ...] | None = None):
-    """(pixel labels, pixel scores, sample labels, sample scores) of one case on the input grid
-    (``label_path`` None: no label, all normal); with ``figure``, also writes
+    """(pixel labels, pixel scores, sample labels, sample scores, lesion ids, grid) of one case on the
+    input grid (``label_path`` None: no label, all normal); ``grid`` = (shape, packed bits of the
+    evaluated voxels or None for all) places the pixels back for lesion-wise counts; with ``figure``, also writes
     ``eval-overlays/<case>.png`` (``eval_overlay``)."""
     from nibabel.orientations import apply_orientation  # the exact permutation/flip inference used
 
@@ -169,7 +182,7 @@ def _native_case(out_dir: Path, rec: dict[str, Any], label_path: Path | None, fi
         if figure:
             _write_figure(out_dir, rec, lambda: _image_figure(rec, amap, label))
         return (label.ravel(), amap.ravel(), np.array([label.any()]), np.array([rec["score"]]),
-                lesion_regions(label).ravel())
+                lesion_regions(label).ravel(), (label.shape, None))
     like = _like_volume(map_path)
     label = _read_label(label_path, like=like, values=values)
     brain = read_mask(rec["mask"], like) if rec.get("mask") else None
@@ -184,7 +197,8 @@ def _native_case(out_dir: Path, rec: dict[str, Any], label_path: Path | None, fi
     sample_scores = np.array([slice_scores[k] for k in ks])
     if figure:
         _write_figure(out_dir, rec, lambda: _volume_figure(rec, like, canon, ornt, slice_scores))
-    return label[sel], like.data[sel], sample_labels, sample_scores, lesion_regions(label)[sel]
+    grid = (label.shape, None if brain is None else np.packbits(sel))  # 1 bit a voxel: where the pixels lie
+    return label[sel], like.data[sel], sample_labels, sample_scores, lesion_regions(label)[sel], grid
 
 
 def _volume_figure(rec: dict[str, Any], like, canon_label: np.ndarray, ornt: np.ndarray, slice_scores) -> np.ndarray:
@@ -227,31 +241,6 @@ def _write_figure(out_dir: Path, rec: dict[str, Any], draw) -> None:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     write_bytes_atomic(path, png_bytes(image))
-
-
-def lesion_regions(label: np.ndarray, per_slice: bool = False) -> np.ndarray:
-    """Connected lesions of a boolean label as ids > 0 (0 = normal), fully connected (8 in 2-D, 26
-    in 3-D); ``per_slice``: components of each ``label[k]`` of an ``(N, H, W)`` stack on their own."""
-    from scipy import ndimage
-
-    label = np.asarray(label, dtype=bool)
-    structure = np.ones((3,) * label.ndim, dtype=bool)
-    if per_slice:
-        structure[0] = structure[2] = False  # no connection between neighbouring slices
-    ids, _ = ndimage.label(label, structure=structure)
-    return ids
-
-
-def _offset_regions(parts: list[np.ndarray]) -> np.ndarray:
-    """Concatenate per-case region ids so that every case's lesions keep ids of their own."""
-    out, offset = [], 0
-    for ids in parts:
-        ids = np.asarray(ids)
-        out.append(np.where(ids > 0, ids + np.int64(offset), 0).astype(np.int32))  # 4 bytes a pixel: cohorts are big
-        offset += int(ids.max(initial=0))
-    if offset >= np.iinfo(np.int32).max:
-        raise ValueError(f"{offset} lesions do not fit 32-bit region ids")
-    return np.concatenate(out)
 
 
 def read_given_threshold(text: str, protocol: str) -> GivenThreshold:
@@ -421,7 +410,7 @@ def evaluate(out_dir: str | Path, mask_pattern: str, protocol: str = "native", o
         ps = np.concatenate([p[1] for p in parts])
         sy = np.concatenate([p[2] for p in parts])
         ss = np.concatenate([p[3] for p in parts])
-        m = detection_metrics(sy, ss, py, ps, _offset_regions([p[4] for p in parts]))
+        m = detection_metrics(sy, ss, py, ps, offset_regions([p[4] for p in parts]))
         ev.rows.append(("ensemble", _with_given(_row(m), threshold, py, ps)))
         pixels_of = [(p[0], p[1]) for p in parts]
     else:
@@ -453,13 +442,29 @@ def evaluate(out_dir: str | Path, mask_pattern: str, protocol: str = "native", o
         ev.intervals = case_bootstrap(_pooled_rows(protocol, parts, ev.rows, regions), bootstrap, bootstrap_seed,
                                       progress=progress)
     case_threshold = m.threshold if threshold is None else threshold.value
-    ev.per_case = [case_row(case, score, labels, values, case_threshold)
-                   for case, score, (labels, values) in zip(ev.cases, scores_of, pixels_of)]
+    detections = [_case_lesions(protocol, part, case_threshold) for part in parts]
+    ev.lesion_threshold = float(case_threshold)
+    ev.lesion_counts = sum(detections, LesionDetection())
+    ev.per_case = [case_row(case, score, labels, values, case_threshold, det)
+                   for case, score, (labels, values), det in zip(ev.cases, scores_of, pixels_of, detections)]
     ev.counts = {"cases": len(parts), "samples": m.n_samples, "positive_samples": m.n_positive_samples,
                  "pixels": m.n_pixels, "positive_pixels": m.n_positive_pixels, "lesions": m.n_regions}
     if not required:
         ev.counts["cases_without_label"] = len(without_label)
     return ev
+
+
+def _case_lesions(protocol: str, part: tuple, threshold: float) -> LesionDetection:
+    """One case's lesion-wise counts at ``threshold``, its lesions connected as in the table."""
+    if protocol == "benchmark":
+        maps, masks = part[0], part[1]
+        return lesion_detection(lesion_regions(masks, per_slice=True), maps >= threshold, per_slice=True)
+    _, values, _, _, regions, (shape, packed) = part
+    size = int(np.prod(shape))
+    sel = np.ones(shape, dtype=bool) if packed is None else np.unpackbits(packed, count=size).reshape(shape).astype(bool)
+    called, ids = np.zeros(shape, dtype=bool), np.zeros(shape, dtype=np.int32)
+    called[sel], ids[sel] = values >= threshold, regions
+    return lesion_detection(ids, called)
 
 
 def _pooled_rows(protocol: str, parts: list[tuple], rows: list[tuple[str, dict]],
@@ -539,6 +544,8 @@ def format_table(ev: Evaluation) -> str:
                   f"connected lesion, area to {AUPRO_MAX_FPR:.0%} FPR"]
         if ev.given is not None:
             lines.append(f"Dice@given: threshold {ev.given.value:.6g} chosen outside these data ({ev.given.source})")
+    if ev.lesion_counts is not None and ev.lesion_counts.lesions + ev.lesion_counts.called_regions > 0:
+        lines.append(_lesion_line(ev))
     if ev.intervals is not None:
         lines += format_intervals(ev)
     if ev.per_case:
@@ -555,6 +562,18 @@ def format_table(ev: Evaluation) -> str:
     for case, err in ev.failures:
         lines.append(f"not evaluated: {case}: {err}")
     return "\n".join(lines)
+
+
+def _lesion_line(ev: Evaluation) -> str:
+    d, thr = ev.lesion_counts, ev.lesion_threshold
+    at = "the best-Dice thr" if ev.given is None else "the given thr"
+    return (f"lesion-wise at {at} {thr:.6g}: {d.found} of {d.lesions} lesions found (recall {_ratio_text(d.recall)}); "
+            f"{d.called_regions} called regions, {d.false_regions} touching no lesion (precision "
+            f"{_ratio_text(d.precision)}); lesion F1 {_ratio_text(d.f1)}")
+
+
+def _ratio_text(value: float) -> str:
+    return "-" if np.isnan(value) else f"{value:.3f}"
 
 
 def _columns(ev: Evaluation) -> list[str]:

@@ -105,25 +105,35 @@ def test_native_protocol_uses_written_maps_inside_the_brain_mask(run):
     assert abs(ens["auroc"] - sk.roc_auc_score(labels, scores)) <= 1e-10
 
 
-def _case_pixels_native(scans, out, k):
+def _case_arrays(scans, out, k, protocol, labels=None):
+    """Case k's label and map where a protocol scores them, read independently of condiff-eval:
+    native (label inside the brain, map, brain mask) on the input grid; benchmark (masks, maps, None)
+    of the non-empty model-space slices. ``labels``: the folder of the label maps (default: the scans')."""
     import nibabel as nib
 
-    amap = nib.load(str(out / "maps" / f"case{k}.nii.gz")).get_fdata(dtype=np.float32)
-    seg = np.asarray(nib.load(str(scans / f"case{k}_seg.nii.gz")).dataobj) > 0
-    brain = np.asarray(nib.load(str(scans / f"case{k}_brainmask.nii.gz")).dataobj) > 0
-    return (seg & brain)[brain], amap[brain]
-
-
-def _case_pixels_benchmark(scans, out, k):
     from condiff.io.volumes import read_mask, read_volume
     from condiff.preprocess import mask_to_slices
 
+    seg_path = (labels or scans) / f"case{k}_seg.nii.gz"
+    if protocol == "native":
+        brain = np.asarray(nib.load(str(scans / f"case{k}_brainmask.nii.gz")).dataobj) > 0
+        seg = (np.asarray(nib.load(str(seg_path)).dataobj) > 0) & brain
+        return seg, nib.load(str(out / "maps" / f"case{k}.nii.gz")).get_fdata(dtype=np.float32), brain
     rec = json.loads((out / "records" / f"case{k}.json").read_text())
     z = np.load(out / "model_space" / f"case{k}.npz")
-    m = mask_to_slices(read_mask(scans / f"case{k}_seg.nii.gz", read_volume(scans / f"case{k}.nii.gz")),
-                       rec["geometry"])
     keep = z["slices"].reshape(len(z["slices"]), -1).sum(1) != 0
-    return m[keep].ravel(), z["maps"][keep].ravel()
+    m = mask_to_slices(read_mask(seg_path, read_volume(scans / f"case{k}.nii.gz")), rec["geometry"])
+    return m[keep], z["maps"][keep], None
+
+
+def _case_pixels_native(scans, out, k):
+    seg, amap, brain = _case_arrays(scans, out, k, "native")
+    return seg[brain], amap[brain]
+
+
+def _case_pixels_benchmark(scans, out, k):
+    m, maps, _ = _case_arrays(scans, out, k, "benchmark")
+    return m.ravel(), maps.ravel()
 
 
 @pytest.mark.parametrize("protocol", ["native", "benchmark"])
@@ -151,7 +161,8 @@ def test_per_case_rows_match_sklearn_on_each_case_alone(run, protocol):
     # the pooled pixels are exactly the cases' pixels
     assert doc["counts"]["pixels"] == sum(r["pixels"] for r in doc["per_case"])
     lines = (out / f"metrics-{protocol}-cases.csv").read_text().splitlines()
-    assert lines[0] == "protocol,case,score,pixels,positive_pixels,ap_pixel,dice,dice_at_threshold,pixels_at_threshold"
+    assert lines[0] == ("protocol,case,score,pixels,positive_pixels,ap_pixel,dice,dice_at_threshold,pixels_at_threshold,"
+                        "lesions,lesions_found,false_regions")
     for line, row in zip(lines[1:], doc["per_case"]):
         cells = line.split(",")
         assert cells[1] == row["case"] and float(cells[5]) == row["ap_pixel"] and int(cells[8]) == row["pixels_at_threshold"]
@@ -180,7 +191,6 @@ def test_label_values_select_classes_of_a_label_map(run, tmp_path, protocol):
     """BraTS-style label maps (each lesion split into values 2 and 4): --label-values 4 scores value 4 only."""
     import nibabel as nib
 
-    from condiff.io.volumes import read_volume
     from condiff.preprocess import mask_to_slices
 
     scans, out = run
@@ -305,12 +315,9 @@ def _several_lesions(scans, folder):
 
 @pytest.mark.parametrize("protocol", ["native", "benchmark"])
 def test_aupro_and_dice_at_5_percent_fpr_count_connected_lesions(run, tmp_path, protocol):
-    import nibabel as nib
     from skimage.measure import label as connected
 
-    from condiff.io.volumes import read_mask, read_volume
     from condiff.metrics import aupro, dice_at_fpr
-    from condiff.preprocess import mask_to_slices
 
     scans, out = run
     pattern = _several_lesions(scans, tmp_path / "labels")
@@ -319,22 +326,15 @@ def test_aupro_and_dice_at_5_percent_fpr_count_connected_lesions(run, tmp_path, 
     assert "AUPRO@30%" in res.stdout and "Dice@5%FPR" in res.stdout and "connected lesions" in res.stdout
     ys, ss, ids, offset = [], [], [], 0
     for k in range(3):
+        seg, amap, brain = _case_arrays(scans, out, k, protocol, tmp_path / "labels")
         if protocol == "native":
-            brain = np.asarray(nib.load(str(scans / f"case{k}_brainmask.nii.gz")).dataobj) > 0
-            seg = (np.asarray(nib.load(str(tmp_path / "labels" / f"case{k}_seg.nii.gz")).dataobj) > 0) & brain
             lesions = connected(seg, connectivity=3)[brain]
-            amap = nib.load(str(out / "maps" / f"case{k}.nii.gz")).get_fdata(dtype=np.float32)
             ys.append(seg[brain]), ss.append(amap[brain])
         else:
-            rec = json.loads((out / "records" / f"case{k}.json").read_text())
-            z = np.load(out / "model_space" / f"case{k}.npz")
-            keep = z["slices"].reshape(len(z["slices"]), -1).sum(1) != 0
-            m = mask_to_slices(read_mask(tmp_path / "labels" / f"case{k}_seg.nii.gz",
-                                         read_volume(scans / f"case{k}.nii.gz")), rec["geometry"])[keep]
-            lesions = np.stack([connected(s, connectivity=2) for s in m])
+            lesions = np.stack([connected(s, connectivity=2) for s in seg])
             per_slice_offsets = np.r_[0, np.cumsum([s.max() for s in lesions])[:-1]][:, None, None]
             lesions = np.where(lesions > 0, lesions + per_slice_offsets, 0).ravel()
-            ys.append(m.ravel()), ss.append(z["maps"][keep].ravel())
+            ys.append(seg.ravel()), ss.append(amap.ravel())
         ids.append(np.where(lesions > 0, lesions + offset, 0))
         offset += int(lesions.max())
     y, s, regions = np.concatenate(ys), np.concatenate(ss), np.concatenate(ids)
@@ -421,3 +421,42 @@ def test_native_bootstrap_resamples_the_written_maps_by_case(run, tmp_path):
     ours = bootstrap({"ensemble": PooledCases(ys, ss, ids, sy, ssc)}, 30, seed=7).to_dict()
     for key in INTERVAL_KEYS:
         np.testing.assert_allclose(boot["rows"]["ensemble"][key], ours["rows"]["ensemble"][key], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("protocol", ["native", "benchmark"])
+def test_lesion_wise_counts_at_the_table_threshold(run, tmp_path, protocol):
+    """Per case: lesions found and called regions touching none, counted by skimage on the written
+    maps at the JSON's threshold (26-connected on the input grid, 8-connected per model-space slice)."""
+    from skimage.measure import label as connected
+
+    scans, out = run
+    pattern = _several_lesions(scans, tmp_path / "labels")
+    res = _eval(out, "--masks", pattern, "--protocol", protocol, "--no-overlays")
+    assert res.exit_code == 0, res.output + res.stderr
+    doc = json.loads((out / f"metrics-{protocol}.json").read_text())
+    thr = doc["rows"][0]["threshold"]
+    assert doc["lesion_detection"]["threshold"] == thr
+
+    def counts(seg, called, connectivity):
+        lesions, n_lesions = connected(seg, connectivity=connectivity, return_num=True)
+        regions, n_regions = connected(called, connectivity=connectivity, return_num=True)
+        hit = seg & called
+        return (n_lesions, len(np.unique(lesions[hit])), n_regions, n_regions - len(np.unique(regions[hit])))
+
+    total = np.zeros(4, dtype=int)
+    for k, row in enumerate(doc["per_case"]):
+        seg, amap, brain = _case_arrays(scans, out, k, protocol, tmp_path / "labels")
+        if protocol == "native":
+            expected = np.array(counts(seg, (amap >= thr) & brain, 3))
+        else:
+            expected = np.sum([counts(s, a >= thr, 2) for s, a in zip(seg, amap)], axis=0)
+        found_false = (row["lesions"], row["lesions_found"], row["false_regions"])
+        assert found_false == (expected[0], expected[1], expected[3]), (k, found_false, expected)
+        total += expected
+    det = doc["lesion_detection"]
+    assert (det["lesions"], det["found"], det["called_regions"], det["false_regions"]) == tuple(total)
+    assert det["lesions"] == doc["counts"]["lesions"] and 0 < det["found"] <= det["lesions"]
+    assert abs(det["recall"] - total[1] / total[0]) <= 1e-12
+    assert f"{total[1]} of {total[0]} lesions found" in res.stdout
+    if protocol == "native":
+        assert det["lesions"] == 6  # (blob, cube with its corner voxel) x 3 cases
