@@ -83,13 +83,16 @@ def run_lesions(args, report: dict) -> None:
         if proc.returncode not in (0, 1):
             report["lesions"][name] = {"error": proc.stderr[-2000:], "command": " ".join(cmd)}
             continue
-        # with --bootstrap, one pass scores the baselines too (the intervals of the gaps need them on the same
-        # draws); their rows stay out of the table, whose baselines come from lesion_analysis below
-        ev = evaluate(out, spec["labels"], "benchmark", baselines=bool(args.bootstrap), bootstrap=args.bootstrap).to_dict()
+        # one pass scores the baselines too (their lesion F1, and with --bootstrap the intervals of the gaps need
+        # them on the same draws); their rows stay out of the table, whose baselines come from lesion_analysis below
+        ev = evaluate(out, spec["labels"], "benchmark", baselines=True, bootstrap=args.bootstrap).to_dict()
         boot = ev.pop("bootstrap")
+        lesion_f1 = {r["row"][10:]: r["lesion_f1"] for r in ev["rows"] if r["row"].startswith("baseline: ")}
         ev["rows"] = [r for r in ev["rows"] if not r["row"].startswith("baseline: ") and r["row"] != "chance"]
         run = json.loads((out / "run.json").read_text()) if (out / "run.json").is_file() else {}
         baselines, healthy = lesion_analysis(out, spec["labels"])
+        for baseline, f1 in lesion_f1.items():
+            baselines[baseline]["lesion_f1"] = f1
         report["lesions"][name] = {"command": " ".join(cmd), "wall_s": elapsed, "evaluation": ev,
                                    "baselines": baselines, "healthy_response": healthy,
                                    "throughput": run.get("throughput"),
@@ -258,7 +261,7 @@ def _num(v) -> str:
 
 
 def write_markdown(report: dict, path: Path) -> None:
-    lines = [f"# condiff quality report", "", f"- date: {report['date']}", f"- command: `{report['command']}`",
+    lines = ["# condiff quality report", "", f"- date: {report['date']}", f"- command: `{report['command']}`",
              f"- versions: {report['versions']}", ""]
     if report.get("synthetic"):
         s = report["synthetic"]
@@ -303,19 +306,21 @@ def write_markdown(report: dict, path: Path) -> None:
             continue
         ev = res["evaluation"]
         lines += [f"protocol: {ev['protocol']} — {ev['description']}; counts {ev['counts']}", "",
-                  "| row | AP_i | AUROC | AP_p | best Dice | Dice@5%FPR | AUPRO@30% |", "|---|---|---|---|---|---|---|"]
+                  "| row | AP_i | AUROC | AP_p | best Dice | Dice@5%FPR | AUPRO@30% | lesion F1 |",
+                  "|---|---|---|---|---|---|---|---|"]
         for row in ev["rows"]:
-            cells = [row.get(k) for k in ("ap_image", "auroc", "ap_pixel", "dice", "dice_fpr5", "aupro")]
-            lines.append(f"| {row['row']} | " + " | ".join("" if v is None else f"{v:.3f}" for v in cells) + " |")
+            cells = [row.get(k) for k in ("ap_image", "auroc", "ap_pixel", "dice", "dice_fpr5", "aupro", "lesion_f1")]
+            lines.append(f"| {row['row']} | " + " | ".join("" if v is None else _num(v) for v in cells) + " |")
         for b, vals in res["baselines"].items():
-            lines.append(f"| baseline: {b} | | | {vals['ap_pixel']:.3f} | | | |")
+            f1 = vals.get("lesion_f1")
+            lines.append(f"| baseline: {b} | | | {vals['ap_pixel']:.3f} | | | | {'' if f1 is None else _num(f1)} |")
         lines.append("")
         det = ev.get("lesion_detection")
         if det and det["lesions"]:
             lines += [f"Lesion by lesion at the ensemble's best-Dice threshold ({det['threshold']:.4g}; connected per "
-                      f"slice): {det['found']} of {det['lesions']} lesions found (recall {_num(det['recall'])}); "
-                      f"{det['called_regions']} called regions, {det['false_regions']} touching no lesion "
-                      f"(precision {_num(det['precision'])}); lesion F1 {_num(det['f1'])}.", ""]
+                      f"slice, matched at IoU >= {det['min_iou']}): {det['found']} of {det['lesions']} lesions found "
+                      f"(recall {_num(det['recall'])}); {det['called_regions']} called regions, {det['false_regions']} "
+                      f"false (precision {_num(det['precision'])}); lesion F1 {_num(det['f1'])}.", ""]
         boot = res.get("bootstrap")
         if boot:
             lines += [f"Case bootstrap ({boot['resamples']} resamples of the cases, {boot['level']:.0%} intervals; "

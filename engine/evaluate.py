@@ -18,8 +18,9 @@ the input grid, 2-D per slice in model space, 8/26-connected), and ``threshold``
 threshold chosen elsewhere (a number, or the best-Dice threshold of another folder's
 ``metrics-<protocol>.json``, e.g. of validation cases): an honest Dice, where the benchmark picks
 its threshold on the evaluated data. At the table's threshold (best Dice, or the given one) the
-lesions are also counted one by one (``engine.lesions``): found, missed, and called regions that
-touch no lesion, per case and in all.
+lesions are also counted one by one (``engine.lesions``: matched to the called regions at IoU >= 0.25,
+as the Shifts MS track's lesion F1): found, missed, and false called regions, per case and in all;
+each row's lesion F1 is taken at its own best-Dice threshold.
 
 A case whose label is missing or on another grid fails alone (listed, exit 1); the others are
 evaluated.
@@ -38,14 +39,15 @@ from condiff.io.cases import Case, find_mask
 from condiff.metrics import (DetectionMetrics, average_precision, best_dice, detection_metrics, dice_at,
                              slice_metrics, summarise)
 
-from .lesions import LesionDetection, lesion_detection, lesion_regions, offset_regions
+from .lesions import MIN_IOU, LesionDetection, lesion_detection, lesion_regions, offset_regions
 
 logger = logging.getLogger(__name__)
 PROTOCOLS = ("native", "benchmark")
 MISSING_LABEL = ("error", "normal")
 METRIC_KEYS = ("ap_image", "auroc", "ap_pixel", "dice", "threshold", "dice_fpr5", "aupro")
 METRIC_LABELS = {"ap_image": "AP_i", "auroc": "AUROC", "ap_pixel": "AP_p", "dice": "best Dice", "threshold": "thr",
-                 "dice_fpr5": "Dice@5%FPR", "aupro": "AUPRO@30%", "dice_given": "Dice@given"}
+                 "dice_fpr5": "Dice@5%FPR", "aupro": "AUPRO@30%", "lesion_f1": "lesion F1",
+                 "dice_given": "Dice@given"}
 AUPRO_MAX_FPR = 0.3
 
 
@@ -423,16 +425,17 @@ def evaluate(out_dir: str | Path, mask_pattern: str, protocol: str = "native", o
         pixels_of = [(p[1], p[0]) for p in parts]
         if all(p[3] is not None for p in parts) and len({p[3].shape[0] for p in parts}) == 1:
             member_maps = np.concatenate([p[3] for p in parts], axis=1)
-            per_member = [_row(slice_metrics(member_maps[k], masks, regions=regions)) for k in range(len(member_maps))]
+            per_member = [_with_lesion_f1(_row(slice_metrics(member_maps[k], masks, regions=regions)), protocol, parts,
+                                          [p[3][k] for p in parts]) for k in range(len(member_maps))]
             for k, row in enumerate(per_member):
                 ev.rows.append((f"member {k}", row))
             for stat in ("avg", "max", "std"):
                 ev.rows.append((f"members {stat}", {key: summarise([r[key] for r in per_member])[stat]
-                                                     for key in METRIC_KEYS if key != "threshold"}))
+                                                     for key in (*METRIC_KEYS, "lesion_f1") if key != "threshold"}))
         if baselines:
             for name in ("bright", "dark"):
-                ev.rows.append((f"baseline: {name}", _row(slice_metrics(np.concatenate([p[4][name] for p in parts]),
-                                                                          masks, regions=regions))))
+                row = _row(slice_metrics(np.concatenate([p[4][name] for p in parts]), masks, regions=regions))
+                ev.rows.append((f"baseline: {name}", _with_lesion_f1(row, protocol, parts, [p[4][name] for p in parts])))
             # a random map: PRO = FPR along the curve, so the normalised area is max_fpr / 2
             ev.rows.append(("chance", {"ap_image": m.n_positive_samples / m.n_samples, "auroc": 0.5,
                                        "ap_pixel": m.n_positive_pixels / m.n_pixels, "aupro": AUPRO_MAX_FPR / 2}))
@@ -445,6 +448,11 @@ def evaluate(out_dir: str | Path, mask_pattern: str, protocol: str = "native", o
     detections = [_case_lesions(protocol, part, case_threshold) for part in parts]
     ev.lesion_threshold = float(case_threshold)
     ev.lesion_counts = sum(detections, LesionDetection())
+    ensemble_row = ev.rows[0][1]
+    if threshold is None:  # the counts were taken at the ensemble's own best-Dice threshold
+        ensemble_row["lesion_f1"] = ev.lesion_counts.f1
+    else:
+        _with_lesion_f1(ensemble_row, protocol, parts)
     ev.per_case = [case_row(case, score, labels, values, case_threshold, det)
                    for case, score, (labels, values), det in zip(ev.cases, scores_of, pixels_of, detections)]
     ev.counts = {"cases": len(parts), "samples": m.n_samples, "positive_samples": m.n_positive_samples,
@@ -454,11 +462,21 @@ def evaluate(out_dir: str | Path, mask_pattern: str, protocol: str = "native", o
     return ev
 
 
-def _case_lesions(protocol: str, part: tuple, threshold: float) -> LesionDetection:
-    """One case's lesion-wise counts at ``threshold``, its lesions connected as in the table."""
+def _with_lesion_f1(row: dict[str, float], protocol: str, parts: list[tuple], case_maps=None) -> dict[str, float]:
+    """``row`` with the lesion F1 at its own best-Dice threshold, of the ensemble's maps or ``case_maps``
+    (one map per case on the same pixels: a member's or a baseline's)."""
+    maps = case_maps if case_maps is not None else [None] * len(parts)
+    counts = [_case_lesions(protocol, part, row["threshold"], m) for part, m in zip(parts, maps)]
+    row["lesion_f1"] = sum(counts, LesionDetection()).f1
+    return row
+
+
+def _case_lesions(protocol: str, part: tuple, threshold: float, case_map: np.ndarray | None = None) -> LesionDetection:
+    """One case's lesion-wise counts at ``threshold``, its lesions connected as in the table;
+    ``case_map`` (benchmark): another map of the case's slices instead of the ensemble's."""
     if protocol == "benchmark":
-        maps, masks = part[0], part[1]
-        return lesion_detection(lesion_regions(masks, per_slice=True), maps >= threshold, per_slice=True)
+        maps = part[0] if case_map is None else case_map
+        return lesion_detection(lesion_regions(part[1], per_slice=True), maps >= threshold, per_slice=True)
     _, values, _, _, regions, (shape, packed) = part
     size = int(np.prod(shape))
     sel = np.ones(shape, dtype=bool) if packed is None else np.unpackbits(packed, count=size).reshape(shape).astype(bool)
@@ -541,7 +559,8 @@ def format_table(ev: Evaluation) -> str:
     if ev.rows:
         lines += ["best Dice threshold chosen on the evaluated data (as the benchmark does)",
                   "Dice@5%FPR: the most pixels called at <= 5 % of normal pixels; AUPRO@30%: mean overlap per "
-                  f"connected lesion, area to {AUPRO_MAX_FPR:.0%} FPR"]
+                  f"connected lesion, area to {AUPRO_MAX_FPR:.0%} FPR; lesion F1: lesions and called regions matched "
+                  f"at IoU >= {MIN_IOU} (Shifts' lesion F1), at each row's best-Dice thr"]
         if ev.given is not None:
             lines.append(f"Dice@given: threshold {ev.given.value:.6g} chosen outside these data ({ev.given.source})")
     if ev.lesion_counts is not None and ev.lesion_counts.lesions + ev.lesion_counts.called_regions > 0:
@@ -568,7 +587,7 @@ def _lesion_line(ev: Evaluation) -> str:
     d, thr = ev.lesion_counts, ev.lesion_threshold
     at = "the best-Dice thr" if ev.given is None else "the given thr"
     return (f"lesion-wise at {at} {thr:.6g}: {d.found} of {d.lesions} lesions found (recall {_ratio_text(d.recall)}); "
-            f"{d.called_regions} called regions, {d.false_regions} touching no lesion (precision "
+            f"{d.called_regions} called regions, {d.false_regions} false (precision "
             f"{_ratio_text(d.precision)}); lesion F1 {_ratio_text(d.f1)}")
 
 
@@ -577,7 +596,7 @@ def _ratio_text(value: float) -> str:
 
 
 def _columns(ev: Evaluation) -> list[str]:
-    return [*METRIC_KEYS, *(["dice_given"] if ev.given is not None else [])]
+    return [*METRIC_KEYS, "lesion_f1", *(["dice_given"] if ev.given is not None else [])]
 
 
 def _cell(value) -> str:

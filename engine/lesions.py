@@ -2,9 +2,11 @@
 
 A lesion is a fully connected component of the label (8-connected in 2-D, 26 in 3-D; per slice in
 model space). At a threshold, the called pixels form regions of their own, connected the same way.
-A lesion is *found* when at least one of its pixels is called; a called region is *false* when it
-touches no lesion. Lesion recall = found / lesions, lesion precision = called regions touching a
-lesion / called regions, lesion F1 their harmonic mean: the counts MS lesion studies report beside
+Matching follows the lesion F1 of the Shifts 2.0 MS lesion track (Malinin et al., 2022): a lesion is
+*found* when some called region overlaps it with IoU >= 0.25, and a called region is *true* when it
+overlaps some lesion with IoU >= 0.25, else *false* (so one region flooding the brain finds nothing).
+Lesion recall = found / lesions, precision = true regions / called regions, and
+F1 = true / (true + (false regions + missed lesions) / 2): the counts MS lesion studies report beside
 the pixel Dice, because one large lesion can carry the Dice while small ones go unseen.
 """
 from __future__ import annotations
@@ -39,6 +41,9 @@ def offset_regions(parts: list[np.ndarray]) -> np.ndarray:
     return np.concatenate(out)
 
 
+MIN_IOU = 0.25
+
+
 def _ratio(num: int, den: int) -> float:
     return float("nan") if den == 0 else num / den
 
@@ -63,36 +68,52 @@ class LesionDetection:
 
     @property
     def precision(self) -> float:
-        """Called regions that touch a lesion / called regions; NaN when nothing is called."""
+        """True regions / called regions; NaN when nothing is called."""
         return _ratio(self.called_regions - self.false_regions, self.called_regions)
 
     @property
     def f1(self) -> float:
-        """Harmonic mean of lesion recall and precision; 0 when either is 0, NaN when either is undefined."""
-        r, p = self.recall, self.precision
-        if np.isnan(r) or np.isnan(p):
-            return float("nan")
-        return 0.0 if r + p == 0 else 2 * r * p / (r + p)
+        """Shifts' lesion F1, true / (true + (false + missed) / 2); NaN without lesion and without call."""
+        true = self.called_regions - self.false_regions
+        return _ratio(true, true + 0.5 * (self.false_regions + self.lesions - self.found))
 
     def to_dict(self) -> dict[str, float]:
         return {"lesions": self.lesions, "found": self.found, "called_regions": self.called_regions,
                 "false_regions": self.false_regions, "recall": self.recall, "precision": self.precision,
-                "f1": self.f1}
+                "f1": self.f1, "min_iou": MIN_IOU}
 
 
-def lesion_detection(lesion_ids: np.ndarray, called: np.ndarray, per_slice: bool = False) -> LesionDetection:
+def _best_iou(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For compact ids ``a`` (0..na) and ``b`` (0..nb) on one grid: each a-component's best IoU with a
+    b-component, and each b-component's best with an a-component (index 0 unused; 0 where none overlaps)."""
+    na, nb = int(a.max(initial=0)), int(b.max(initial=0))
+    best_a, best_b = np.zeros(na + 1), np.zeros(nb + 1)
+    both = (a > 0) & (b > 0)
+    if both.any():
+        pairs, inter = np.unique(a[both].astype(np.int64) * (nb + 1) + b[both], return_counts=True)
+        ia, ib = pairs // (nb + 1), pairs % (nb + 1)
+        size_a, size_b = np.bincount(a.ravel(), minlength=na + 1), np.bincount(b.ravel(), minlength=nb + 1)
+        iou = inter / (size_a[ia] + size_b[ib] - inter)
+        np.maximum.at(best_a, ia, iou)
+        np.maximum.at(best_b, ib, iou)
+    return best_a, best_b
+
+
+def lesion_detection(lesion_ids: np.ndarray, called: np.ndarray, per_slice: bool = False,
+                     min_iou: float = MIN_IOU) -> LesionDetection:
     """Counts of one case: ``lesion_ids`` (ids > 0 per lesion, e.g. ``lesion_regions``) and ``called``
     (the binarised map) on the same grid; ``per_slice`` as in ``lesion_regions``."""
     lesion_ids = np.asarray(lesion_ids)
     called = np.asarray(called, dtype=bool)
     if lesion_ids.shape != called.shape:
         raise ValueError(f"lesion ids {lesion_ids.shape} and called pixels {called.shape} differ in shape")
-    in_lesion = lesion_ids > 0
-    found = np.unique(lesion_ids[in_lesion & called]).size
+    ids, inverse = np.unique(lesion_ids, return_inverse=True)  # ids may be offset or sparse: make them 1..n
+    compact = inverse.reshape(lesion_ids.shape) + (0 if ids.size and ids[0] == 0 else 1)  # 0 stays normal
     regions = lesion_regions(called, per_slice=per_slice)
-    touching = np.unique(regions[in_lesion & called]).size  # every such pixel is in some called region
-    n_regions = int(regions.max(initial=0))
-    return LesionDetection(int(np.unique(lesion_ids[in_lesion]).size), int(found), n_regions, n_regions - int(touching))
+    best_lesion, best_region = _best_iou(compact, regions)
+    n_regions = len(best_region) - 1
+    return LesionDetection(len(best_lesion) - 1, int(np.sum(best_lesion[1:] >= min_iou)), n_regions,
+                           n_regions - int(np.sum(best_region[1:] >= min_iou)))
 
 
-__all__ = ["lesion_regions", "offset_regions", "LesionDetection", "lesion_detection"]
+__all__ = ["lesion_regions", "offset_regions", "LesionDetection", "lesion_detection", "MIN_IOU"]

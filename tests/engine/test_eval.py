@@ -74,7 +74,18 @@ def test_benchmark_protocol_matches_sklearn_on_model_space(run):
     assert abs(rows["members avg"]["ap_pixel"] - np.mean(per_member)) <= 1e-10
     assert abs(rows["members max"]["ap_pixel"] - np.max(per_member)) <= 1e-10
     assert abs(rows["members std"]["ap_pixel"] - np.std(per_member)) <= 1e-10
-    assert (out / "metrics-benchmark.csv").read_text().startswith("protocol,row,AP_i,AUROC,AP_p,best Dice,thr,Dice@5%FPR,AUPRO@30%\n")
+    assert (out / "metrics-benchmark.csv").read_text().startswith(
+        "protocol,row,AP_i,AUROC,AP_p,best Dice,thr,Dice@5%FPR,AUPRO@30%,lesion F1\n")
+    # each member's lesion F1 at its own best-Dice threshold, counted by the Shifts-style oracle
+    from lesion_oracle import shifts_counts
+
+    f1s = []
+    for k in range(2):
+        thr = rows[f"member {k}"]["threshold"]
+        les, found, called, false = np.sum([shifts_counts(y, m >= thr, 2) for y, m in zip(masks, member[k])], axis=0)
+        f1s.append((called - false) / (called - false + 0.5 * (false + les - found)))
+        assert abs(rows[f"member {k}"]["lesion_f1"] - f1s[-1]) <= 1e-12
+    assert abs(rows["members avg"]["lesion_f1"] - np.mean(f1s)) <= 1e-12
 
 
 def test_native_protocol_uses_written_maps_inside_the_brain_mask(run):
@@ -249,6 +260,15 @@ def test_baselines_score_intensity_inside_the_brain_like_sklearn(run):
     assert abs(rows["baseline: bright"]["ap_pixel"] - sk.average_precision_score(y, np.concatenate(bright))) <= 1e-10
     assert abs(rows["baseline: dark"]["ap_pixel"] - sk.average_precision_score(y, np.concatenate(dark))) <= 1e-10
     assert rows["chance"]["ap_pixel"] == pytest.approx(y.mean(), abs=1e-12)
+    # the bright map's lesion F1 at its own threshold, slice by slice (8-connected) by the oracle
+    from lesion_oracle import shifts_counts
+
+    thr = rows["baseline: bright"]["threshold"]
+    shape = (-1, *z["slices"].shape[-2:])
+    slices = zip(y.reshape(shape), np.concatenate(bright).reshape(shape))
+    les, found, called, false = np.sum([shifts_counts(m, b >= thr, 2) for m, b in slices], axis=0)
+    assert called > 0 and abs(rows["baseline: bright"]["lesion_f1"]
+                              - (called - false) / (called - false + 0.5 * (false + les - found))) <= 1e-12
     # the ensemble row is untouched by the extra rows
     plain = _eval(out, "--masks", SEG, "--protocol", "benchmark")
     assert plain.exit_code == 0 and "baseline" not in plain.stdout
@@ -427,7 +447,7 @@ def test_native_bootstrap_resamples_the_written_maps_by_case(run, tmp_path):
 def test_lesion_wise_counts_at_the_table_threshold(run, tmp_path, protocol):
     """Per case: lesions found and called regions touching none, counted by skimage on the written
     maps at the JSON's threshold (26-connected on the input grid, 8-connected per model-space slice)."""
-    from skimage.measure import label as connected
+    from lesion_oracle import shifts_counts
 
     scans, out = run
     pattern = _several_lesions(scans, tmp_path / "labels")
@@ -437,19 +457,13 @@ def test_lesion_wise_counts_at_the_table_threshold(run, tmp_path, protocol):
     thr = doc["rows"][0]["threshold"]
     assert doc["lesion_detection"]["threshold"] == thr
 
-    def counts(seg, called, connectivity):
-        lesions, n_lesions = connected(seg, connectivity=connectivity, return_num=True)
-        regions, n_regions = connected(called, connectivity=connectivity, return_num=True)
-        hit = seg & called
-        return (n_lesions, len(np.unique(lesions[hit])), n_regions, n_regions - len(np.unique(regions[hit])))
-
     total = np.zeros(4, dtype=int)
     for k, row in enumerate(doc["per_case"]):
         seg, amap, brain = _case_arrays(scans, out, k, protocol, tmp_path / "labels")
         if protocol == "native":
-            expected = np.array(counts(seg, (amap >= thr) & brain, 3))
+            expected = np.array(shifts_counts(seg, (amap >= thr) & brain, 3))
         else:
-            expected = np.sum([counts(s, a >= thr, 2) for s, a in zip(seg, amap)], axis=0)
+            expected = np.sum([shifts_counts(s, a >= thr, 2) for s, a in zip(seg, amap)], axis=0)
         found_false = (row["lesions"], row["lesions_found"], row["false_regions"])
         assert found_false == (expected[0], expected[1], expected[3]), (k, found_false, expected)
         total += expected
