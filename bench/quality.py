@@ -324,8 +324,9 @@ def write_markdown(report: dict, path: Path) -> None:
         boot = res.get("bootstrap")
         if boot:
             lines += [f"Case bootstrap ({boot['resamples']} resamples of the cases, {boot['level']:.0%} intervals; "
-                      "paired differences):", "", "| | AP_p | best Dice | AUPRO@30% |", "|---|---|---|---|"]
-            cells = lambda d: " | ".join(f"{_num(d[k][0])} .. {_num(d[k][1])}" for k in ("ap_pixel", "dice", "aupro"))
+                      "paired differences):", "", "| | AP_p | best Dice | AUPRO@30% | lesion F1 |", "|---|---|---|---|---|"]
+            cells = lambda d: " | ".join(f"{_num(d[k][0])} .. {_num(d[k][1])}"
+                                         for k in ("ap_pixel", "dice", "aupro", "lesion_f1"))
             lines.append(f"| ensemble | {cells(boot['rows']['ensemble'])} |")
             for other, diff in boot["differences_to_first_row"].items():
                 if other.startswith("baseline: "):

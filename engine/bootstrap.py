@@ -6,7 +6,9 @@ with replacement (the same draw for every row, so differences between rows are p
 recomputes the pooled metrics as if the drawn cases had been concatenated. Pixels are sorted once
 per row; a resample only re-weights them by how often their case was drawn, so a resample costs a
 few passes over the pixels instead of a sort. The tests check that a re-weighted resample equals
-scikit-learn on the explicitly concatenated cases.
+scikit-learn on the explicitly concatenated cases. The lesion F1 is resampled from each case's
+lesion-wise counts at the row's full-data best-Dice threshold (the threshold stays fixed; the Dice
+columns choose theirs anew in every resample).
 """
 from __future__ import annotations
 
@@ -18,16 +20,21 @@ import numpy as np
 from condiff.metrics import (ap_from_counts, average_precision, best_dice_from_counts, dice_at_fpr_from_counts,
                              partial_area, roc_auc)
 
-INTERVAL_KEYS = ("ap_image", "auroc", "ap_pixel", "dice", "dice_fpr5", "aupro")
+from .lesions import lesion_f1
+
+INTERVAL_KEYS = ("ap_image", "auroc", "ap_pixel", "dice", "dice_fpr5", "aupro", "lesion_f1")
 
 
 class PooledCases:
     """One row's maps over the cases: pixel labels, scores and lesion ids (case-local, 0 = normal),
-    and sample labels and scores, each a list with one array per case."""
+    and sample labels and scores, each a list with one array per case; ``lesion_counts``: each case's
+    ``lesions.LesionDetection`` at the row's threshold (for the lesion F1)."""
 
     def __init__(self, pixel_labels: list, pixel_scores: list, pixel_regions: list, sample_labels: list,
-                 sample_scores: list, max_fpr: float = 0.05, aupro_max_fpr: float = 0.3):
+                 sample_scores: list, max_fpr: float = 0.05, aupro_max_fpr: float = 0.3, lesion_counts: list | None = None):
         self.n_cases = len(pixel_labels)
+        self.lesion_counts = None if lesion_counts is None else np.array(
+            [(c.lesions, c.found, c.called_regions, c.false_regions) for c in lesion_counts], dtype=np.float64)
         self.max_fpr, self.aupro_max_fpr = max_fpr, aupro_max_fpr
         case_of = np.concatenate([np.full(np.asarray(y).size, k, dtype=np.int64) for k, y in enumerate(pixel_labels)])
         y = np.concatenate([np.asarray(a, dtype=bool).ravel() for a in pixel_labels])
@@ -56,6 +63,8 @@ class PooledCases:
         tps = np.cumsum(w * self.y)[self.ends]
         fps = np.cumsum(w * ~self.y)[self.ends]
         out = dict.fromkeys(INTERVAL_KEYS, float("nan"))
+        if self.lesion_counts is not None:
+            out["lesion_f1"] = lesion_f1(*(mult @ self.lesion_counts))
         sy = np.concatenate([np.repeat(a, int(m)) for (a, _), m in zip(self.samples, mult)] or [np.zeros(0, bool)])
         ss = np.concatenate([np.repeat(b, int(m)) for (_, b), m in zip(self.samples, mult)] or [np.zeros(0)])
         if sy.any():

@@ -407,6 +407,7 @@ def evaluate(out_dir: str | Path, mask_pattern: str, protocol: str = "native", o
     if not parts:
         return ev
     regions = None
+    lesions_of: dict[str, list[LesionDetection]] = {}  # per row: each case's lesion-wise counts at its threshold
     if protocol == "native":
         py = np.concatenate([p[0] for p in parts])
         ps = np.concatenate([p[1] for p in parts])
@@ -426,7 +427,8 @@ def evaluate(out_dir: str | Path, mask_pattern: str, protocol: str = "native", o
         if all(p[3] is not None for p in parts) and len({p[3].shape[0] for p in parts}) == 1:
             member_maps = np.concatenate([p[3] for p in parts], axis=1)
             per_member = [_with_lesion_f1(_row(slice_metrics(member_maps[k], masks, regions=regions)), protocol, parts,
-                                          [p[3][k] for p in parts]) for k in range(len(member_maps))]
+                                          lesions_of, f"member {k}", [p[3][k] for p in parts])
+                          for k in range(len(member_maps))]
             for k, row in enumerate(per_member):
                 ev.rows.append((f"member {k}", row))
             for stat in ("avg", "max", "std"):
@@ -435,24 +437,22 @@ def evaluate(out_dir: str | Path, mask_pattern: str, protocol: str = "native", o
         if baselines:
             for name in ("bright", "dark"):
                 row = _row(slice_metrics(np.concatenate([p[4][name] for p in parts]), masks, regions=regions))
-                ev.rows.append((f"baseline: {name}", _with_lesion_f1(row, protocol, parts, [p[4][name] for p in parts])))
+                ev.rows.append((f"baseline: {name}", _with_lesion_f1(row, protocol, parts, lesions_of, f"baseline: {name}",
+                                                                     [p[4][name] for p in parts])))
             # a random map: PRO = FPR along the curve, so the normalised area is max_fpr / 2
             ev.rows.append(("chance", {"ap_image": m.n_positive_samples / m.n_samples, "auroc": 0.5,
                                        "ap_pixel": m.n_positive_pixels / m.n_pixels, "aupro": AUPRO_MAX_FPR / 2}))
+    _with_lesion_f1(ev.rows[0][1], protocol, parts, lesions_of, "ensemble")
     if bootstrap > 0:
         from .bootstrap import bootstrap as case_bootstrap
 
-        ev.intervals = case_bootstrap(_pooled_rows(protocol, parts, ev.rows, regions), bootstrap, bootstrap_seed,
-                                      progress=progress)
+        ev.intervals = case_bootstrap(_pooled_rows(protocol, parts, ev.rows, regions, lesions_of), bootstrap,
+                                      bootstrap_seed, progress=progress)
     case_threshold = m.threshold if threshold is None else threshold.value
-    detections = [_case_lesions(protocol, part, case_threshold) for part in parts]
+    detections = (lesions_of["ensemble"] if threshold is None else
+                  [_case_lesions(protocol, part, case_threshold) for part in parts])
     ev.lesion_threshold = float(case_threshold)
     ev.lesion_counts = sum(detections, LesionDetection())
-    ensemble_row = ev.rows[0][1]
-    if threshold is None:  # the counts were taken at the ensemble's own best-Dice threshold
-        ensemble_row["lesion_f1"] = ev.lesion_counts.f1
-    else:
-        _with_lesion_f1(ensemble_row, protocol, parts)
     ev.per_case = [case_row(case, score, labels, values, case_threshold, det)
                    for case, score, (labels, values), det in zip(ev.cases, scores_of, pixels_of, detections)]
     ev.counts = {"cases": len(parts), "samples": m.n_samples, "positive_samples": m.n_positive_samples,
@@ -462,12 +462,14 @@ def evaluate(out_dir: str | Path, mask_pattern: str, protocol: str = "native", o
     return ev
 
 
-def _with_lesion_f1(row: dict[str, float], protocol: str, parts: list[tuple], case_maps=None) -> dict[str, float]:
+def _with_lesion_f1(row: dict[str, float], protocol: str, parts: list[tuple], lesions_of: dict, name: str,
+                    case_maps=None) -> dict[str, float]:
     """``row`` with the lesion F1 at its own best-Dice threshold, of the ensemble's maps or ``case_maps``
-    (one map per case on the same pixels: a member's or a baseline's)."""
+    (one map per case on the same pixels: a member's or a baseline's); the per-case counts go to
+    ``lesions_of[name]`` (the bootstrap resamples them)."""
     maps = case_maps if case_maps is not None else [None] * len(parts)
-    counts = [_case_lesions(protocol, part, row["threshold"], m) for part, m in zip(parts, maps)]
-    row["lesion_f1"] = sum(counts, LesionDetection()).f1
+    lesions_of[name] = [_case_lesions(protocol, part, row["threshold"], m) for part, m in zip(parts, maps)]
+    row["lesion_f1"] = sum(lesions_of[name], LesionDetection()).f1
     return row
 
 
@@ -486,31 +488,34 @@ def _case_lesions(protocol: str, part: tuple, threshold: float, case_map: np.nda
 
 
 def _pooled_rows(protocol: str, parts: list[tuple], rows: list[tuple[str, dict]],
-                 regions: np.ndarray | None = None) -> dict:
+                 regions: np.ndarray | None = None, lesions_of: dict | None = None) -> dict:
     """``bootstrap.PooledCases`` per bootstrapped row (ensemble first; members and baselines where
     the table has them), case by case, on exactly the pixels and samples of the table.
-    ``regions``: the benchmark protocol's lesion ids of all cases' slices, as the table labelled them."""
+    ``regions``: the benchmark protocol's lesion ids of all cases' slices, as the table labelled them;
+    ``lesions_of``: each row's per-case lesion-wise counts."""
     from .bootstrap import PooledCases
 
+    lesions_of = lesions_of or {}
     names = [name for name, _ in rows]
     if protocol == "native":
         return {"ensemble": PooledCases([p[0] for p in parts], [p[1] for p in parts], [p[4] for p in parts],
-                                        [p[2] for p in parts], [p[3] for p in parts])}
+                                        [p[2] for p in parts], [p[3] for p in parts],
+                                        lesion_counts=lesions_of.get("ensemble"))}
     masks = [p[1] for p in parts]
     regions = np.split(regions, np.cumsum([len(m) for m in masks])[:-1])  # per case; ids stay unique
     positive = [m.reshape(len(m), -1).any(axis=1) for m in masks]
 
-    def pooled(maps: list[np.ndarray], scores: list[np.ndarray] | None = None) -> PooledCases:
+    def pooled(name: str, maps: list[np.ndarray], scores: list[np.ndarray] | None = None) -> PooledCases:
         if scores is None:  # slice_metrics' sample score: the map's mean over the slice
             scores = [m.reshape(len(m), -1).astype(np.float64).mean(axis=1) for m in maps]
-        return PooledCases(masks, maps, regions, positive, scores)
+        return PooledCases(masks, maps, regions, positive, scores, lesion_counts=lesions_of.get(name))
 
-    out = {"ensemble": pooled([p[0] for p in parts], [p[2] for p in parts])}
+    out = {"ensemble": pooled("ensemble", [p[0] for p in parts], [p[2] for p in parts])}
     for name in names:
         if name.startswith("member ") and name[7:].isdigit():
-            out[name] = pooled([p[3][int(name[7:])] for p in parts])
+            out[name] = pooled(name, [p[3][int(name[7:])] for p in parts])
         elif name.startswith("baseline: "):
-            out[name] = pooled([p[4][name[10:]] for p in parts])
+            out[name] = pooled(name, [p[4][name[10:]] for p in parts])
     return out
 
 

@@ -44,8 +44,15 @@ def offset_regions(parts: list[np.ndarray]) -> np.ndarray:
 MIN_IOU = 0.25
 
 
-def _ratio(num: int, den: int) -> float:
+def _ratio(num: float, den: float) -> float:
     return float("nan") if den == 0 else num / den
+
+
+def lesion_f1(lesions: float, found: float, called_regions: float, false_regions: float) -> float:
+    """Shifts' lesion F1 from (possibly weighted) counts: true / (true + (false + missed) / 2), where
+    true = called - false regions and missed = lesions - found; NaN without lesion and without call."""
+    true = called_regions - false_regions
+    return _ratio(true, true + 0.5 * (false_regions + lesions - found))
 
 
 @dataclass(frozen=True)
@@ -73,9 +80,8 @@ class LesionDetection:
 
     @property
     def f1(self) -> float:
-        """Shifts' lesion F1, true / (true + (false + missed) / 2); NaN without lesion and without call."""
-        true = self.called_regions - self.false_regions
-        return _ratio(true, true + 0.5 * (self.false_regions + self.lesions - self.found))
+        """Shifts' lesion F1 (``lesion_f1``)."""
+        return lesion_f1(self.lesions, self.found, self.called_regions, self.false_regions)
 
     def to_dict(self) -> dict[str, float]:
         return {"lesions": self.lesions, "found": self.found, "called_regions": self.called_regions,
@@ -116,4 +122,4 @@ def lesion_detection(lesion_ids: np.ndarray, called: np.ndarray, per_slice: bool
                            n_regions - int(np.sum(best_region[1:] >= min_iou)))
 
 
-__all__ = ["lesion_regions", "offset_regions", "LesionDetection", "lesion_detection", "MIN_IOU"]
+__all__ = ["lesion_regions", "offset_regions", "LesionDetection", "lesion_detection", "lesion_f1", "MIN_IOU"]

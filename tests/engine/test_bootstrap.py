@@ -6,9 +6,23 @@ import pytest
 
 from condiff.engine.bootstrap import INTERVAL_KEYS, PooledCases, bootstrap
 from condiff.engine.evaluate import lesion_regions
+from condiff.engine.lesions import LesionDetection
 from condiff.metrics import aupro, dice_at_fpr
 
 sk = pytest.importorskip("sklearn.metrics")
+pytest.importorskip("skimage.measure")
+from lesion_oracle import shifts_counts  # noqa: E402  (needs skimage)
+
+LESION_THR = 0.6  # the fixed threshold of the lesion-wise counts in these tests
+
+
+def _slice_counts(masks, maps, thr):
+    """(lesions, found, called, false) of a stack of slices, 8-connected per slice, by the oracle."""
+    return np.sum([shifts_counts(y, x >= thr, 2) for y, x in zip(masks, maps)], axis=0)
+
+
+def _shifts_f1(lesions, found, called, false):
+    return (called - false) / (called - false + 0.5 * (false + lesions - found))
 
 
 def _cases(seed, n_cases=4):
@@ -32,7 +46,8 @@ def _pooled(cases):
     masks, maps = [c[0] for c in cases], [c[1] for c in cases]
     return PooledCases(masks, maps, [lesion_regions(m, per_slice=True) for m in masks],
                        [m.reshape(len(m), -1).any(1) for m in masks],
-                       [x.reshape(len(x), -1).mean(1) for x in maps])
+                       [x.reshape(len(x), -1).mean(1) for x in maps],
+                       lesion_counts=[LesionDetection(*_slice_counts(m, x, LESION_THR)) for m, x in cases])
 
 
 def _concatenated(cases, mult):
@@ -62,11 +77,17 @@ def test_a_reweighted_resample_equals_the_concatenated_cases(mult):
     assert abs(got["aupro"] - aupro(regions, s, 0.3)) <= 1e-10
     assert abs(got["ap_image"] - sk.average_precision_score(sy, ss)) <= 1e-10
     assert abs(got["auroc"] - sk.roc_auc_score(sy, ss)) <= 1e-10
+    # lesion F1: the oracle's counts of every drawn copy, added
+    copies = [c for c, m in zip(cases, mult) for _ in range(m)]
+    counts = np.sum([_slice_counts(masks, maps, LESION_THR) for masks, maps in copies], axis=0)
+    assert counts[0] > 0 and abs(got["lesion_f1"] - _shifts_f1(*counts)) <= 1e-12
 
 
 def test_a_resample_without_lesions_is_undefined_and_left_out():
     cases = _cases(1)
-    assert all(np.isnan(v) for v in _pooled(cases).metrics(np.array([0, 4, 0, 0])).values())  # case 1 has none
+    alone = _pooled(cases).metrics(np.array([0, 4, 0, 0]))  # case 1 has no lesion
+    assert all(np.isnan(v) for k, v in alone.items() if k != "lesion_f1")
+    assert alone["lesion_f1"] == 0.0  # defined: its called regions are all false
     iv = bootstrap({"a": _pooled(cases)}, 200, seed=3)
     assert 0 < iv.undefined["a"]["ap_pixel"] < 200
     for k in INTERVAL_KEYS:
@@ -122,9 +143,12 @@ def test_condiff_eval_bootstrap_block_and_json(tmp_path):
         bright.append(z["slices"][keep][:, 0].astype(np.float64) * z["foreground"][keep])
     regions = [lesion_regions(m, per_slice=True) for m in masks]
     positive = [m.reshape(len(m), -1).any(1) for m in masks]
-    rows = {"ensemble": PooledCases(masks, maps, regions, positive, scores),
+    thr = {r["row"]: r.get("threshold") for r in doc["rows"]}
+    rows = {"ensemble": PooledCases(masks, maps, regions, positive, scores, lesion_counts=[
+                LesionDetection(*_slice_counts(m, x, thr["ensemble"])) for m, x in zip(masks, maps)]),
             "baseline: bright": PooledCases(masks, bright, regions, positive,
-                                            [b.reshape(len(b), -1).mean(1) for b in bright])}
+                                            [b.reshape(len(b), -1).mean(1) for b in bright], lesion_counts=[
+                LesionDetection(*_slice_counts(m, x, thr["baseline: bright"])) for m, x in zip(masks, bright)])}
     ours = bootstrap(rows, 40, seed=0).to_dict()
     for name in rows:
         for k in INTERVAL_KEYS:

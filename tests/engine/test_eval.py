@@ -438,7 +438,15 @@ def test_native_bootstrap_resamples_the_written_maps_by_case(run, tmp_path):
         ys.append(seg[brain]), ss.append(amap[brain]), ids.append(connected(seg, connectivity=3)[brain])
         sy.append([seg[:, :, z].any() for z, _ in rec["slice_scores"]])
         ssc.append([score for _, score in rec["slice_scores"]])
-    ours = bootstrap({"ensemble": PooledCases(ys, ss, ids, sy, ssc)}, 30, seed=7).to_dict()
+    from condiff.engine.lesions import LesionDetection
+    from lesion_oracle import shifts_counts
+
+    thr = json.loads((out / "metrics-native.json").read_text())["rows"][0]["threshold"]
+    counts = []
+    for k in range(3):  # the ensemble's per-case lesion counts at its threshold, by the oracle on the grid
+        seg, amap, brain = _case_arrays(scans, out, k, "native", tmp_path / "labels")
+        counts.append(LesionDetection(*shifts_counts(seg, (amap >= thr) & brain, 3)))
+    ours = bootstrap({"ensemble": PooledCases(ys, ss, ids, sy, ssc, lesion_counts=counts)}, 30, seed=7).to_dict()
     for key in INTERVAL_KEYS:
         np.testing.assert_allclose(boot["rows"]["ensemble"][key], ours["rows"]["ensemble"][key], rtol=0, atol=1e-12)
 
