@@ -89,6 +89,12 @@ def test_model_card_front_matter_matches_its_evidence():
         assert abs(rows["ensemble"]["ap_pixel"] - claimed["ensemble"]) <= 5e-4, data
         for name in ("bright", "chance"):
             assert abs(lesions[data]["baselines"][name]["ap_pixel"] - claimed[name]) <= 5e-4, (data, name)
+    lesionwise = json.loads((repo / meta["evidence"]["lesions_lesionwise"]).read_text())["lesions"]
+    for data, claimed in meta["metrics"]["lesions_f1"].items():
+        rows = {r["row"]: r for r in lesionwise[data]["evaluation"]["rows"]}
+        assert abs(rows["ensemble"]["lesion_f1"] - claimed["ensemble"]) <= 5e-4, data
+        assert abs(lesionwise[data]["baselines"]["bright"]["lesion_f1"] - claimed["bright"]) <= 5e-4, data
+        assert abs(rows["ensemble"]["ap_pixel"] - meta["metrics"]["lesions_ap_pixel"][data]["ensemble"]) <= 5e-4
     members = json.loads((repo / "examples" / "models" / "set.json").read_text())["members"]
     assert [m["path"] for m in members] == meta["model"]["members"]
     for member, steps in zip(meta["model"]["members"], meta["model"]["steps_per_member"]):
