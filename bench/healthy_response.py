@@ -14,7 +14,8 @@ space, empty slices dropped) it reports, pooled over cases and per case:
 - the input intensity where healthy tissue answers most (its top 5 % of map values) against all healthy
   brain: dark responders point at CSF spaces (ventricles), bright ones at vessels or enhancement;
 - AP_p of the map and of the non-learned baselines (the normalised input inside the brain, "bright",
-  and its complement, "dark") and chance, for reference (bench/quality.py reports these).
+  its complement, "dark", and its deviation from the local median, "median") and chance, for
+  reference (bench/quality.py reports these).
 
 Writes ``healthy_response.json`` and ``healthy_response.md`` into ``--report`` (default OUT).
 """
@@ -26,6 +27,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
+
+from condiff.engine.evaluate import BASELINES
 
 BANDS = ((0.0, 1.5), (1.5, 3.5), (3.5, 5.5), (5.5, np.inf))  # distance to the brain border, model pixels
 DARK, BRIGHT = 0.3, 0.8  # input intensity thresholds on the [0, 1] model scale
@@ -50,7 +53,7 @@ def case_arrays(out_dir: Path, rec: dict, label_pattern: str, label_values=None)
     base = baseline_maps(slices[keep], brain, PreprocessConfig.from_dict(rec["options"]["preprocessing"]).value_range)
     return {"map": maps.reshape(shape), "members": member_maps.reshape(len(member_maps), *shape),
             "label": labels.reshape(shape).astype(bool), "input": slices[keep][:, 0], "brain": brain,
-            "bright": base["bright"], "dark": base["dark"]}
+            **{name: base[name] for name in BASELINES}}
 
 
 def border_distance(brain: np.ndarray) -> np.ndarray:
@@ -93,8 +96,7 @@ def summarise(arrays: dict[str, np.ndarray]) -> dict:
         "border_bands": bands,
         "intensity": {"healthy_top": intensity(top), "healthy_all": intensity(healthy), "label": intensity(label)},
         "ap_pixel": {"map": average_precision(flat_label, amap.ravel()),
-                     "bright": average_precision(flat_label, arrays["bright"].ravel()),
-                     "dark": average_precision(flat_label, arrays["dark"].ravel()),
+                     **{name: average_precision(flat_label, arrays[name].ravel()) for name in BASELINES},
                      "chance": float(flat_label.mean())},
     }
 
@@ -111,7 +113,7 @@ def healthy_response(out_dir: Path, label_pattern: str, label_values=None) -> di
     if not cases:
         raise SystemExit(f"{out_dir}: no finished cases")
     pooled = {k: np.concatenate([c[k] for c in cases.values()], axis=1 if k == "members" else 0)
-              for k in ("map", "members", "label", "input", "brain", "bright", "dark")}
+              for k in ("map", "members", "label", "input", "brain", *BASELINES)}
     return {"out_dir": str(out_dir), "labels": label_pattern,
             "label_values": list(label_values) if label_values else None, "pooled": summarise(pooled),
             "cases": {name: summarise(a) for name, a in cases.items()}}

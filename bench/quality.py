@@ -11,8 +11,9 @@ how much of the restorer's own error is sampling noise that more members (or dra
 ``--per-member`` adds each member's healing alone beside the ensemble's (mean / min / max over members).
 Lesions (``--lesions``): condiff-infer on the BraTS T1c cases (brain masks) and the MS T1 cases, then
 condiff-eval's benchmark protocol (AP_i, AUROC, AP_p, best Dice; ensemble and per member
-avg/max/std), beside two non-learned baselines computed on the same slices: the normalised
-intensity ("bright") and its complement ("dark") inside the brain.
+avg/max/std), beside three non-learned baselines computed on the same slices: the normalised
+intensity ("bright"), its complement ("dark") and its deviation from the local median ("median")
+inside the brain.
 Writes ``quality.json`` and ``quality.md``.
 """
 from __future__ import annotations
@@ -27,6 +28,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from condiff.engine.evaluate import BASELINES
 
 LESION_SETS = {
     "brats-t1c": {"folder": "brats-tumour", "mask": "{dir}/{base}_brainmask.nii.gz", "labels": "{dir}/{base}_seg.nii.gz",
@@ -56,7 +59,7 @@ def lesion_analysis(out: Path, label_pattern: str, label_values=None) -> tuple[d
     finally:
         sys.path.pop(0)
     pooled = healthy_response(out, label_pattern, label_values)["pooled"]
-    baselines = {name: {"ap_pixel": pooled["ap_pixel"][name]} for name in ("bright", "dark", "chance")}
+    baselines = {name: {"ap_pixel": pooled["ap_pixel"][name]} for name in (*BASELINES, "chance")}
     return baselines, pooled
 
 
@@ -110,8 +113,8 @@ def label_regions(out: Path, label_pattern: str, regions: dict) -> dict:
     for region, values in regions.items():
         ev = evaluate(out, label_pattern, "benchmark", label_values=values, baselines=True).to_dict()
         rows = {r["row"]: r for r in ev["rows"]}
-        baselines = {name: {"ap_pixel": rows.pop(key)["ap_pixel"]}
-                     for name, key in (("bright", "baseline: bright"), ("dark", "baseline: dark"), ("chance", "chance"))}
+        baselines = {name: {"ap_pixel": rows.pop(f"baseline: {name}")["ap_pixel"]} for name in BASELINES}
+        baselines["chance"] = {"ap_pixel": rows.pop("chance")["ap_pixel"]}
         found[region] = {"label_values": list(values), "counts": ev["counts"], "rows": rows, "baselines": baselines}
     return found
 
@@ -334,15 +337,15 @@ def write_markdown(report: dict, path: Path) -> None:
             lines.append("")
         if res.get("regions"):
             lines += ["Per label class (`condiff-eval --label-values`; the other classes count as healthy):", "",
-                      "| class (values) | lesion pixels | AP_p ensemble | AP_p members avg / max | bright | dark | chance |",
-                      "|---|---|---|---|---|---|---|"]
+                      "| class (values) | lesion pixels | AP_p ensemble | AP_p members avg / max | "
+                      + " | ".join(BASELINES) + " | chance |", "|---|---|---|---|" + "---|" * (len(BASELINES) + 1)]
             for region, r in res["regions"].items():
                 rows, b = r["rows"], r["baselines"]
                 avg, top = rows.get("members avg", {}).get("ap_pixel"), rows.get("members max", {}).get("ap_pixel")
                 members = "" if avg is None else f"{avg:.3f} / {top:.3f}"
                 lines.append(f"| {region} ({', '.join(map(str, r['label_values']))}) | {r['counts'].get('positive_pixels')} | "
-                             f"{_num(rows['ensemble'].get('ap_pixel'))} | {members} | {_num(b['bright']['ap_pixel'])} | "
-                             f"{_num(b['dark']['ap_pixel'])} | {_num(b['chance']['ap_pixel'])} |")
+                             f"{_num(rows['ensemble'].get('ap_pixel'))} | {members} | "
+                             + " | ".join(_num(b[name]['ap_pixel']) for name in (*BASELINES, "chance")) + " |")
             lines.append("")
         hr = res.get("healthy_response")
         if hr:

@@ -308,17 +308,32 @@ def _benchmark_case(out_dir: Path, rec: dict[str, Any], label_path: Path | None,
     return maps[keep], masks[keep], scores[keep], None if member_maps is None else member_maps[:, keep]
 
 
+BASELINES = ("bright", "dark", "median")
+
+
+def local_median_window(size: int) -> int:
+    """The local-median baseline's window: an eighth of the slice side, odd, at least 3 (32 px: 5, 128 px: 17)."""
+    return max(3, (size // 8) | 1)
+
+
 def baseline_maps(slices: np.ndarray, foreground: np.ndarray,
                   value_range: tuple[float, float]) -> dict[str, np.ndarray]:
     """Non-learned reference maps on model-space slices ``(S, C, H, W)`` (channels averaged):
-    "bright" = intensity above the range's floor, "dark" = below its ceiling, both 0 outside the
-    foreground (brain mask), so background never outranks tissue. For MRI ([0, 1]) these are
-    x · brain and (1 − x) · brain."""
+    "bright" = intensity above the range's floor, "dark" = below its ceiling, "median" = the absolute
+    deviation from the median of a ``local_median_window`` square around the pixel (a generic
+    "unlike its surroundings" detector); all 0 outside the foreground (brain mask), so background
+    never outranks tissue. For MRI ([0, 1]) the first two are x · brain and (1 − x) · brain."""
+    from scipy import ndimage
+
     x = np.asarray(slices, dtype=np.float64)
     x = x.mean(axis=1) if x.ndim == 4 else x
     fg = np.asarray(foreground, dtype=bool).reshape(x.shape)
     lo, hi = value_range
-    return {"bright": (x - lo) * fg, "dark": (hi - x) * fg}
+    # outside the brain the slice's brain median stands in, so the brain's edge is not measured against the black
+    filled = np.where(fg, x, np.array([np.median(s[m]) if m.any() else lo for s, m in zip(x, fg)])[:, None, None])
+    window = local_median_window(x.shape[-1])
+    local = ndimage.median_filter(filled, size=(1, window, window), mode="nearest")
+    return {"bright": (x - lo) * fg, "dark": (hi - x) * fg, "median": np.abs(x - local) * fg}
 
 
 def _baseline_case(out_dir: Path, rec: dict[str, Any]) -> dict[str, np.ndarray]:
@@ -435,7 +450,7 @@ def evaluate(out_dir: str | Path, mask_pattern: str, protocol: str = "native", o
                 ev.rows.append((f"members {stat}", {key: summarise([r[key] for r in per_member])[stat]
                                                      for key in (*METRIC_KEYS, "lesion_f1") if key != "threshold"}))
         if baselines:
-            for name in ("bright", "dark"):
+            for name in BASELINES:
                 row = _row(slice_metrics(np.concatenate([p[4][name] for p in parts]), masks, regions=regions))
                 ev.rows.append((f"baseline: {name}", _with_lesion_f1(row, protocol, parts, lesions_of, f"baseline: {name}",
                                                                      [p[4][name] for p in parts])))
@@ -637,5 +652,5 @@ def table_csv(ev: Evaluation) -> str:
     return buf.getvalue()
 
 
-__all__ = ["PROTOCOLS", "Evaluation", "GivenThreshold", "read_given_threshold", "lesion_regions", "evaluate", "benchmark_arrays", "baseline_maps", "kept_slices", "case_row",
+__all__ = ["PROTOCOLS", "BASELINES", "Evaluation", "GivenThreshold", "read_given_threshold", "lesion_regions", "evaluate", "benchmark_arrays", "baseline_maps", "kept_slices", "case_row",
            "format_table", "table_csv", "cases_csv"]

@@ -249,17 +249,24 @@ def test_baselines_score_intensity_inside_the_brain_like_sklearn(run):
     assert res.exit_code == 0, res.output + res.stderr
     assert "baseline: bright" in res.stdout and "chance" in res.stdout
     rows = _rows(out, "benchmark")
-    masks, bright, dark = [], [], []
+    from condiff.engine.evaluate import local_median_window
+
+    masks, bright, dark, grey_of, brain_of = [], [], [], [], []
     for k in range(3):
         pixels_y, _ = _case_pixels_benchmark(scans, out, k)
         z = np.load(out / "model_space" / f"case{k}.npz")
         keep = z["slices"].reshape(len(z["slices"]), -1).sum(1) != 0
         x, brain = z["slices"][keep][:, 0].astype(np.float64), z["foreground"][keep].astype(bool)
         masks.append(pixels_y), bright.append((x * brain).ravel()), dark.append(((1 - x) * brain).ravel())
+        grey_of.append(x), brain_of.append(brain)
     y = np.concatenate(masks)
     assert abs(rows["baseline: bright"]["ap_pixel"] - sk.average_precision_score(y, np.concatenate(bright))) <= 1e-10
     assert abs(rows["baseline: dark"]["ap_pixel"] - sk.average_precision_score(y, np.concatenate(dark))) <= 1e-10
     assert rows["chance"]["ap_pixel"] == pytest.approx(y.mean(), abs=1e-12)
+    median = [_local_median_deviation(x.reshape(-1, *z["slices"].shape[-2:]), (d > 0).reshape(-1, *z["slices"].shape[-2:]),
+                                      window=local_median_window(z["slices"].shape[-1])).ravel()
+              for x, d in zip(grey_of, brain_of)]
+    assert abs(rows["baseline: median"]["ap_pixel"] - sk.average_precision_score(y, np.concatenate(median))) <= 1e-10
     # the bright map's lesion F1 at its own threshold, slice by slice (8-connected) by the oracle
     from lesion_oracle import shifts_counts
 
@@ -316,6 +323,36 @@ def test_baseline_maps_put_background_below_all_tissue_for_rgb_ranges():
     np.testing.assert_allclose(maps["bright"], (grey + 1) * fg, rtol=0, atol=1e-12)
     np.testing.assert_allclose(maps["dark"], (1 - grey) * fg, rtol=0, atol=1e-12)
     assert maps["bright"][fg].min() >= 0 and np.all(maps["bright"][~fg] == 0)
+
+
+def _local_median_deviation(grey, fg, window):
+    """The "median" baseline by explicit windows: background replaced by the slice's brain median,
+    edges repeated, |x - median of the window| inside the brain."""
+    from numpy.lib.stride_tricks import sliding_window_view
+
+    out = np.zeros_like(grey)
+    half = window // 2
+    for k, (g, m) in enumerate(zip(grey, fg)):
+        filled = np.where(m, g, np.median(g[m]))
+        windows = sliding_window_view(np.pad(filled, half, mode="edge"), (window, window))
+        out[k] = np.abs(g - np.median(windows, axis=(-2, -1))) * m
+    return out
+
+
+@pytest.mark.parametrize("size, window", [(16, 3), (32, 5), (40, 5)])
+def test_local_median_baseline_against_explicit_windows(size, window):
+    from condiff.engine.evaluate import baseline_maps, local_median_window
+
+    assert local_median_window(size) == window
+    rng = np.random.default_rng(size)
+    x = rng.uniform(0, 1, size=(3, 1, size, size))
+    yy, xx = np.mgrid[:size, :size]
+    fg = np.broadcast_to((yy - size / 2) ** 2 + (xx - size / 2) ** 2 < (0.4 * size) ** 2, (3, size, size))
+    c = size // 2
+    x[0, 0, c, c] = 1.5  # a bright spot in the brain stands out from its surroundings
+    got = baseline_maps(x, fg, (0.0, 1.0))["median"]
+    np.testing.assert_allclose(got, _local_median_deviation(x[:, 0], fg, window), rtol=0, atol=1e-12)
+    assert np.all(got[~fg] == 0) and got[0, c, c] > got[0][fg[0]].max() * 0.5
 
 
 def _several_lesions(scans, folder):
