@@ -105,6 +105,22 @@ def _best_iou(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return best_a, best_b
 
 
+def _compact_ids(ids: np.ndarray) -> np.ndarray:
+    """Ids > 0 renumbered 1..n in order (they may be offset or sparse), 0 kept: by a lookup table where
+    the largest id is small against the grid (a sort of a whole volume costs seconds), else by a sort."""
+    if ids.size == 0:
+        return ids.astype(np.int64)
+    if ids.min() < 0:
+        raise ValueError("lesion ids must be >= 0")
+    top = int(ids.max())
+    if top <= 4 * ids.size + 1024:
+        present = np.bincount(ids.ravel(), minlength=top + 1) > 0
+        present[0] = False
+        return (np.cumsum(present) * present)[ids]
+    values, inverse = np.unique(ids, return_inverse=True)
+    return inverse.reshape(ids.shape) + (0 if values[0] == 0 else 1)
+
+
 def lesion_detection(lesion_ids: np.ndarray, called: np.ndarray, per_slice: bool = False,
                      min_iou: float = MIN_IOU) -> LesionDetection:
     """Counts of one case: ``lesion_ids`` (ids > 0 per lesion, e.g. ``lesion_regions``) and ``called``
@@ -113,8 +129,7 @@ def lesion_detection(lesion_ids: np.ndarray, called: np.ndarray, per_slice: bool
     called = np.asarray(called, dtype=bool)
     if lesion_ids.shape != called.shape:
         raise ValueError(f"lesion ids {lesion_ids.shape} and called pixels {called.shape} differ in shape")
-    ids, inverse = np.unique(lesion_ids, return_inverse=True)  # ids may be offset or sparse: make them 1..n
-    compact = inverse.reshape(lesion_ids.shape) + (0 if ids.size and ids[0] == 0 else 1)  # 0 stays normal
+    compact = _compact_ids(lesion_ids)
     regions = lesion_regions(called, per_slice=per_slice)
     best_lesion, best_region = _best_iou(compact, regions)
     n_regions = len(best_region) - 1

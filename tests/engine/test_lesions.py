@@ -63,6 +63,7 @@ def test_random_volumes_match_theshifts_counts(seed):
     # ids offset (as pooled over cases) or sparse give the same counts
     ids = lesion_regions(label)
     assert lesion_detection(np.where(ids > 0, 3 * ids + 1000, 0), called) == det
+    assert lesion_detection(np.where(ids > 0, ids.astype(np.int64) * 10**9, 0), called) == det  # renumbered by a sort
 
 
 def test_undefined_ratios_and_sums():
@@ -74,5 +75,7 @@ def test_undefined_ratios_and_sums():
     assert false_only.precision == 0.0 and np.isnan(false_only.recall) and false_only.f1 == 0.0
     total = LesionDetection(2, 1, 1, 0) + false_only
     assert total == LesionDetection(2, 1, 4, 3) and total.recall == 0.5 and total.precision == 0.25
+    with pytest.raises(ValueError, match=">= 0"):
+        lesion_detection(-np.ones((3, 3), dtype=int), np.zeros((3, 3), dtype=bool))
     with pytest.raises(ValueError, match="differ in shape"):
         lesion_detection(np.zeros((3, 3), dtype=int), np.zeros((3, 4), dtype=bool))
