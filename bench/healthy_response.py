@@ -38,8 +38,7 @@ TOP_SHARE = 0.05
 def case_arrays(out_dir: Path, rec: dict, label_pattern: str, label_values=None) -> dict[str, np.ndarray]:
     """Model-space arrays of one case on the benchmark protocol's slices: map, member maps, label,
     input and brain (all (S, H, W); member maps (M, S, H, W)). ``label_values``: as condiff-eval's."""
-    from condiff.engine.evaluate import baseline_maps, benchmark_arrays, kept_slices
-    from condiff.preprocess import PreprocessConfig
+    from condiff.engine.evaluate import benchmark_arrays, case_baselines, kept_slices
 
     maps, labels, _, member_maps = benchmark_arrays(out_dir, rec, label_pattern, label_values)
     with np.load(out_dir / "model_space" / f"{rec['case']}.npz") as z:
@@ -49,8 +48,7 @@ def case_arrays(out_dir: Path, rec: dict, label_pattern: str, label_values=None)
         raise SystemExit(f"{out_dir}: {rec['case']} has no member maps; rerun condiff-infer with --save-member-maps")
     shape = slices[keep][:, 0].shape
     brain = brain[keep].reshape(shape).astype(bool)
-    # condiff-eval --baselines' maps, so both tools score the same non-learned references
-    base = baseline_maps(slices[keep], brain, PreprocessConfig.from_dict(rec["options"]["preprocessing"]).value_range)
+    base = case_baselines(out_dir, rec)  # condiff-eval --baselines' maps: both tools score the same references
     return {"map": maps.reshape(shape), "members": member_maps.reshape(len(member_maps), *shape),
             "label": labels.reshape(shape).astype(bool), "input": slices[keep][:, 0], "brain": brain,
             **{name: base[name] for name in BASELINES}}

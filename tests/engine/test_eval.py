@@ -325,6 +325,31 @@ def test_baseline_maps_put_background_below_all_tissue_for_rgb_ranges():
     assert maps["bright"][fg].min() >= 0 and np.all(maps["bright"][~fg] == 0)
 
 
+def test_case_baselines_are_cached_per_model_space_file(run, tmp_path):
+    import shutil
+
+    from condiff.engine.evaluate import baseline_maps, case_baselines, kept_slices
+
+    scans, out = run
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    rec = json.loads((copy / "records" / "case0.json").read_text())
+    first = case_baselines(copy, rec)
+    assert case_baselines(copy, rec) is first and not first["median"].flags.writeable
+    path = copy / rec["outputs"]["model_space"]["path"]
+    with np.load(path) as z:
+        arrays = dict(z)
+    keep = kept_slices(rec, arrays["slices"])
+    expected = baseline_maps(arrays["slices"][keep], arrays["foreground"][keep], (0.0, 1.0))
+    for name in first:
+        np.testing.assert_array_equal(first[name], expected[name])
+    arrays["slices"] = arrays["slices"] * 0.5  # the file changes: the cache must not serve the old maps
+    np.savez(path, **arrays)
+    again = case_baselines(copy, rec)
+    assert again is not first
+    np.testing.assert_allclose(again["bright"], 0.5 * first["bright"], rtol=0, atol=1e-12)
+
+
 def _local_median_deviation(grey, fg, window):
     """The "median" baseline by explicit windows: background replaced by the slice's brain median,
     edges repeated, |x - median of the window| inside the brain."""
