@@ -14,8 +14,8 @@ space, empty slices dropped) it reports, pooled over cases and per case:
 - the input intensity where healthy tissue answers most (its top 5 % of map values) against all healthy
   brain: dark responders point at CSF spaces (ventricles), bright ones at vessels or enhancement;
 - AP_p of the map and of the non-learned baselines (the normalised input inside the brain, "bright",
-  its complement, "dark", and its deviation from the local median, "median") and chance, for
-  reference (bench/quality.py reports these).
+  its complement, "dark", its deviation from the local median, "median", and the brain mask,
+  "area") and chance, for reference (bench/quality.py reports these).
 
 Writes ``healthy_response.json`` and ``healthy_response.md`` into ``--report`` (default OUT).
 """

@@ -11,9 +11,9 @@ how much of the restorer's own error is sampling noise that more members (or dra
 ``--per-member`` adds each member's healing alone beside the ensemble's (mean / min / max over members).
 Lesions (``--lesions``): condiff-infer on the BraTS T1c cases (brain masks) and the MS T1 cases, then
 condiff-eval's benchmark protocol (AP_i, AUROC, AP_p, best Dice; ensemble and per member
-avg/max/std), beside three non-learned baselines computed on the same slices: the normalised
-intensity ("bright"), its complement ("dark") and its deviation from the local median ("median")
-inside the brain.
+avg/max/std), beside four non-learned baselines computed on the same slices: the normalised
+intensity ("bright"), its complement ("dark"), its deviation from the local median ("median")
+inside the brain, and the brain mask itself ("area": slice size alone).
 Writes ``quality.json`` and ``quality.md``.
 """
 from __future__ import annotations

@@ -407,9 +407,10 @@ def _merge(out_dir: Path) -> int:
               help="Only these values of the label maps are lesion, e.g. BraTS 2013/2015 '4' (enhancing tumour) or "
                    "'1,3,4' (tumour core) [default: every value > 0]. NIfTI label maps only.")
 @click.option("--baselines", is_flag=True,
-              help="benchmark protocol: also score three non-learned maps on the same pixels, the input's intensity "
-                   "inside the brain ('bright'), its complement ('dark') and its deviation from the local median "
-                   "('median'), and chance: is the model better than thresholding brightness?")
+              help="benchmark protocol: also score four non-learned maps on the same pixels, the input's intensity "
+                   "inside the brain ('bright'), its complement ('dark'), its deviation from the local median "
+                   "('median') and the brain mask itself ('area': slice size alone), and chance: is the model "
+                   "better than thresholding brightness?")
 @click.option("--threshold", "threshold_text", metavar="T|METRICS.json",
               help="Also report the Dice at a threshold chosen outside the evaluated data: a number, or the "
                    "metrics-<protocol>.json of condiff-eval on other (e.g. validation) cases, whose best-Dice "

@@ -309,7 +309,7 @@ def _benchmark_case(out_dir: Path, rec: dict[str, Any], label_path: Path | None,
     return maps[keep], masks[keep], scores[keep], None if member_maps is None else member_maps[:, keep]
 
 
-BASELINES = ("bright", "dark", "median")
+BASELINES = ("bright", "dark", "median", "area")
 
 
 def local_median_window(size: int) -> int:
@@ -322,8 +322,10 @@ def baseline_maps(slices: np.ndarray, foreground: np.ndarray,
     """Non-learned reference maps on model-space slices ``(S, C, H, W)`` (channels averaged):
     "bright" = intensity above the range's floor, "dark" = below its ceiling, "median" = the absolute
     deviation from the median of a ``local_median_window`` square around the pixel (a generic
-    "unlike its surroundings" detector); all 0 outside the foreground (brain mask), so background
-    never outranks tissue. For MRI ([0, 1]) the first two are x · brain and (1 − x) · brain."""
+    "unlike its surroundings" detector), "area" = the brain mask itself (what slice size alone
+    tells: its slice score is the brain's share of the slice); all 0 outside the foreground (brain
+    mask), so background never outranks tissue. For MRI ([0, 1]) the first two are x · brain and
+    (1 − x) · brain."""
     x = np.asarray(slices, dtype=np.float64)
     x = x.mean(axis=1) if x.ndim == 4 else x
     fg = np.asarray(foreground, dtype=bool).reshape(x.shape)
@@ -331,7 +333,8 @@ def baseline_maps(slices: np.ndarray, foreground: np.ndarray,
     # outside the brain the slice's brain median stands in, so the brain's edge is not measured against the black
     filled = np.where(fg, x, np.array([np.median(s[m]) if m.any() else lo for s, m in zip(x, fg)])[:, None, None])
     local = _slice_medians(filled, local_median_window(x.shape[-1]))
-    return {"bright": (x - lo) * fg, "dark": (hi - x) * fg, "median": np.abs(x - local) * fg}
+    return {"bright": (x - lo) * fg, "dark": (hi - x) * fg, "median": np.abs(x - local) * fg,
+            "area": fg.astype(np.float64)}
 
 
 def _slice_medians(stack: np.ndarray, window: int) -> np.ndarray:

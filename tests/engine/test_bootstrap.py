@@ -127,7 +127,7 @@ def test_condiff_eval_bootstrap_block_and_json(tmp_path):
     boot = doc["bootstrap"]
     assert boot["resamples"] == 40 and boot["unit"] == "case"
     assert set(boot["rows"]) == {"ensemble", "member 0", "member 1", "baseline: bright", "baseline: dark",
-                                 "baseline: median"}
+                                 "baseline: median", "baseline: area"}
     # the same resamples rebuilt by hand from the saved model-space arrays give the same intervals
     from condiff.io.volumes import read_mask, read_volume
     from condiff.preprocess import mask_to_slices

@@ -267,6 +267,11 @@ def test_baselines_score_intensity_inside_the_brain_like_sklearn(run):
                                       window=local_median_window(z["slices"].shape[-1])).ravel()
               for x, d in zip(grey_of, brain_of)]
     assert abs(rows["baseline: median"]["ap_pixel"] - sk.average_precision_score(y, np.concatenate(median))) <= 1e-10
+    # "area": the brain mask as the map, so its slice score is the brain's share of the slice
+    area = np.concatenate([b.reshape(len(b), -1).mean(1) for b in brain_of])
+    positive = y.reshape(len(area), -1).any(1)
+    assert abs(rows["baseline: area"]["ap_image"] - sk.average_precision_score(positive, area)) <= 1e-10
+    assert abs(rows["baseline: area"]["auroc"] - sk.roc_auc_score(positive, area)) <= 1e-10
     # the bright map's lesion F1 at its own threshold, slice by slice (8-connected) by the oracle
     from lesion_oracle import shifts_counts
 
