@@ -419,6 +419,9 @@ def _merge(out_dir: Path) -> int:
               help="N case resamples (e.g. 1000): 95 % intervals of the metrics and of the ensemble's difference "
                    "to each member and baseline row; 0: none.")
 @click.option("--bootstrap-seed", type=int, default=0, show_default=True, help="Seed of the case resamples.")
+@click.option("--lesion-iou", type=click.FloatRange(0.0, 1.0, min_open=True), default=0.25, show_default=True,
+              help="IoU at which a lesion and a called region match in the lesion-wise counts (0.25: the Shifts MS "
+                   "track's lesion F1; a tiny value such as 1e-9 counts any overlap).")
 @progress_option
 @click.option("--overlays/--no-overlays", default=True, show_default=True,
               help="native protocol: also write eval-overlays/<case>.png, the label's outline on the input and on "
@@ -446,8 +449,8 @@ def _label_values(text: str | None) -> tuple[int, ...] | None:
 
 
 def _eval(out_dir: Path, mask_pattern: str, protocol: str, missing_label: str, label_values, baselines: bool,
-          threshold_text: str | None, bootstrap: int, bootstrap_seed: int, progress: bool, overlays: bool,
-          verbose: int) -> int:
+          threshold_text: str | None, bootstrap: int, bootstrap_seed: int, lesion_iou: float, progress: bool,
+          overlays: bool, verbose: int) -> int:
     from tqdm import tqdm
 
     from condiff.io.atomic import write_json_atomic, write_text_atomic
@@ -463,7 +466,8 @@ def _eval(out_dir: Path, mask_pattern: str, protocol: str, missing_label: str, l
                   disable=not (bootstrap and progress and sys.stderr.isatty())) as bar:
             ev = evaluate(out_dir, mask_pattern, protocol, overlays=overlays and protocol == "native",
                           missing_label=missing_label, label_values=label_values, baselines=baselines,
-                          threshold=given, bootstrap=bootstrap, bootstrap_seed=bootstrap_seed, progress=bar.update)
+                          threshold=given, bootstrap=bootstrap, bootstrap_seed=bootstrap_seed, progress=bar.update,
+                          lesion_iou=lesion_iou)
         click.echo(format_table(ev))
         doc = _nan_to_none(ev.to_dict())  # JSON has no NaN: a metric without both classes is null
         write_json_atomic(out_dir / f"metrics-{protocol}.json", doc)

@@ -74,6 +74,7 @@ class Evaluation:
     intervals: Any = None  # bootstrap.Intervals with --bootstrap
     lesion_threshold: float | None = None  # where the lesion-wise counts were taken
     lesion_counts: LesionDetection | None = None  # all cases' lesion-wise counts at it
+    lesion_iou: float = MIN_IOU  # the IoU at which lesions and called regions match
 
     def to_dict(self) -> dict[str, Any]:
         return {"protocol": self.protocol, "description": DESCRIPTIONS[self.protocol],
@@ -85,7 +86,7 @@ class Evaluation:
                 "rows": [{"row": name, **values} for name, values in self.rows], "counts": self.counts,
                 "bootstrap": None if self.intervals is None else self.intervals.to_dict(),
                 "lesion_detection": None if self.lesion_counts is None else
-                {"threshold": self.lesion_threshold, **self.lesion_counts.to_dict()},
+                {"threshold": self.lesion_threshold, **self.lesion_counts.to_dict(), "min_iou": self.lesion_iou},
                 "cases": self.cases, "per_case": self.per_case,
                 "failures": [{"case": c, "error": e} for c, e in self.failures]}
 
@@ -399,7 +400,7 @@ def _with_given(row: dict[str, float], given: GivenThreshold | None, labels, val
 def evaluate(out_dir: str | Path, mask_pattern: str, protocol: str = "native", overlays: bool = False,
              missing_label: str = "error", label_values: tuple[int, ...] | None = None,
              baselines: bool = False, threshold: GivenThreshold | None = None, bootstrap: int = 0,
-             bootstrap_seed: int = 0, progress=None) -> Evaluation:
+             bootstrap_seed: int = 0, progress=None, lesion_iou: float = MIN_IOU) -> Evaluation:
     """Evaluate every ``ok`` record in ``out_dir`` (see the module docstring); ``overlays`` (native
     protocol) also draws ``eval-overlays/<case>.png``: the label's outline on the input and on the map.
     ``missing_label``: ``error`` (a case without a label file is not evaluated) or ``normal`` (it
@@ -410,7 +411,8 @@ def evaluate(out_dir: str | Path, mask_pattern: str, protocol: str = "native", o
     elsewhere (``read_given_threshold``); the ensemble's Dice at it is the ``dice_given`` column and
     the per-case rows use it instead of the pooled best-Dice threshold. ``bootstrap`` > 0: that many
     case resamples give 95 % intervals of every bootstrapped row and of the ensemble's difference to
-    each other row (``engine.bootstrap``; ``progress(1)`` after each resample)."""
+    each other row (``engine.bootstrap``; ``progress(1)`` after each resample). ``lesion_iou``: the IoU
+    at which lesions and called regions match in the lesion-wise counts (``engine.lesions``)."""
     from .writer import load_records
 
     if protocol not in PROTOCOLS:
@@ -425,7 +427,8 @@ def evaluate(out_dir: str | Path, mask_pattern: str, protocol: str = "native", o
     if not records:
         raise CondiffError(out_dir, "holds no finished cases (records/*.json with status ok)",
                            "run condiff-infer into this folder first")
-    ev = Evaluation(protocol, label_values=tuple(label_values) if label_values else None, given=threshold)
+    ev = Evaluation(protocol, label_values=tuple(label_values) if label_values else None, given=threshold,
+                    lesion_iou=lesion_iou)
     if threshold is not None and threshold.source != "command line" and threshold.label_values != ev.label_values:
         logger.warning("the threshold from %s was chosen for label values %s, these data are evaluated for %s",
                        threshold.source, threshold.label_values or "all > 0", ev.label_values or "all > 0")
@@ -473,7 +476,7 @@ def evaluate(out_dir: str | Path, mask_pattern: str, protocol: str = "native", o
         pixels_of = [(p[1], p[0]) for p in parts]
         if all(p[3] is not None for p in parts) and len({p[3].shape[0] for p in parts}) == 1:
             member_maps = np.concatenate([p[3] for p in parts], axis=1)
-            per_member = [_with_lesion_f1(_row(slice_metrics(member_maps[k], masks, regions=regions)), protocol, parts,
+            per_member = [_with_lesion_f1(_row(slice_metrics(member_maps[k], masks, regions=regions)), ev, parts,
                                           lesions_of, f"member {k}", [p[3][k] for p in parts])
                           for k in range(len(member_maps))]
             for k, row in enumerate(per_member):
@@ -484,12 +487,12 @@ def evaluate(out_dir: str | Path, mask_pattern: str, protocol: str = "native", o
         if baselines:
             for name in BASELINES:
                 row = _row(slice_metrics(np.concatenate([p[4][name] for p in parts]), masks, regions=regions))
-                ev.rows.append((f"baseline: {name}", _with_lesion_f1(row, protocol, parts, lesions_of, f"baseline: {name}",
+                ev.rows.append((f"baseline: {name}", _with_lesion_f1(row, ev, parts, lesions_of, f"baseline: {name}",
                                                                      [p[4][name] for p in parts])))
             # a random map: PRO = FPR along the curve, so the normalised area is max_fpr / 2
             ev.rows.append(("chance", {"ap_image": m.n_positive_samples / m.n_samples, "auroc": 0.5,
                                        "ap_pixel": m.n_positive_pixels / m.n_pixels, "aupro": AUPRO_MAX_FPR / 2}))
-    _with_lesion_f1(ev.rows[0][1], protocol, parts, lesions_of, "ensemble")
+    _with_lesion_f1(ev.rows[0][1], ev, parts, lesions_of, "ensemble")
     if bootstrap > 0:
         from .bootstrap import bootstrap as case_bootstrap
 
@@ -497,7 +500,7 @@ def evaluate(out_dir: str | Path, mask_pattern: str, protocol: str = "native", o
                                       bootstrap_seed, progress=progress)
     case_threshold = m.threshold if threshold is None else threshold.value
     detections = (lesions_of["ensemble"] if threshold is None else
-                  [_case_lesions(protocol, part, case_threshold) for part in parts])
+                  [_case_lesions(protocol, part, case_threshold, min_iou=lesion_iou) for part in parts])
     ev.lesion_threshold = float(case_threshold)
     ev.lesion_counts = sum(detections, LesionDetection())
     ev.per_case = [case_row(case, score, labels, values, case_threshold, det)
@@ -509,29 +512,31 @@ def evaluate(out_dir: str | Path, mask_pattern: str, protocol: str = "native", o
     return ev
 
 
-def _with_lesion_f1(row: dict[str, float], protocol: str, parts: list[tuple], lesions_of: dict, name: str,
+def _with_lesion_f1(row: dict[str, float], ev: Evaluation, parts: list[tuple], lesions_of: dict, name: str,
                     case_maps=None) -> dict[str, float]:
     """``row`` with the lesion F1 at its own best-Dice threshold, of the ensemble's maps or ``case_maps``
     (one map per case on the same pixels: a member's or a baseline's); the per-case counts go to
     ``lesions_of[name]`` (the bootstrap resamples them)."""
     maps = case_maps if case_maps is not None else [None] * len(parts)
-    lesions_of[name] = [_case_lesions(protocol, part, row["threshold"], m) for part, m in zip(parts, maps)]
+    lesions_of[name] = [_case_lesions(ev.protocol, part, row["threshold"], m, ev.lesion_iou) for part, m in zip(parts, maps)]
     row["lesion_f1"] = sum(lesions_of[name], LesionDetection()).f1
     return row
 
 
-def _case_lesions(protocol: str, part: tuple, threshold: float, case_map: np.ndarray | None = None) -> LesionDetection:
+def _case_lesions(protocol: str, part: tuple, threshold: float, case_map: np.ndarray | None = None,
+                  min_iou: float = MIN_IOU) -> LesionDetection:
     """One case's lesion-wise counts at ``threshold``, its lesions connected as in the table;
     ``case_map`` (benchmark): another map of the case's slices instead of the ensemble's."""
     if protocol == "benchmark":
         maps = part[0] if case_map is None else case_map
-        return lesion_detection(lesion_regions(part[1], per_slice=True), maps >= threshold, per_slice=True)
+        return lesion_detection(lesion_regions(part[1], per_slice=True), maps >= threshold, per_slice=True,
+                                min_iou=min_iou)
     _, values, _, _, regions, (shape, packed) = part
     size = int(np.prod(shape))
     sel = np.ones(shape, dtype=bool) if packed is None else np.unpackbits(packed, count=size).reshape(shape).astype(bool)
     called, ids = np.zeros(shape, dtype=bool), np.zeros(shape, dtype=np.int32)
     called[sel], ids[sel] = values >= threshold, regions
-    return lesion_detection(ids, called)
+    return lesion_detection(ids, called, min_iou=min_iou)
 
 
 def _pooled_rows(protocol: str, parts: list[tuple], rows: list[tuple[str, dict]],
@@ -612,7 +617,8 @@ def format_table(ev: Evaluation) -> str:
         lines += ["best Dice threshold chosen on the evaluated data (as the benchmark does)",
                   "Dice@5%FPR: the most pixels called at <= 5 % of normal pixels; AUPRO@30%: mean overlap per "
                   f"connected lesion, area to {AUPRO_MAX_FPR:.0%} FPR; lesion F1: lesions and called regions matched "
-                  f"at IoU >= {MIN_IOU} (Shifts' lesion F1), at each row's best-Dice thr"]
+                  f"at IoU >= {ev.lesion_iou:g}" + (" (Shifts' lesion F1)" if ev.lesion_iou == MIN_IOU else "")
+                  + ", at each row's best-Dice thr"]
         if ev.given is not None:
             lines.append(f"Dice@given: threshold {ev.given.value:.6g} chosen outside these data ({ev.given.source})")
     if ev.lesion_counts is not None and ev.lesion_counts.lesions + ev.lesion_counts.called_regions > 0:

@@ -86,7 +86,7 @@ class LesionDetection:
     def to_dict(self) -> dict[str, float]:
         return {"lesions": self.lesions, "found": self.found, "called_regions": self.called_regions,
                 "false_regions": self.false_regions, "recall": self.recall, "precision": self.precision,
-                "f1": self.f1, "min_iou": MIN_IOU}
+                "f1": self.f1}
 
 
 def _best_iou(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -549,3 +549,22 @@ def test_lesion_wise_counts_at_the_table_threshold(run, tmp_path, protocol):
     assert f"{total[1]} of {total[0]} lesions found" in res.stdout
     if protocol == "native":
         assert det["lesions"] == 6  # (blob, cube with its corner voxel) x 3 cases
+    assert det["min_iou"] == 0.25
+
+
+def test_lesion_iou_option(run, tmp_path):
+    """--lesion-iou changes the matching (here to any overlap), recorded in the JSON; 0 is refused."""
+    from lesion_oracle import shifts_counts
+
+    scans, out = run
+    res = _eval(out, "--masks", SEG, "--protocol", "benchmark", "--lesion-iou", "1e-9")
+    assert res.exit_code == 0, res.output + res.stderr
+    doc = json.loads((out / "metrics-benchmark.json").read_text())
+    thr = doc["rows"][0]["threshold"]
+    assert doc["lesion_detection"]["min_iou"] == 1e-9 and "IoU >= 1e-09," in res.stdout
+    for k, row in enumerate(doc["per_case"]):
+        seg, amap, _ = _case_arrays(scans, out, k, "benchmark")
+        les, found, _, false = np.sum([shifts_counts(s, a >= thr, 2, min_iou=1e-9) for s, a in zip(seg, amap)], axis=0)
+        assert (row["lesions"], row["lesions_found"], row["false_regions"]) == (les, found, false)
+    res = _eval(out, "--masks", SEG, "--lesion-iou", "0")
+    assert res.exit_code == 2 and "--lesion-iou" in res.stderr
