@@ -568,3 +568,42 @@ def test_lesion_iou_option(run, tmp_path):
         assert (row["lesions"], row["lesions_found"], row["false_regions"]) == (les, found, false)
     res = _eval(out, "--masks", SEG, "--lesion-iou", "0")
     assert res.exit_code == 2 and "--lesion-iou" in res.stderr
+
+
+def test_photographs_are_evaluated_against_png_masks(tmp_path):
+    """RGB photos with PNG masks: both protocols run, and the native per-case lesion counts are the
+    oracle's on the written float TIFF maps (8-connected in 2-D)."""
+    import tifffile
+    from PIL import Image
+
+    from lesion_oracle import shifts_counts
+
+    with one_torch_thread():
+        models = make_model_set(tmp_path / "set", n_members=2, image_channels=3,
+                                preprocessing={"modality": "rgb", "image_size": 32})
+        rng = np.random.default_rng(0)
+        photos = tmp_path / "in"
+        photos.mkdir()
+        for k in range(3):
+            Image.fromarray((rng.random((40, 52, 3)) * 255).astype(np.uint8)).save(photos / f"eye{k}.png")
+            mask = np.zeros((40, 52), np.uint8)
+            mask[10 + k:20 + k, 15:25] = mask[30:33, 40:44] = 255
+            Image.fromarray(mask).save(photos / f"eye{k}_mask.png")
+        out = tmp_path / "out"
+        res = CliRunner().invoke(infer_main, [str(photos), "-o", str(out), "--models", str(models), *FAST,
+                                              "--save-member-maps"], catch_exceptions=False)
+    assert res.exit_code == 0, res.output + res.stderr
+    for protocol in ("native", "benchmark"):
+        extra = ["--baselines"] if protocol == "benchmark" else []
+        res = _eval(out, "--masks", "{dir}/{stem}_mask.png", "--protocol", protocol, *extra)
+        assert res.exit_code == 0, res.output + res.stderr
+        doc = json.loads((out / f"metrics-{protocol}.json").read_text())
+        assert doc["counts"]["cases"] == 3 and all(r["lesions"] == 2 for r in doc["per_case"])
+    doc = json.loads((out / "metrics-native.json").read_text())
+    thr = doc["rows"][0]["threshold"]
+    for k, row in enumerate(doc["per_case"]):
+        with Image.open(photos / f"eye{k}_mask.png") as im:
+            label = np.asarray(im) > 0
+        amap = tifffile.imread(out / "maps" / f"eye{k}.tiff")
+        les, found, _, false = shifts_counts(label, amap >= thr, 2)
+        assert (row["lesions"], row["lesions_found"], row["false_regions"]) == (les, found, false)
