@@ -456,14 +456,22 @@ def evaluate(out_dir: str | Path, mask_pattern: str, protocol: str = "native", o
         scores_of.append(rec["score"])
     if not parts:
         return ev
-    regions = None
     lesions_of: dict[str, list[LesionDetection]] = {}  # per row: each case's lesion-wise counts at its threshold
+
+    def with_lesion_f1(name: str, row: dict[str, float], case_maps: list | None = None) -> dict[str, float]:
+        """``row`` with its lesion F1 at its own best-Dice threshold (of the ensemble's maps or
+        ``case_maps``: one per case on the same pixels); the per-case counts go to ``lesions_of``."""
+        lesions_of[name] = _lesion_counts(protocol, parts, case_regions, row["threshold"], lesion_iou, case_maps)
+        row["lesion_f1"] = sum(lesions_of[name], LesionDetection()).f1
+        return row
+
     if protocol == "native":
         py = np.concatenate([p[0] for p in parts])
         ps = np.concatenate([p[1] for p in parts])
         sy = np.concatenate([p[2] for p in parts])
         ss = np.concatenate([p[3] for p in parts])
-        m = detection_metrics(sy, ss, py, ps, offset_regions([p[4] for p in parts]))
+        case_regions = [p[4] for p in parts]
+        m = detection_metrics(sy, ss, py, ps, offset_regions(case_regions))
         ev.rows.append(("ensemble", _with_given(_row(m), threshold, py, ps)))
         pixels_of = [(p[0], p[1]) for p in parts]
     else:
@@ -471,14 +479,14 @@ def evaluate(out_dir: str | Path, mask_pattern: str, protocol: str = "native", o
         masks = np.concatenate([p[1] for p in parts])
         scores = np.concatenate([p[2] for p in parts])
         regions = lesion_regions(masks, per_slice=True)
+        case_regions = np.split(regions, np.cumsum([len(p[1]) for p in parts])[:-1])  # per case; ids stay unique
         m = slice_metrics(maps, masks, scores, regions)
         ev.rows.append(("ensemble", _with_given(_row(m), threshold, masks, maps)))
         pixels_of = [(p[1], p[0]) for p in parts]
         if all(p[3] is not None for p in parts) and len({p[3].shape[0] for p in parts}) == 1:
             member_maps = np.concatenate([p[3] for p in parts], axis=1)
-            per_member = [_with_lesion_f1(_row(slice_metrics(member_maps[k], masks, regions=regions)), ev, parts,
-                                          lesions_of, f"member {k}", [p[3][k] for p in parts])
-                          for k in range(len(member_maps))]
+            per_member = [with_lesion_f1(f"member {k}", _row(slice_metrics(member_maps[k], masks, regions=regions)),
+                                         [p[3][k] for p in parts]) for k in range(len(member_maps))]
             for k, row in enumerate(per_member):
                 ev.rows.append((f"member {k}", row))
             for stat in ("avg", "max", "std"):
@@ -487,20 +495,19 @@ def evaluate(out_dir: str | Path, mask_pattern: str, protocol: str = "native", o
         if baselines:
             for name in BASELINES:
                 row = _row(slice_metrics(np.concatenate([p[4][name] for p in parts]), masks, regions=regions))
-                ev.rows.append((f"baseline: {name}", _with_lesion_f1(row, ev, parts, lesions_of, f"baseline: {name}",
-                                                                     [p[4][name] for p in parts])))
+                ev.rows.append((f"baseline: {name}", with_lesion_f1(f"baseline: {name}", row, [p[4][name] for p in parts])))
             # a random map: PRO = FPR along the curve, so the normalised area is max_fpr / 2
             ev.rows.append(("chance", {"ap_image": m.n_positive_samples / m.n_samples, "auroc": 0.5,
                                        "ap_pixel": m.n_positive_pixels / m.n_pixels, "aupro": AUPRO_MAX_FPR / 2}))
-    _with_lesion_f1(ev.rows[0][1], ev, parts, lesions_of, "ensemble")
+    with_lesion_f1("ensemble", ev.rows[0][1])
     if bootstrap > 0:
         from .bootstrap import bootstrap as case_bootstrap
 
-        ev.intervals = case_bootstrap(_pooled_rows(protocol, parts, ev.rows, regions, lesions_of), bootstrap,
+        ev.intervals = case_bootstrap(_pooled_rows(protocol, parts, ev.rows, case_regions, lesions_of), bootstrap,
                                       bootstrap_seed, progress=progress)
     case_threshold = m.threshold if threshold is None else threshold.value
     detections = (lesions_of["ensemble"] if threshold is None else
-                  [_case_lesions(protocol, part, case_threshold, min_iou=lesion_iou) for part in parts])
+                  _lesion_counts(protocol, parts, case_regions, case_threshold, lesion_iou))
     ev.lesion_threshold = float(case_threshold)
     ev.lesion_counts = sum(detections, LesionDetection())
     ev.per_case = [case_row(case, score, labels, values, case_threshold, det)
@@ -512,26 +519,22 @@ def evaluate(out_dir: str | Path, mask_pattern: str, protocol: str = "native", o
     return ev
 
 
-def _with_lesion_f1(row: dict[str, float], ev: Evaluation, parts: list[tuple], lesions_of: dict, name: str,
-                    case_maps=None) -> dict[str, float]:
-    """``row`` with the lesion F1 at its own best-Dice threshold, of the ensemble's maps or ``case_maps``
-    (one map per case on the same pixels: a member's or a baseline's); the per-case counts go to
-    ``lesions_of[name]`` (the bootstrap resamples them)."""
+def _lesion_counts(protocol: str, parts: list[tuple], case_regions: list[np.ndarray], threshold: float,
+                   min_iou: float, case_maps: list | None = None) -> list[LesionDetection]:
+    """Each case's lesion-wise counts at ``threshold``, its lesions as the table labelled them
+    (``case_regions``); ``case_maps`` (benchmark): another map per case instead of the ensemble's."""
     maps = case_maps if case_maps is not None else [None] * len(parts)
-    lesions_of[name] = [_case_lesions(ev.protocol, part, row["threshold"], m, ev.lesion_iou) for part, m in zip(parts, maps)]
-    row["lesion_f1"] = sum(lesions_of[name], LesionDetection()).f1
-    return row
+    return [_case_lesions(protocol, part, ids, threshold, m, min_iou) for part, ids, m in zip(parts, case_regions, maps)]
 
 
-def _case_lesions(protocol: str, part: tuple, threshold: float, case_map: np.ndarray | None = None,
-                  min_iou: float = MIN_IOU) -> LesionDetection:
-    """One case's lesion-wise counts at ``threshold``, its lesions connected as in the table;
-    ``case_map`` (benchmark): another map of the case's slices instead of the ensemble's."""
+def _case_lesions(protocol: str, part: tuple, regions: np.ndarray, threshold: float, case_map: np.ndarray | None,
+                  min_iou: float) -> LesionDetection:
+    """One case's lesion-wise counts; ``regions``: its lesion ids (benchmark: its slices; native: its
+    evaluated voxels, placed back on the grid here)."""
     if protocol == "benchmark":
         maps = part[0] if case_map is None else case_map
-        return lesion_detection(lesion_regions(part[1], per_slice=True), maps >= threshold, per_slice=True,
-                                min_iou=min_iou)
-    _, values, _, _, regions, (shape, packed) = part
+        return lesion_detection(regions, maps >= threshold, per_slice=True, min_iou=min_iou)
+    _, values, _, _, _, (shape, packed) = part
     size = int(np.prod(shape))
     sel = np.ones(shape, dtype=bool) if packed is None else np.unpackbits(packed, count=size).reshape(shape).astype(bool)
     called, ids = np.zeros(shape, dtype=bool), np.zeros(shape, dtype=np.int32)
@@ -539,28 +542,26 @@ def _case_lesions(protocol: str, part: tuple, threshold: float, case_map: np.nda
     return lesion_detection(ids, called, min_iou=min_iou)
 
 
-def _pooled_rows(protocol: str, parts: list[tuple], rows: list[tuple[str, dict]],
-                 regions: np.ndarray | None = None, lesions_of: dict | None = None) -> dict:
+def _pooled_rows(protocol: str, parts: list[tuple], rows: list[tuple[str, dict]], case_regions: list[np.ndarray],
+                 lesions_of: dict) -> dict:
     """``bootstrap.PooledCases`` per bootstrapped row (ensemble first; members and baselines where
     the table has them), case by case, on exactly the pixels and samples of the table.
-    ``regions``: the benchmark protocol's lesion ids of all cases' slices, as the table labelled them;
-    ``lesions_of``: each row's per-case lesion-wise counts."""
+    ``case_regions``: each case's lesion ids, as the table labelled them; ``lesions_of``: each row's
+    per-case lesion-wise counts."""
     from .bootstrap import PooledCases
 
-    lesions_of = lesions_of or {}
     names = [name for name, _ in rows]
     if protocol == "native":
-        return {"ensemble": PooledCases([p[0] for p in parts], [p[1] for p in parts], [p[4] for p in parts],
+        return {"ensemble": PooledCases([p[0] for p in parts], [p[1] for p in parts], case_regions,
                                         [p[2] for p in parts], [p[3] for p in parts],
                                         lesion_counts=lesions_of.get("ensemble"))}
     masks = [p[1] for p in parts]
-    regions = np.split(regions, np.cumsum([len(m) for m in masks])[:-1])  # per case; ids stay unique
     positive = [m.reshape(len(m), -1).any(axis=1) for m in masks]
 
     def pooled(name: str, maps: list[np.ndarray], scores: list[np.ndarray] | None = None) -> PooledCases:
         if scores is None:  # slice_metrics' sample score: the map's mean over the slice
             scores = [m.reshape(len(m), -1).astype(np.float64).mean(axis=1) for m in maps]
-        return PooledCases(masks, maps, regions, positive, scores, lesion_counts=lesions_of.get(name))
+        return PooledCases(masks, maps, case_regions, positive, scores, lesion_counts=lesions_of.get(name))
 
     out = {"ensemble": pooled("ensemble", [p[0] for p in parts], [p[2] for p in parts])}
     for name in names:
