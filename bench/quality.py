@@ -50,17 +50,30 @@ def _versions() -> dict:
             "python": platform.python_version(), "machine": platform.node(), "cpu": platform.processor()}
 
 
-def lesion_analysis(out: Path, label_pattern: str, label_values=None) -> tuple[dict, dict]:
-    """(intensity baselines, healthy-tissue response) on exactly the slices and masks the benchmark
-    protocol uses, from one pass of bench/healthy_response.py over the written model-space files."""
+def healthy_tissue(out: Path, label_pattern: str, label_values=None) -> dict:
+    """bench/healthy_response.py's pooled summary on exactly the slices and masks the benchmark
+    protocol uses (where in healthy tissue the map answers)."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     try:
         from healthy_response import healthy_response
     finally:
         sys.path.pop(0)
-    pooled = healthy_response(out, label_pattern, label_values)["pooled"]
-    baselines = {name: {"ap_pixel": pooled["ap_pixel"][name]} for name in (*BASELINES, "chance")}
-    return baselines, pooled
+    return healthy_response(out, label_pattern, label_values)["pooled"]
+
+
+def split_baselines(ev: dict, keys: tuple[str, ...] = ("ap_pixel",)) -> tuple[list[dict], dict]:
+    """condiff-eval's rows (``Evaluation.to_dict``) without its baseline and chance rows, and those
+    as ``{name: {key: value}}`` (chance: its AP_p), in the table's order."""
+    rows, baselines, chance = [], {}, None
+    for row in ev["rows"]:
+        if row["row"].startswith("baseline: "):
+            baselines[row["row"][len("baseline: "):]] = {k: row[k] for k in keys}
+        elif row["row"] == "chance":
+            chance = {"ap_pixel": row["ap_pixel"]}
+        else:
+            rows.append(row)
+    baselines["chance"] = chance
+    return rows, baselines
 
 
 def run_lesions(args, report: dict) -> None:
@@ -86,18 +99,14 @@ def run_lesions(args, report: dict) -> None:
         if proc.returncode not in (0, 1):
             report["lesions"][name] = {"error": proc.stderr[-2000:], "command": " ".join(cmd)}
             continue
-        # one pass scores the baselines too (their lesion F1, and with --bootstrap the intervals of the gaps need
-        # them on the same draws); their rows stay out of the table, whose baselines come from lesion_analysis below
+        # one pass scores the model and the baselines on the same pixels (with --bootstrap, on the same draws);
+        # the baselines are reported beside the table rather than in it
         ev = evaluate(out, spec["labels"], "benchmark", baselines=True, bootstrap=args.bootstrap).to_dict()
         boot = ev.pop("bootstrap")
-        lesion_f1 = {r["row"][10:]: r["lesion_f1"] for r in ev["rows"] if r["row"].startswith("baseline: ")}
-        ev["rows"] = [r for r in ev["rows"] if not r["row"].startswith("baseline: ") and r["row"] != "chance"]
+        ev["rows"], baselines = split_baselines(ev, ("ap_pixel", "lesion_f1"))
         run = json.loads((out / "run.json").read_text()) if (out / "run.json").is_file() else {}
-        baselines, healthy = lesion_analysis(out, spec["labels"])
-        for baseline, f1 in lesion_f1.items():
-            baselines[baseline]["lesion_f1"] = f1
         report["lesions"][name] = {"command": " ".join(cmd), "wall_s": elapsed, "evaluation": ev,
-                                   "baselines": baselines, "healthy_response": healthy,
+                                   "baselines": baselines, "healthy_response": healthy_tissue(out, spec["labels"]),
                                    "throughput": run.get("throughput"),
                                    "regions": label_regions(out, spec["labels"], spec.get("regions", {}))}
         if boot is not None:  # condiff-eval --baselines --bootstrap N: is the gap to the baselines luck of the cases?
@@ -112,10 +121,9 @@ def label_regions(out: Path, label_pattern: str, regions: dict) -> dict:
     found = {}
     for region, values in regions.items():
         ev = evaluate(out, label_pattern, "benchmark", label_values=values, baselines=True).to_dict()
-        rows = {r["row"]: r for r in ev["rows"]}
-        baselines = {name: {"ap_pixel": rows.pop(f"baseline: {name}")["ap_pixel"]} for name in BASELINES}
-        baselines["chance"] = {"ap_pixel": rows.pop("chance")["ap_pixel"]}
-        found[region] = {"label_values": list(values), "counts": ev["counts"], "rows": rows, "baselines": baselines}
+        rows, baselines = split_baselines(ev)
+        found[region] = {"label_values": list(values), "counts": ev["counts"], "rows": {r["row"]: r for r in rows},
+                         "baselines": baselines}
     return found
 
 
