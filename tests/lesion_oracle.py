@@ -20,3 +20,8 @@ def shifts_counts(label, called, connectivity, min_iou=0.25):
     true = sum(any(iou(i, j) >= min_iou for i in np.unique(lesions[regions == j]) if i)
                for j in range(1, n_regions + 1))
     return n_lesions, found, n_regions, n_regions - true
+
+
+def shifts_f1(lesions, found, called, false):
+    """The Shifts track's lesion F1 from those counts: true regions / (true + (false + missed) / 2)."""
+    return (called - false) / (called - false + 0.5 * (false + lesions - found))

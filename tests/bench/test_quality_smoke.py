@@ -53,7 +53,7 @@ def test_quality_smoke_report_is_self_consistent(tmp_path):
         dice = np.nanmax(2 * p * r / (p + r))
     assert ens["dice"] == pytest.approx(dice, abs=1e-9)
     # lesion by lesion at the recorded threshold: skimage's 8-connected components per slice
-    from lesion_oracle import shifts_counts
+    from lesion_oracle import shifts_counts, shifts_f1
 
     det = res["evaluation"]["lesion_detection"]
     assert det["threshold"] == ens["threshold"]
@@ -61,7 +61,7 @@ def test_quality_smoke_report_is_self_consistent(tmp_path):
                                                  for y, m in zip(masks, maps)], axis=0)
     assert (det["lesions"], det["found"], det["called_regions"], det["false_regions"]) == (n_lesions, found, n_regions, false)
     assert n_lesions > 0 and f"{found} of {n_lesions} lesions found" in (tmp_path / "quality.md").read_text()
-    assert ens["lesion_f1"] == pytest.approx((n_regions - false) / (n_regions - false + 0.5 * (false + n_lesions - found)))
+    assert ens["lesion_f1"] == pytest.approx(shifts_f1(n_lesions, found, n_regions, false))
     # members avg is the mean of the member rows
     members = [r for name, r in rows.items() if name.startswith("member ")]
     assert rows["members avg"]["ap_pixel"] == pytest.approx(np.mean([m["ap_pixel"] for m in members]), abs=1e-12)

@@ -11,7 +11,7 @@ from condiff.metrics import aupro, dice_at_fpr
 
 sk = pytest.importorskip("sklearn.metrics")
 pytest.importorskip("skimage.measure")
-from lesion_oracle import shifts_counts  # noqa: E402  (needs skimage)
+from lesion_oracle import shifts_counts, shifts_f1  # noqa: E402  (needs skimage)
 
 LESION_THR = 0.6  # the fixed threshold of the lesion-wise counts in these tests
 
@@ -19,10 +19,6 @@ LESION_THR = 0.6  # the fixed threshold of the lesion-wise counts in these tests
 def _slice_counts(masks, maps, thr):
     """(lesions, found, called, false) of a stack of slices, 8-connected per slice, by the oracle."""
     return np.sum([shifts_counts(y, x >= thr, 2) for y, x in zip(masks, maps)], axis=0)
-
-
-def _shifts_f1(lesions, found, called, false):
-    return (called - false) / (called - false + 0.5 * (false + lesions - found))
 
 
 def _cases(seed, n_cases=4):
@@ -80,7 +76,7 @@ def test_a_reweighted_resample_equals_the_concatenated_cases(mult):
     # lesion F1: the oracle's counts of every drawn copy, added
     copies = [c for c, m in zip(cases, mult) for _ in range(m)]
     counts = np.sum([_slice_counts(masks, maps, LESION_THR) for masks, maps in copies], axis=0)
-    assert counts[0] > 0 and abs(got["lesion_f1"] - _shifts_f1(*counts)) <= 1e-12
+    assert counts[0] > 0 and abs(got["lesion_f1"] - shifts_f1(*counts)) <= 1e-12
 
 
 def test_a_resample_without_lesions_is_undefined_and_left_out():

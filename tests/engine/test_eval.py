@@ -77,13 +77,13 @@ def test_benchmark_protocol_matches_sklearn_on_model_space(run):
     assert (out / "metrics-benchmark.csv").read_text().startswith(
         "protocol,row,AP_i,AUROC,AP_p,best Dice,thr,Dice@5%FPR,AUPRO@30%,lesion F1\n")
     # each member's lesion F1 at its own best-Dice threshold, counted by the Shifts-style oracle
-    from lesion_oracle import shifts_counts
+    from lesion_oracle import shifts_counts, shifts_f1
 
     f1s = []
     for k in range(2):
         thr = rows[f"member {k}"]["threshold"]
         les, found, called, false = np.sum([shifts_counts(y, m >= thr, 2) for y, m in zip(masks, member[k])], axis=0)
-        f1s.append((called - false) / (called - false + 0.5 * (false + les - found)))
+        f1s.append(shifts_f1(les, found, called, false))
         assert abs(rows[f"member {k}"]["lesion_f1"] - f1s[-1]) <= 1e-12
     assert abs(rows["members avg"]["lesion_f1"] - np.mean(f1s)) <= 1e-12
 
@@ -273,14 +273,14 @@ def test_baselines_score_intensity_inside_the_brain_like_sklearn(run):
     assert abs(rows["baseline: area"]["ap_image"] - sk.average_precision_score(positive, area)) <= 1e-10
     assert abs(rows["baseline: area"]["auroc"] - sk.roc_auc_score(positive, area)) <= 1e-10
     # the bright map's lesion F1 at its own threshold, slice by slice (8-connected) by the oracle
-    from lesion_oracle import shifts_counts
+    from lesion_oracle import shifts_counts, shifts_f1
 
     thr = rows["baseline: bright"]["threshold"]
     shape = (-1, *z["slices"].shape[-2:])
     slices = zip(y.reshape(shape), np.concatenate(bright).reshape(shape))
     les, found, called, false = np.sum([shifts_counts(m, b >= thr, 2) for m, b in slices], axis=0)
     assert called > 0 and abs(rows["baseline: bright"]["lesion_f1"]
-                              - (called - false) / (called - false + 0.5 * (false + les - found))) <= 1e-12
+                              - shifts_f1(les, found, called, false)) <= 1e-12
     # the ensemble row is untouched by the extra rows
     plain = _eval(out, "--masks", SEG, "--protocol", "benchmark")
     assert plain.exit_code == 0 and "baseline" not in plain.stdout
