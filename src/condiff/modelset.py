@@ -19,7 +19,10 @@ CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
 SET_FILE = "set.json"
 SET_SCHEMA = "condiff.modelset/1"
+SET_SCHEMA_MAJOR = 1
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+PICKLE_HINT = ("condiff loads only safetensors: pickled weights are never loaded on the inference path; "
+               "import them explicitly with condiff-export --import-diffusers DIR -o OUT")
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -92,8 +95,7 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu") -> tup
     weights = model_dir / WEIGHTS
     if not weights.is_file():
         pickles = [p.name for p in model_dir.iterdir() if p.suffix in PICKLE_SUFFIXES]
-        hint = ("pickled weights are never loaded on the inference path; import them explicitly with "
-                "condiff-export --import-diffusers DIR -o OUT") if pickles else None
+        hint = PICKLE_HINT if pickles else None
         raise ModelFolderError(model_dir, f"no {WEIGHTS} (found {pickles or 'nothing'})", hint)
     try:
         state = load_file(str(weights))
@@ -154,8 +156,50 @@ def save_model_set(set_dir: str | Path, member_dirs: list[str | Path], name: str
     return set_dir
 
 
+def _pickle_files(model_dir: Path) -> list[Path]:
+    """Pickle-format weight files (``*.pt``, ``*.bin``, ...) at the top level of a model folder."""
+    try:
+        return sorted(p for p in model_dir.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES and p.is_file())
+    except OSError:
+        return []
+
+
+def _refuse_pickles(model_dir: Path) -> None:
+    pickles = _pickle_files(model_dir)
+    if pickles:
+        raise ModelSetError(pickles[0], "pickle-format weight file in a model folder"
+                            + (f" (also {', '.join(p.name for p in pickles[1:])})" if len(pickles) > 1 else ""),
+                            f"{PICKLE_HINT}; if {WEIGHTS} already holds these weights, delete the pickle file")
+
+
+def _json_type(value: object) -> str:
+    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "a number", float: "a number"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
+
+
+def _check_set_schema(set_file: Path, schema: object) -> None:
+    """``condiff.modelset/<major>`` or ``condiff.modelset/<major>.<minor>``: any minor of our major."""
+    prefix = SET_SCHEMA.split("/", 1)[0] + "/"
+    if not isinstance(schema, str) or not schema.startswith(prefix):
+        raise ModelSetError(set_file, f"{SET_FILE} has no condiff model-set schema (found {schema!r})",
+                            f"this condiff reads {SET_SCHEMA}")
+    parts = schema[len(prefix):].split(".")
+    if len(parts) > 2 or not all(p.isascii() and p.isdigit() for p in parts):
+        raise ModelSetError(set_file, f"unreadable schema version {schema!r}",
+                            f"expected {prefix}<major> or {prefix}<major>.<minor>; this condiff reads {SET_SCHEMA}")
+    major = int(parts[0])
+    if major != SET_SCHEMA_MAJOR:
+        hint = (f"written by a newer condiff; upgrade condiff to a release that reads {prefix}{major}"
+                if major > SET_SCHEMA_MAJOR else f"use a condiff release that reads {prefix}{major}")
+        raise ModelSetError(set_file, f"schema {schema} is not supported by this condiff (reads {SET_SCHEMA})", hint)
+
+
 def open_model_set(path: str | Path, verify: bool = True) -> ModelSet:
-    """A model set folder (with set.json) or a single model folder (a set of one)."""
+    """A model set folder (with set.json) or a single model folder (a set of one).
+
+    Every problem with the set is a ``ModelSetError`` (or ``ModelFolderError`` from a member's
+    config.json), never a bare KeyError or AttributeError; pickle-format weight files in a model
+    folder are refused even beside model.safetensors."""
     path = Path(path)
     if not path.exists():
         raise ModelSetError(path, "does not exist")
@@ -163,22 +207,35 @@ def open_model_set(path: str | Path, verify: bool = True) -> ModelSet:
     if not set_file.is_file():
         if (path / CONFIG).is_file():
             cfg = read_config(path)
+            _refuse_pickles(path)
             digest = hashlib.sha256(sha256_file(path / WEIGHTS).encode()).hexdigest() if (path / WEIGHTS).is_file() else ""
             return ModelSet(path, [path], [cfg], digest)
         raise ModelSetError(path, f"neither a model set ({SET_FILE}) nor a model folder ({CONFIG})")
     raw_bytes = set_file.read_bytes()
     try:
         doc = json.loads(raw_bytes)
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ModelSetError(set_file, f"invalid JSON ({exc})") from exc
-    if not str(doc.get("schema", "")).startswith("condiff.modelset/1"):
-        raise ModelSetError(set_file, f"unsupported schema {doc.get('schema')!r} (this condiff reads {SET_SCHEMA})")
-    members = doc.get("members") or []
+    if not isinstance(doc, dict):
+        raise ModelSetError(set_file, f"is not a JSON object (found {_json_type(doc)})",
+                            f'a model set is {{"schema": "{SET_SCHEMA}", "members": [{{"path": ..., "sha256": ...}}, ...]}}')
+    _check_set_schema(set_file, doc.get("schema"))
+    members = doc.get("members")
+    if members is not None and not isinstance(members, list):
+        raise ModelSetError(set_file, f'"members" is not a list (found {_json_type(members)})')
     if not members:
         raise ModelSetError(set_file, "lists no members")
+    for k, m in enumerate(members, 1):
+        if not isinstance(m, dict):
+            raise ModelSetError(set_file, f"member {k} is not an object (found {_json_type(m)})")
+        if "path" not in m:
+            raise ModelSetError(set_file, f'member {k} has no "path"')
+        if not isinstance(m["path"], str):
+            raise ModelSetError(set_file, f'member {k} has a "path" that is not a string (found {m["path"]!r})')
     dirs, configs = [], []
     for m in members:
         d = path / m["path"]
+        _refuse_pickles(d)
         if verify:
             actual = sha256_file(d / WEIGHTS) if (d / WEIGHTS).is_file() else None
             if actual != m.get("sha256"):

@@ -165,3 +165,137 @@ def test_canonical_header_keeps_length_and_data():
     assert c1 == c2 and len(c1) == len(one) and c1[:8] == one[:8]
     assert c1[8 + n:] == one[8 + n:]  # the data buffer, byte for byte
     assert json.loads(c1[8:8 + n]) == json.loads(one[8:8 + n])
+
+
+# ------------------------------------------------------------------ broken model sets: ModelSetError, never a traceback
+
+def _valid_set(root, n=2):
+    for i in range(n):
+        m, cfg = _model(i)
+        save_model(root / f"fold{i}", m, cfg)
+    save_model_set(root, [root / f"fold{i}" for i in range(n)])
+    assert len(open_model_set(root)) == n
+    return root
+
+
+def _edit_set(root, edit):
+    doc = json.loads((root / "set.json").read_text())
+    doc = edit(doc)
+    (root / "set.json").write_text(json.dumps(doc))
+
+
+def _refused(root, *fragments):
+    with pytest.raises(ModelSetError) as info:
+        open_model_set(root)
+    text = str(info.value)
+    for fragment in fragments:
+        assert fragment in text, (fragment, text)
+    return info.value
+
+
+def test_set_json_that_is_not_an_object_is_refused(tmp_path):
+    _edit_set(_valid_set(tmp_path), lambda doc: [doc])
+    err = _refused(tmp_path, "set.json", "not a JSON object", "an array")
+    assert err.path == str(tmp_path / "set.json")
+
+
+@pytest.mark.parametrize("members, fragment", [
+    ({"fold0": "x"}, '"members" is not a list'),
+    ("fold0", '"members" is not a list'),
+])
+def test_set_members_that_are_not_a_list_are_refused(tmp_path, members, fragment):
+    _edit_set(_valid_set(tmp_path), lambda doc: {**doc, "members": members})
+    err = _refused(tmp_path, "set.json", fragment)
+    assert err.path == str(tmp_path / "set.json")
+
+
+@pytest.mark.parametrize("member, fragment", [
+    ("fold1", "member 2 is not an object"),
+    (["fold1"], "member 2 is not an object"),
+    ({"sha256": "0" * 64}, 'member 2 has no "path"'),
+    ({"path": 1, "sha256": "0" * 64}, 'member 2 has a "path" that is not a string'),
+    ({"path": None}, 'member 2 has a "path" that is not a string'),
+])
+def test_set_member_without_a_usable_path_is_refused(tmp_path, member, fragment):
+    _edit_set(_valid_set(tmp_path), lambda doc: {**doc, "members": [doc["members"][0], member]})
+    err = _refused(tmp_path, "set.json", fragment)
+    assert err.path == str(tmp_path / "set.json")
+
+
+@pytest.mark.parametrize("schema", ["condiff.modelset/10", "condiff.modelset/1x", "condiff.modelset/2",
+                                    "condiff.modelset/2.0", "condiff.modelset/1.2.3", "condiff.modelset/",
+                                    "condiff.model/1", None, 1])
+def test_set_schema_major_is_parsed_not_prefix_matched(tmp_path, schema):
+    _edit_set(_valid_set(tmp_path), lambda doc: {**doc, "schema": schema})
+    err = _refused(tmp_path, "set.json")
+    assert err.path == str(tmp_path / "set.json")
+    if schema in ("condiff.modelset/10", "condiff.modelset/2", "condiff.modelset/2.0"):
+        assert f"schema {schema} is not supported by this condiff (reads condiff.modelset/1)" in str(err)
+        assert "written by a newer condiff; upgrade condiff" in str(err)
+    elif isinstance(schema, str) and schema.startswith("condiff.modelset/"):
+        assert "unreadable schema version" in str(err)
+    else:
+        assert "no condiff model-set schema" in str(err)
+
+
+@pytest.mark.parametrize("schema", ["condiff.modelset/1.7", "condiff.modelset/1.0", "condiff.modelset/1"])
+def test_set_schema_same_major_other_minor_is_accepted(tmp_path, schema):
+    _edit_set(_valid_set(tmp_path), lambda doc: {**doc, "schema": schema})
+    ms = open_model_set(tmp_path)
+    assert len(ms) == 2 and [d.name for d in ms.member_dirs] == ["fold0", "fold1"]
+
+
+@pytest.mark.parametrize("name", ["model.pt", "weights.pth", "pytorch_model.bin", "last.ckpt", "state.pkl", "EMA.PT"])
+def test_pickle_weights_beside_safetensors_in_a_set_member_are_refused(tmp_path, name):
+    _valid_set(tmp_path)
+    torch.save({"w": torch.zeros(1)}, tmp_path / "fold1" / name)
+    assert (tmp_path / "fold1" / "model.safetensors").is_file()  # digest still matches set.json
+    err = _refused(tmp_path, name, "pickle-format weight file", "condiff loads only safetensors",
+                   "condiff-export --import-diffusers")
+    assert err.path == str(tmp_path / "fold1" / name)
+
+
+def test_pickle_weights_in_a_single_model_folder_are_refused(tmp_path):
+    m, cfg = _model()
+    save_model(tmp_path / "m", m, cfg)
+    assert len(open_model_set(tmp_path / "m")) == 1
+    torch.save(m.state_dict(), tmp_path / "m" / "model.pt")
+    err = _refused(tmp_path / "m", "model.pt", "pickle-format weight file", "condiff loads only safetensors")
+    assert err.path == str(tmp_path / "m" / "model.pt")
+
+
+def test_exported_sidecars_in_a_member_stay_allowed(tmp_path):
+    _valid_set(tmp_path)
+    for name in ("model.onnx", "model.onnx.json", "model.fp16.plan", "model.fp16.plan.json", "model.onnx.data"):
+        (tmp_path / "fold0" / name).write_bytes(b"not weights")
+    (tmp_path / "fold0" / "notes").mkdir()
+    (tmp_path / "fold0" / "notes" / "old.pt").write_bytes(b"below the top level")
+    assert len(open_model_set(tmp_path)) == 2
+
+
+def test_bundled_example_set_has_no_pickles_and_opens():
+    from pathlib import Path
+
+    from condiff.modelset import PICKLE_SUFFIXES
+
+    root = Path(__file__).resolve().parents[2] / "examples" / "models"
+    assert not [p for p in root.rglob("*") if p.suffix.lower() in PICKLE_SUFFIXES]
+    assert len(open_model_set(root)) == 3
+
+
+def test_cli_list_valued_set_json_exits_2_naming_it(tmp_path):
+    from click.testing import CliRunner
+
+    from condiff.engine.cli import infer_main
+
+    _edit_set(_valid_set(tmp_path / "set"), lambda doc: [doc])
+    import numpy as np
+    from PIL import Image
+
+    (tmp_path / "in").mkdir()
+    Image.fromarray(np.full((32, 32), 128, np.uint8)).save(tmp_path / "in" / "scan.png")
+    res = CliRunner().invoke(infer_main, [str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--models",
+                                          str(tmp_path / "set"), "--device", "cpu", "--no-progress"])
+    assert res.exit_code == 2, res.output
+    assert str(tmp_path / "set" / "set.json") in res.stderr and "not a JSON object" in res.stderr
+    assert "Traceback" not in res.stderr
