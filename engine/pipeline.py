@@ -249,7 +249,8 @@ def read_case(case: Case, ctx: RunContext, mask_path: Path | None):
         if modality != "mri":
             raise InputImageError(case.path, "is a volume but this model set analyses RGB photographs",
                                   "use an MRI model set for NIfTI scans")
-        source = volumes.read_volume_or_slice(case.path, nan_policy=ctx.options.nan_policy)
+        source = volumes.read_volume_or_slice(case.path, nan_policy=ctx.options.nan_policy,
+                                                   orientation=ctx.preprocess.orientation)
         mask = None if mask_path is None else volumes.read_mask(mask_path, source)
         if mask is None and ctx.preprocess.use_mask and ctx.mask_pattern == AUTO_MASK:
             # a skull-stripped scan without a mask file: its own non-background voxels are the brain

@@ -161,6 +161,38 @@ def test_two_d_nifti_only_through_read_volume_or_slice(tmp_path):
     assert back.shape == (20, 22)  # a 2-D input gets a 2-D map
 
 
+def test_volume_smaller_than_the_ssim_window_in_plane_is_refused(tmp_path):
+    """Upscaling a slice narrower than the SSIM window (11 px) would invent structure; few slices are fine."""
+    rng = np.random.default_rng(1)
+    _save(tmp_path / "tiny.nii.gz", rng.random((9, 9, 5)).astype(np.float32) + 1)
+    with pytest.raises(InputImageError, match=r"in-plane size 9x9 .*smaller than the SSIM window \(11 px\)") as info:
+        volumes.read_volume(tmp_path / "tiny.nii.gz")
+    assert str(info.value).startswith(str(tmp_path / "tiny.nii.gz") + ": ")
+    with pytest.raises(InputImageError, match="in-plane size 9x9 .*a single slice"):  # a 2-D NIfTI: same rule
+        volumes.read_volume_or_slice(_save(tmp_path / "tiny2d.nii.gz", rng.random((9, 9)).astype(np.float32) + 1))
+    with pytest.raises(InputImageError, match="in-plane size 12x10 "):  # one short side is enough
+        volumes.read_volume(_save(tmp_path / "narrow.nii.gz", rng.random((12, 10, 30)).astype(np.float32) + 1))
+    assert volumes.read_volume(_save(tmp_path / "thin.nii.gz", rng.random((12, 12, 3)).astype(np.float32))).data.shape \
+        == (12, 12, 3)
+    assert volumes.read_volume_or_slice(_save(tmp_path / "flat.nii.gz", rng.random((11, 11)).astype(np.float32))).data.shape \
+        == (11, 11, 1)
+    like = volumes.Volume(np.ones((9, 9, 5), np.float32), np.diag([2.0, 2.0, 2.0, 1.0]), None, "x")
+    assert not volumes.read_mask(_save(tmp_path / "tiny_mask.nii.gz", np.zeros((9, 9, 5), np.uint8)), like).any()  # masks: no rule
+
+
+def test_in_plane_axes_follow_the_affine_not_the_storage_order(tmp_path):
+    """The slice axis is the one the affine calls inferior-superior (as preprocess slices): a
+    sagittally stored slab (P, S, R; 8 axial slices along axis 1, like the bundled IXI scans)
+    is fine, the same array with a short side in-plane is not."""
+    psr = np.array([[0, 0, 2.0, 0], [-2.0, 0, 0, 0], [0, 2.0, 0, 0], [0, 0, 0, 1]])
+    rng = np.random.default_rng(2)
+    assert volumes.in_plane_axes(psr, (120, 8, 90)) == (0, 2)
+    assert volumes.read_volume(_save(tmp_path / "slab.nii.gz", rng.random((30, 8, 24)).astype(np.float32), psr)).data.shape \
+        == (30, 8, 24)
+    with pytest.raises(InputImageError, match=r"in-plane size 9x24 \(shape \(9, 30, 24\), slices along axis 1\)"):
+        volumes.read_volume(_save(tmp_path / "short.nii.gz", rng.random((9, 30, 24)).astype(np.float32) + 1, psr))
+
+
 def test_huge_header_dims_refused_before_allocation(tmp_path):
     hdr = nib.Nifti1Header()
     hdr.set_data_dtype(np.float32)
@@ -397,6 +429,28 @@ def test_discover_collisions_and_errors(tmp_path):
     _touch(tmp_path, "scan.dcm")
     with pytest.raises(InputImageError, match="dcm2niix"):
         cases.discover([tmp_path / "scan.dcm"])
+
+
+def test_dicom_inputs_get_the_full_dcm2niix_recipe(tmp_path):
+    recipe = "dcm2niix -z y -b y -ba y -o OUT IN"
+    assert cases.DCM2NIIX_RECIPE == recipe
+    _touch(tmp_path / "series", "IM0001.dcm", "IM0002.DCM", "sub/IM0003.dcm", "notes.txt")
+    with pytest.raises(InputImageError) as info:  # a folder of DICOM slices: nothing to read, say how to convert
+        cases.discover([tmp_path / "series"])
+    msg = str(info.value)
+    assert msg.startswith(str(tmp_path / "series") + ": 0 supported files found") and recipe in msg, msg
+    _touch(tmp_path / "plain", "readme.md")
+    with pytest.raises(InputImageError) as info:  # no DICOM among the skipped files: no DICOM hint
+        cases.discover([tmp_path / "plain"])
+    assert "dcm2niix" not in str(info.value)
+    with pytest.raises(InputImageError, match=recipe):  # a DICOM file given directly
+        cases.discover([tmp_path / "series" / "IM0001.dcm"])
+    (tmp_path / "dicom.nii.gz").write_bytes(b"\0" * 128 + b"DICM" + b"\0" * 400)  # DICOM bytes under a NIfTI name
+    with pytest.raises(InputImageError, match=rf"dicom.nii.gz: not a NIfTI file \(the bytes are a DICOM file\)\. .*{recipe}"):
+        volumes.read_volume(tmp_path / "dicom.nii.gz")
+    (tmp_path / "dicm.nii").write_bytes(b"DICM" + b"\0" * 400)
+    with pytest.raises(InputImageError, match=recipe):
+        volumes.read_volume(tmp_path / "dicm.nii")
 
 
 def test_discover_processes_a_file_reached_twice_once(tmp_path):

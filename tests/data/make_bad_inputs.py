@@ -5,8 +5,9 @@
 ``OUT_DIR/mri/`` is one condiff-infer batch for an MRI model set: two good real volumes (the
 bundled sample slabs, or synthetic ones when those are absent) and, derived from them,
 truncated and bit-flipped ``.nii.gz``, wrong magic, zero bytes, all-NaN, 4-D with two volumes,
-a header declaring huge dimensions and an unreadable file (not made when running as root, who
-can read anything). ``OUT_DIR/photos/`` is a batch for an RGB model set: a PNG saved under a
+a header declaring huge dimensions, a 9x9x5 volume (axial slices smaller than the 11-px SSIM
+window) beside a good 12x12x3 one (thin along the slice axis is fine) and an unreadable file
+(not made when running as root, who can read anything). ``OUT_DIR/photos/`` is a batch for an RGB model set: a PNG saved under a
 ``.jpg`` name (good: formats are detected by content) and a truncated PNG.
 
 ``make_corpus(out_dir)`` returns the manifest ``{relative path: (expected status, regex the
@@ -70,6 +71,15 @@ def _huge_header(like: bytes) -> bytes:
     return gzip.compress(hdr.binaryblock + b"\0" * 4 + b"\0" * 1024, mtime=0)
 
 
+def _small_volume(shape: tuple[int, int, int], seed: int) -> bytes:
+    """A noisy bright square on a zero border, axial (RAS, 2 x 2 x 3 mm), as gzip bytes."""
+    import nibabel as nib
+
+    img = np.zeros(shape, np.float32)
+    img[1:-1, 1:-1, :] = 100 + np.random.default_rng(seed).normal(0, 5, (shape[0] - 2, shape[1] - 2, shape[2]))
+    return gzip.compress(nib.Nifti1Image(img, np.diag([2.0, 2.0, 3.0, 1.0])).to_bytes(), mtime=0)
+
+
 def _flip_bits(raw: bytes) -> bytes:
     """Flip bits in the middle of the compressed stream (CRC or inflate error on reading)."""
     out = bytearray(raw)
@@ -102,6 +112,8 @@ def make_corpus(out_dir: str | os.PathLike) -> dict[str, tuple[str, str]]:
         "mri/wrong_magic.nii.gz": (b"This is not a NIfTI file.\n" * 40, "failed", r"not a NIfTI file"),
         "mri/zero_byte.nii.gz": (b"", "failed", r"empty file"),
         "mri/huge_dims.nii.gz": (_huge_header(good_a), "failed", r"implausible size"),
+        "mri/tiny.nii.gz": (_small_volume((9, 9, 5), 2), "failed", r"in-plane size 9x9 .*smaller than the SSIM window"),
+        "mri/small_thin.nii.gz": (_small_volume((12, 12, 3), 3), "ok", ""),
         "photos/png_named_jpg.jpg": (_png_bytes(0), "ok", ""),
         "photos/truncated.png": (_png_bytes(1)[:300], "failed", r"truncated|unreadable"),
     }

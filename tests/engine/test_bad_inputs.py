@@ -103,6 +103,19 @@ def test_png_with_a_jpg_name_loads_and_broken_photo_fails_alone(tmp_path, corpus
     _check_batch(out, res, manifest, "photos")
 
 
+def test_folder_of_dicom_files_exits_2_with_the_dcm2niix_recipe(tmp_path):
+    series = tmp_path / "series"
+    series.mkdir()
+    for k in range(3):  # a DICOM export: slices (preamble + "DICM"), no NIfTI
+        (series / f"IM{k:04d}.dcm").write_bytes(b"\0" * 128 + b"DICM" + bytes(64))
+    out = tmp_path / "out"
+    res = _invoke([series, "-o", out, "--models", make_model_set(tmp_path / "set", n_members=1), *FAST])
+    assert res.exit_code == 2, res.output + res.stderr
+    assert "Traceback" not in res.stderr
+    assert f"{series}: 0 supported files found" in res.stderr and "dcm2niix -z y -b y -ba y -o OUT IN" in res.stderr, res.stderr
+    assert not out.exists()
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads a mode-000 file, so an unreadable input cannot be made")
 def test_unreadable_volume_is_a_clear_error(tmp_path, corpus):
     folder, manifest = corpus
@@ -115,10 +128,11 @@ def test_unreadable_volume_is_a_clear_error(tmp_path, corpus):
 
 
 def _nifti1() -> bytes:
-    """A small valid NIfTI-1 (int16 with scaling, oblique-free affine) to mutate."""
+    """A small valid NIfTI-1 (int16 with scaling, oblique-free affine) to mutate; in-plane just
+    over the SSIM window (11 px), so unmutated it is read."""
     import nibabel as nib
 
-    data = (np.arange(5 * 6 * 4, dtype=np.int16).reshape(5, 6, 4) % 37) + 1
+    data = (np.arange(11 * 12 * 4, dtype=np.int16).reshape(11, 12, 4) % 37) + 1
     img = nib.Nifti1Image(data, np.diag([2.0, 2.0, 3.0, 1.0]))
     img.header.set_slope_inter(0.5, 1.0)
     return img.to_bytes()
@@ -127,7 +141,7 @@ def _nifti1() -> bytes:
 def _nifti2() -> bytes:
     import nibabel as nib
 
-    data = np.linspace(1, 2, 4 * 5 * 3, dtype=np.float32).reshape(4, 5, 3)
+    data = np.linspace(1, 2, 12 * 11 * 3, dtype=np.float32).reshape(12, 11, 3)
     return nib.Nifti2Image(data, np.eye(4)).to_bytes()
 
 

@@ -23,7 +23,11 @@ logger = logging.getLogger(__name__)
 VOLUME_SUFFIXES = (".nii.gz", ".nii")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 DEFAULT_EXCLUDE = ("*_mask*", "*_brainmask*", "*_seg*", "*_lesionmask*", "*_EX*", "*_dlmuse*")
-_HINTS = {".dcm": "Convert DICOM first: dcm2niix -z y -o OUT IN", ".mha": "Convert it to NIfTI (.nii.gz)",
+# The one recommended DICOM -> NIfTI recipe, quoted by every message about DICOM input (here and in
+# io.volumes): gzip output, a BIDS JSON sidecar (-b y) with identifying fields left out (-ba y).
+DCM2NIIX_RECIPE = "dcm2niix -z y -b y -ba y -o OUT IN"
+DICOM_HINT = f"Convert DICOM to NIfTI first: {DCM2NIIX_RECIPE}"
+_HINTS = {".dcm": DICOM_HINT, ".mha": "Convert it to NIfTI (.nii.gz)",
           ".nrrd": "Convert it to NIfTI (.nii.gz)", ".mgz": "Convert it to NIfTI: mri_convert IN OUT.nii.gz"}
 
 
@@ -124,7 +128,8 @@ def discover(inputs: Iterable[str | os.PathLike], exclude_patterns: Iterable[str
         looked = ", ".join(VOLUME_SUFFIXES + IMAGE_SUFFIXES)
         extra = f"; skipped {sum(skipped.values())} files with other extensions ({', '.join(sorted(skipped))})" if skipped else ""
         raise InputImageError(", ".join(str(Path(i)) for i in inputs) or "(no inputs)",
-                              f"0 supported files found (looked for {looked}{extra})")
+                              f"0 supported files found (looked for {looked}{extra})",
+                              DICOM_HINT if ".dcm" in skipped else None)
     _check_collisions(cases)
     return cases
 
@@ -168,4 +173,5 @@ def find_mask(case: Case, pattern: str, required: bool = True) -> Path | None:
     return mask
 
 
-__all__ = ["Case", "discover", "find_mask", "split_suffix", "DEFAULT_EXCLUDE", "VOLUME_SUFFIXES", "IMAGE_SUFFIXES"]
+__all__ = ["Case", "discover", "find_mask", "split_suffix", "DEFAULT_EXCLUDE", "VOLUME_SUFFIXES", "IMAGE_SUFFIXES",
+           "DCM2NIIX_RECIPE", "DICOM_HINT"]

@@ -3,7 +3,9 @@
 ``read_volume`` sniffs the bytes (gzip or not, NIfTI-1 or NIfTI-2) instead of trusting the
 extension, checks the header's dimensions before anything is allocated, reads the whole
 (bounded) stream so a truncated or bit-flipped ``.nii.gz`` fails here with the file's name,
-and refuses NaN/Inf, constant and empty volumes. ``write_like`` writes a float map that
+and refuses NaN/Inf, constant and empty volumes, and volumes whose slices (axial, along the
+axis the affine says is inferior-superior, as ``preprocess`` slices them) are smaller in-plane
+than the SSIM window: upscaling those to the model size would invent structure. ``write_like`` writes a float map that
 overlays its input voxel for voxel: same shape, affine, qform/sform and codes (the input
 header is copied; only data type, scaling and display range change), with deterministic
 bytes, through ``io.atomic``.
@@ -23,6 +25,8 @@ import numpy as np
 from condiff.errors import InputImageError
 from condiff.io.atomic import write_bytes_atomic
 from condiff.io.atomic import read_head
+from condiff.io.cases import DICOM_HINT
+from condiff.io.images import MIN_SIDE
 
 logger = logging.getLogger(__name__)
 
@@ -99,10 +103,10 @@ def _parse_header(path: Path, block: bytes) -> dict[str, Any]:
     head = block[:4]
     for magic, what in _OTHER_MAGIC.items():
         if head.startswith(magic):
-            hint = "Convert DICOM with: dcm2niix -z y -o OUT IN" if what == "a DICOM file" else "Give a .nii or .nii.gz volume"
+            hint = DICOM_HINT if what == "a DICOM file" else "Give a .nii or .nii.gz volume"
             raise InputImageError(path, f"not a NIfTI file (the bytes are {what})", hint)
     if block[128:132] == b"DICM":
-        raise InputImageError(path, "not a NIfTI file (the bytes are a DICOM file)", "Convert DICOM with: dcm2niix -z y -o OUT IN")
+        raise InputImageError(path, "not a NIfTI file (the bytes are a DICOM file)", DICOM_HINT)
     raise InputImageError(path, f"not a NIfTI file (no NIfTI header; first bytes {block[:8]!r})",
                           "Give a .nii or .nii.gz volume")
 
@@ -180,7 +184,39 @@ def _read_raw(path: Path) -> tuple[bytes, dict[str, Any], tuple[int, ...]]:
     return raw, hdr, shape
 
 
-def _load(path: str | os.PathLike, *, allow_2d: bool, nan_policy: str, check_content: bool) -> Volume:
+def in_plane_axes(affine: np.ndarray, shape: tuple[int, ...], orientation: str = "RAS") -> tuple[int, int]:
+    """The two axes of a ``(X, Y, Z)`` array that span one model slice, in array order.
+
+    Mirrors ``condiff.preprocess``: the array is reoriented to ``orientation`` (by the affine's
+    nearest axis codes) and sliced along the axis its third code names (inferior-superior for
+    RAS: axial slices); a single slice stored as ``(H, W, 1)`` that this would tip over keeps
+    axes 0 and 1. An affine whose orientation cannot be read also gives axes 0 and 1.
+    """
+    from nibabel.orientations import axcodes2ornt, io_orientation, ornt_transform
+
+    try:
+        t = ornt_transform(io_orientation(affine), axcodes2ornt(tuple(orientation)))
+    except ValueError:  # a zero or NaN column: no axis code to go by
+        return (0, 1)
+    slice_axis = next(axis for axis, (new_axis, _) in enumerate(t) if int(new_axis) == 2)
+    if shape[2] == 1 and slice_axis != 2:
+        return (0, 1)
+    return tuple(axis for axis in range(3) if axis != slice_axis)
+
+
+def _check_in_plane(path: Path, data: np.ndarray, affine: np.ndarray, orientation: str) -> None:
+    """Refuse slices smaller than the SSIM window on an in-plane axis (few slices are fine)."""
+    a, b = in_plane_axes(affine, data.shape, orientation)
+    h, w = data.shape[a], data.shape[b]
+    if min(h, w) < MIN_SIDE:
+        slicing = "a single slice" if data.shape[3 - a - b] == 1 else f"slices along axis {3 - a - b}"
+        raise InputImageError(path, f"in-plane size {h}x{w} (shape {tuple(data.shape)}, {slicing}) is smaller than "
+                                    f"the SSIM window ({MIN_SIDE} px)",
+                              "Upscaling it would invent structure; give the original scan")
+
+
+def _load(path: str | os.PathLike, *, allow_2d: bool, nan_policy: str, check_content: bool,
+          orientation: str = "RAS") -> Volume:
     import nibabel as nib
 
     if nan_policy not in ("error", "zero"):
@@ -222,22 +258,26 @@ def _load(path: str | os.PathLike, *, allow_2d: bool, nan_policy: str, check_con
             if hi == 0:
                 raise InputImageError(path, "empty volume (all voxels are 0)")
             raise InputImageError(path, f"constant volume (all voxels are {hi:g})", "Nothing to analyse")
+        _check_in_plane(path, data, affine, orientation)
     return Volume(data=np.ascontiguousarray(data, dtype=np.float32), affine=affine, header=img.header, path=str(path))
 
 
-def read_volume(path: str | os.PathLike, nan_policy: str = "error") -> Volume:
+def read_volume(path: str | os.PathLike, nan_policy: str = "error", orientation: str = "RAS") -> Volume:
     """Read one 3-D NIfTI volume (``.nii`` or ``.nii.gz``, detected by content).
 
     A trailing singleton 4th axis is squeezed; real 4-D series, 2-D images, corrupt or
-    truncated files, absurd headers, NaN/Inf voxels (unless ``nan_policy="zero"``) and
-    constant or all-zero volumes raise ``InputImageError`` naming the file.
+    truncated files, absurd headers, NaN/Inf voxels (unless ``nan_policy="zero"``),
+    constant or all-zero volumes and volumes whose slices are smaller than the SSIM window
+    (11 px) on an in-plane axis raise ``InputImageError`` naming the file. ``orientation``:
+    the preprocessing contract's, which decides the slice axis (``in_plane_axes``).
     """
-    return _load(path, allow_2d=False, nan_policy=nan_policy, check_content=True)
+    return _load(path, allow_2d=False, nan_policy=nan_policy, check_content=True, orientation=orientation)
 
 
-def read_volume_or_slice(path: str | os.PathLike, nan_policy: str = "error") -> Volume:
-    """Like ``read_volume``, but a 2-D NIfTI is accepted and returned as an ``(H, W, 1)`` volume."""
-    return _load(path, allow_2d=True, nan_policy=nan_policy, check_content=True)
+def read_volume_or_slice(path: str | os.PathLike, nan_policy: str = "error", orientation: str = "RAS") -> Volume:
+    """Like ``read_volume``, but a 2-D NIfTI is accepted and returned as an ``(H, W, 1)`` volume
+    (whose two sides must both reach the SSIM window)."""
+    return _load(path, allow_2d=True, nan_policy=nan_policy, check_content=True, orientation=orientation)
 
 
 def read_mask(path: str | os.PathLike, like: Volume, values=None) -> np.ndarray:
@@ -318,4 +358,4 @@ def write_like(path: str | os.PathLike, data: np.ndarray, reference: Volume, dty
 
 
 __all__ = ["Volume", "read_volume", "read_volume_or_slice", "read_mask", "write_like", "nifti_bytes_like",
-           "MAX_DIM", "MAX_VOXELS"]
+           "in_plane_axes", "MAX_DIM", "MAX_VOXELS"]
