@@ -25,7 +25,7 @@ import click
 from condiff.cli_common import (EXIT_FAILED, EXIT_OK, Terminated, add_file_log, device_options, environment_report,
                                 logging_to, progress_option, quiet_option, remove_log, run_command, seed_option,
                                 verbose_option, version_option)
-from condiff.errors import ModelSetError
+from condiff.errors import ModelSetError, OutputConflictError
 
 logger = logging.getLogger("condiff.engine.cli")
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
@@ -201,6 +201,13 @@ def _infer(inputs, output, models, engine, device, precision, batch_size, fast_k
 
             require("ray", "ray")  # exit 2 with the pip command before any work
             ctx = distributed.driver_context(ctx_kwargs)  # the workers load the networks, on their own devices
+        foreign = _foreign_records(output, ctx)
+        if foreign and resume:  # before any network is loaded; --overwrite replaces them in _run
+            from .consistency import conflict_message
+
+            raise OutputConflictError(output, conflict_message(foreign),
+                                      "Use another -o folder, or --overwrite to replace those results "
+                                      "(cases of the other method that this run does not cover are deleted)")
         if dry_run:
             return _dry_run(cases, ctx, n_all, shard_t)
         lock = writer.OutputLock(output, shard_t)
@@ -234,6 +241,10 @@ def _run(cases, ctx, shard_t, arguments, progress: bool, n_all: int, process=Non
     out = ctx.out_dir
     if shard_t is None:
         writer.clean_orphans(out)
+        if not ctx.resume:  # --overwrite: the folder keeps one method (the check before the lock refused it otherwise)
+            from .consistency import remove_foreign
+
+            remove_foreign(out, _foreign_records(out, ctx), {c.name for c in cases})
     if ctx.options.layout == "bids":
         from .bids import write_dataset_files
 
@@ -313,6 +324,14 @@ def _run(cases, ctx, shard_t, arguments, progress: bool, n_all: int, process=Non
         _echo_err(f"STOPPED: {stopped}; {n_left} case(s) not finished. "
                   "Rerun the same command to resume: finished cases are kept and skipped")
     return EXIT_FAILED if n_failed else EXIT_OK
+
+
+def _foreign_records(output: Path, ctx) -> list:
+    """Records in ``output`` made with another model set or method than ``ctx``'s (engine.consistency)."""
+    from .consistency import foreign_records
+    from .writer import load_records
+
+    return foreign_records(load_records(Path(output)), ctx.model_set.digest, ctx.options.to_dict())
 
 
 def check_log_file(path: Path) -> None:

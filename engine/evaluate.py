@@ -413,6 +413,7 @@ def evaluate(out_dir: str | Path, mask_pattern: str, protocol: str = "native", o
     case resamples give 95 % intervals of every bootstrapped row and of the ensemble's difference to
     each other row (``engine.bootstrap``; ``progress(1)`` after each resample). ``lesion_iou``: the IoU
     at which lesions and called regions match in the lesion-wise counts (``engine.lesions``)."""
+    from .consistency import check_single_method
     from .writer import load_records
 
     if protocol not in PROTOCOLS:
@@ -427,6 +428,7 @@ def evaluate(out_dir: str | Path, mask_pattern: str, protocol: str = "native", o
     if not records:
         raise CondiffError(out_dir, "holds no finished cases (records/*.json with status ok)",
                            "run condiff-infer into this folder first")
+    check_single_method(records, out_dir)
     ev = Evaluation(protocol, label_values=tuple(label_values) if label_values else None, given=threshold,
                     lesion_iou=lesion_iou)
     if threshold is not None and threshold.source != "command line" and threshold.label_values != ev.label_values:

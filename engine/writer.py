@@ -47,11 +47,41 @@ class OutputLock:
     a lock whose process is gone from this same host (a run killed with SIGKILL, a power cut)
     is stale and taken over with a warning. A lock from another host cannot be checked: the
     message says which process held it and that the file must be removed by hand.
+
+    Shards of one split (``I-of-N``, same N) run side by side; a whole-folder run excludes every
+    shard and shards of another split (their case sets overlap). The rival check runs after this
+    lock is created, so of two runs racing for one folder at least one sees the other.
     """
 
     def __init__(self, out_dir: str | os.PathLike, shard: tuple[int, int] | None = None):
         self.path = Path(out_dir) / f".condiff.lock{shard_suffix(shard)}"
+        self.shard = shard
         self.held = False
+
+    def _rival(self) -> tuple[Path, str] | None:
+        """A live lock of a run whose cases may overlap this one's, with its holder."""
+        for path in sorted(self.path.parent.glob(".condiff.lock*")):
+            if path == self.path:
+                continue
+            m = re.fullmatch(r"\.condiff\.lock(?:\.(\d+)-of-(\d+))?", path.name)
+            if m is None:
+                continue
+            other_n = None if m.group(2) is None else int(m.group(2))
+            if self.shard is not None and other_n == self.shard[1]:
+                continue  # another shard of the same split: disjoint cases
+            try:
+                holder = path.read_text(encoding="utf-8").strip()
+            except OSError:
+                continue  # released meanwhile
+            if not _stale(holder):
+                return path, holder
+        return None
+
+    def _rival_conflict(self, rival: tuple[Path, str]) -> OutputConflictError:
+        path, holder = rival
+        what = "a whole-folder run" if path.name == ".condiff.lock" else f"shard {path.name.split('.')[-1]}"
+        return OutputConflictError(self.path.parent, f"is in use by {what} ({holder or 'unknown'}) whose cases "
+                                   "overlap this run's", f"wait for it to finish; if no run is active, delete {path}")
 
     def _holder(self) -> str:
         try:
@@ -65,11 +95,15 @@ class OutputLock:
 
     def check(self) -> None:
         """Raise the lock's error now if a live run holds it (a stale lock is left for ``acquire``)."""
-        if self.held or not self.path.exists():
+        if self.held:
             return
-        holder = self._holder()
-        if not _stale(holder):
-            raise self._conflict(holder)
+        if self.path.exists():
+            holder = self._holder()
+            if not _stale(holder):
+                raise self._conflict(holder)
+        rival = self._rival()
+        if rival is not None:
+            raise self._rival_conflict(rival)
 
     def acquire(self) -> "OutputLock":
         if self.held:
@@ -92,6 +126,10 @@ class OutputLock:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(f"host {socket.gethostname()} pid {os.getpid()}\n")
         self.held = True
+        rival = self._rival()
+        if rival is not None:
+            self.release()
+            raise self._rival_conflict(rival)
         return self
 
     def release(self) -> None:
@@ -221,9 +259,25 @@ def write_record(out_dir: Path, plan: CasePlan, record: dict[str, Any]) -> None:
 def remove_outputs(out_dir: Path, plan: CasePlan) -> None:
     """Delete a case's outputs (before recomputing, or after it failed): never leave stale maps
     that look new. The record goes first, so an interruption here cannot leave a record whose
-    outputs are gone (it would be distrusted anyway)."""
+    outputs are gone (it would be distrusted anyway). Files the old record lists but this run
+    does not plan (a rerun with --no-restoration) go too."""
+    old = read_record(out_dir / plan.record)
+    if old is not None and old.get("case") == plan.case.name:
+        remove_record_and_outputs(out_dir, old)
     for rel in [plan.record, *plan.outputs.values()]:
         (out_dir / rel).unlink(missing_ok=True)
+
+
+def remove_record_and_outputs(out_dir: Path, record: dict[str, Any]) -> None:
+    """Delete a case known only by its record (a case this run does not plan): record first, as above."""
+    rels = [f"records/{record['case']}.json"]
+    rels += [entry["path"] for entry in (record.get("outputs") or {}).values()
+             if isinstance(entry, dict) and isinstance(entry.get("path"), str)]
+    root = out_dir.resolve()
+    for rel in rels:
+        path = (out_dir / rel).resolve()
+        if root in path.parents:  # a record is data: never follow it out of the folder
+            path.unlink(missing_ok=True)
 
 
 def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
@@ -330,5 +384,5 @@ def write_run_json(out_dir: Path, doc: dict[str, Any], shard: tuple[int, int] | 
 
 
 __all__ = ["OutputLock", "ensure_writable", "write_output", "write_case_files", "write_record", "remove_outputs", "npz_bytes",
-           "clean_orphans", "load_records", "rebuild_tables", "write_run_json", "run_json_name", "shard_suffix",
+           "remove_record_and_outputs", "clean_orphans", "load_records", "rebuild_tables", "write_run_json", "run_json_name", "shard_suffix",
            "CASES_COLUMNS", "SCORES_COLUMNS"]

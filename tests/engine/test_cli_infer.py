@@ -254,6 +254,63 @@ def test_lock_file_present_exit_2(tmp_path, model_set, monkeypatch):
     assert not (tmp_path / "out" / "records").exists()
 
 
+@pytest.mark.parametrize("held,ours,clash", [
+    ("", "1/2", True),          # a whole-folder run holds it: no shard may start
+    (".0-of-2", None, True),    # a shard runs: no whole-folder run (its orphan cleanup would hit the shard's files)
+    (".0-of-2", "0/3", True),   # shards of another split overlap this one's cases
+    (".0-of-2", "1/2", False),  # the other shard of the same split: disjoint cases, side by side
+])
+def test_whole_folder_and_shard_locks_exclude_overlapping_runs(tmp_path, held, ours, clash):
+    import os
+    import socket
+
+    from condiff.engine.plan import parse_shard
+    from condiff.engine.writer import OutputLock
+    from condiff.errors import OutputConflictError
+
+    live = f"host {socket.gethostname()} pid {os.getppid()}\n"  # a live process of this host
+    (tmp_path / f".condiff.lock{held}").write_text(live)
+    lock = OutputLock(tmp_path, None if ours is None else parse_shard(ours))
+    if clash:
+        with pytest.raises(OutputConflictError, match=f"lock{held}"):
+            lock.check()
+        with pytest.raises(OutputConflictError, match="overlap"):
+            lock.acquire()
+        assert not lock.path.exists() or lock.path.name == f".condiff.lock{held}"  # ours released again
+    else:
+        lock.check()
+        with lock:
+            assert lock.path.is_file()
+        assert not lock.path.exists()
+    assert (tmp_path / f".condiff.lock{held}").read_text() == live  # the other run's lock is never touched
+
+
+def test_stale_shard_lock_does_not_block_a_whole_folder_run(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    from condiff.engine.writer import OutputLock
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (tmp_path / ".condiff.lock.1-of-2").write_text(f"host {socket.gethostname()} pid {int(gone.stdout)}\n")
+    with OutputLock(tmp_path) as lock:
+        assert lock.held
+
+
+def test_shard_refused_while_a_whole_folder_run_holds_the_folder(tmp_path, model_set, monkeypatch):
+    import os
+    import socket
+
+    _no_model_loading(monkeypatch)
+    make_scans(tmp_path / "in", n=1)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / ".condiff.lock").write_text(f"host {socket.gethostname()} pid {os.getppid()}\n")
+    res = _invoke([tmp_path / "in", "-o", tmp_path / "out", "--models", model_set, *FAST, "--shard", "0/2"])
+    assert res.exit_code == 2 and "whole-folder run" in res.stderr, res.output + res.stderr
+    assert not (tmp_path / "out" / "records").exists()
+
+
 def test_configuration_errors_exit_2(tmp_path, model_set, monkeypatch):
     make_scans(tmp_path / "in", n=1)
     base = [tmp_path / "in", "-o", tmp_path / "out", "--models", model_set, *FAST]

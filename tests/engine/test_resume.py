@@ -117,11 +117,57 @@ def test_overwrite_is_identical_and_changed_options_are_not_skipped(tmp_path, re
     res = _invoke([scans, "-o", out, "--models", models, *FAST, "--overwrite"])
     assert res.exit_code == 0 and "3 done, 0 already done" in res.stdout
     assert digests(out) == want
+    # another method (seed, members) into a folder of finished cases: refused before any work (C.27) ...
     res = _invoke([scans, "-o", out, "--models", models, *FAST, "--seed", "1", "--members", "1"])
+    assert res.exit_code == 2, res.output + res.stderr
+    assert "3 case(s) made with another method" in res.stderr and "seed 0 (this run: 1)" in res.stderr
+    assert "members [0, 1] (this run: [0])" in res.stderr and "--overwrite" in res.stderr
+    assert digests(out) == want and not (out / ".condiff.lock").exists()
+    # ... and replaced with --overwrite
+    res = _invoke([scans, "-o", out, "--models", models, *FAST, "--seed", "1", "--members", "1", "--overwrite"])
     assert res.exit_code == 0 and "3 done, 0 already done" in res.stdout
     now = digests(out)
     assert now["maps/case0.nii.gz"] != want["maps/case0.nii.gz"]
     assert now["cases.csv"] != want["cases.csv"]
+
+
+def test_overwrite_of_part_of_a_folder_removes_the_other_methods_cases(tmp_path, reference):
+    """--overwrite on one input leaves one method in the folder: the other method's cases go, files and records."""
+    models, scans, ref, want = reference
+    out = _copy(ref, tmp_path / "out")
+    res = _invoke([scans / "case1.nii.gz", "-o", out, "--models", models, *FAST, "--seed", "5", "--overwrite"])
+    assert res.exit_code == 0, res.output + res.stderr
+    assert sorted(p.name for p in (out / "records").iterdir()) == ["case1.json"]
+    left = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file() and "case1" not in p.name)
+    assert all(not name.startswith(("maps/", "restorations/", "overlays/", "records/")) for name in left), left
+    rows = (out / "cases.csv").read_text().splitlines()
+    assert len(rows) == 2 and rows[1].startswith("case1,")
+
+
+def test_another_engine_or_what_is_written_is_the_same_method(tmp_path, reference):
+    """Options that change only rounding or which files exist recompute the run's cases without --overwrite."""
+    models, scans, ref, want = reference
+    out = _copy(ref, tmp_path / "out")
+    res = _invoke([scans / "case0.nii.gz", "-o", out, "--models", models, *FAST, "--no-restoration"])
+    assert res.exit_code == 0 and "1 done, 0 already done" in res.stdout, res.output + res.stderr
+    assert not (out / "restorations" / "case0.nii.gz").exists()
+    assert (out / "restorations" / "case1.nii.gz").is_file()  # the other cases are untouched
+    assert digests(out)["maps/case1.nii.gz"] == want["maps/case1.nii.gz"]
+
+
+def test_eval_refuses_a_folder_of_two_methods(tmp_path, reference):
+    from condiff.engine.cli import eval_main
+    from click.testing import CliRunner
+
+    models, scans, ref, want = reference
+    out = _copy(ref, tmp_path / "out")
+    rec_path = out / "records" / "case2.json"
+    rec = json.loads(rec_path.read_text())
+    rec["options"]["steps"] = 50  # as an older condiff, which did not refuse, could have left it
+    rec_path.write_text(json.dumps(rec))
+    res = CliRunner().invoke(eval_main, [str(out), "--masks", "{dir}/{stem}_lesionmask.nii.gz", "--missing-label", "normal"])
+    assert res.exit_code == 2, res.output
+    assert "2 different methods" in res.output and "steps 50 (case0: 2)" in res.output
 
 
 def test_shards_then_merge_equal_single_run(tmp_path, reference):

@@ -1,0 +1,104 @@
+"""One output folder, one method: refuse to mix results of different model sets or methods.
+
+``cases.csv`` and ``condiff-eval`` pool every record in ``OUT/records``, including cases the
+current run does not touch. If a folder held cases made with another model set, seed, sampler,
+step count, member subset, brain-mask rule or preprocessing, the tables and the evaluation would
+silently average two methods. So ``condiff-infer`` stops (exit 2) when such records exist, and
+``--overwrite`` replaces them (ecosystem.md C.27). Options that only change how a result is
+computed (engine, precision, device: equal up to rounding) or which files are written
+(restorations, model space, layout) are not a different method: a rerun with them recomputes
+its own cases as before.
+"""
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from pathlib import Path
+from typing import Any, Iterable
+
+from condiff.errors import CondiffError
+
+logger = logging.getLogger(__name__)
+
+# RunOptions fields that change what a map means, not just its last bits or which files exist
+METHOD_OPTIONS = ("sampler", "steps", "members", "seed", "mask", "preprocessing", "schedule")
+
+
+def method_signature(model_set_digest: str | None, options: dict[str, Any] | None) -> tuple:
+    """A hashable summary of the method a record was made with (options may be absent in old failed records)."""
+    opts = options or {}
+    return (model_set_digest,) + tuple(repr(opts.get(k)) if options is not None else None for k in METHOD_OPTIONS)
+
+
+def differences(record: dict[str, Any], model_set_digest: str, options: dict[str, Any],
+                against: str = "this run") -> list[str]:
+    """What differs between ``record`` and the method of ``against``, in words; empty when the methods agree."""
+    out = []
+    theirs = record.get("model_set_digest")
+    if theirs != model_set_digest:
+        out.append(f"model set {str(theirs)[:12]} ({against}: {str(model_set_digest)[:12]})")
+    rec_options = record.get("options")
+    if rec_options is None:  # failed records of older versions carry no options: the model set decides
+        return out
+    for key in METHOD_OPTIONS:
+        a, b = rec_options.get(key), options.get(key)
+        if a != b:
+            if isinstance(a, dict) or isinstance(b, dict):
+                out.append(f"another {key} than {against}'s")
+            else:
+                out.append(f"{key} {a} ({against}: {b})")
+    return out
+
+
+def foreign_records(records: Iterable[dict[str, Any]], model_set_digest: str,
+                    options: dict[str, Any]) -> list[tuple[dict[str, Any], list[str]]]:
+    """The records made with another method, each with its differences."""
+    found = []
+    for rec in records:
+        diffs = differences(rec, model_set_digest, options)
+        if diffs:
+            found.append((rec, diffs))
+    return found
+
+
+def conflict_message(foreign: list[tuple[dict[str, Any], list[str]]]) -> str:
+    """``N case(s) ... made with <the most common difference>`` plus two example cases."""
+    common = Counter("; ".join(d) for _, d in foreign).most_common(1)[0][0]
+    names = ", ".join(rec.get("case", "?") for rec, _ in foreign[:2]) + (", ..." if len(foreign) > 2 else "")
+    return (f"holds {len(foreign)} case(s) made with another method ({common}; e.g. {names}); "
+            "mixing them would pool two methods in cases.csv and condiff-eval")
+
+
+def remove_foreign(out_dir: Path, foreign: list[tuple[dict[str, Any], list[str]]], keep: set[str]) -> int:
+    """Delete the outputs and records of foreign cases outside ``keep`` (the cases this run recomputes anyway)."""
+    from .writer import remove_record_and_outputs
+
+    n = 0
+    for rec, diffs in foreign:
+        name = rec.get("case")
+        if not name or name in keep:
+            continue
+        remove_record_and_outputs(out_dir, rec)
+        logger.warning("%s: removed (made with %s; --overwrite replaces another method's results)", name, "; ".join(diffs))
+        n += 1
+    return n
+
+
+def check_single_method(records: list[dict[str, Any]], out_dir: Path) -> None:
+    """condiff-eval: all finished records must come from one method, else a ``CondiffError`` naming both."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for rec in records:
+        groups.setdefault(method_signature(rec.get("model_set_digest"), rec.get("options")), []).append(rec)
+    if len(groups) <= 1:
+        return
+    (_, first), (_, second) = sorted(groups.items(), key=lambda kv: -len(kv[1]))[:2]
+    diffs = differences(second[0], first[0].get("model_set_digest"), first[0].get("options") or {},
+                        against=str(first[0].get("case")))
+    raise CondiffError(out_dir, f"holds cases of {len(groups)} different methods ({len(first)} like "
+                                f"{first[0].get('case')}, {len(second)} like {second[0].get('case')}: "
+                                f"{'; '.join(diffs) or 'options differ'}); their metrics cannot be pooled",
+                       "Evaluate each run's own output folder (rerun condiff-infer with --overwrite to make one method)")
+
+
+__all__ = ["METHOD_OPTIONS", "method_signature", "differences", "foreign_records", "conflict_message", "remove_foreign",
+           "check_single_method"]
