@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -238,7 +239,40 @@ def _fail(ctx: RunContext, case: Case, plan: CasePlan, exc: BaseException, input
     return CaseOutcome(case, "failed", error=text, error_type=type(exc).__name__)
 
 
+class _CaseWarnings(logging.Handler):
+    """Collects the readers' and preprocessing's warnings about one case (this thread's only), so its
+    record and ``cases.csv`` say what was done to the input (EXIF rotation, alpha dropped, NaN zeroed)."""
+
+    LOGGERS = ("condiff.io", "condiff.preprocess")
+
+    def __init__(self, case: Case):
+        super().__init__(logging.WARNING)
+        self.prefix, self.thread, self.messages = f"{case.path}: ", threading.get_ident(), []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.thread == self.thread:
+            text = record.getMessage()
+            self.messages.append(text[len(self.prefix):] if text.startswith(self.prefix) else text)
+
+    def __enter__(self) -> "_CaseWarnings":
+        for name in self.LOGGERS:
+            logging.getLogger(name).addHandler(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for name in self.LOGGERS:
+            logging.getLogger(name).removeHandler(self)
+
+
 def read_case(case: Case, ctx: RunContext, mask_path: Path | None):
+    with _CaseWarnings(case) as noted:
+        source, mask, prepared, info = _read_case(case, ctx, mask_path)
+    if noted.messages:
+        info["warnings"] = noted.messages + info.get("warnings", [])  # in the order they happened
+    return source, mask, prepared, info
+
+
+def _read_case(case: Case, ctx: RunContext, mask_path: Path | None):
     """Read a case and its brain mask and preprocess it into model slices, as the run does (and
     ``--dry-run``, so that "valid" there means the run's reader accepts the file). Returns
     ``(source volume or None, brain mask or None, Prepared, info)``; raises ``CondiffError``."""
@@ -259,6 +293,8 @@ def read_case(case: Case, ctx: RunContext, mask_path: Path | None):
         prepared = prepare_volume(source, ctx.preprocess, mask=mask)
         info = {"shape": [int(s) for s in source.data.shape], "spacing": [float(z) for z in source.zooms],
                 "orientation": "".join(prepared.geometry.get("input_axcodes") or [])}
+        if mask_path is None and ctx.preprocess.use_mask and ctx.mask_pattern == AUTO_MASK:
+            info["warnings"] = ["no brain mask file: the scan's non-background voxels were used as the brain"]
     else:
         if modality != "rgb":
             raise InputImageError(case.path, "is a 2-D photograph but this model set analyses MRI volumes",

@@ -28,7 +28,7 @@ from .plan import OUTPUT_FOLDERS, CasePlan, read_record, sha256_bytes
 logger = logging.getLogger(__name__)
 
 CASES_COLUMNS = ["case", "input", "input_sha256", "status", "error_type", "error", "kind", "shape", "spacing",
-                 "orientation", "n_slices", "score", "max_slice_score", "n_members", "seed", "engine", "precision"]
+                 "orientation", "n_slices", "score", "max_slice_score", "n_members", "seed", "engine", "precision", "warnings"]
 SCORES_COLUMNS = ["case", "slice", "score"]
 
 
@@ -349,6 +349,7 @@ def case_row(rec: dict[str, Any]) -> list[str]:
         "" if rec.get("n_slices") is None else str(rec["n_slices"]), _num(rec.get("score")),
         _num(rec.get("max_slice_score")), "" if rec.get("members") is None else str(len(rec["members"])),
         "" if rec.get("seed") is None else str(rec["seed"]), rec.get("engine") or "", rec.get("precision") or "",
+        "; ".join(rec.get("warnings") or []),
     ]
 
 

@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from _infer_helpers import FAST, one_torch_thread, brain_like, make_model_set, make_scans, write_nifti, invoke_infer
+from _infer_helpers import (FAST, PREPROCESSING, one_torch_thread, brain_like, make_model_set, make_scans, write_nifti,
+                            invoke_infer)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -454,3 +455,56 @@ def test_version_reports_the_nvidia_driver_and_readable_formats(tmp_path):
         assert environment_report()["torch_threads"] == 1 == torch.get_num_threads()
     out = _invoke(["--version"]).stdout
     assert "nvidia_driver" in out and "formats" in out and SET_SCHEMA in out
+
+
+def test_what_was_done_to_an_input_is_in_its_record_and_cases_csv(tmp_path):
+    """EXIF rotation and a dropped alpha channel are recorded per case (B.3/B.7), a clean photo has
+    nothing; the EXIF-rotated photo's map comes out in the displayed orientation."""
+    import csv
+
+    from PIL import Image
+
+    models = make_model_set(tmp_path / "rgb-set", n_members=1, image_channels=3,
+                            preprocessing={"modality": "rgb", "image_size": 32})
+    rng = np.random.default_rng(1)
+    (tmp_path / "in").mkdir()
+    Image.fromarray((rng.random((40, 52, 3)) * 255).astype(np.uint8)).save(tmp_path / "in" / "plain.png")
+    Image.fromarray((rng.random((40, 52, 4)) * 255).astype(np.uint8), "RGBA").save(tmp_path / "in" / "alpha.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored landscape, displayed rotated by 90 degrees
+    Image.fromarray((rng.random((40, 52, 3)) * 255).astype(np.uint8)).save(tmp_path / "in" / "rotated.jpg", exif=exif)
+    out = tmp_path / "out"
+    res = _invoke([tmp_path / "in", "-o", out, "--models", models, *FAST])
+    assert res.exit_code == 0, res.output + res.stderr
+    rows = {r["case"]: r for r in csv.DictReader((out / "cases.csv").open())}
+    assert rows["plain"]["warnings"] == ""
+    assert rows["alpha"]["warnings"] == "alpha channel dropped (not composited)"
+    assert rows["rotated"]["warnings"].startswith("EXIF orientation 6 applied")
+    rec = json.loads((out / "records" / "rotated.json").read_text())
+    assert rec["warnings"] == [rows["rotated"]["warnings"]] and "warnings" not in json.loads(
+        (out / "records" / "plain.json").read_text())
+    import tifffile
+
+    assert tifffile.imread(out / "maps" / "rotated.tiff").shape == (52, 40)  # as displayed
+
+
+def test_nan_voxels_zeroed_and_a_missing_brain_mask_are_noted_per_case(tmp_path):
+    import csv
+
+    # a set trained with brain masks: a scan without a mask file falls back to its own foreground
+    models = make_model_set(tmp_path / "masked-set", n_members=1, preprocessing={**PREPROCESSING, "use_mask": True})
+    img, brain = brain_like(seed=3)
+    img[2, 3, 1] = np.nan
+    (tmp_path / "in").mkdir()
+    write_nifti(tmp_path / "in" / "nans.nii.gz", img)
+    write_nifti(tmp_path / "in" / "masked.nii.gz", img)
+    write_nifti(tmp_path / "in" / "masked_brainmask.nii.gz", brain.astype(np.float32))
+    out = tmp_path / "out"
+    res = _invoke([tmp_path / "in", "-o", out, "--models", models, *FAST, "--nan-policy", "zero"])
+    assert res.exit_code == 0, res.output + res.stderr
+    rows = {r["case"]: r for r in csv.DictReader((out / "cases.csv").open())}
+    assert set(rows) == {"nans", "masked"}
+    notes = rows["nans"]["warnings"].split("; ")
+    assert notes[0] == "1 NaN/Inf voxels replaced by 0 (--nan-policy zero)"
+    assert notes[1].startswith("no brain mask file") and len(notes) == 2
+    assert rows["masked"]["warnings"] == "1 NaN/Inf voxels replaced by 0 (--nan-policy zero)"

@@ -89,7 +89,7 @@ def _read_pil(path: Path) -> np.ndarray:
             im = ImageOps.exif_transpose(im)
             mode = im.mode
             if exif_orientation not in (None, 1):
-                logger.info("%s: EXIF orientation %s applied", path, exif_orientation)
+                logger.warning("%s: EXIF orientation %s applied (image rotated/flipped as displayed)", path, exif_orientation)
             if mode in ("I;16", "I;16B", "I;16L", "I;16N"):
                 arr, scale = np.asarray(im).astype(np.uint16), 65535.0
             elif mode == "I":
