@@ -483,3 +483,40 @@ def test_find_mask_casedir_reaches_a_bids_derivative_mask(tmp_path):
     assert cases.find_mask(found["sub-01/ses-1/anat/sub-01_ses-1_T1w"], pattern) == \
         ds / "derivatives/fmriprep/sub-01/ses-1/anat/sub-01_ses-1_desc-brain_mask.nii.gz"
     assert cases.find_mask(found["top_T1w"], pattern) == ds / "derivatives/fmriprep/top_desc-brain_mask.nii.gz"
+
+
+@pytest.mark.parametrize("degrees,warned", [(30.0, True), (5.0, False), (0.0, False)])
+def test_oblique_scans_are_read_with_a_warning_above_ten_degrees(tmp_path, caplog, degrees, warned):
+    from nibabel.affines import from_matvec
+    from nibabel.eulerangles import euler2mat
+
+    data = np.random.default_rng(0).random((20, 20, 6)).astype(np.float32) + 0.1
+    affine = from_matvec(euler2mat(0, 0, np.radians(degrees)) * 2.0, [1.0, 2.0, 3.0])
+    nib.save(nib.Nifti1Image(data, affine), tmp_path / "scan.nii.gz")
+    with caplog.at_level("WARNING", logger="condiff.io"):
+        vol = volumes.read_volume(tmp_path / "scan.nii.gz")
+    np.testing.assert_allclose(vol.affine, affine, atol=1e-5)  # read as stored, never resampled
+    hits = [r.getMessage() for r in caplog.records if "oblique" in r.getMessage()]
+    assert bool(hits) == warned, hits
+    if warned:
+        assert f"{degrees:.0f} degrees" in hits[0] and "scan.nii.gz" in hits[0]
+
+
+@pytest.mark.parametrize("shift_mm,warned", [(20.0, True), (0.5, False)])
+def test_qform_sform_disagreement_is_warned_and_both_kept(tmp_path, caplog, shift_mm, warned):
+    data = np.random.default_rng(1).random((20, 20, 6)).astype(np.float32) + 0.1
+    img = nib.Nifti1Image(data, np.diag([2.0, 2.0, 2.0, 1.0]))
+    sform = np.diag([2.0, 2.0, 2.0, 1.0])
+    sform[0, 3] = shift_mm
+    img.set_qform(np.diag([2.0, 2.0, 2.0, 1.0]), code=1)
+    img.set_sform(sform, code=1)
+    nib.save(img, tmp_path / "scan.nii.gz")
+    with caplog.at_level("WARNING", logger="condiff.io"):
+        vol = volumes.read_volume(tmp_path / "scan.nii.gz")
+    hits = [r.getMessage() for r in caplog.records if "qform and sform disagree" in r.getMessage()]
+    assert bool(hits) == warned, hits
+    if warned:
+        assert f"{shift_mm:.1f} mm" in hits[0]
+    np.testing.assert_allclose(vol.affine, sform)  # the sform wins, as in nibabel
+    q, qcode = vol.header.get_qform(coded=True)
+    assert qcode == 1 and np.allclose(q, np.diag([2.0, 2.0, 2.0, 1.0]))  # the qform is kept for writing back

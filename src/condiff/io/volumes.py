@@ -215,6 +215,40 @@ def _check_in_plane(path: Path, data: np.ndarray, affine: np.ndarray, orientatio
                               "Upscaling it would invent structure; give the original scan")
 
 
+OBLIQUE_WARN_DEG = 10.0  # slices of a scan tilted more than this from its nearest axes cut the anatomy obliquely
+QFORM_SFORM_WARN_MM = 1.0  # the two header transforms place some corner of the volume this far apart
+
+
+def _warn_geometry(path: Path, header, affine: np.ndarray) -> None:
+    """Warn (never refuse) where a viewer and condiff may disagree on geometry (ecosystem C.14, C.16).
+
+    condiff slices along the voxel grid's axis nearest inferior-superior and writes the map back
+    on the input's own grid, so an oblique scan is processed correctly but its slices are not
+    the axial planes the models were trained on; qform and sform that disagree put the same map
+    in different places in viewers that prefer one or the other (nibabel and FSL: sform; ITK:
+    qform). Both are written back unchanged."""
+    from nibabel.affines import obliquity
+
+    tilt = float(np.degrees(np.max(np.abs(obliquity(affine)))))
+    if tilt > OBLIQUE_WARN_DEG:
+        logger.warning("%s: oblique scan (voxel axes up to %.0f degrees from the nearest anatomical axes): "
+                       "slices are cut along the voxel grid, not axial planes", path, tilt)
+    try:
+        qform, qcode = header.get_qform(coded=True)
+        sform, scode = header.get_sform(coded=True)
+    except Exception:  # a header nibabel cannot decode both forms of: nothing to compare
+        return
+    if qform is None or sform is None or not qcode or not scode:
+        return
+    shape = np.asarray(header.get_data_shape()[:3] + (1,) * (3 - len(header.get_data_shape()[:3])), dtype=np.float64)
+    corners = np.array([[i, j, k, 1.0] for i in (0, shape[0] - 1) for j in (0, shape[1] - 1) for k in (0, shape[2] - 1)])
+    gap = float(np.max(np.linalg.norm((corners @ (qform - sform).T)[:, :3], axis=1)))
+    if gap > QFORM_SFORM_WARN_MM:
+        logger.warning("%s: qform and sform disagree (up to %.1f mm at the volume's corners): condiff uses the "
+                       "sform, as nibabel and FSL do; viewers that prefer the qform (ITK-SNAP, 3D Slicer) "
+                       "show the map elsewhere", path, gap)
+
+
 def _load(path: str | os.PathLike, *, allow_2d: bool, nan_policy: str, check_content: bool,
           orientation: str = "RAS") -> Volume:
     import nibabel as nib
@@ -259,6 +293,7 @@ def _load(path: str | os.PathLike, *, allow_2d: bool, nan_policy: str, check_con
                 raise InputImageError(path, "empty volume (all voxels are 0)")
             raise InputImageError(path, f"constant volume (all voxels are {hi:g})", "Nothing to analyse")
         _check_in_plane(path, data, affine, orientation)
+        _warn_geometry(path, img.header, affine)
     return Volume(data=np.ascontiguousarray(data, dtype=np.float32), affine=affine, header=img.header, path=str(path))
 
 
