@@ -75,9 +75,10 @@ class Evaluation:
     lesion_threshold: float | None = None  # where the lesion-wise counts were taken
     lesion_counts: LesionDetection | None = None  # all cases' lesion-wise counts at it
     lesion_iou: float = MIN_IOU  # the IoU at which lesions and called regions match
+    provenance: dict[str, Any] = field(default_factory=dict)  # label source, model set and method evaluated
 
     def to_dict(self) -> dict[str, Any]:
-        return {"protocol": self.protocol, "description": DESCRIPTIONS[self.protocol],
+        return {"protocol": self.protocol, "description": DESCRIPTIONS[self.protocol], "provenance": self.provenance,
                 "label_values": list(self.label_values) if self.label_values else None,
                 "threshold_chosen_on_evaluated_data": self.given is None,
                 "given_threshold": None if self.given is None else {"value": self.given.value,
@@ -397,6 +398,20 @@ def _with_given(row: dict[str, float], given: GivenThreshold | None, labels, val
     return row
 
 
+def provenance(records: list[dict[str, Any]], mask_pattern: str, missing_label: str) -> dict[str, Any]:
+    """Where the labels came from and what produced the maps (one method: ``check_single_method``)."""
+    from condiff import __version__
+
+    from .consistency import METHOD_OPTIONS
+
+    first = records[0]
+    options = first.get("options") or {}
+    return {"masks": mask_pattern, "missing_label": missing_label, "model_set_digest": first.get("model_set_digest"),
+            "method": {k: options.get(k) for k in METHOD_OPTIONS if k not in ("preprocessing", "schedule")},
+            "engines": sorted({f"{r.get('engine')} {r.get('precision')}" for r in records}),
+            "condiff_version": __version__}
+
+
 def evaluate(out_dir: str | Path, mask_pattern: str, protocol: str = "native", overlays: bool = False,
              missing_label: str = "error", label_values: tuple[int, ...] | None = None,
              baselines: bool = False, threshold: GivenThreshold | None = None, bootstrap: int = 0,
@@ -430,7 +445,7 @@ def evaluate(out_dir: str | Path, mask_pattern: str, protocol: str = "native", o
                            "run condiff-infer into this folder first")
     check_single_method(records, out_dir)
     ev = Evaluation(protocol, label_values=tuple(label_values) if label_values else None, given=threshold,
-                    lesion_iou=lesion_iou)
+                    lesion_iou=lesion_iou, provenance=provenance(records, mask_pattern, missing_label))
     if threshold is not None and threshold.source != "command line" and threshold.label_values != ev.label_values:
         logger.warning("the threshold from %s was chosen for label values %s, these data are evaluated for %s",
                        threshold.source, threshold.label_values or "all > 0", ev.label_values or "all > 0")

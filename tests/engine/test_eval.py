@@ -105,6 +105,11 @@ def test_native_protocol_uses_written_maps_inside_the_brain_mask(run):
     doc = json.loads((out / "metrics-native.json").read_text())
     ens = doc["rows"][0]
     assert doc["protocol"] == "native" and doc["counts"]["pixels"] == y.size
+    rec0 = json.loads((out / "records" / "case0.json").read_text())
+    prov = doc["provenance"]  # what was evaluated against what, for whoever reads the JSON later
+    assert prov["masks"] == SEG and prov["model_set_digest"] == rec0["model_set_digest"]
+    assert prov["method"]["seed"] == rec0["seed"] and prov["method"]["steps"] == rec0["steps"]
+    assert prov["engines"] == [f"{rec0['engine']} {rec0['precision']}"]
     assert abs(ens["ap_pixel"] - sk.average_precision_score(y, s)) <= 1e-10
     # samples: the analysed axial slices (RAS volumes: the 3rd axis), scored as in the record
     labels, scores = [], []
