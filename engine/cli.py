@@ -210,8 +210,9 @@ def _infer(inputs, output, models, engine, device, precision, batch_size, fast_k
                                       "(cases of the other method that this run does not cover are deleted)")
         if dry_run:
             return _dry_run(cases, ctx, n_all, shard_t)
+        writer.check_creatable(output)  # these two fail before any network loads
         lock = writer.OutputLock(output, shard_t)
-        lock.check()  # fail before loading any network; acquire() below is the atomic check
+        lock.check()  # acquire() below is the atomic check
         if ray_address is None:
             pipeline.load_denoisers(ctx)
             writer.ensure_writable(output)

@@ -165,6 +165,24 @@ def _stale(holder: str) -> bool:
         return False
 
 
+def check_creatable(out_dir: Path) -> None:
+    """Before any network loads: OUT can be made (its nearest existing ancestor is a writable folder)
+    or is a writable folder. Creates nothing, so a run refused later leaves no empty folder."""
+    probe = Path(os.path.abspath(out_dir))
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if probe == Path(os.path.abspath(out_dir)):
+        if not probe.is_dir():
+            raise OutputConflictError(out_dir, "exists and is not a folder", "give a folder for -o")
+    elif not probe.is_dir():
+        raise OutputConflictError(out_dir, f"cannot create the output folder ({probe} is not a folder)",
+                                  "choose a folder you can write to")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise OutputConflictError(out_dir, "is not writable" if probe == Path(os.path.abspath(out_dir)) else
+                                  f"cannot create the output folder ({probe} is not writable)",
+                                  "choose a folder you can write to")
+
+
 def ensure_writable(out_dir: Path) -> None:
     """Create OUT (and parents); a folder we cannot create or write is a configuration error."""
     try:
@@ -384,6 +402,6 @@ def write_run_json(out_dir: Path, doc: dict[str, Any], shard: tuple[int, int] | 
     return path
 
 
-__all__ = ["OutputLock", "ensure_writable", "write_output", "write_case_files", "write_record", "remove_outputs", "npz_bytes",
+__all__ = ["OutputLock", "check_creatable", "ensure_writable", "write_output", "write_case_files", "write_record", "remove_outputs", "npz_bytes",
            "remove_record_and_outputs", "clean_orphans", "load_records", "rebuild_tables", "write_run_json", "run_json_name", "shard_suffix",
            "CASES_COLUMNS", "SCORES_COLUMNS"]

@@ -508,3 +508,15 @@ def test_nan_voxels_zeroed_and_a_missing_brain_mask_are_noted_per_case(tmp_path)
     assert notes[0] == "1 NaN/Inf voxels replaced by 0 (--nan-policy zero)"
     assert notes[1].startswith("no brain mask file") and len(notes) == 2
     assert rows["masked"]["warnings"] == "1 NaN/Inf voxels replaced by 0 (--nan-policy zero)"
+
+
+def test_output_folder_that_cannot_be_made_is_exit_2_before_any_model_loads(tmp_path, model_set, monkeypatch):
+    _no_model_loading(monkeypatch)
+    make_scans(tmp_path / "in", n=1)
+    (tmp_path / "afile").write_text("not a folder")
+    res = _invoke([tmp_path / "in", "-o", tmp_path / "afile" / "out", "--models", model_set, *FAST])
+    assert res.exit_code == 2 and "afile/out" in res.stderr and "cannot create the output folder" in res.stderr
+    assert "is not a folder" in res.stderr
+    res = _invoke([tmp_path / "in", "-o", tmp_path / "afile", "--models", model_set, *FAST])
+    assert res.exit_code == 2 and "is not a folder" in res.stderr
+    assert (tmp_path / "afile").read_text() == "not a folder"
