@@ -1,4 +1,5 @@
-"""The overlay PNG: a case's highest-scoring slices as rows of input | restoration | map | map on input.
+"""The overlay PNG: a case's highest-scoring slices as rows of input | restoration | map | map on input,
+under a band of column titles (with the map's colour scale) and, above each row, its slice and score.
 
 Drawn in model slice space (every case the same size), with numpy only and written through
 ``condiff.io.images.png_bytes`` (fixed settings, no metadata), so identical arrays give
@@ -19,6 +20,8 @@ from condiff.io.images import png_bytes, to_png8
 N_ROWS = 3
 MIN_PANEL = 128  # pixels; smaller panels are repeated by an integer factor
 OVERLAY_FROM, OVERLAY_FULL, OVERLAY_OPACITY = 0.2, 0.8, 0.85  # shares of the case's largest map value; opacity
+LABEL_BAND = 16  # pixels: the text bands above the panels
+LABEL_FONT_PX = 12
 
 
 def top_slices(scores: np.ndarray, k: int = N_ROWS) -> np.ndarray:
@@ -76,9 +79,61 @@ def enlarge(image: np.ndarray, side: int) -> np.ndarray:
     return np.repeat(np.repeat(image, factor, axis=0), factor, axis=1) if factor > 1 else image
 
 
-def overlay_png(slices, restorations, maps, scores, kind: str = "volume", k: int = N_ROWS) -> bytes:
-    """PNG bytes of ``overlay_image``."""
-    return png_bytes(overlay_image(slices, restorations, maps, scores, kind=kind, k=k))
+def _text_band(texts: list[str], width: int, n_panels: int) -> np.ndarray:
+    """A black (LABEL_BAND, width, 3) strip with ``texts`` in white: one text per panel, centred, or one
+    text at the left when only one is given. PIL's built-in font: fixed for a given Pillow install."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    band = Image.new("RGB", (width, LABEL_BAND))
+    draw = ImageDraw.Draw(band)
+    try:  # Pillow >= 10.1 with FreeType: its embedded font at a readable size
+        font = ImageFont.load_default(size=LABEL_FONT_PX)
+    except (TypeError, ImportError):  # older Pillow: the built-in bitmap font
+        font = ImageFont.load_default()
+    panel = width // n_panels
+    for j, text in enumerate(texts):
+        left, _, right, _ = draw.textbbox((0, 0), text, font=font)
+        x = 3 if len(texts) == 1 else j * panel + max(0, (panel - (right - left)) // 2)
+        draw.text((x, 2), text, fill=(255, 255, 255), font=font)
+    return np.asarray(band, dtype=np.uint8)
 
 
-__all__ = ["overlay_image", "overlay_png", "top_slices", "map_on", "enlarge"]
+def input_slice_names(geometry: dict) -> list[str] | None:
+    """Each model slice as the input file's own voxel index, e.g. ``slice 52 of axis 1``, so a viewer
+    finds it (the model slices along the canonical inferior-superior axis, which may be any stored
+    axis, reversed or not); None for photographs."""
+    if geometry.get("kind") != "volume":
+        return None
+    ornt = geometry["ornt"]
+    axis = next(i for i, (new_axis, _) in enumerate(ornt) if int(new_axis) == 2)
+    n = int(geometry["input_shape"][axis]) if axis < len(geometry["input_shape"]) else 1
+    flip = int(ornt[axis][1]) == -1
+    return [f"slice {n - 1 - int(k) if flip else int(k)} of axis {axis}" for k in geometry["slice_index"]]
+
+
+def labelled_overlay(slices, restorations, maps, scores, kind: str = "volume", k: int = N_ROWS,
+                     row_names: list[str] | None = None) -> np.ndarray:
+    """``overlay_image`` with a title band (what each panel is, the map's colour scale) and above each row
+    a band naming its slice (``row_names[i]``, else its position in ``slices``) and score. The panels
+    themselves are ``overlay_image``'s, pixel for pixel."""
+    grid = overlay_image(slices, restorations, maps, scores, kind=kind, k=k)
+    order = top_slices(scores, k)
+    width, rows = grid.shape[1], len(order)
+    row_h = grid.shape[0] // max(rows, 1)
+    vmax = float(np.max(maps)) if maps.size else 0.0
+    titles = ["input", "restoration", f"map, 0 to {vmax:.3g}", "map on input"]
+    parts = [_text_band(titles, width, 4)]
+    for r, i in enumerate(order):
+        where = row_names[i] if row_names is not None else f"{'slice' if kind == 'volume' else 'image'} {int(i)}"
+        parts.append(_text_band([f"{where}   score {float(scores[i]):.4g}   (rank {r + 1})"], width, 4))
+        parts.append(grid[r * row_h:(r + 1) * row_h])
+    return np.concatenate(parts, axis=0)
+
+
+def overlay_png(slices, restorations, maps, scores, kind: str = "volume", k: int = N_ROWS,
+                row_names: list[str] | None = None) -> bytes:
+    """PNG bytes of ``labelled_overlay``."""
+    return png_bytes(labelled_overlay(slices, restorations, maps, scores, kind=kind, k=k, row_names=row_names))
+
+
+__all__ = ["overlay_image", "labelled_overlay", "input_slice_names", "overlay_png", "top_slices", "map_on", "enlarge"]

@@ -237,7 +237,7 @@ def write_case_files(out_dir: Path, plan: CasePlan, *, kind: str, prepared, sour
     from condiff.io import images, volumes
     from condiff.preprocess import invert_to_input, to_input_units
 
-    from .overlay import overlay_png
+    from .overlay import input_slice_names, overlay_png
 
     outs = plan.outputs
     written: dict[str, dict[str, str]] = {}
@@ -262,7 +262,8 @@ def write_case_files(out_dir: Path, plan: CasePlan, *, kind: str, prepared, sour
             written["restoration_png"] = write_output(out_dir, outs["restoration_png"],
                                                       images.png_bytes(images.to_png8(native_rest, 0.0, 1.0)))
     written["overlay"] = write_output(out_dir, outs["overlay"],
-                                      overlay_png(prepared.slices, restorations, maps, scores, kind=kind))
+                                      overlay_png(prepared.slices, restorations, maps, scores, kind=kind,
+                                                  row_names=input_slice_names(prepared.geometry)))
     if "model_space" in outs:
         written["model_space"] = write_output(out_dir, outs["model_space"], npz_bytes(model_space or {}))
     return written

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from condiff.engine import overlay
 from _infer_helpers import (FAST, PREPROCESSING, one_torch_thread, brain_like, make_model_set, make_scans, write_nifti,
                             invoke_infer)
 
@@ -80,7 +81,8 @@ def test_infer_writes_layout_geometry_and_records(tmp_path, model_set):
         from PIL import Image
 
         with Image.open(out / "overlays" / f"{case}.png") as im:
-            assert im.mode == "RGB" and im.size == (4 * 128, 3 * 128)  # top 3 slices, input | restoration | map
+            band = overlay.LABEL_BAND  # a title band, then a name band above each of the top 3 slices' rows
+            assert im.mode == "RGB" and im.size == (4 * 128, 3 * 128 + 4 * band)  # input | restoration | map
             # | map on input, each 32-px panel enlarged 4x
         rec = json.loads((out / "records" / f"{case}.json").read_text())
         assert rec["status"] == "ok" and rec["members"] == [0]
@@ -181,7 +183,7 @@ def test_photographs_get_float_tiff_maps_and_png_previews(tmp_path):
     with Image.open(out / "maps" / "eye.png") as im:
         assert im.size == (52, 40) and im.mode == "L"
     with Image.open(out / "overlays" / "eye.png") as im:
-        assert im.size == (4 * 128, 128)  # one image: one row of 4 panels (32 px enlarged 4x)
+        assert im.size == (4 * 128, 128 + 2 * overlay.LABEL_BAND)  # one image: one row of 4 panels (32 px enlarged 4x)
     # an MRI volume given to a photo model fails alone, with a reason
     make_scans(tmp_path / "in", n=1)
     res = _invoke([tmp_path / "in", "-o", out, "--models", models, *FAST])
