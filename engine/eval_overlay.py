@@ -1,7 +1,8 @@
 """condiff-eval's picture of a case: where the map responds against where the label says the lesion is.
 
 One row per slice, two panels: the input with the label's outline | the map on the input (the
-overlay PNG's fourth panel) with the same outline. Volumes show the ``ROWS`` analysed slices
+overlay PNG's fourth panel) with the same outline; a title band, and above each row the slice as
+the input file numbers it, its label pixels and score. Volumes show the ``ROWS`` analysed slices
 holding the most label voxels (the top-scoring slices when the label is empty), anterior up
 like ``overlay.py``; photographs show one row. Drawn on the input grid (the written map), so
 the outline is the user's label exactly as ``--protocol native`` scores it.
@@ -12,7 +13,7 @@ import numpy as np
 
 from condiff.io.images import to_png8
 
-from .overlay import enlarge, map_on
+from .overlay import enlarge, map_on, text_band
 
 ROWS = 3
 OUTLINE = np.array([0, 255, 255], dtype=np.uint8)  # cyan: apart from every colour of the map's ramp
@@ -50,29 +51,38 @@ def _row(grey: np.ndarray, values01: np.ndarray, label: np.ndarray) -> np.ndarra
     return np.concatenate([left, right], axis=1)
 
 
+def _titles(width: int, vmax: float) -> np.ndarray:
+    return text_band(["input, label in cyan", f"map on input, 0 to {vmax:.3g}"], width, 2)
+
+
 def volume_figure(image: np.ndarray, amap: np.ndarray, label: np.ndarray, slice_scores: dict[int, float],
-                  k: int = ROWS) -> np.ndarray:
-    """uint8 (rows * H', 2 * W', 3) from canonical (R, A, S) arrays of one case (``image`` float,
-    ``amap`` >= 0, ``label`` bool); grey from the 1st-99th percentile of the non-zero input, the map
-    scaled to the case's largest value."""
+                  k: int = ROWS, name=None) -> np.ndarray:
+    """uint8 (rows * (H' + band) + band, 2 * W', 3) from canonical (R, A, S) arrays of one case (``image``
+    float, ``amap`` >= 0, ``label`` bool); grey from the 1st-99th percentile of the non-zero input, the
+    map scaled to the case's largest value. A title band, and above each row its slice (``name(s)``,
+    default the canonical index), label pixels and slice score."""
     nonzero = image[image != 0]
     lo, hi = (np.percentile(nonzero, [1, 99]) if nonzero.size else (0.0, 1.0))
     vmax = float(amap.max()) if amap.size else 0.0
-    rows = []
+    parts = []
     for s in pick_slices(label, slice_scores, k):
         def show(a):  # canonical (R->, A->) slice: anterior up, patient right on the right
             return np.ascontiguousarray(np.swapaxes(a[:, :, s], 0, 1)[::-1])
         values = show(amap) / vmax if vmax > 0 else np.zeros(show(amap).shape)
-        rows.append(_row(_grey(show(image), float(lo), float(hi)), values, show(label)))
-    figure = np.concatenate(rows, axis=0)
-    return enlarge(figure, min(image.shape[0], image.shape[1]))
+        row = enlarge(_row(_grey(show(image), float(lo), float(hi)), values, show(label)),
+                      min(image.shape[0], image.shape[1]))
+        where = name(s) if name is not None else f"slice {s}"
+        parts += [text_band([f"{where}: {int(label[:, :, s].sum())} label px, score {slice_scores[s]:.4g}"],
+                            row.shape[1], 2), row]
+    return np.concatenate([_titles(parts[1].shape[1], vmax), *parts], axis=0)
 
 
 def image_figure(rgb01: np.ndarray, amap: np.ndarray, label: np.ndarray) -> np.ndarray:
-    """uint8 (H', 2 * W', 3) for a photograph (``rgb01`` (H, W, 3) in [0, 1])."""
+    """uint8 (band + H', 2 * W', 3) for a photograph (``rgb01`` (H, W, 3) in [0, 1]), under a title band."""
     vmax = float(amap.max()) if amap.size else 0.0
     values = amap / vmax if vmax > 0 else np.zeros(amap.shape)
-    return enlarge(_row(_grey(rgb01, 0.0, 1.0), values, label), min(amap.shape))
+    row = enlarge(_row(_grey(rgb01, 0.0, 1.0), values, label), min(amap.shape))
+    return np.concatenate([_titles(row.shape[1], vmax), row], axis=0)
 
 
 __all__ = ["ROWS", "OUTLINE", "outline", "pick_slices", "volume_figure", "image_figure"]

@@ -212,12 +212,15 @@ def _volume_figure(rec: dict[str, Any], like, canon_label: np.ndarray, ornt: np.
     from condiff.io.volumes import read_volume_or_slice
 
     from .eval_overlay import volume_figure
+    from .overlay import slice_name
 
     image = read_volume_or_slice(rec["input"], nan_policy="zero").data
     if image.shape != like.data.shape:
         raise ValueError(f"input {rec['input']} is {image.shape}, its map {like.data.shape}: the input changed")
+    geometry = rec.get("geometry") or {}
+    name = (lambda s: slice_name(geometry, s)) if "ornt" in geometry else None
     return volume_figure(np.asarray(apply_orientation(image, ornt)), np.asarray(apply_orientation(like.data, ornt)),
-                         canon_label, slice_scores)
+                         canon_label, slice_scores, name=name)
 
 
 def _image_figure(rec: dict[str, Any], amap: np.ndarray, label: np.ndarray) -> np.ndarray:

@@ -79,7 +79,7 @@ def enlarge(image: np.ndarray, side: int) -> np.ndarray:
     return np.repeat(np.repeat(image, factor, axis=0), factor, axis=1) if factor > 1 else image
 
 
-def _text_band(texts: list[str], width: int, n_panels: int) -> np.ndarray:
+def text_band(texts: list[str], width: int, n_panels: int) -> np.ndarray:
     """A black (LABEL_BAND, width, 3) strip with ``texts`` in white: one text per panel, centred, or one
     text at the left when only one is given. PIL's built-in font: fixed for a given Pillow install."""
     from PIL import Image, ImageDraw, ImageFont
@@ -98,17 +98,21 @@ def _text_band(texts: list[str], width: int, n_panels: int) -> np.ndarray:
     return np.asarray(band, dtype=np.uint8)
 
 
-def input_slice_names(geometry: dict) -> list[str] | None:
-    """Each model slice as the input file's own voxel index, e.g. ``slice 52 of axis 1``, so a viewer
+def slice_name(geometry: dict, k: int) -> str:
+    """Canonical axial slice ``k`` as the input file numbers it, e.g. ``slice 52 of axis 1``, so a viewer
     finds it (the model slices along the canonical inferior-superior axis, which may be any stored
-    axis, reversed or not); None for photographs."""
-    if geometry.get("kind") != "volume":
-        return None
+    axis, reversed or not)."""
     ornt = geometry["ornt"]
     axis = next(i for i, (new_axis, _) in enumerate(ornt) if int(new_axis) == 2)
     n = int(geometry["input_shape"][axis]) if axis < len(geometry["input_shape"]) else 1
-    flip = int(ornt[axis][1]) == -1
-    return [f"slice {n - 1 - int(k) if flip else int(k)} of axis {axis}" for k in geometry["slice_index"]]
+    return f"slice {n - 1 - int(k) if int(ornt[axis][1]) == -1 else int(k)} of axis {axis}"
+
+
+def input_slice_names(geometry: dict) -> list[str] | None:
+    """``slice_name`` of every model slice of a volume; None for photographs."""
+    if geometry.get("kind") != "volume":
+        return None
+    return [slice_name(geometry, k) for k in geometry["slice_index"]]
 
 
 def labelled_overlay(slices, restorations, maps, scores, kind: str = "volume", k: int = N_ROWS,
@@ -122,10 +126,10 @@ def labelled_overlay(slices, restorations, maps, scores, kind: str = "volume", k
     row_h = grid.shape[0] // max(rows, 1)
     vmax = float(np.max(maps)) if maps.size else 0.0
     titles = ["input", "restoration", f"map, 0 to {vmax:.3g}", "map on input"]
-    parts = [_text_band(titles, width, 4)]
+    parts = [text_band(titles, width, 4)]
     for r, i in enumerate(order):
         where = row_names[i] if row_names is not None else f"{'slice' if kind == 'volume' else 'image'} {int(i)}"
-        parts.append(_text_band([f"{where}   score {float(scores[i]):.4g}   (rank {r + 1})"], width, 4))
+        parts.append(text_band([f"{where}   score {float(scores[i]):.4g}   (rank {r + 1})"], width, 4))
         parts.append(grid[r * row_h:(r + 1) * row_h])
     return np.concatenate(parts, axis=0)
 
@@ -136,4 +140,4 @@ def overlay_png(slices, restorations, maps, scores, kind: str = "volume", k: int
     return png_bytes(labelled_overlay(slices, restorations, maps, scores, kind=kind, k=k, row_names=row_names))
 
 
-__all__ = ["overlay_image", "labelled_overlay", "input_slice_names", "overlay_png", "top_slices", "map_on", "enlarge"]
+__all__ = ["overlay_image", "labelled_overlay", "slice_name", "input_slice_names", "text_band", "overlay_png", "top_slices", "map_on", "enlarge"]

@@ -7,7 +7,7 @@ import pytest
 from click.testing import CliRunner
 
 from _infer_helpers import one_torch_thread, reference_run
-from condiff.engine import eval_overlay, evaluate as evaluation
+from condiff.engine import overlay, eval_overlay, evaluate as evaluation
 from condiff.engine.cli import eval_main
 
 ndimage = pytest.importorskip("scipy.ndimage")
@@ -71,8 +71,12 @@ def test_figures_outline_the_label_exactly_where_it_is(run, tmp_path):
         x, y, _ = label.shape
         factor = -(-128 // min(x, y))
         with Image.open(out / "eval-overlays" / f"{case}.png") as im:
-            fig = np.asarray(im.convert("RGB"))
-        assert fig.shape == (len(picked) * y * factor, 2 * x * factor, 3)
+            labelled = np.asarray(im.convert("RGB"))
+        band, h = overlay.LABEL_BAND, y * factor  # a title band, then a name band above every row
+        assert labelled.shape == (len(picked) * (h + band) + band, 2 * x * factor, 3)
+        tops = [band + r * (band + h) + band for r in range(len(picked))]
+        fig = np.concatenate([labelled[t:t + h] for t in tops], axis=0)
+        assert labelled[:band].max() > 0 and all(labelled[t - band:t].max() > 0 for t in tops)  # text drawn
         small = fig[::factor, ::factor]
         cyan = (small == eval_overlay.OUTLINE).all(axis=-1)
         for row, s in enumerate(picked):
