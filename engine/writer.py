@@ -183,6 +183,32 @@ def check_creatable(out_dir: Path) -> None:
                                   "choose a folder you can write to")
 
 
+OUTPUT_PER_INPUT_BYTE = 4.0  # float32 map + restoration (+ overlay) per byte of a typical int16 .nii.gz input
+OUTPUT_PER_CASE_BYTES = 256 * 1024  # overlay PNG, record, CSV rows
+
+
+def free_space_warning(out_dir: Path, input_paths, restorations: bool = True) -> str | None:
+    """A warning when the disk under OUT has less free space than the run's outputs will roughly take
+    (a rough, generous estimate from the inputs' sizes); None otherwise. Never refuses: the
+    estimate can be wrong both ways, and a full disk mid-run stops cleanly anyway."""
+    import shutil
+
+    probe = Path(os.path.abspath(out_dir))
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        free = shutil.disk_usage(probe).free
+        sizes = [os.path.getsize(p) for p in input_paths]
+    except OSError:
+        return None
+    per_byte = OUTPUT_PER_INPUT_BYTE if restorations else OUTPUT_PER_INPUT_BYTE / 2
+    need = int(per_byte * sum(sizes) + OUTPUT_PER_CASE_BYTES * len(sizes))
+    if free >= need:
+        return None
+    return (f"{out_dir}: {free / 2**20:.0f} MiB free, and the outputs of {len(sizes)} case(s) may take about "
+            f"{need / 2**20:.0f} MiB; the run stops cleanly if the disk fills (rerun to finish)")
+
+
 def ensure_writable(out_dir: Path) -> None:
     """Create OUT (and parents); a folder we cannot create or write is a configuration error."""
     try:
@@ -403,6 +429,6 @@ def write_run_json(out_dir: Path, doc: dict[str, Any], shard: tuple[int, int] | 
     return path
 
 
-__all__ = ["OutputLock", "check_creatable", "ensure_writable", "write_output", "write_case_files", "write_record", "remove_outputs", "npz_bytes",
+__all__ = ["OutputLock", "check_creatable", "free_space_warning", "ensure_writable", "write_output", "write_case_files", "write_record", "remove_outputs", "npz_bytes",
            "remove_record_and_outputs", "clean_orphans", "load_records", "rebuild_tables", "write_run_json", "run_json_name", "shard_suffix",
            "CASES_COLUMNS", "SCORES_COLUMNS"]

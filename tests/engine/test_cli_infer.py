@@ -522,3 +522,22 @@ def test_output_folder_that_cannot_be_made_is_exit_2_before_any_model_loads(tmp_
     res = _invoke([tmp_path / "in", "-o", tmp_path / "afile", "--models", model_set, *FAST])
     assert res.exit_code == 2 and "is not a folder" in res.stderr
     assert (tmp_path / "afile").read_text() == "not a folder"
+
+
+def test_too_little_free_space_for_the_outputs_is_warned_before_the_run(tmp_path, model_set, monkeypatch):
+    import collections
+    import shutil as shutil_mod
+
+    from condiff.engine import writer
+
+    make_scans(tmp_path / "in", n=2)
+    sizes = sum(p.stat().st_size for p in (tmp_path / "in").glob("*.nii.gz"))
+    need = writer.OUTPUT_PER_INPUT_BYTE * sizes + 2 * writer.OUTPUT_PER_CASE_BYTES
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil_mod, "disk_usage", lambda p: usage(10**12, 0, int(need) - 1))
+    assert "may take about" in writer.free_space_warning(tmp_path / "out" / "deeper", sorted((tmp_path / "in").iterdir()))
+    res = _invoke([tmp_path / "in", "-o", tmp_path / "out", "--models", model_set, *FAST, "--members", "1"])
+    assert res.exit_code == 0 and "MiB free" in res.stderr and "2 case(s)" in res.stderr  # a warning, not a refusal
+    assert "MiB free" in (tmp_path / "out" / "condiff.log").read_text()
+    monkeypatch.setattr(shutil_mod, "disk_usage", lambda p: usage(10**12, 0, int(need) + 1))
+    assert writer.free_space_warning(tmp_path / "out", sorted((tmp_path / "in").iterdir())) is None
