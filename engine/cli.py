@@ -88,6 +88,9 @@ def _jsonable(value: Any) -> Any:
 @click.option("--save-member-maps", is_flag=True, help="Also keep every member's model-space maps in the npz.")
 @click.option("--nan-policy", type=click.Choice(["error", "zero"]), default="error", show_default=True,
               help="NaN/Inf voxels fail the case, or count as 0.")
+@click.option("--volume-index", type=int, default=None,
+              help="Analyse volume N (from 0; negative counts from the end) of 4-D NIfTI series; 3-D inputs are "
+                   "unaffected [default: a series with more than one volume fails].")
 @click.option("--fallback-precision", type=click.Choice(["fp32", "bf16"]), default=None,
               help="A case whose output is not finite (half-precision overflow) is recomputed once on eager torch "
                    "at this precision, and its record and cases.csv say so [default: such a case fails].")
@@ -128,7 +131,8 @@ def infer_main(**kw: Any) -> None:
 
 
 def _infer(inputs, output, models, engine, device, precision, batch_size, fast_kernels, steps, sampler, members, seed,
-           mask_pattern, resume, dry_run, no_restoration, save_model_space, save_member_maps, nan_policy, fallback_precision,
+           mask_pattern, resume, dry_run, no_restoration, save_model_space, save_member_maps, nan_policy, volume_index,
+           fallback_precision,
            layout, deterministic, log_format, log_file, fail_fast, shard,
            merge_dir, ray_address, ray_workers, max_retries, group_slices, progress, quiet, verbose) -> int:
     from condiff.cli_common import resolve_precision
@@ -189,6 +193,7 @@ def _infer(inputs, output, models, engine, device, precision, batch_size, fast_k
                           batch_size=batch_size, steps=steps, sampler=sampler, members=members, seed=seed,
                           mask_pattern=mask_pattern, restoration=not no_restoration, model_space=save_model_space,
                           member_maps=save_member_maps, nan_policy=nan_policy, resume=resume, group_slices=group_slices,
+                          volume_index=volume_index,
                           fast_kernels=fast_kernels, fallback_precision=fallback_precision,
                           deterministic=deterministic, layout=layout)
         if ray_address is None:
@@ -201,8 +206,10 @@ def _infer(inputs, output, models, engine, device, precision, batch_size, fast_k
 
             require("ray", "ray")  # exit 2 with the pip command before any work
             ctx = distributed.driver_context(ctx_kwargs)  # the workers load the networks, on their own devices
-        foreign = _foreign_records(output, ctx)
-        if foreign and resume:  # before any network is loaded; --overwrite replaces them in _run
+        # finished cases of another method, before any network is loaded (--overwrite replaces them in _run);
+        # failed ones hold no result to pool, and those of this run are retried anyway
+        foreign = [(rec, diffs) for rec, diffs in _foreign_records(output, ctx) if rec.get("status") == "ok"]
+        if foreign and resume:
             from .consistency import conflict_message
 
             raise OutputConflictError(output, conflict_message(foreign),

@@ -21,7 +21,7 @@ from condiff.errors import CondiffError
 logger = logging.getLogger(__name__)
 
 # RunOptions fields that change what a map means, not just its last bits or which files exist
-METHOD_OPTIONS = ("sampler", "steps", "members", "seed", "mask", "preprocessing", "schedule")
+METHOD_OPTIONS = ("sampler", "steps", "members", "seed", "mask", "preprocessing", "schedule", "volume_index")
 
 
 def method_signature(model_set_digest: str | None, options: dict[str, Any] | None) -> tuple:

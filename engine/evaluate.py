@@ -214,7 +214,8 @@ def _volume_figure(rec: dict[str, Any], like, canon_label: np.ndarray, ornt: np.
     from .eval_overlay import volume_figure
     from .overlay import slice_name
 
-    image = read_volume_or_slice(rec["input"], nan_policy="zero").data
+    image = read_volume_or_slice(rec["input"], nan_policy="zero",
+                                 volume_index=(rec.get("options") or {}).get("volume_index")).data
     if image.shape != like.data.shape:
         raise ValueError(f"input {rec['input']} is {image.shape}, its map {like.data.shape}: the input changed")
     geometry = rec.get("geometry") or {}

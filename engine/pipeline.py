@@ -129,7 +129,7 @@ def make_context(models: str | Path, out_dir: str | Path, *, engine: str = "torc
                  model_space: bool = False, member_maps: bool = False, nan_policy: str = "error",
                  resume: bool = True, group_slices: int | None = None, fast_kernels: str = "torch",
                  fallback_precision: str | None = None, deterministic: bool = False,
-                 layout: str = "flat") -> RunContext:
+                 layout: str = "flat", volume_index: int | None = None) -> RunContext:
     """Validate the model set and options; no network is loaded (see ``load_denoisers``).
 
     ``deterministic`` switches this process to deterministic kernels (``engine.determinism``).
@@ -168,7 +168,7 @@ def make_context(models: str | Path, out_dir: str | Path, *, engine: str = "torc
                          steps=steps, members=tuple(member_idx), seed=seed, mask=mask_pattern,
                          restoration=restoration, model_space=model_space or member_maps, member_maps=member_maps,
                          nan_policy=nan_policy, preprocessing=preprocess.to_dict(), schedule=schedule.to_dict(),
-                         fast_kernels=fast_kernels, layout=layout)
+                         fast_kernels=fast_kernels, layout=layout, volume_index=volume_index)
     return RunContext(out_dir=Path(out_dir), model_set=model_set, members=member_idx, options=options,
                       preprocess=preprocess, plan=plan, device=dev,
                       batch_size=batch_size or (16 if dev == "cpu" else 64), mask_pattern=mask_pattern,
@@ -284,7 +284,8 @@ def _read_case(case: Case, ctx: RunContext, mask_path: Path | None):
             raise InputImageError(case.path, "is a volume but this model set analyses RGB photographs",
                                   "use an MRI model set for NIfTI scans")
         source = volumes.read_volume_or_slice(case.path, nan_policy=ctx.options.nan_policy,
-                                                   orientation=ctx.preprocess.orientation)
+                                              orientation=ctx.preprocess.orientation,
+                                              volume_index=ctx.options.volume_index)
         mask = None if mask_path is None else volumes.read_mask(mask_path, source)
         if mask is None and ctx.preprocess.use_mask and ctx.mask_pattern == AUTO_MASK:
             # a skull-stripped scan without a mask file: its own non-background voxels are the brain

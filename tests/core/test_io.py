@@ -140,7 +140,8 @@ def test_content_problems_raise_input_errors(tmp_path):
     assert fixed.data[5, 6, 3] == 0 and fixed.data[6, 6, 3] == 0 and np.isfinite(fixed.data).all()
 
     _save(tmp_path / "series.nii.gz", np.stack([_blob(), _blob()], axis=-1))
-    with pytest.raises(InputImageError, match=r"series.nii.gz: expected a 3-D volume, got shape \(20, 22, 12, 2\)\. Give one volume per file"):
+    with pytest.raises(InputImageError, match=r"series.nii.gz: is a series of 2 volumes \(shape \(20, 22, 12, 2\)\), not one volume\. "
+                                                 r"Pass --volume-index N"):
         volumes.read_volume(tmp_path / "series.nii.gz")
     _save(tmp_path / "const.nii.gz", np.full((8, 8, 8), 3.0, dtype=np.float32))
     with pytest.raises(InputImageError, match="const.nii.gz: constant volume"):
@@ -520,3 +521,19 @@ def test_qform_sform_disagreement_is_warned_and_both_kept(tmp_path, caplog, shif
     np.testing.assert_allclose(vol.affine, sform)  # the sform wins, as in nibabel
     q, qcode = vol.header.get_qform(coded=True)
     assert qcode == 1 and np.allclose(q, np.diag([2.0, 2.0, 2.0, 1.0]))  # the qform is kept for writing back
+
+
+def test_a_series_is_refused_unless_a_volume_index_picks_one(tmp_path):
+    rng = np.random.default_rng(4)
+    series = (rng.random((16, 16, 5, 3)) + 0.1).astype(np.float32)
+    nib.save(nib.Nifti1Image(series, np.diag([2.0, 2.0, 2.0, 1.0])), tmp_path / "series.nii.gz")
+    with pytest.raises(InputImageError, match=r"series of 3 volumes .*--volume-index"):
+        volumes.read_volume(tmp_path / "series.nii.gz")
+    for index in (0, 2, -1):
+        vol = volumes.read_volume(tmp_path / "series.nii.gz", volume_index=index)
+        np.testing.assert_array_equal(vol.data, series[..., index])
+    with pytest.raises(InputImageError, match=r"--volume-index 3 is out of range.*from 0 to 2"):
+        volumes.read_volume(tmp_path / "series.nii.gz", volume_index=3)
+    plain = series[..., 0]
+    nib.save(nib.Nifti1Image(plain, np.diag([2.0, 2.0, 2.0, 1.0])), tmp_path / "plain.nii.gz")
+    np.testing.assert_array_equal(volumes.read_volume(tmp_path / "plain.nii.gz", volume_index=2).data, plain)

@@ -121,7 +121,7 @@ def make_corpus(out_dir: str | os.PathLike) -> dict[str, tuple[str, str]]:
 
     vol = np.asarray(nib.Nifti1Image.from_bytes(gzip.decompress(good_a)).get_fdata(dtype=np.float32))
     files["mri/nan_filled.nii.gz"] = (_nifti_gz(np.full(vol.shape, np.nan, np.float32), good_a), "failed", r"NaN")
-    files["mri/four_d.nii.gz"] = (_nifti_gz(np.stack([vol, vol], axis=-1), good_a), "failed", r"3-D volume")
+    files["mri/four_d.nii.gz"] = (_nifti_gz(np.stack([vol, vol], axis=-1), good_a), "failed", r"series of 2 volumes.*--volume-index")
     manifest = {}
     for rel, (data, status, reason) in files.items():
         (out / rel).write_bytes(data)

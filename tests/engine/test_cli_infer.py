@@ -541,3 +541,25 @@ def test_too_little_free_space_for_the_outputs_is_warned_before_the_run(tmp_path
     assert "MiB free" in (tmp_path / "out" / "condiff.log").read_text()
     monkeypatch.setattr(shutil_mod, "disk_usage", lambda p: usage(10**12, 0, int(need) + 1))
     assert writer.free_space_warning(tmp_path / "out", sorted((tmp_path / "in").iterdir())) is None
+
+
+def test_volume_index_analyses_one_volume_of_a_series_and_writes_a_3d_map(tmp_path, model_set):
+    import nibabel as nib
+
+    img, _ = brain_like(seed=5)
+    series = np.stack([img, img * 1.5, img * 0.5], axis=-1).astype(np.float32)
+    (tmp_path / "in").mkdir()
+    affine = np.diag([4.0, 4.0, 4.0, 1.0])
+    nib.save(nib.Nifti1Image(series, affine), tmp_path / "in" / "series.nii.gz")
+    out = tmp_path / "out"
+    res = _invoke([tmp_path / "in", "-o", out, "--models", model_set, *FAST, "--members", "1"])
+    assert res.exit_code == 1 and "--volume-index" in res.stderr  # a series fails alone, saying what to do
+    # its failed record holds no result, so fixing the command needs no --overwrite
+    res = _invoke([tmp_path / "in", "-o", out, "--models", model_set, *FAST, "--members", "1", "--volume-index", "1"])
+    assert res.exit_code == 0, res.output + res.stderr
+    amap = nib.load(str(out / "maps" / "series.nii.gz"))
+    assert amap.shape == img.shape and np.allclose(amap.affine, affine)
+    rec = json.loads((out / "records" / "series.json").read_text())
+    assert rec["options"]["volume_index"] == 1 and rec["shape"] == list(img.shape)
+    res = _invoke([tmp_path / "in", "-o", out, "--models", model_set, *FAST, "--members", "1", "--volume-index", "2"])
+    assert res.exit_code == 2 and "volume_index 1 (this run: 2)" in res.stderr  # another volume: another method

@@ -250,7 +250,7 @@ def _warn_geometry(path: Path, header, affine: np.ndarray) -> None:
 
 
 def _load(path: str | os.PathLike, *, allow_2d: bool, nan_policy: str, check_content: bool,
-          orientation: str = "RAS") -> Volume:
+          orientation: str = "RAS", volume_index: int | None = None) -> Volume:
     import nibabel as nib
 
     if nan_policy not in ("error", "zero"):
@@ -267,12 +267,21 @@ def _load(path: str | os.PathLike, *, allow_2d: bool, nan_policy: str, check_con
 
     while data.ndim > 3 and data.shape[-1] == 1:  # (X, Y, Z, 1) is one volume
         data = data[..., 0]
+    if data.ndim == 4 and volume_index is not None:  # a series (X, Y, Z, T): the one volume asked for
+        if not -data.shape[3] <= volume_index < data.shape[3]:
+            raise InputImageError(path, f"has {data.shape[3]} volumes (shape {tuple(data.shape)}); "
+                                        f"--volume-index {volume_index} is out of range",
+                                  f"give an index from 0 to {data.shape[3] - 1}")
+        data = np.ascontiguousarray(data[..., volume_index])
     if data.ndim == 2 and allow_2d:
         data = data[:, :, None]
     elif data.ndim == 1 or data.ndim == 2:
         raise InputImageError(path, f"expected a 3-D volume, got a {data.ndim}-D image of shape {shape}",
                               "Give a 3-D volume")
-    elif data.ndim > 3:
+    elif data.ndim == 4:
+        raise InputImageError(path, f"is a series of {data.shape[3]} volumes (shape {shape}), not one volume",
+                              "Pass --volume-index N to analyse volume N of every series, or give one volume per file")
+    elif data.ndim > 4:
         raise InputImageError(path, f"expected a 3-D volume, got shape {shape}", "Give one volume per file")
     if not np.all(np.isfinite(affine)):
         raise InputImageError(path, "the header's affine contains NaN or Inf", "Fix the qform/sform of the file")
@@ -297,7 +306,8 @@ def _load(path: str | os.PathLike, *, allow_2d: bool, nan_policy: str, check_con
     return Volume(data=np.ascontiguousarray(data, dtype=np.float32), affine=affine, header=img.header, path=str(path))
 
 
-def read_volume(path: str | os.PathLike, nan_policy: str = "error", orientation: str = "RAS") -> Volume:
+def read_volume(path: str | os.PathLike, nan_policy: str = "error", orientation: str = "RAS",
+                volume_index: int | None = None) -> Volume:
     """Read one 3-D NIfTI volume (``.nii`` or ``.nii.gz``, detected by content).
 
     A trailing singleton 4th axis is squeezed; real 4-D series, 2-D images, corrupt or
@@ -306,13 +316,16 @@ def read_volume(path: str | os.PathLike, nan_policy: str = "error", orientation:
     (11 px) on an in-plane axis raise ``InputImageError`` naming the file. ``orientation``:
     the preprocessing contract's, which decides the slice axis (``in_plane_axes``).
     """
-    return _load(path, allow_2d=False, nan_policy=nan_policy, check_content=True, orientation=orientation)
+    return _load(path, allow_2d=False, nan_policy=nan_policy, check_content=True, orientation=orientation,
+                 volume_index=volume_index)
 
 
-def read_volume_or_slice(path: str | os.PathLike, nan_policy: str = "error", orientation: str = "RAS") -> Volume:
+def read_volume_or_slice(path: str | os.PathLike, nan_policy: str = "error", orientation: str = "RAS",
+                         volume_index: int | None = None) -> Volume:
     """Like ``read_volume``, but a 2-D NIfTI is accepted and returned as an ``(H, W, 1)`` volume
     (whose two sides must both reach the SSIM window)."""
-    return _load(path, allow_2d=True, nan_policy=nan_policy, check_content=True, orientation=orientation)
+    return _load(path, allow_2d=True, nan_policy=nan_policy, check_content=True, orientation=orientation,
+                 volume_index=volume_index)
 
 
 def read_mask(path: str | os.PathLike, like: Volume, values=None) -> np.ndarray:
