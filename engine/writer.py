@@ -165,12 +165,18 @@ def _stale(holder: str) -> bool:
         return False
 
 
+def _nearest_existing(path: Path) -> Path:
+    """``path`` made absolute, or its nearest ancestor that exists (where a new folder would be made)."""
+    probe = Path(os.path.abspath(path))
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    return probe
+
+
 def check_creatable(out_dir: Path) -> None:
     """Before any network loads: OUT can be made (its nearest existing ancestor is a writable folder)
     or is a writable folder. Creates nothing, so a run refused later leaves no empty folder."""
-    probe = Path(os.path.abspath(out_dir))
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
+    probe = _nearest_existing(out_dir)
     if probe == Path(os.path.abspath(out_dir)):
         if not probe.is_dir():
             raise OutputConflictError(out_dir, "exists and is not a folder", "give a folder for -o")
@@ -193,11 +199,8 @@ def free_space_warning(out_dir: Path, input_paths, restorations: bool = True) ->
     estimate can be wrong both ways, and a full disk mid-run stops cleanly anyway."""
     import shutil
 
-    probe = Path(os.path.abspath(out_dir))
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
     try:
-        free = shutil.disk_usage(probe).free
+        free = shutil.disk_usage(_nearest_existing(out_dir)).free
         sizes = [os.path.getsize(p) for p in input_paths]
     except OSError:
         return None
