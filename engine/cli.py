@@ -187,6 +187,7 @@ def _infer(inputs, output, models, engine, device, precision, batch_size, fast_k
             except ValueError as exc:
                 raise click.BadParameter(str(exc), param_hint="--layout") from None
         n_all = len(cases)
+        all_names = {c.name for c in cases}  # every shard's cases: --overwrite leaves other shards' to them
         if shard_t is not None:
             cases = planning.select_shard(cases, *shard_t)
         ctx_kwargs = dict(models=models, out_dir=output, engine=engine, device=device, precision=precision,
@@ -214,7 +215,7 @@ def _infer(inputs, output, models, engine, device, precision, batch_size, fast_k
 
             raise OutputConflictError(output, conflict_message(foreign),
                                       "Use another -o folder, or --overwrite to replace those results "
-                                      "(cases of the other method that this run does not cover are deleted)")
+                                      "(the other method's cases are deleted; with --shard, each shard replaces its own)")
         if dry_run:
             return _dry_run(cases, ctx, n_all, shard_t)
         writer.check_creatable(output)  # these two fail before any network loads
@@ -227,7 +228,7 @@ def _infer(inputs, output, models, engine, device, precision, batch_size, fast_k
             pipeline.load_denoisers(ctx)
             writer.ensure_writable(output)
             with lock:
-                return _run(cases, ctx, shard_t, arguments, progress, n_all)
+                return _run(cases, ctx, shard_t, arguments, progress, n_all, all_names=all_names)
         writer.ensure_writable(output)
         run_info: dict = {"ray": {}}
 
@@ -238,13 +239,14 @@ def _infer(inputs, output, models, engine, device, precision, batch_size, fast_k
         started = distributed.connect(ray_address)  # an unreachable cluster is exit 2 before any output
         try:
             with lock:
-                return _run(cases, ctx, shard_t, arguments, progress, n_all, process, run_info)
+                return _run(cases, ctx, shard_t, arguments, progress, n_all, process, run_info, all_names=all_names)
         finally:
             if started:
                 distributed.disconnect()
 
 
-def _run(cases, ctx, shard_t, arguments, progress: bool, n_all: int, process=None, run_info=None) -> int:
+def _run(cases, ctx, shard_t, arguments, progress: bool, n_all: int, process=None, run_info=None,
+         all_names: set[str] | None = None) -> int:
     from tqdm import tqdm
 
     from . import pipeline, writer
@@ -252,10 +254,13 @@ def _run(cases, ctx, shard_t, arguments, progress: bool, n_all: int, process=Non
     out = ctx.out_dir
     if shard_t is None:
         writer.clean_orphans(out)
-        if not ctx.resume:  # --overwrite: the folder keeps one method (the check before the lock refused it otherwise)
-            from .consistency import remove_foreign
+    if not ctx.resume:  # --overwrite: the folder keeps one method (the check before the lock refused it otherwise)
+        from .consistency import remove_foreign
 
-            remove_foreign(out, _foreign_records(out, ctx), {c.name for c in cases})
+        # Up front, so a run that stops early leaves no finished case of the other method behind; with
+        # --shard, other shards' cases are theirs to replace (give every shard --overwrite)
+        others = (all_names or set()) - {c.name for c in cases} if shard_t is not None else set()
+        remove_foreign(out, _foreign_records(out, ctx), others)
     if ctx.options.layout == "bids":
         from .bids import write_dataset_files
 

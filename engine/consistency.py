@@ -70,7 +70,7 @@ def conflict_message(foreign: list[tuple[dict[str, Any], list[str]]]) -> str:
 
 
 def remove_foreign(out_dir: Path, foreign: list[tuple[dict[str, Any], list[str]]], keep: set[str]) -> int:
-    """Delete the outputs and records of foreign cases outside ``keep`` (the cases this run recomputes anyway)."""
+    """Delete the outputs and records of foreign cases, except those named in ``keep``."""
     from .writer import remove_record_and_outputs
 
     n = 0

@@ -15,7 +15,7 @@ import os
 import re
 import socket
 import zipfile
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Iterable
 
 import numpy as np
@@ -168,7 +168,7 @@ def _stale(holder: str) -> bool:
 def _nearest_existing(path: Path) -> Path:
     """``path`` made absolute, or its nearest ancestor that exists (where a new folder would be made)."""
     probe = Path(os.path.abspath(path))
-    while not probe.exists() and probe != probe.parent:
+    while not os.path.lexists(probe) and probe != probe.parent:  # a dangling symlink exists as a name
         probe = probe.parent
     return probe
 
@@ -178,6 +178,9 @@ def check_creatable(out_dir: Path) -> None:
     or is a writable folder. Creates nothing, so a run refused later leaves no empty folder."""
     probe = _nearest_existing(out_dir)
     if probe == Path(os.path.abspath(out_dir)):
+        if probe.is_symlink() and not probe.exists():
+            raise OutputConflictError(out_dir, f"is a symbolic link to a missing folder ({os.readlink(probe)})",
+                                      "create its target or give another folder for -o")
         if not probe.is_dir():
             raise OutputConflictError(out_dir, "exists and is not a folder", "give a folder for -o")
     elif not probe.is_dir():
@@ -321,11 +324,12 @@ def remove_record_and_outputs(out_dir: Path, record: dict[str, Any]) -> None:
     rels = [f"records/{record['case']}.json"]
     rels += [entry["path"] for entry in (record.get("outputs") or {}).values()
              if isinstance(entry, dict) and isinstance(entry.get("path"), str)]
-    root = out_dir.resolve()
     for rel in rels:
-        path = (out_dir / rel).resolve()
-        if root in path.parents:  # a record is data: never follow it out of the folder
-            path.unlink(missing_ok=True)
+        parts = PurePosixPath(rel).parts
+        # a record is data: only relative paths without "..", judged as written (a symlinked
+        # records/ or maps/ folder the user set up is still inside OUT)
+        if rel and "\x00" not in rel and not PurePosixPath(rel).is_absolute() and ".." not in parts:
+            (out_dir / rel).unlink(missing_ok=True)
 
 
 def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:

@@ -232,6 +232,8 @@ def open_model_set(path: str | Path, verify: bool = True) -> ModelSet:
             raise ModelSetError(set_file, f'member {k} has no "path"')
         if not isinstance(m["path"], str):
             raise ModelSetError(set_file, f'member {k} has a "path" that is not a string (found {m["path"]!r})')
+        if "\x00" in m["path"] or not m["path"].strip():
+            raise ModelSetError(set_file, f'member {k} has an unusable "path" ({m["path"]!r})')
     dirs, configs = [], []
     for m in members:
         d = path / m["path"]

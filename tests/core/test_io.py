@@ -454,6 +454,23 @@ def test_dicom_inputs_get_the_full_dcm2niix_recipe(tmp_path):
         volumes.read_volume(tmp_path / "dicm.nii")
 
 
+def test_dicom_files_without_an_extension_are_recognised_by_their_bytes(tmp_path):
+    """Scanner exports are often IM0001 or 1.2.840...: the hint must come from the DICM marker."""
+    folder = tmp_path / "export"
+    folder.mkdir()
+    for name in ("IM0000", "IM0001", "1.2.840.113619.2.55.3.4"):
+        (folder / name).write_bytes(b"\0" * 128 + b"DICM" + b"\0" * 64)
+    with pytest.raises(InputImageError) as info:
+        cases.discover([folder])
+    assert cases.DCM2NIIX_RECIPE in str(info.value)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "IM0000").write_bytes(b"\0" * 200)  # no marker: no DICOM hint
+    with pytest.raises(InputImageError) as info:
+        cases.discover([other])
+    assert "dcm2niix" not in str(info.value)
+
+
 def test_discover_processes_a_file_reached_twice_once(tmp_path):
     _touch(tmp_path / "in", "s.nii.gz")
     (tmp_path / "in" / "link").symlink_to(tmp_path / "in", target_is_directory=True)  # a loop

@@ -215,6 +215,8 @@ def test_set_members_that_are_not_a_list_are_refused(tmp_path, members, fragment
     ({"sha256": "0" * 64}, 'member 2 has no "path"'),
     ({"path": 1, "sha256": "0" * 64}, 'member 2 has a "path" that is not a string'),
     ({"path": None}, 'member 2 has a "path" that is not a string'),
+    ({"path": "fold1\u0000x"}, 'member 2 has an unusable "path"'),
+    ({"path": "  "}, 'member 2 has an unusable "path"'),
 ])
 def test_set_member_without_a_usable_path_is_refused(tmp_path, member, fragment):
     _edit_set(_valid_set(tmp_path), lambda doc: {**doc, "members": [doc["members"][0], member]})

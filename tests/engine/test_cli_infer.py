@@ -512,6 +512,14 @@ def test_nan_voxels_zeroed_and_a_missing_brain_mask_are_noted_per_case(tmp_path)
     assert rows["masked"]["warnings"] == "1 NaN/Inf voxels replaced by 0 (--nan-policy zero)"
 
 
+def test_output_that_is_a_dangling_symlink_is_exit_2_before_any_model_loads(tmp_path, model_set, monkeypatch):
+    _no_model_loading(monkeypatch)
+    make_scans(tmp_path / "in", n=1)
+    (tmp_path / "out").symlink_to(tmp_path / "gone", target_is_directory=True)
+    res = _invoke([tmp_path / "in", "-o", tmp_path / "out", "--models", model_set, *FAST])
+    assert res.exit_code == 2 and "symbolic link to a missing folder" in res.stderr, res.output + res.stderr
+
+
 def test_output_folder_that_cannot_be_made_is_exit_2_before_any_model_loads(tmp_path, model_set, monkeypatch):
     _no_model_loading(monkeypatch)
     make_scans(tmp_path / "in", n=1)

@@ -144,6 +144,52 @@ def test_overwrite_of_part_of_a_folder_removes_the_other_methods_cases(tmp_path,
     assert len(rows) == 2 and rows[1].startswith("case1,")
 
 
+def test_overwrite_reaches_through_a_symlinked_records_folder(tmp_path, reference):
+    models, scans, ref, want = reference
+    out = _copy(ref, tmp_path / "out")
+    shutil.move(out / "records", tmp_path / "records-elsewhere")  # a user's layout: records on another disk
+    (out / "records").symlink_to(tmp_path / "records-elsewhere", target_is_directory=True)
+    res = _invoke([scans / "case1.nii.gz", "-o", out, "--models", models, *FAST, "--seed", "5", "--overwrite"])
+    assert res.exit_code == 0, res.output + res.stderr
+    assert sorted(p.name for p in (tmp_path / "records-elsewhere").iterdir()) == ["case1.json"]
+    assert not (out / "maps" / "case0.nii.gz").exists()
+    res = _invoke([scans / "case1.nii.gz", "-o", out, "--models", models, *FAST, "--seed", "5"])
+    assert res.exit_code == 0 and "0 done, 1 already done" in res.stdout  # one method left: resumes
+
+
+def test_overwrite_by_every_shard_leaves_one_method(tmp_path, reference):
+    models, scans, ref, want = reference
+    out = _copy(ref, tmp_path / "out")  # case0..case2 at seed 0
+    two = tmp_path / "two"
+    two.mkdir()
+    for k in (0, 1):
+        shutil.copy(scans / f"case{k}.nii.gz", two)
+    args = [two, "-o", out, "--models", models, *FAST, "--seed", "3", "--overwrite"]
+    res = _invoke([*args, "--shard", "0/2"])  # case0; case2 is outside the split: deleted
+    assert res.exit_code == 0, res.output + res.stderr
+    assert sorted(p.name for p in (out / "records").iterdir()) == ["case0.json", "case1.json"]
+    assert json.loads((out / "records" / "case1.json").read_text())["seed"] == 0  # shard 1's, left to it
+    res = _invoke([*args, "--shard", "1/2"])
+    assert res.exit_code == 0, res.output + res.stderr
+    seeds = {p.name: json.loads(p.read_text())["seed"] for p in (out / "records").iterdir()}
+    assert seeds == {"case0.json": 3, "case1.json": 3}
+
+
+def test_overwrite_that_stops_early_leaves_no_case_of_the_other_method(tmp_path, reference):
+    """--overwrite deletes the other method's cases up front: after --fail-fast stops it, a plain
+    rerun resumes instead of being refused for a folder of two methods."""
+    models, scans, ref, want = reference
+    out = _copy(ref, tmp_path / "out")
+    mixed = shutil.copytree(scans, tmp_path / "scans")
+    (mixed / "aaa.nii.gz").write_bytes(b"not a scan")  # sorts first, fails, stops the run
+    res = _invoke([mixed, "-o", out, "--models", models, *FAST, "--seed", "4", "--overwrite", "--fail-fast"])
+    assert res.exit_code == 1 and "STOPPED" in res.stderr, res.output + res.stderr
+    assert sorted(p.name for p in (out / "records").iterdir()) == ["aaa.json"]
+    (mixed / "aaa.nii.gz").unlink()
+    res = _invoke([mixed, "-o", out, "--models", models, *FAST, "--seed", "4"])
+    assert res.exit_code == 0 and "3 done" in res.stdout, res.output + res.stderr
+
+
 def test_another_engine_or_what_is_written_is_the_same_method(tmp_path, reference):
     """Options that change only rounding or which files exist recompute the run's cases without --overwrite."""
     models, scans, ref, want = reference

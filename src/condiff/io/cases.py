@@ -75,6 +75,18 @@ def _walk(folder: Path) -> list[Path]:
     return sorted(found, key=lambda p: p.relative_to(folder).as_posix())
 
 
+DICOM_SNIFF = 3  # skipped files per extension whose bytes are checked for DICOM's "DICM" marker
+
+
+def _is_dicom(path: Path) -> bool:
+    """True when ``path`` holds DICOM's preamble marker ("DICM" at byte 128)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(132)[128:132] == b"DICM"
+    except OSError:
+        return False
+
+
 def discover(inputs: Iterable[str | os.PathLike], exclude_patterns: Iterable[str] | None = None) -> list[Case]:
     """Turn input files and folders into cases, in a deterministic order.
 
@@ -90,6 +102,7 @@ def discover(inputs: Iterable[str | os.PathLike], exclude_patterns: Iterable[str
     cases: list[Case] = []
     seen_files: set[str] = set()
     skipped: dict[str, int] = {}
+    dicom_seen = False  # a skipped file that is DICOM by its bytes (scanner exports often have no extension)
     for item in inputs:
         item = Path(item)
         if not item.exists():
@@ -107,6 +120,8 @@ def discover(inputs: Iterable[str | os.PathLike], exclude_patterns: Iterable[str
             if suffix is None:
                 ext = path.suffix.lower() or "(none)"
                 skipped[ext] = skipped.get(ext, 0) + 1
+                if not dicom_seen and ext not in (".json", ".tsv", ".txt", ".md") and skipped[ext] <= DICOM_SNIFF:
+                    dicom_seen = ext == ".dcm" or _is_dicom(path)
                 # Sidecars (.json, .tsv, licences) are normal beside scans; only formats we could
                 # have read after conversion deserve a warning.
                 if ext in _HINTS:
@@ -129,7 +144,7 @@ def discover(inputs: Iterable[str | os.PathLike], exclude_patterns: Iterable[str
         extra = f"; skipped {sum(skipped.values())} files with other extensions ({', '.join(sorted(skipped))})" if skipped else ""
         raise InputImageError(", ".join(str(Path(i)) for i in inputs) or "(no inputs)",
                               f"0 supported files found (looked for {looked}{extra})",
-                              DICOM_HINT if ".dcm" in skipped else None)
+                              DICOM_HINT if dicom_seen else None)
     _check_collisions(cases)
     return cases
 
