@@ -221,7 +221,9 @@ def _infer(inputs, output, models, engine, device, precision, batch_size, fast_k
         writer.check_creatable(output)  # these two fail before any network loads
         lock = writer.OutputLock(output, shard_t)
         lock.check()  # acquire() below is the atomic check
-        short = writer.free_space_warning(output, [c.path for c in cases], restorations=not no_restoration)
+        # cases with a record are probably done (resume): only the others will need new space
+        todo = [c.path for c in cases if not resume or not (Path(output) / "records" / f"{c.name}.json").is_file()]
+        short = writer.free_space_warning(output, todo, restorations=not no_restoration)
         if short is not None:
             logger.warning(short)
         if ray_address is None:

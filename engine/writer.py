@@ -207,6 +207,8 @@ def free_space_warning(out_dir: Path, input_paths, restorations: bool = True) ->
         sizes = [os.path.getsize(p) for p in input_paths]
     except OSError:
         return None
+    if not sizes:
+        return None
     per_byte = OUTPUT_PER_INPUT_BYTE if restorations else OUTPUT_PER_INPUT_BYTE / 2
     need = int(per_byte * sum(sizes) + OUTPUT_PER_CASE_BYTES * len(sizes))
     if free >= need:

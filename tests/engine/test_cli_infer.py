@@ -547,6 +547,8 @@ def test_too_little_free_space_for_the_outputs_is_warned_before_the_run(tmp_path
     res = _invoke([tmp_path / "in", "-o", tmp_path / "out", "--models", model_set, *FAST, "--members", "1"])
     assert res.exit_code == 0 and "MiB free" in res.stderr and "2 case(s)" in res.stderr  # a warning, not a refusal
     assert "MiB free" in (tmp_path / "out" / "condiff.log").read_text()
+    res = _invoke([tmp_path / "in", "-o", tmp_path / "out", "--models", model_set, *FAST, "--members", "1"])
+    assert res.exit_code == 0 and "MiB free" not in res.stderr  # resuming: the done cases need no new space
     monkeypatch.setattr(shutil_mod, "disk_usage", lambda p: usage(10**12, 0, int(need) + 1))
     assert writer.free_space_warning(tmp_path / "out", sorted((tmp_path / "in").iterdir())) is None
 
