@@ -117,6 +117,74 @@ class _StopFlag:
             signal.signal(s, h)
 
 
+def _check_options(out: Path, *, lr, mask_weight, p_no_task, image_size: int, preset_name: str, precision: str,
+                   device_name: str) -> None:
+    """Option values that would fail only after the data are read: refuse them first (exit 2)."""
+    import math
+
+    from condiff.config import preset
+
+    for name, value in (("--lr", lr), ("--mask-weight", mask_weight)):
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise TrainingDataError(None, f"{name} must be a positive number, not {value}")
+    if p_no_task is not None and not 0.0 <= p_no_task <= 1.0:
+        raise TrainingDataError(None, f"--p-no-task must be in [0, 1], not {p_no_task}")
+    levels = len(preset(preset_name, image_channels=1, sample_size=max(image_size, 1)).block_out_channels)
+    step = 2 ** (levels - 1)
+    if image_size < step or image_size % step:
+        raise TrainingDataError(None, f"--image-size {image_size} does not suit the {preset_name} preset "
+                                      f"({levels} resolution levels)", f"use a multiple of {step}")
+    if precision in ("fp16", "bf16"):
+        import torch
+
+        on_cuda = str(device_name).startswith("cuda") or (device_name in (None, "auto") and torch.cuda.is_available())
+        if not on_cuda:
+            raise TrainingDataError(None, f"--precision {precision} needs a CUDA device (got --device {device_name})",
+                                    "use --precision fp32 on the CPU")
+    target = Path(os.path.abspath(out))
+    probe = target
+    while not os.path.lexists(probe) and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise TrainingDataError(out, "exists and is not a folder" if probe == target else
+                                f"cannot be created ({probe} is not a folder)", "choose another -o folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise TrainingDataError(out, "is not writable" if probe == target else
+                                f"cannot be created ({probe} is not writable)", "choose another -o folder")
+
+
+def _check_existing_members(out: Path, fold_list, unet_cfg, preprocessing: dict) -> None:
+    """Never overwrite a trained model, and keep OUT one model set (one network shape and contract).
+
+    ``OUT/fold<f>`` of a fold this run trains may be replaced only by the run that made it (its
+    checkpoints under ``OUT/train/fold<f>``, with --resume); other ``fold*`` folders join this run's
+    set.json, so their image size, channels and preprocessing must be this run's."""
+    from condiff.modelset import read_config
+    from condiff.train import checkpoint as ckpt
+
+    for member in sorted(out.glob("fold*")):
+        if not (member / "config.json").is_file():
+            continue
+        try:
+            fold = int(member.name[4:])
+        except ValueError:
+            continue
+        if fold in fold_list:
+            if ckpt.latest_checkpoint(out / "train" / member.name / "checkpoints") is not None:
+                continue  # this run's own export: --resume continues it (refused below without --resume)
+            raise TrainingDataError(member, "already holds a trained model that this run would overwrite",
+                                    "choose another -o folder (or move that model folder away first)")
+        cfg = read_config(member)
+        mismatch = [what for what, a, b in (
+            ("image size", cfg.unet.sample_size, unet_cfg.sample_size),
+            ("channels", cfg.image_channels, unet_cfg.image_channels),
+            ("preprocessing", cfg.preprocessing, preprocessing)) if a != b]
+        if mismatch:
+            raise TrainingDataError(member, f"was trained with another {', '.join(mismatch)} than this run; "
+                                            "OUT's set.json would join them into an unusable model set",
+                                    "choose another -o folder for this run")
+
+
 def _export_fold(out: Path, fold_dir_name: str, model_cfg, trainer, result, weights_dtype) -> Path:
     """Write ``OUT/fold<f>`` from the best EMA weights (or the final EMA weights)."""
     import torch
@@ -160,6 +228,8 @@ def train_command(data: str, mask_pattern: str | None, modality: str, image_size
 
     t_start = time.monotonic()
     out = Path(output)
+    _check_options(out, lr=lr, mask_weight=mask_weight, p_no_task=p_no_task, image_size=image_size,
+                   preset_name=preset_name, precision=precision, device_name=device_name)
     device = resolve_device(device_name, int(os.environ.get("LOCAL_RANK", "0")))
     if device.type == "cuda":
         if not torch.cuda.is_available():
@@ -211,6 +281,8 @@ def train_command(data: str, mask_pattern: str | None, modality: str, image_size
                         val_max_slices=val_max_slices, patience=patience, checkpoint_every=checkpoint_every,
                         checkpoint_part_mb=checkpoint_part_mb, log_every=log_every, seed=seed, num_workers=workers)
     unet_cfg = preset(preset_name, image_channels=channels, sample_size=image_size)
+    if info.is_main:
+        _check_existing_members(out, fold_list, unet_cfg, pre.to_dict())
     version = code_version()
     stop = _StopFlag()
     members, summary = [], []
@@ -257,11 +329,12 @@ def train_command(data: str, mask_pattern: str | None, modality: str, image_size
                         "modality": modality, "device": device, "seed": fold_seed, "other_pools": other_pools,
                         "preprocessing": pre.to_dict()}
             trainer = Trainer(model, fold_cfg, train_set, work, val_set=val_set, device=device, dist_info=info,
-                              hooks=_load_hooks(val_hooks, hook_ctx), progress=progress, stop=stop)
+                              hooks=_load_hooks(val_hooks, hook_ctx), progress=progress, stop=stop,
+                              contract={"unet": unet_cfg.to_dict(), "preprocessing": pre.to_dict()})
             if latest is not None:
                 trainer.load(latest)
                 trainer.truncate_metrics()
-                logger.info("fold %d: resumed from %s (step %d)", fold, latest, trainer.step)
+                logger.warning("fold %d: resuming from %s (step %d)", fold, latest, trainer.step)
             result = trainer.fit()
             trained = {
                 "steps": result.steps, "wall_time_s": round(result.wall_time_s, 3), "stop_reason": result.reason,

@@ -98,17 +98,18 @@ def detect_modality(cases: Sequence[Case], folder: str | Path) -> str:
     return "mri" if kinds == {"volume"} else "rgb"
 
 
-def list_cases(folder: str | Path, exclude: Sequence[str] = DEFAULT_EXCLUDE) -> list[Case]:
-    """Input files of a training folder (recursive, sorted), masks and label maps excluded."""
+def list_cases(folder: str | Path, exclude: Sequence[str] = DEFAULT_EXCLUDE, option: str = "--data") -> list[Case]:
+    """Input files of a training folder (recursive, sorted), masks and label maps excluded; ``option``
+    names the command-line option the folder came from in messages."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise TrainingDataError(folder, "is not a folder", "give --data a folder of NIfTI volumes or photographs")
+        raise TrainingDataError(folder, "is not a folder", f"give {option} a folder of NIfTI volumes or photographs")
     try:
         return discover([folder], exclude_patterns=exclude)
     except InputImageError as exc:
         looked = ", ".join(VOLUME_SUFFIXES + IMAGE_SUFFIXES)
         raise TrainingDataError(folder, f"no training images found (looked for {looked}; masks excluded)",
-                                "give --data a folder of healthy scans or photographs") from exc
+                                f"give {option} a folder of healthy scans or photographs") from exc
 
 
 def _file_identity(path: Path | None) -> list | None:
@@ -243,7 +244,7 @@ def load_source_pool(folder: str | Path, image_size: int, cache_dir: str | Path 
     Images keep their own channels (photos 3, MRI 1) in [0, 1] at ``image_size``; the task matches
     channels itself as the reference does (a grey target takes one random colour channel of a photo).
     """
-    cases = list_cases(folder)
+    cases = list_cases(folder, option="--other-data")
     modality = detect_modality(cases, folder)
     if modality == "mri":
         cfg = PreprocessConfig(modality="mri", image_size=image_size, fov_mm=fov_mm, normalisation="percentile",

@@ -33,6 +33,7 @@ import torch.distributed as dist
 from torch import nn
 
 from condiff.config import ScheduleConfig
+from condiff.errors import TrainingDataError
 from condiff.schedule import alpha_bar, min_snr_weight
 from condiff.train import checkpoint as ckpt
 from condiff.train.data import StepBatchSampler, TaskSamples, collate
@@ -114,6 +115,23 @@ def recipe_changes(before: dict, now: dict) -> str:
                      if k in before and k in now and before[k] != now[k])
 
 
+def contract_changes(before: dict | None, now: dict | None) -> str:
+    """'network (sample_size), preprocessing (normalisation, fov_mm)' where a checkpoint's recorded contract
+    and this run's differ; '' when either is unknown or they agree. Landmark values are fitted on the data
+    and may move with it (a data change is warned about separately)."""
+    if not before or not now:
+        return ""
+    parts = []
+    for key, label in (("unet", "network"), ("preprocessing", "preprocessing")):
+        a, b = dict(before.get(key) or {}), dict(now.get(key) or {})
+        if key == "preprocessing":
+            a["landmarks"], b["landmarks"] = a.get("landmarks") is not None, b.get("landmarks") is not None
+        keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+        if keys:
+            parts.append(f"{label} ({', '.join(keys)})")
+    return ", ".join(parts)
+
+
 def recipe_config(recipe: str, **overrides) -> TrainConfig:
     """A ``TrainConfig`` from a named recipe; explicit keyword values (not None) override the recipe."""
     if recipe not in RECIPES:
@@ -176,13 +194,15 @@ class Trainer:
     def __init__(self, model: nn.Module, cfg: TrainConfig, train_set: TaskSamples, work_dir: str | Path,
                  val_set: TaskSamples | None = None, device: torch.device | str = "cpu",
                  dist_info: DistInfo = DistInfo(), hooks: Sequence[ValHook] = (), progress: bool = False,
-                 stop: Callable[[], bool] | None = None, schedule: ScheduleConfig = ScheduleConfig()):
+                 stop: Callable[[], bool] | None = None, schedule: ScheduleConfig = ScheduleConfig(),
+                 contract: dict | None = None):
         self.cfg = cfg
         self.device = torch.device(device)
         self.dist = dist_info
         self.work_dir = Path(work_dir)
         self.train_set, self.val_set = train_set, val_set
         self.hooks = list(hooks)
+        self.contract = contract  # network config and preprocessing: a resume must keep them
         self.progress = progress
         self.stop = stop or (lambda: False)
         cuda = self.device.type == "cuda"
@@ -275,6 +295,7 @@ class Trainer:
                            "global_batch": self.global_batch},
             "val": asdict(self.val), "elapsed_s": self.elapsed_before + self._run_time(),
             "finished": self.finished, "train_config": self.cfg.to_dict(), "world_size": self.dist.world_size,
+            "contract": self.contract,
         }
         return tensors, meta
 
@@ -282,9 +303,18 @@ class Trainer:
         """Restore everything from a checkpoint folder (exact resume)."""
         c = ckpt.load_checkpoint(path)
         s = c.state
+        changed = contract_changes(s.get("contract"), self.contract)
+        if changed:
+            raise TrainingDataError(path, f"was trained with another {changed} than this run asks for",
+                                    "resume with the run's original options, or start a new run in another folder")
         model = {k[6:]: v for k, v in c.tensors.items() if k.startswith("model/")}
         ema = {k[4:]: v for k, v in c.tensors.items() if k.startswith("ema/")}
-        self.model.load_state_dict(model, strict=True)
+        try:
+            self.model.load_state_dict(model, strict=True)
+        except RuntimeError as exc:  # checkpoints written before the contract was recorded
+            first = str(exc).strip().splitlines()[-1].strip()[:160]
+            raise TrainingDataError(path, f"holds another network than this run's --preset/--image-size ({first})",
+                                    "resume with the run's original options") from None
         self.ema.load_state_dict(ema, s["ema_updates"])
         # CPU tensors: load_state_dict moves the moments to each parameter's device and keeps the
         # step counters where AdamW expects them (on the CPU unless capturable/fused).

@@ -18,6 +18,7 @@ passed in (§10 D4): same generator state, same output.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Protocol, Sequence
 
@@ -28,6 +29,8 @@ from condiff.train import shapes
 from condiff.train.deform import SINK, SOURCE, deform_anomaly
 from condiff.train.perlin import intensity_anomaly
 from condiff.train.poisson import blend_anomaly
+
+logger = logging.getLogger(__name__)
 
 SAME_DSET_BLEND = 0
 OTHER_DSET_BLEND = 1
@@ -243,6 +246,14 @@ class RestorationTask:
         elif task_id == OTHER_DSET_BLEND:
             pool = self.other_pools[rng.integers(len(self.other_pools))]
         fg_mask = foreground_mask(image) if self.has_background else None
-        corrupted, mask, _ = apply_task(task_id, image, rng, fg_mask, source_pool=pool,
-                                        reference_clip=self.reference_clip, size_scale=size_scale)
+        try:
+            corrupted, mask, _ = apply_task(task_id, image, rng, fg_mask, source_pool=pool,
+                                            reference_clip=self.reference_clip, size_scale=size_scale)
+        except TrainingDataError as exc:
+            if fg_mask is not None and not fg_mask.any():
+                raise  # a blank image is bad data, not a hard slice
+            # A slice with next to no foreground (the top of a head trained without brain masks) cannot
+            # host an anomaly: it serves as a no-task sample instead of stopping the run.
+            logger.debug("no anomaly placed (%s); the sample is used without a task", exc.problem)
+            return image.astype(np.float32, copy=True), np.zeros(image.shape[1:], dtype=bool), None
         return corrupted.astype(np.float32, copy=False), mask, task_id

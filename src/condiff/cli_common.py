@@ -14,6 +14,7 @@ import os
 import platform
 import re
 import signal
+import errno
 import sys
 import traceback
 from pathlib import Path
@@ -356,6 +357,14 @@ def run_command(body: Callable[[], int], verbose: int = 0) -> None:
             click.echo("".join(traceback.format_exception(exc)).rstrip(), err=True)
         click.echo(f"error: {exc.message}", err=True)
         sys.exit(EXIT_USAGE)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise  # anything else is unexpected: keep its traceback
+        if verbose:
+            click.echo("".join(traceback.format_exception(exc)).rstrip(), err=True)
+        click.echo(f"error: {exc.filename or 'an output file'}: the disk is full ({exc.strerror}). Free space and "
+                   "rerun the same command (condiff-train: add --resume; its last checkpoint is intact)", err=True)
+        sys.exit(EXIT_FAILED)
     sys.exit(code)
 
 

@@ -393,3 +393,18 @@ def test_blank_image_with_background_is_a_data_error():
     task = tasks.RestorationTask([4], p_no_task=0.0, has_background=True)
     with pytest.raises(TrainingDataError, match="no foreground"):
         task(np.zeros((1, 32, 32), np.float32), np.random.default_rng(0))
+
+
+def test_a_slice_too_small_to_host_an_anomaly_serves_as_a_no_task_sample():
+    """The top of a head trained without brain masks: 3 foreground pixels. apply_task cannot place an
+    anomaly there (and says so); the training task hands the slice back unchanged, without a task."""
+    image = np.zeros((1, 32, 32), np.float32)
+    image[0, 0, :3] = 0.5
+    fg = tasks.foreground_mask(image)
+    with pytest.raises(TrainingDataError, match="could not place|visibility floor"):
+        tasks.apply_task(2, image, np.random.default_rng(0), fg)
+    task = tasks.RestorationTask([2, 3, 4], p_no_task=0.0, has_background=True)
+    for seed in range(5):
+        out, mask, task_id = task(image, np.random.default_rng(seed))
+        assert task_id is None and not mask.any()
+        np.testing.assert_array_equal(out, image)

@@ -202,3 +202,81 @@ def test_cli_landmarks_are_fitted_on_the_training_scans_and_stored(data_dir, cac
     code, output = _run(*_common(data_dir, cache_dir, plain), "--fold", 0, "--max-steps", 1)
     assert code == 0, output
     assert "landmarks" not in open_model_set(plain).preprocessing
+
+
+def _sha(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_training_never_overwrites_a_trained_model_or_mixes_contracts(data_dir, cache_dir, tmp_path):
+    import shutil
+
+    out = tmp_path / "set"
+    base = _common(data_dir, cache_dir, out) + ["--max-steps", 2, "--val-start", 100]
+    code, output = _run(*base, "--fold", 0)
+    assert code == 0, output
+    shutil.rmtree(out / "train")  # a model set as a user has it: model folders, no checkpoints of this run
+    weights = _sha(out / "fold0" / "model.safetensors")
+    code, output = _run(*base, "--fold", 0)
+    assert code == 2 and "fold0: already holds a trained model" in output, output
+    assert _sha(out / "fold0" / "model.safetensors") == weights
+    args = [a if a != 32 else 48 for a in base]  # --image-size 48 for another fold into the same set
+    code, output = _run(*args, "--fold", 1)
+    assert code == 2 and "fold0: was trained with another image size" in output, output
+    assert not (out / "fold1").exists()
+
+
+def test_resume_with_another_network_or_preprocessing_is_refused(data_dir, cache_dir, tmp_path):
+    out = tmp_path / "run"
+    base = _common(data_dir, cache_dir, out) + ["--fold", 2, "--val-start", 100, "--checkpoint-every", 2]
+    code, output = _run(*base, "--max-steps", 2)
+    assert code == 0, output
+    code, output = _run(*base, "--max-steps", 4, "--resume", "--normalisation", "max")
+    assert code == 2 and "another preprocessing (normalisation)" in output, output
+    code, output = _run(*[a if a != "tiny" else "small" for a in base], "--max-steps", 4, "--resume")
+    assert code == 2 and "another network" in output, output
+    code, output = _run(*base, "--max-steps", 4, "--resume")  # the original options continue it
+    assert code == 0, output
+
+
+@pytest.mark.parametrize("option, fragment", [
+    (["--lr", "-1"], "--lr must be a positive number"),
+    (["--lr", "nan"], "--lr must be a positive number"),
+    (["--mask-weight", "0"], "--mask-weight must be a positive number"),
+    (["--image-size", "33"], "--image-size 33 does not suit the tiny preset"),
+])
+def test_bad_option_values_are_refused_before_any_data_is_read(tmp_path, option, fragment):
+    args = ["--data", tmp_path / "no-such-data", "--preset", "tiny", "--image-size", 32, "-o", tmp_path / "o",
+            "--no-progress"]
+    i = args.index(option[0]) if option[0] in args else None
+    if i is not None:
+        args[i + 1] = option[1]
+    else:
+        args += option
+    code, output = _run(*args)
+    assert code == 2 and fragment in output and "no-such-data" not in output, output
+
+
+def test_an_output_that_is_a_file_is_refused_before_any_data_is_read(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    code, output = _run("--data", tmp_path / "no-such-data", "--preset", "tiny", "-o", tmp_path / "afile" / "sub",
+                        "--no-progress")
+    assert code == 2 and "cannot be created" in output and "is not a folder" in output, output
+
+
+def test_a_full_disk_while_training_is_a_message_and_exit_1(data_dir, cache_dir, tmp_path, monkeypatch):
+    import errno
+
+    from condiff.train import checkpoint as ckpt
+
+    def full(root, *a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device", str(Path(root) / "checkpoint-000000002.tmp"))
+
+    monkeypatch.setattr(ckpt, "save_checkpoint", full)
+    out = tmp_path / "run"
+    code, output = _run(*_common(data_dir, cache_dir, out), "--fold", 2, "--max-steps", 2, "--val-start", 100,
+                        "--checkpoint-every", 2)
+    assert code == 1 and "checkpoint-000000002.tmp: the disk is full" in output and "--resume" in output, output
+    assert "Traceback" not in output
