@@ -34,8 +34,8 @@ def find_diffusers_folder(path: Path) -> Path | None:
         if not cfg.is_file():
             continue
         try:
-            raw = json.loads(cfg.read_text())
-        except (json.JSONDecodeError, OSError):
+            raw = json.loads(cfg.read_text(encoding="utf-8"))
+        except (ValueError, OSError):  # not JSON, not UTF-8, unreadable: not a diffusers folder
             continue
         if isinstance(raw, dict) and raw.get("_class_name") == "UNet2DModel":
             return candidate
@@ -48,7 +48,26 @@ def _copy_model(src: Path, dst: Path) -> None:
         shutil.copy2(src / name, dst / name)
 
 
-def prepare_models(ckpt: Path, out: Path | None, import_diffusers: bool) -> list[Path]:
+def read_contract(source: Path) -> dict:
+    """A preprocessing contract from a JSON file (the contract itself, or a condiff config.json holding one)
+    or from a condiff model folder; checked by ``PreprocessConfig``."""
+    from condiff.preprocess import PreprocessConfig
+
+    path = source / CONFIG if source.is_dir() else source
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as exc:
+        raise ModelFolderError(path, f"cannot be read as a preprocessing contract ({exc})") from None
+    contract = doc.get("preprocessing", doc) if isinstance(doc, dict) else None
+    try:
+        return PreprocessConfig.from_dict(contract).to_dict()
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise ModelFolderError(path, f"holds no valid preprocessing contract ({exc})",
+                               'give a JSON object such as {"modality": "mri", "image_size": 128, ...} '
+                               "or a condiff model folder trained the same way") from None
+
+
+def prepare_models(ckpt: Path, out: Path | None, import_diffusers: bool, contract: dict | None = None) -> list[Path]:
     """The model folders to export: imported, copied to ``out``, or ``ckpt``'s own members."""
     diffusers_dir = find_diffusers_folder(ckpt)
     if import_diffusers or diffusers_dir is not None:
@@ -66,7 +85,10 @@ def prepare_models(ckpt: Path, out: Path | None, import_diffusers: bool) -> list
         from condiff.export.diffusers_import import import_diffusers_unet
 
         logger.info("importing diffusers UNet2DModel %s into %s", diffusers_dir, out)
-        return [import_diffusers_unet(diffusers_dir, out)]
+        if contract is None:
+            logger.warning("%s: imported without a preprocessing contract; condiff-infer refuses it until one is "
+                           "given (rerun with --preprocessing FILE_OR_MODEL_FOLDER)", out)
+        return [import_diffusers_unet(diffusers_dir, out, preprocessing=contract)]
     model_set = open_model_set(ckpt)
     if out is None:
         return list(model_set.member_dirs)
@@ -111,25 +133,29 @@ def _refuse_nonempty(out: Path) -> None:
               help="TensorRT timing cache file [default: one per GPU architecture and TensorRT version in the model folder].")
 @click.option("--import-diffusers", is_flag=True,
               help="CKPT is a diffusers UNet2DModel folder; allows reading its pickled .bin weights.")
+@click.option("--preprocessing", "contract_source", type=click.Path(exists=True, path_type=Path), default=None,
+              help="With a diffusers folder: the preprocessing contract the network was trained with (a JSON "
+                   "object, a condiff config.json, or a condiff model folder); without one condiff-infer "
+                   "cannot use the import.")
 @verbose_option
 @version_option
 def main(ckpt: Path, out: Path | None, trt: bool, opset: int, attention: str, chunk_size: int | None,
          pad_head_dim: int, min_batch: int, opt_batch: int, max_batch: int, workspace_gb: float,
-         timing_cache: Path | None, import_diffusers: bool, verbose: int) -> None:
+         timing_cache: Path | None, import_diffusers: bool, contract_source: Path | None, verbose: int) -> None:
     """Export CKPT (model folder, model set or diffusers UNet2DModel folder) to ONNX [and TensorRT]."""
     def body() -> int:
         with logging_to(verbose):
             return _export_all(ckpt, out, trt=trt, opset=opset, attention=attention, chunk_size=chunk_size,
                                pad_head_dim=pad_head_dim, batches=(min_batch, opt_batch, max_batch),
                                workspace_gb=workspace_gb, timing_cache=timing_cache,
-                               import_diffusers=import_diffusers)
+                               import_diffusers=import_diffusers, contract_source=contract_source)
 
     run_command(body, verbose)
 
 
 def _export_all(ckpt: Path, out: Path | None, *, trt: bool, opset: int, attention: str, chunk_size: int | None,
                 pad_head_dim: int, batches: tuple[int, int, int], workspace_gb: float, timing_cache: Path | None,
-                import_diffusers: bool) -> int:
+                import_diffusers: bool, contract_source: Path | None = None) -> int:
     from condiff.export.onnx_export import export_onnx
 
     profile = None
@@ -142,7 +168,8 @@ def _export_all(ckpt: Path, out: Path | None, *, trt: bool, opset: int, attentio
         except ValueError as exc:
             raise click.UsageError(str(exc)) from exc
         require("tensorrt", "trt")  # fail before any work, not after the first ONNX export
-    models = prepare_models(ckpt, out, import_diffusers)
+    contract = None if contract_source is None else read_contract(contract_source)
+    models = prepare_models(ckpt, out, import_diffusers, contract)
     failed = 0
     for model_dir in models:
         try:

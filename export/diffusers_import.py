@@ -21,12 +21,18 @@ _LEGACY_ATTENTION = {"query.": "to_q.", "key.": "to_k.", "value.": "to_v.", "pro
 
 def _read_state(src: Path) -> dict[str, torch.Tensor]:
     st = src / "diffusion_pytorch_model.safetensors"
-    if st.is_file():
-        from safetensors.torch import load_file
-        return load_file(str(st))
     binf = src / "diffusion_pytorch_model.bin"
-    if binf.is_file():
-        return torch.load(binf, map_location="cpu", weights_only=True)
+    for path in (st, binf):
+        if not path.is_file():
+            continue
+        try:
+            if path == st:
+                from safetensors.torch import load_file
+                return load_file(str(path))
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # safetensors and torch raise their own types for corrupt files
+            raise ModelFolderError(path, f"cannot be read ({type(exc).__name__}: {str(exc).strip()[:160]})",
+                                   "the file is corrupt or truncated; copy it again") from None
     raise ModelFolderError(src, "no diffusion_pytorch_model.safetensors or .bin; not a diffusers model folder")
 
 
@@ -52,13 +58,26 @@ def import_diffusers_unet(src: str | Path, dst: str | Path, preprocessing: dict 
     cfg_path = src / "config.json"
     if not cfg_path.is_file():
         raise ModelFolderError(src, "no config.json; not a diffusers model folder")
-    raw = json.loads(cfg_path.read_text())
+    try:
+        raw = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as exc:  # UnicodeDecodeError is a ValueError
+        raise ModelFolderError(cfg_path, f"is not readable JSON ({exc})") from None
+    if not isinstance(raw, dict):
+        raise ModelFolderError(cfg_path, "is not a JSON object")
     if raw.get("_class_name", "UNet2DModel") != "UNet2DModel":
         raise ModelFolderError(cfg_path, f"is a {raw.get('_class_name')}, condiff imports UNet2DModel only")
     try:
         unet_cfg = UNetConfig.from_diffusers(raw)
     except ValueError as exc:
         raise ModelFolderError(cfg_path, str(exc)) from exc
+    if preprocessing:
+        from condiff.preprocess import PreprocessConfig
+
+        pre = PreprocessConfig.from_dict(preprocessing)
+        if pre.image_size != unet_cfg.sample_size or pre.channels != unet_cfg.image_channels:
+            raise ModelFolderError(cfg_path, f"the network takes {unet_cfg.image_channels}-channel "
+                                   f"{unet_cfg.sample_size}-px slices, the preprocessing contract gives "
+                                   f"{pre.channels}-channel {pre.image_size}-px ones", "give the contract it was trained with")
     state = _rename_legacy(_read_state(src))
     model = ConditionalUNet(unet_cfg)
     try:

@@ -277,3 +277,58 @@ def test_unbounded_attention_refused_where_ort_cannot_hold_it(tmp_path):
         export_onnx(model_dir, attention="sdpa")
     assert "--attention auto or chunked" in str(info.value)
     assert not any(p.name.endswith(".tmp") or p.name.startswith("model.onnx") for p in model_dir.iterdir())
+
+
+def test_an_import_given_a_preprocessing_contract_runs_in_condiff_infer(tmp_path):
+    """Without --preprocessing an imported reference checkpoint cannot be used (condiff-infer needs the
+    contract); with one taken from a condiff model folder it can, and a contract of another size is refused."""
+    diffusers = pytest.importorskip("diffusers")
+    import json
+
+    from click.testing import CliRunner
+
+    from condiff.export.cli import main
+
+    cfg = preset("tiny", sample_size=32)
+    torch.manual_seed(5)
+    diffusers.UNet2DModel(**cfg.to_diffusers()).save_pretrained(tmp_path / "run" / "unet_ema")
+    donor = Path(__file__).resolve().parents[2] / "examples" / "models" / "fold0"  # the bundled 32-px member
+    contract = json.loads((donor / "config.json").read_text())["preprocessing"]
+    res = CliRunner().invoke(main, [str(tmp_path / "run"), "-o", str(tmp_path / "bare"), "--attention", "sdpa"])
+    assert res.exit_code == 0 and "without a preprocessing contract" in res.output, res.output
+    res = CliRunner().invoke(main, [str(tmp_path / "run"), "-o", str(tmp_path / "imp"), "--attention", "sdpa",
+                                    "--preprocessing", str(donor)])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "imp" / "config.json").read_text())["preprocessing"] == contract
+    from condiff.engine.cli import infer_main
+
+    scan = donor.parents[1] / "scans" / "ixi132_t1.nii.gz"
+    for folder, code, text in (("bare", 2, "preprocessing needs a 'modality'"), ("imp", 0, "1 done")):
+        run = CliRunner().invoke(infer_main, [str(scan), "-o", str(tmp_path / f"out-{folder}"), "--models",
+                                              str(tmp_path / folder), "--steps", "1", "--no-progress"])
+        assert run.exit_code == code and text in run.output + (run.stderr or ""), run.output
+    (tmp_path / "big.json").write_text(json.dumps({**contract, "image_size": 64}))
+    res = CliRunner().invoke(main, [str(tmp_path / "run"), "-o", str(tmp_path / "bad"), "--preprocessing",
+                                    str(tmp_path / "big.json")])
+    assert res.exit_code == 2 and "64-px" in res.output and "32-px" in res.output, res.output
+    (tmp_path / "junk.json").write_text("[1, 2]")
+    res = CliRunner().invoke(main, [str(tmp_path / "run"), "-o", str(tmp_path / "bad2"), "--preprocessing",
+                                    str(tmp_path / "junk.json")])
+    assert res.exit_code == 2 and "no valid preprocessing contract" in res.output, res.output
+
+
+@pytest.mark.parametrize("name, data", [("diffusion_pytorch_model.safetensors", b"\x00garbage" * 10),
+                                        ("diffusion_pytorch_model.bin", b"garbage that is no pickle")])
+def test_a_corrupt_diffusers_weight_file_is_named(tmp_path, name, data):
+    diffusers = pytest.importorskip("diffusers")
+    from click.testing import CliRunner
+
+    from condiff.export.cli import main
+
+    src = tmp_path / "run" / "unet_ema"
+    diffusers.UNet2DModel(**preset("tiny", sample_size=32).to_diffusers()).save_pretrained(src)
+    for f in src.glob("diffusion_pytorch_model.*"):
+        f.unlink()
+    (src / name).write_bytes(data)
+    res = CliRunner().invoke(main, [str(tmp_path / "run"), "-o", str(tmp_path / "o"), "--import-diffusers"])
+    assert res.exit_code == 2 and f"{name}: cannot be read" in res.output and "Traceback" not in res.output, res.output
