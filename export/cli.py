@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from condiff.modelset import CONFIG, SET_FILE, WEIGHTS, open_model_set
 logger = logging.getLogger(__name__)
 
 _DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+SET_DOCUMENTS = ("README.md", "LICENSE", "LICENSE.txt", "CITATION.bib")
 
 
 def find_diffusers_folder(path: Path) -> Path | None:
@@ -90,7 +92,11 @@ def prepare_models(ckpt: Path, out: Path | None, import_diffusers: bool, contrac
                            "given (rerun with --preprocessing FILE_OR_MODEL_FOLDER)", out)
         return [import_diffusers_unet(diffusers_dir, out, preprocessing=contract)]
     model_set = open_model_set(ckpt)
-    if out is None:
+    if out is None:  # in place: every member folder must take the new files
+        for member in model_set.member_dirs:
+            if not os.access(member, os.W_OK | os.X_OK):
+                raise OutputConflictError(member, "is not writable, so its artifacts cannot be written beside it",
+                                          "export a copy with -o OUT")
         return list(model_set.member_dirs)
     _refuse_nonempty(out)
     if not (ckpt / SET_FILE).is_file():
@@ -98,6 +104,9 @@ def prepare_models(ckpt: Path, out: Path | None, import_diffusers: bool, contrac
         return [out]
     out.mkdir(parents=True, exist_ok=True)
     shutil.copy2(ckpt / SET_FILE, out / SET_FILE)  # member paths are relative, so the set stays valid
+    for card in SET_DOCUMENTS:  # the model card and licence travel with the weights
+        if (ckpt / card).is_file():
+            shutil.copy2(ckpt / card, out / card)
     members = []
     for member in model_set.member_dirs:
         dst = out / member.relative_to(ckpt)
@@ -107,8 +116,16 @@ def prepare_models(ckpt: Path, out: Path | None, import_diffusers: bool, contrac
 
 
 def _refuse_nonempty(out: Path) -> None:
+    """-o OUT must be new or empty, and creatable: checked before anything is read or copied."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise OutputConflictError(out, "already exists and is not an empty folder", "choose a new -o OUT")
+        raise OutputConflictError(out, "already exists and is not an empty folder",
+                                  f"choose a new -o OUT (if an interrupted export left it, finish it in place: "
+                                  f"condiff-export {out})")
+    probe = Path(os.path.abspath(out))
+    while not os.path.lexists(probe) and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise OutputConflictError(out, f"cannot be created ({probe} is not a writable folder)", "choose another -o OUT")
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})

@@ -102,7 +102,8 @@ class _StopFlag:
         if signum == signal.SIGINT and self.signum is not None:
             raise KeyboardInterrupt
         self.signum = signum
-        logger.warning("signal %d: stopping after this step (checkpoint and model folder follow)", signum)
+        logger.warning("signal %d: stopping after this step (checkpoint and model folder follow; rerun the same "
+                       "command with --resume to continue)", signum)
 
     def __enter__(self):
         for s in (signal.SIGINT, signal.SIGTERM):
@@ -151,6 +152,24 @@ def _check_options(out: Path, *, lr, mask_weight, p_no_task, image_size: int, pr
     if not os.access(probe, os.W_OK | os.X_OK):
         raise TrainingDataError(out, "is not writable" if probe == target else
                                 f"cannot be created ({probe} is not writable)", "choose another -o folder")
+
+
+def _load_newest_readable(trainer, root: Path) -> Path:
+    """Load the newest checkpoint that reads back intact; a damaged newer one (a disk fault, a copy cut
+    short) is reported and an older one taken: the resume is then exact from that older step."""
+    from condiff.train import checkpoint as ckpt
+    from condiff.train.checkpoint import CheckpointError
+
+    found = ckpt.list_checkpoints(root)
+    for k, (_, path) in enumerate(reversed(found)):
+        try:
+            trainer.load(path)
+            return path
+        except CheckpointError as exc:
+            if k == len(found) - 1:
+                raise
+            logger.warning("%s is damaged (%s); resuming from the checkpoint before it", path, exc.problem)
+    raise AssertionError("unreachable: called with at least one checkpoint")
 
 
 def _check_existing_members(out: Path, fold_list, unet_cfg, preprocessing: dict) -> None:
@@ -332,7 +351,7 @@ def train_command(data: str, mask_pattern: str | None, modality: str, image_size
                               hooks=_load_hooks(val_hooks, hook_ctx), progress=progress, stop=stop,
                               contract={"unet": unet_cfg.to_dict(), "preprocessing": pre.to_dict()})
             if latest is not None:
-                trainer.load(latest)
+                latest = _load_newest_readable(trainer, work / "checkpoints")
                 trainer.truncate_metrics()
                 logger.warning("fold %d: resuming from %s (step %d)", fold, latest, trainer.step)
             result = trainer.fit()
@@ -396,8 +415,8 @@ def train_command(data: str, mask_pattern: str | None, modality: str, image_size
 @click.option("--folds", default=None, help="Comma list, e.g. 0,3,6.")
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Model set folder to write.")
 @click.option("--resume", is_flag=True, help="Continue each fold from its newest checkpoint under OUT/train.")
-@click.option("--max-steps", type=click.IntRange(min=0), default=500_000, show_default=True)
-@click.option("--time-budget-min", type=click.FloatRange(min=0), default=None,
+@click.option("--max-steps", type=click.IntRange(min=1), default=500_000, show_default=True)
+@click.option("--time-budget-min", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Stop cleanly (checkpoint + model folders) when this much wall time is used, all folds together.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Per process.")
 @click.option("--device", "device_name", default="auto", show_default=True, metavar="auto|cpu|cuda[:N]")

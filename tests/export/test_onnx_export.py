@@ -332,3 +332,22 @@ def test_a_corrupt_diffusers_weight_file_is_named(tmp_path, name, data):
     (src / name).write_bytes(data)
     res = CliRunner().invoke(main, [str(tmp_path / "run"), "-o", str(tmp_path / "o"), "--import-diffusers"])
     assert res.exit_code == 2 and f"{name}: cannot be read" in res.output and "Traceback" not in res.output, res.output
+
+
+def test_exporting_a_set_to_a_new_folder_keeps_its_model_card(tmp_path):
+    from click.testing import CliRunner
+
+    from condiff.export.cli import main
+
+    root = tmp_path / "set"
+    save_model_set(root, [make_model(root / "fold_0", seed=0)])
+    (root / "README.md").write_text("# model card\nresearch use only\n")
+    out = tmp_path / "out"
+    res = CliRunner().invoke(main, [str(root), "-o", str(out), "--attention", "sdpa"])
+    assert res.exit_code == 0, res.output
+    assert (out / "README.md").read_text() == "# model card\nresearch use only\n"
+    again = CliRunner().invoke(main, [str(root), "-o", str(out)])
+    assert again.exit_code == 2 and f"condiff-export {out}" in again.output  # how to finish an interrupted one
+    (tmp_path / "afile").write_text("x")
+    res = CliRunner().invoke(main, [str(root), "-o", str(tmp_path / "afile" / "sub")])
+    assert res.exit_code == 2 and "cannot be created" in res.output and "Traceback" not in res.output, res.output

@@ -280,3 +280,30 @@ def test_a_full_disk_while_training_is_a_message_and_exit_1(data_dir, cache_dir,
                         "--checkpoint-every", 2)
     assert code == 1 and "checkpoint-000000002.tmp: the disk is full" in output and "--resume" in output, output
     assert "Traceback" not in output
+
+
+def test_a_damaged_newest_checkpoint_resumes_from_the_one_before(data_dir, cache_dir, tmp_path):
+    """Exactly: resuming from step 2 after step 4's checkpoint was damaged ends with the weights of a
+    run that was never interrupted."""
+    from safetensors.torch import load_file
+
+    base = _common(data_dir, cache_dir, tmp_path / "a") + ["--fold", 2, "--val-start", 100, "--checkpoint-every", 2]
+    code, output = _run(*base, "--max-steps", 6)
+    assert code == 0, output
+    straight = load_file(str(tmp_path / "a" / "fold2" / "model.safetensors"))
+    other = [a if a != tmp_path / "a" else tmp_path / "b" for a in base]
+    code, output = _run(*other, "--max-steps", 4)
+    assert code == 0, output
+    newest = tmp_path / "b" / "train" / "fold2" / "checkpoints" / "checkpoint-000000004"
+    tensors = next(p for p in newest.iterdir() if p.name.startswith("tensors"))
+    tensors.write_bytes(tensors.read_bytes()[:100])  # cut short
+    code, output = _run(*other, "--max-steps", 6, "--resume")
+    assert code == 0 and "checkpoint-000000004 is damaged" in output, output
+    resumed = load_file(str(tmp_path / "b" / "fold2" / "model.safetensors"))
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+def test_step_and_time_limits_that_train_nothing_are_refused(tmp_path):
+    for option in (["--max-steps", "0"], ["--time-budget-min", "0"]):
+        code, output = _run("--data", tmp_path, "--preset", "tiny", "-o", tmp_path / "o", *option)
+        assert code == 2 and option[0] in output, output
