@@ -21,7 +21,8 @@ from typing import Any, Iterable
 import numpy as np
 
 from condiff.errors import OutputConflictError
-from condiff.io.atomic import dumps_json, write_bytes_atomic, write_json_atomic, write_text_atomic
+from condiff.io.atomic import (check_creatable, dumps_json, nearest_existing, write_bytes_atomic, write_json_atomic,
+                               write_text_atomic)
 
 from .plan import OUTPUT_FOLDERS, CasePlan, read_record, sha256_bytes
 
@@ -165,33 +166,6 @@ def _stale(holder: str) -> bool:
         return False
 
 
-def _nearest_existing(path: Path) -> Path:
-    """``path`` made absolute, or its nearest ancestor that exists (where a new folder would be made)."""
-    probe = Path(os.path.abspath(path))
-    while not os.path.lexists(probe) and probe != probe.parent:  # a dangling symlink exists as a name
-        probe = probe.parent
-    return probe
-
-
-def check_creatable(out_dir: Path) -> None:
-    """Before any network loads: OUT can be made (its nearest existing ancestor is a writable folder)
-    or is a writable folder. Creates nothing, so a run refused later leaves no empty folder."""
-    probe = _nearest_existing(out_dir)
-    if probe == Path(os.path.abspath(out_dir)):
-        if probe.is_symlink() and not probe.exists():
-            raise OutputConflictError(out_dir, f"is a symbolic link to a missing folder ({os.readlink(probe)})",
-                                      "create its target or give another folder for -o")
-        if not probe.is_dir():
-            raise OutputConflictError(out_dir, "exists and is not a folder", "give a folder for -o")
-    elif not probe.is_dir():
-        raise OutputConflictError(out_dir, f"cannot create the output folder ({probe} is not a folder)",
-                                  "choose a folder you can write to")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise OutputConflictError(out_dir, "is not writable" if probe == Path(os.path.abspath(out_dir)) else
-                                  f"cannot create the output folder ({probe} is not writable)",
-                                  "choose a folder you can write to")
-
-
 OUTPUT_PER_INPUT_BYTE = 4.0  # float32 map + restoration (+ overlay) per byte of a typical int16 .nii.gz input
 OUTPUT_PER_CASE_BYTES = 256 * 1024  # overlay PNG, record, CSV rows
 
@@ -203,7 +177,7 @@ def free_space_warning(out_dir: Path, input_paths, restorations: bool = True) ->
     import shutil
 
     try:
-        free = shutil.disk_usage(_nearest_existing(out_dir)).free
+        free = shutil.disk_usage(nearest_existing(out_dir)).free
         sizes = [os.path.getsize(p) for p in input_paths]
     except OSError:
         return None

@@ -121,11 +121,9 @@ def _refuse_nonempty(out: Path) -> None:
         raise OutputConflictError(out, "already exists and is not an empty folder",
                                   f"choose a new -o OUT (if an interrupted export left it, finish it in place: "
                                   f"condiff-export {out})")
-    probe = Path(os.path.abspath(out))
-    while not os.path.lexists(probe) and probe != probe.parent:
-        probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
-        raise OutputConflictError(out, f"cannot be created ({probe} is not a writable folder)", "choose another -o OUT")
+    from condiff.io.atomic import check_creatable
+
+    check_creatable(out)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})

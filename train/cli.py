@@ -142,16 +142,9 @@ def _check_options(out: Path, *, lr, mask_weight, p_no_task, image_size: int, pr
         if not on_cuda:
             raise TrainingDataError(None, f"--precision {precision} needs a CUDA device (got --device {device_name})",
                                     "use --precision fp32 on the CPU")
-    target = Path(os.path.abspath(out))
-    probe = target
-    while not os.path.lexists(probe) and probe != probe.parent:
-        probe = probe.parent
-    if not probe.is_dir():
-        raise TrainingDataError(out, "exists and is not a folder" if probe == target else
-                                f"cannot be created ({probe} is not a folder)", "choose another -o folder")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise TrainingDataError(out, "is not writable" if probe == target else
-                                f"cannot be created ({probe} is not writable)", "choose another -o folder")
+    from condiff.io.atomic import check_creatable
+
+    check_creatable(out)
 
 
 def _load_newest_readable(trainer, root: Path) -> Path:

@@ -350,4 +350,4 @@ def test_exporting_a_set_to_a_new_folder_keeps_its_model_card(tmp_path):
     assert again.exit_code == 2 and f"condiff-export {out}" in again.output  # how to finish an interrupted one
     (tmp_path / "afile").write_text("x")
     res = CliRunner().invoke(main, [str(root), "-o", str(tmp_path / "afile" / "sub")])
-    assert res.exit_code == 2 and "cannot be created" in res.output and "Traceback" not in res.output, res.output
+    assert res.exit_code == 2 and "cannot create the output folder" in res.output and "Traceback" not in res.output, res.output

@@ -263,7 +263,7 @@ def test_an_output_that_is_a_file_is_refused_before_any_data_is_read(tmp_path):
     (tmp_path / "afile").write_text("x")
     code, output = _run("--data", tmp_path / "no-such-data", "--preset", "tiny", "-o", tmp_path / "afile" / "sub",
                         "--no-progress")
-    assert code == 2 and "cannot be created" in output and "is not a folder" in output, output
+    assert code == 2 and "cannot create the output folder" in output and "is not a folder" in output, output
 
 
 def test_a_full_disk_while_training_is_a_message_and_exit_1(data_dir, cache_dir, tmp_path, monkeypatch):

@@ -96,6 +96,36 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     write_text_atomic(path, dumps_json(obj))
 
 
+def nearest_existing(path: str | os.PathLike) -> Path:
+    """``path`` made absolute, or its nearest ancestor that exists (where a new folder would be made)."""
+    probe = Path(os.path.abspath(path))
+    while not os.path.lexists(probe) and probe != probe.parent:  # a dangling symlink exists as a name
+        probe = probe.parent
+    return probe
+
+
+def check_creatable(out_dir: str | os.PathLike) -> None:
+    """OUT can be made (its nearest existing ancestor is a writable folder) or is a writable folder;
+    ``OutputConflictError`` naming it otherwise. Creates nothing, so the CLIs call it before any
+    work, and a run refused later leaves no empty folder behind."""
+    from condiff.errors import OutputConflictError
+
+    probe = nearest_existing(out_dir)
+    if probe == Path(os.path.abspath(out_dir)):
+        if probe.is_symlink() and not probe.exists():
+            raise OutputConflictError(out_dir, f"is a symbolic link to a missing folder ({os.readlink(probe)})",
+                                      "create its target or give another folder for -o")
+        if not probe.is_dir():
+            raise OutputConflictError(out_dir, "exists and is not a folder", "give a folder for -o")
+    elif not probe.is_dir():
+        raise OutputConflictError(out_dir, f"cannot create the output folder ({probe} is not a folder)",
+                                  "choose a folder you can write to")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise OutputConflictError(out_dir, "is not writable" if probe == Path(os.path.abspath(out_dir)) else
+                                  f"cannot create the output folder ({probe} is not writable)",
+                                  "choose a folder you can write to")
+
+
 def read_head(path: Path, n: int, kind: str) -> bytes:
     """The first ``n`` bytes of an input file, with OS errors turned into messages a user can act on.
 
