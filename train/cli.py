@@ -214,7 +214,25 @@ def _export_fold(out: Path, fold_dir_name: str, model_cfg, trainer, result, weig
     return save_model(out / fold_dir_name, net, model_cfg, dtype=dtype)
 
 
-def train_command(data: str, mask_pattern: str | None, modality: str, image_size: int, fov_mm: float | None,
+def train_command(**kw) -> int:
+    """The command body (also callable from Python, with the options as keywords); returns the exit code.
+
+    Option values are checked before anything is read or created; then ``OUT/train`` is locked (rank 0),
+    since two trainings of one output folder would overwrite each other's checkpoints."""
+    from condiff.io.lock import OutputLock
+
+    out = Path(kw["output"])
+    _check_options(out, lr=kw.get("lr"), mask_weight=kw.get("mask_weight"), p_no_task=kw.get("p_no_task"),
+                   image_size=kw["image_size"], preset_name=kw["preset_name"], precision=kw["precision"],
+                   device_name=kw["device_name"])
+    if int(os.environ.get("RANK", "0")) != 0:
+        return _train_command(**kw)
+    (out / "train").mkdir(parents=True, exist_ok=True)
+    with OutputLock(out / "train"):
+        return _train_command(**kw)
+
+
+def _train_command(data: str, mask_pattern: str | None, modality: str, image_size: int, fov_mm: float | None,
                   normalisation: str, other_data: tuple[str, ...], other_mask_pattern: str | None, preset_name: str,
                   fold_list: list[int], output: str, resume: bool, max_steps: int, time_budget_min: float | None,
                   batch_size: int, device_name: str, precision: str, seed: int, holdout: int, checkpoint_every: int,
@@ -222,7 +240,7 @@ def train_command(data: str, mask_pattern: str | None, modality: str, image_size
                   patience: int, recipe: str, lr: float | None, mask_weight: float | None, p_no_task: float | None,
                   size_curriculum: str | None, workers: int | None, cache_dir: str | None, log_every: int, val_hooks: tuple[str, ...],
                   weights_dtype: str, progress: bool, landmarks: bool = False) -> int:
-    """The command body (also callable from Python); returns the exit code."""
+    """The training itself, under the lock ``train_command`` holds."""
     import numpy as np
     import torch
 
@@ -240,8 +258,6 @@ def train_command(data: str, mask_pattern: str | None, modality: str, image_size
 
     t_start = time.monotonic()
     out = Path(output)
-    _check_options(out, lr=lr, mask_weight=mask_weight, p_no_task=p_no_task, image_size=image_size,
-                   preset_name=preset_name, precision=precision, device_name=device_name)
     device = resolve_device(device_name, int(os.environ.get("LOCAL_RANK", "0")))
     if device.type == "cuda":
         if not torch.cuda.is_available():

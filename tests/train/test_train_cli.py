@@ -307,3 +307,18 @@ def test_step_and_time_limits_that_train_nothing_are_refused(tmp_path):
     for option in (["--max-steps", "0"], ["--time-budget-min", "0"]):
         code, output = _run("--data", tmp_path, "--preset", "tiny", "-o", tmp_path / "o", *option)
         assert code == 2 and option[0] in output, output
+
+
+def test_a_second_training_of_one_output_folder_is_refused_while_the_first_runs(data_dir, cache_dir, tmp_path):
+    import socket
+
+    out = tmp_path / "run"
+    (out / "train").mkdir(parents=True)
+    live = f"host {socket.gethostname()} pid {os.getppid()}\n"  # a live process of this host holds it
+    (out / "train" / ".condiff.lock").write_text(live)
+    code, output = _run(*_common(data_dir, cache_dir, out), "--fold", 2, "--max-steps", 2, "--val-start", 100)
+    assert code == 2 and "locked by another condiff run" in output, output
+    assert (out / "train" / ".condiff.lock").read_text() == live and not (out / "fold2").exists()
+    (out / "train" / ".condiff.lock").unlink()
+    code, output = _run(*_common(data_dir, cache_dir, out), "--fold", 2, "--max-steps", 2, "--val-start", 100)
+    assert code == 0 and not (out / "train" / ".condiff.lock").exists(), output  # released afterwards
