@@ -185,22 +185,17 @@ def _read_raw(path: Path) -> tuple[bytes, dict[str, Any], tuple[int, ...]]:
 
 
 def in_plane_axes(affine: np.ndarray, shape: tuple[int, ...], orientation: str = "RAS") -> tuple[int, int]:
-    """The two axes of a ``(X, Y, Z)`` array that span one model slice, in array order.
-
-    Mirrors ``condiff.preprocess``: the array is reoriented to ``orientation`` (by the affine's
-    nearest axis codes) and sliced along the axis its third code names (inferior-superior for
-    RAS: axial slices); a single slice stored as ``(H, W, 1)`` that this would tip over keeps
-    axes 0 and 1. An affine whose orientation cannot be read also gives axes 0 and 1.
+    """The two axes of a ``(X, Y, Z)`` array that span one model slice, in array order: those that
+    ``condiff.preprocess`` reorients onto the slice plane (a single slice stored as ``(H, W, 1)`` keeps
+    axes 0 and 1). An affine whose orientation cannot be read also gives axes 0 and 1.
     """
-    from nibabel.orientations import axcodes2ornt, io_orientation, ornt_transform
+    from condiff.preprocess import _orientation  # the preprocessing's own transform, not a copy of it
 
     try:
-        t = ornt_transform(io_orientation(affine), axcodes2ornt(tuple(orientation)))
+        t = _orientation(affine, shape, orientation)
     except ValueError:  # a zero or NaN column: no axis code to go by
         return (0, 1)
     slice_axis = next(axis for axis, (new_axis, _) in enumerate(t) if int(new_axis) == 2)
-    if shape[2] == 1 and slice_axis != 2:
-        return (0, 1)
     return tuple(axis for axis in range(3) if axis != slice_axis)
 
 
