@@ -222,7 +222,7 @@ def _infer(inputs, output, models, engine, device, precision, batch_size, fast_k
         lock = writer.OutputLock(output, shard_t)
         lock.check()  # acquire() below is the atomic check
         # cases with a record are probably done (resume): only the others will need new space
-        todo = [c.path for c in cases if not resume or not (Path(output) / "records" / f"{c.name}.json").is_file()]
+        todo = [c.path for c in cases if not resume or not (Path(output) / planning.record_path(c.name)).is_file()]
         short = writer.free_space_warning(output, todo, restorations=not no_restoration)
         if short is not None:
             logger.warning(short)

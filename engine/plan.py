@@ -83,6 +83,11 @@ class CasePlan:
     record: str
 
 
+def record_path(case_name: str) -> str:
+    """Where a case's record lives, relative to OUT (``/``-separated), whatever the layout."""
+    return f"records/{case_name}.json"
+
+
 def plan_case(case: Case, options: RunOptions) -> CasePlan:
     """Output paths of ``case`` (DESIGN §3): volumes mirror their extension, images get TIFF + PNG."""
     name = case.name
@@ -109,7 +114,7 @@ def plan_case(case: Case, options: RunOptions) -> CasePlan:
     out["overlay"] = f"overlays/{name}.png"
     if options.model_space or options.member_maps:
         out["model_space"] = f"model_space/{name}.npz"
-    return CasePlan(case=case, outputs=out, record=f"records/{name}.json")
+    return CasePlan(case=case, outputs=out, record=record_path(name))
 
 
 def read_record(path: str | os.PathLike) -> dict[str, Any] | None:
@@ -263,6 +268,6 @@ def dry_run_status(case: Case, ctx) -> tuple[str, str | None, CasePlan]:
     return "run", reason, plan
 
 
-__all__ = ["RECORD_SCHEMA", "OUTPUT_FOLDERS", "RunOptions", "CasePlan", "plan_case", "read_record", "resume_check",
+__all__ = ["RECORD_SCHEMA", "OUTPUT_FOLDERS", "RunOptions", "CasePlan", "record_path", "plan_case", "read_record", "resume_check",
            "sha256_path", "sha256_bytes", "parse_members", "parse_shard", "select_shard", "check_output_location",
            "check_input", "dry_run_status"]

@@ -24,7 +24,7 @@ from condiff.io.atomic import (check_creatable, dumps_json, nearest_existing, wr
 
 from condiff.io.lock import OutputLock, shard_suffix
 
-from .plan import OUTPUT_FOLDERS, CasePlan, read_record, sha256_bytes
+from .plan import OUTPUT_FOLDERS, CasePlan, read_record, record_path, sha256_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -168,7 +168,7 @@ def remove_outputs(out_dir: Path, plan: CasePlan) -> None:
 
 def remove_record_and_outputs(out_dir: Path, record: dict[str, Any]) -> None:
     """Delete a case known only by its record (a case this run does not plan): record first, as above."""
-    rels = [f"records/{record['case']}.json"]
+    rels = [record_path(record["case"])]
     rels += [entry["path"] for entry in (record.get("outputs") or {}).values()
              if isinstance(entry, dict) and isinstance(entry.get("path"), str)]
     for rel in rels:
