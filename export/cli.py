@@ -146,6 +146,10 @@ def _refuse_nonempty(out: Path) -> None:
               help="TensorRT builder workspace limit.")
 @click.option("--timing-cache", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="TensorRT timing cache file [default: one per GPU architecture and TensorRT version in the model folder].")
+@click.option("--map-check-steps", type=click.IntRange(min=0), default=10, show_default=True,
+              help="DDPM steps of the map check: the export and eager fp32 torch restore the same calibration "
+                   "images with the same noise, and an export whose maps, scores or AP differ is refused "
+                   "(0: skip it; the sidecar says so).")
 @click.option("--import-diffusers", is_flag=True,
               help="CKPT is a diffusers UNet2DModel folder; allows reading its pickled .bin weights.")
 @click.option("--preprocessing", "contract_source", type=click.Path(exists=True, path_type=Path), default=None,
@@ -156,21 +160,23 @@ def _refuse_nonempty(out: Path) -> None:
 @version_option
 def main(ckpt: Path, out: Path | None, trt: bool, opset: int, attention: str, chunk_size: int | None,
          pad_head_dim: int, min_batch: int, opt_batch: int, max_batch: int, workspace_gb: float,
-         timing_cache: Path | None, import_diffusers: bool, contract_source: Path | None, verbose: int) -> None:
+         timing_cache: Path | None, map_check_steps: int, import_diffusers: bool, contract_source: Path | None,
+         verbose: int) -> None:
     """Export CKPT (model folder, model set or diffusers UNet2DModel folder) to ONNX [and TensorRT]."""
     def body() -> int:
         with logging_to(verbose):
             return _export_all(ckpt, out, trt=trt, opset=opset, attention=attention, chunk_size=chunk_size,
                                pad_head_dim=pad_head_dim, batches=(min_batch, opt_batch, max_batch),
                                workspace_gb=workspace_gb, timing_cache=timing_cache,
-                               import_diffusers=import_diffusers, contract_source=contract_source)
+                               import_diffusers=import_diffusers, contract_source=contract_source,
+                               map_steps=map_check_steps)
 
     run_command(body, verbose)
 
 
 def _export_all(ckpt: Path, out: Path | None, *, trt: bool, opset: int, attention: str, chunk_size: int | None,
                 pad_head_dim: int, batches: tuple[int, int, int], workspace_gb: float, timing_cache: Path | None,
-                import_diffusers: bool, contract_source: Path | None = None) -> int:
+                import_diffusers: bool, contract_source: Path | None = None, map_steps: int = 10) -> int:
     from condiff.export.onnx_export import export_onnx
 
     profile = None
@@ -188,18 +194,27 @@ def _export_all(ckpt: Path, out: Path | None, *, trt: bool, opset: int, attentio
     failed = 0
     for model_dir in models:
         try:
-            result = export_onnx(model_dir, attention=attention, opset=opset, chunk_size=chunk_size)
+            result = export_onnx(model_dir, attention=attention, opset=opset, chunk_size=chunk_size, map_steps=map_steps)
             click.echo(f"{result.path}\tattention={result.attention}\tmax_abs_diff={result.max_abs_diff:.2e}"
-                       f"\t{result.seconds:.1f}s")
+                       f"\t{_maps_text(result.maps)}\t{result.seconds:.1f}s")
             if trt:
                 plan = build_trt(model_dir, profile=profile, workspace_gb=workspace_gb, timing_cache=timing_cache,
                                  attention=attention if attention in ("chunked", "sdpa") else "auto",
-                                 pad_head_dim=pad_head_dim or None, chunk_size=chunk_size, opset=opset)
-                click.echo(f"{plan.path}\tmax_abs_diff={plan.max_abs_diff:.2e}\tbuild={plan.build_seconds:.1f}s")
+                                 pad_head_dim=pad_head_dim or None, chunk_size=chunk_size, opset=opset,
+                                 map_steps=map_steps)
+                click.echo(f"{plan.path}\tmax_abs_diff={plan.max_abs_diff:.2e}\t{_maps_text(plan.maps)}"
+                           f"\tbuild={plan.build_seconds:.1f}s")
         except ExportError as exc:
             failed += 1
             click.echo(f"error: {exc.message}", err=True)
     return EXIT_FAILED if failed else EXIT_OK
+
+
+def _maps_text(maps) -> str:
+    if maps is None:
+        return "maps=unchecked"
+    return (f"maps: rel_diff={maps.relative_map_diff:.1e} corr={maps.min_correlation:.6f} "
+            f"AP {maps.ap_export:.4f}/{maps.ap_reference:.4f} (export/torch)")
 
 
 if __name__ == "__main__":  # pragma: no cover

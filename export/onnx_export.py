@@ -8,8 +8,10 @@ The file is traced (TorchScript exporter: torch 2.13's default dynamo exporter n
 which condiff does not depend on) to a temporary name in the destination folder, checked with
 ``onnx.checker`` (path-based, so a > 2 GB model would work too), run in ONNX Runtime (CPU, fp32)
 at a batch size other than the traced one and compared with the eager torch network (SDPA
-attention) within ``atol`` (1e-4, DESIGN §5). Only then is it renamed to its final name and its
-sidecar written; any failure removes the temporary file and leaves the final name untouched.
+attention) within ``atol`` (1e-4, DESIGN §5), and then run through a short reverse diffusion on a
+calibration set beside eager torch, comparing the anomaly maps, scores and AP users would get
+(``condiff.export.parity``). Only then is it renamed to its final name and its sidecar written; any
+failure removes the temporary file and leaves the final name untouched.
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ from condiff.optional import require
 from condiff.unet import ConditionalUNet, sdpa_attention
 
 from condiff.export.attention import VARIANTS, export_warnings_off, make_attention
+from condiff.export.parity import DEFAULT_STEPS, FP32, MapParity, map_parity
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +53,7 @@ class OnnxExport:
     attention: str
     max_abs_diff: float
     seconds: float
+    maps: MapParity | None = None  # None when the map check was skipped (map_steps 0)
 
 
 def resolve_attention(attention: str, target: str = "ort") -> str:
@@ -149,40 +153,68 @@ def ort_cpu_session(path: str | Path, threads: int | None = None):
 
 
 def max_abs_diff_vs_torch(path: str | Path, model: ConditionalUNet, *, batch: int = 1, seed: int = 0,
-                          threads: int | None = None) -> float:
+                          threads: int | None = None, session=None) -> float:
     """Max |eps_ORT - eps_torch| on seeded random inputs at ``batch`` (torch with SDPA attention)."""
     cfg = model.config
     x_t, cond, t = _example_inputs(cfg.image_channels, cfg.sample_size, batch, seed)
-    session = ort_cpu_session(path, threads)
+    session = session or ort_cpu_session(path, threads)
     (eps_ort,) = session.run([OUTPUT_NAME], {"x_t": x_t.numpy(), "cond": cond.numpy(), "t": t.numpy()})
-    del session
     model.set_attention_fn(sdpa_attention)
     with torch.inference_mode():
         eps = model(x_t, cond, t)
     return float((torch.from_numpy(eps_ort) - eps).abs().max())
 
 
+def ort_denoiser(session):
+    """An ONNX Runtime session as the sampler's ``eps = denoise(x_t, cond, t)`` (CPU tensors)."""
+    def denoise(x_t: torch.Tensor, cond: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        (eps,) = session.run([OUTPUT_NAME], {"x_t": x_t.numpy(), "cond": cond.numpy(), "t": t.numpy()})
+        return torch.from_numpy(eps)
+
+    return denoise
+
+
+def check_maps(session, model: ConditionalUNet, modality: str | None, steps: int, where: Path) -> MapParity:
+    """The map check (``condiff.export.parity``) of an ONNX Runtime session; ``ExportError`` if it fails."""
+    cfg = model.config
+    model.set_attention_fn(sdpa_attention)
+    logger.info("checking maps: %d DDPM steps on the calibration set, ONNX Runtime against torch", steps)
+    parity = map_parity(model, ort_denoiser(session), cfg.image_channels, cfg.sample_size, modality, steps=steps)
+    problems = parity.failures(FP32)
+    if problems:
+        raise ExportError(where, "ONNX Runtime's anomaly maps differ from torch's on the calibration set: "
+                          + "; ".join(problems), "nothing was written; report this with the model's config.json")
+    return parity
+
+
 def write_checked_onnx(model: ConditionalUNet, final_path: str | Path, *, variant: str, chunk_size: int | None = None,
                        pad_head_dim: int | None = None, opset: int = DEFAULT_OPSET, atol: float = ATOL,
                        trace_batch: int = 2, check_batch: int = 1, threads: int | None = None,
-                       before_replace: Callable[[], None] | None = None) -> float:
-    """Trace, check and compare; rename to ``final_path`` only if every check passes. Returns max |Δ|.
+                       before_replace: Callable[[], None] | None = None, map_steps: int = 0,
+                       modality: str | None = None) -> tuple[float, MapParity | None]:
+    """Trace, check and compare; rename to ``final_path`` only if every check passes.
 
+    Returns (max |Δeps|, the map check or None when ``map_steps`` is 0).
     ``check_batch`` differs from ``trace_batch`` so the comparison also proves the batch axis is dynamic.
     On any failure the temporary file is removed and ``final_path`` is left as it was.
     ``before_replace`` runs after the checks, just before the rename (e.g. to drop a stale sidecar).
     """
     final_path = Path(final_path)
     tmp = _temp_name(final_path)
+    maps = None
     try:
         trace_to_onnx(model, tmp, variant=variant, chunk_size=chunk_size, pad_head_dim=pad_head_dim,
                       opset=opset, trace_batch=trace_batch)
         check_onnx(tmp)
-        diff = max_abs_diff_vs_torch(tmp, model, batch=check_batch, threads=threads)
+        session = ort_cpu_session(tmp, threads)
+        diff = max_abs_diff_vs_torch(tmp, model, batch=check_batch, threads=threads, session=session)
         if not diff <= atol:  # also catches NaN
             raise ExportError(final_path, f"ONNX Runtime output differs from torch by {diff:.3g} "
                               f"(max abs, batch {check_batch}), more than the tolerance {atol:g}",
                               "nothing was written; report this with the model's config.json")
+        if map_steps:
+            maps = check_maps(session, model, modality, map_steps, final_path)
+        del session
         if before_replace is not None:
             before_replace()
         os.replace(tmp, final_path)
@@ -192,18 +224,19 @@ def write_checked_onnx(model: ConditionalUNet, final_path: str | Path, *, varian
         raise ExportError(final_path, f"ONNX export failed ({type(exc).__name__}: {exc})") from exc
     finally:
         tmp.unlink(missing_ok=True)
-    return diff
+    return diff, maps
 
 
 def export_onnx(model_dir: str | Path, *, attention: str = "auto", opset: int = DEFAULT_OPSET,
                 chunk_size: int | None = None, atol: float = ATOL, check_batch: int = 1,
-                threads: int | None = None) -> OnnxExport:
+                threads: int | None = None, map_steps: int = DEFAULT_STEPS) -> OnnxExport:
     """Write ``model_dir/model.onnx`` and its sidecar ``model.onnx.json`` for ONNX Runtime.
 
     ``attention``: ``auto`` (= ``ort_mha``), ``ort_mha``, ``chunked`` (portable, bounded memory;
     ``chunk_size`` query rows per chunk, default from a 128 MiB score budget per image) or ``sdpa``
-    (plain, unbounded memory: small models only). Raises ``ExportError`` (nothing written) when a
-    check fails.
+    (plain, unbounded memory: small models only). ``map_steps``: DDPM steps of the map check on the
+    calibration set (0 skips it; the sidecar then says so). Raises ``ExportError`` (nothing written)
+    when a check fails.
     """
     start = time.perf_counter()
     model_dir = Path(model_dir)
@@ -220,9 +253,10 @@ def export_onnx(model_dir: str | Path, *, attention: str = "auto", opset: int = 
     # A stale sidecar must never describe the new file: drop it before the rename, write the new one after.
     old_sidecar = artifacts.sidecar_path(final)
     logger.info("exporting %s to ONNX (attention %s, opset %d)", model_dir, variant, opset)
-    diff = write_checked_onnx(model, final, variant=variant, chunk_size=chunk_size, opset=opset, atol=atol,
-                              check_batch=check_batch, threads=threads,
-                              before_replace=lambda: old_sidecar.unlink(missing_ok=True))
+    diff, maps = write_checked_onnx(model, final, variant=variant, chunk_size=chunk_size, opset=opset, atol=atol,
+                                    check_batch=check_batch, threads=threads,
+                                    before_replace=lambda: old_sidecar.unlink(missing_ok=True),
+                                    map_steps=map_steps, modality=config.preprocessing.get("modality"))
     ort = require("onnxruntime", "ort")
     onnx = require("onnx", "ort")
     build_options = {"opset": opset, "attention": attention if attention != "auto" else None,
@@ -238,10 +272,11 @@ def export_onnx(model_dir: str | Path, *, attention: str = "auto", opset: int = 
         "image_shape": [config.image_channels, config.unet.sample_size, config.unet.sample_size],
         "io": {"inputs": list(INPUT_NAMES), "outputs": [OUTPUT_NAME]},
         "check": {"max_abs_diff": diff, "atol": atol, "batch": check_batch, "against": "torch fp32 eager (SDPA)",
-                  "runtime": f"onnxruntime {ort.__version__} CPUExecutionProvider"},
+                  "runtime": f"onnxruntime {ort.__version__} CPUExecutionProvider",
+                  "maps": maps.to_dict(FP32) if maps is not None else "skipped (--map-check-steps 0)"},
         "build_options": build_options,
         "versions": {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": ort.__version__},
     })
     seconds = time.perf_counter() - start
     logger.info("wrote %s (max |Δ| vs torch %.2e, %.1f s)", final, diff, seconds)
-    return OnnxExport(final, sidecar, variant, diff, seconds)
+    return OnnxExport(final, sidecar, variant, diff, seconds, maps)

@@ -5,8 +5,9 @@ MatMul → Softmax → MatMul attention with q pre-scaled, which TensorRT fuses;
 8 → 16 by default) to a temporary file and check it in ONNX Runtime against torch (fp32, 1e-4);
 parse it with an explicit-batch network; build with FP16, one optimisation profile over the
 batch axis (min/opt/max, default 1/16/64), a workspace limit and a timing cache; refuse a
-``None`` engine; run the engine once against torch (fp16 tolerance) and only then rename the plan
-to its final name and write ``model.fp16.plan.json`` (TensorRT version, GPU name, compute
+``None`` engine; run the engine once against torch (fp16 tolerance on eps), then a short reverse
+diffusion on the calibration set against torch (``condiff.export.parity``: maps, scores, AP within
+the FP16 tolerances), and only then rename the plan to its final name and write ``model.fp16.plan.json`` (TensorRT version, GPU name, compute
 capability, ONNX digest, profile).
 
 Every ``tensorrt`` import goes through ``condiff.optional.require("tensorrt", "trt")`` inside the
@@ -35,6 +36,7 @@ from condiff.unet import ConditionalUNet, sdpa_attention
 
 from condiff.export.onnx_export import (ATOL, DEFAULT_OPSET, INPUT_NAMES, OUTPUT_NAME, _example_inputs,
                                         resolve_attention, write_checked_onnx)
+from condiff.export.parity import CALIBRATION_IMAGES, DEFAULT_STEPS, FP16, MapParity, map_parity
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +73,7 @@ class TrtBuild:
     sidecar: Path
     max_abs_diff: float
     build_seconds: float
+    maps: MapParity | None = None  # None when the map check was skipped
 
 
 def gpu_identity(device: torch.device | int = 0) -> dict[str, str]:
@@ -132,37 +135,52 @@ def build_engine(onnx_path: str | Path, *, image_shape: tuple[int, int, int], pr
     return bytes(serialized)
 
 
+class EngineRunner:
+    """A freshly built ``plan``, deserialized once, as ``eps = runner(x_t, cond, t)`` (any device in,
+    float32 on the CPU out): what the export checks call."""
+
+    def __init__(self, plan: bytes, device: torch.device):
+        trt = require("tensorrt", "trt")
+        self.device = device
+        self._int32_t = None
+        runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        self.engine = runtime.deserialize_cuda_engine(plan)
+        if self.engine is None:
+            raise ExportError(None, "TensorRT could not deserialize the engine it just built")
+        self.context = self.engine.create_execution_context()
+        if self.context is None:
+            raise ExportError(None, "TensorRT could not create an execution context (out of GPU memory?)")
+        self._int32_t = self.engine.get_tensor_dtype("t") == trt.int32  # a parser that narrowed the int64 input
+
+    def __call__(self, x_t: torch.Tensor, cond: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        x_t, cond, t = (a.to(self.device).contiguous() for a in (x_t, cond, t))
+        if self._int32_t:
+            t = t.to(torch.int32)
+        eps = torch.empty_like(x_t)
+        for name, tensor in zip((*INPUT_NAMES, OUTPUT_NAME), (x_t, cond, t, eps)):
+            if name != OUTPUT_NAME:
+                self.context.set_input_shape(name, tuple(tensor.shape))
+            self.context.set_tensor_address(name, tensor.data_ptr())
+        stream = torch.cuda.current_stream(self.device)
+        if not self.context.execute_async_v3(stream.cuda_stream):
+            raise ExportError(None, "TensorRT execute_async_v3 failed on a check batch")
+        stream.synchronize()
+        return eps.float().cpu()
+
+
 def run_engine_once(plan: bytes, inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
                     device: torch.device) -> torch.Tensor:
-    """Deserialize ``plan`` and run one batch (torch CUDA tensors as I/O) -> eps float32 on the CPU."""
-    trt = require("tensorrt", "trt")
-    runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-    engine = runtime.deserialize_cuda_engine(plan)
-    if engine is None:
-        raise ExportError(None, "TensorRT could not deserialize the engine it just built")
-    context = engine.create_execution_context()
-    if context is None:
-        raise ExportError(None, "TensorRT could not create an execution context (out of GPU memory?)")
-    x_t, cond, t = (a.to(device).contiguous() for a in inputs)
-    if engine.get_tensor_dtype("t") == trt.int32:  # a parser that narrowed the int64 timestep input
-        t = t.to(torch.int32)
-    eps = torch.empty_like(x_t)
-    for name, tensor in zip((*INPUT_NAMES, OUTPUT_NAME), (x_t, cond, t, eps)):
-        if name != OUTPUT_NAME:
-            context.set_input_shape(name, tuple(tensor.shape))
-        context.set_tensor_address(name, tensor.data_ptr())
-    stream = torch.cuda.current_stream(device)
-    if not context.execute_async_v3(stream.cuda_stream):
-        raise ExportError(None, "TensorRT execute_async_v3 failed on the check batch")
-    stream.synchronize()
-    return eps.float().cpu()
+    """Deserialize ``plan`` and run one batch -> eps float32 on the CPU."""
+    return EngineRunner(plan, device)(*inputs)
 
 
 def build_trt(model_dir: str | Path, *, profile: BatchProfile = BatchProfile(), workspace_gb: float = DEFAULT_WORKSPACE_GB,
               timing_cache: str | Path | None = None, attention: str = "auto", pad_head_dim: int | None = DEFAULT_PAD_HEAD_DIM,
               chunk_size: int | None = None, opset: int = DEFAULT_OPSET, atol: float = FP16_ATOL,
-              device: str | torch.device = "cuda") -> TrtBuild:
-    """Write ``model_dir/model.fp16.plan`` and its sidecar; ``ExportError`` (nothing written) on failure."""
+              device: str | torch.device = "cuda", map_steps: int = DEFAULT_STEPS) -> TrtBuild:
+    """Write ``model_dir/model.fp16.plan`` and its sidecar; ``ExportError`` (nothing written) on failure.
+
+    ``map_steps``: DDPM steps of the map check on the calibration set (0 skips it)."""
     trt = require("tensorrt", "trt")
     device = torch.device(device)
     if device.type != "cuda" or not torch.cuda.is_available():
@@ -180,7 +198,7 @@ def build_trt(model_dir: str | Path, *, profile: BatchProfile = BatchProfile(), 
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix=".condiff-trt-", dir=model_dir) as scratch:
         onnx_path = Path(scratch) / "model.trt.onnx"
-        onnx_diff = write_checked_onnx(model, onnx_path, variant=variant, chunk_size=chunk_size, pad_head_dim=pad,
+        onnx_diff, _ = write_checked_onnx(model, onnx_path, variant=variant, chunk_size=chunk_size, pad_head_dim=pad,
                                        opset=opset, atol=ATOL)
         onnx_sha = artifacts.file_sha256(onnx_path)
         plan = build_engine(onnx_path, image_shape=image_shape, profile=profile, workspace_gb=workspace_gb,
@@ -190,6 +208,10 @@ def build_trt(model_dir: str | Path, *, profile: BatchProfile = BatchProfile(), 
     if not diff <= atol:
         raise ExportError(final, f"the FP16 engine differs from torch by {diff:.3g} (max abs), more than {atol:g}",
                           "nothing was written; the network may overflow in fp16")
+    maps = _check_plan_maps(plan, model, config, profile, device, map_steps) if map_steps else None
+    if maps is not None and maps.failures(FP16):
+        raise ExportError(final, "the FP16 engine's anomaly maps differ from torch's on the calibration set: "
+                          + "; ".join(maps.failures(FP16)), "nothing was written; the network may overflow in fp16")
     tmp = final.with_name(f".{final.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
         tmp.write_bytes(plan)
@@ -218,12 +240,13 @@ def build_trt(model_dir: str | Path, *, profile: BatchProfile = BatchProfile(), 
         "timing_cache": str(cache),
         "build_seconds": round(build_seconds, 3),
         "check": {"max_abs_diff": diff, "atol": atol, "batch": profile.min, "against": "torch fp32 eager (SDPA)",
-                  "onnx_max_abs_diff": onnx_diff},
+                  "onnx_max_abs_diff": onnx_diff,
+                  "maps": maps.to_dict(FP16) if maps is not None else "skipped (--map-check-steps 0)"},
         "build_options": build_options,
         "versions": {"torch": torch.__version__, "tensorrt": trt.__version__},
     })
     logger.info("wrote %s (%.1f s to build, max |Δ| vs torch %.2e)", final, build_seconds, diff)
-    return TrtBuild(final, sidecar, diff, build_seconds)
+    return TrtBuild(final, sidecar, diff, build_seconds, maps)
 
 
 def _compare_plan(plan: bytes, model: ConditionalUNet, image_shape: tuple[int, int, int], profile: BatchProfile,
@@ -239,5 +262,29 @@ def _compare_plan(plan: bytes, model: ConditionalUNet, image_shape: tuple[int, i
     return float((eps_trt - eps).abs().max())
 
 
-__all__ = ["BatchProfile", "TrtBuild", "FP16_ATOL", "DEFAULT_WORKSPACE_GB", "DEFAULT_PAD_HEAD_DIM", "gpu_identity",
-           "default_timing_cache", "build_engine", "run_engine_once", "build_trt"]
+def plan_denoiser(plan: bytes, device: torch.device):
+    """The built engine as the sampler's denoiser (tests replace this)."""
+    return EngineRunner(plan, device)
+
+
+def _check_plan_maps(plan: bytes, model: ConditionalUNet, config, profile: BatchProfile, device: torch.device,
+                     steps: int) -> MapParity:
+    """The map check of the FP16 engine against fp32 torch on the same GPU, at a batch the profile allows."""
+    n = max(profile.min, min(CALIBRATION_IMAGES, profile.max))
+    exported = plan_denoiser(plan, device)
+    model.set_attention_fn(sdpa_attention)
+    model.to(device)
+
+    def reference(x_t, cond, t):
+        return model(x_t.to(device), cond.to(device), t.to(device)).float().cpu()
+
+    logger.info("checking maps: %d DDPM steps on %d calibration images, TensorRT FP16 against torch", steps, n)
+    try:
+        return map_parity(reference, exported, config.image_channels, config.unet.sample_size,
+                          config.preprocessing.get("modality"), steps=steps, n=n)
+    finally:
+        model.to("cpu")
+
+
+__all__ = ["BatchProfile", "TrtBuild", "FP16_ATOL", "DEFAULT_WORKSPACE_GB", "DEFAULT_PAD_HEAD_DIM", "EngineRunner",
+           "gpu_identity", "default_timing_cache", "build_engine", "run_engine_once", "plan_denoiser", "build_trt"]

@@ -259,6 +259,35 @@ def test_build_trt_needs_cuda(fake_trt, tmp_path, monkeypatch):
 def gpu_stubs(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(trt_build, "gpu_identity", lambda device=0: dict(GPU))
+    # the map check runs the stub engine on the CPU (there is no GPU here)
+    check = trt_build._check_plan_maps
+    monkeypatch.setattr(trt_build, "_check_plan_maps",
+                        lambda plan, model, config, profile, device, steps:
+                        check(plan, model, config, profile, torch.device("cpu"), steps))
+    engine_like_torch(monkeypatch)
+
+
+def engine_like_torch(monkeypatch, distort=lambda eps: eps, batches: list | None = None):
+    """Make the built "engine" the model's own bf16 copy (reduced precision, as an FP16 engine), distorted."""
+    def plan_denoiser(plan, device):
+        def denoise(x_t, cond, t):
+            if batches is not None:
+                batches.append(x_t.shape[0])
+            with torch.no_grad():
+                eps = engine_like_torch.model(x_t.bfloat16(), cond.bfloat16(), t).float()
+            return distort(eps)
+        return denoise
+
+    real = trt_build.load_model
+
+    def load_model_and_keep(folder):
+        model, config = real(folder)
+        engine_like_torch.model = ConditionalUNet(config.unet).bfloat16()
+        engine_like_torch.model.load_state_dict(model.state_dict())
+        return model, config
+
+    monkeypatch.setattr(trt_build, "plan_denoiser", plan_denoiser)
+    monkeypatch.setattr(trt_build, "load_model", load_model_and_keep)
 
 
 def test_build_trt_writes_plan_and_sidecar_from_a_tensorrt_ready_onnx(monkeypatch, calls, tmp_path, gpu_stubs):
@@ -286,6 +315,55 @@ def test_build_trt_writes_plan_and_sidecar_from_a_tensorrt_ready_onnx(monkeypatc
     assert doc["check"]["onnx_max_abs_diff"] <= 1e-4
     assert doc["timing_cache"] == str(folder / "trt-timing-sm90-trt10.99.1.cache")
     assert (folder / "trt-timing-sm90-trt10.99.1.cache").is_file()
+    # the map check of the (bf16 stand-in) engine: recorded with its tolerance, passed, not exact
+    maps = doc["check"]["maps"]
+    assert maps["steps"] == 10 and maps["finite"] and maps["tolerance"]["min_correlation"] == 0.995
+    assert 0 < maps["relative_map_diff"] <= 0.05 and maps["min_correlation"] >= 0.995
+    assert result.maps is not None and result.maps.relative_map_diff == maps["relative_map_diff"]
+
+
+def test_build_trt_refuses_an_engine_whose_maps_differ(fake_trt, monkeypatch, tmp_path, gpu_stubs):
+    # eps at half its size shifts every restoration (the single-call eps check is stubbed to pass)
+    engine_like_torch(monkeypatch, distort=lambda eps: 0.5 * eps)
+    monkeypatch.setattr(trt_build, "_compare_plan", lambda *a: 0.004)
+    folder = _model(tmp_path / "m")
+    with pytest.raises(ExportError, match="anomaly maps differ from torch's") as info:
+        build_trt(folder)
+    assert "of their maximum" in str(info.value)
+    assert not (folder / "model.fp16.plan").exists() and not (folder / "model.fp16.plan.json").exists()
+
+
+def test_build_trt_refuses_an_engine_with_nan_maps(fake_trt, monkeypatch, tmp_path, gpu_stubs):
+    def one_nan(eps):  # an fp16 overflow in one pixel
+        eps = eps.clone()
+        eps[:, :, 16, 16] = float("nan")
+        return eps
+
+    engine_like_torch(monkeypatch, distort=one_nan)
+    monkeypatch.setattr(trt_build, "_compare_plan", lambda *a: 0.004)
+    folder = _model(tmp_path / "m")
+    with pytest.raises(ExportError, match="NaN or infinity"):
+        build_trt(folder)
+    assert not (folder / "model.fp16.plan").exists()
+
+
+def test_map_check_batches_stay_inside_the_profile(fake_trt, monkeypatch, tmp_path, gpu_stubs):
+    monkeypatch.setattr(trt_build, "_compare_plan", lambda *a: 0.004)
+    for profile, expected in ((BatchProfile(1, 1, 2), 2), (BatchProfile(6, 8, 8), 6), (BatchProfile(1, 16, 64), 4)):
+        batches = []
+        engine_like_torch(monkeypatch, batches=batches)
+        folder = _model(tmp_path / f"m{profile.min}-{profile.max}")
+        build_trt(folder, profile=profile)
+        assert set(batches) == {expected}
+
+
+def test_map_check_steps_0_skips_it(fake_trt, monkeypatch, tmp_path, gpu_stubs):
+    engine_like_torch(monkeypatch, distort=lambda eps: 0.5 * eps)  # would fail the check
+    monkeypatch.setattr(trt_build, "_compare_plan", lambda *a: 0.004)
+    folder = _model(tmp_path / "m")
+    result = build_trt(folder, map_steps=0)
+    doc = json.loads((folder / "model.fp16.plan.json").read_text())
+    assert result.maps is None and doc["check"]["maps"].startswith("skipped")
 
 
 def test_build_trt_fp16_mismatch_leaves_no_plan(fake_trt, monkeypatch, tmp_path, gpu_stubs):

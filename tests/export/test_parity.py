@@ -1,0 +1,139 @@
+"""The export map check: calibration set, parity figures against independent oracles, refusals."""
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import average_precision_score
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnx")
+
+from condiff.errors import ExportError  # noqa: E402
+from condiff.export import onnx_export  # noqa: E402
+from condiff.export.parity import FP16, FP32, calibration_set, map_parity  # noqa: E402
+from condiff.modelset import load_model  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_onnx_export import make_model  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    folder = make_model(tmp_path_factory.mktemp("parity") / "m")
+    model, config = load_model(folder)
+    return folder, model, config
+
+
+def test_calibration_set_is_in_the_model_range_with_labelled_discs():
+    mri, masks = calibration_set(1, 32, "mri")
+    assert mri.shape == (4, 1, 32, 32) and masks.shape == (4, 1, 32, 32)
+    assert mri.min() == 0 and mri.max() <= 1 and (mri[:, :, 0, 0] == 0).all()  # background exactly 0
+    assert [bool(m.any()) for m in masks] == [False, True, False, True]
+    assert (mri[masks] > 0).all()  # the discs lie inside the head
+    rgb, _ = calibration_set(3, 32, "rgb")
+    assert rgb.shape == (4, 3, 32, 32) and rgb.min() == -1 and rgb.max() <= 1 and (rgb[:, :, 0, 0] == -1).all()
+    again, _ = calibration_set(1, 32, "mri")
+    assert torch.equal(mri, again)  # the same images at every export
+
+
+def test_identical_denoisers_agree_exactly(tiny):
+    _, model, config = tiny
+    parity = map_parity(model, model, 1, 32, steps=4)
+    assert parity.max_abs_map_diff == 0 and parity.min_correlation == pytest.approx(1.0)
+    assert parity.rank_agreement == 1.0 and parity.ap_export == parity.ap_reference and parity.finite
+    assert parity.failures(FP32) == []
+
+
+def test_parity_figures_match_independent_recomputation(tiny):
+    """Recompute the figures from the two runs' maps with numpy and scikit-learn."""
+    _, model, _ = tiny
+    from condiff.export import parity as mod
+
+    seen = []
+    real = mod._maps
+
+    def keep(denoise, images, noise, steps):
+        out = real(denoise, images, noise, steps)
+        seen.append(out.double().numpy())
+        return out
+
+    mod._maps = keep
+    try:
+        scaled = lambda x, c, t: 0.97 * model(x, c, t)  # noqa: E731
+        parity = map_parity(model, scaled, 1, 32, steps=4)
+    finally:
+        mod._maps = real
+    ref, out = seen
+    _, masks = calibration_set(1, 32)
+    labelled = masks.numpy().any(axis=(1, 2, 3))
+    assert parity.max_abs_map_diff == pytest.approx(np.abs(out - ref).max())
+    assert parity.relative_map_diff == pytest.approx(np.abs(out - ref).max() / np.abs(ref).max())
+    corr = min(np.corrcoef(r.ravel(), o.ravel())[0, 1] for r, o in zip(ref, out))
+    assert parity.min_correlation == pytest.approx(corr)
+    y = masks.numpy()[labelled].ravel()
+    assert parity.ap_reference == pytest.approx(average_precision_score(y, ref[labelled].ravel()))
+    assert parity.ap_export == pytest.approx(average_precision_score(y, out[labelled].ravel()))
+    assert 0 < parity.relative_map_diff
+
+
+def test_drift_and_nan_are_refused_under_both_tolerances(tiny):
+    _, model, _ = tiny
+    halved = map_parity(model, lambda x, c, t: 0.5 * model(x, c, t), 1, 32)
+    assert halved.failures(FP32) and halved.failures(FP16)
+    nan = map_parity(model, lambda x, c, t: model(x, c, t) * float("nan"), 1, 32, steps=2)
+    assert not nan.finite and nan.failures(FP32) == ["the exported network's maps hold NaN or infinity"]
+    assert json.loads(json.dumps(nan.to_dict(FP32)))["relative_map_diff"] is None  # valid JSON, no NaN
+
+
+def test_rank_agreement_ignores_ties_and_counts_swaps():
+    from condiff.export.parity import _rank_agreement
+
+    assert _rank_agreement(np.array([1.0, 2.0, 3.0]), np.array([1.0, 2.0, 3.0])) == 1.0
+    assert _rank_agreement(np.array([1.0, 2.0, 3.0]), np.array([2.0, 1.0, 3.0])) == pytest.approx(2 / 3)
+    assert _rank_agreement(np.array([1.0, 1.001, 3.0]), np.array([1.001, 1.0, 3.0])) == 1.0  # a tie, not a swap
+
+
+def test_export_records_the_map_check_in_the_sidecar(tmp_path):
+    folder = make_model(tmp_path / "m")
+    result = onnx_export.export_onnx(folder)
+    doc = json.loads((folder / "model.onnx.json").read_text())
+    maps = doc["check"]["maps"]
+    assert maps["steps"] == 10 and maps["images"] == 4 and maps["finite"]
+    assert maps["relative_map_diff"] <= 1e-3 and maps["min_correlation"] >= 0.9999
+    assert maps["tolerance"] == {"relative_map_diff": 1e-3, "min_correlation": 0.9999, "max_ap_delta": 0.005,
+                                 "min_rank_agreement": 1.0}
+    assert result.maps.relative_map_diff == maps["relative_map_diff"]
+
+
+def test_export_whose_maps_drift_writes_nothing(tmp_path, monkeypatch):
+    """A graph that passes the one-call eps check but drifts over the loop is refused."""
+    folder = make_model(tmp_path / "m")
+    real = onnx_export.ort_denoiser
+
+    def drifting(session):
+        inner = real(session)
+        return lambda x, c, t: 0.5 * inner(x, c, t)
+
+    monkeypatch.setattr(onnx_export, "ort_denoiser", drifting)
+    with pytest.raises(ExportError, match="anomaly maps differ from torch's on the calibration set"):
+        onnx_export.export_onnx(folder)
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
+
+
+def test_cli_map_check_steps(tmp_path):
+    from click.testing import CliRunner
+
+    from condiff.export.cli import main
+
+    folder = make_model(tmp_path / "m")
+    result = CliRunner().invoke(main, [str(folder), "--map-check-steps", "0"])
+    assert result.exit_code == 0, result.output
+    assert "maps=unchecked" in result.output
+    assert json.loads((folder / "model.onnx.json").read_text())["check"]["maps"].startswith("skipped")
+    result = CliRunner().invoke(main, [str(folder), "--map-check-steps", "3"])
+    assert result.exit_code == 0, result.output
+    assert "maps: rel_diff=" in result.output
+    assert json.loads((folder / "model.onnx.json").read_text())["check"]["maps"]["steps"] == 3
