@@ -109,12 +109,13 @@ def version_option(f):
     def _show(ctx: click.Context, param, value):
         if not value or ctx.resilient_parsing:
             return
-        click.echo(format_environment(environment_report()))
+        click.echo(format_environment(environment_report(probe_providers=True)))
         ctx.exit(EXIT_OK)
 
     return click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=_show,
                         help="Print condiff's version and an environment report (torch, CUDA, GPU and driver, TF32 "
-                             "and determinism switches, ORT, TensorRT, readable formats).")(f)
+                             "and determinism switches, ORT and which of its providers load, TensorRT, readable "
+                             "formats).")(f)
 
 
 # ----------------------------------------------------------------------------------------- environment
@@ -127,8 +128,12 @@ def _package_version(name: str) -> str | None:
         return None
 
 
-def environment_report() -> dict[str, Any]:
-    """Versions and devices, the same facts ``run.json`` records. Never raises."""
+def environment_report(probe_providers: bool = False) -> dict[str, Any]:
+    """Versions and devices, the same facts ``run.json`` records. Never raises.
+
+    ``probe_providers``: also open a one-node ONNX graph on each ONNX Runtime provider on offer and
+    say which load (``--version``): onnxruntime-gpu offers CUDA and TensorRT even where their
+    libraries are missing, and only a session shows it."""
     report: dict[str, Any] = {
         "condiff": __version__, "python": platform.python_version(), "platform": platform.platform(),
         "numpy": _package_version("numpy"), "nibabel": _package_version("nibabel"), "pillow": _package_version("pillow"),
@@ -160,6 +165,9 @@ def environment_report() -> dict[str, Any]:
         report["onnxruntime_providers"] = list(onnxruntime.get_available_providers())
     except Exception:
         report["onnxruntime"] = None
+    else:
+        if probe_providers:
+            report["onnxruntime_usable"], report["onnxruntime_unusable"] = probe_ort_providers(onnxruntime)
     try:
         import tensorrt
 
@@ -167,6 +175,42 @@ def environment_report() -> dict[str, Any]:
     except Exception:
         report["tensorrt"] = None
     return report
+
+
+def _probe_graph() -> bytes | None:
+    """A one-node (Identity) ONNX model, or None without the onnx package."""
+    try:
+        from onnx import TensorProto, helper
+    except Exception:
+        return None
+    value = helper.make_tensor_value_info
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "condiff-probe",
+                              [value("x", TensorProto.FLOAT, [1])], [value("y", TensorProto.FLOAT, [1])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8  # readable by every onnxruntime condiff supports
+    return model.SerializeToString()
+
+
+def probe_ort_providers(ort) -> tuple[list[str], list[str]]:
+    """(providers whose session loads, ``"NAME: why not"`` for the others). Never raises."""
+    graph = _probe_graph()
+    if graph is None:
+        return [], ["not probed: the onnx package is not installed"]
+    usable, unusable = [], []
+    for name in ort.get_available_providers():
+        try:
+            options = ort.SessionOptions()
+            options.log_severity_level = 4  # the probe reports failures itself
+            loaded = list(ort.InferenceSession(graph, options, providers=[name]).get_providers())
+        except Exception as exc:  # ORT raises its own Fail/RuntimeException types
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            unusable.append(f"{name}: {reason[:200]}")
+            continue
+        if loaded and loaded[0] == name:
+            usable.append(name)
+        else:  # ORT fell back (e.g. CUDA libraries missing): the session runs elsewhere
+            unusable.append(f"{name}: did not load (the session ran on {', '.join(loaded) or 'nothing'})")
+    return usable, unusable
 
 
 def _tf32_settings(torch) -> str:
@@ -211,16 +255,21 @@ def _determinism_settings(torch) -> str:
     return text + (f", CUBLAS_WORKSPACE_CONFIG={workspace}" if workspace else "")
 
 
+# what None means for the keys where it is not a missing package
+_ABSENT = {"torch_cuda_build": "none (a CPU build of torch)", "cudnn": "none", "nvidia_driver": "none found"}
+
+
 def format_environment(report: dict[str, Any]) -> str:
     lines = [f"condiff {report['condiff']}"]
     for key in ("python", "platform", "torch", "torch_cuda_build", "torch_threads", "cuda_available", "cudnn", "gpus",
-                "nvidia_driver", "tf32", "determinism", "formats", "onnxruntime", "onnxruntime_providers", "tensorrt",
+                "nvidia_driver", "tf32", "determinism", "formats", "onnxruntime", "onnxruntime_providers",
+                "onnxruntime_usable", "onnxruntime_unusable", "tensorrt",
                 "numpy", "nibabel", "pillow"):
         if key in report:
             value = report[key]
             if isinstance(value, list):
                 value = ", ".join(value) if value else "none"
-            lines.append(f"  {key:<22} {'not installed' if value is None else value}")
+            lines.append(f"  {key:<22} {_ABSENT.get(key, 'not installed') if value is None else value}")
     return "\n".join(lines)
 
 

@@ -459,6 +459,43 @@ def test_version_reports_the_nvidia_driver_and_readable_formats(tmp_path):
     assert "nvidia_driver" in out and "formats" in out and SET_SCHEMA in out
 
 
+def test_version_says_which_ort_providers_load(monkeypatch):
+    """B.8: onnxruntime-gpu offers CUDA and TensorRT where their libraries are missing; --version opens a
+    session on each and reports the ones that fall back or fail, not just what is on offer."""
+    import types
+
+    import onnxruntime
+
+    from condiff.cli_common import environment_report, probe_ort_providers
+
+    usable, unusable = probe_ort_providers(onnxruntime)  # the real CPU build: its CPU provider loads
+    assert "CPUExecutionProvider" in usable and not any(u.startswith("CPUExecutionProvider") for u in unusable)
+
+    class Session:
+        def __init__(self, graph, options, providers):
+            assert isinstance(graph, bytes) and graph  # a serialised ONNX model, really parsed below
+            onnxruntime.InferenceSession(graph, providers=["CPUExecutionProvider"])
+            (self.name,) = providers
+            if self.name == "TensorrtExecutionProvider":
+                raise RuntimeError("libnvinfer.so.10: cannot open shared object file\nmore detail")
+
+        def get_providers(self):  # CUDA falls back to the CPU as ORT does when libcudnn is missing
+            return ["CPUExecutionProvider"] if self.name == "CUDAExecutionProvider" else [self.name]
+
+    fake = types.SimpleNamespace(
+        __version__="1.99.0", SessionOptions=onnxruntime.SessionOptions, InferenceSession=Session,
+        get_available_providers=lambda: ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setitem(sys.modules, "onnxruntime", fake)
+    report = environment_report(probe_providers=True)
+    assert report["onnxruntime_usable"] == ["CPUExecutionProvider"]
+    assert report["onnxruntime_unusable"] == [
+        "TensorrtExecutionProvider: libnvinfer.so.10: cannot open shared object file",
+        "CUDAExecutionProvider: did not load (the session ran on CPUExecutionProvider)"]
+    assert "onnxruntime_usable" not in environment_report()  # run.json does not pay for the probe
+    out = _invoke(["--version"]).stdout
+    assert "onnxruntime_unusable   TensorrtExecutionProvider: libnvinfer" in out
+
+
 def test_what_was_done_to_an_input_is_in_its_record_and_cases_csv(tmp_path):
     """EXIF rotation and a dropped alpha channel are recorded per case (B.3/B.7), a clean photo has
     nothing; the EXIF-rotated photo's map comes out in the displayed orientation."""
