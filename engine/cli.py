@@ -60,15 +60,16 @@ def _jsonable(value: Any) -> Any:
 
 @click.command("condiff-infer", context_settings=CONTEXT)
 @click.argument("inputs", nargs=-1, type=click.Path(path_type=Path))
-@click.option("-o", "--output", type=click.Path(path_type=Path), help="Output folder OUT (DESIGN §3 layout).")
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="Output folder OUT: maps/, restorations/, overlays/, records/, cases.csv, scores.csv, run.json "
+                   "(README, Outputs).")
 @click.option("--models", type=click.Path(path_type=Path),
               help="A model set (set.json) or one model folder [default: the bundled demo set].")
 @device_options
 @click.option("--fast-kernels", type=click.Choice(["torch", "triton", "compile"]), default="torch", show_default=True,
               help="Kernels inside --engine fast: PyTorch's (cuDNN attention, eager GroupNorm), condiff's Triton "
                    "attention and GroupNorm+SiLU (needs the triton package), or torch.compile of the network "
-                   "(about a minute of compiling per batch shape). triton and compile are unmeasured on GPU until "
-                   "the benchmark (bench/gpu_check.sh) records them.")
+                   "(about a minute of compiling per batch shape). triton: compiled and timed on an H100, no faster "
+                   "than torch yet; compile: never run on a GPU (bench/gpu_check.sh measures both).")
 @click.option("--steps", type=click.IntRange(1, 1000), default=50, show_default=True, help="Sampler steps.")
 @click.option("--sampler", type=click.Choice(["ddpm", "ddim"]), default="ddpm", show_default=True)
 @click.option("--members", metavar="N|I,J,...", help="First N members, or these member indices [default: all].")
@@ -437,7 +438,8 @@ def _merge(out_dir: Path) -> int:
               help="Label mask per case, e.g. '{dir}/{stem}_seg.nii.gz' ({dir}, {stem}, {base}, {case}, {casedir} "
                    "of the input, as --mask of condiff-infer).")
 @click.option("--protocol", type=click.Choice(["native", "benchmark"]), default="native", show_default=True,
-              help="native: the written maps on the input grid; benchmark: reference §8-§9 in model slice space.")
+              help="native: the written maps on the input grid; benchmark: the reference code's evaluation, in model "
+                   "slice space (needs --save-model-space at inference).")
 @click.option("--missing-label", type=click.Choice(["error", "normal"]), default="error", show_default=True,
               help="A case without a label file: error (not evaluated, exit 1) or normal (a case without lesion).")
 @click.option("--label-values", metavar="V,V,...", callback=lambda ctx, param, text: _label_values(text),

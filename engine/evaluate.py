@@ -121,7 +121,7 @@ DESCRIPTIONS = {
     "native": "input grid; user's masks as they are (lesion: > 0, or the chosen label values); restricted to the "
               "inference brain mask where one was used; pixels pooled over cases; samples = analysed axial slices "
               "(volumes) or images",
-    "benchmark": "reference-method §8-§9: model slice space, masks (lesion: > 0, or the chosen label values) through "
+    "benchmark": "the reference code's evaluation: model slice space, masks (lesion: > 0, or the chosen label values) through "
                  "the recorded preprocessing and > 0.4, "
                  "empty image slices dropped, pooled over all slices",
 }

@@ -32,7 +32,7 @@ from condiff.optional import require
 from condiff.unet import ConditionalUNet, sdpa_attention
 
 from condiff.export.attention import VARIANTS, export_warnings_off, make_attention
-from condiff.export.parity import DEFAULT_STEPS, FP32, MapParity, map_parity
+from condiff.export.parity import CALIBRATION_IMAGES, FP32, MapParity, check_size, map_parity
 
 logger = logging.getLogger(__name__)
 
@@ -153,15 +153,21 @@ def ort_cpu_session(path: str | Path, threads: int | None = None):
 
 
 def max_abs_diff_vs_torch(path: str | Path, model: ConditionalUNet, *, batch: int = 1, seed: int = 0,
-                          threads: int | None = None, session=None) -> float:
-    """Max |eps_ORT - eps_torch| on seeded random inputs at ``batch`` (torch with SDPA attention)."""
+                          threads: int | None = None, session=None, seconds: dict | None = None) -> float:
+    """Max |eps_ORT - eps_torch| on seeded random inputs at ``batch`` (torch with SDPA attention).
+
+    ``seconds``: filled with ``{"ort": ..., "torch": ...}``, each call's wall time per image."""
     cfg = model.config
     x_t, cond, t = _example_inputs(cfg.image_channels, cfg.sample_size, batch, seed)
     session = session or ort_cpu_session(path, threads)
+    start = time.perf_counter()
     (eps_ort,) = session.run([OUTPUT_NAME], {"x_t": x_t.numpy(), "cond": cond.numpy(), "t": t.numpy()})
+    middle = time.perf_counter()
     model.set_attention_fn(sdpa_attention)
     with torch.inference_mode():
         eps = model(x_t, cond, t)
+    if seconds is not None:
+        seconds.update(ort=(middle - start) / batch, torch=(time.perf_counter() - middle) / batch)
     return float((torch.from_numpy(eps_ort) - eps).abs().max())
 
 
@@ -174,12 +180,14 @@ def ort_denoiser(session):
     return denoise
 
 
-def check_maps(session, model: ConditionalUNet, modality: str | None, steps: int, where: Path) -> MapParity:
+def check_maps(session, model: ConditionalUNet, modality: str | None, steps: int, where: Path,
+               images: int = CALIBRATION_IMAGES) -> MapParity:
     """The map check (``condiff.export.parity``) of an ONNX Runtime session; ``ExportError`` if it fails."""
     cfg = model.config
     model.set_attention_fn(sdpa_attention)
-    logger.info("checking maps: %d DDPM steps on the calibration set, ONNX Runtime against torch", steps)
-    parity = map_parity(model, ort_denoiser(session), cfg.image_channels, cfg.sample_size, modality, steps=steps)
+    logger.info("checking maps: %d DDPM steps on %d calibration images, ONNX Runtime against torch", steps, images)
+    parity = map_parity(model, ort_denoiser(session), cfg.image_channels, cfg.sample_size, modality, steps=steps,
+                        n=images)
     problems = parity.failures(FP32)
     if problems:
         raise ExportError(where, "ONNX Runtime's anomaly maps differ from torch's on the calibration set: "
@@ -190,11 +198,12 @@ def check_maps(session, model: ConditionalUNet, modality: str | None, steps: int
 def write_checked_onnx(model: ConditionalUNet, final_path: str | Path, *, variant: str, chunk_size: int | None = None,
                        pad_head_dim: int | None = None, opset: int = DEFAULT_OPSET, atol: float = ATOL,
                        trace_batch: int = 2, check_batch: int = 1, threads: int | None = None,
-                       before_replace: Callable[[], None] | None = None, map_steps: int = 0,
+                       before_replace: Callable[[], None] | None = None, map_steps: int | None = 0,
                        modality: str | None = None) -> tuple[float, MapParity | None]:
     """Trace, check and compare; rename to ``final_path`` only if every check passes.
 
-    Returns (max |Δeps|, the map check or None when ``map_steps`` is 0).
+    ``map_steps``: the map check's DDPM steps on 4 images; None sizes it to the network's speed
+    (``parity.check_size``); 0 skips it. Returns (max |Δeps|, the map check or None when skipped).
     ``check_batch`` differs from ``trace_batch`` so the comparison also proves the batch axis is dynamic.
     On any failure the temporary file is removed and ``final_path`` is left as it was.
     ``before_replace`` runs after the checks, just before the rename (e.g. to drop a stale sidecar).
@@ -207,12 +216,20 @@ def write_checked_onnx(model: ConditionalUNet, final_path: str | Path, *, varian
                       opset=opset, trace_batch=trace_batch)
         check_onnx(tmp)
         session = ort_cpu_session(tmp, threads)
-        diff = max_abs_diff_vs_torch(tmp, model, batch=check_batch, threads=threads, session=session)
+        seconds: dict = {}
+        diff = max_abs_diff_vs_torch(tmp, model, batch=check_batch, threads=threads, session=session, seconds=seconds)
         if not diff <= atol:  # also catches NaN
             raise ExportError(final_path, f"ONNX Runtime output differs from torch by {diff:.3g} "
                               f"(max abs, batch {check_batch}), more than the tolerance {atol:g}",
                               "nothing was written; report this with the model's config.json")
-        if map_steps:
+        if map_steps is None:
+            images, steps = check_size(seconds["ort"] + seconds["torch"])
+            if steps < 10:
+                logger.info("map check sized to the network's speed (%.1f s a call, torch and ONNX Runtime): "
+                            "%d steps on %d images; --map-check-steps 10 for the full check",
+                            seconds["ort"] + seconds["torch"], steps, images)
+            maps = check_maps(session, model, modality, steps, final_path, images)
+        elif map_steps:
             maps = check_maps(session, model, modality, map_steps, final_path)
         del session
         if before_replace is not None:
@@ -229,13 +246,13 @@ def write_checked_onnx(model: ConditionalUNet, final_path: str | Path, *, varian
 
 def export_onnx(model_dir: str | Path, *, attention: str = "auto", opset: int = DEFAULT_OPSET,
                 chunk_size: int | None = None, atol: float = ATOL, check_batch: int = 1,
-                threads: int | None = None, map_steps: int = DEFAULT_STEPS) -> OnnxExport:
+                threads: int | None = None, map_steps: int | None = None) -> OnnxExport:
     """Write ``model_dir/model.onnx`` and its sidecar ``model.onnx.json`` for ONNX Runtime.
 
     ``attention``: ``auto`` (= ``ort_mha``), ``ort_mha``, ``chunked`` (portable, bounded memory;
     ``chunk_size`` query rows per chunk, default from a 128 MiB score budget per image) or ``sdpa``
     (plain, unbounded memory: small models only). ``map_steps``: DDPM steps of the map check on the
-    calibration set (0 skips it; the sidecar then says so). Raises ``ExportError`` (nothing written)
+    calibration set (None: 10 on 4 images, smaller for slow networks; 0 skips it, the sidecar says so). Raises ``ExportError`` (nothing written)
     when a check fails.
     """
     start = time.perf_counter()

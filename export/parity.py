@@ -28,6 +28,11 @@ from condiff.ssim import ssim_map
 CALIBRATION_IMAGES = 4
 DEFAULT_STEPS = 10
 SEED = 0
+# The full check costs 2 x 4 x 10 network calls per image: seconds for the bundled nets, but ~18 min for the
+# paper preset on 2 CPU cores (13.7 s a call). Unless told a step count, a slow network gets a smaller check
+# that fits BUDGET_S (at least 2 images x 2 steps: both outputs, two timesteps, the whole map pipeline).
+BUDGET_S = 120.0
+SIZES = ((4, 10), (4, 5), (2, 5), (2, 3), (2, 2))  # (images, steps), the largest that fits is taken
 RANK_SEPARATION = 0.01  # score pairs closer than 1 % (relative) are ties, not a ranking to keep
 
 
@@ -90,6 +95,14 @@ class MapParity:
         if tol is not None:
             doc["tolerance"] = asdict(tol)
         return doc
+
+
+def check_size(seconds_per_image_call: float, budget_s: float = BUDGET_S) -> tuple[int, int]:
+    """(images, steps) of the largest check whose two runs fit ``budget_s`` at this cost per image and call."""
+    for images, steps in SIZES:
+        if 2 * images * steps * seconds_per_image_call <= budget_s:
+            return images, steps
+    return SIZES[-1]
 
 
 def _smooth_field(generator: torch.Generator, n: int, channels: int, size: int) -> torch.Tensor:
@@ -174,5 +187,5 @@ def map_parity(reference: Denoise, exported: Denoise, channels: int, size: int, 
                      finite=finite)
 
 
-__all__ = ["CALIBRATION_IMAGES", "DEFAULT_STEPS", "FP16", "FP32", "MapParity", "Tolerance", "calibration_set",
-           "map_parity"]
+__all__ = ["BUDGET_S", "CALIBRATION_IMAGES", "DEFAULT_STEPS", "FP16", "FP32", "MapParity", "Tolerance",
+           "calibration_set", "check_size", "map_parity"]

@@ -458,7 +458,8 @@ def _train_command(data: str, mask_pattern: str | None, modality: str, image_siz
 @verbose_option
 @version_option
 def main(verbose: int, fold: str | None, folds: str | None, fov_mm: float, **kw) -> None:
-    """Train condiff fold models on healthy images and write a model set (reference-method §3)."""
+    """Train condiff fold models on healthy images and write a model set (the paper's training: synthetic
+    anomalies the network learns to undo, one fold per 3-combination of the five tasks)."""
     fold_list = _parse_folds(fold, folds)
     from condiff.train.curriculum import parse_size_curriculum
 

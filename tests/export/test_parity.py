@@ -13,7 +13,7 @@ pytest.importorskip("onnx")
 
 from condiff.errors import ExportError  # noqa: E402
 from condiff.export import onnx_export  # noqa: E402
-from condiff.export.parity import FP16, FP32, calibration_set, map_parity  # noqa: E402
+from condiff.export.parity import FP16, FP32, calibration_set, check_size, map_parity  # noqa: E402
 from condiff.modelset import load_model  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -135,5 +135,31 @@ def test_cli_map_check_steps(tmp_path):
     assert json.loads((folder / "model.onnx.json").read_text())["check"]["maps"].startswith("skipped")
     result = CliRunner().invoke(main, [str(folder), "--map-check-steps", "3"])
     assert result.exit_code == 0, result.output
-    assert "maps: rel_diff=" in result.output
+    assert "maps (3 steps x 4 images): rel_diff=" in result.output
     assert json.loads((folder / "model.onnx.json").read_text())["check"]["maps"]["steps"] == 3
+
+
+def test_check_size_fits_the_budget():
+    assert check_size(0.01) == (4, 10)       # the bundled nets: the full check
+    assert check_size(4.5) == (2, 5)         # symmetric on 2 cores (3 s torch + ~1.5 s ORT a call)
+    assert check_size(24.0) == (2, 2)        # paper on 2 cores: the smallest check, never none
+    for cost in (0.01, 1.0, 2.0, 4.5, 6.0, 12.0):
+        images, steps = check_size(cost)
+        assert 2 * images * steps * cost <= 120 or (images, steps) == (2, 2)
+
+
+def test_slow_networks_get_a_smaller_map_check(tmp_path, monkeypatch):
+    """Unless told a step count, the export sizes the check from the eps check's timing."""
+    folder = make_model(tmp_path / "m")
+    real = onnx_export.max_abs_diff_vs_torch
+
+    def slow(*args, seconds=None, **kwargs):
+        diff = real(*args, seconds=seconds, **kwargs)
+        seconds.update(ort=10.0, torch=14.0)  # as the paper preset on 2 CPU cores
+        return diff
+
+    monkeypatch.setattr(onnx_export, "max_abs_diff_vs_torch", slow)
+    result = onnx_export.export_onnx(folder)
+    assert (result.maps.images, result.maps.steps) == (2, 2)
+    result = onnx_export.export_onnx(folder, map_steps=10)  # told: the full check whatever it costs
+    assert (result.maps.images, result.maps.steps) == (4, 10)
