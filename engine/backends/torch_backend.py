@@ -1,6 +1,8 @@
 """Eager PyTorch backend (CPU and CUDA; fp32, fp16 or bf16 weights; SDPA attention)."""
 from __future__ import annotations
 
+import contextlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -22,11 +24,23 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return dev
 
 
+@contextlib.contextmanager
+def _intra_op_threads(n: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield before
+    finally:
+        torch.set_num_threads(before)
+
+
 class TorchDenoiser:
-    """Eager network. On the CPU it evaluates rows one at a time: oneDNN's convolutions round
-    differently at different batch sizes, and per-row evaluation costs nothing there (batch 1
-    is as fast per image as batch 8), so CPU results are bit-identical for any --batch-size.
-    On CUDA it evaluates whole fixed-shape batches (``fixed_batch``: the runner pads)."""
+    """Eager network. On the CPU every row (slice) is its own batch-1 call on one intra-op thread,
+    and the rows of a batch run side by side on as many threads as torch may use: oneDNN's
+    convolutions round differently at other batch sizes and other thread counts, so this makes CPU
+    results bit-identical for any --batch-size, packing, core count or OMP_NUM_THREADS, and keeps
+    every core busy (small nets gain most: a 32-px batch-1 call is too small to split across
+    threads). On CUDA it evaluates whole fixed-shape batches (``fixed_batch``: the runner pads)."""
 
     name = "torch"
 
@@ -42,6 +56,8 @@ class TorchDenoiser:
         self.dtype = DTYPES[precision]
         self.model = model.to(device=device, dtype=self.dtype).eval()
         self.fixed_batch = device.type != "cpu"
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_size = 0
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
 
@@ -50,7 +66,24 @@ class TorchDenoiser:
         x_t, cond = x_t.to(self.dtype), cond.to(self.dtype)
         if self.fixed_batch:
             return self.model(x_t, cond, t).float()
-        return torch.cat([self.model(x_t[i:i + 1], cond[i:i + 1], t[i:i + 1]) for i in range(x_t.shape[0])]).float()
+        return self._rows(x_t, cond, t).float()
+
+    def _row(self, x_t: torch.Tensor, cond: torch.Tensor, t: torch.Tensor, i: int) -> torch.Tensor:
+        with torch.inference_mode():  # thread-local: each pool thread sets it itself
+            return self.model(x_t[i:i + 1], cond[i:i + 1], t[i:i + 1])
+
+    def _rows(self, x_t: torch.Tensor, cond: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        n = x_t.shape[0]
+        workers = torch.get_num_threads()  # as many rows at once as torch may use threads
+        with _intra_op_threads(1):
+            if n == 1 or workers == 1:
+                return torch.cat([self._row(x_t, cond, t, i) for i in range(n)])
+            if self._pool_size != workers:
+                if self._pool is not None:
+                    self._pool.shutdown(wait=True)
+                self._pool = ThreadPoolExecutor(workers, thread_name_prefix="condiff-row")
+                self._pool_size = workers
+            return torch.cat(list(self._pool.map(lambda i: self._row(x_t, cond, t, i), range(n))))
 
 
 def open_torch(model_dir: str | Path, *, device=None, precision: str = "fp32", max_batch: int = 16) -> TorchDenoiser:

@@ -143,7 +143,7 @@ def environment_report(probe_providers: bool = False) -> dict[str, Any]:
 
         report["torch"] = torch.__version__
         report["torch_cuda_build"] = torch.version.cuda
-        report["torch_threads"] = torch.get_num_threads()  # CPU results repeat bit for bit only at equal counts
+        report["torch_threads"] = torch.get_num_threads()  # how many CPU slices run side by side
         report["cuda_available"] = bool(torch.cuda.is_available())
         report["cudnn"] = torch.backends.cudnn.version() if report["cuda_available"] else None
         report["gpus"] = ([torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]

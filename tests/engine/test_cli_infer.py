@@ -453,7 +453,7 @@ def test_version_reports_the_nvidia_driver_and_readable_formats(tmp_path):
     import torch
 
     from _infer_helpers import one_torch_thread
-    with one_torch_thread():  # CPU bytes depend on it, so run.json says it
+    with one_torch_thread():  # how many CPU slices run side by side: run.json says it
         assert environment_report()["torch_threads"] == 1 == torch.get_num_threads()
     out = _invoke(["--version"]).stdout
     assert "nvidia_driver" in out and "formats" in out and SET_SCHEMA in out

@@ -66,3 +66,58 @@ def test_member_ids_key_the_noise(real_jobs, members):
     full = run_slices(members, real_jobs[:2], plan, keep_member_maps=True)
     assert not torch.equal(as0[0].amap, as2[0].amap)
     assert torch.equal(as2[0].amap, full[0].member_maps[2])
+
+
+def _perturbed_tiny(seed: int = 0) -> ConditionalUNet:
+    torch.manual_seed(seed)
+    net = ConditionalUNet(preset("tiny", 1, sample_size=32))
+    with torch.no_grad():
+        for p in net.parameters():  # non-zero everywhere, so every convolution's rounding shows
+            p.add_(0.05 * torch.randn(p.shape))
+    return net
+
+
+def test_cpu_results_do_not_depend_on_the_thread_count():
+    """Each row runs on one intra-op thread, so 1, 2 or 4 torch threads give the same bytes; the plain
+    batch-1 call at 2 threads rounds differently (the reason), which keeps this test able to fail."""
+    den = TorchDenoiser(_perturbed_tiny(), torch.device("cpu"), "fp32", 8)
+    g = torch.Generator().manual_seed(1)
+    x, c = torch.randn(5, 1, 32, 32, generator=g), torch.rand(5, 1, 32, 32, generator=g)
+    t = torch.tensor([999, 700, 400, 100, 0])
+    before = torch.get_num_threads()
+    try:
+        outs = {}
+        for n in (1, 2, 4):
+            torch.set_num_threads(n)
+            outs[n] = den.denoise(x, c, t)
+            assert torch.get_num_threads() == n  # restored after the call
+        with torch.inference_mode():
+            torch.set_num_threads(2)
+            two_threads = torch.cat([den.model(x[i:i + 1], c[i:i + 1], t[i:i + 1]) for i in range(5)])
+            torch.set_num_threads(1)
+            one_thread = torch.cat([den.model(x[i:i + 1], c[i:i + 1], t[i:i + 1]) for i in range(5)])
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(outs[1], outs[2]) and torch.equal(outs[1], outs[4])
+    assert torch.equal(outs[1], one_thread)
+    assert not torch.equal(one_thread, two_threads)  # what per-row single-threading removes
+
+
+def test_cpu_rows_run_side_by_side_on_one_thread_each():
+    import threading
+
+    den = TorchDenoiser(_perturbed_tiny(), torch.device("cpu"), "fp32", 8)
+    seen = []
+    den.model.register_forward_hook(
+        lambda *_: seen.append((threading.current_thread().name, torch.get_num_threads(), torch.is_inference_mode_enabled())))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        den.denoise(torch.randn(4, 1, 32, 32), torch.rand(4, 1, 32, 32), torch.full((4,), 500))
+        assert len(seen) == 4 and all(threads == 1 and inference for _, threads, inference in seen)
+        assert all(name.startswith("condiff-row") for name, _, _ in seen)
+        seen.clear()
+        den.denoise(torch.randn(1, 1, 32, 32), torch.rand(1, 1, 32, 32), torch.full((1,), 500))
+        assert [s[0] for s in seen] == [threading.current_thread().name]  # one row: no pool hop
+    finally:
+        torch.set_num_threads(before)
