@@ -146,7 +146,7 @@ def _refuse_nonempty(out: Path) -> None:
               help="TensorRT builder workspace limit.")
 @click.option("--timing-cache", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="TensorRT timing cache file [default: one per GPU architecture and TensorRT version in the model folder].")
-@click.option("--map-check-steps", type=click.IntRange(min=0), default=None,
+@click.option("--map-check-steps", type=click.IntRange(0, 1000), default=None,
               help="DDPM steps of the map check: the export and eager fp32 torch restore the same calibration "
                    "images with the same noise, and an export whose maps, scores or AP differ is refused "
                    "(0: skip it; the sidecar says so) [default: 10 on 4 images; for ONNX, fewer (down to 2 on 2) "

@@ -273,7 +273,7 @@ def export_onnx(model_dir: str | Path, *, attention: str = "auto", opset: int = 
     diff, maps = write_checked_onnx(model, final, variant=variant, chunk_size=chunk_size, opset=opset, atol=atol,
                                     check_batch=check_batch, threads=threads,
                                     before_replace=lambda: old_sidecar.unlink(missing_ok=True),
-                                    map_steps=map_steps, modality=config.preprocessing.get("modality"))
+                                    map_steps=map_steps, modality=(config.preprocessing or {}).get("modality"))
     ort = require("onnxruntime", "ort")
     onnx = require("onnx", "ort")
     build_options = {"opset": opset, "attention": attention if attention != "auto" else None,

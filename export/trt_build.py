@@ -270,11 +270,28 @@ def plan_denoiser(plan: bytes, device: torch.device):
     return EngineRunner(plan, device)
 
 
+def within_profile(denoise, profile: BatchProfile):
+    """``denoise`` fed only batches the profile allows: chunks of at most ``profile.max`` rows, a short
+    one padded with copies of its first row up to ``profile.min`` (padded rows are dropped)."""
+    def run(x_t: torch.Tensor, cond: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        out = []
+        for start in range(0, x_t.shape[0], profile.max):
+            parts = [a[start:start + profile.max] for a in (x_t, cond, t)]
+            rows = parts[0].shape[0]
+            if rows < profile.min:
+                parts = [torch.cat([a, a[:1].expand(profile.min - rows, *a.shape[1:])]) for a in parts]
+            out.append(denoise(*parts)[:rows])
+        return torch.cat(out)
+
+    return run
+
+
 def _check_plan_maps(plan: bytes, model: ConditionalUNet, config, profile: BatchProfile, device: torch.device,
                      steps: int) -> MapParity:
-    """The map check of the FP16 engine against fp32 torch on the same GPU, at a batch the profile allows."""
-    n = max(profile.min, min(CALIBRATION_IMAGES, profile.max))
-    exported = plan_denoiser(plan, device)
+    """The map check of the FP16 engine against fp32 torch on the same GPU (the calibration batch is fed
+    in the batch sizes the plan's profile allows)."""
+    n = CALIBRATION_IMAGES
+    exported = within_profile(plan_denoiser(plan, device), profile)
     model.set_attention_fn(sdpa_attention)
     model.to(device)
 
@@ -284,7 +301,7 @@ def _check_plan_maps(plan: bytes, model: ConditionalUNet, config, profile: Batch
     logger.info("checking maps: %d DDPM steps on %d calibration images, TensorRT FP16 against torch", steps, n)
     try:
         return map_parity(reference, exported, config.image_channels, config.unet.sample_size,
-                          config.preprocessing.get("modality"), steps=steps, n=n)
+                          (config.preprocessing or {}).get("modality"), steps=steps, n=n)
     finally:
         model.to("cpu")
 

@@ -141,11 +141,14 @@ def test_cli_map_check_steps(tmp_path):
 
 def test_check_size_fits_the_budget():
     assert check_size(0.01) == (4, 10)       # the bundled nets: the full check
-    assert check_size(4.5) == (2, 5)         # symmetric on 2 cores (3 s torch + ~1.5 s ORT a call)
+    assert check_size(2.4) == (4, 10)        # 96 s: fits the 120 s budget whole
+    assert check_size(4.5) == (4, 5)         # symmetric on 2 cores (3 s torch + ~1.5 s ORT per image)
     assert check_size(24.0) == (2, 2)        # paper on 2 cores: the smallest check, never none
-    for cost in (0.01, 1.0, 2.0, 4.5, 6.0, 12.0):
+    for cost in (0.01, 1.0, 2.0, 4.5, 6.0, 12.0, 20.0):
         images, steps = check_size(cost)
-        assert 2 * images * steps * cost <= 120 or (images, steps) == (2, 2)
+        assert images * steps * cost <= 120 or (images, steps) == (2, 2)
+        larger = [(i, s) for i, s in ((4, 10), (4, 5), (2, 5), (2, 3)) if i * s > images * steps]
+        assert all(i * s * cost > 120 for i, s in larger)  # nothing larger would have fitted
 
 
 def test_slow_networks_get_a_smaller_map_check(tmp_path, monkeypatch):
@@ -163,3 +166,23 @@ def test_slow_networks_get_a_smaller_map_check(tmp_path, monkeypatch):
     assert (result.maps.images, result.maps.steps) == (2, 2)
     result = onnx_export.export_onnx(folder, map_steps=10)  # told: the full check whatever it costs
     assert (result.maps.images, result.maps.steps) == (4, 10)
+
+
+def test_cli_refuses_more_map_check_steps_than_the_schedule_has(tmp_path):
+    from click.testing import CliRunner
+
+    from condiff.export.cli import main
+
+    folder = make_model(tmp_path / "m")
+    result = CliRunner().invoke(main, [str(folder), "--map-check-steps", "5000"])
+    assert result.exit_code == 2 and "5000" in result.output
+    assert not (folder / "model.onnx").exists()
+
+
+def test_a_config_with_null_preprocessing_exports(tmp_path):
+    folder = make_model(tmp_path / "m")
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["preprocessing"] = None  # a hand-edited config: no contract, so the phantoms follow the channel count
+    (folder / "config.json").write_text(json.dumps(cfg))
+    result = onnx_export.export_onnx(folder, map_steps=2)
+    assert result.maps.finite and result.maps.failures(FP32) == []

@@ -349,12 +349,15 @@ def test_build_trt_refuses_an_engine_with_nan_maps(fake_trt, monkeypatch, tmp_pa
 
 def test_map_check_batches_stay_inside_the_profile(fake_trt, monkeypatch, tmp_path, gpu_stubs):
     monkeypatch.setattr(trt_build, "_compare_plan", lambda *a: 0.004)
-    for profile, expected in ((BatchProfile(1, 1, 2), 2), (BatchProfile(6, 8, 8), 6), (BatchProfile(1, 16, 64), 4)):
+    for profile, expected in ((BatchProfile(1, 1, 1), [1, 1, 1, 1]), (BatchProfile(1, 1, 2), [2, 2]),
+                              (BatchProfile(1, 2, 3), [3, 1]), (BatchProfile(6, 8, 8), [6]),
+                              (BatchProfile(1, 16, 64), [4])):
         batches = []
         engine_like_torch(monkeypatch, batches=batches)
         folder = _model(tmp_path / f"m{profile.min}-{profile.max}")
-        build_trt(folder, profile=profile)
-        assert set(batches) == {expected}
+        result = build_trt(folder, profile=profile)
+        assert batches == expected * 10  # every one of the 10 steps, all 4 calibration images
+        assert result.maps.images == 4 and result.maps.failures(trt_build.FP16) == []
 
 
 def test_map_check_steps_0_skips_it(fake_trt, monkeypatch, tmp_path, gpu_stubs):
