@@ -10,7 +10,6 @@ record, or fails alone: its reason is recorded (``records/<case>.json`` with sta
 """
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import threading
@@ -24,7 +23,7 @@ import torch
 
 from condiff import __version__
 from condiff.config import ScheduleConfig
-from condiff.errors import BackendUnavailableError, CondiffError, InputImageError, ModelSetError
+from condiff.errors import BackendUnavailableError, CondiffError, InputImageError, ModelSetError, is_out_of_space
 from condiff.io.cases import Case
 from condiff.modelset import ModelSet, open_model_set
 from condiff.preprocess import PreprocessConfig, Prepared, auto_foreground, prepare_image, prepare_volume
@@ -458,11 +457,6 @@ def _fallback_results(p: _Pending, ctx: RunContext) -> tuple[list, dict]:
     reason = f"non-finite output from engine {ctx.options.engine} ({ctx.options.precision})"
     return results, {"precision": ctx.fallback_precision, "from_engine": ctx.options.engine,
                      "from_precision": ctx.options.precision, "reason": reason}
-
-
-def is_out_of_space(exc: BaseException) -> bool:
-    """The output file system is full or over quota (every later case would fail the same way)."""
-    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
 
 
 def _unfinished(case: Case, ctx: RunContext) -> CaseOutcome:

@@ -188,11 +188,8 @@ def check_maps(session, model: ConditionalUNet, modality: str | None, steps: int
     logger.info("checking maps: %d DDPM steps on %d calibration images, ONNX Runtime against torch", steps, images)
     parity = map_parity(model, ort_denoiser(session), cfg.image_channels, cfg.sample_size, modality, steps=steps,
                         n=images)
-    problems = parity.failures(FP32)
-    if problems:
-        raise ExportError(where, "ONNX Runtime's anomaly maps differ from torch's on the calibration set: "
-                          + "; ".join(problems), "nothing was written; report this with the model's config.json")
-    return parity
+    return parity.require(FP32, where, "ONNX Runtime's",
+                          "nothing was written; report this with the model's config.json")
 
 
 def write_checked_onnx(model: ConditionalUNet, final_path: str | Path, *, variant: str, chunk_size: int | None = None,
@@ -222,15 +219,15 @@ def write_checked_onnx(model: ConditionalUNet, final_path: str | Path, *, varian
             raise ExportError(final_path, f"ONNX Runtime output differs from torch by {diff:.3g} "
                               f"(max abs, batch {check_batch}), more than the tolerance {atol:g}",
                               "nothing was written; report this with the model's config.json")
+        images, steps = CALIBRATION_IMAGES, map_steps
         if map_steps is None:
             images, steps = check_size(seconds["ort"] + seconds["torch"])
             if steps < 10:
                 logger.info("map check sized to the network's speed (%.1f s a call, torch and ONNX Runtime): "
                             "%d steps on %d images; --map-check-steps 10 for the full check",
                             seconds["ort"] + seconds["torch"], steps, images)
+        if steps:
             maps = check_maps(session, model, modality, steps, final_path, images)
-        elif map_steps:
-            maps = check_maps(session, model, modality, map_steps, final_path)
         del session
         if before_replace is not None:
             before_replace()

@@ -21,8 +21,9 @@ import torch
 import torch.nn.functional as F
 
 from condiff.anomaly import slice_scores, zero_background
+from condiff.errors import ExportError
 from condiff.metrics import average_precision
-from condiff.sampler import Denoise, make_plan, restore
+from condiff.sampler import Denoise, SamplerPlan, make_plan, restore
 from condiff.ssim import ssim_map
 
 CALIBRATION_IMAGES = 4
@@ -90,6 +91,14 @@ class MapParity:
                        f"(needs {tol.min_rank_agreement:.0%})")
         return out
 
+    def require(self, tol: Tolerance, where, exported: str, hint: str) -> "MapParity":
+        """Itself when it passes ``tol``; else ``ExportError`` naming ``where`` and every failure."""
+        problems = self.failures(tol)
+        if problems:
+            raise ExportError(where, f"{exported} anomaly maps differ from torch's on the calibration set: "
+                              + "; ".join(problems), hint)
+        return self
+
     def to_dict(self, tol: Tolerance | None = None) -> dict:
         doc = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in asdict(self).items()}
         doc["against"] = "torch fp32 eager (SDPA), DDPM on the calibration set, same noise"
@@ -135,8 +144,7 @@ def calibration_set(channels: int, size: int, modality: str | None = None, *, n:
     return images.contiguous(), masks
 
 
-def _maps(denoise: Denoise, images: torch.Tensor, noise: torch.Tensor, steps: int) -> torch.Tensor:
-    plan = make_plan("ddpm", steps)
+def _maps(denoise: Denoise, images: torch.Tensor, noise: torch.Tensor, plan: SamplerPlan) -> torch.Tensor:
     with torch.inference_mode():
         x0 = restore(denoise, images, plan, noise)
         return zero_background(ssim_map(x0, images), images)
@@ -168,8 +176,8 @@ def map_parity(reference: Denoise, exported: Denoise, channels: int, size: int, 
     plan = make_plan("ddpm", steps)
     g = torch.Generator().manual_seed(seed + 1)
     noise = torch.randn(n, plan.n_noise_draws, channels, size, size, generator=g)
-    ref = _maps(reference, images, noise, steps).double()
-    out = _maps(exported, images, noise, steps).double()
+    ref = _maps(reference, images, noise, plan).double()
+    out = _maps(exported, images, noise, plan).double()
     finite = bool(torch.isfinite(out).all())
     diff = (out - ref).abs().max().item() if finite else math.inf
     peak = ref.abs().max().item()

@@ -209,12 +209,11 @@ def build_trt(model_dir: str | Path, *, profile: BatchProfile = BatchProfile(), 
     if not diff <= atol:
         raise ExportError(final, f"the FP16 engine differs from torch by {diff:.3g} (max abs), more than {atol:g}",
                           "nothing was written; the network may overflow in fp16")
-    if map_steps is None:
-        map_steps = DEFAULT_STEPS
-    maps = _check_plan_maps(plan, model, config, profile, device, map_steps) if map_steps else None
-    if maps is not None and maps.failures(FP16):
-        raise ExportError(final, "the FP16 engine's anomaly maps differ from torch's on the calibration set: "
-                          + "; ".join(maps.failures(FP16)), "nothing was written; the network may overflow in fp16")
+    steps = DEFAULT_STEPS if map_steps is None else map_steps
+    maps = None
+    if steps:
+        maps = _check_plan_maps(plan, model, config, profile, device, steps).require(
+            FP16, final, "the FP16 engine's", "nothing was written; the network may overflow in fp16")
     tmp = final.with_name(f".{final.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
         tmp.write_bytes(plan)

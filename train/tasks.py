@@ -200,6 +200,11 @@ def apply_task(task_id: int, image: np.ndarray, rng: np.random.Generator, fg_mas
     return corrupted, mask, n
 
 
+def _no_task(image: np.ndarray) -> tuple[np.ndarray, np.ndarray, None]:
+    """A sample without an anomaly: the image itself, an empty mask, no task id."""
+    return image.astype(np.float32, copy=True), np.zeros(image.shape[1:], dtype=bool), None
+
+
 class RestorationTask:
     """Make the network's condition from a healthy image (§1 training flow, step 2).
 
@@ -238,7 +243,7 @@ class RestorationTask:
                  size_scale: float = 1.0) -> tuple[np.ndarray, np.ndarray, int | None]:
         image = _check_image(image)
         if rng.random() < self.p_no_task:
-            return image.astype(np.float32, copy=True), np.zeros(image.shape[1:], dtype=bool), None
+            return _no_task(image)
         task_id = self.task_ids[rng.integers(len(self.task_ids))]
         pool = None
         if task_id == SAME_DSET_BLEND:
@@ -255,5 +260,5 @@ class RestorationTask:
             # A slice with next to no foreground (the top of a head trained without brain masks) cannot
             # host an anomaly: it serves as a no-task sample instead of stopping the run.
             logger.debug("no anomaly placed (%s); the sample is used without a task", exc.problem)
-            return image.astype(np.float32, copy=True), np.zeros(image.shape[1:], dtype=bool), None
+            return _no_task(image)
         return corrupted.astype(np.float32, copy=False), mask, task_id

@@ -29,7 +29,7 @@ def _intra_op_threads(n: int):
     before = torch.get_num_threads()
     torch.set_num_threads(n)
     try:
-        yield before
+        yield
     finally:
         torch.set_num_threads(before)
 

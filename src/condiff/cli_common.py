@@ -14,7 +14,6 @@ import os
 import platform
 import re
 import signal
-import errno
 import sys
 import traceback
 from pathlib import Path
@@ -23,7 +22,7 @@ from typing import Any, Callable, Iterator
 import click
 
 from condiff import __version__
-from condiff.errors import CondiffError
+from condiff.errors import CondiffError, is_out_of_space
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -407,7 +406,7 @@ def run_command(body: Callable[[], int], verbose: int = 0) -> None:
         click.echo(f"error: {exc.message}", err=True)
         sys.exit(EXIT_USAGE)
     except OSError as exc:
-        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+        if not is_out_of_space(exc):
             raise  # anything else is unexpected: keep its traceback
         if verbose:
             click.echo("".join(traceback.format_exception(exc)).rstrip(), err=True)

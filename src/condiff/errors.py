@@ -6,6 +6,7 @@ environment problems that a user can act on.
 """
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 
 
@@ -59,3 +60,8 @@ class ExportError(CondiffError):
 
 class TrainingDataError(CondiffError):
     """The training data set is empty or unusable."""
+
+
+def is_out_of_space(exc: BaseException) -> bool:
+    """The output file system is full or over quota (every later write would fail the same way)."""
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))

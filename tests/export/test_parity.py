@@ -55,8 +55,8 @@ def test_parity_figures_match_independent_recomputation(tiny):
     seen = []
     real = mod._maps
 
-    def keep(denoise, images, noise, steps):
-        out = real(denoise, images, noise, steps)
+    def keep(denoise, images, noise, plan):
+        out = real(denoise, images, noise, plan)
         seen.append(out.double().numpy())
         return out
 
