@@ -239,7 +239,7 @@ def _train_command(data: str, mask_pattern: str | None, modality: str, image_siz
                   checkpoint_part_mb: float | None, val_every: int, val_start: int, val_max_slices: int | None,
                   patience: int, recipe: str, lr: float | None, mask_weight: float | None, p_no_task: float | None,
                   size_curriculum: str | None, workers: int | None, cache_dir: str | None, log_every: int, val_hooks: tuple[str, ...],
-                  weights_dtype: str, progress: bool, landmarks: bool = False) -> int:
+                  weights_dtype: str, progress: bool, landmarks: bool = False, lr_anneal: str | None = None) -> int:
     """The training itself, under the lock ``train_command`` holds."""
     import numpy as np
     import torch
@@ -254,6 +254,7 @@ def _train_command(data: str, mask_pattern: str | None, modality: str, image_siz
     from condiff.train.tasks import P_NO_TASK, ArrayPool, RestorationTask
     from condiff.train import checkpoint as ckpt
     from condiff.train.curriculum import SizeCurriculum, parse_size_curriculum
+    from condiff.train.lr_anneal import parse_lr_anneal
     from condiff.unet import ConditionalUNet
 
     t_start = time.monotonic()
@@ -302,9 +303,12 @@ def _train_command(data: str, mask_pattern: str | None, modality: str, image_siz
     channels = slices.channels
     # An explicit --size-curriculum (``none`` included) overrides the recipe's; absent, the recipe's stands.
     curriculum = parse_size_curriculum(size_curriculum) if size_curriculum is not None else None
+    anneal = parse_lr_anneal(lr_anneal) if lr_anneal is not None else None
     cfg = recipe_config(recipe, lr=lr, mask_weight=mask_weight, p_no_task=p_no_task,
                         size_scale_start=curriculum.start if curriculum else None,
-                        size_curriculum_steps=curriculum.steps if curriculum else None, max_steps=max_steps,
+                        size_curriculum_steps=curriculum.steps if curriculum else None,
+                        lr_anneal_start=anneal.start if anneal else None, lr_anneal_end=anneal.end if anneal else None,
+                        lr_final_factor=anneal.final if anneal else None, max_steps=max_steps,
                         batch_size=batch_size, precision=precision, val_every=val_every, val_start=val_start,
                         val_max_slices=val_max_slices, patience=patience, checkpoint_every=checkpoint_every,
                         checkpoint_part_mb=checkpoint_part_mb, log_every=log_every, seed=seed, num_workers=workers)
@@ -443,6 +447,10 @@ def _train_command(data: str, mask_pattern: str | None, modality: str, image_siz
 @click.option("--patience", type=click.IntRange(min=0), default=50_000, show_default=True)
 @click.option("--recipe", type=click.Choice(["reference", "healing"]), default="reference", show_default=True)
 @click.option("--lr", type=float, default=None, help="Override the recipe's learning rate.")
+@click.option("--lr-anneal", default=None, metavar="START:END[:FINAL]",
+              help="Keep the learning rate up to step START, then a cosine fall to FINAL times it (default 0.01) "
+                   "at step END (absolute steps, so a resumed run keeps the schedule; e.g. 38000:42000). "
+                   "Default: constant, as the reference.")
 @click.option("--mask-weight", type=float, default=None, help="Loss weight inside synthetic anomaly masks.")
 @click.option("--p-no-task", type=click.FloatRange(0, 1), default=None, help="Share of uncorrupted training samples.")
 @click.option("--size-curriculum", default=None, metavar="START:STEPS",
@@ -463,10 +471,13 @@ def main(verbose: int, fold: str | None, folds: str | None, fov_mm: float, **kw)
     fold_list = _parse_folds(fold, folds)
     from condiff.train.curriculum import parse_size_curriculum
 
-    try:
-        parse_size_curriculum(kw.get("size_curriculum"))
-    except ValueError as err:
-        raise click.BadParameter(str(err), param_hint="--size-curriculum") from None
+    from condiff.train.lr_anneal import parse_lr_anneal
+
+    for parse, name in ((parse_size_curriculum, "size_curriculum"), (parse_lr_anneal, "lr_anneal")):
+        try:
+            parse(kw.get(name))
+        except ValueError as err:
+            raise click.BadParameter(str(err), param_hint="--" + name.replace("_", "-")) from None
 
     def body() -> int:
         with logging_to(verbose):

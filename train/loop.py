@@ -39,6 +39,7 @@ from condiff.train import checkpoint as ckpt
 from condiff.train.data import StepBatchSampler, TaskSamples, collate
 from condiff.train.distributed import DistInfo, all_reduce_sum
 from condiff.train.ema import EMA
+from condiff.train.lr_anneal import LrAnneal
 from condiff.train.validation import (ValHook, ValState, best_weights_path, run_hooks, should_validate, sum_val_loss,
                                       val_batches, val_record, write_best)
 
@@ -70,6 +71,9 @@ class TrainConfig:
     p_no_task: float = 0.2               # used by whoever builds the training RestorationTask
     size_scale_start: float = 1.0        # anomaly-size curriculum (train/curriculum.py): scale at step 0 …
     size_curriculum_steps: int = 0       # … falling linearly to 1 at this step (0: no curriculum)
+    lr_anneal_start: int = 0             # learning rate constant up to this step (train/lr_anneal.py) …
+    lr_anneal_end: int = 0               # … a cosine fall to lr × lr_final_factor at this step (0: no anneal)
+    lr_final_factor: float = 0.01
     weight_decay: float = 1e-2
     betas: tuple[float, float] = (0.9, 0.999)
     adam_eps: float = 1e-8
@@ -98,6 +102,15 @@ class TrainConfig:
         if self.mask_weight <= 0:
             raise ValueError(f"mask_weight must be > 0, got {self.mask_weight}")
         self.betas = tuple(self.betas)
+        self.anneal  # validates the anneal
+
+    @property
+    def anneal(self) -> LrAnneal:
+        return LrAnneal(self.lr_anneal_start, self.lr_anneal_end, self.lr_final_factor)
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate of the optimiser step taken after ``step`` completed steps."""
+        return self.lr * self.anneal.factor(step)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -106,7 +119,7 @@ class TrainConfig:
 
 
 RECIPE_KEYS = ("recipe", "lr", "mask_weight", "p_no_task", "size_scale_start", "size_curriculum_steps",
-               "weight_decay", "betas", "grad_clip", "snr_gamma")
+               "lr_anneal_start", "lr_anneal_end", "lr_final_factor", "weight_decay", "betas", "grad_clip", "snr_gamma")
 
 
 def recipe_changes(before: dict, now: dict) -> str:
@@ -257,6 +270,8 @@ class Trainer:
         """Unscale, clip, step, advance the step counter and update the EMA. Returns the gradient norm."""
         self.scaler.unscale_(self.optimizer)
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        for group in self.optimizer.param_groups:  # set every step: a resume needs no scheduler state
+            group["lr"] = self.cfg.lr_at(self.step)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.ema.update(self.model)

@@ -180,6 +180,21 @@ def test_cli_records_a_size_curriculum_and_rejects_a_malformed_one(data_dir, cac
     assert not (tmp_path / "bad").exists()
 
 
+def test_cli_records_a_learning_rate_anneal_and_rejects_a_malformed_one(data_dir, cache_dir, tmp_path):
+    out = tmp_path / "set"
+    code, output = _run(*_common(data_dir, cache_dir, out), "--fold", 9, "--max-steps", 3, "--holdout", 0,
+                        "--lr", "1e-3", "--lr-anneal", "1:2:0.25")
+    assert code == 0, output
+    recipe = open_model_set(out).configs[0].trained["recipe"]
+    assert (recipe["lr_anneal_start"], recipe["lr_anneal_end"], recipe["lr_final_factor"]) == (1, 2, 0.25)
+    logged = [json.loads(x) for x in (out / "train" / "fold9" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in logged if r["kind"] == "train"] == pytest.approx([1e-3, 1e-3, 2.5e-4])
+    for bad in ("2000", "5:3"):
+        code, output = _run(*_common(data_dir, cache_dir, tmp_path / "bad"), "--lr-anneal", bad)
+        assert code == 2 and "--lr-anneal" in output and "anneal" in output, output
+        assert not (tmp_path / "bad").exists()
+
+
 def test_cli_landmarks_are_fitted_on_the_training_scans_and_stored(data_dir, cache_dir, tmp_path):
     from condiff import preprocess
     from condiff.io import volumes
