@@ -16,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from condiff.io.images import png_bytes, to_png8
+from condiff.preprocess import input_slice
 
 N_ROWS = 3
 MIN_PANEL = 128  # pixels; smaller panels are repeated by an integer factor
@@ -102,10 +103,8 @@ def slice_name(geometry: dict, k: int) -> str:
     """Canonical axial slice ``k`` as the input file numbers it, e.g. ``slice 52 of axis 1``, so a viewer
     finds it (the model slices along the canonical inferior-superior axis, which may be any stored
     axis, reversed or not)."""
-    ornt = geometry["ornt"]
-    axis = next(i for i, (new_axis, _) in enumerate(ornt) if int(new_axis) == 2)
-    n = int(geometry["input_shape"][axis]) if axis < len(geometry["input_shape"]) else 1
-    return f"slice {n - 1 - int(k) if int(ornt[axis][1]) == -1 else int(k)} of axis {axis}"
+    axis, index = input_slice(geometry, k)
+    return f"slice {index} of axis {axis}"
 
 
 def input_slice_names(geometry: dict) -> list[str] | None:

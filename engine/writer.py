@@ -30,7 +30,9 @@ logger = logging.getLogger(__name__)
 
 CASES_COLUMNS = ["case", "input", "input_sha256", "status", "error_type", "error", "kind", "shape", "spacing",
                  "orientation", "n_slices", "score", "max_slice_score", "n_members", "seed", "engine", "precision", "warnings"]
-SCORES_COLUMNS = ["case", "slice", "score"]
+# slice: the index along the input file's stored axis ``axis`` (the overlay's "slice 52 of axis 1"); empty on
+# a case's total row; photographs are one slice 0 with no axis
+SCORES_COLUMNS = ["case", "axis", "slice", "score"]
 
 
 def run_json_name(shard: tuple[int, int] | None) -> str:
@@ -260,6 +262,16 @@ def _csv_text(header: list[str], rows: Iterable[list[str]]) -> str:
     return buf.getvalue()
 
 
+def _slice_position(rec: dict[str, Any], k: int) -> list[str]:
+    """[axis, index] of a record's canonical slice ``k`` in its input file's numbering."""
+    geometry = rec.get("geometry") or {}
+    if geometry.get("kind") != "volume":
+        return ["", str(int(k))]
+    from condiff.preprocess import input_slice
+
+    return [str(v) for v in input_slice(geometry, k)]
+
+
 def rebuild_tables(out_dir: Path) -> dict[str, int]:
     """Rewrite ``cases.csv`` and ``scores.csv`` from all records; returns counts by status."""
     records = load_records(out_dir)
@@ -267,8 +279,8 @@ def rebuild_tables(out_dir: Path) -> dict[str, int]:
     for rec in records:
         if rec.get("status") != "ok":
             continue
-        score_rows.append([rec["case"], "", _num(rec.get("score"))])
-        score_rows.extend([rec["case"], str(int(k)), _num(s)] for k, s in rec.get("slice_scores", []))
+        score_rows.append([rec["case"], "", "", _num(rec.get("score"))])
+        score_rows.extend([rec["case"], *_slice_position(rec, k), _num(s)] for k, s in rec.get("slice_scores", []))
     write_text_atomic(out_dir / "cases.csv", _csv_text(CASES_COLUMNS, (case_row(r) for r in records)))
     write_text_atomic(out_dir / "scores.csv", _csv_text(SCORES_COLUMNS, score_rows))
     counts: dict[str, int] = {}

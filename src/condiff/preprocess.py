@@ -503,6 +503,17 @@ def invert_to_input(prepared: Geometry, maps: np.ndarray, fill: float = 0.0) -> 
     return _apply_orientation(canonical, _inverse_orientation(t)).reshape(g["input_shape"])
 
 
+def input_slice(geometry: dict, k: int) -> tuple[int, int]:
+    """(stored axis, index along it) of canonical axial slice ``k`` as the input file numbers it.
+
+    The model slices along the canonical inferior-superior axis, which may be any stored axis, reversed
+    or not; users and viewers count slices in the file's own order."""
+    ornt = geometry["ornt"]
+    axis = next(i for i, (new_axis, _) in enumerate(ornt) if int(new_axis) == 2)
+    n = int(geometry["input_shape"][axis]) if axis < len(geometry["input_shape"]) else 1
+    return axis, (n - 1 - int(k) if int(ornt[axis][1]) == -1 else int(k))
+
+
 def mask_to_slices(mask_volume, prepared: Geometry) -> np.ndarray:
     """A label mask on the input grid -> bool ``(S, H, W)`` in slice space, same geometry as the slices.
 
@@ -549,6 +560,7 @@ def to_input_units(prepared: Geometry, values: np.ndarray) -> np.ndarray:
     return (np.float32(i["offset"]) + np.float32(i["scale"]) * np.asarray(values, dtype=np.float32)).astype(np.float32)
 
 
-__all__ = ["PreprocessConfig", "Prepared", "prepare_volume", "prepare_image", "invert_to_input", "mask_to_slices",
+__all__ = ["PreprocessConfig", "Prepared", "prepare_volume", "prepare_image", "invert_to_input", "input_slice",
+           "mask_to_slices",
            "auto_foreground", "to_input_units", "intensity_landmarks", "map_landmarks", "fit_landmarks", "normalised_intensities",
            "LANDMARK_PERCENTILES"]

@@ -104,6 +104,31 @@ def test_infer_writes_layout_geometry_and_records(tmp_path, model_set):
     assert "case site-a/case0 done" in (out / "condiff.log").read_text()
 
 
+def test_scores_csv_numbers_slices_as_the_input_file_does(tmp_path, model_set):
+    """A slab stored inferior-first along axis 1 with its first four stored slices empty: the table must
+    list the stored slices 4..11 that hold tissue (the model's own, canonical order would say 0..7)."""
+    img, _ = brain_like(shape=(20, 22, 12), seed=3)
+    data = np.ascontiguousarray(np.transpose(img, (0, 2, 1))[:, ::-1, :])  # stored axis 1 runs superior -> inferior
+    data[:, :4, :] = 0
+    aff = np.array([[2.0, 0, 0, -20.0], [0, 0, 2.0, -22.0], [0, -3.0, 0, 18.0], [0, 0, 0, 1]])
+    write_nifti(tmp_path / "scans" / "flipped.nii.gz", data, affine=aff)
+    out = tmp_path / "out"
+    res = _invoke([tmp_path / "scans", "-o", out, "--models", model_set, *FAST, "--members", "1"])
+    assert res.exit_code == 0, res.output + res.stderr
+    import nibabel as nib
+
+    assert nib.aff2axcodes(aff)[1] == "I"
+    with_tissue = [k for k in range(data.shape[1]) if data[:, k, :].any()]
+    rows = [r for r in _rows(out / "scores.csv") if r["slice"] != ""]
+    assert {r["axis"] for r in rows} == {"1"}
+    assert sorted(int(r["slice"]) for r in rows) == with_tissue == list(range(4, 12))
+    rec = json.loads((out / "records" / "flipped.json").read_text())
+    by_slice = {int(r["slice"]): float(r["score"]) for r in rows}
+    # the record keeps the canonical (inferior-to-superior) index: canonical k is stored slice 11 - k
+    assert {11 - k: s for k, s in rec["slice_scores"]} == pytest.approx(by_slice, rel=1e-6)
+    names = overlay.input_slice_names(rec["geometry"])
+    assert names == [f"slice {11 - k} of axis 1" for k, _ in rec["slice_scores"]]
+
 def test_real_ixi_slab_with_brain_mask(tmp_path, model_set):
     scan = REPO / "examples" / "scans" / "ixi132_t1.nii.gz"
     if not scan.is_file():
