@@ -217,6 +217,16 @@ def _infer(inputs, output, models, engine, device, precision, batch_size, fast_k
             raise OutputConflictError(output, conflict_message(foreign),
                                       "Use another -o folder, or --overwrite to replace those results "
                                       "(the other method's cases are deleted; with --shard, each shard replaces its own)")
+        if resume:  # a case name another run filled from another file: resuming would silently replace it
+            from .consistency import replaced_inputs
+
+            replaced = replaced_inputs(output, cases)
+            if replaced:
+                name, old, new = replaced[0]
+                raise OutputConflictError(output, f"holds {len(replaced)} case(s) made from other input files than "
+                                          f"this run's (e.g. {name}: {old}, this run: {new}); this run would "
+                                          "replace their results",
+                                          "Use another -o folder for these inputs, or --overwrite to replace them")
         if dry_run:
             return _dry_run(cases, ctx, n_all, shard_t)
         writer.check_creatable(output)  # these two fail before any network loads

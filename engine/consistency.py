@@ -69,6 +69,37 @@ def conflict_message(foreign: list[tuple[dict[str, Any], list[str]]]) -> str:
             "mixing them would pool two methods in cases.csv and condiff-eval")
 
 
+def replaced_inputs(out_dir: Path, cases: Iterable[Any]) -> list[tuple[str, str, str]]:
+    """``(case, recorded input, this run's input)`` for every case whose record was made from another file
+    that still exists with other bytes: two runs into one folder whose inputs share a case name (``siteA/sub-01.nii.gz``
+    and ``siteB/sub-01.nii.gz`` given as separate runs). A moved input (the recorded path is gone) or a copy
+    with the same bytes is the same case, resumed as before."""
+    import hashlib
+    import os
+
+    from .plan import read_record, record_path
+
+    found = []
+    for case in cases:
+        rec = read_record(Path(out_dir) / record_path(case.name))
+        old = (rec or {}).get("input")
+        if not old or not os.path.isfile(old):
+            continue
+        new = os.path.abspath(case.path)
+        digest = hashlib.sha256()
+        try:
+            if os.path.samefile(old, new):
+                continue
+            with open(new, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+        except OSError:  # unreadable now: the case fails on its own, naming the file
+            continue
+        if digest.hexdigest() != rec.get("input_sha256"):
+            found.append((case.name, old, new))
+    return found
+
+
 def remove_foreign(out_dir: Path, foreign: list[tuple[dict[str, Any], list[str]]], keep: set[str]) -> int:
     """Delete the outputs and records of foreign cases, except those named in ``keep``."""
     from .writer import remove_record_and_outputs
@@ -100,5 +131,6 @@ def check_single_method(records: list[dict[str, Any]], out_dir: Path) -> None:
                        "Evaluate each run's own output folder (rerun condiff-infer with --overwrite to make one method)")
 
 
-__all__ = ["METHOD_OPTIONS", "method_signature", "differences", "foreign_records", "conflict_message", "remove_foreign",
+__all__ = ["METHOD_OPTIONS", "method_signature", "differences", "foreign_records", "conflict_message", "replaced_inputs",
+           "remove_foreign",
            "check_single_method"]

@@ -131,6 +131,31 @@ def test_overwrite_is_identical_and_changed_options_are_not_skipped(tmp_path, re
     assert now["cases.csv"] != want["cases.csv"]
 
 
+
+def test_another_file_under_a_finished_case_name_is_refused_not_replaced(tmp_path, reference, monkeypatch):
+    """Two sites' sub-01 given as separate runs into one folder: the second would silently replace the first."""
+    models, scans, ref, want = reference
+    out = _copy(ref, tmp_path / "out")
+    other = tmp_path / "site-b" / "case1.nii.gz"
+    other.parent.mkdir()
+    shutil.copyfile(scans / "case0.nii.gz", other)  # other bytes under the name case1
+    res = _invoke([other.parent, "-o", out, "--models", models, *FAST])
+    assert res.exit_code == 2, res.output + res.stderr
+    assert "1 case(s) made from other input files" in res.stderr
+    assert str(scans / "case1.nii.gz") in res.stderr and str(other) in res.stderr and "--overwrite" in res.stderr
+    assert digests(out) == want and not (out / ".condiff.lock").exists()
+    # the same bytes from another folder (a moved or copied cohort) are the same cases: resumed, not refused
+    moved = shutil.copytree(scans, tmp_path / "moved")
+    with monkeypatch.context() as m:
+        _forbid_inference(m)
+        res = _invoke([moved, "-o", out, "--models", models, *FAST])
+    assert res.exit_code == 0 and "0 done, 3 already done" in res.stdout, res.output + res.stderr
+    res = _invoke([other.parent, "-o", out, "--models", models, *FAST, "--overwrite"])
+    assert res.exit_code == 0, res.output + res.stderr
+    rec = json.loads((out / "records" / "case1.json").read_text())
+    assert rec["input"] == other.as_posix()
+
+
 def test_overwrite_of_part_of_a_folder_removes_the_other_methods_cases(tmp_path, reference):
     """--overwrite on one input leaves one method in the folder: the other method's cases go, files and records."""
     models, scans, ref, want = reference

@@ -157,7 +157,7 @@ def _check_collisions(cases: list[Case]) -> None:
     if clashes:
         listing = "; ".join(" and ".join(str(c.path) for c in group) + f" -> case {group[0].name!r}" for group in clashes)
         raise OutputConflictError(None, f"input files would write the same outputs: {listing}",
-                                  "Rename or move one file of each pair, or give them as separate runs")
+                                  "Rename or move one file of each pair, or give them as separate runs into separate -o folders")
 
 
 def find_mask(case: Case, pattern: str, required: bool = True) -> Path | None:
