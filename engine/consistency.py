@@ -24,6 +24,13 @@ logger = logging.getLogger(__name__)
 METHOD_OPTIONS = ("sampler", "steps", "members", "seed", "mask", "preprocessing", "schedule", "volume_index")
 
 
+def _method_keys(record: dict[str, Any]) -> tuple[str, ...]:
+    """The method options that apply to a record's case: ``volume_index`` picks nothing in a 3-D file."""
+    if record.get("series_volumes") == 1:
+        return tuple(k for k in METHOD_OPTIONS if k != "volume_index")
+    return METHOD_OPTIONS
+
+
 def method_signature(model_set_digest: str | None, options: dict[str, Any] | None) -> tuple:
     """A hashable summary of the method a record was made with (options may be absent in old failed records)."""
     opts = options or {}
@@ -40,7 +47,7 @@ def differences(record: dict[str, Any], model_set_digest: str, options: dict[str
     rec_options = record.get("options")
     if rec_options is None:  # failed records of older versions carry no options: the model set decides
         return out
-    for key in METHOD_OPTIONS:
+    for key in _method_keys(record):
         a, b = rec_options.get(key), options.get(key)
         if a != b:
             if isinstance(a, dict) or isinstance(b, dict):
@@ -117,9 +124,15 @@ def remove_foreign(out_dir: Path, foreign: list[tuple[dict[str, Any], list[str]]
 
 def check_single_method(records: list[dict[str, Any]], out_dir: Path) -> None:
     """condiff-eval: all finished records must come from one method, else a ``CondiffError`` naming both."""
+    # --volume-index picks nothing in a 3-D file: such cases take the index the folder's series were read with
+    series_index = {repr((r.get("options") or {}).get("volume_index")): (r.get("options") or {}).get("volume_index")
+                    for r in records if r.get("series_volumes") != 1}
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for rec in records:
-        groups.setdefault(method_signature(rec.get("model_set_digest"), rec.get("options")), []).append(rec)
+        options = rec.get("options")
+        if options is not None and rec.get("series_volumes") == 1:
+            options = {**options, "volume_index": next(iter(series_index.values())) if len(series_index) == 1 else None}
+        groups.setdefault(method_signature(rec.get("model_set_digest"), options), []).append(rec)
     if len(groups) <= 1:
         return
     (_, first), (_, second) = sorted(groups.items(), key=lambda kv: -len(kv[1]))[:2]

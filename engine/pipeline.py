@@ -292,7 +292,8 @@ def _read_case(case: Case, ctx: RunContext, mask_path: Path | None):
             logger.info("case %s: no brain mask file, using the scan's non-background voxels", case.name)
         prepared = prepare_volume(source, ctx.preprocess, mask=mask)
         info = {"shape": [int(s) for s in source.data.shape], "spacing": [float(z) for z in source.zooms],
-                "orientation": "".join(prepared.geometry.get("input_axcodes") or [])}
+                "orientation": "".join(prepared.geometry.get("input_axcodes") or []),
+                "nonfinite_voxels": source.nonfinite, "series_volumes": source.series}
         if mask_path is None and ctx.preprocess.use_mask and ctx.mask_pattern == AUTO_MASK:
             info["warnings"] = ["no brain mask file: the scan's non-background voxels were used as the brain"]
     else:
@@ -302,7 +303,8 @@ def _read_case(case: Case, ctx: RunContext, mask_path: Path | None):
         rgb = images.read_image(case.path)
         source = mask = None
         prepared = prepare_image(rgb, ctx.preprocess)
-        info = {"shape": [int(s) for s in rgb.shape[:2]], "spacing": None, "orientation": None}
+        info = {"shape": [int(s) for s in rgb.shape[:2]], "spacing": None, "orientation": None,
+                "nonfinite_voxels": 0, "series_volumes": 1}
     if len(prepared.slices) == 0:
         raise InputImageError(case.path, "no slice has foreground to analyse", "check the image (and its brain mask)")
     return source, mask, prepared, info
@@ -319,7 +321,7 @@ def _prepare(case: Case, ctx: RunContext) -> _Pending | CaseOutcome:
             mask_sha = None if mask_path is None else sha256_path(mask_path)
         if ctx.resume:
             reason = resume_check(ctx.out_dir, plan, input_sha256=input_sha, mask_sha256=mask_sha,
-                                  model_set_digest=ctx.model_set.digest, options_digest=ctx.options_digest)
+                                  model_set_digest=ctx.model_set.digest, options=ctx.options)
             if reason is None:
                 logger.info("case %s: outputs up to date, skipped", case.name, extra={"case": case.name, "status": "skipped"})
                 return CaseOutcome(case, "skipped")
@@ -358,7 +360,8 @@ def _write_case(ctx: RunContext, p: _Pending, maps: np.ndarray, rest: np.ndarray
     record = {
         "schema": RECORD_SCHEMA, "case": case.name, "status": "ok", "kind": case.kind,
         "input": _abs(case.path), "input_sha256": p.input_sha256, "mask": _abs(p.mask_path), "mask_sha256": p.mask_sha256,
-        "model_set_digest": ctx.model_set.digest, "options_digest": ctx.options_digest, "options": ctx.options.to_dict(),
+        "model_set_digest": ctx.model_set.digest, "options": ctx.options.to_dict(),
+        "options_digest": ctx.options.case_digest(p.info.get("nonfinite_voxels"), p.info.get("series_volumes")),
         "condiff_version": __version__, "engine": engine, "precision": precision, "fallback": fallback,
         "seed": ctx.options.seed, "members": list(ctx.members), "sampler": ctx.options.sampler,
         "steps": ctx.options.steps, **p.info, "geometry": p.prepared.geometry, "n_slices": int(len(scores)),

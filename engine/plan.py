@@ -70,8 +70,23 @@ class RunOptions:
         return d
 
     def digest(self) -> str:
-        text = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(text.encode()).hexdigest()
+        return _digest(self.to_dict())
+
+    def case_digest(self, nonfinite_voxels: int | None = None, series_volumes: int | None = None) -> str:
+        """The digest of the options that decide one case's bytes: ``--nan-policy`` only matters for a file
+        with NaN/Inf voxels and ``--volume-index`` only for a 4-D series, so a rerun that adds either (as
+        the errors of such files advise) keeps every other finished case. None: not known, both count."""
+        d = self.to_dict()
+        if nonfinite_voxels == 0:
+            d.pop("nan_policy")
+        if series_volumes == 1:
+            d.pop("volume_index", None)
+        return _digest(d)
+
+
+def _digest(options: dict[str, Any]) -> str:
+    text = json.dumps(options, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 @dataclass
@@ -141,13 +156,15 @@ def resolve_mask_path(case, pattern: str | None):
 
 
 def resume_check(out_dir: Path, plan: CasePlan, *, input_sha256: str, mask_sha256: str | None,
-                 model_set_digest: str, options_digest: str) -> str | None:
+                 model_set_digest: str, options: RunOptions) -> str | None:
     """None when the case's record proves its outputs current; otherwise why it must be recomputed."""
     rec = read_record(out_dir / plan.record)
     if rec is None:
         return "no record"
     if rec.get("status") != "ok":
         return "failed before"
+    # same input bytes, so the record's NaN count and series length hold for this run too
+    options_digest = options.case_digest(rec.get("nonfinite_voxels"), rec.get("series_volumes"))
     for key, want in (("input_sha256", input_sha256), ("mask_sha256", mask_sha256),
                       ("model_set_digest", model_set_digest), ("options_digest", options_digest)):
         if rec.get(key) != want:
@@ -257,7 +274,7 @@ def dry_run_status(case: Case, ctx) -> tuple[str, str | None, CasePlan]:
         if ctx.resume:
             mask_sha = None if mask_path is None else sha256_path(mask_path)
             reason = resume_check(ctx.out_dir, plan, input_sha256=sha256_path(case.path), mask_sha256=mask_sha,
-                                  model_set_digest=ctx.model_set.digest, options_digest=ctx.options_digest)
+                                  model_set_digest=ctx.model_set.digest, options=ctx.options)
     except CondiffError as exc:
         return "invalid", exc.message, plan
     if reason is None:

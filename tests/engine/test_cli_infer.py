@@ -236,10 +236,17 @@ def test_broken_inputs_fail_alone_with_exit_1(tmp_path, model_set):
     assert (out / "maps" / "case0.nii.gz").is_file()
     assert not (out / "maps" / "truncated.nii.gz").exists() and not (out / "overlays" / "nans.png").exists()
     assert not list(out.rglob("*.tmp"))
-    # --nan-policy zero accepts the NaN volume; the truncated one still fails
+    # --nan-policy zero accepts the NaN volume; the truncated one still fails; case0 has no NaN, so the
+    # policy does not touch its bytes and it is not recomputed
     res = _invoke([scans, "-o", out, "--models", model_set, *FAST, "--members", "1", "--nan-policy", "zero"])
     rows = {r["case"]: r for r in _rows(out / "cases.csv")}
     assert res.exit_code == 1 and rows["nans"]["status"] == "ok" and rows["truncated"]["status"] == "failed"
+    assert "1 done, 1 already done, 1 failed" in res.stdout, res.stdout
+    assert json.loads((out / "records" / "nans.json").read_text())["nonfinite_voxels"] == 1
+    assert json.loads((out / "records" / "case0.json").read_text())["nonfinite_voxels"] == 0
+    # back to the default policy: the NaN volume's result no longer holds (recomputed, and refused)
+    res = _invoke([scans, "-o", out, "--models", model_set, *FAST, "--members", "1"])
+    assert "0 done, 1 already done, 2 failed" in res.stdout, res.stdout
 
 
 def _no_model_loading(monkeypatch):
@@ -623,12 +630,21 @@ def test_volume_index_analyses_one_volume_of_a_series_and_writes_a_3d_map(tmp_pa
     (tmp_path / "in").mkdir()
     affine = np.diag([4.0, 4.0, 4.0, 1.0])
     nib.save(nib.Nifti1Image(series, affine), tmp_path / "in" / "series.nii.gz")
+    write_nifti(tmp_path / "in" / "plain.nii.gz", img)
     out = tmp_path / "out"
     res = _invoke([tmp_path / "in", "-o", out, "--models", model_set, *FAST, "--members", "1"])
     assert res.exit_code == 1 and "--volume-index" in res.stderr  # a series fails alone, saying what to do
-    # its failed record holds no result, so fixing the command needs no --overwrite
+    # its failed record holds no result, so fixing the command needs no --overwrite; the 3-D case is the
+    # same method whatever --volume-index says, so it is neither refused nor recomputed
     res = _invoke([tmp_path / "in", "-o", out, "--models", model_set, *FAST, "--members", "1", "--volume-index", "1"])
     assert res.exit_code == 0, res.output + res.stderr
+    assert "1 done, 1 already done" in res.stdout, res.stdout
+    from condiff.engine.consistency import check_single_method
+    from condiff.engine.writer import load_records
+
+    records = load_records(out)
+    assert sorted(r["series_volumes"] for r in records) == [1, 3]
+    check_single_method(records, out)  # condiff-eval pools them as one method
     amap = nib.load(str(out / "maps" / "series.nii.gz"))
     assert amap.shape == img.shape and np.allclose(amap.affine, affine)
     rec = json.loads((out / "records" / "series.json").read_text())

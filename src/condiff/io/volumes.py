@@ -49,12 +49,16 @@ class Volume:
     ``data``: float32 ``(X, Y, Z)`` in the file's voxel order, values as nibabel's ``get_fdata``
     returns them (``scl_slope``/``scl_inter`` applied). ``affine``: 4x4 float64 voxel -> RAS mm.
     ``header``: the nibabel header (copied into outputs). ``path``: where it came from.
+    ``nonfinite``: NaN/Inf voxels replaced by 0 (``nan_policy="zero"``); ``series``: volumes in the file
+    (1 for a 3-D file; more when one was picked from a 4-D series).
     """
 
     data: np.ndarray
     affine: np.ndarray
     header: Any
     path: str
+    nonfinite: int = 0
+    series: int = 1
 
     @property
     def zooms(self) -> tuple[float, float, float]:
@@ -262,6 +266,7 @@ def _load(path: str | os.PathLike, *, allow_2d: bool, nan_policy: str, check_con
 
     while data.ndim > 3 and data.shape[-1] == 1:  # (X, Y, Z, 1) is one volume
         data = data[..., 0]
+    series = int(data.shape[3]) if data.ndim == 4 else 1
     if data.ndim == 4 and volume_index is not None:  # a series (X, Y, Z, T): the one volume asked for
         if not -data.shape[3] <= volume_index < data.shape[3]:
             raise InputImageError(path, f"has {data.shape[3]} volumes (shape {tuple(data.shape)}); "
@@ -298,7 +303,8 @@ def _load(path: str | os.PathLike, *, allow_2d: bool, nan_policy: str, check_con
             raise InputImageError(path, f"constant volume (all voxels are {hi:g})", "Nothing to analyse")
         _check_in_plane(path, data, affine, orientation)
         _warn_geometry(path, img.header, affine)
-    return Volume(data=np.ascontiguousarray(data, dtype=np.float32), affine=affine, header=img.header, path=str(path))
+    return Volume(data=np.ascontiguousarray(data, dtype=np.float32), affine=affine, header=img.header, path=str(path),
+                  nonfinite=n_bad, series=series)
 
 
 def read_volume(path: str | os.PathLike, nan_policy: str = "error", orientation: str = "RAS",
