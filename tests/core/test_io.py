@@ -471,6 +471,36 @@ def test_dicom_files_without_an_extension_are_recognised_by_their_bytes(tmp_path
     assert "dcm2niix" not in str(info.value)
 
 
+
+def test_extensionless_dicom_beside_scans_is_named_in_a_warning(tmp_path, caplog):
+    """A subject exported as raw DICOM in a mixed folder must not just go missing from the cohort."""
+    _touch(tmp_path / "in", "s.nii.gz")
+    (tmp_path / "in" / "sub-02").mkdir()
+    for name in ("IM0001", "IM0002"):
+        (tmp_path / "in" / "sub-02" / name).write_bytes(b"\0" * 128 + b"DICM" + b"\0" * 64)
+    with caplog.at_level("WARNING", logger="condiff.io.cases"):
+        found = cases.discover([tmp_path / "in"])
+    assert [c.name for c in found] == ["s"]
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1 and "IM0001" in warned[0] and "DICOM" in warned[0] and "2 files" in warned[0]
+    assert cases.DCM2NIIX_RECIPE in warned[0]
+
+
+def test_an_earlier_output_folder_inside_the_input_tree_is_not_read_as_scans(tmp_path, caplog):
+    _touch(tmp_path / "proj", "a.nii.gz")
+    old = tmp_path / "proj" / "out1"
+    _touch(old / "maps", "a.nii.gz")
+    _touch(old / "restorations", "a.nii.gz")
+    (old / "records").mkdir()
+    (old / "run.json").write_text("{}")
+    _touch(tmp_path / "proj" / "notes", "b.nii.gz")  # records/ alone (or run.json alone) is not an output folder
+    (tmp_path / "proj" / "notes" / "records").mkdir()
+    with caplog.at_level("WARNING", logger="condiff.io.cases"):
+        found = cases.discover([tmp_path / "proj"])
+    assert [c.name for c in found] == ["a", "notes/b"]
+    assert any("out1" in r.getMessage() and "output folder" in r.getMessage() for r in caplog.records)
+
+
 def test_discover_processes_a_file_reached_twice_once(tmp_path):
     _touch(tmp_path / "in", "s.nii.gz")
     (tmp_path / "in" / "link").symlink_to(tmp_path / "in", target_is_directory=True)  # a loop

@@ -70,9 +70,18 @@ def _walk(folder: Path) -> list[Path]:
             dirs[:] = []
             continue
         seen_dirs.add(real)
+        if _is_output_folder(root, dirs, files):  # an earlier run's maps are not scans
+            logger.warning("%s: skipped (a condiff-infer output folder: run.json and records/)", root)
+            dirs[:] = []
+            continue
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         found.extend(Path(root) / f for f in files if not f.startswith("."))
     return sorted(found, key=lambda p: p.relative_to(folder).as_posix())
+
+
+def _is_output_folder(root: str, dirs: list[str], files: list[str]) -> bool:
+    """A condiff-infer output folder (``records/`` beside ``run.json`` or a shard's ``run.<i>of<n>.json``)."""
+    return "records" in dirs and any(f.startswith("run") and f.endswith(".json") for f in files)
 
 
 DICOM_SNIFF = 3  # skipped files per extension whose bytes are checked for DICOM's "DICM" marker
@@ -102,7 +111,7 @@ def discover(inputs: Iterable[str | os.PathLike], exclude_patterns: Iterable[str
     cases: list[Case] = []
     seen_files: set[str] = set()
     skipped: dict[str, int] = {}
-    dicom_seen = False  # a skipped file that is DICOM by its bytes (scanner exports often have no extension)
+    dicom_seen: Path | None = None  # a skipped file that is DICOM by its bytes (scanner exports often have no extension)
     for item in inputs:
         item = Path(item)
         if not item.exists():
@@ -121,7 +130,7 @@ def discover(inputs: Iterable[str | os.PathLike], exclude_patterns: Iterable[str
                 ext = path.suffix.lower() or "(none)"
                 skipped[ext] = skipped.get(ext, 0) + 1
                 if not dicom_seen and ext not in (".json", ".tsv", ".txt", ".md") and skipped[ext] <= DICOM_SNIFF:
-                    dicom_seen = ext == ".dcm" or _is_dicom(path)
+                    dicom_seen = path if ext == ".dcm" or _is_dicom(path) else None
                 # Sidecars (.json, .tsv, licences) are normal beside scans; only formats we could
                 # have read after conversion deserve a warning.
                 if ext in _HINTS:
@@ -139,6 +148,9 @@ def discover(inputs: Iterable[str | os.PathLike], exclude_patterns: Iterable[str
             seen_files.add(real)
             name = rel[: len(rel) - len(path.name)] + stem if item.is_dir() else stem
             cases.append(Case(name=name, path=path, kind=_kind(suffix)))
+    if dicom_seen and cases and dicom_seen.suffix.lower() != ".dcm":  # .dcm files were warned about one by one
+        logger.warning("%s: skipped (a DICOM file without the .dcm extension; %d files of its kind skipped); %s",
+                       dicom_seen, skipped.get(dicom_seen.suffix.lower() or "(none)", 0), DICOM_HINT)
     if not cases:
         looked = ", ".join(VOLUME_SUFFIXES + IMAGE_SUFFIXES)
         extra = f"; skipped {sum(skipped.values())} files with other extensions ({', '.join(sorted(skipped))})" if skipped else ""
