@@ -315,8 +315,9 @@ def _run(cases, ctx, shard_t, arguments, progress: bool, n_all: int, process=Non
         # a full output disk stops the run (Ray workers report it through their cases' outcomes)
         stopped = pipeline.stop_reason(ctx, outcomes)
         by_status: dict[str, int] = {}
-        for o in outcomes:
-            by_status[o.status] = by_status.get(o.status, 0) + 1
+        for o in outcomes:  # cases a stop left unstarted or unwritten did not fail: counted apart
+            status = "not_finished" if o.error_type == "NotFinished" else o.status
+            by_status[status] = by_status.get(status, 0) + 1
         doc = {
             "command": "condiff-infer", "argv": sys.argv, "arguments": arguments, "versions": environment_report(),
             "model_set": {"path": ctx.model_set.root.as_posix(), "digest": ctx.model_set.digest,
@@ -333,7 +334,8 @@ def _run(cases, ctx, shard_t, arguments, progress: bool, n_all: int, process=Non
                            "slices_per_s": st.n_slices / st.infer_s if st.infer_s else None,
                            "unet_evaluations_per_s": st.n_unet_evals / st.infer_s if st.infer_s else None},
             "counts": {"cases": len(cases), **by_status}, "records": counts,
-            "failed": [o.case.name for o in outcomes if o.status == "failed"], "stopped": stopped,
+            "failed": [o.case.name for o in outcomes if o.status == "failed" and o.error_type != "NotFinished"],
+            "not_finished": [o.case.name for o in outcomes if o.error_type == "NotFinished"], "stopped": stopped,
             "interrupted": interrupted is not None, "signal": interrupted, **(run_info or {}),
         }
         try:
@@ -342,17 +344,16 @@ def _run(cases, ctx, shard_t, arguments, progress: bool, n_all: int, process=Non
             logger.error("could not write run.json: %s", exc)
         logger.info("finished in %.1f s: %s%s", elapsed, by_status, " (interrupted)" if interrupted else "")
         remove_log(log_handler)
-    n_failed = by_status.get("failed", 0)
+    n_failed, n_left = by_status.get("failed", 0), by_status.get("not_finished", 0)
     if not quiet:
         click.echo(f"condiff-infer: {by_status.get('ok', 0)} done, {by_status.get('skipped', 0)} already done, "
-                   f"{n_failed} failed -> {out}")
+                   f"{n_failed} failed" + (f", {n_left} not finished" if n_left else "") + f" -> {out}")
     if n_failed:
         click.echo(f"{n_failed} case(s) failed; reasons in {out / 'cases.csv'}", err=True)
     if stopped is not None:
-        n_left = sum(o.error_type == "NotFinished" for o in outcomes)
         _echo_err(f"STOPPED: {stopped}; {n_left} case(s) not finished. "
                   "Rerun the same command to resume: finished cases are kept and skipped")
-    return EXIT_FAILED if n_failed else EXIT_OK
+    return EXIT_FAILED if n_failed or n_left else EXIT_OK
 
 
 def _foreign_records(output: Path, ctx) -> list:

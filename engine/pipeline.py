@@ -220,7 +220,7 @@ def _error_text(exc: BaseException) -> str:
 def _fail(ctx: RunContext, case: Case, plan: CasePlan, exc: BaseException, input_sha256: str | None = None,
           mask_path: Path | None = None, mask_sha256: str | None = None) -> CaseOutcome:
     """Record a failed case: stale outputs removed, a ``failed`` record written (never trusted by resume)."""
-    if not isinstance(exc, CondiffError):  # a bug, not bad input: keep the traceback in the log
+    if not isinstance(exc, CondiffError) and not is_out_of_space(exc):  # a bug, not bad input: keep the traceback
         logger.error("%s: internal error", case.name, exc_info=exc)
     text = _error_text(exc)
     record = {

@@ -41,12 +41,14 @@ def test_full_disk_stops_the_run_and_a_rerun_resumes(tmp_path, reference, monkey
     out = tmp_path / "out"
     res = invoke_infer([scans, "-o", out, "--models", models, *FAST, "--group-slices", "1"])  # one case per group
     assert res.exit_code == 1, res.output + res.stderr
-    assert "1 done, 0 already done, 3 failed" in res.stdout
+    assert "1 done, 0 already done, 1 failed, 2 not finished" in res.stdout
     assert "FAILED case1: OSError" in res.stderr and "FAILED case2" not in res.stderr
     assert "STOPPED: no space left on the output disk" in res.stderr and "2 case(s) not finished" in res.stderr
     assert len(computed) == 2  # case0 and case1 only: nothing computed after the disk filled
     run = json.loads((out / "run.json").read_text())
-    assert run["stopped"].startswith("no space left") and run["failed"] == ["case1", "case2", "case3"]
+    assert run["stopped"].startswith("no space left") and run["failed"] == ["case1"]
+    assert run["not_finished"] == ["case2", "case3"] and run["counts"] == {"cases": 4, "ok": 1, "failed": 1, "not_finished": 2}
+    assert "Traceback" not in res.stderr and "internal error" not in res.stderr  # a full disk is not a bug
     assert not (out / "records" / "case2.json").exists() and not list(out.rglob("*.tmp"))
     assert not (out / "maps" / "case1.nii.gz").exists()
 
@@ -65,7 +67,7 @@ def test_full_disk_in_a_shared_group_leaves_the_rest_of_the_group_unwritten(tmp_
         (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device"))))
     out = tmp_path / "out"
     res = invoke_infer([scans, "-o", out, "--models", models, *FAST])  # all four cases share one group
-    assert res.exit_code == 1 and "1 done, 0 already done, 3 failed" in res.stdout
+    assert res.exit_code == 1 and "1 done, 0 already done, 1 failed, 2 not finished" in res.stdout
     assert "FAILED case1" in res.stderr and "2 case(s) not finished" in res.stderr
     assert sorted(p.name for p in (out / "maps").iterdir()) == ["case0.nii.gz"]
     monkeypatch.setattr(pipeline, "write_case_files", real_write)
@@ -113,7 +115,7 @@ def test_fail_fast_stops_at_the_first_failed_case_and_a_rerun_resumes(tmp_path, 
     out = tmp_path / "out"
     res = invoke_infer([broken, "-o", out, "--models", models, *FAST, "--fail-fast"])
     assert res.exit_code == 1
-    assert "1 done, 0 already done, 3 failed" in res.stdout  # case0, read before case1, still finishes
+    assert "1 done, 0 already done, 1 failed, 2 not finished" in res.stdout  # case0, read before case1, still finishes
     assert "FAILED case1" in res.stderr and "STOPPED: --fail-fast: case1 failed; 2 case(s) not finished" in res.stderr
     assert not (out / "maps" / "case2.nii.gz").exists() and not (out / "records" / "case2.json").exists()
     res = invoke_infer([broken, "-o", out, "--models", models, *FAST])  # without: the rest is done
@@ -143,6 +145,6 @@ def test_fail_fast_also_stops_on_a_failure_after_inference(tmp_path, reference, 
     monkeypatch.setattr(pipeline, "write_case_files", fails_for_case1)
     out = tmp_path / "out"
     res = invoke_infer([scans, "-o", out, "--models", models, *FAST, "--fail-fast", "--group-slices", "1"])
-    assert res.exit_code == 1 and "1 done, 0 already done, 3 failed" in res.stdout
+    assert res.exit_code == 1 and "1 done, 0 already done, 1 failed, 2 not finished" in res.stdout
     assert "STOPPED: --fail-fast: case1 failed; 2 case(s) not finished" in res.stderr
     assert json.loads((out / "run.json").read_text())["stopped"] == "--fail-fast: case1 failed"
