@@ -5,6 +5,7 @@ import gzip
 import io
 import json
 import os
+import re
 import struct
 
 import nibabel as nib
@@ -149,6 +150,20 @@ def test_content_problems_raise_input_errors(tmp_path):
     _save(tmp_path / "zero.nii.gz", np.zeros((8, 8, 8), dtype=np.float32))
     with pytest.raises(InputImageError, match="zero.nii.gz: empty volume"):
         volumes.read_volume(tmp_path / "zero.nii.gz")
+
+
+
+@pytest.mark.parametrize("affine, sizes", [(np.diag([2e6, 2e6, 2e6, 1.0]), "2e+06 x 2e+06 x 2e+06"),  # 2 km voxels
+                                           (np.diag([2e-3, 2e-3, 2e-3, 1.0]), "0.002 x 0.002 x 0.002"),  # metres
+                                           (np.diag([1.0, 1.0, 1e-9, 1.0]), "1 x 1 x 1e-09")])  # a collapsed axis
+def test_absurd_voxel_sizes_are_refused_naming_them(tmp_path, affine, sizes):
+    """Read as-is, these resample to a blank field of view or fail far away with a misleading reason."""
+    _save(tmp_path / "absurd.nii.gz", _blob(), affine=affine)
+    with pytest.raises(InputImageError, match=rf"absurd.nii.gz: the header's affine gives voxels of {re.escape(sizes)} mm"):
+        volumes.read_volume(tmp_path / "absurd.nii.gz")
+    ok = np.diag([0.4, 0.4, 6.0, 1.0])  # fine in-plane, thick slices: a real clinical geometry
+    _save(tmp_path / "ok.nii.gz", _blob(), affine=ok)
+    assert volumes.read_volume(tmp_path / "ok.nii.gz").zooms == pytest.approx((0.4, 0.4, 6.0))
 
 
 def test_two_d_nifti_only_through_read_volume_or_slice(tmp_path):

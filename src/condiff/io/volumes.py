@@ -248,6 +248,11 @@ def _warn_geometry(path: Path, header, affine: np.ndarray) -> None:
                        "show the map elsewhere", path, gap)
 
 
+# Voxel sizes a scan can have: anything outside is a broken header (a zeroed or rescaled affine, metres or
+# microns): resampling it to the model's field of view would make a map of nothing, reported as ok.
+VOXEL_MM_RANGE = (0.01, 100.0)
+
+
 def _load(path: str | os.PathLike, *, allow_2d: bool, nan_policy: str, check_content: bool,
           orientation: str = "RAS", volume_index: int | None = None) -> Volume:
     import nibabel as nib
@@ -285,6 +290,13 @@ def _load(path: str | os.PathLike, *, allow_2d: bool, nan_policy: str, check_con
         raise InputImageError(path, f"expected a 3-D volume, got shape {shape}", "Give one volume per file")
     if not np.all(np.isfinite(affine)):
         raise InputImageError(path, "the header's affine contains NaN or Inf", "Fix the qform/sform of the file")
+    zooms = np.linalg.norm(affine[:3, :3], axis=0)
+    if not np.all((zooms >= VOXEL_MM_RANGE[0]) & (zooms <= VOXEL_MM_RANGE[1])):
+        sizes = " x ".join(f"{z:.3g}" for z in zooms)
+        raise InputImageError(path, f"the header's affine gives voxels of {sizes} mm, outside "
+                                    f"{VOXEL_MM_RANGE[0]:g}-{VOXEL_MM_RANGE[1]:g} mm: not a scan's geometry "
+                                    "(a zero or rescaled affine, or units other than mm)",
+                              "Fix the qform/sform of the file (e.g. re-export it with dcm2niix)")
 
     bad = ~np.isfinite(data)
     n_bad = int(bad.sum())
