@@ -518,6 +518,12 @@ def _eval(out_dir: Path, mask_pattern: str, protocol: str, missing_label: str, l
                           missing_label=missing_label, label_values=label_values, baselines=baselines,
                           threshold=given, bootstrap=bootstrap, bootstrap_seed=bootstrap_seed, progress=bar.update,
                           lesion_iou=lesion_iou)
+        if not ev.rows:  # nothing evaluated (a mistyped --masks): keep the metrics of an earlier evaluation
+            for case, err in ev.failures:
+                _echo_err(f"NOT EVALUATED {case}: {err}")
+            _echo_err(f"no case could be evaluated; {out_dir / f'metrics-{protocol}.json'} and its tables were "
+                      "not written (earlier ones are kept)")
+            return EXIT_FAILED
         click.echo(format_table(ev))
         doc = _nan_to_none(ev.to_dict())  # JSON has no NaN: a metric without both classes is null
         write_json_atomic(out_dir / f"metrics-{protocol}.json", doc)

@@ -303,9 +303,14 @@ def test_label_values_are_checked(run):
 
 def test_missing_labels_fail_alone_with_exit_1(run, tmp_path):
     scans, out = run
+    assert _eval(out, "--masks", SEG).exit_code == 0
+    earlier = {p.name: p.read_bytes() for p in out.glob("metrics-native*")}
     res = _eval(out, "--masks", "{dir}/{stem}_missing.nii.gz")
     assert res.exit_code == 1
     assert "NOT EVALUATED case0" in res.stderr and "mask not found" in res.stderr
+    # nothing evaluated (a mistyped pattern): each case named once, the earlier metrics kept, not emptied
+    assert res.stderr.count("case0_missing.nii.gz") == 1 and "no case could be evaluated" in res.stderr
+    assert len(earlier) == 3 and {p.name: p.read_bytes() for p in out.glob("metrics-native*")} == earlier
     # one case without a label: the others are still evaluated
     only = tmp_path / "labels"
     only.mkdir()
