@@ -4,7 +4,9 @@ CKPT is a condiff model folder, a model set (every member is exported), or a dif
 ``UNet2DModel`` folder as the reference saves it (``unet_ema/`` or ``unet/`` inside a run folder
 are found too), which is imported into ``-o OUT`` first. With ``-o`` a condiff folder or set is
 copied (config and weights only) to OUT and exported there; without it the artifacts are written
-beside the weights in place.
+beside the weights in place. The copy writes each file under a temporary name and renames it
+whole, ``set.json`` (a single folder's ``config.json``) last, so an interrupted copy never leaves a
+partial file under a final name, and rerunning the same command resumes it.
 
 Exit codes: 0 every artifact written; 1 some member failed (the others are written; each failure
 is printed with its file and reason); 2 usage or configuration error before any export.
@@ -20,7 +22,7 @@ from pathlib import Path
 import click
 
 from condiff.cli_common import EXIT_FAILED, EXIT_OK, logging_to, run_command, verbose_option, version_option
-from condiff.errors import ExportError, ModelFolderError, OutputConflictError
+from condiff.errors import ExportError, ModelFolderError, ModelSetError, OutputConflictError
 from condiff.modelset import CONFIG, SET_FILE, WEIGHTS, open_model_set
 
 logger = logging.getLogger(__name__)
@@ -44,10 +46,44 @@ def find_diffusers_folder(path: Path) -> Path | None:
     return None
 
 
-def _copy_model(src: Path, dst: Path) -> None:
-    dst.mkdir(parents=True, exist_ok=True)
-    for name in (CONFIG, WEIGHTS):
-        shutil.copy2(src / name, dst / name)
+def _copy_file(src: Path, dst: Path) -> None:
+    """Copy ``src`` (bytes and metadata, as ``shutil.copy2``) so that ``dst`` is whole or absent: to a
+    temporary name in ``dst``'s folder (``condiff.io.atomic``'s), fsynced, then renamed."""
+    from condiff.io.atomic import _temp_path, fsync_dir
+
+    tmp = _temp_path(dst)
+    try:
+        shutil.copyfile(src, tmp)
+        with open(tmp, "rb+") as f:  # before copystat: a read-only source's mode would forbid opening it
+            os.fsync(f.fileno())
+        shutil.copystat(src, tmp)
+        os.replace(tmp, dst)
+    except BaseException:  # also KeyboardInterrupt and condiff's SIGTERM: no temporary file stays behind
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(dst.parent)
+
+
+def _copy_plan(ckpt: Path, model_set) -> list[tuple[Path, Path]]:
+    """(source file, path in OUT) of a ``-o`` copy, in copy order: members' weights and config, the set's
+    documents, and ``set.json`` last (a single folder: ``config.json`` last), so that OUT is a model set
+    or folder only once every file it names is whole."""
+    if not (ckpt / SET_FILE).is_file():
+        return [(ckpt / WEIGHTS, Path(WEIGHTS)), (ckpt / CONFIG, Path(CONFIG))]
+    plan = []
+    for member in model_set.member_dirs:
+        rel = member.relative_to(ckpt)  # member paths are relative, so the copied set.json stays valid
+        plan += [(member / WEIGHTS, rel / WEIGHTS), (member / CONFIG, rel / CONFIG)]
+    plan += [(ckpt / card, Path(card)) for card in SET_DOCUMENTS if (ckpt / card).is_file()]  # model card, licence
+    plan.append((ckpt / SET_FILE, Path(SET_FILE)))
+    return plan
+
+
+def _copy(out: Path, plan: list[tuple[Path, Path]]) -> None:
+    for src, rel in plan:
+        dst = out / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        _copy_file(src, dst)
 
 
 def read_contract(source: Path) -> dict:
@@ -91,39 +127,131 @@ def prepare_models(ckpt: Path, out: Path | None, import_diffusers: bool, contrac
             logger.warning("%s: imported without a preprocessing contract; condiff-infer refuses it until one is "
                            "given (rerun with --preprocessing FILE_OR_MODEL_FOLDER)", out)
         return [import_diffusers_unet(diffusers_dir, out, preprocessing=contract)]
-    model_set = open_model_set(ckpt)
+    try:
+        model_set = open_model_set(ckpt)
+    except ModelSetError as exc:
+        if out is None and _may_be_unfinished_copy(ckpt, exc):
+            hint = f"{exc.hint}; " if exc.hint else ""
+            raise ModelSetError(exc.path, exc.problem, f"{hint}if an interrupted copy left it, rerun the command that "
+                                f"made it (condiff-export SET -o {ckpt}): the copy resumes") from None
+        raise
     if out is None:  # in place: every member folder must take the new files
         for member in model_set.member_dirs:
             if not os.access(member, os.W_OK | os.X_OK):
                 raise OutputConflictError(member, "is not writable, so its artifacts cannot be written beside it",
                                           "export a copy with -o OUT")
         return list(model_set.member_dirs)
-    _refuse_nonempty(out)
+    plan = _copy_plan(ckpt, model_set)
+    _copy(out, _left_to_copy(out, plan))
     if not (ckpt / SET_FILE).is_file():
-        _copy_model(ckpt, out)
         return [out]
-    out.mkdir(parents=True, exist_ok=True)
-    shutil.copy2(ckpt / SET_FILE, out / SET_FILE)  # member paths are relative, so the set stays valid
-    for card in SET_DOCUMENTS:  # the model card and licence travel with the weights
-        if (ckpt / card).is_file():
-            shutil.copy2(ckpt / card, out / card)
-    members = []
-    for member in model_set.member_dirs:
-        dst = out / member.relative_to(ckpt)
-        _copy_model(member, dst)
-        members.append(dst)
-    return members
+    return [out / member.relative_to(ckpt) for member in model_set.member_dirs]
+
+
+def _may_be_unfinished_copy(folder: Path, exc: ModelSetError) -> bool:
+    """Whether ``folder``, which ``open_model_set`` refused, may be what an interrupted ``-o`` copy left:
+    set.json with a member's weights missing or not matching (an older condiff wrote set.json first
+    and copied in place), or model files without set.json / config.json (they are written last)."""
+    if (folder / SET_FILE).is_file():
+        return exc.path is not None and Path(exc.path).name == WEIGHTS
+    if (folder / CONFIG).is_file():
+        return False
+    try:
+        return (folder / WEIGHTS).is_file() or any((sub / CONFIG).is_file() or (sub / WEIGHTS).is_file()
+                                                  for sub in folder.iterdir() if sub.is_dir())
+    except OSError:
+        return False
+
+
+def _not_empty(out: Path) -> OutputConflictError:
+    return OutputConflictError(out, "already exists and is not an empty folder",
+                               f"choose a new -o OUT (if an interrupted export left it, finish it in place: "
+                               f"condiff-export {out})")
 
 
 def _refuse_nonempty(out: Path) -> None:
     """-o OUT must be new or empty, and creatable: checked before anything is read or copied."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise OutputConflictError(out, "already exists and is not an empty folder",
-                                  f"choose a new -o OUT (if an interrupted export left it, finish it in place: "
-                                  f"condiff-export {out})")
+        raise _not_empty(out)
     from condiff.io.atomic import check_creatable
 
     check_creatable(out)
+
+
+def _same_or_prefix(dst: Path, src: Path) -> str:
+    """``"same"`` when ``dst`` holds ``src``'s bytes, ``"prefix"`` when it holds their beginning (a copy cut
+    short), ``"other"`` otherwise."""
+    size, full = dst.stat().st_size, src.stat().st_size
+    if size > full:
+        return "other"
+    with open(dst, "rb") as a, open(src, "rb") as b:
+        while block := a.read(1 << 20):
+            if b.read(len(block)) != block:
+                return "other"
+    return "same" if size == full else "prefix"
+
+
+def _left_to_copy(out: Path, plan: list[tuple[Path, Path]]) -> list[tuple[Path, Path]]:
+    """What of ``plan`` is still to be copied into ``out``: all of it when OUT is new or empty; when OUT
+    holds an unfinished copy of the same source, the files missing or cut short. Checked before
+    anything is copied.
+
+    An unfinished copy holds nothing but the copy's folders and files, each whole or the beginning
+    of its source (what an older condiff left when killed mid-file), and temporary files of condiff
+    processes that have exited (removed, logged). A finished copy, or anything else, is refused as
+    before (``-o OUT`` must be new or empty); a temporary file of a live process means another export
+    is writing OUT."""
+    from condiff.export.onnx_export import remove_stale_temp_files, temp_writer_pid
+    from condiff.io.lock import process_exited
+
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        _refuse_nonempty(out)  # creatable
+        return plan
+    if not out.is_dir():
+        raise _not_empty(out)
+    from condiff.io.atomic import check_creatable
+
+    check_creatable(out)  # writable
+    files = {rel.as_posix() for _, rel in plan}
+    folders = {parent.as_posix() for _, rel in plan for parent in rel.parents if parent != Path(".")}
+    stale_in = set()
+    for dirpath, dirnames, filenames in os.walk(out):
+        for name in dirnames + filenames:
+            path = Path(dirpath) / name
+            rel = path.relative_to(out).as_posix()
+            if path.is_symlink():
+                raise _not_empty(out)
+            if name in dirnames:
+                if rel not in folders:
+                    raise _not_empty(out)
+                continue
+            pid = temp_writer_pid(name)
+            if pid is not None:
+                if not process_exited(pid):
+                    raise OutputConflictError(out, f"another process (pid {pid}) is writing {path}",
+                                              "let it finish, or stop it and run this command again")
+                stale_in.add(path.parent)
+            elif rel not in files:
+                raise _not_empty(out)
+    left = []
+    for src, rel in plan:
+        dst = out / rel
+        if not dst.exists():
+            left.append((src, rel))
+            continue
+        state = _same_or_prefix(dst, src)
+        if state == "other":
+            raise OutputConflictError(out, f"already exists and is not an empty folder ({dst} is not a copy of {src})",
+                                      "choose a new -o OUT, or empty it")
+        if state == "prefix":
+            logger.warning("%s: cut short by an interrupted copy; copying it again", dst)
+            left.append((src, rel))
+    if not left:
+        raise _not_empty(out)  # a finished copy: its export is finished in place
+    for folder in sorted(stale_in):
+        remove_stale_temp_files(folder)
+    logger.info("%s: resuming an unfinished copy (%d of %d files left to copy)", out, len(left), len(plan))
+    return left
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})

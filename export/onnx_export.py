@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import secrets
 import time
 from dataclasses import dataclass
@@ -88,7 +89,46 @@ def largest_score_bytes(cfg) -> int:
 
 
 def _temp_name(final: Path) -> Path:
+    # the same shape as condiff.io.atomic's temporary names; TEMP_NAME matches both
     return final.with_name(f".{final.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+
+
+# ``.<final name>.<writer's pid>.<8 hex digits>.tmp``: what ``_temp_name``, the TensorRT build, the
+# copy of ``condiff-export -o`` and ``condiff.io.atomic`` (sidecars, timing caches) write first.
+TEMP_NAME = re.compile(r"\.(?P<final>.+)\.(?P<pid>[1-9][0-9]{0,9})\.[0-9a-f]{8}\.tmp")
+
+
+def temp_writer_pid(name: str) -> int | None:
+    """The writer's process id when ``name`` is one of condiff's temporary names, else None."""
+    m = TEMP_NAME.fullmatch(name)
+    return None if m is None else int(m.group("pid"))
+
+
+def remove_stale_temp_files(folder: str | Path) -> list[Path]:
+    """Remove the temporary files that a killed condiff process left in ``folder`` (not its subfolders).
+
+    Only names matching ``TEMP_NAME`` whose writer process has exited are removed, each logged; a
+    temporary file of a live process (another export of the same folder) and every other file stay.
+    The process check is for this host: a folder written from several hosts at once is not supported.
+    """
+    from condiff.io.lock import process_exited  # the check that takes over a dead run's lock (zombies count)
+
+    removed = []
+    try:
+        entries = sorted(Path(folder).iterdir())
+    except OSError:
+        return removed
+    for path in entries:
+        pid = temp_writer_pid(path.name)
+        if pid is None or path.is_symlink() or not path.is_file() or not process_exited(pid):
+            continue
+        try:
+            path.unlink()
+        except FileNotFoundError:  # removed meanwhile by another run's clean-up
+            continue
+        logger.warning("%s: removed a temporary file left by an interrupted condiff process (pid %d)", path, pid)
+        removed.append(path)
+    return removed
 
 
 def _example_inputs(channels: int, size: int, batch: int, seed: int) -> tuple[torch.Tensor, ...]:
@@ -250,10 +290,12 @@ def export_onnx(model_dir: str | Path, *, attention: str = "auto", opset: int = 
     ``chunk_size`` query rows per chunk, default from a 128 MiB score budget per image) or ``sdpa``
     (plain, unbounded memory: small models only). ``map_steps``: DDPM steps of the map check on the
     calibration set (None: 10 on 4 images, smaller for slow networks; 0 skips it, the sidecar says so). Raises ``ExportError`` (nothing written)
-    when a check fails.
+    when a check fails. Temporary files a killed earlier export left in ``model_dir`` are removed first
+    (``remove_stale_temp_files``).
     """
     start = time.perf_counter()
     model_dir = Path(model_dir)
+    remove_stale_temp_files(model_dir)  # a killed earlier export's .model.onnx.<pid>.<token>.tmp, sidecar, plan
     variant = resolve_attention(attention, "ort")
     if variant != "chunked":
         chunk_size = None  # only the chunked graph has chunks

@@ -127,16 +127,20 @@ class OutputLock:
 def _stale(holder: str) -> bool:
     """True when ``holder`` (a lock's ``host H pid P``) names a process of this host that has exited."""
     m = re.fullmatch(r"host (\S+) pid (\d+)", holder)
-    if m is None or os.name != "posix" or m.group(1) != socket.gethostname():
+    if m is None or m.group(1) != socket.gethostname():
         return False
-    pid = int(m.group(2))
-    if pid == os.getpid():
+    return process_exited(int(m.group(2)))
+
+
+def process_exited(pid: int) -> bool:
+    """True only when process ``pid`` of this host has exited (never for this process; never off POSIX)."""
+    if os.name != "posix" or pid == os.getpid():
         return False
     try:
         os.kill(pid, 0)  # signal 0: existence check only
     except ProcessLookupError:
         return True
-    except OSError:  # EPERM: alive, owned by someone else
+    except (OSError, OverflowError):  # EPERM: alive, owned by someone else; or no pid this system can have
         return False
     try:  # a zombie (killed, not yet reaped by its parent) has exited too
         with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
@@ -145,4 +149,4 @@ def _stale(holder: str) -> bool:
         return False
 
 
-__all__ = ["OutputLock", "shard_suffix"]
+__all__ = ["OutputLock", "shard_suffix", "process_exited"]
