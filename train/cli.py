@@ -13,6 +13,10 @@ share of each global batch; rank 0 writes.
 
 Signals: the first SIGINT or a SIGTERM ends the current step, checkpoints and writes the model
 folders, then exits 130 / 143; a second SIGINT aborts at once.
+
+Divergence: a NaN/Inf loss, gradient norm or weight (a learning rate too high) stops the run with exit 1,
+naming the steps and the newest checkpoint (the last finite one; ``--resume`` with a lower ``--lr``
+continues from it). The diverged fold's model folder is not written; set.json still lists the others.
 """
 from __future__ import annotations
 
@@ -30,8 +34,8 @@ from typing import Any
 import click
 
 from condiff import __version__
-from condiff.cli_common import (EXIT_INTERRUPTED, EXIT_OK, EXIT_TERMINATED, logging_to, run_command, verbose_option,
-                                version_option)
+from condiff.cli_common import (EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_TERMINATED, logging_to, run_command,
+                                verbose_option, version_option)
 from condiff.errors import TrainingDataError
 
 logger = logging.getLogger("condiff.train")
@@ -198,11 +202,11 @@ def _check_existing_members(out: Path, fold_list, unet_cfg, preprocessing: dict)
 
 
 def _export_fold(out: Path, fold_dir_name: str, model_cfg, trainer, result, weights_dtype) -> Path:
-    """Write ``OUT/fold<f>`` from the best EMA weights (or the final EMA weights)."""
+    """Write ``OUT/fold<f>`` from the best EMA weights (or the final EMA weights); never non-finite ones."""
     import torch
     from safetensors.torch import load_file
 
-    from condiff.modelset import save_model
+    from condiff.modelset import count_nonfinite, save_model
     from condiff.unet import ConditionalUNet
 
     net = ConditionalUNet(model_cfg.unet)
@@ -210,6 +214,9 @@ def _export_fold(out: Path, fold_dir_name: str, model_cfg, trainer, result, weig
         net.load_state_dict(load_file(str(result.best_path)), strict=True)
     else:
         net.load_state_dict({k: v.detach().cpu() for k, v in trainer.ema.state_dict().items()}, strict=True)
+    bad = count_nonfinite(net.state_dict().values())
+    if bad:  # fit() checks before every write; this guards weights written by an older condiff
+        raise trainer.diverged_error(f"{bad} non-finite weights in {result.best_path or 'the final EMA'}")
     dtype = {"fp32": torch.float32, "fp16": torch.float16}[weights_dtype]
     return save_model(out / fold_dir_name, net, model_cfg, dtype=dtype)
 
@@ -250,7 +257,7 @@ def _train_command(data: str, mask_pattern: str | None, modality: str, image_siz
     from condiff.train import data as tdata
     from condiff.train.folds import fold_tasks
     from condiff.train.distributed import init_distributed, resolve_device
-    from condiff.train.loop import Trainer, recipe_config
+    from condiff.train.loop import Trainer, TrainingDivergedError, recipe_config
     from condiff.train.tasks import P_NO_TASK, ArrayPool, RestorationTask
     from condiff.train import checkpoint as ckpt
     from condiff.train.curriculum import SizeCurriculum, parse_size_curriculum
@@ -318,6 +325,7 @@ def _train_command(data: str, mask_pattern: str | None, modality: str, image_siz
     version = code_version()
     stop = _StopFlag()
     members, summary = [], []
+    diverged: TrainingDivergedError | None = None
     with stop:
         for fold in fold_list:
             train_ids, val_ids = fold_tasks(fold)
@@ -367,25 +375,31 @@ def _train_command(data: str, mask_pattern: str | None, modality: str, image_siz
                 latest = _load_newest_readable(trainer, work / "checkpoints")
                 trainer.truncate_metrics()
                 logger.warning("fold %d: resuming from %s (step %d)", fold, latest, trainer.step)
-            result = trainer.fit()
-            trained = {
-                "steps": result.steps, "wall_time_s": round(result.wall_time_s, 3), "stop_reason": result.reason,
-                "complete": result.reason in ("max_steps", "early_stopping"),
-                "weights": "ema-best" if result.best_path is not None else "ema-final",
-                "best_step": result.val.best_step, "best_val_ma": result.val.best,
-                "data": {"train": train_slices.describe(),
-                         "validation": None if val_slices is None else val_slices.describe(),
-                         "mask_pattern": mask_pattern, "holdout_subjects": holdout,
-                         "other_data": [o.describe() for o in others]},
-                "recipe": {"name": recipe, **fold_cfg.to_dict()},
-                "effective_train_tasks": list(eff_train), "effective_val_tasks": list(eff_val),
-                "substitutions": subs + subs_val, "code_version": version, "device": str(device),
-                "precision": trainer.precision, "world_size": info.world_size, "global_batch": trainer.global_batch,
-            }
-            model_cfg = ModelConfig(unet=unet_cfg, preprocessing=pre.to_dict(), fold=fold, train_tasks=list(train_ids),
-                                    val_tasks=list(val_ids), trained=trained)
-            if info.is_main:
-                members.append(_export_fold(out, f"fold{fold}", model_cfg, trainer, result, weights_dtype))
+            try:
+                result = trainer.fit()
+                trained = {
+                    "steps": result.steps, "wall_time_s": round(result.wall_time_s, 3), "stop_reason": result.reason,
+                    "complete": result.reason in ("max_steps", "early_stopping"),
+                    "weights": "ema-best" if result.best_path is not None else "ema-final",
+                    "best_step": result.val.best_step, "best_val_ma": result.val.best,
+                    "data": {"train": train_slices.describe(),
+                             "validation": None if val_slices is None else val_slices.describe(),
+                             "mask_pattern": mask_pattern, "holdout_subjects": holdout,
+                             "other_data": [o.describe() for o in others]},
+                    "recipe": {"name": recipe, **fold_cfg.to_dict()},
+                    "effective_train_tasks": list(eff_train), "effective_val_tasks": list(eff_val),
+                    "substitutions": subs + subs_val, "code_version": version, "device": str(device),
+                    "precision": trainer.precision, "world_size": info.world_size, "global_batch": trainer.global_batch,
+                }
+                model_cfg = ModelConfig(unet=unet_cfg, preprocessing=pre.to_dict(), fold=fold, train_tasks=list(train_ids),
+                                        val_tasks=list(val_ids), trained=trained)
+                if info.is_main:
+                    members.append(_export_fold(out, f"fold{fold}", model_cfg, trainer, result, weights_dtype))
+            except TrainingDivergedError as exc:  # nothing non-finite was written; the other folds would follow
+                diverged = exc
+                summary.append({"fold": fold, "steps": trainer.step, "reason": "diverged", "diverged_steps": list(exc.steps),
+                                "best_step": trainer.val.best_step, "best_val_ma": trainer.val.best})
+                break
             summary.append({"fold": fold, "steps": result.steps, "reason": result.reason,
                             "best_step": result.val.best_step, "best_val_ma": result.val.best})
             if stop():
@@ -399,6 +413,10 @@ def _train_command(data: str, mask_pattern: str | None, modality: str, image_siz
     if info.enabled:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
+    if diverged is not None:
+        if info.is_main:
+            click.echo(f"error: {diverged.message}", err=True)
+        return EXIT_FAILED
     if stop.signum == signal.SIGTERM:
         return EXIT_TERMINATED
     if stop.signum == signal.SIGINT:

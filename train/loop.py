@@ -17,11 +17,18 @@ Validation (§3, §10 D5): the EMA weights on the held-out subjects every ``val_
 Distributed (torchrun, ``WORLD_SIZE`` > 1): every rank holds the same model, takes its own ``B``
 samples of the global batch (``StepBatchSampler``), DDP averages gradients; validation is sharded and
 summed, so every rank reaches the same decisions without a broadcast. Rank 0 writes all files.
+
+Divergence (a learning rate too high): the loss and gradient norm, accumulated on the device, are
+checked where they reach the host anyway (each log record, every ``log_every`` steps), the weights and
+the EMA before every checkpoint or best-weights write and at the end of ``fit``. A NaN/Inf stops
+training with ``TrainingDivergedError`` (reason ``diverged`` in metrics.jsonl's end record) and nothing
+non-finite is written: the newest checkpoint stays the last finite one.
 """
 from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -33,7 +40,8 @@ import torch.distributed as dist
 from torch import nn
 
 from condiff.config import ScheduleConfig
-from condiff.errors import TrainingDataError
+from condiff.errors import CondiffError, TrainingDataError
+from condiff.modelset import count_nonfinite
 from condiff.schedule import alpha_bar, min_snr_weight
 from condiff.train import checkpoint as ckpt
 from condiff.train.data import StepBatchSampler, TaskSamples, collate
@@ -182,10 +190,19 @@ def diffusion_loss(model: nn.Module, batch: dict[str, torch.Tensor], alpha_bar_t
 # ------------------------------------------------------------------------------------------ result
 
 
+class TrainingDivergedError(CondiffError):
+    """The loss, the gradient norm or the weights became NaN/Inf; names the run's metrics.jsonl, the steps
+    and the newest (finite) checkpoint. ``steps``: (first, last) step of the window where it was seen."""
+
+    def __init__(self, path, problem: str, hint: str | None = None, steps: tuple[int, int] = (0, 0)):
+        super().__init__(path, problem, hint)
+        self.steps = steps
+
+
 @dataclass
 class FitResult:
     steps: int
-    reason: str                     # max_steps | early_stopping | time_budget | signal
+    reason: str                     # max_steps | early_stopping | time_budget | signal (diverged: raised)
     wall_time_s: float
     val: ValState
     best_path: Path | None
@@ -240,6 +257,7 @@ class Trainer:
         self.val = ValState()
         self.elapsed_before = 0.0   # wall time of earlier runs of this training (resume)
         self.finished: str | None = None
+        self._finite_step = 0       # the last step whose loss, gradient norm or weights were seen finite
         self.sampler = StepBatchSampler(len(train_set), cfg.batch_size, cfg.seed, 0, dist_info.rank,
                                         dist_info.world_size)
 
@@ -339,6 +357,7 @@ class Trainer:
             self.scaler.load_state_dict(s["scaler"])
         ckpt.set_rng_state(c.tensors, s["rng"])
         self.step = int(s["step"])
+        self._finite_step = self.step
         order = s["data_order"]
         if order["n"] != len(self.train_set) or order["seed"] != self.cfg.seed:
             logger.warning("%s: the training data or seed changed since this checkpoint; the data order differs", path)
@@ -355,7 +374,10 @@ class Trainer:
         self.finished = s.get("finished")
 
     def save(self, barrier: bool = True) -> Path | None:
-        """Write a checkpoint of the current step (rank 0) and prune old ones."""
+        """Write a checkpoint of the current step (rank 0) and prune old ones. Non-finite weights are never
+        written (``TrainingDivergedError``, on every rank: the replicas agree), so the newest checkpoint
+        stays a usable one."""
+        self.check_weights()
         path = None
         if self.dist.is_main:
             tensors, meta = self.state()
@@ -365,6 +387,42 @@ class Trainer:
         if barrier and self.dist.enabled:
             dist.barrier()
         return path
+
+    # ----------------------------------------------------------------------------- divergence
+    def diverged_error(self, what: str) -> TrainingDivergedError:
+        """The error for a NaN/Inf first seen now, in the steps since the last finite sighting."""
+        first, last = min(self._finite_step + 1, self.step), self.step
+        steps = f"step {last}" if first == last else f"steps {first}-{last}"
+        found = ckpt.list_checkpoints(self.work_dir / "checkpoints")
+        hint = "rerun with a lower --lr (e.g. a tenth)"
+        if found:
+            step, path = found[-1]
+            hint += (f": with --resume it continues from the newest checkpoint, {path.name} (step {step}, finite "
+                     "weights); should that diverge again, start afresh in another -o folder")
+        else:
+            hint += "; no checkpoint was written"
+        return TrainingDivergedError(self.work_dir / "metrics.jsonl",
+                                     f"training diverged: {what} in {steps} (learning rate {self.cfg.lr:g})", hint,
+                                     steps=(first, last))
+
+    def _check_record(self, record: dict) -> None:
+        """Raise when a train record's mean loss or gradient norm is NaN/Inf. Under fp16 the GradScaler skips
+        steps whose gradients overflow (routine while it calibrates): the gradient norm is not judged there."""
+        bad = [f"{name} {record[key]}" for key, name in (("loss", "mean loss"), ("grad_norm", "gradient norm"))
+               if not math.isfinite(record[key]) and (key == "loss" or self.precision != "fp16")]
+        if bad:
+            raise self.diverged_error(" and ".join(bad))
+        self._finite_step = self.step
+
+    def check_weights(self, ema_only: bool = False) -> None:
+        """Raise when the weights (and the EMA weights) hold NaN/Inf; one host sync each."""
+        for what, module in ((("EMA weights", self.ema.module),) if ema_only else
+                             (("weights", self.model), ("EMA weights", self.ema.module))):
+            bad = count_nonfinite(module.state_dict().values())
+            if bad:
+                raise self.diverged_error(f"{bad} non-finite {what}")
+        if not ema_only:
+            self._finite_step = self.step
 
     # ----------------------------------------------------------------------------- fit
     def _run_time(self) -> float:
@@ -392,7 +450,9 @@ class Trainer:
         path.write_text("".join(line + "\n" for line in keep))
 
     def _log_train(self, acc: dict) -> dict:
-        """Log the mean loss and gradient norm since the last record (all ranks take part), then reset."""
+        """Log the mean loss and gradient norm since the last record (all ranks take part), then reset.
+        A non-finite mean is logged, then raised (``TrainingDivergedError``): this is where the device's
+        sums reach the host, so the check costs no extra sync."""
         n = acc["n"]
         loss, norm = all_reduce_sum([acc["loss"].item() / n, acc["norm"].item() / n], self.dist, self.device)
         dt = time.monotonic() - acc["t"]
@@ -403,6 +463,7 @@ class Trainer:
         self._log(record)
         acc["loss"].zero_(), acc["norm"].zero_()
         acc["n"], acc["t"] = 0, time.monotonic()
+        self._check_record(record)
         return record
 
     def _should_validate(self) -> bool:
@@ -412,8 +473,12 @@ class Trainer:
         """Validate, update the moving average, write a new best (rank 0), run the hooks (rank 0), log."""
         t0 = time.monotonic()
         loss = self.validate()
+        if not math.isfinite(loss):  # all ranks agree (summed): the EMA is poisoned, never a best
+            raise self.diverged_error(f"validation loss {loss} of the EMA weights")
         improved = self.val.update(loss, self.step, self.cfg.ma_alpha)
         record = val_record(self.step, loss, self.val, improved)
+        if improved:
+            self.check_weights(ema_only=True)
         if self.dist.is_main:
             if improved:
                 write_best(self.work_dir, self.ema.state_dict(), self.step, self.val)
@@ -439,7 +504,8 @@ class Trainer:
     def fit(self) -> FitResult:
         """Train from the current state to ``max_steps``, early stopping, the time budget or a stop request.
 
-        Always ends with a checkpoint of the last step (rank 0).
+        Always ends with a checkpoint of the last step (rank 0), unless training diverged: then the end
+        record says so, no checkpoint is written and ``TrainingDivergedError`` is raised.
         """
         cfg = self.cfg
         self._t0 = time.monotonic()
@@ -463,6 +529,7 @@ class Trainer:
         acc = {"loss": torch.zeros((), device=self.device), "norm": torch.zeros((), device=self.device),
                "n": 0, "t": time.monotonic()}
         saved_at = None
+        self._finite_step = self.step
         it = iter(loader)
         try:
             while self.step < cfg.max_steps:
@@ -491,20 +558,32 @@ class Trainer:
                 if stop:
                     reason = stop
                     break
+        except TrainingDivergedError as exc:
+            self._log_diverged(exc)
+            raise
         finally:  # an exception mid-step may leave a torn state: it is never checkpointed
             del it
             if bar is not None:
                 bar.close()
-        if acc["n"]:
-            self._log_train(acc)
-        if reason == "max_steps":
-            self.finished = reason
-        if saved_at != self.step and (self.step != start_step or not ckpt.list_checkpoints(self.work_dir / "checkpoints")):
-            self.save()
+        try:
+            if acc["n"]:
+                self._log_train(acc)
+            if reason == "max_steps":
+                self.finished = reason
+            if saved_at != self.step and (self.step != start_step or not ckpt.list_checkpoints(self.work_dir / "checkpoints")):
+                self.save()
+        except TrainingDivergedError as exc:
+            self._log_diverged(exc)
+            raise
         wall = self.elapsed_before + self._run_time()
         self._log({"kind": "end", "step": self.step, "reason": reason, "elapsed_s": wall,
                    "best_step": self.val.best_step, "best_ma": self.val.best})
         return FitResult(self.step, reason, wall, self.val, self._best_path())
+
+    def _log_diverged(self, exc: TrainingDivergedError) -> None:
+        self._log({"kind": "end", "step": self.step, "reason": "diverged", "problem": exc.problem,
+                   "elapsed_s": self.elapsed_before + self._run_time(), "best_step": self.val.best_step,
+                   "best_ma": self.val.best})
 
     def _best_path(self) -> Path | None:
         return best_weights_path(self.work_dir, self.val)

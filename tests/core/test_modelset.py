@@ -301,3 +301,20 @@ def test_cli_list_valued_set_json_exits_2_naming_it(tmp_path):
     assert res.exit_code == 2, res.output
     assert str(tmp_path / "set" / "set.json") in res.stderr and "not a JSON object" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+def test_non_finite_weights_are_refused_at_load_naming_the_file(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    m, cfg = _model()
+    save_model(tmp_path / "m", m, cfg)
+    weights = tmp_path / "m" / "model.safetensors"
+    state = load_file(str(weights))
+    state["conv_in.weight"][0, 0, 0, 0] = float("nan")
+    state["conv_in.bias"][:2] = float("inf")
+    save_file(state, str(weights))
+    with pytest.raises(ModelFolderError) as info:
+        load_model(tmp_path / "m")
+    message = info.value.message
+    assert message.startswith(f"{weights}: holds 3 non-finite weights (NaN/Inf): the training diverged")
+    assert "lower learning rate" in message and "earlier checkpoint" in message

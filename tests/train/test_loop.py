@@ -303,3 +303,78 @@ def test_time_budget_and_stop_request_end_cleanly_with_a_checkpoint(slices, tmp_
     res = tr.fit()
     assert res.reason == "signal" and res.steps == 3 and tr.finished is None
     assert ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path / "b" / "checkpoints")).state["step"] == 3
+
+
+# ----------------------------------------------------------------------------------- divergence
+
+
+def _finite(tensors) -> bool:
+    return all(torch.isfinite(t).all() for t in tensors if t.is_floating_point())
+
+
+def _end_record(work):
+    return [json.loads(x) for x in (work / "metrics.jsonl").read_text().splitlines()][-1]
+
+
+def test_a_diverging_run_stops_naming_the_steps_and_keeps_the_last_finite_checkpoint(slices, tmp_path):
+    from condiff.train.loop import TrainingDivergedError
+
+    healthy = _trainer(slices, tmp_path, max_steps=2, checkpoint_every=2)
+    healthy.fit()
+    # resumed at an absurd learning rate: step 3 throws the weights far off, step 4's loss is NaN
+    tr = _trainer(slices, tmp_path, lr=1e6, max_steps=30, log_every=1, checkpoint_every=2, keep_checkpoints=50)
+    tr.load(ckpt.latest_checkpoint(tmp_path / "checkpoints"))
+    with pytest.raises(TrainingDivergedError) as info:
+        tr.fit()
+    err = info.value
+    first, last = err.steps
+    assert 3 <= first <= last < 30 and "training diverged" in err.message and "--lr" in err.message
+    assert f"in step {last} " in err.message or f"in steps {first}-{last} " in err.message
+    assert str(tmp_path / "metrics.jsonl") in err.message
+    end = _end_record(tmp_path)
+    assert end["kind"] == "end" and end["reason"] == "diverged" and end["step"] == last
+    found = ckpt.list_checkpoints(tmp_path / "checkpoints")
+    assert [s for s, _ in found] == [2] and "checkpoint-000000002 (step 2" in err.message  # the hint names it
+    assert _finite(ckpt.load_checkpoint(found[-1][1]).tensors.values())
+    # the last finite checkpoint is usable: a resume at a sane learning rate trains on
+    again = _trainer(slices, tmp_path, lr=1e-4, max_steps=4)
+    again.load(found[-1][1])
+    assert again.fit().reason == "max_steps" and _finite(again.ema.state_dict().values())
+
+
+def test_non_finite_weights_are_never_checkpointed_between_log_records(slices, tmp_path):
+    from condiff.train.loop import TrainingDivergedError
+
+    tr = _trainer(slices, tmp_path, lr=1e6, max_steps=10, log_every=100, checkpoint_every=2)
+    with pytest.raises(TrainingDivergedError, match=r"non-finite weights in steps 1-2.*no checkpoint was written"):
+        tr.fit()
+    assert ckpt.list_checkpoints(tmp_path / "checkpoints") == []
+    assert _end_record(tmp_path)["reason"] == "diverged"
+
+
+def test_a_poisoned_ema_is_never_written_as_the_best_weights(slices, tmp_path):
+    from condiff.train.loop import TrainingDivergedError
+
+    tr = _trainer(slices[:8], tmp_path, val_images=slices[8:], lr=1e6, max_steps=10, log_every=100, val_start=1,
+                  val_every=1)
+    with pytest.raises(TrainingDivergedError, match="diverged"):
+        tr.fit()
+    best = tmp_path / "best" / "ema.safetensors"
+    if best.is_file():
+        from safetensors.torch import load_file
+
+        assert _finite(load_file(str(best)).values())
+
+
+def test_fp16_gradient_overflow_is_the_scalers_business_not_divergence(slices, tmp_path):
+    from condiff.train.loop import TrainingDivergedError
+
+    tr = _trainer(slices, tmp_path)
+    tr.step = 5
+    tr.precision = "fp16"  # a skipped step's gradient norm is inf under the GradScaler
+    tr._check_record({"loss": 0.3, "grad_norm": float("inf")})
+    with pytest.raises(TrainingDivergedError, match="mean loss nan"):
+        tr._check_record({"loss": float("nan"), "grad_norm": 1.0})
+    tr.precision = "fp32"
+    with pytest.raises(TrainingDivergedError, match="gradient norm inf"):
+        tr._check_record({"loss": 0.3, "grad_norm": float("inf")})

@@ -337,3 +337,44 @@ def test_a_second_training_of_one_output_folder_is_refused_while_the_first_runs(
     (out / "train" / ".condiff.lock").unlink()
     code, output = _run(*_common(data_dir, cache_dir, out), "--fold", 2, "--max-steps", 2, "--val-start", 100)
     assert code == 0 and not (out / "train" / ".condiff.lock").exists(), output  # released afterwards
+
+
+def test_a_diverged_training_is_exit_1_and_exports_nothing_non_finite(data_dir, cache_dir, tmp_path):
+    from condiff.train.checkpoint import list_checkpoints, load_checkpoint
+
+    def finite_checkpoints(work):
+        found = list_checkpoints(work / "checkpoints")
+        for _, path in found:
+            assert all(torch.isfinite(t).all() for t in load_checkpoint(path).tensors.values() if t.is_floating_point())
+        return found
+
+    def end_reason(work):
+        return json.loads((work / "metrics.jsonl").read_text().splitlines()[-1])["reason"]
+
+    # from the start: nothing to keep
+    out = tmp_path / "scratch"
+    code, output = _run(*_common(data_dir, cache_dir, out), "--fold", 2, "--val-start", 100, "--max-steps", 8,
+                        "--lr", "1e6")
+    assert code == 1, output
+    assert "error: " in output and "training diverged" in output and "lower --lr" in output
+    assert "Traceback" not in output
+    assert not (out / "fold2").exists() and end_reason(out / "train" / "fold2") == "diverged"
+    finite_checkpoints(out / "train" / "fold2")
+
+    # a healthy chunk, then a resume at an absurd learning rate: the first chunk's model and checkpoint stay
+    out = tmp_path / "run"
+    base = _common(data_dir, cache_dir, out) + ["--fold", 2, "--val-start", 100, "--checkpoint-every", 2]
+    code, output = _run(*base, "--max-steps", 2)
+    assert code == 0, output
+    model = (out / "fold2" / "model.safetensors").read_bytes()
+    code, output = _run(*base, "--max-steps", 30, "--lr", "1e6", "--resume")
+    assert code == 1 and "training diverged" in output and "checkpoint-000000002 (step 2" in output, output
+    work = out / "train" / "fold2"
+    assert end_reason(work) == "diverged" and [s for s, _ in finite_checkpoints(work)] == [2]
+    assert (out / "fold2" / "model.safetensors").read_bytes() == model  # not replaced by non-finite weights
+    assert json.loads((out / "set.json").read_text())["members"][0]["path"] == "fold2"
+    # what the message advises: resume from the last finite checkpoint with a lower learning rate
+    code, output = _run(*base, "--max-steps", 4, "--lr", "1e-4", "--resume")
+    assert code == 0, output
+    model, cfg = load_model(out / "fold2")
+    assert cfg.trained["complete"] and cfg.trained["steps"] == 4
