@@ -218,8 +218,16 @@ def _infer(inputs, output, models, engine, device, precision, batch_size, fast_k
                                       "Use another -o folder, or --overwrite to replace those results "
                                       "(the other method's cases are deleted; with --shard, each shard replaces its own)")
         if resume:  # a case name another run filled from another file: resuming would silently replace it
-            from .consistency import replaced_inputs
+            from .consistency import renamed_inputs, replaced_inputs
 
+            renamed = renamed_inputs(output, cases)
+            if renamed:
+                name, other, path = renamed[0]
+                raise OutputConflictError(output, f"already holds {len(renamed)} of this run's input files under other "
+                                          f"case names (e.g. {path} is case {other}, this run would add it as {name}); "
+                                          "the folder would count them twice",
+                                          "Give the inputs from the same folder as the run that made it, or use "
+                                          "another -o folder")
             replaced = replaced_inputs(output, cases)
             if replaced:
                 name, old, new = replaced[0]

@@ -107,6 +107,24 @@ def replaced_inputs(out_dir: Path, cases: Iterable[Any]) -> list[tuple[str, str,
     return found
 
 
+def renamed_inputs(out_dir: Path, cases: Iterable[Any]) -> list[tuple[str, str, str]]:
+    """``(this run's case, the folder's case, file)`` for every input file a finished case of the folder
+    already holds under another name: the same cohort given from another root (``cohort/`` once, then
+    ``cohort/siteA``) would add each scan twice, and condiff-eval would pool it twice."""
+    import os
+
+    from .writer import load_records
+
+    by_file = {os.path.realpath(r["input"]): r.get("case") for r in load_records(Path(out_dir))
+               if r.get("status") == "ok" and r.get("input")}
+    found = []
+    for case in cases:
+        other = by_file.get(os.path.realpath(case.path))
+        if other is not None and other != case.name:
+            found.append((case.name, other, os.path.abspath(case.path)))
+    return found
+
+
 def remove_foreign(out_dir: Path, foreign: list[tuple[dict[str, Any], list[str]]], keep: set[str]) -> int:
     """Delete the outputs and records of foreign cases, except those named in ``keep``."""
     from .writer import remove_record_and_outputs
@@ -144,6 +162,6 @@ def check_single_method(records: list[dict[str, Any]], out_dir: Path) -> None:
                        "Evaluate each run's own output folder (rerun condiff-infer with --overwrite to make one method)")
 
 
-__all__ = ["METHOD_OPTIONS", "method_signature", "differences", "foreign_records", "conflict_message", "replaced_inputs",
+__all__ = ["METHOD_OPTIONS", "method_signature", "differences", "foreign_records", "conflict_message", "replaced_inputs", "renamed_inputs",
            "remove_foreign",
            "check_single_method"]

@@ -156,6 +156,24 @@ def test_another_file_under_a_finished_case_name_is_refused_not_replaced(tmp_pat
     assert rec["input"] == other.as_posix()
 
 
+
+def test_the_same_files_from_another_root_are_refused_not_added_twice(tmp_path, reference):
+    """condiff-infer cohort/ then condiff-infer cohort/site-a: the scans would come back as site-a/case0 ..."""
+    models, scans, ref, want = reference
+    cohort = tmp_path / "cohort"
+    shutil.copytree(scans, cohort / "site-a")
+    out = tmp_path / "out"
+    assert _invoke([cohort, "-o", out, "--models", models, *FAST]).exit_code == 0
+    before = digests(out)
+    res = _invoke([cohort / "site-a", "-o", out, "--models", models, *FAST])
+    assert res.exit_code == 2, res.output + res.stderr
+    assert "already holds 3 of this run's input files under other case names" in res.stderr
+    assert "is case site-a/case0, this run would add it as case0" in res.stderr
+    assert digests(out) == before and not (out / "records" / "case0.json").exists()
+    res = _invoke([cohort, "-o", out, "--models", models, *FAST])  # the same root: resumed
+    assert res.exit_code == 0 and "0 done, 3 already done" in res.stdout
+
+
 def test_overwrite_of_part_of_a_folder_removes_the_other_methods_cases(tmp_path, reference):
     """--overwrite on one input leaves one method in the folder: the other method's cases go, files and records."""
     models, scans, ref, want = reference
