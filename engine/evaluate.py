@@ -131,6 +131,30 @@ def _case_of(rec: dict[str, Any]) -> Case:
     return Case(name=rec["case"], path=Path(rec["input"]), kind=rec.get("kind", "volume"))
 
 
+def _auto_brain(rec: dict[str, Any]) -> np.ndarray:
+    """The brain inference used for a scan without a mask file: its non-background voxels, rebuilt from
+    the input (which must still hold the bytes the record names)."""
+    from condiff.io.volumes import read_volume_or_slice
+    from condiff.preprocess import auto_foreground
+
+    from .plan import sha256_path
+
+    path = Path(rec["input"])
+    try:
+        same = sha256_path(path) == rec.get("input_sha256")
+    except OSError as exc:
+        raise InputImageError(path, f"cannot be read ({exc.strerror or exc}); its case used the scan's own "
+                                    "non-background voxels as the brain, which evaluation rebuilds from it",
+                              "restore the input, or give a brain mask (condiff-infer --mask) and rerun") from None
+    if not same:
+        raise InputImageError(path, "changed since its map was made; its case used the scan's own non-background "
+                                    "voxels as the brain, which evaluation rebuilds from it", "rerun condiff-infer")
+    options = rec.get("options") or {}
+    source = read_volume_or_slice(path, nan_policy=options.get("nan_policy", "error"),
+                                  volume_index=options.get("volume_index"))
+    return auto_foreground(source.data)
+
+
 def _like_volume(path: Path):
     """The written map as an ``io.volumes.Volume`` (its grid is the input's)."""
     import nibabel as nib
@@ -190,7 +214,7 @@ def _native_case(out_dir: Path, rec: dict[str, Any], label_path: Path | None, fi
                 lesion_regions(label).ravel(), (label.shape, None))
     like = _like_volume(map_path)
     label = _read_label(label_path, like=like, values=values)
-    brain = read_mask(rec["mask"], like) if rec.get("mask") else None
+    brain = read_mask(rec["mask"], like) if rec.get("mask") else _auto_brain(rec) if rec.get("mask_auto") else None
     if brain is not None:
         label = label & brain
     sel = brain if brain is not None else np.ones(label.shape, dtype=bool)

@@ -296,6 +296,7 @@ def _read_case(case: Case, ctx: RunContext, mask_path: Path | None):
                 "nonfinite_voxels": source.nonfinite, "series_volumes": source.series}
         if mask_path is None and ctx.preprocess.use_mask and ctx.mask_pattern == AUTO_MASK:
             info["warnings"] = ["no brain mask file: the scan's non-background voxels were used as the brain"]
+            info["mask_auto"] = True  # condiff-eval rebuilds it from the input to restrict its pixels the same way
     else:
         if modality != "rgb":
             raise InputImageError(case.path, "is a 2-D photograph but this model set analyses MRI volumes",

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from _infer_helpers import FAST, brain_like, make_model_set, make_scans, one_torch_thread, write_nifti
+from _infer_helpers import FAST, PREPROCESSING, brain_like, make_model_set, make_scans, one_torch_thread, write_nifti
 from condiff.engine.cli import eval_main, infer_main
 
 sk = pytest.importorskip("sklearn.metrics")
@@ -320,6 +320,36 @@ def test_missing_labels_fail_alone_with_exit_1(run, tmp_path):
     assert res.exit_code == 1 and "NOT EVALUATED case1" in res.stderr
     doc = json.loads((out / "metrics-benchmark.json").read_text())
     assert doc["cases"] == ["case0", "case2"] and doc["rows"][0]["row"] == "ensemble"
+
+
+
+def test_native_protocol_keeps_to_the_automatic_brain_of_a_scan_without_a_mask_file(tmp_path):
+    """No brain-mask file: inference used the scan's non-background voxels as the brain, so must the
+    evaluation (the map is 0 outside; counting those voxels inflates Dice@5%FPR and AUPRO)."""
+    import nibabel as nib
+
+    with one_torch_thread():
+        models = make_model_set(tmp_path / "set", n_members=1, preprocessing={**PREPROCESSING, "use_mask": True})
+        make_scans(tmp_path / "scans", n=1, with_masks=True)
+        out = tmp_path / "out"
+        res = CliRunner().invoke(infer_main, [str(tmp_path / "scans"), "-o", str(out), "--models", str(models), *FAST],
+                                 catch_exceptions=False)
+    assert res.exit_code == 0, res.output + res.stderr
+    assert json.loads((out / "records" / "case0.json").read_text())["mask_auto"] is True
+    res = _eval(out, "--masks", SEG)
+    assert res.exit_code == 0, res.output + res.stderr
+    doc = json.loads((out / "metrics-native.json").read_text())
+    image = np.asarray(nib.load(str(tmp_path / "scans" / "case0.nii.gz")).dataobj)
+    lesion = np.asarray(nib.load(str(tmp_path / "scans" / "case0_seg.nii.gz")).dataobj) > 0
+    brain = image != 0  # brain_like: exactly 0 outside the head
+    assert 0 < brain.sum() < brain.size
+    case = doc["per_case"][0] if "per_case" in doc else next(iter(doc.get("case_rows", [])), None)
+    assert case is not None and case["pixels"] == int(brain.sum())
+    assert case["positive_pixels"] == int((lesion & brain).sum())
+    # the input must still be the one the map was made from
+    (tmp_path / "scans" / "case0.nii.gz").write_bytes(b"changed")
+    res = _eval(out, "--masks", SEG)
+    assert res.exit_code == 1 and "case0.nii.gz: changed since its map was made" in res.stderr
 
 
 def test_empty_output_folder_is_a_usage_error(tmp_path):
