@@ -39,6 +39,7 @@ from condiff.errors import CondiffError, InputImageError
 from condiff.io.cases import Case, find_mask
 from condiff.metrics import (DetectionMetrics, average_precision, best_dice, detection_metrics, dice_at,
                              slice_metrics, summarise)
+from condiff.preprocess import analysed_box
 
 from .lesions import MIN_IOU, LesionDetection, lesion_detection, lesion_regions, offset_regions
 
@@ -119,7 +120,7 @@ def case_row(case: str, score: float, labels: np.ndarray, values: np.ndarray, th
 
 DESCRIPTIONS = {
     "native": "input grid; user's masks as they are (lesion: > 0, or the chosen label values); restricted to the "
-              "inference brain mask where one was used; pixels pooled over cases; samples = analysed axial slices "
+              "inference brain mask where one was used (photos: to the analysed centre square); pixels pooled over cases; samples = analysed axial slices "
               "(volumes) or images",
     "benchmark": "the reference code's evaluation: model slice space, masks (lesion: > 0, or the chosen label values) through "
                  "the recorded preprocessing and > 0.4, "
@@ -210,8 +211,13 @@ def _native_case(out_dir: Path, rec: dict[str, Any], label_path: Path | None, fi
         label = _read_label(label_path, shape=amap.shape, values=values)
         if figure:
             _write_figure(out_dir, rec, lambda: _image_figure(rec, amap, label))
-        return (label.ravel(), amap.ravel(), np.array([label.any()]), np.array([rec["score"]]),
-                lesion_regions(label).ravel(), (label.shape, None))
+        r0, r1, c0, c1 = analysed_box(rec["geometry"])  # a photo that is not square: its analysed centre square
+        sel = np.zeros(label.shape, dtype=bool)
+        sel[r0:r1, c0:c1] = True
+        label = label & sel
+        grid = (label.shape, None if sel.all() else np.packbits(sel))
+        return (label[sel], amap[sel], np.array([label.any()]), np.array([rec["score"]]),
+                lesion_regions(label)[sel], grid)
     like = _like_volume(map_path)
     label = _read_label(label_path, like=like, values=values)
     brain = read_mask(rec["mask"], like) if rec.get("mask") else _auto_brain(rec) if rec.get("mask_auto") else None

@@ -26,7 +26,7 @@ from condiff.config import ScheduleConfig
 from condiff.errors import BackendUnavailableError, CondiffError, InputImageError, ModelSetError, is_out_of_space
 from condiff.io.cases import Case
 from condiff.modelset import ModelSet, open_model_set
-from condiff.preprocess import PreprocessConfig, Prepared, auto_foreground, prepare_image, prepare_volume
+from condiff.preprocess import PreprocessConfig, Prepared, analysed_box, auto_foreground, prepare_image, prepare_volume
 from condiff.sampler import SamplerPlan, make_plan
 
 from .plan import AUTO_MASK, RECORD_SCHEMA, resolve_mask_path, CasePlan, RunOptions, parse_members, plan_case, resume_check, sha256_path
@@ -306,6 +306,11 @@ def _read_case(case: Case, ctx: RunContext, mask_path: Path | None):
         prepared = prepare_image(rgb, ctx.preprocess)
         info = {"shape": [int(s) for s in rgb.shape[:2]], "spacing": None, "orientation": None,
                 "nonfinite_voxels": 0, "series_volumes": 1}
+        r0, r1, c0, c1 = analysed_box(prepared.geometry)
+        if (r1 - r0, c1 - c0) != rgb.shape[:2]:  # not square: the contract's centre crop (the reference's)
+            share = (r1 - r0) * (c1 - c0) / (rgb.shape[0] * rgb.shape[1])
+            info["warnings"] = [f"not square: only its central {c1 - c0}x{r1 - r0} px ({share:.0%}) were analysed "
+                                f"(rows {r0}-{r1 - 1}, columns {c0}-{c1 - 1}); the map is 0 elsewhere"]
     if len(prepared.slices) == 0:
         raise InputImageError(case.path, "no slice has foreground to analyse", "check the image (and its brain mask)")
     return source, mask, prepared, info

@@ -469,6 +469,15 @@ def prepare_image(rgb_hw3: np.ndarray, cfg: PreprocessConfig) -> Prepared:
                     slice_index=np.zeros(1, dtype=np.int64), geometry=geometry)
 
 
+def analysed_box(geometry: dict) -> tuple[int, int, int, int]:
+    """``(row0, row1, col0, col1)``: the part of a photograph the model saw (the RGB contract's centre
+    square, as the reference crops), in input pixels; the whole photo when it is square."""
+    h, w = geometry["input_shape"]
+    (top, left), (sh, sw), n = geometry["crop"], geometry["scale"], geometry["image_size"]
+    return (int(round(top * sh)), min(h, int(round((top + n) * sh))), int(round(left * sw)),
+            min(w, int(round((left + n) * sw))))
+
+
 # ----------------------------------------------------------------------------------------- inverse
 
 
@@ -561,6 +570,7 @@ def to_input_units(prepared: Geometry, values: np.ndarray) -> np.ndarray:
 
 
 __all__ = ["PreprocessConfig", "Prepared", "prepare_volume", "prepare_image", "invert_to_input", "input_slice",
+           "analysed_box",
            "mask_to_slices",
            "auto_foreground", "to_input_units", "intensity_landmarks", "map_landmarks", "fit_landmarks", "normalised_intensities",
            "LANDMARK_PERCENTILES"]

@@ -207,6 +207,15 @@ def test_photographs_get_float_tiff_maps_and_png_previews(tmp_path):
     assert rest.shape == (40, 52, 3) and 0 <= rest.min() and rest.max() <= 1
     with Image.open(out / "maps" / "eye.png") as im:
         assert im.size == (52, 40) and im.mode == "L"
+    # not square: the contract's centre crop (Resize(32) + CenterCrop(32): 32/41 of the 52 columns) is all the
+    # model saw, and the record says so
+    rec = json.loads((out / "records" / "eye.json").read_text())
+    import re
+
+    note = next(w for w in rec["warnings"] if w.startswith("not square"))
+    width, height, c0, c1 = (int(v) for v in re.search(r"central (\d+)x(\d+) px .*columns (\d+)-(\d+)", note).groups())
+    assert height == 40 and width == c1 - c0 + 1 and abs(width - 32 / 41 * 52) < 1
+    assert not amap[:, :c0 - 1].any() and not amap[:, c1 + 2:].any() and amap[:, c0 + 1:c1].any()
     with Image.open(out / "overlays" / "eye.png") as im:
         assert im.size == (4 * 128, 128 + 2 * overlay.LABEL_BAND)  # one image: one row of 4 panels (32 px enlarged 4x)
     # an MRI volume given to a photo model fails alone, with a reason

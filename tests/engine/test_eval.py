@@ -641,6 +641,8 @@ def test_photographs_are_evaluated_against_png_masks(tmp_path):
         assert doc["counts"]["cases"] == 3 and all(r["lesions"] == 2 for r in doc["per_case"])
     doc = json.loads((out / "metrics-native.json").read_text())
     thr = doc["rows"][0]["threshold"]
+    # the photos are 40 x 52: only the analysed centre square (40 x 40 or 41 columns) is evaluated
+    assert all(row["pixels"] in (40 * 40, 40 * 41) for row in doc["per_case"])
     for k, row in enumerate(doc["per_case"]):
         with Image.open(photos / f"eye{k}_mask.png") as im:
             label = np.asarray(im) > 0
