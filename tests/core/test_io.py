@@ -351,6 +351,46 @@ def test_read_image_by_content_and_modes(tmp_path):
     np.testing.assert_allclose(images.read_image(tmp_path / "deep.tif")[:, :, 2], deep / 65535.0, rtol=0, atol=1e-7)
 
 
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_tiff_orientation_tag_is_applied_as_pil_applies_exif(tmp_path, orientation, caplog):
+    """Oracle: Pillow's exif_transpose on the same pixels stored as a PNG with that EXIF orientation."""
+    import tifffile
+    from PIL import Image, ImageOps
+
+    rng = np.random.default_rng(orientation)
+    a = (rng.random((13, 17, 3)) * 255).astype(np.uint8)
+    im = Image.fromarray(a)
+    exif = im.getexif()
+    exif[0x0112] = orientation
+    im.save(tmp_path / "p.png", exif=exif.tobytes())
+    with Image.open(tmp_path / "p.png") as shown:
+        want = np.asarray(ImageOps.exif_transpose(shown)).astype(np.float32) / 255
+    tifffile.imwrite(tmp_path / "t.tif", a, extratags=[(274, "H", 1, orientation, True)])
+    with caplog.at_level("WARNING", logger="condiff.io.images"):
+        got = images.read_image(tmp_path / "t.tif")
+    np.testing.assert_array_equal(got, want)
+    assert ("TIFF orientation" in caplog.text) == (orientation != 1)
+    mask = np.zeros((13, 17), np.uint8)
+    mask[2, 3] = 1
+    tifffile.imwrite(tmp_path / "m.tif", mask, extratags=[(274, "H", 1, orientation, True)])
+    Image.fromarray(mask * 255).save(tmp_path / "m.png", exif=exif.tobytes())
+    np.testing.assert_array_equal(images.read_label_image(tmp_path / "m.tif"), images.read_label_image(tmp_path / "m.png"))
+
+
+def test_planar_rgb_tiff_and_grey_photos(tmp_path, caplog):
+    import tifffile
+
+    rng = np.random.default_rng(1)
+    a = (rng.random((13, 17, 3)) * 255).astype(np.uint8)
+    tifffile.imwrite(tmp_path / "planar.tif", np.moveaxis(a, -1, 0), planarconfig="separate", photometric="rgb")
+    np.testing.assert_array_equal(images.read_image(tmp_path / "planar.tif"), a.astype(np.float32) / 255)
+    tifffile.imwrite(tmp_path / "grey.tif", a[:, :, 0])
+    with caplog.at_level("WARNING", logger="condiff.io.images"):
+        grey = images.read_image(tmp_path / "grey.tif")
+    assert (grey[:, :, 0] == grey[:, :, 2]).all() and "grey-scale photograph" in caplog.text
+
+
 def test_bad_photos_raise_input_errors(tmp_path):
     from PIL import Image
 

@@ -47,6 +47,7 @@ def _to_rgb(path: Path, arr: np.ndarray, scale: float) -> np.ndarray:
     if arr.ndim == 3 and arr.shape[2] == 1:
         arr = arr[:, :, 0]
     if arr.ndim == 2:
+        logger.warning("%s: grey-scale photograph: its channel repeated as R, G and B", path)
         arr = np.repeat(arr[:, :, None], 3, axis=2)
     if arr.ndim != 3 or arr.shape[2] != 3:
         raise InputImageError(path, f"unsupported image layout {arr.shape}", "Give a grey-scale or RGB photograph")
@@ -59,13 +60,35 @@ def _to_rgb(path: Path, arr: np.ndarray, scale: float) -> np.ndarray:
     return out
 
 
-def _read_tiff(path: Path) -> np.ndarray:
+# The TIFF Orientation tag (274) has EXIF's values: the numpy steps that show the stored rows as a viewer does
+# (PIL's exif_transpose for 2..8: mirror, rotate 180, flip, transpose, rotate 270, transverse, rotate 90)
+_ORIENT = {2: lambda a: a[:, ::-1], 3: lambda a: a[::-1, ::-1], 4: lambda a: a[::-1],
+           5: lambda a: np.swapaxes(a, 0, 1), 6: lambda a: np.rot90(a, -1), 7: lambda a: np.swapaxes(a, 0, 1)[::-1, ::-1],
+           8: lambda a: np.rot90(a, 1)}
+
+
+def _tiff_page(path: Path) -> np.ndarray:
+    """The first page as a viewer shows it: channels last (planar RGB too) and its Orientation tag applied."""
     import tifffile
 
     try:
-        arr = tifffile.imread(path, key=0)
+        with tifffile.TiffFile(path) as tif:
+            page = tif.pages[0]
+            arr = page.asarray()
+            orientation = int(page.tags[274].value) if 274 in page.tags else 1
+            planar = int(getattr(page, "planarconfig", 1)) == 2
     except Exception as exc:
         raise InputImageError(path, f"unreadable or truncated TIFF ({type(exc).__name__}: {exc})") from exc
+    if planar and arr.ndim == 3 and arr.shape[0] in (2, 3, 4):  # stored channel by channel
+        arr = np.moveaxis(arr, 0, -1)
+    if orientation in _ORIENT:
+        logger.warning("%s: TIFF orientation %s applied (image rotated/flipped as displayed)", path, orientation)
+        arr = np.ascontiguousarray(_ORIENT[orientation](arr))
+    return arr
+
+
+def _read_tiff(path: Path) -> np.ndarray:
+    arr = _tiff_page(path)
     if arr.dtype == np.uint8:
         scale = 255.0
     elif arr.dtype == np.uint16:
@@ -132,12 +155,7 @@ def read_label_image(path: str | os.PathLike) -> np.ndarray:
     path = Path(path)
     kind = _sniff(path)
     if kind == "tiff":
-        import tifffile
-
-        try:
-            arr = np.asarray(tifffile.imread(path, key=0))
-        except Exception as exc:
-            raise InputImageError(path, f"unreadable or truncated TIFF ({exc})") from exc
+        arr = np.asarray(_tiff_page(path))
     else:
         from PIL import Image, ImageOps
 
