@@ -548,8 +548,8 @@ def test_what_was_done_to_an_input_is_in_its_record_and_cases_csv(tmp_path):
                             preprocessing={"modality": "rgb", "image_size": 32})
     rng = np.random.default_rng(1)
     (tmp_path / "in").mkdir()
-    Image.fromarray((rng.random((40, 52, 3)) * 255).astype(np.uint8)).save(tmp_path / "in" / "plain.png")
-    Image.fromarray((rng.random((40, 52, 4)) * 255).astype(np.uint8), "RGBA").save(tmp_path / "in" / "alpha.png")
+    Image.fromarray((rng.random((44, 44, 3)) * 255).astype(np.uint8)).save(tmp_path / "in" / "plain.png")
+    Image.fromarray((rng.random((44, 44, 4)) * 255).astype(np.uint8), "RGBA").save(tmp_path / "in" / "alpha.png")
     exif = Image.Exif()
     exif[0x0112] = 6  # stored landscape, displayed rotated by 90 degrees
     Image.fromarray((rng.random((40, 52, 3)) * 255).astype(np.uint8)).save(tmp_path / "in" / "rotated.jpg", exif=exif)
@@ -561,8 +561,9 @@ def test_what_was_done_to_an_input_is_in_its_record_and_cases_csv(tmp_path):
     assert rows["alpha"]["warnings"] == "alpha channel dropped (not composited)"
     assert rows["rotated"]["warnings"].startswith("EXIF orientation 6 applied")
     rec = json.loads((out / "records" / "rotated.json").read_text())
-    assert rec["warnings"] == [rows["rotated"]["warnings"]] and "warnings" not in json.loads(
-        (out / "records" / "plain.json").read_text())
+    assert rec["warnings"][0].startswith("EXIF orientation 6 applied")  # then: not square, its centre analysed
+    assert "; ".join(rec["warnings"]) == rows["rotated"]["warnings"] and rec["warnings"][1].startswith("not square")
+    assert "warnings" not in json.loads((out / "records" / "plain.json").read_text())
     import tifffile
 
     assert tifffile.imread(out / "maps" / "rotated.tiff").shape == (52, 40)  # as displayed
