@@ -208,33 +208,7 @@ def _infer(inputs, output, models, engine, device, precision, batch_size, fast_k
 
             require("ray", "ray")  # exit 2 with the pip command before any work
             ctx = distributed.driver_context(ctx_kwargs)  # the workers load the networks, on their own devices
-        # finished cases of another method, before any network is loaded (--overwrite replaces them in _run);
-        # failed ones hold no result to pool, and those of this run are retried anyway
-        foreign = [(rec, diffs) for rec, diffs in _foreign_records(output, ctx) if rec.get("status") == "ok"]
-        if foreign and resume:
-            from .consistency import conflict_message
-
-            raise OutputConflictError(output, conflict_message(foreign),
-                                      "Use another -o folder, or --overwrite to replace those results "
-                                      "(the other method's cases are deleted; with --shard, each shard replaces its own)")
-        if resume:  # a case name another run filled from another file: resuming would silently replace it
-            from .consistency import renamed_inputs, replaced_inputs
-
-            renamed = renamed_inputs(output, cases)
-            if renamed:
-                name, other, path = renamed[0]
-                raise OutputConflictError(output, f"already holds {len(renamed)} of this run's input files under other "
-                                          f"case names (e.g. {path} is case {other}, this run would add it as {name}); "
-                                          "the folder would count them twice",
-                                          "Give the inputs from the same folder as the run that made it, or use "
-                                          "another -o folder")
-            replaced = replaced_inputs(output, cases)
-            if replaced:
-                name, old, new = replaced[0]
-                raise OutputConflictError(output, f"holds {len(replaced)} case(s) made from other input files than "
-                                          f"this run's (e.g. {name}: {old}, this run: {new}); this run would "
-                                          "replace their results",
-                                          "Use another -o folder for these inputs, or --overwrite to replace them")
+        _check_folder_consistency(output, cases, ctx, resume)
         if dry_run:
             return _dry_run(cases, ctx, n_all, shard_t)
         writer.check_creatable(output)  # these two fail before any network loads
@@ -370,6 +344,38 @@ def _foreign_records(output: Path, ctx) -> list:
     from .writer import load_records
 
     return foreign_records(load_records(Path(output)), ctx.model_set.digest, ctx.options.to_dict())
+
+
+def _check_folder_consistency(output: Path, cases, ctx, resume: bool) -> None:
+    """Before any network loads (the records read once): exit 2 when the output folder holds finished
+    cases of another method (``--overwrite`` replaces them in ``_run``; failed ones hold no result to
+    pool), this run's input files under other case names (they would be counted twice, whatever
+    ``--overwrite`` says), or a case name made from another file (``--overwrite`` replaces it)."""
+    from .consistency import conflict_message, foreign_records, renamed_inputs, replaced_inputs
+    from .writer import load_records
+
+    records = load_records(Path(output))
+    if not records:
+        return
+    foreign = [(rec, diffs) for rec, diffs in foreign_records(records, ctx.model_set.digest, ctx.options.to_dict())
+               if rec.get("status") == "ok"]
+    if foreign and resume:
+        raise OutputConflictError(output, conflict_message(foreign),
+                                  "Use another -o folder, or --overwrite to replace those results "
+                                  "(the other method's cases are deleted; with --shard, each shard replaces its own)")
+    renamed = renamed_inputs(records, cases)
+    if renamed:
+        name, other, path = renamed[0]
+        raise OutputConflictError(output, f"already holds {len(renamed)} of this run's input files under other case "
+                                  f"names (e.g. {path} is case {other}, this run would add it as {name}); the folder "
+                                  "would count them twice",
+                                  "Give the inputs from the same folder as the run that made it, or use another -o folder")
+    replaced = replaced_inputs(records, cases) if resume else []
+    if replaced:
+        name, old, new = replaced[0]
+        raise OutputConflictError(output, f"holds {len(replaced)} case(s) made from other input files than this "
+                                  f"run's (e.g. {name}: {old}, this run: {new}); this run would replace their results",
+                                  "Use another -o folder for these inputs, or --overwrite to replace them")
 
 
 def check_log_file(path: Path) -> None:

@@ -26,7 +26,8 @@ METHOD_OPTIONS = ("sampler", "steps", "members", "seed", "mask", "preprocessing"
 
 def _method_keys(record: dict[str, Any]) -> tuple[str, ...]:
     """The method options that apply to a record's case: ``volume_index`` picks nothing in a 3-D file."""
-    if record.get("series_volumes") == 1:
+    legacy = 1 if record.get("status") == "ok" and (record.get("options") or {}).get("volume_index") is None else None
+    if record.get("series_volumes", legacy) == 1:  # older records: an ok case read without an index was 3-D
         return tuple(k for k in METHOD_OPTIONS if k != "volume_index")
     return METHOD_OPTIONS
 
@@ -76,46 +77,46 @@ def conflict_message(foreign: list[tuple[dict[str, Any], list[str]]]) -> str:
             "mixing them would pool two methods in cases.csv and condiff-eval")
 
 
-def replaced_inputs(out_dir: Path, cases: Iterable[Any]) -> list[tuple[str, str, str]]:
-    """``(case, recorded input, this run's input)`` for every case whose record was made from another file
-    that still exists with other bytes: two runs into one folder whose inputs share a case name (``siteA/sub-01.nii.gz``
-    and ``siteB/sub-01.nii.gz`` given as separate runs). A moved input (the recorded path is gone) or a copy
-    with the same bytes is the same case, resumed as before."""
-    import hashlib
+def replaced_inputs(records: Iterable[dict[str, Any]], cases: Iterable[Any]) -> list[tuple[str, str, str]]:
+    """``(case, recorded input, this run's input)`` for every case whose finished record was made from another
+    file that still exists with other bytes: two runs into one folder whose inputs share a case name
+    (``siteA/sub-01.nii.gz`` and ``siteB/sub-01.nii.gz`` given as separate runs). A moved input (the
+    recorded path is gone) or a copy (same size and first bytes: no hashing of a staged cohort here) is the
+    same case, resumed as before; a failed record holds no result to lose."""
     import os
 
-    from .plan import read_record, record_path
-
+    by_case = {r.get("case"): r.get("input") for r in records if r.get("status") == "ok" and r.get("input")}
     found = []
     for case in cases:
-        rec = read_record(Path(out_dir) / record_path(case.name))
-        old = (rec or {}).get("input")
-        if not old or not os.path.isfile(old):
+        old, new = by_case.get(case.name), os.path.abspath(case.path)
+        if old is None or not os.path.isfile(old):
             continue
-        new = os.path.abspath(case.path)
-        digest = hashlib.sha256()
         try:
-            if os.path.samefile(old, new):
+            if os.path.samefile(old, new) or _same_head(old, new):
                 continue
-            with open(new, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    digest.update(block)
         except OSError:  # unreadable now: the case fails on its own, naming the file
             continue
-        if digest.hexdigest() != rec.get("input_sha256"):
-            found.append((case.name, old, new))
+        found.append((case.name, old, new))
     return found
 
 
-def renamed_inputs(out_dir: Path, cases: Iterable[Any]) -> list[tuple[str, str, str]]:
+def _same_head(a: str, b: str, n: int = 1 << 16) -> bool:
+    """Same size and the same first ``n`` bytes: a copy (two scans differ within their first voxels)."""
+    import os
+
+    if os.path.getsize(a) != os.path.getsize(b):
+        return False
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        return fa.read(n) == fb.read(n)
+
+
+def renamed_inputs(records: Iterable[dict[str, Any]], cases: Iterable[Any]) -> list[tuple[str, str, str]]:
     """``(this run's case, the folder's case, file)`` for every input file a finished case of the folder
     already holds under another name: the same cohort given from another root (``cohort/`` once, then
     ``cohort/siteA``) would add each scan twice, and condiff-eval would pool it twice."""
     import os
 
-    from .writer import load_records
-
-    by_file = {os.path.realpath(r["input"]): r.get("case") for r in load_records(Path(out_dir))
+    by_file = {os.path.realpath(r["input"]): r.get("case") for r in records
                if r.get("status") == "ok" and r.get("input")}
     found = []
     for case in cases:
@@ -144,11 +145,11 @@ def check_single_method(records: list[dict[str, Any]], out_dir: Path) -> None:
     """condiff-eval: all finished records must come from one method, else a ``CondiffError`` naming both."""
     # --volume-index picks nothing in a 3-D file: such cases take the index the folder's series were read with
     series_index = {repr((r.get("options") or {}).get("volume_index")): (r.get("options") or {}).get("volume_index")
-                    for r in records if r.get("series_volumes") != 1}
+                    for r in records if _method_keys(r) == METHOD_OPTIONS}
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for rec in records:
         options = rec.get("options")
-        if options is not None and rec.get("series_volumes") == 1:
+        if options is not None and _method_keys(rec) != METHOD_OPTIONS:
             options = {**options, "volume_index": next(iter(series_index.values())) if len(series_index) == 1 else None}
         groups.setdefault(method_signature(rec.get("model_set_digest"), options), []).append(rec)
     if len(groups) <= 1:

@@ -132,6 +132,16 @@ def _case_of(rec: dict[str, Any]) -> Case:
     return Case(name=rec["case"], path=Path(rec["input"]), kind=rec.get("kind", "volume"))
 
 
+def _used_auto_mask(rec: dict[str, Any]) -> bool:
+    """Whether inference used the scan's own foreground as the brain (records before ``mask_auto``: no mask
+    file under the default ``--mask auto`` with a contract that masks)."""
+    if "mask_auto" in rec:
+        return bool(rec["mask_auto"])
+    options = rec.get("options") or {}
+    return (rec.get("kind") == "volume" and not rec.get("mask") and options.get("mask") == "auto"
+            and bool((options.get("preprocessing") or {}).get("use_mask")))
+
+
 def _auto_brain(rec: dict[str, Any]) -> np.ndarray:
     """The brain inference used for a scan without a mask file: its non-background voxels, rebuilt from
     the input (which must still hold the bytes the record names)."""
@@ -141,13 +151,12 @@ def _auto_brain(rec: dict[str, Any]) -> np.ndarray:
     from .plan import sha256_path
 
     path = Path(rec["input"])
-    try:
-        same = sha256_path(path) == rec.get("input_sha256")
-    except OSError as exc:
-        raise InputImageError(path, f"cannot be read ({exc.strerror or exc}); its case used the scan's own "
-                                    "non-background voxels as the brain, which evaluation rebuilds from it",
-                              "restore the input, or give a brain mask (condiff-infer --mask) and rerun") from None
-    if not same:
+    if not path.is_file():
+        raise InputImageError(path, "is not there any more; its case used the scan's own non-background voxels as "
+                                    "the brain, which evaluation rebuilds from the input",
+                              "if the scans moved, rerun condiff-infer on them where they are now (finished cases "
+                              "are kept, their records then point there), or give brain masks")
+    if sha256_path(path) != rec.get("input_sha256"):
         raise InputImageError(path, "changed since its map was made; its case used the scan's own non-background "
                                     "voxels as the brain, which evaluation rebuilds from it", "rerun condiff-infer")
     options = rec.get("options") or {}
@@ -220,7 +229,7 @@ def _native_case(out_dir: Path, rec: dict[str, Any], label_path: Path | None, fi
                 lesion_regions(label)[sel], grid)
     like = _like_volume(map_path)
     label = _read_label(label_path, like=like, values=values)
-    brain = read_mask(rec["mask"], like) if rec.get("mask") else _auto_brain(rec) if rec.get("mask_auto") else None
+    brain = read_mask(rec["mask"], like) if rec.get("mask") else _auto_brain(rec) if _used_auto_mask(rec) else None
     if brain is not None:
         label = label & brain
     sel = brain if brain is not None else np.ones(label.shape, dtype=bool)

@@ -29,7 +29,8 @@ from condiff.modelset import ModelSet, open_model_set
 from condiff.preprocess import PreprocessConfig, Prepared, analysed_box, auto_foreground, prepare_image, prepare_volume
 from condiff.sampler import SamplerPlan, make_plan
 
-from .plan import AUTO_MASK, RECORD_SCHEMA, resolve_mask_path, CasePlan, RunOptions, parse_members, plan_case, resume_check, sha256_path
+from .plan import (AUTO_MASK, RECORD_SCHEMA, resolve_mask_path, CasePlan, RunOptions, parse_members, plan_case,
+                   read_record, resume_check, sha256_path)
 from .backoff import run_within_memory
 from .runner import SliceJob, run_slices
 from .writer import remove_outputs, write_case_files, write_record
@@ -293,7 +294,7 @@ def _read_case(case: Case, ctx: RunContext, mask_path: Path | None):
         prepared = prepare_volume(source, ctx.preprocess, mask=mask)
         info = {"shape": [int(s) for s in source.data.shape], "spacing": [float(z) for z in source.zooms],
                 "orientation": "".join(prepared.geometry.get("input_axcodes") or []),
-                "nonfinite_voxels": source.nonfinite, "series_volumes": source.series}
+                "nonfinite_voxels": source.nonfinite, "series_volumes": source.series, "mask_auto": False}
         if mask_path is None and ctx.preprocess.use_mask and ctx.mask_pattern == AUTO_MASK:
             info["warnings"] = ["no brain mask file: the scan's non-background voxels were used as the brain"]
             info["mask_auto"] = True  # condiff-eval rebuilds it from the input to restrict its pixels the same way
@@ -316,6 +317,15 @@ def _read_case(case: Case, ctx: RunContext, mask_path: Path | None):
     return source, mask, prepared, info
 
 
+def _point_record_at(ctx: RunContext, plan: CasePlan, case: Case, mask_path: Path | None) -> None:
+    """A finished case whose input (or mask) was found at a new path, same bytes (a moved cohort): its record
+    then names where the files are now, which condiff-eval reads (the brain mask, the scan's own foreground)."""
+    rec = read_record(ctx.out_dir / plan.record)
+    now = {"input": _abs(case.path), "mask": _abs(mask_path)}
+    if rec is not None and any(rec.get(k) != v for k, v in now.items()):
+        write_record(ctx.out_dir, plan, {**rec, **now})
+
+
 def _prepare(case: Case, ctx: RunContext) -> _Pending | CaseOutcome:
     """Digest, resume check, read, preprocess. Returns the pending case or its final outcome."""
     plan = plan_case(case, ctx.options)
@@ -329,6 +339,7 @@ def _prepare(case: Case, ctx: RunContext) -> _Pending | CaseOutcome:
             reason = resume_check(ctx.out_dir, plan, input_sha256=input_sha, mask_sha256=mask_sha,
                                   model_set_digest=ctx.model_set.digest, options=ctx.options)
             if reason is None:
+                _point_record_at(ctx, plan, case, mask_path)
                 logger.info("case %s: outputs up to date, skipped", case.name, extra={"case": case.name, "status": "skipped"})
                 return CaseOutcome(case, "skipped")
             logger.debug("case %s: recomputing (%s)", case.name, reason)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -155,6 +156,21 @@ def resolve_mask_path(case, pattern: str | None):
     return find_mask(case, pattern)
 
 
+def digest_for_record(options: RunOptions, rec: dict[str, Any]) -> str:
+    """This run's options digest as ``rec``'s case counts it (same input bytes, so the record's NaN count and
+    series length hold for this run too). A record written before those were recorded has the digest of
+    every option; an ok one made with ``--nan-policy error`` had no NaN, one without ``--volume-index`` was 3-D."""
+    if "nonfinite_voxels" in rec or "series_volumes" in rec:
+        return options.case_digest(rec.get("nonfinite_voxels"), rec.get("series_volumes"))
+    old = rec.get("options") or {}
+    same = {}
+    if old.get("nan_policy", "error") == "error":
+        same["nan_policy"] = "error"
+    if old.get("volume_index") is None:
+        same["volume_index"] = None
+    return dataclasses.replace(options, **same).digest()
+
+
 def resume_check(out_dir: Path, plan: CasePlan, *, input_sha256: str, mask_sha256: str | None,
                  model_set_digest: str, options: RunOptions) -> str | None:
     """None when the case's record proves its outputs current; otherwise why it must be recomputed."""
@@ -163,8 +179,7 @@ def resume_check(out_dir: Path, plan: CasePlan, *, input_sha256: str, mask_sha25
         return "no record"
     if rec.get("status") != "ok":
         return "failed before"
-    # same input bytes, so the record's NaN count and series length hold for this run too
-    options_digest = options.case_digest(rec.get("nonfinite_voxels"), rec.get("series_volumes"))
+    options_digest = digest_for_record(options, rec)
     for key, want in (("input_sha256", input_sha256), ("mask_sha256", mask_sha256),
                       ("model_set_digest", model_set_digest), ("options_digest", options_digest)):
         if rec.get(key) != want:

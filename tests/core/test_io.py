@@ -548,6 +548,10 @@ def test_an_earlier_output_folder_inside_the_input_tree_is_not_read_as_scans(tmp
     _touch(old / "restorations", "a.nii.gz")
     (old / "records").mkdir()
     (old / "run.json").write_text("{}")
+    killed = tmp_path / "proj" / "out2"  # a run killed before its run.json: records/ and condiff.log
+    _touch(killed / "maps", "a.nii.gz")
+    (killed / "records").mkdir()
+    (killed / "condiff.log").write_text("")
     _touch(tmp_path / "proj" / "notes", "b.nii.gz")  # records/ alone (or run.json alone) is not an output folder
     (tmp_path / "proj" / "notes" / "records").mkdir()
     with caplog.at_level("WARNING", logger="condiff.io.cases"):

@@ -346,6 +346,13 @@ def test_native_protocol_keeps_to_the_automatic_brain_of_a_scan_without_a_mask_f
     case = doc["per_case"][0] if "per_case" in doc else next(iter(doc.get("case_rows", [])), None)
     assert case is not None and case["pixels"] == int(brain.sum())
     assert case["positive_pixels"] == int((lesion & brain).sum())
+    # a record written before mask_auto existed: the same brain, inferred from its options
+    path = out / "records" / "case0.json"
+    rec = json.loads(path.read_text())
+    del rec["mask_auto"]
+    path.write_text(json.dumps(rec))
+    assert _eval(out, "--masks", SEG).exit_code == 0
+    assert json.loads((out / "metrics-native.json").read_text())["per_case"][0]["pixels"] == int(brain.sum())
     # the input must still be the one the map was made from
     (tmp_path / "scans" / "case0.nii.gz").write_bytes(b"changed")
     res = _eval(out, "--masks", SEG)

@@ -1,4 +1,5 @@
 """Resume, interruption, overwrite, shards and merge: all end in byte-identical outputs (DESIGN §3, §6)."""
+import hashlib
 import json
 import shutil
 
@@ -150,6 +151,15 @@ def test_another_file_under_a_finished_case_name_is_refused_not_replaced(tmp_pat
         _forbid_inference(m)
         res = _invoke([moved, "-o", out, "--models", models, *FAST])
     assert res.exit_code == 0 and "0 done, 3 already done" in res.stdout, res.output + res.stderr
+    # ... whose records now name where the scans are (condiff-eval reads the inputs and masks there)
+    assert json.loads((out / "records" / "case0.json").read_text())["input"] == (moved / "case0.nii.gz").as_posix()
+    from condiff.engine.consistency import replaced_inputs
+    from condiff.engine.writer import load_records
+    from condiff.io.cases import Case
+
+    failed = [{**r, "status": "failed"} for r in load_records(out)]  # a failed record holds no result to lose
+    assert replaced_inputs(failed, [Case("case1", other, "volume")]) == []
+    assert replaced_inputs(load_records(out), [Case("case1", other, "volume")]) != []
     res = _invoke([other.parent, "-o", out, "--models", models, *FAST, "--overwrite"])
     assert res.exit_code == 0, res.output + res.stderr
     rec = json.loads((out / "records" / "case1.json").read_text())
@@ -170,6 +180,8 @@ def test_the_same_files_from_another_root_are_refused_not_added_twice(tmp_path, 
     assert "already holds 3 of this run's input files under other case names" in res.stderr
     assert "is case site-a/case0, this run would add it as case0" in res.stderr
     assert digests(out) == before and not (out / "records" / "case0.json").exists()
+    res = _invoke([cohort / "site-a", "-o", out, "--models", models, *FAST, "--overwrite"])  # not even then
+    assert res.exit_code == 2 and "under other case names" in res.stderr and digests(out) == before
     res = _invoke([cohort, "-o", out, "--models", models, *FAST])  # the same root: resumed
     assert res.exit_code == 0 and "0 done, 3 already done" in res.stdout
 
@@ -275,3 +287,22 @@ def test_shards_then_merge_equal_single_run(tmp_path, reference):
     res = _invoke(["--merge", out])
     assert res.exit_code == 0 and "3 ok" in res.stdout
     assert digests(out) == want
+
+
+def test_records_of_older_versions_resume_under_nan_policy_and_volume_index(tmp_path, reference, monkeypatch):
+    """Records written before nonfinite_voxels / series_volumes / mask_auto existed: an ok case read with
+    --nan-policy error had no NaN and one read without --volume-index was 3-D, so neither option reruns it."""
+    models, scans, ref, want = reference
+    out = _copy(ref, tmp_path / "out")
+    for path in (out / "records").glob("*.json"):
+        rec = json.loads(path.read_text())
+        for key in ("nonfinite_voxels", "series_volumes", "mask_auto"):
+            rec.pop(key)
+        # ... whose digest covered every option, as written then
+        text = json.dumps(rec["options"], sort_keys=True, separators=(",", ":"))
+        rec["options_digest"] = hashlib.sha256(text.encode()).hexdigest()
+        path.write_text(json.dumps(rec))
+    _forbid_inference(monkeypatch)
+    for extra in (["--nan-policy", "zero"], ["--volume-index", "0"]):
+        res = _invoke([scans, "-o", out, "--models", models, *FAST, *extra])
+        assert res.exit_code == 0 and "0 done, 3 already done" in res.stdout, (extra, res.output + res.stderr)

@@ -71,7 +71,7 @@ def _walk(folder: Path) -> list[Path]:
             continue
         seen_dirs.add(real)
         if _is_output_folder(root, dirs, files):  # an earlier run's maps are not scans
-            logger.warning("%s: skipped (a condiff-infer output folder: run.json and records/)", root)
+            logger.warning("%s: skipped (a condiff-infer output folder: records/ beside run.json or condiff.log)", root)
             dirs[:] = []
             continue
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
@@ -80,8 +80,10 @@ def _walk(folder: Path) -> list[Path]:
 
 
 def _is_output_folder(root: str, dirs: list[str], files: list[str]) -> bool:
-    """A condiff-infer output folder (``records/`` beside ``run.json`` or a shard's ``run.<i>of<n>.json``)."""
-    return "records" in dirs and any(f.startswith("run") and f.endswith(".json") for f in files)
+    """A condiff-infer output folder: ``records/`` beside ``run.json`` (a shard's ``run.<i>of<n>.json``), or,
+    for a run still going or killed before writing it, beside its ``condiff.log`` or ``.condiff.lock``."""
+    return "records" in dirs and any((f.startswith("run") and f.endswith(".json")) or f == "condiff.log"
+                                     or f.startswith(".condiff.lock") for f in files)
 
 
 DICOM_SNIFF = 3  # skipped files per extension whose bytes are checked for DICOM's "DICM" marker
