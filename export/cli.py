@@ -49,9 +49,9 @@ def find_diffusers_folder(path: Path) -> Path | None:
 def _copy_file(src: Path, dst: Path) -> None:
     """Copy ``src`` (bytes and metadata, as ``shutil.copy2``) so that ``dst`` is whole or absent: to a
     temporary name in ``dst``'s folder (``condiff.io.atomic``'s), fsynced, then renamed."""
-    from condiff.io.atomic import _temp_path, fsync_dir
+    from condiff.io.atomic import fsync_dir, temp_path
 
-    tmp = _temp_path(dst)
+    tmp = temp_path(dst)
     try:
         shutil.copyfile(src, tmp)
         with open(tmp, "rb+") as f:  # before copystat: a read-only source's mode would forbid opening it
@@ -201,7 +201,7 @@ def _left_to_copy(out: Path, plan: list[tuple[Path, Path]]) -> list[tuple[Path, 
     processes that have exited (removed, logged). A finished copy, or anything else, is refused as
     before (``-o OUT`` must be new or empty); a temporary file of a live process means another export
     is writing OUT."""
-    from condiff.export.onnx_export import remove_stale_temp_files, temp_writer_pid
+    from condiff.io.atomic import remove_stale_temp_files, temp_writer_pid
     from condiff.io.lock import process_exited
 
     if not out.exists() or (out.is_dir() and not any(out.iterdir())):

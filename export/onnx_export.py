@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
-import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +26,7 @@ import torch
 
 from condiff import artifacts
 from condiff.errors import CondiffError, ExportError
+from condiff.io.atomic import remove_stale_temp_files, temp_path
 from condiff.modelset import load_model
 from condiff.optional import require
 from condiff.unet import ConditionalUNet, sdpa_attention
@@ -89,46 +88,7 @@ def largest_score_bytes(cfg) -> int:
 
 
 def _temp_name(final: Path) -> Path:
-    # the same shape as condiff.io.atomic's temporary names; TEMP_NAME matches both
-    return final.with_name(f".{final.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-
-
-# ``.<final name>.<writer's pid>.<8 hex digits>.tmp``: what ``_temp_name``, the TensorRT build, the
-# copy of ``condiff-export -o`` and ``condiff.io.atomic`` (sidecars, timing caches) write first.
-TEMP_NAME = re.compile(r"\.(?P<final>.+)\.(?P<pid>[1-9][0-9]{0,9})\.[0-9a-f]{8}\.tmp")
-
-
-def temp_writer_pid(name: str) -> int | None:
-    """The writer's process id when ``name`` is one of condiff's temporary names, else None."""
-    m = TEMP_NAME.fullmatch(name)
-    return None if m is None else int(m.group("pid"))
-
-
-def remove_stale_temp_files(folder: str | Path) -> list[Path]:
-    """Remove the temporary files that a killed condiff process left in ``folder`` (not its subfolders).
-
-    Only names matching ``TEMP_NAME`` whose writer process has exited are removed, each logged; a
-    temporary file of a live process (another export of the same folder) and every other file stay.
-    The process check is for this host: a folder written from several hosts at once is not supported.
-    """
-    from condiff.io.lock import process_exited  # the check that takes over a dead run's lock (zombies count)
-
-    removed = []
-    try:
-        entries = sorted(Path(folder).iterdir())
-    except OSError:
-        return removed
-    for path in entries:
-        pid = temp_writer_pid(path.name)
-        if pid is None or path.is_symlink() or not path.is_file() or not process_exited(pid):
-            continue
-        try:
-            path.unlink()
-        except FileNotFoundError:  # removed meanwhile by another run's clean-up
-            continue
-        logger.warning("%s: removed a temporary file left by an interrupted condiff process (pid %d)", path, pid)
-        removed.append(path)
-    return removed
+    return temp_path(final)
 
 
 def _example_inputs(channels: int, size: int, batch: int, seed: int) -> tuple[torch.Tensor, ...]:

@@ -10,15 +10,57 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
+import re
 import secrets
 from pathlib import Path
 from typing import IO, Any, Iterator
 
+logger = logging.getLogger(__name__)
 
-def _temp_path(path: Path) -> Path:
-    # pid + random token: two processes (shards) writing the same folder never share a temp name.
+
+def temp_path(path: Path) -> Path:
+    """Where ``path`` is written first (``TEMP_NAME``): pid + random token, so two processes (shards)
+    writing the same folder never share a temporary name, and a dead writer's leftovers are known."""
     return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+
+
+# ``.<final name>.<writer's pid>.<8 hex digits>.tmp``: every temporary name ``temp_path`` makes
+TEMP_NAME = re.compile(r"\.(?P<final>.+)\.(?P<pid>[1-9][0-9]{0,9})\.[0-9a-f]{8}\.tmp")
+
+
+def temp_writer_pid(name: str) -> int | None:
+    """The writer's process id when ``name`` is one of condiff's temporary names, else None."""
+    m = TEMP_NAME.fullmatch(name)
+    return None if m is None else int(m.group("pid"))
+
+
+def remove_stale_temp_files(folder: str | os.PathLike) -> list[Path]:
+    """Remove the temporary files that a killed condiff process left in ``folder`` (not its subfolders).
+
+    Only names matching ``TEMP_NAME`` whose writer process has exited are removed, each logged; a
+    temporary file of a live process (another export of the same folder) and every other file stay.
+    The process check is for this host: a folder written from several hosts at once is not supported.
+    """
+    from condiff.io.lock import process_exited  # the check that takes over a dead run's lock (zombies count)
+
+    removed = []
+    try:
+        entries = sorted(Path(folder).iterdir())
+    except OSError:
+        return removed
+    for path in entries:
+        pid = temp_writer_pid(path.name)
+        if pid is None or path.is_symlink() or not path.is_file() or not process_exited(pid):
+            continue
+        try:
+            path.unlink()
+        except FileNotFoundError:  # removed meanwhile by another run's clean-up
+            continue
+        logger.warning("%s: removed a temporary file left by an interrupted condiff process (pid %d)", path, pid)
+        removed.append(path)
+    return removed
 
 
 def fsync_dir(folder: Path) -> None:
@@ -47,7 +89,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO[Any]]
     if mode not in ("wb", "w"):
         raise ValueError(f"atomic_write mode must be 'wb' or 'w', not {mode!r}")
     path = Path(path)
-    tmp = _temp_path(path)
+    tmp = temp_path(path)
     # O_EXCL: never follow or clobber anything already at the temp name; 0o666 lets the
     # umask decide permissions, as a plain open() would (mkstemp would force 0600).
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
