@@ -16,6 +16,8 @@
 # WORKERS (14), TRAIN_MIN (default: what DEADLINE leaves), DEADLINE (seconds, 560), DATA (.carry/data),
 # LR (unset: the recipe's learning rate; e.g. LR=1e-4 if the healing recipe's 4e-4 proves unstable here),
 # CURRICULUM (unset: the recipe's, healing 2:2500; START:STEPS or none for condiff-train --size-curriculum),
+# LR_ANNEAL (unset: constant rate; START:END[:FINAL] for condiff-train --lr-anneal, absolute steps: give it to
+# a run's last chunks, e.g. the current step to the step the last chunk will reach),
 # LANDMARKS (1: condiff-train --landmarks, intensity histograms standardised to the training scans' landmarks,
 # which lifted BraTS T1c AP_p even when added only at test time; 0: without. Keep it fixed for a run's chunks).
 # GPU_TRAIN_DRY=1 runs a few CPU steps on toy settings (used by tests/bench/test_gpu_train.py).
@@ -63,11 +65,11 @@ else
     TRAIN_MIN=${TRAIN_MIN:-$(python3 -c "print(round(max(0.5, ($DEADLINE - $SECONDS - 80) / 60), 2))")}
     ARGS="--preset $PRESET --batch-size $BATCH --val-start 0 --val-every 500 --val-max-slices 128 --checkpoint-every 2000 --workers $WORKERS"
 fi
-say "recipe $RECIPE${LR:+ (lr $LR)}${CURRICULUM:+ (size curriculum $CURRICULUM)}, landmarks $LANDMARKS, fold $FOLD, budget $TRAIN_MIN min, args: $ARGS"
+say "recipe $RECIPE${LR:+ (lr $LR)}${CURRICULUM:+ (size curriculum $CURRICULUM)}${LR_ANNEAL:+ (lr anneal $LR_ANNEAL)}, landmarks $LANDMARKS, fold $FOLD, budget $TRAIN_MIN min, args: $ARGS"
 T0=$(date +%s)
 timeout --signal=INT --kill-after=20 "$(python3 -c "print(int($TRAIN_MIN*60+60))")" \
     python3 -m condiff.train.cli --data "$DATA/ixi-t1" --mask-pattern '{dir}/{stem}_brainmask.nii.gz' \
-    --fold "$FOLD" -o "$WORK" --resume --recipe "$RECIPE" ${LR:+--lr "$LR"} ${CURRICULUM:+--size-curriculum "$CURRICULUM"} $([ "$LANDMARKS" = 1 ] && echo --landmarks) --time-budget-min "$TRAIN_MIN" --holdout 2 $ARGS \
+    --fold "$FOLD" -o "$WORK" --resume --recipe "$RECIPE" ${LR:+--lr "$LR"} ${CURRICULUM:+--size-curriculum "$CURRICULUM"} ${LR_ANNEAL:+--lr-anneal "$LR_ANNEAL"} $([ "$LANDMARKS" = 1 ] && echo --landmarks) --time-budget-min "$TRAIN_MIN" --holdout 2 $ARGS \
     --val-hook condiff.train.healing:val_hook --checkpoint-part-mb 16 --weights-dtype fp16 --no-progress \
     > "$WORK.train.txt" 2>&1
 RC=$?

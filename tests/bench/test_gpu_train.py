@@ -32,7 +32,8 @@ def _chunk(tmp: Path, name: str, state: Path, steps: int) -> Path:
     out = tmp / f"ret-{name}"
     env = {**os.environ, "GPU_TRAIN_DRY": "1", "DRY_STEPS": str(steps), "RUN": "t", "DATA": str(tmp / "data"),
            "STATE": str(state), "OUT": str(out), "WORK": str(tmp / f"work-{name}"), "PIECE": "1M",
-           "OMP_NUM_THREADS": "1", "CURRICULUM": "2:5"}  # the size curriculum must resume exactly too
+           "OMP_NUM_THREADS": "1", "CURRICULUM": "2:5",  # the size curriculum must resume exactly too
+           "LR_ANNEAL": "2:5:0.1"}  # and a learning-rate anneal across the chunks' boundary (step 3)
     proc = subprocess.run(["bash", str(REPO / "bench" / "gpu_train.sh")], env=env, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -64,6 +65,7 @@ def test_two_chunks_equal_one_run_and_are_recorded(tmp_path):
     ret2 = _chunk(tmp_path, "2", staged, 6)
     log2 = (ret2 / "gpu_train.log").read_text()
     assert "resuming t from step 3" in log2 and "size curriculum 2:5" in log2 and "landmarks 1" in log2
+    assert "lr anneal 2:5:0.1" in log2
     rec2 = train_chunks.collect("t", ret2, runs, results)
     assert (rec2["steps_before"], rec2["steps_after"]) == (3, 6)
     assert rec2["device_train_min_total"] >= rec1["device_train_min_total"]
