@@ -81,7 +81,7 @@ def replaced_inputs(records: Iterable[dict[str, Any]], cases: Iterable[Any]) -> 
     """``(case, recorded input, this run's input)`` for every case whose finished record was made from another
     file that still exists with other bytes: two runs into one folder whose inputs share a case name
     (``siteA/sub-01.nii.gz`` and ``siteB/sub-01.nii.gz`` given as separate runs). A moved input (the
-    recorded path is gone) or a copy (same size and first bytes: no hashing of a staged cohort here) is the
+    recorded path is gone) or a copy (same size and sampled bytes: no hashing of a staged cohort here) is the
     same case, resumed as before; a failed record holds no result to lose."""
     import os
 
@@ -92,7 +92,7 @@ def replaced_inputs(records: Iterable[dict[str, Any]], cases: Iterable[Any]) -> 
         if old is None or not os.path.isfile(old):
             continue
         try:
-            if os.path.samefile(old, new) or _same_head(old, new):
+            if os.path.samefile(old, new) or _same_sample(old, new):
                 continue
         except OSError:  # unreadable now: the case fails on its own, naming the file
             continue
@@ -100,14 +100,20 @@ def replaced_inputs(records: Iterable[dict[str, Any]], cases: Iterable[Any]) -> 
     return found
 
 
-def _same_head(a: str, b: str, n: int = 1 << 16) -> bool:
-    """Same size and the same first ``n`` bytes: a copy (two scans differ within their first voxels)."""
+def _same_sample(a: str, b: str, n: int = 1 << 16) -> bool:
+    """Same size and the same ``n`` bytes at the start, middle and end: a copy. (The start alone is not
+    enough: two uncompressed scans of one protocol share a header and begin with background zeros.)"""
     import os
 
-    if os.path.getsize(a) != os.path.getsize(b):
+    size = os.path.getsize(a)
+    if size != os.path.getsize(b):
         return False
     with open(a, "rb") as fa, open(b, "rb") as fb:
-        return fa.read(n) == fb.read(n)
+        for offset in (0, max(0, size // 2 - n // 2), max(0, size - n)):
+            fa.seek(offset), fb.seek(offset)
+            if fa.read(n) != fb.read(n):
+                return False
+    return True
 
 
 def renamed_inputs(records: Iterable[dict[str, Any]], cases: Iterable[Any]) -> list[tuple[str, str, str]]:

@@ -306,3 +306,23 @@ def test_records_of_older_versions_resume_under_nan_policy_and_volume_index(tmp_
     for extra in (["--nan-policy", "zero"], ["--volume-index", "0"]):
         res = _invoke([scans, "-o", out, "--models", models, *FAST, *extra])
         assert res.exit_code == 0 and "0 done, 3 already done" in res.stdout, (extra, res.output + res.stderr)
+
+
+def test_a_copy_is_told_from_another_scan_of_the_same_protocol(tmp_path):
+    """Two uncompressed scans of one protocol share their size, header and leading background: only the
+    sampled middle tells them apart (the folder check must not take one for a copy of the other)."""
+    import numpy as np
+    import nibabel as nib
+
+    from condiff.engine.consistency import _same_sample
+
+    for k in range(2):
+        a = np.zeros((128, 128, 60), np.int16)
+        a[30:100, 30:100, 10:50] = np.random.default_rng(k).integers(1, 1000, (70, 70, 40))
+        nib.save(nib.Nifti1Image(a, np.eye(4)), tmp_path / f"s{k}.nii")
+    first, second = (tmp_path / f"s{k}.nii" for k in range(2))
+    assert first.stat().st_size == second.stat().st_size
+    assert first.read_bytes()[: 1 << 16] == second.read_bytes()[: 1 << 16]
+    assert not _same_sample(str(first), str(second))
+    shutil.copyfile(first, tmp_path / "copy.nii")
+    assert _same_sample(str(first), str(tmp_path / "copy.nii"))
