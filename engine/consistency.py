@@ -24,7 +24,7 @@ logger = logging.getLogger(__name__)
 METHOD_OPTIONS = ("sampler", "steps", "members", "seed", "mask", "preprocessing", "schedule", "volume_index")
 
 
-def _method_keys(record: dict[str, Any]) -> tuple[str, ...]:
+def method_keys(record: dict[str, Any]) -> tuple[str, ...]:
     """The method options that apply to a record's case: ``volume_index`` picks nothing in a 3-D file."""
     legacy = 1 if record.get("status") == "ok" and (record.get("options") or {}).get("volume_index") is None else None
     if record.get("series_volumes", legacy) == 1:  # older records: an ok case read without an index was 3-D
@@ -48,7 +48,7 @@ def differences(record: dict[str, Any], model_set_digest: str, options: dict[str
     rec_options = record.get("options")
     if rec_options is None:  # failed records of older versions carry no options: the model set decides
         return out
-    for key in _method_keys(record):
+    for key in method_keys(record):
         a, b = rec_options.get(key), options.get(key)
         if a != b:
             if isinstance(a, dict) or isinstance(b, dict):
@@ -151,11 +151,11 @@ def check_single_method(records: list[dict[str, Any]], out_dir: Path) -> None:
     """condiff-eval: all finished records must come from one method, else a ``CondiffError`` naming both."""
     # --volume-index picks nothing in a 3-D file: such cases take the index the folder's series were read with
     series_index = {repr((r.get("options") or {}).get("volume_index")): (r.get("options") or {}).get("volume_index")
-                    for r in records if _method_keys(r) == METHOD_OPTIONS}
+                    for r in records if method_keys(r) == METHOD_OPTIONS}
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for rec in records:
         options = rec.get("options")
-        if options is not None and _method_keys(rec) != METHOD_OPTIONS:
+        if options is not None and method_keys(rec) != METHOD_OPTIONS:
             options = {**options, "volume_index": next(iter(series_index.values())) if len(series_index) == 1 else None}
         groups.setdefault(method_signature(rec.get("model_set_digest"), options), []).append(rec)
     if len(groups) <= 1:
@@ -169,6 +169,6 @@ def check_single_method(records: list[dict[str, Any]], out_dir: Path) -> None:
                        "Evaluate each run's own output folder (rerun condiff-infer with --overwrite to make one method)")
 
 
-__all__ = ["METHOD_OPTIONS", "method_signature", "differences", "foreign_records", "conflict_message", "replaced_inputs", "renamed_inputs",
+__all__ = ["METHOD_OPTIONS", "method_signature", "differences", "foreign_records", "conflict_message", "replaced_inputs", "renamed_inputs", "method_keys",
            "remove_foreign",
            "check_single_method"]

@@ -655,6 +655,10 @@ def test_volume_index_analyses_one_volume_of_a_series_and_writes_a_3d_map(tmp_pa
     records = load_records(out)
     assert sorted(r["series_volumes"] for r in records) == [1, 3]
     check_single_method(records, out)  # condiff-eval pools them as one method
+    from condiff.engine.evaluate import provenance
+
+    assert records[0]["case"] == "plain" and records[0]["options"].get("volume_index") is None
+    assert provenance(records, "{dir}/{stem}_seg.nii.gz", "error")["method"]["volume_index"] == 1  # the series'
     amap = nib.load(str(out / "maps" / "series.nii.gz"))
     assert amap.shape == img.shape and np.allclose(amap.affine, affine)
     rec = json.loads((out / "records" / "series.json").read_text())
