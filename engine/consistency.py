@@ -32,6 +32,13 @@ def method_keys(record: dict[str, Any]) -> tuple[str, ...]:
     return METHOD_OPTIONS
 
 
+def series_volume_index(records: Iterable[dict[str, Any]]) -> int | None:
+    """The ``--volume-index`` the folder's 4-D series were read with (None when none was, or they disagree)."""
+    values = {repr(v): v for v in ((r.get("options") or {}).get("volume_index") for r in records
+                                   if method_keys(r) == METHOD_OPTIONS)}
+    return next(iter(values.values())) if len(values) == 1 else None
+
+
 def method_signature(model_set_digest: str | None, options: dict[str, Any] | None) -> tuple:
     """A hashable summary of the method a record was made with (options may be absent in old failed records)."""
     opts = options or {}
@@ -150,13 +157,12 @@ def remove_foreign(out_dir: Path, foreign: list[tuple[dict[str, Any], list[str]]
 def check_single_method(records: list[dict[str, Any]], out_dir: Path) -> None:
     """condiff-eval: all finished records must come from one method, else a ``CondiffError`` naming both."""
     # --volume-index picks nothing in a 3-D file: such cases take the index the folder's series were read with
-    series_index = {repr((r.get("options") or {}).get("volume_index")): (r.get("options") or {}).get("volume_index")
-                    for r in records if method_keys(r) == METHOD_OPTIONS}
+    index = series_volume_index(records)
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for rec in records:
         options = rec.get("options")
         if options is not None and method_keys(rec) != METHOD_OPTIONS:
-            options = {**options, "volume_index": next(iter(series_index.values())) if len(series_index) == 1 else None}
+            options = {**options, "volume_index": index}
         groups.setdefault(method_signature(rec.get("model_set_digest"), options), []).append(rec)
     if len(groups) <= 1:
         return
@@ -170,5 +176,6 @@ def check_single_method(records: list[dict[str, Any]], out_dir: Path) -> None:
 
 
 __all__ = ["METHOD_OPTIONS", "method_signature", "differences", "foreign_records", "conflict_message", "replaced_inputs", "renamed_inputs", "method_keys",
+           "series_volume_index",
            "remove_foreign",
            "check_single_method"]

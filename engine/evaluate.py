@@ -445,14 +445,12 @@ def provenance(records: list[dict[str, Any]], mask_pattern: str, missing_label: 
     """Where the labels came from and what produced the maps (one method: ``check_single_method``)."""
     from condiff import __version__
 
-    from .consistency import METHOD_OPTIONS, method_keys
+    from .consistency import METHOD_OPTIONS, method_keys, series_volume_index
 
     first = records[0]
     options = dict(first.get("options") or {})
-    # a 3-D case says nothing of --volume-index (engine.consistency): take it from a series when there is one
-    series = [r for r in records if method_keys(r) == METHOD_OPTIONS]
-    if series:
-        options["volume_index"] = (series[0].get("options") or {}).get("volume_index")
+    if any(method_keys(r) == METHOD_OPTIONS for r in records):  # a 3-D case says nothing of --volume-index
+        options["volume_index"] = series_volume_index(records)
     return {"masks": mask_pattern, "missing_label": missing_label, "model_set_digest": first.get("model_set_digest"),
             "method": {k: options.get(k) for k in METHOD_OPTIONS if k not in ("preprocessing", "schedule")},
             "engines": sorted({f"{r.get('engine')} {r.get('precision')}" for r in records}),
