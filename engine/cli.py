@@ -270,7 +270,10 @@ def _run(cases, ctx, shard_t, arguments, progress: bool, n_all: int, process=Non
     ctx.on_work = lambda n: (setattr(bar, "total", bar.total + n), bar.refresh())
     ctx.progress = bar.update
 
+    reported: list = []  # what an interrupted run finished: process_cases never returns then
+
     def on_outcome(o: pipeline.CaseOutcome) -> None:
+        reported.append(o)
         if o.status == "failed" and o.error_type != "NotFinished":  # those are summed up once, below
             _echo_err(f"FAILED {o.case.name}: {o.error}")
 
@@ -287,6 +290,8 @@ def _run(cases, ctx, shard_t, arguments, progress: bool, n_all: int, process=Non
         raise
     finally:
         bar.close()
+        if interrupted:
+            outcomes = reported
         try:
             counts = writer.rebuild_tables(out)
         except OSError as exc:  # a full disk must not hide the run's own report
@@ -300,6 +305,9 @@ def _run(cases, ctx, shard_t, arguments, progress: bool, n_all: int, process=Non
         for o in outcomes:  # cases a stop left unstarted or unwritten did not fail: counted apart
             status = "not_finished" if o.error_type == "NotFinished" else o.status
             by_status[status] = by_status.get(status, 0) + 1
+        unreported = [] if not interrupted else sorted({c.name for c in cases} - {o.case.name for o in outcomes})
+        if unreported:  # the signal came before these were done: not failed, not finished
+            by_status["not_finished"] = by_status.get("not_finished", 0) + len(unreported)
         doc = {
             "command": "condiff-infer", "argv": sys.argv, "arguments": arguments, "versions": environment_report(),
             "model_set": {"path": ctx.model_set.root.as_posix(), "digest": ctx.model_set.digest,
@@ -317,7 +325,8 @@ def _run(cases, ctx, shard_t, arguments, progress: bool, n_all: int, process=Non
                            "unet_evaluations_per_s": st.n_unet_evals / st.infer_s if st.infer_s else None},
             "counts": {"cases": len(cases), **by_status}, "records": counts,
             "failed": [o.case.name for o in outcomes if o.status == "failed" and o.error_type != "NotFinished"],
-            "not_finished": [o.case.name for o in outcomes if o.error_type == "NotFinished"], "stopped": stopped,
+            "not_finished": [o.case.name for o in outcomes if o.error_type == "NotFinished"] + unreported,
+            "stopped": stopped,
             "interrupted": interrupted is not None, "signal": interrupted, **(run_info or {}),
         }
         try:

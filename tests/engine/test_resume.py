@@ -82,6 +82,9 @@ def test_interrupted_run_resumes_to_identical_outputs(tmp_path, reference, monke
     assert res.exit_code == 130, res.output + res.stderr
     run = json.loads((out / "run.json").read_text())
     assert run["interrupted"] is True and run["signal"] == "SIGINT"
+    # what the run did before the signal is counted: one case done, two never finished
+    assert run["counts"] == {"cases": 3, "ok": 1, "not_finished": 2}, run["counts"]
+    assert run["not_finished"] == ["case1", "case2"] and run["failed"] == []
     assert (out / "records" / "case0.json").is_file() and not (out / "records" / "case1.json").exists()
     assert not (out / "maps" / "case1.nii.gz").exists()
     assert [line.split(",")[0] for line in (out / "cases.csv").read_text().splitlines()[1:]] == ["case0"]
@@ -109,6 +112,7 @@ def test_sigterm_exits_143_and_records_it(tmp_path, reference, monkeypatch):
     assert res.exit_code == 143
     run = json.loads((out / "run.json").read_text())
     assert run["interrupted"] is True and run["signal"] == "SIGTERM"
+    assert run["counts"] == {"cases": 3, "not_finished": 3}, run["counts"]
     assert not (out / ".condiff.lock").exists()
 
 
