@@ -72,7 +72,7 @@ def _jsonable(value: Any) -> Any:
                    "than torch yet; compile: never run on a GPU (bench/gpu_check.sh measures both).")
 @click.option("--steps", type=click.IntRange(1, 1000), default=50, show_default=True, help="Sampler steps.")
 @click.option("--sampler", type=click.Choice(["ddpm", "ddim"]), default="ddpm", show_default=True)
-@click.option("--members", metavar="N|I,J,...", help="First N members, or these member indices [default: all].")
+@click.option("--members", metavar="N|I,J,...", help="First N members, or these member indices (one index: '2,') [default: all].")
 @seed_option
 @click.option("--mask", "mask_pattern", metavar="PATTERN", default="auto", show_default=True,
               help="Brain mask per scan: a pattern such as '{dir}/{stem}_brainmask.nii.gz' ({dir}, {stem}, "
@@ -105,7 +105,7 @@ def _jsonable(value: Any) -> Any:
                    "bit; may be slower. Recorded in run.json. (CPU runs already repeat.)")
 @click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True,
               help="OUT/condiff.log as text lines, or JSON lines (time, level, message; case, status, score "
-                   "for each finished case) for log collectors.")
+                   "for each finished, skipped or failed case) for log collectors.")
 @click.option("--log-file", type=click.Path(path_type=Path, dir_okay=False), default=None, metavar="PATH",
               help="Append the run's log here instead of OUT/condiff.log (its folder is created).")
 @click.option("--fail-fast", is_flag=True,
@@ -142,7 +142,8 @@ def _infer(inputs, output, models, engine, device, precision, batch_size, fast_k
     from . import pipeline, plan as planning, writer
 
     precision = resolve_precision(precision, engine)
-    arguments = {k: _jsonable(v) for k, v in locals().items() if k not in ("discover", "pipeline", "planning", "writer", "resolve_precision")}
+    arguments = {k: _jsonable(v) for k, v in locals().items() if k not in ("discover", "pipeline", "planning", "writer", "resolve_precision",
+                                                                      "DEFAULT_EXCLUDE")}
     if quiet and verbose:
         raise click.UsageError("-q/--quiet and -v/--verbose contradict each other: give one")
     with logging_to(verbose, echo=_echo_err, quiet=quiet, backlog=True):
@@ -181,7 +182,8 @@ def _infer(inputs, output, models, engine, device, precision, batch_size, fast_k
         planning.check_output_location(output, inputs, bids.RESERVED_FOLDERS if bids_layout else ())
         if log_file is not None:
             check_log_file(log_file)  # before any network is loaded
-        cases = discover(inputs, DEFAULT_EXCLUDE + bids.EXCLUDE) if bids_layout else discover(inputs)
+        excluded: list[Path] = []  # masks and label maps beside the scans, left out by name: reported
+        cases = discover(inputs, DEFAULT_EXCLUDE + (bids.EXCLUDE if bids_layout else ()), excluded)
         if bids_layout:
             try:
                 bids.check_cases(cases)
@@ -210,7 +212,7 @@ def _infer(inputs, output, models, engine, device, precision, batch_size, fast_k
             ctx = distributed.driver_context(ctx_kwargs)  # the workers load the networks, on their own devices
         _check_folder_consistency(output, cases, ctx, resume)
         if dry_run:
-            return _dry_run(cases, ctx, n_all, shard_t)
+            return _dry_run(cases, ctx, n_all, shard_t, excluded)
         writer.check_creatable(output)  # these two fail before any network loads
         lock = writer.OutputLock(output, shard_t)
         lock.check()  # acquire() below is the atomic check
@@ -223,9 +225,10 @@ def _infer(inputs, output, models, engine, device, precision, batch_size, fast_k
             pipeline.load_denoisers(ctx)
             writer.ensure_writable(output)
             with lock:
-                return _run(cases, ctx, shard_t, arguments, progress, n_all, all_names=all_names)
+                return _run(cases, ctx, shard_t, arguments, progress, n_all, all_names=all_names,
+                            run_info={"excluded_inputs": [p.as_posix() for p in excluded]})
         writer.ensure_writable(output)
-        run_info: dict = {"ray": {}}
+        run_info: dict = {"excluded_inputs": [p.as_posix() for p in excluded], "ray": {}}
 
         def process(cases, ctx):
             return distributed.run_on_ray(cases, ctx_kwargs, ray_address, ray_workers, max_retries, ctx.progress,
@@ -336,9 +339,13 @@ def _run(cases, ctx, shard_t, arguments, progress: bool, n_all: int, process=Non
         logger.info("finished in %.1f s: %s%s", elapsed, by_status, " (interrupted)" if interrupted else "")
         remove_log(log_handler)
     n_failed, n_left = by_status.get("failed", 0), by_status.get("not_finished", 0)
+    n_excluded = len((run_info or {}).get("excluded_inputs", ()))
     if not quiet:
         click.echo(f"condiff-infer: {by_status.get('ok', 0)} done, {by_status.get('skipped', 0)} already done, "
                    f"{n_failed} failed" + (f", {n_left} not finished" if n_left else "") + f" -> {out}")
+        if n_excluded:
+            click.echo(f"({n_excluded} file(s) beside the scans skipped as masks or label maps by name; listed in "
+                       f"{out / writer.run_json_name(shard_t)} under excluded_inputs)")
     if n_failed:
         click.echo(f"{n_failed} case(s) failed; reasons in {out / 'cases.csv'}", err=True)
     if stopped is not None:
@@ -426,7 +433,7 @@ def _one_screen() -> bool:
     return sys.stdout.isatty() and sys.stderr.isatty()
 
 
-def _dry_run(cases, ctx, n_all: int, shard_t) -> int:
+def _dry_run(cases, ctx, n_all: int, shard_t, excluded=()) -> int:
     from .plan import dry_run_status
 
     click.echo(f"condiff-infer --dry-run: {len(cases)} case(s)"
@@ -446,7 +453,11 @@ def _dry_run(cases, ctx, n_all: int, shard_t) -> int:
         click.echo(f"  {status:<8} {case.name}  <- {case.path}  ({reason})")
         for rel in [*plan.outputs.values(), plan.record]:
             click.echo(f"             {rel}")
-    click.echo(f"{len(cases) - n_bad} case(s) valid, {n_bad} invalid; no model was loaded")
+    for path in excluded:
+        click.echo(f"  excluded {path}  (a mask or label map by its name)")
+    click.echo(f"{len(cases) - n_bad} case(s) valid, {n_bad} invalid"
+               + (f", {len(excluded)} file(s) excluded as masks or label maps" if excluded else "")
+               + "; no model was loaded")
     return EXIT_FAILED if n_bad else EXIT_OK
 
 

@@ -147,7 +147,9 @@ def make_context(models: str | Path, out_dir: str | Path, *, engine: str = "torc
     try:
         preprocess = PreprocessConfig.from_dict(model_set.preprocessing)
     except (TypeError, ValueError) as exc:
-        raise ModelSetError(model_set.member_dirs[0] / "config.json", f"invalid preprocessing contract ({exc})") from exc
+        raise ModelSetError(model_set.member_dirs[0] / "config.json", f"invalid preprocessing contract ({exc})",
+                            "a folder imported from diffusers needs one: rerun condiff-export --import-diffusers "
+                            "SOURCE -o NEW_FOLDER --preprocessing FILE_OR_MODEL_FOLDER") from exc
     if preprocess.image_size != model_set.image_size or preprocess.channels != model_set.image_channels:
         raise ModelSetError(models, f"preprocessing gives {preprocess.channels}-channel {preprocess.image_size}-px slices, "
                             f"the network takes {model_set.image_channels} channels at {model_set.image_size} px")

@@ -19,7 +19,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from condiff.errors import OutputConflictError
-from condiff.io.atomic import (check_creatable, dumps_json, nearest_existing, write_bytes_atomic, write_json_atomic,
+from condiff.io.atomic import (check_creatable, create_folder, dumps_json, nearest_existing, write_bytes_atomic, write_json_atomic,
                                write_text_atomic)
 
 from condiff.io.lock import OutputLock, shard_suffix
@@ -66,11 +66,7 @@ def free_space_warning(out_dir: Path, input_paths, restorations: bool = True) ->
 
 def ensure_writable(out_dir: Path) -> None:
     """Create OUT (and parents); a folder we cannot create or write is a configuration error."""
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputConflictError(out_dir, f"cannot create the output folder ({exc.strerror})",
-                                  "choose a folder you can write to") from exc
+    create_folder(out_dir)
     if not os.access(out_dir, os.W_OK | os.X_OK):
         raise OutputConflictError(out_dir, "is not writable", "choose a folder you can write to")
 

@@ -28,7 +28,7 @@ from condiff.modelset import CONFIG, SET_FILE, WEIGHTS, open_model_set
 logger = logging.getLogger(__name__)
 
 _DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
-SET_DOCUMENTS = ("README.md", "LICENSE", "LICENSE.txt", "CITATION.bib")
+SET_DOCUMENTS = ("README.md", "LICENSE", "LICENSE.txt", "CITATION.bib")  # + any LICENSE-*.txt (data licences)
 
 
 def find_diffusers_folder(path: Path) -> Path | None:
@@ -74,12 +74,16 @@ def _copy_plan(ckpt: Path, model_set) -> list[tuple[Path, Path]]:
     for member in model_set.member_dirs:
         rel = member.relative_to(ckpt)  # member paths are relative, so the copied set.json stays valid
         plan += [(member / WEIGHTS, rel / WEIGHTS), (member / CONFIG, rel / CONFIG)]
-    plan += [(ckpt / card, Path(card)) for card in SET_DOCUMENTS if (ckpt / card).is_file()]  # model card, licence
+    documents = [*SET_DOCUMENTS, *sorted(p.name for p in ckpt.glob("LICENSE-*.txt"))]
+    plan += [(ckpt / card, Path(card)) for card in documents if (ckpt / card).is_file()]  # model card, licences
     plan.append((ckpt / SET_FILE, Path(SET_FILE)))
     return plan
 
 
 def _copy(out: Path, plan: list[tuple[Path, Path]]) -> None:
+    from condiff.io.atomic import create_folder
+
+    create_folder(out)  # exit 2 naming OUT where it cannot be made
     for src, rel in plan:
         dst = out / rel
         dst.parent.mkdir(parents=True, exist_ok=True)
@@ -126,6 +130,9 @@ def prepare_models(ckpt: Path, out: Path | None, import_diffusers: bool, contrac
         if contract is None:
             logger.warning("%s: imported without a preprocessing contract; condiff-infer refuses it until one is "
                            "given (rerun with --preprocessing FILE_OR_MODEL_FOLDER)", out)
+        from condiff.io.atomic import create_folder
+
+        create_folder(out)
         return [import_diffusers_unet(diffusers_dir, out, preprocessing=contract)]
     try:
         model_set = open_model_set(ckpt)

@@ -146,6 +146,11 @@ def _check_options(out: Path, *, lr, mask_weight, p_no_task, image_size: int, pr
         if not on_cuda:
             raise TrainingDataError(None, f"--precision {precision} needs a CUDA device (got --device {device_name})",
                                     "use --precision fp32 on the CPU")
+    if str(device_name).startswith("cuda"):  # before OUT/train is made: a refused run leaves nothing behind
+        import torch
+
+        if not torch.cuda.is_available():
+            raise TrainingDataError(None, f"device {device_name} requested but CUDA is not available", "use --device cpu")
     from condiff.io.atomic import check_creatable
 
     check_creatable(out)
@@ -234,7 +239,9 @@ def train_command(**kw) -> int:
                    device_name=kw["device_name"])
     if int(os.environ.get("RANK", "0")) != 0:
         return _train_command(**kw)
-    (out / "train").mkdir(parents=True, exist_ok=True)
+    from condiff.io.atomic import create_folder
+
+    create_folder(out / "train")
     with OutputLock(out / "train"):
         return _train_command(**kw)
 
@@ -428,8 +435,10 @@ def _train_command(data: str, mask_pattern: str | None, modality: str, image_siz
 @click.option("--data", required=True, type=click.Path(file_okay=False), help="Folder of healthy scans (NIfTI) or photographs.")
 @click.option("--mask-pattern", default=None, help="Brain mask per volume, e.g. '{dir}/{stem}_brainmask.nii.gz' "
               "({dir}, {stem}, {case}); with it everything outside the mask is background.")
-@click.option("--modality", type=click.Choice(["auto", "mri", "rgb"]), default="auto", show_default=True)
-@click.option("--image-size", type=click.IntRange(min=16), default=128, show_default=True)
+@click.option("--modality", type=click.Choice(["auto", "mri", "rgb"]), default="auto", show_default=True,
+              help="mri: NIfTI volumes cut into slices; rgb: photographs; auto: from the files found.")
+@click.option("--image-size", type=click.IntRange(min=16), default=128, show_default=True,
+              help="Side of the square slices the network sees (the paper: 128); inference resamples to it.")
 @click.option("--fov-mm", type=float, default=192.0, show_default=True, help="In-plane field of view (MRI); 0 = reference crop.")
 @click.option("--normalisation", type=click.Choice(["percentile", "max"]), default="percentile", show_default=True,
               help="MRI intensity scaling ('max' is the reference's).")
@@ -441,29 +450,39 @@ def _train_command(data: str, mask_pattern: str | None, modality: str, image_siz
                    "and the substitution recorded.")
 @click.option("--other-mask-pattern", default=None, help="Mask pattern for --other-data volumes.")
 @click.option("--preset", "preset_name", type=click.Choice(["small", "compact", "tiny", "symmetric", "paper"]), default="small",
-              show_default=True)
+              show_default=True, help="Network size: paper is the reference UNet (72 M weights), small 3.2 M, "
+                                      "compact 1.8 M, tiny for tests; symmetric: paper's widths without attention at 128 px.")
 @click.option("--fold", default=None, help="0..9 or 'all' [default: 0].")
 @click.option("--folds", default=None, help="Comma list, e.g. 0,3,6.")
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Model set folder to write.")
 @click.option("--resume", is_flag=True, help="Continue each fold from its newest checkpoint under OUT/train.")
-@click.option("--max-steps", type=click.IntRange(min=1), default=500_000, show_default=True)
+@click.option("--max-steps", type=click.IntRange(min=1), default=500_000, show_default=True,
+              help="Optimizer steps per fold (absolute: a resumed fold stops at this step).")
 @click.option("--time-budget-min", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Stop cleanly (checkpoint + model folders) when this much wall time is used, all folds together.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Per process.")
 @click.option("--device", "device_name", default="auto", show_default=True, metavar="auto|cpu|cuda[:N]")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
               help="auto: bf16 autocast on CUDA, fp32 on the CPU; fp16 uses a GradScaler.")
-@click.option("--seed", type=int, default=42, show_default=True)
+@click.option("--seed", type=int, default=42, show_default=True,
+              help="Seeds weights, data order and synthetic anomalies (each fold its own stream).")
 @click.option("--holdout", type=click.IntRange(min=0), default=2, show_default=True,
               help="Last N subjects held out for validation (0: no validation, final EMA weights exported).")
-@click.option("--checkpoint-every", type=click.IntRange(min=0), default=1000, show_default=True)
+@click.option("--checkpoint-every", type=click.IntRange(min=0), default=1000, show_default=True,
+              help="Steps between checkpoints under OUT/train (0: only the one at the end or when stopped).")
 @click.option("--checkpoint-part-mb", type=click.FloatRange(min=0.001), default=None,
               help="Split checkpoint tensors into parts of at most this many MB (10^6 bytes), e.g. 16.")
-@click.option("--val-every", type=click.IntRange(min=1), default=500, show_default=True)
-@click.option("--val-start", type=click.IntRange(min=0), default=5000, show_default=True)
+@click.option("--val-every", type=click.IntRange(min=1), default=500, show_default=True,
+              help="Steps between validations on the held-out subjects.")
+@click.option("--val-start", type=click.IntRange(min=0), default=5000, show_default=True,
+              help="First step that validates.")
 @click.option("--val-max-slices", type=click.IntRange(min=1), default=None, help="Validate on a fixed subset.")
-@click.option("--patience", type=click.IntRange(min=0), default=50_000, show_default=True)
-@click.option("--recipe", type=click.Choice(["reference", "healing"]), default="reference", show_default=True)
+@click.option("--patience", type=click.IntRange(min=0), default=50_000, show_default=True,
+              help="Stop a fold when this many steps passed since the best moving average (0.9) of the "
+                   "validation loss.")
+@click.option("--recipe", type=click.Choice(["reference", "healing"]), default="reference", show_default=True,
+              help="reference: the paper's (lr 1e-4, 20% clean samples); healing: lr 4e-4, loss x10 inside the "
+                   "anomaly masks, 5% clean samples, anomaly sizes x2 falling to the paper's by step 2,500.")
 @click.option("--lr", type=float, default=None, help="Override the recipe's learning rate.")
 @click.option("--lr-anneal", default=None, metavar="START:END[:FINAL]",
               help="Keep the learning rate up to step START, then a cosine fall to FINAL times it (default 0.01) "
@@ -475,11 +494,15 @@ def _train_command(data: str, mask_pattern: str | None, modality: str, image_siz
               help="Anomaly sizes stretched by START at step 0, falling linearly to the reference's at STEPS "
                    "(e.g. 2:4000); 'none' turns off a recipe's curriculum [healing: 2:2500, reference: none].")
 @click.option("--workers", type=click.IntRange(min=0), default=None, help="Data-loader workers per process.")
-@click.option("--cache-dir", default=None, type=click.Path(file_okay=False), help="[default: OUT/train/cache]")
-@click.option("--log-every", type=click.IntRange(min=1), default=50, show_default=True)
+@click.option("--cache-dir", default=None, type=click.Path(file_okay=False),
+              help="Preprocessed training volumes (.npy, keyed by file and preprocessing) [default: OUT/train/cache].")
+@click.option("--log-every", type=click.IntRange(min=1), default=50, show_default=True,
+              help="Steps between lines of OUT/train/fold*/metrics.jsonl (loss, learning rate, speed).")
 @click.option("--val-hook", "val_hooks", multiple=True, metavar="MODULE:FUNC",
               help="Extra validation metrics: FUNC(context) returns hook(step, ema_model) -> dict.")
-@click.option("--weights-dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
+@click.option("--weights-dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
+              help="Storage type of the exported model.safetensors (fp16 halves it; the bundled set's choice); "
+                   "checkpoints stay fp32.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 @verbose_option
 @version_option

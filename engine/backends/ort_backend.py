@@ -121,7 +121,8 @@ def open_ort(model_dir: str | Path, *, device=None, precision: str = "fp32", max
     if precision not in ("fp32", "fp16"):
         raise BackendUnavailableError(None, f"the ort engine has no {precision} mode", "use --precision fp32")
     if precision == "fp16" and name != PROVIDERS["tensorrt"]:
-        raise BackendUnavailableError(None, "the ort engine runs the fp32 ONNX graph; fp16 needs the TensorRT provider",
+        raise BackendUnavailableError(None, "the ort engine runs the fp32 ONNX graph; fp16 needs the TensorRT provider "
+                                      "(from Python: open_ort(..., provider='tensorrt'))",
                                       "use --precision fp32, or --engine trt for an FP16 engine")
     if name not in available:
         raise BackendUnavailableError(None, f"ONNX Runtime provider {name} is not available (this onnxruntime offers "

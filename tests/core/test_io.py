@@ -467,6 +467,19 @@ def test_discover_names_kinds_and_exclusions(tmp_path):
     assert cases.discover([root]) == found  # deterministic
 
 
+def test_discover_excludes_label_files_by_whole_name_part_and_reports_them(tmp_path):
+    """A label word must be a whole "_" part of the name: x_masked and patient_EXAM2 are scans."""
+    root = tmp_path / "in"
+    labels = ["a_mask.nii.gz", "a_seg_v2.nii.gz", "IDRiD_01_EX.png", "b_brainmask.nii", "c_lesionmask.nii.gz",
+              "d_dlmuse.nii.gz", "sub-01_desc-brain_mask.nii.gz"]
+    scans = ["sub-01_masked_T1w.nii.gz", "patient_EXAM2.nii.gz", "segment_T1.nii.gz", "x_Seg.nii.gz", "t1_mask2.nii.gz"]
+    _touch(root, *labels, *scans)
+    excluded = []
+    found = cases.discover([root], excluded=excluded)
+    assert sorted(c.path.name for c in found) == sorted(scans)
+    assert sorted(p.name for p in excluded) == sorted(labels)
+
+
 def test_discover_collisions_and_errors(tmp_path):
     _touch(tmp_path / "in", "a.nii", "a.nii.gz", "b.png", "B.jpg", "c.nii.gz")
     with pytest.raises(OutputConflictError) as info:

@@ -40,7 +40,7 @@ def _rows(path):
 
 def test_infer_writes_layout_geometry_and_records(tmp_path, model_set):
     scans = tmp_path / "scans"
-    make_scans(scans / "site-a", n=1)
+    make_scans(scans / "site-a", n=1, with_masks=True)  # + case0_seg.nii.gz: left out, and said so
     # an oblique, non-RAS grid with different qform/sform codes, stored as int16 with scaling
     img, _ = brain_like(shape=(18, 20, 3), seed=5)
     aff = np.array([[0.0, -2.0, 0.1, 30.0], [2.1, 0.0, 0.0, -25.0], [0.0, 0.2, 2.5, 4.0], [0, 0, 0, 1]])
@@ -49,6 +49,11 @@ def test_infer_writes_layout_geometry_and_records(tmp_path, model_set):
     res = _invoke([scans, "-o", out, "--models", model_set, *FAST, "--members", "1"])
     assert res.exit_code == 0, res.output + res.stderr
     assert "2 done" in res.stdout
+    assert "1 file(s) beside the scans skipped as masks or label maps" in res.stdout
+    run = json.loads((out / "run.json").read_text())
+    excluded = run["excluded_inputs"]
+    assert "DEFAULT_EXCLUDE" not in run["arguments"] and run["arguments"]["steps"] == int(FAST[FAST.index("--steps") + 1])
+    assert excluded == [(scans / "site-a" / "case0_seg.nii.gz").as_posix()]
 
     import nibabel as nib
 
@@ -385,6 +390,8 @@ def test_dry_run_loads_no_model_and_lists_outputs(tmp_path, model_set, monkeypat
     _no_model_loading(monkeypatch)
     make_scans(tmp_path / "in", n=2)
     (tmp_path / "in" / "empty.nii.gz").write_bytes(b"")
+    shutil.copy(tmp_path / "in" / "case1.nii.gz", tmp_path / "in" / "case9_seg.nii.gz")
+    shutil.copy(tmp_path / "in" / "case1.nii.gz", tmp_path / "in" / "case1_segmented.nii.gz")
     out = tmp_path / "out"
     res = _invoke([tmp_path / "in", "-o", out, "--models", model_set, *FAST, "--save-model-space", "--dry-run"])
     assert res.exit_code == 1, res.output + res.stderr  # one invalid input
@@ -392,6 +399,9 @@ def test_dry_run_loads_no_model_and_lists_outputs(tmp_path, model_set, monkeypat
                 "records/case0.json"):
         assert rel in res.stdout
     assert "invalid  empty" in res.stdout and "no model was loaded" in res.stdout
+    # the label map beside the scans is named as left out, and a scan whose name only starts like one is kept
+    assert f"excluded {tmp_path / 'in' / 'case9_seg.nii.gz'}" in res.stdout and "1 file(s) excluded" in res.stdout
+    assert "maps/case1_segmented.nii.gz" in res.stdout
     assert "INVALID empty" in res.stderr  # stdout may be a file: errors also go to stderr
     assert not out.exists()
     from condiff.engine import cli

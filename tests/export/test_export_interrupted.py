@@ -167,3 +167,11 @@ def test_the_cli_removes_a_killed_in_place_exports_temporary_file(model_set, tmp
     res = CliRunner().invoke(main, [str(root), *FAST])
     assert res.exit_code == 0, res.output
     assert not orphan.exists() and _temp_files(root) == []
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs Linux's /proc, where no folder can be made")
+def test_an_output_that_cannot_be_made_is_exit_2_not_a_traceback(model_set, monkeypatch):
+    monkeypatch.setattr(os, "access", lambda *a, **k: True)  # as for root: every folder looks writable
+    res = CliRunner().invoke(main, [str(model_set), "-o", "/proc/condiff-test/exp", *FAST])
+    assert res.exit_code == 2 and "cannot create the output folder" in res.output, res.output
+    assert "/proc/condiff-test/exp" in res.output and "Traceback" not in res.output

@@ -303,7 +303,8 @@ def test_an_import_given_a_preprocessing_contract_runs_in_condiff_infer(tmp_path
     from condiff.engine.cli import infer_main
 
     scan = donor.parents[1] / "scans" / "ixi132_t1.nii.gz"
-    for folder, code, text in (("bare", 2, "preprocessing needs a 'modality'"), ("imp", 0, "1 done")):
+    for folder, code, text in (("bare", 2, "preprocessing needs a 'modality'"), ("bare", 2, "--preprocessing FILE"),
+                               ("imp", 0, "1 done")):
         run = CliRunner().invoke(infer_main, [str(scan), "-o", str(tmp_path / f"out-{folder}"), "--models",
                                               str(tmp_path / folder), "--steps", "1", "--no-progress"])
         assert run.exit_code == code and text in run.output + (run.stderr or ""), run.output
@@ -342,10 +343,12 @@ def test_exporting_a_set_to_a_new_folder_keeps_its_model_card(tmp_path):
     root = tmp_path / "set"
     save_model_set(root, [make_model(root / "fold_0", seed=0)])
     (root / "README.md").write_text("# model card\nresearch use only\n")
+    (root / "LICENSE-DATA.txt").write_text("terms of the training data\n")  # must travel with the weights
     out = tmp_path / "out"
     res = CliRunner().invoke(main, [str(root), "-o", str(out), "--attention", "sdpa"])
     assert res.exit_code == 0, res.output
     assert (out / "README.md").read_text() == "# model card\nresearch use only\n"
+    assert (out / "LICENSE-DATA.txt").read_text() == "terms of the training data\n"
     again = CliRunner().invoke(main, [str(root), "-o", str(out)])
     assert again.exit_code == 2 and f"condiff-export {out}" in again.output  # how to finish an interrupted one
     (tmp_path / "afile").write_text("x")

@@ -281,6 +281,22 @@ def test_an_output_that_is_a_file_is_refused_before_any_data_is_read(tmp_path):
     assert code == 2 and "cannot create the output folder" in output and "is not a folder" in output, output
 
 
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs Linux's /proc, where no folder can be made")
+def test_an_output_that_cannot_be_made_is_exit_2_not_a_traceback(tmp_path, monkeypatch):
+    monkeypatch.setattr(os, "access", lambda *a, **k: True)  # as for root: every folder looks writable
+    code, output = _run("--data", tmp_path / "no-such-data", "--preset", "tiny", "--image-size", 32,
+                        "-o", "/proc/condiff-test/set", "--no-progress")
+    assert code == 2 and "/proc/condiff-test/set" in output and "cannot create the output folder" in output, output
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_a_cuda_device_without_cuda_is_refused_before_anything_is_made(tmp_path):
+    code, output = _run("--data", tmp_path / "no-such-data", "--preset", "tiny", "--image-size", 32,
+                        "-o", tmp_path / "set", "--device", "cuda", "--no-progress")
+    assert code == 2 and "CUDA is not available" in output, output
+    assert not (tmp_path / "set").exists()
+
+
 def test_a_full_disk_while_training_is_a_message_and_exit_1(data_dir, cache_dir, tmp_path, monkeypatch):
     import errno
 

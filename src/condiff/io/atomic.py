@@ -146,6 +146,19 @@ def nearest_existing(path: str | os.PathLike) -> Path:
     return probe
 
 
+def create_folder(out_dir: str | os.PathLike) -> None:
+    """Make OUT (and parents); a folder that cannot be made is ``OutputConflictError`` naming it (exit 2),
+    for the cases ``check_creatable`` cannot foresee (as root every folder looks writable, yet
+    ``/proc/x`` still cannot be made)."""
+    from condiff.errors import OutputConflictError
+
+    try:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputConflictError(out_dir, f"cannot create the output folder ({exc.strerror or exc})",
+                                  "choose a folder you can write to") from exc
+
+
 def check_creatable(out_dir: str | os.PathLike) -> None:
     """OUT can be made (its nearest existing ancestor is a writable folder) or is a writable folder;
     ``OutputConflictError`` naming it otherwise. Creates nothing, so the CLIs call it before any

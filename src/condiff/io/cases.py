@@ -22,7 +22,11 @@ logger = logging.getLogger(__name__)
 
 VOLUME_SUFFIXES = (".nii.gz", ".nii")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
-DEFAULT_EXCLUDE = ("*_mask*", "*_brainmask*", "*_seg*", "*_lesionmask*", "*_EX*", "*_dlmuse*")
+# Masks and label maps that live beside their images, recognised by a whole "_"-separated name part
+# (x_mask.nii.gz, x_seg_v2.nii.gz, IDRiD_01_EX.png): a part that merely starts with one of these words
+# (x_masked, patient_EXAM2) is a scan. Case-sensitive; every excluded file is logged and reported.
+LABEL_WORDS = ("mask", "brainmask", "seg", "lesionmask", "EX", "dlmuse")
+DEFAULT_EXCLUDE = tuple(p for w in LABEL_WORDS for p in (f"*_{w}.*", f"*_{w}_*"))
 # The one recommended DICOM -> NIfTI recipe, quoted by every message about DICOM input (here and in
 # io.volumes): gzip output, a BIDS JSON sidecar (-b y) with identifying fields left out (-ba y).
 DCM2NIIX_RECIPE = "dcm2niix -z y -b y -ba y -o OUT IN"
@@ -98,7 +102,8 @@ def _is_dicom(path: Path) -> bool:
         return False
 
 
-def discover(inputs: Iterable[str | os.PathLike], exclude_patterns: Iterable[str] | None = None) -> list[Case]:
+def discover(inputs: Iterable[str | os.PathLike], exclude_patterns: Iterable[str] | None = None,
+             excluded: list[Path] | None = None) -> list[Case]:
     """Turn input files and folders into cases, in a deterministic order.
 
     ``exclude_patterns``: globs matched (case-sensitively) against a file's name and its path
@@ -107,7 +112,8 @@ def discover(inputs: Iterable[str | os.PathLike], exclude_patterns: Iterable[str
     directly, or when nothing usable is found; ``OutputConflictError`` listing every pair of
     files whose case names collide (compared case-insensitively, since outputs may land on a
     case-insensitive file system). The same file reached twice (symlink, repeated argument)
-    becomes one case.
+    becomes one case. ``excluded``, when given, receives the files the patterns left out (also
+    logged one by one), so a caller can report them.
     """
     patterns = tuple(DEFAULT_EXCLUDE if exclude_patterns is None else exclude_patterns)
     cases: list[Case] = []
@@ -141,7 +147,9 @@ def discover(inputs: Iterable[str | os.PathLike], exclude_patterns: Iterable[str
                     logger.info("%s: skipped (unsupported file type)", path)
                 continue
             if item.is_dir() and _excluded(path.name, rel, patterns):
-                logger.debug("%s: excluded by pattern", path)
+                logger.info("%s: skipped (a mask or label map by its name)", path)
+                if excluded is not None:
+                    excluded.append(path)
                 continue
             real = os.path.realpath(path)
             if real in seen_files:
@@ -202,5 +210,5 @@ def find_mask(case: Case, pattern: str, required: bool = True) -> Path | None:
     return mask
 
 
-__all__ = ["Case", "discover", "find_mask", "split_suffix", "DEFAULT_EXCLUDE", "VOLUME_SUFFIXES", "IMAGE_SUFFIXES",
+__all__ = ["Case", "discover", "find_mask", "split_suffix", "DEFAULT_EXCLUDE", "LABEL_WORDS", "VOLUME_SUFFIXES", "IMAGE_SUFFIXES",
            "DCM2NIIX_RECIPE", "DICOM_HINT"]
