@@ -11,6 +11,9 @@ query rows of sample 0.
     python bench/attention.py --json out/attention.json             # paper shapes, batch 8, fp16
     python bench/attention.py --poly-shares 0 0.2 0.33 --configs 128,128,8,2 128,64,4,3
     python bench/attention.py --interpret --json /tmp/a.json        # CPU: tiny shapes, Triton's interpreter
+
+Without CUDA the script needs ``--interpret`` (it exits with status 2 otherwise: the paper shapes on the CPU
+take minutes per call, and the Triton kernel needs CUDA tensors).
 """
 from __future__ import annotations
 
@@ -246,6 +249,14 @@ def markdown(report: dict) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if not args.interpret:
+        import torch
+
+        if not torch.cuda.is_available():
+            print("attention.py: error: no CUDA device: this benchmark needs a GPU (the Triton kernel runs on CUDA "
+                  "tensors, and the paper shapes take minutes per call on the CPU); use --interpret for the CPU "
+                  "check of this script (tiny shapes through Triton's interpreter)", file=sys.stderr)
+            return 2
     report = run(args)
     md = markdown(report)
     print(md)

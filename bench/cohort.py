@@ -11,12 +11,15 @@ case. Reports seconds per case for both, and the run's own split of its time (``
     python bench/cohort.py --cases 3 --out /tmp/cohort                              # seconds (tests/bench)
 
 Wall times include each process's start (~1.5 s: imports, model load), amortised over the cases.
+A leftover OUT/work (an earlier ``--keep-work`` or failed run) is removed first, so the first run is
+always fresh; when the counts are not N done then N skipped, no report is written and the exit status is 1.
 """
 from __future__ import annotations
 
 import argparse
 import datetime as dt
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -65,19 +68,25 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=1)
     ap.add_argument("--members", default="1")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--keep-work", action="store_true", help="keep OUT/work (the generated cases and their outputs)")
+    ap.add_argument("--keep-work", action="store_true",
+                    help="keep OUT/work (the generated cases and their outputs); the next run removes it first")
     args = ap.parse_args(argv)
     import torch
 
-    import shutil
-
     work = args.out / "work"  # derived data: removed after the run unless --keep-work
+    if work.exists():  # outputs left there would turn the fresh run into a resume
+        print(f"removing the leftover {work} (an earlier run's cases and outputs), so the first run is fresh",
+              file=sys.stderr, flush=True)
+        shutil.rmtree(work)
     scans = work / "scans"
     write_cases(scans, args.cases)
     extra = ["--steps", str(args.steps), "--members", args.members, "--device", args.device]
     fresh = run_infer(scans, work / "out", extra)
     resumed = run_infer(scans, work / "out", extra)
     n = args.cases
+    if fresh["counts"].get("ok") != n or resumed["counts"].get("skipped") != n:  # before anything is written
+        raise SystemExit(f"expected {n} done then {n} skipped, got {fresh['counts']} and {resumed['counts']}; "
+                         f"no report written (cases and outputs kept in {work})")
     report = {
         "benchmark": "cohort", "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join([sys.executable, *sys.argv]), "machine": machine_info(torch.device(args.device)),
@@ -101,8 +110,6 @@ def main(argv=None) -> int:
     print("\n".join(md))
     if not args.keep_work:
         shutil.rmtree(work)
-    if fresh["counts"].get("ok") != n or resumed["counts"].get("skipped") != n:
-        raise SystemExit(f"expected {n} done then {n} skipped, got {fresh['counts']} and {resumed['counts']}")
     return 0
 
 

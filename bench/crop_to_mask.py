@@ -9,6 +9,7 @@ sform) moves with the crop, so world coordinates are unchanged.
 """
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -42,10 +43,11 @@ def crop_pair(image: Path, mask: Path, dest: Path) -> tuple[int, int]:
 
 
 def main(argv=None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 2:
-        raise SystemExit(__doc__)
-    src, dest = Path(args[0]), Path(args[1])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("src", type=Path, help="folder with *-T1.nii.gz and *-T1_brainmask.nii.gz")
+    ap.add_argument("dest", type=Path, help="folder for the cropped pairs (same file names)")
+    args = ap.parse_args(argv)
+    src, dest = args.src, args.dest
     dest.mkdir(parents=True, exist_ok=True)
     before = after = 0
     for image in sorted(src.glob("*-T1.nii.gz")):

@@ -47,7 +47,22 @@ def _versions() -> dict:
     import condiff
     return {"condiff": condiff.__version__, "torch": torch.__version__, "cuda": torch.version.cuda,
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "python": platform.python_version(), "machine": platform.node(), "cpu": platform.processor()}
+            "python": platform.python_version(), "machine": platform.node(), "cpu": _cpu_name()}
+
+
+def _cpu_name() -> str:
+    """The CPU's model name: platform.processor() is empty on Linux, where /proc/cpuinfo has it."""
+    name = platform.processor()
+    if name:
+        return name
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.machine()
 
 
 def healthy_tissue(out: Path, label_pattern: str, label_values=None) -> dict:
@@ -274,7 +289,9 @@ def _num(v) -> str:
 def write_markdown(report: dict, path: Path) -> None:
     lines = ["# condiff quality report", "", f"- date: {report['date']}", f"- command: `{report['command']}`",
              f"- versions: {report['versions']}", ""]
-    if report.get("synthetic"):
+    if report.get("synthetic", {}).get("skipped"):
+        lines += ["## Healing on held-out healthy slices", "", f"not run: {report['synthetic']['skipped']}", ""]
+    elif report.get("synthetic"):
         s = report["synthetic"]
         lines += [f"## Healing on held-out healthy slices ({s['n_clean_slices']} slices of {', '.join(s['subjects'])})", "",
                   "| task | removed | copier reference | own error on healthy input | map AP | chance | slices |",
@@ -324,7 +341,7 @@ def write_markdown(report: dict, path: Path) -> None:
             lines.append(f"| {row['row']} | " + " | ".join("" if v is None else _num(v) for v in cells) + " |")
         for b, vals in res["baselines"].items():
             f1 = vals.get("lesion_f1")
-            lines.append(f"| baseline: {b} | | | {vals['ap_pixel']:.3f} | | | | {'' if f1 is None else _num(f1)} |")
+            lines.append(f"| baseline: {b} | | | {_num(vals['ap_pixel'])} | | | | {'' if f1 is None else _num(f1)} |")
         lines.append("")
         det = ev.get("lesion_detection")
         if det and det["lesions"]:
@@ -350,10 +367,10 @@ def write_markdown(report: dict, path: Path) -> None:
             for region, r in res["regions"].items():
                 rows, b = r["rows"], r["baselines"]
                 avg, top = rows.get("members avg", {}).get("ap_pixel"), rows.get("members max", {}).get("ap_pixel")
-                members = "" if avg is None else f"{avg:.3f} / {top:.3f}"
+                members = "" if avg is None else f"{_num(avg)} / {_num(top)}"
                 lines.append(f"| {region} ({', '.join(map(str, r['label_values']))}) | {r['counts'].get('positive_pixels')} | "
                              f"{_num(rows['ensemble'].get('ap_pixel'))} | {members} | "
-                             + " | ".join(_num(b[name]['ap_pixel']) for name in (*BASELINES, "chance")) + " |")
+                             + " | ".join(_num((b.get(name) or {}).get('ap_pixel')) for name in (*BASELINES, "chance")) + " |")
             lines.append("")
         hr = res.get("healthy_response")
         if hr:
@@ -464,8 +481,12 @@ def main(argv=None) -> int:
               "command": " ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])]), "versions": _versions(),
               "models": args.models, "engine": args.engine, "precision": args.precision, "steps": args.steps,
               "sampler": args.sampler, "lesions": {}}
-    if args.synthetic and (Path(args.data) / "ixi-t1").is_dir():
-        run_synthetic(args, report)
+    if args.synthetic:
+        ixi = Path(args.data) / "ixi-t1"
+        if ixi.is_dir():
+            run_synthetic(args, report)
+        else:  # said in the report and on stdout, like a missing lesion set
+            report["synthetic"] = {"skipped": f"{ixi} not found (the held-out healthy IXI T1 slices)"}
     if args.lesions:
         run_lesions(args, report)
     (out / "quality.json").write_text(json.dumps(report, indent=1, sort_keys=True, default=float) + "\n")

@@ -17,6 +17,11 @@ bracketed by ``torch.cuda.synchronize``. FLOPs per evaluation and the sequential
     python bench/throughput.py --preset small --batch-sizes 1 4 --steps 5 --engines torch ort --device cpu
     python bench/throughput.py --preset paper --batch-sizes 8 32 --engines fast:fp16 fast-triton:fp16 --device cuda
     python bench/throughput.py --smoke --out /tmp/bench          # CI: tiny net, 32 px, 2 steps
+
+The report is named throughput-PRESET-DEVICE-DATE (.json, .md, .png) in ``--out``; the script refuses to
+start when those files exist (an earlier run of the same day) unless ``--force`` is given. "max Δmap vs fp32"
+compares a row's maps with the fp32 baseline's only at the same batch size, step count and seed; with another
+``--fp32-steps`` it is left empty (bench/gpu_consistency.py measures accuracy at equal steps).
 """
 from __future__ import annotations
 
@@ -116,15 +121,45 @@ class AutocastDenoiser:
 
 # ---------------------------------------------------------------- arguments
 
+# what --smoke fixes; giving one of these options with another value beside --smoke is an error
+SMOKE = {"preset": "tiny", "size": 32, "steps": 2, "batch_sizes": [1, 2], "repeats": 2, "warmup": 1}
+_UNSET = object()
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not allowed: must be at least 1")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{value} is not allowed: must be greater than 0")
+    return value
+
+
+def option_name(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--preset", default="small", choices=["paper", "symmetric", "small", "tiny"])
     p.add_argument("--image-channels", type=int, default=1, choices=[1, 3])
-    p.add_argument("--size", type=int, default=128, help="image side in pixels")
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4])
-    p.add_argument("--steps", type=int, default=50, help="DDPM steps per member")
-    p.add_argument("--members", type=int, default=1, help="ensemble members (per-slice numbers are also scaled to 10)")
+    p.add_argument("--size", type=positive_int, default=128, help="image side in pixels")
+    p.add_argument("--batch-sizes", type=positive_int, nargs="+", default=[1, 4])
+    p.add_argument("--steps", type=positive_int, default=50, help="DDPM steps per member")
+    p.add_argument("--members", type=positive_int, default=1,
+                   help="ensemble members (per-slice numbers are also scaled to 10)")
     p.add_argument("--engines", nargs="+", default=list(ENGINES),
                    help="engine or engine:precision (torch, ort, fast, fast-triton, fast-compile, fast-triton-x); a bare name runs every --precisions")
     p.add_argument("--precisions", nargs="+", choices=PRECISIONS, default=None,
@@ -132,22 +167,38 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--repeats", type=int, default=5, help="timed runs per row (>= 5)")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs first (>= 1; the first also builds graphs)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch and ONNX Runtime")
-    p.add_argument("--fp32-steps", type=int, default=None,
+    p.add_argument("--threads", type=positive_int, default=None, help="CPU threads for torch and ONNX Runtime")
+    p.add_argument("--fp32-steps", type=positive_int, default=None,
                    help="steps for the fp32 baseline only (per-step cost does not depend on the step count; "
-                        "fp32 is ~10x slower on GPU). Default: --steps")
-    p.add_argument("--fp32-batch-sizes", type=int, nargs="+", default=None,
+                        "fp32 is ~10x slower on GPU); rows at other step counts get no 'max Δmap vs fp32'. "
+                        "Default: --steps")
+    p.add_argument("--fp32-batch-sizes", type=positive_int, nargs="+", default=None,
                    help="batch sizes for the fp32 baseline only. Default: --batch-sizes")
     p.add_argument("--cpu-reference", choices=["bf16", "skip"], default="bf16",
                    help="reference-style baseline on the CPU: bf16 autocast, or skip it")
-    p.add_argument("--time-budget", type=float, default=None,
+    p.add_argument("--time-budget", type=positive_float, default=None,
                    help="seconds: rows that would end later are reported as skipped (results so far are kept)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="bench/results")
-    p.add_argument("--smoke", action="store_true", help="CI: tiny preset, 32 px, 2 steps, batch 1 and 2, 2 repeats")
-    args = p.parse_args(argv)
+    p.add_argument("--force", action="store_true",
+                   help="overwrite an existing report of the same name (throughput-PRESET-DEVICE-DATE.json/.md/.png "
+                        "in --out); without it the script refuses to start, so a rerun cannot replace a recorded "
+                        "report with a partial one")
+    p.add_argument("--smoke", action="store_true",
+                   help="CI: tiny preset, 32 px, 2 steps, batch 1 and 2, 2 repeats, warm-up 1 (giving any of "
+                        "--preset/--size/--steps/--batch-sizes/--repeats/--warmup another value is an error)")
+    # the options --smoke fixes start unset, so that explicitly given ones can be told from defaults
+    args = p.parse_args(argv, namespace=argparse.Namespace(**{dest: _UNSET for dest in SMOKE}))
+    given = {dest: getattr(args, dest) for dest in SMOKE if getattr(args, dest) is not _UNSET}
+    for dest in SMOKE:
+        if dest not in given:
+            setattr(args, dest, SMOKE[dest] if args.smoke else p.get_default(dest))
     if args.smoke:
-        args.preset, args.size, args.steps, args.batch_sizes, args.repeats, args.warmup = "tiny", 32, 2, [1, 2], 2, 1
+        conflicts = [f"{option_name(d)} {' '.join(map(str, v)) if isinstance(v, list) else v}"
+                     for d, v in given.items() if v != SMOKE[d]]
+        if conflicts:
+            p.error(f"--smoke fixes {smoke_values()}; drop {', '.join(conflicts)} or --smoke")
+        print(f"[bench] --smoke: {smoke_values()}", file=sys.stderr, flush=True)
     elif args.repeats < 5:
         p.error("--repeats must be at least 5 (only --smoke uses fewer)")
     args.warmup = max(1, args.warmup)
@@ -156,6 +207,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         if name not in ENGINES or (prec and prec not in PRECISIONS):
             p.error(f"--engines {spec!r}: use one of {ENGINES}, optionally :fp32/:fp16/:bf16")
     return args
+
+
+def smoke_values() -> str:
+    return ", ".join(f"{option_name(d)} {' '.join(map(str, v)) if isinstance(v, list) else v}"
+                     for d, v in SMOKE.items())
 
 
 def engine_specs(args, device: torch.device) -> tuple[list[Spec], list[str]]:
@@ -435,14 +491,30 @@ def finish(rows: list[dict], gflop: float, floor: float | None) -> None:
             r[key + "_best"] = r["evals_per_s"] / best[role] if best[role] else None
 
 
+GPU_CONSISTENCY = "see bench/gpu_consistency.py for equal-step accuracy"
+
+
 def map_differences(rows: list[dict]) -> None:
-    """Max |map| and |score| difference of every row against the fp32 baseline at the same batch."""
+    """Max |map| and |score| difference of every row against the fp32 baseline run on the same slices
+    with the same noise: same batch size, step count and seed. Otherwise both are None and
+    ``map_diff_note`` says why (``--fp32-steps`` gives the baseline other steps: its maps are another
+    sampling of the chain, and their difference would not measure an engine's accuracy)."""
     ref = {r["batch_size"]: r for r in rows if r["role"] == "baseline-fp32" and r["status"] == "ok"}
     for r in rows:
         maps, scores = r.pop("_maps", None), r.pop("_scores", None)
         base = ref.get(r["batch_size"])
-        if maps is None or base is None:
-            r["max_abs_map_diff_vs_fp32"] = r["max_abs_score_diff_vs_fp32"] = None
+        r["max_abs_map_diff_vs_fp32"] = r["max_abs_score_diff_vs_fp32"] = r["map_diff_note"] = None
+        if maps is None:
+            continue
+        if base is None:
+            r["map_diff_note"] = f"no fp32 baseline row at batch {r['batch_size']}"
+            continue
+        if base["steps"] != r["steps"]:
+            r["map_diff_note"] = (f"steps differ from the fp32 baseline ({r['steps']} against {base['steps']}, "
+                                  f"--fp32-steps); {GPU_CONSISTENCY}")
+            continue
+        if base.get("seed") != r.get("seed") or base["_maps_keep"].shape != maps.shape:
+            r["map_diff_note"] = f"not the fp32 baseline's slices and noise (seed or shape differ); {GPU_CONSISTENCY}"
             continue
         r["max_abs_map_diff_vs_fp32"] = float((maps - base["_maps_keep"]).abs().max())
         r["max_abs_score_diff_vs_fp32"] = float((scores - base["_scores_keep"]).abs().max())
@@ -460,11 +532,16 @@ class Report:
         self.date = datetime.now(timezone.utc).isoformat(timespec="seconds")
         self.stem = f"throughput-{args.preset}-{device.type}-{self.date[:10]}"
         self.out = Path(args.out)
-        self.out.mkdir(parents=True, exist_ok=True)
         self.floor, self.floor_note = floor_ms(args, self.machine)
         self.notes: list[str] = []
         self.rows: list[dict] = []
         self.gflop, self.flops_source = None, None
+
+    def paths(self) -> list[Path]:
+        return [self.out / f"{self.stem}{ext}" for ext in (".json", ".md", ".png")]
+
+    def existing(self) -> list[Path]:
+        return [p for p in self.paths() if p.exists()]
 
     def add(self, row: dict) -> None:
         if row["role"] == "baseline-fp32" and row["status"] == "ok":
@@ -498,6 +575,7 @@ class Report:
 
     def write(self, final: bool) -> dict:
         report = self.build()
+        self.out.mkdir(parents=True, exist_ok=True)
         if final:
             note = plot(report, self.out / f"{self.stem}.png")
             if note:
@@ -521,7 +599,8 @@ def run(args, rep: Report) -> None:
             batches = (args.fp32_batch_sizes if fp32 else None) or args.batch_sizes
             steps = (args.fp32_steps if fp32 else None) or args.steps
             base = {"engine": spec.engine, "precision": spec.precision, "role": spec.role, "label": spec.label,
-                    "members": args.members, "steps": steps, "machine": rep.machine, "versions": rep.versions}
+                    "members": args.members, "steps": steps, "seed": args.seed, "machine": rep.machine,
+                    "versions": rep.versions}
             den, build_s, skip = None, None, None
             try:
                 if deadline is not None and time.perf_counter() > deadline:
@@ -563,6 +642,14 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     rep = Report(args, resolve_device(args.device))
+    existing = rep.existing()
+    if existing and not args.force:
+        verb = "already exist" if len(existing) > 1 else "already exists"
+        print(f"throughput.py: error: {', '.join(map(str, existing))} {verb} (a report of the same preset, device "
+              "and day); nothing was run. Pass --force to overwrite, or another --out.", file=sys.stderr)
+        return 2
+    if existing:  # --force: the JSON and Markdown are rewritten after the first row; a stale plot goes now
+        rep.paths()[2].unlink(missing_ok=True)
     rc = 0
     try:
         run(args, rep)
@@ -573,6 +660,10 @@ def main(argv=None) -> int:
     print(markdown(report))
     print(f"wrote {rep.out / rep.stem}.json, .md" + ("" if any("plot skipped" in n for n in rep.notes) else ", .png"),
           file=sys.stderr)
+    if not any(r["role"].startswith("baseline") and r["status"] == "ok" for r in report["rows"]):
+        print("throughput.py: error: no baseline row was measured (see the notes of the skipped rows), so the "
+              "report has no reference to compare with", file=sys.stderr)
+        rc = rc or 1
     return rc
 
 

@@ -49,6 +49,8 @@ def markdown(report: dict) -> str:
               "batch size. Weights are random (seeded).", ""]
     notes = meta["notes"] + sorted({f"{r['label']}: {r['note']}" for r in report["rows"]
                                     if r["status"] == "ok" and r.get("note")})
+    notes += sorted({f"{r['label']}: no 'max Δmap vs fp32': {r['map_diff_note']}" for r in report["rows"]
+                     if r["status"] == "ok" and r.get("map_diff_note")})
     if notes:
         lines += ["Notes:", ""] + [f"- {n}" for n in notes] + [""]
     return "\n".join(lines)

@@ -45,3 +45,15 @@ def test_interpret_run_writes_a_consistent_report(tmp_path):
         assert r["exp_per_sm_clock"] is None  # no SMs on the CPU
     md = out.with_suffix(".md").read_text()
     assert report["meta"]["command"] in md and md.count("| tiny-64 |") == len(rows)
+
+
+def test_without_cuda_it_asks_for_a_gpu_or_interpret(tmp_path):
+    """No CUDA and no --interpret: a clear error (exit 2) at once, not the paper shapes on the CPU."""
+    import os
+
+    out = tmp_path / "attention.json"
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--json", str(out)], capture_output=True, text=True,
+                          timeout=60, cwd=tmp_path, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
+    assert "needs a GPU" in proc.stderr and "--interpret" in proc.stderr
+    assert not out.exists()

@@ -68,6 +68,8 @@ def test_both_baselines_ran_at_every_batch(smoke):
             assert r["vs_fp32"] == 1.0 and r["max_abs_map_diff_vs_fp32"] == 0.0
         if r["role"] == "baseline-reference":
             assert r["vs_reference"] == 1.0
+            # equal steps and seed: the reference's maps are compared with the fp32 baseline's
+            assert isinstance(r["max_abs_map_diff_vs_fp32"], float) and r["map_diff_note"] is None
 
 
 def test_rates_are_consistent(smoke):
