@@ -4,10 +4,15 @@
     python bench/train_chunks.py collect RUN FILES_AT      # a chunk's returned files -> runs/RUN, and a record
     python bench/train_chunks.py report NAME=METRICS.jsonl [...] --out DIR [--title T]
 
-``bench/gpu_train.sh`` runs one chunk on the device. ``collect`` verifies the pieces' SHA-256, keeps them
-as the state the next chunk resumes from (``runs/RUN/pieces``), unpacks the model and the metrics log,
-and appends the chunk (steps, device minutes, healing metric at its last validation) to
-``bench/results/training-chunks/RUN.jsonl`` and ``RUN.md``. ``report`` turns metrics logs (one per run,
+``bench/gpu_train.sh`` runs one chunk on the device. ``collect`` verifies the pieces' SHA-256, unpacks them
+into a temporary place and checks the chunk against the run's record (it must start where the last recorded
+chunk ended, or at 0 for a new run, and train at least one step) before it keeps them as the state the next
+chunk resumes from (``runs/RUN/pieces``) and unpacks the model and the metrics log; then it appends the
+chunk (steps, device minutes, healing metric at its last validation) to
+``bench/results/training-chunks/RUN.jsonl`` and ``RUN.md``. A refused chunk leaves the previous state as
+it was. ``stage`` refuses a run whose record says it has trained (steps_after > 0) when no state is there
+to resume from (restore it from git first: ``bench/results/ARCHIVED.md``), and a state whose step is not
+the last recorded one. ``report`` turns metrics logs (one per run,
 e.g. two recipes) into the healing metric over training time: JSON, Markdown and a PNG.
 """
 from __future__ import annotations
@@ -54,13 +59,64 @@ def travelling_bytes(repo: Path = REPO) -> int:
     return total
 
 
-def stage(run: str, runs_dir: Path, repo: Path = REPO) -> Path:
+def recorded_chunks(run: str, results: Path = RESULTS) -> list[dict]:
+    """The chunks ``collect`` recorded for ``run`` (oldest first)."""
+    log = results / f"{run}.jsonl"
+    return [json.loads(x) for x in log.read_text().splitlines() if x.strip()] if log.is_file() else []
+
+
+def pieces_chunk(pieces: list[Path]) -> dict:
+    """chunk.json of a state cut into ``pieces``, read from the joined stream (gpu_train.sh packs it first)."""
+    class Joined:  # the pieces as one file object, read in order
+        def __init__(self, paths):
+            self.files = iter(paths)
+            self.cur = None
+
+        def read(self, n=-1):
+            out = b""
+            while n < 0 or len(out) < n:
+                if self.cur is None:
+                    nxt = next(self.files, None)
+                    if nxt is None:
+                        break
+                    self.cur = open(nxt, "rb")
+                chunk = self.cur.read(-1 if n < 0 else n - len(out))
+                if not chunk:
+                    self.cur.close()
+                    self.cur = None
+                    continue
+                out += chunk
+            return out
+
+    try:
+        with tarfile.open(fileobj=Joined(pieces), mode="r|gz") as tar:
+            for member in tar:
+                if member.name.lstrip("./") == "chunk.json":
+                    return json.loads(tar.extractfile(member).read())
+    except (tarfile.TarError, OSError, EOFError, json.JSONDecodeError) as exc:
+        raise SystemExit(f"{pieces[0].parent}: the state's pieces do not unpack ({exc})") from exc
+    raise SystemExit(f"{pieces[0].parent}: the state has no chunk.json")
+
+
+def stage(run: str, runs_dir: Path, repo: Path = REPO, results: Path = RESULTS) -> Path:
     pieces = sorted((runs_dir / run / "pieces").glob("state.tgz.part*"))
     dest = repo / ".carry" / "train-state" / run
-    shutil.rmtree(dest, ignore_errors=True)
+    recorded = recorded_chunks(run, results)
+    last = recorded[-1]["steps_after"] if recorded else 0
     if not pieces:
+        if last > 0:
+            raise SystemExit(
+                f"{runs_dir / run / 'pieces'}: no state, but {results / (run + '.jsonl')} records {run} at step "
+                f"{last}: a chunk would start from scratch. Restore the state from git first "
+                f"(bench/results/ARCHIVED.md), or train under a new run name")
+        shutil.rmtree(dest, ignore_errors=True)
         print(f"{runs_dir / run / 'pieces'}: no state yet, the first chunk starts from scratch")
         return dest
+    at = pieces_chunk(pieces).get("steps_after")
+    if at != last:
+        raise SystemExit(f"{runs_dir / run / 'pieces'}: the state is at step {at}, but {results / (run + '.jsonl')} "
+                         f"records {run} at step {last}: stage the last recorded state (bench/results/ARCHIVED.md)")
+    shutil.rmtree(dest, ignore_errors=True)
     dest.mkdir(parents=True)
     lines = []
     for p in pieces:
@@ -96,44 +152,68 @@ def healing_summary(val: dict) -> dict:
             "min_removed": min(removed.values()) if removed else None}
 
 
+def check_chunk(chunk: dict, run: str, earlier: list[dict], where: Path, log: Path) -> None:
+    """A chunk may be recorded only where it continues the run's record: raise (nothing changed) otherwise."""
+    last = earlier[-1]["steps_after"] if earlier else 0
+    before, after = chunk.get("steps_before"), chunk.get("steps_after")
+    if any((c.get("steps_before"), c.get("steps_after"), c.get("date")) == (before, after, chunk.get("date"))
+           for c in earlier):
+        raise SystemExit(f"{where}: this chunk (step {before} → {after}) is already recorded in {log}")
+    if before != last:
+        raise SystemExit(f"{where}: this chunk starts at step {before}, but {log} records {run} at step {last}"
+                         + (" (it restarted from scratch: was the state staged? bench/results/ARCHIVED.md)"
+                            if before == 0 else "") + "; nothing collected, the previous state is kept")
+    if not isinstance(after, int) or after <= before:
+        raise SystemExit(f"{where}: this chunk trained no steps ({before} → {after}, train_rc "
+                         f"{chunk.get('train_rc')}; see its gpu_train.log); nothing collected")
+
+
 def collect(run: str, files_at: Path, runs_dir: Path, results: Path = RESULTS) -> dict:
     check_sums(files_at)
     pieces = sorted(files_at.glob("state.tgz.part*"))
     if not pieces:
         raise SystemExit(f"{files_at}: no state.tgz.part* pieces (see its gpu_train.log)")
     root = runs_dir / run
-    new_pieces = root / "pieces.new"
-    shutil.rmtree(new_pieces, ignore_errors=True)
-    new_pieces.mkdir(parents=True)
-    for p in pieces:
-        shutil.copy2(p, new_pieces / p.name)
-    with tempfile.TemporaryDirectory() as tmp:
-        joined = Path(tmp) / "state.tgz"
+    log = results / f"{run}.jsonl"
+    earlier = recorded_chunks(run, results)
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    # everything is unpacked and checked in a temporary place beside the run first: a refused or failed
+    # collect leaves the previous state (pieces, state, model) to resume from
+    with tempfile.TemporaryDirectory(dir=runs_dir, prefix=f".collect-{run}-") as tmp:
+        tmp = Path(tmp)
+        joined = tmp / "state.tgz"
         with open(joined, "wb") as out:
             for p in pieces:
                 out.write(p.read_bytes())
-        state = root / "state"
-        shutil.rmtree(state, ignore_errors=True)
-        with tarfile.open(joined) as tar:
-            tar.extractall(state, filter="data")
-    if (files_at / "model.tgz").is_file():
-        shutil.rmtree(root / "model", ignore_errors=True)
-        with tarfile.open(files_at / "model.tgz") as tar:
-            tar.extractall(root / "model", filter="data")
-    # swap the pieces in only now: a failed collect leaves the previous state to resume from
-    shutil.rmtree(root / "pieces", ignore_errors=True)
-    new_pieces.rename(root / "pieces")
-    chunk = json.loads((state / "chunk.json").read_text())
+        try:
+            with tarfile.open(joined) as tar:
+                tar.extractall(tmp / "state", filter="data")
+        except (tarfile.TarError, EOFError) as exc:
+            raise SystemExit(f"{files_at}: the state's pieces do not unpack ({exc})") from exc
+        joined.unlink()
+        if not (tmp / "state" / "chunk.json").is_file():
+            raise SystemExit(f"{files_at}: the state has no chunk.json (see its gpu_train.log)")
+        chunk = json.loads((tmp / "state" / "chunk.json").read_text())
+        check_chunk(chunk, run, earlier, files_at, log)
+        if (files_at / "model.tgz").is_file():
+            with tarfile.open(files_at / "model.tgz") as tar:
+                tar.extractall(tmp / "model", filter="data")
+        (tmp / "pieces").mkdir()
+        for p in pieces:
+            shutil.copy2(p, tmp / "pieces" / p.name)
+        # swap in only now, each folder by a rename on the same file system
+        root.mkdir(exist_ok=True)
+        for name in ("state", "model", "pieces"):
+            if (tmp / name).exists():
+                shutil.rmtree(root / name, ignore_errors=True)
+                (tmp / name).rename(root / name)
+    state = root / "state"
     metrics = state / "train" / f"fold{chunk['fold']}" / "metrics.jsonl"
     val = last_validation(metrics) if metrics.is_file() else {}
     results.mkdir(parents=True, exist_ok=True)
-    log = results / f"{run}.jsonl"
-    earlier = [json.loads(x) for x in log.read_text().splitlines()] if log.is_file() else []
     minutes = sum(c["train_wall_s"] for c in earlier) / 60 + chunk["train_wall_s"] / 60
     rec = {**chunk, "device_train_min_total": round(minutes, 2), "val_step": val.get("step"),
            "val_loss": val.get("val_loss"), "healing": healing_summary(val)}
-    if earlier and earlier[-1].get("steps_after") == rec["steps_after"]:
-        raise SystemExit(f"{files_at}: this chunk (step {rec['steps_after']}) is already recorded in {log}")
     with open(log, "a") as f:
         f.write(json.dumps(rec, sort_keys=True) + "\n")
     write_chunk_table(log, results / f"{run}.md")
@@ -229,6 +309,7 @@ def main(argv=None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("stage")
     s.add_argument("run")
+    s.add_argument("--results", default=str(RESULTS), help="where the run's chunks are recorded")
     c = sub.add_parser("collect")
     c.add_argument("run")
     c.add_argument("files_at")
@@ -240,7 +321,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     runs_dir = Path(args.runs_dir)
     if args.cmd == "stage":
-        stage(args.run, runs_dir)
+        stage(args.run, runs_dir, results=Path(args.results))
     elif args.cmd == "collect":
         collect(args.run, Path(args.files_at), runs_dir, Path(args.results))
     else:

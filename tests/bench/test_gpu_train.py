@@ -60,7 +60,7 @@ def test_two_chunks_equal_one_run_and_are_recorded(tmp_path):
     assert (rec1["steps_before"], rec1["steps_after"]) == (0, 3)
 
     fake_repo = _git_repo(tmp_path / "repo")
-    staged = train_chunks.stage("t", runs, repo=fake_repo)
+    staged = train_chunks.stage("t", runs, repo=fake_repo, results=results)
     assert sorted(p.name for p in staged.glob("state.tgz.part*")) == [p.name for p in pieces]
     ret2 = _chunk(tmp_path, "2", staged, 6)
     log2 = (ret2 / "gpu_train.log").read_text()
@@ -91,6 +91,144 @@ def test_two_chunks_equal_one_run_and_are_recorded(tmp_path):
         train_chunks.collect("t", ret2, runs, results)
 
 
+def _state_tgz(chunk: dict, metrics: list[dict] | None = None) -> bytes:
+    """A state as gpu_train.sh packs it: chunk.json first, then the metrics log."""
+    import io
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        files = {"chunk.json": json.dumps(chunk).encode()}
+        if metrics is not None:
+            files[f"train/fold{chunk['fold']}/metrics.jsonl"] = "".join(json.dumps(m) + "\n" for m in metrics).encode()
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def _returned(folder: Path, before: int, after: int, run: str = "t", piece: int = 200,
+              date: str = "2026-12-07T00:00:00+00:00") -> Path:
+    """What bench/gpu_train.sh returns for a chunk from step ``before`` to ``after`` (no training)."""
+    folder.mkdir(parents=True)
+    chunk = {"run": run, "recipe": "healing", "fold": 0, "steps_before": before, "steps_after": after,
+             "train_wall_s": 60, "train_rc": 0, "device": "cpu", "date": date,
+             "checkpoint": f"step{after:08d}"}
+    data = _state_tgz(chunk, [{"kind": "train", "step": after, "loss": 1.0}])
+    lines = []
+    for i in range(0, len(data), piece):  # several pieces: they are joined again
+        p = folder / f"state.tgz.part{i // piece:02d}"
+        p.write_bytes(data[i:i + piece])
+        lines.append(f"{train_chunks.sha256(p)}  {p.name}")
+    (folder / "SHA256SUMS").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def _record(results: Path, run: str, *steps: tuple[int, int]) -> Path:
+    """The run's record as collect writes it: one line per chunk."""
+    results.mkdir(parents=True, exist_ok=True)
+    log = results / f"{run}.jsonl"
+    log.write_text("".join(json.dumps({
+        "run": run, "recipe": "healing", "fold": 0, "steps_before": a, "steps_after": b, "train_wall_s": 189,
+        "train_rc": 0, "device": "NVIDIA H100 80GB HBM3", "date": "2026-12-06T11:16:24+00:00",
+        "checkpoint": f"step{b:08d}", "device_train_min_total": 3.15, "val_step": b, "val_loss": 0.0003,
+        "healing": {"removed": {"0": 0.02}, "ap": {"0": 0.5}, "chance": {"0": 0.13}, "copier": {}, "min_removed": 0.02},
+    }) + "\n" for a, b in steps))
+    return log
+
+
+def _previous_state(runs: Path, run: str = "t") -> None:
+    (runs / run / "pieces").mkdir(parents=True)
+    (runs / run / "pieces" / "state.tgz.part00").write_bytes(b"previous")
+    (runs / run / "state").mkdir()
+    (runs / run / "state" / "chunk.json").write_text('{"steps_after": 2000}')
+
+
+def _unchanged(runs: Path, log: Path, text: str, run: str = "t") -> None:
+    assert [p.name for p in (runs / run / "pieces").iterdir()] == ["state.tgz.part00"]
+    assert (runs / run / "pieces" / "state.tgz.part00").read_bytes() == b"previous"
+    assert (runs / run / "state" / "chunk.json").read_text() == '{"steps_after": 2000}'
+    assert not (runs / run / "model").exists()
+    assert log.read_text() == text
+    assert not [p for p in runs.iterdir() if p.name.startswith(".collect")]  # no temporary left behind
+
+
+def test_stage_refuses_a_trained_run_without_its_state(tmp_path):
+    """A run recorded at step 2000 whose state is not restored must not silently restart from scratch."""
+    runs, results = tmp_path / "runs", tmp_path / "results"
+    _record(results, "long", (0, 2000))
+    repo = _git_repo(tmp_path / "repo")
+    with pytest.raises(SystemExit, match=r"records long at step 2000.*ARCHIVED\.md"):
+        train_chunks.stage("long", runs, repo=repo, results=results)
+    assert not (repo / ".carry").exists()
+    # from the command line too: a non-zero exit
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "train_chunks.py"), "--runs-dir", str(runs), "stage",
+                           "long", "--results", str(results)], capture_output=True, text=True)
+    assert proc.returncode != 0 and "ARCHIVED.md" in proc.stderr
+    # a run nothing is recorded for still starts from scratch
+    assert not train_chunks.stage("new", runs, repo=repo, results=results).exists()
+
+
+def test_stage_refuses_a_state_other_than_the_last_recorded(tmp_path):
+    runs, results = tmp_path / "runs", tmp_path / "results"
+    _returned(runs / "t" / "pieces", 0, 2000)
+    repo = _git_repo(tmp_path / "repo")
+    _record(results, "t", (0, 2000), (2000, 4000))
+    with pytest.raises(SystemExit, match="the state is at step 2000.*at step 4000"):
+        train_chunks.stage("t", runs, repo=repo, results=results)
+    _record(results, "t", (0, 2000))
+    staged = train_chunks.stage("t", runs, repo=repo, results=results)
+    assert len(list(staged.glob("state.tgz.part*"))) == len(list((runs / "t" / "pieces").glob("state.tgz.part*")))
+
+
+def test_collect_refuses_a_chunk_that_restarted_from_scratch_and_keeps_the_previous_state(tmp_path):
+    runs, results = tmp_path / "runs", tmp_path / "results"
+    _previous_state(runs)
+    log = _record(results, "t", (0, 2000))
+    text = log.read_text()
+    ret = _returned(tmp_path / "ret", 0, 2000)  # trained 2000 steps again from scratch
+    (ret / "model.tgz").write_bytes(b"")  # never reached: the chunk is refused first
+    with pytest.raises(SystemExit, match="starts at step 0, but .* at step 2000.*from scratch"):
+        train_chunks.collect("t", ret, runs, results)
+    _unchanged(runs, log, text)
+    ret2 = _returned(tmp_path / "ret2", 0, 1500)
+    with pytest.raises(SystemExit, match="starts at step 0"):
+        train_chunks.collect("t", ret2, runs, results)
+    _unchanged(runs, log, text)
+
+
+def test_collect_refuses_a_recorded_or_empty_chunk_and_keeps_the_previous_state(tmp_path):
+    runs, results = tmp_path / "runs", tmp_path / "results"
+    _previous_state(runs)
+    log = _record(results, "t", (0, 2000))
+    text = log.read_text()
+    again = _returned(tmp_path / "again", 0, 2000, date=json.loads(text)["date"])  # the very chunk recorded
+    with pytest.raises(SystemExit, match="already recorded"):
+        train_chunks.collect("t", again, runs, results)
+    _unchanged(runs, log, text)
+    with pytest.raises(SystemExit, match="trained no steps"):  # e.g. a chunk whose training was skipped
+        train_chunks.collect("t", _returned(tmp_path / "none", 2000, 2000), runs, results)
+    _unchanged(runs, log, text)
+    with pytest.raises(SystemExit, match="starts at step 1000"):
+        train_chunks.collect("t", _returned(tmp_path / "other", 1000, 3000), runs, results)
+    _unchanged(runs, log, text)
+
+
+def test_collect_records_a_chunk_that_continues_the_run(tmp_path):
+    runs, results = tmp_path / "runs", tmp_path / "results"
+    _previous_state(runs)
+    _record(results, "t", (0, 2000))
+    ret = _returned(tmp_path / "ret", 2000, 2600)
+    rec = train_chunks.collect("t", ret, runs, results)
+    assert (rec["steps_before"], rec["steps_after"]) == (2000, 2600)
+    assert rec["device_train_min_total"] == pytest.approx((189 + 60) / 60, abs=0.01)
+    assert sorted(p.name for p in (runs / "t" / "pieces").iterdir()) == sorted(p.name for p in ret.glob("state*"))
+    assert json.loads((runs / "t" / "state" / "chunk.json").read_text())["steps_after"] == 2600
+    assert [json.loads(x)["steps_after"] for x in (results / "t.jsonl").read_text().splitlines()] == [2000, 2600]
+    assert not [p for p in runs.iterdir() if p.name.startswith(".collect")]
+
+
 def test_collect_refuses_a_corrupted_piece_and_keeps_the_previous_state(tmp_path):
     runs = tmp_path / "runs"
     (runs / "t" / "pieces").mkdir(parents=True)
@@ -109,6 +247,7 @@ def test_stage_refuses_a_state_that_cannot_travel(tmp_path):
     runs = tmp_path / "runs"
     (runs / "big" / "pieces").mkdir(parents=True)
     with open(runs / "big" / "pieces" / "state.tgz.part00", "wb") as f:
+        f.write(_state_tgz({"run": "big", "fold": 0, "steps_before": 0, "steps_after": 0}))
         f.truncate(65 * 2**20)  # sparse: 65 MiB of state alone is over the 64 MiB a device call sends
     repo = _git_repo(tmp_path / "repo")
     with pytest.raises(SystemExit, match="too much to send"):
