@@ -37,13 +37,20 @@ def is_out_of_memory(exc: BaseException | None) -> bool:
     return False
 
 
-def release_device_memory(ctx) -> None:
-    """Drop what the denoisers cached for the old batch shape (the fast engine's CUDA graphs) and
-    return freed blocks to the driver, so the smaller batch starts from a clean pool."""
-    for den in ctx.denoisers:
+def release_cached(denoisers) -> None:
+    """Drop what ``denoisers`` cached per batch shape (the fast engine's CUDA graphs and their pools)."""
+    for den in denoisers:
         release = getattr(den, "release_cached", None)
         if release is not None:
             release()
+
+
+def release_device_memory(ctx) -> None:
+    """Drop what the denoisers cached for the old batch shape (the fast engine's CUDA graphs), also
+    those of the engine a fallback stands in for, and return freed blocks to the driver, so the
+    smaller batch starts from a clean pool."""
+    release_cached(ctx.denoisers)
+    release_cached(getattr(ctx, "standing_in_for", None) or ())
     if ctx.device.startswith("cuda") and torch.cuda.is_available():
         torch.cuda.empty_cache()
 
@@ -92,4 +99,4 @@ def run_within_memory(run: Callable, jobs: Sequence, ctx):
         ctx.stats.batch_halvings += 1
 
 
-__all__ = ["is_out_of_memory", "release_device_memory", "run_within_memory"]
+__all__ = ["is_out_of_memory", "release_cached", "release_device_memory", "run_within_memory"]

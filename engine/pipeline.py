@@ -31,7 +31,7 @@ from condiff.sampler import SamplerPlan, make_plan
 
 from .plan import (AUTO_MASK, RECORD_SCHEMA, resolve_mask_path, CasePlan, RunOptions, parse_members, plan_case,
                    read_record, resume_check, sha256_path)
-from .backoff import run_within_memory
+from .backoff import release_cached, run_within_memory
 from .runner import SliceJob, run_slices
 from .writer import remove_outputs, write_case_files, write_record
 
@@ -93,6 +93,7 @@ class RunContext:
     stats: RunStats = field(default_factory=RunStats)
     fallback_precision: str | None = None  # rerun a case with non-finite output on eager torch at this precision
     fallback_denoisers: list = field(default_factory=list)  # opened at the first such case
+    standing_in_for: list | None = None  # while the fallback runs: the engine's own denoisers
     deterministic: bool = False  # deterministic kernels (engine.determinism); process-wide once set
 
     @property
@@ -183,12 +184,22 @@ def load_denoisers(ctx: RunContext) -> None:
     from .backends import open_denoiser
 
     t0 = time.perf_counter()
+    if ctx.device.startswith("cuda") and torch.cuda.is_available():
+        # cuda:N the current device: CUDA graphs capture, and TensorRT contexts run, on the current one
+        torch.cuda.set_device(torch.device(ctx.device))
     extra = {"kernels": ctx.options.fast_kernels} if ctx.options.engine == "fast" else {}
     if ctx.options.engine == "ort" and ctx.deterministic:
         extra["deterministic"] = True  # torch and fast follow the process-wide switch
     ctx.denoisers = [open_denoiser(ctx.options.engine, ctx.model_set.member_dirs[m], device=ctx.device,
                                    precision=ctx.options.precision, max_batch=ctx.batch_size, **extra)
                      for m in ctx.members]
+    # a TensorRT plan takes at most its profile's batch: the runner must not ask for more
+    caps = [d.max_batch for d in ctx.denoisers if isinstance(getattr(d, "max_batch", None), int)]
+    if caps and min(caps) < ctx.batch_size:
+        (logger.info if ctx.batch_auto else logger.warning)(
+            "batch size %d -> %d: the largest batch the %s engine was built for", ctx.batch_size, min(caps),
+            ctx.options.engine)
+        ctx.batch_size = min(caps)
     ctx.stats.load_s += time.perf_counter() - t0
 
 
@@ -468,12 +479,15 @@ def _fallback_results(p: _Pending, ctx: RunContext) -> tuple[list, dict]:
     if ctx.on_work is not None:
         ctx.on_work(len(p.jobs) * len(ctx.members))
     primary = ctx.denoisers
-    ctx.denoisers = ctx.fallback_denoisers
+    # the eager fallback needs more memory than the engine it stands in for, whose captured graphs
+    # (all members, the run's batch shape) would otherwise stay pinned, also through a halving
+    release_cached(primary)
+    ctx.denoisers, ctx.standing_in_for = ctx.fallback_denoisers, primary
     t0 = time.perf_counter()
     try:
         results = run_within_memory(run_slices, p.jobs, ctx)
     finally:
-        ctx.denoisers = primary
+        ctx.denoisers, ctx.standing_in_for = primary, None
     ctx.stats.infer_s += time.perf_counter() - t0
     ctx.stats.n_unet_evals += len(p.jobs) * len(ctx.members) * ctx.plan.n_steps
     reason = f"non-finite output from engine {ctx.options.engine} ({ctx.options.precision})"

@@ -9,6 +9,7 @@ Noise comes from ``condiff.noise`` per (seed, digest, slice, member).
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -45,12 +46,14 @@ MapFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 def run_slices(denoisers: Sequence, jobs: Sequence[SliceJob], plan: SamplerPlan, *, seed: int = 0,
                batch_size: int | None = None, map_fn: MapFn = best_ssim_map,
                progress: Callable[[int], None] | None = None, member_ids: Sequence[int] | None = None,
-               keep_member_maps: bool = False) -> list[SliceResult]:
+               keep_member_maps: bool = False, prefetch: bool | None = None) -> list[SliceResult]:
     """Restore every job with every member (one denoiser per member) and average maps and scores.
 
     ``member_ids``: each denoiser's index in the model set (keys its noise; default 0..M-1), so a
     run of members ``2,`` draws member 2's noise. ``progress(n)`` is called with the number of
-    slice-member restorations just finished.
+    slice-member restorations just finished. ``prefetch`` (default: on a CUDA device) draws the next
+    batch's noise on a CPU thread while the device runs this one (0.6 s of CPU per member and batch
+    of 64 at 128 px, which the GPU would otherwise wait for); the results are the same.
     """
     if not jobs:
         return []
@@ -65,37 +68,61 @@ def run_slices(denoisers: Sequence, jobs: Sequence[SliceJob], plan: SamplerPlan,
     member_ids = list(range(n_members)) if member_ids is None else list(member_ids)
     if len(member_ids) != n_members:
         raise ValueError(f"{len(member_ids)} member ids for {n_members} denoisers")
-    for m, den in enumerate(denoisers):
-        member = member_ids[m]
-        for start in range(0, len(jobs), batch_size):
-            chunk = jobs[start:start + batch_size]
-            n = len(chunk)
-            cond = torch.stack([j.cond for j in chunk])
-            keys = [NoiseKey(seed, j.digest, j.slice_index, member) for j in chunk]
-            noise = draw_noise(keys, plan.n_noise_draws, shape)
-            if n < batch_size and getattr(den, "fixed_batch", True):
-                # pad to the fixed batch shape; padded rows are discarded
-                pad = batch_size - n
-                cond = torch.cat([cond, cond[:1].expand(pad, *shape)])
-                noise = torch.cat([noise, noise[:1].expand(pad, *noise.shape[1:])])
-            cond_d = cond.to(device)
-            if hasattr(den, "restore_batch"):
-                x0 = den.restore_batch(cond_d, noise, plan)
+
+    def inputs(m: int, start: int):  # CPU work for one batch: its conditioning images and noise
+        chunk = jobs[start:start + batch_size]
+        n = len(chunk)
+        cond = torch.stack([j.cond for j in chunk])
+        keys = [NoiseKey(seed, j.digest, j.slice_index, member_ids[m]) for j in chunk]
+        noise = draw_noise(keys, plan.n_noise_draws, shape)
+        if n < batch_size and getattr(denoisers[m], "fixed_batch", True):
+            # pad to the fixed batch shape; padded rows are discarded
+            pad = batch_size - n
+            cond = torch.cat([cond, cond[:1].expand(pad, *shape)])
+            noise = torch.cat([noise, noise[:1].expand(pad, *noise.shape[1:])])
+        return chunk, n, cond, noise
+
+    work = [(m, start) for m in range(n_members) for start in range(0, len(jobs), batch_size)]
+    if prefetch is None:
+        prefetch = torch.device(device).type == "cuda"
+    pool = ThreadPoolExecutor(1, thread_name_prefix="condiff-noise") if prefetch and len(work) > 1 else None
+    try:
+        pending = pool.submit(inputs, *work[0]) if pool is not None else None
+        for k, (m, start) in enumerate(work):
+            if pool is not None:
+                chunk, n, cond, noise = pending.result()
+                if k + 1 < len(work):
+                    pending = pool.submit(inputs, *work[k + 1])
             else:
-                x0 = restore(den.denoise, cond_d, plan, noise)
-            amap = map_fn(x0, cond_d.float())
-            amap = amap[:n].cpu()
-            for i, j in enumerate(chunk):
-                amap_i = zero_background(amap[i:i + 1], cond[i:i + 1],
-                                         None if j.foreground is None else j.foreground[None, None])
-                maps[start + i] += amap_i[0, 0] / n_members
-                member_scores[m, start + i] = amap_i.double().mean()
-                if member_maps is not None:
-                    member_maps[m, start + i] = amap_i[0, 0]
-            restorations[start:start + n] += x0[:n].cpu() / n_members
+                chunk, n, cond, noise = inputs(m, start)
+            _run_batch(denoisers[m], m, start, chunk, n, cond, noise, plan, device, map_fn, maps, restorations,
+                       member_scores, member_maps, n_members)
             if progress is not None:
                 progress(n)
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
     scores = maps.flatten(1).double().mean(1)
     return [SliceResult(restorations[i], maps[i], float(scores[i]), member_scores[:, i].tolist(),
                         None if member_maps is None else member_maps[:, i])
             for i in range(len(jobs))]
+
+
+def _run_batch(den, m, start, chunk, n, cond, noise, plan, device, map_fn, maps, restorations, member_scores,
+               member_maps, n_members) -> None:
+    """One member on one (padded) batch: restore, map, and add the member's share into the outputs."""
+    cond_d = cond.to(device)
+    if hasattr(den, "restore_batch"):
+        x0 = den.restore_batch(cond_d, noise, plan)
+    else:
+        x0 = restore(den.denoise, cond_d, plan, noise)
+    amap = map_fn(x0, cond_d.float())
+    amap = amap[:n].cpu()
+    for i, j in enumerate(chunk):
+        amap_i = zero_background(amap[i:i + 1], cond[i:i + 1],
+                                 None if j.foreground is None else j.foreground[None, None])
+        maps[start + i] += amap_i[0, 0] / n_members
+        member_scores[m, start + i] = amap_i.double().mean()
+        if member_maps is not None:
+            member_maps[m, start + i] = amap_i[0, 0]
+    restorations[start:start + n] += x0[:n].cpu() / n_members

@@ -275,7 +275,9 @@ def _left_to_copy(out: Path, plan: list[tuple[Path, Path]]) -> list[tuple[Path, 
 @click.option("--pad-head-dim", type=click.IntRange(min=0), default=16, show_default=True,
               help="TensorRT only: zero-pad the attention head dim to this size (0: keep 8).")
 @click.option("--min-batch", type=click.IntRange(min=1), default=1, show_default=True, help="TensorRT profile: smallest batch.")
-@click.option("--opt-batch", type=click.IntRange(min=1), default=16, show_default=True, help="TensorRT profile: tuned batch.")
+@click.option("--opt-batch", type=click.IntRange(min=1), default=None,
+              help="TensorRT profile: the batch its kernels are tuned for [default: --max-batch, the batch the trt "
+                   "engine runs, since it pads every batch to it for its CUDA graph].")
 @click.option("--max-batch", type=click.IntRange(min=1), default=64, show_default=True, help="TensorRT profile: largest batch.")
 @click.option("--workspace-gb", type=click.FloatRange(min=0.25), default=8.0, show_default=True,
               help="TensorRT builder workspace limit.")
@@ -302,7 +304,8 @@ def main(ckpt: Path, out: Path | None, trt: bool, opset: int, attention: str, ch
     def body() -> int:
         with logging_to(verbose):
             return _export_all(ckpt, out, trt=trt, opset=opset, attention=attention, chunk_size=chunk_size,
-                               pad_head_dim=pad_head_dim, batches=(min_batch, opt_batch, max_batch),
+                               pad_head_dim=pad_head_dim,
+                               batches=(min_batch, max_batch if opt_batch is None else opt_batch, max_batch),
                                workspace_gb=workspace_gb, timing_cache=timing_cache,
                                import_diffusers=import_diffusers, contract_source=contract_source,
                                map_steps=map_check_steps)

@@ -52,7 +52,7 @@ class BatchProfile:
     """TensorRT optimisation profile over the batch axis."""
 
     min: int = 1
-    opt: int = 16
+    opt: int = 64  # = max: with CUDA graphs the trt engine pads every batch to the profile's largest
     max: int = 64
 
     def __post_init__(self):

@@ -232,3 +232,68 @@ def test_real_cuda_out_of_memory_with_the_fast_engine_backs_off_to_a_batch_that_
     for a, b in zip(ref, got):
         peak = a.amap.abs().max().item()
         assert (a.amap - b.amap).abs().max().item() <= 5e-2 * peak
+
+
+def _loading_context(device, batch_size, batch_auto=True):
+    return SimpleNamespace(options=SimpleNamespace(engine="trt", fast_kernels="torch", precision="fp16"),
+                           model_set=SimpleNamespace(member_dirs=["m0", "m1"]), members=[0, 1], device=device,
+                           batch_size=batch_size, batch_auto=batch_auto, deterministic=False, stats=pipeline.RunStats())
+
+
+def test_the_batch_never_exceeds_what_a_tensorrt_plan_was_built_for(monkeypatch):
+    """--batch-size auto starts at 64 on a GPU; a plan built with --max-batch 32 takes at most 32, so the
+    runner must ask for 32 (it asked for 64 and the plan refused every group)."""
+    from condiff.engine import backends
+
+    monkeypatch.setattr(backends, "open_denoiser", lambda engine, folder, *, max_batch, **kw:
+                        SimpleNamespace(max_batch=min(max_batch, 32 if folder == "m1" else 48)))
+    ctx = _loading_context("cpu", 64)
+    pipeline.load_denoisers(ctx)
+    assert ctx.batch_size == 32
+    ctx = _loading_context("cpu", 16)
+    pipeline.load_denoisers(ctx)
+    assert ctx.batch_size == 16  # within every plan: as asked
+
+
+def test_a_numbered_cuda_device_becomes_the_current_one(monkeypatch):
+    """CUDA graphs capture on, and TensorRT contexts run on, the current device: cuda:1 must be it."""
+    from condiff.engine import backends
+
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    monkeypatch.setattr(backends, "open_denoiser", lambda *a, max_batch, **kw: SimpleNamespace(max_batch=max_batch))
+    pipeline.load_denoisers(_loading_context("cuda:1", 8))
+    assert chosen == [torch.device("cuda:1")]
+
+
+def test_a_fallback_releases_the_graphs_of_the_engine_it_stands_in_for(monkeypatch):
+    """The eager fallback needs more memory than the fast engine, whose captured graphs (all members)
+    stayed pinned, also through the fallback's own halving."""
+    released = []
+
+    class GraphLike:
+        def __init__(self, name):
+            self.name = name
+
+        def release_cached(self):
+            released.append(self.name)
+
+    def run(denoisers, jobs, plan, *, batch_size, **kw):
+        assert all(d.name.startswith("eager") for d in denoisers)
+        if batch_size > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory.")
+        return ["result"] * len(jobs)
+
+    monkeypatch.setattr(pipeline, "run_slices", run)
+    ctx = _context(8, None)
+    ctx.denoisers = [GraphLike("fast0"), GraphLike("fast1")]
+    ctx.fallback_denoisers = [GraphLike("eager0"), GraphLike("eager1")]
+    ctx.options = SimpleNamespace(seed=0, member_maps=False, engine="fast", precision="fp16")
+    ctx.fallback_precision, ctx.on_work, ctx.plan = "fp32", None, SimpleNamespace(n_steps=50)
+    pending = SimpleNamespace(case=SimpleNamespace(name="case0"), jobs=[0, 1, 2])
+    results, fallback = pipeline._fallback_results(pending, ctx)
+    assert results == ["result"] * 3 and fallback["precision"] == "fp32"
+    assert released[:2] == ["fast0", "fast1"]  # before the fallback runs
+    assert {"fast0", "fast1", "eager0", "eager1"} <= set(released[2:])  # and at each halving
+    assert [d.name for d in ctx.denoisers] == ["fast0", "fast1"] and ctx.batch_size == 2

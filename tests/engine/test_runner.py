@@ -121,3 +121,29 @@ def test_cpu_rows_run_side_by_side_on_one_thread_each():
         assert [s[0] for s in seen] == [threading.current_thread().name]  # one row: no pool hop
     finally:
         torch.set_num_threads(before)
+
+
+def test_noise_drawn_ahead_on_a_thread_gives_the_same_results(real_jobs, members, monkeypatch):
+    """The GPU path draws the next batch's noise while the device runs this one: forced here on the CPU,
+    every map, restoration and member score must equal the sequential run, and each batch's noise must
+    be drawn before it runs (the prefetch thread is the one drawing)."""
+    import threading
+
+    from condiff.engine import runner
+
+    torch.set_num_threads(1)
+    plan = make_plan("ddpm", 3)
+    ref = run_slices(members, real_jobs, plan, batch_size=3, keep_member_maps=True, prefetch=False)
+    drawn_on = []
+    real_draw = runner.draw_noise
+
+    def recording_draw(*a, **k):
+        drawn_on.append(threading.current_thread().name)
+        return real_draw(*a, **k)
+
+    monkeypatch.setattr(runner, "draw_noise", recording_draw)
+    ahead = run_slices(members, real_jobs, plan, batch_size=3, keep_member_maps=True, prefetch=True)
+    assert len(drawn_on) == 3 * 3 and all(name.startswith("condiff-noise") for name in drawn_on)
+    for a, b in zip(ref, ahead):
+        assert torch.equal(a.amap, b.amap) and torch.equal(a.restoration, b.restoration)
+        assert torch.equal(a.member_maps, b.member_maps) and a.member_scores == b.member_scores

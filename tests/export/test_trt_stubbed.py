@@ -179,9 +179,9 @@ def test_build_engine_calls(fake_trt, calls, tmp_path):
     assert order.index("set_timing_cache") < order.index("build_serialized_network")
 
 
-def test_default_profile_is_1_16_64(fake_trt, calls, tmp_path):
+def test_default_profile_is_1_64_64(fake_trt, calls, tmp_path):
     build_engine(tmp_path / "m.onnx", image_shape=(3, 64, 64))
-    assert [c[2:] for c in calls if c[0] == "set_shape" and c[1] == "t"] == [((1,), (16,), (64,))]
+    assert [c[2:] for c in calls if c[0] == "set_shape" and c[1] == "t"] == [((1,), (64,), (64,))]
     assert ("set_memory_pool_limit", "WORKSPACE", 8 << 30) in calls
 
 
@@ -213,7 +213,8 @@ def test_mismatched_timing_cache_is_replaced_by_a_fresh_one(monkeypatch, calls, 
 def test_batch_profile_validation():
     with pytest.raises(ValueError, match="min <= opt <= max"):
         BatchProfile(4, 2, 8)
-    assert BatchProfile().to_dict() == {"min": 1, "opt": 16, "max": 64}
+    # tuned for the batch it runs: the trt engine pads every batch to the profile's largest
+    assert BatchProfile().to_dict() == {"min": 1, "opt": 64, "max": 64}
 
 
 def test_timing_cache_name_is_per_architecture_and_version(tmp_path):
@@ -244,6 +245,21 @@ def test_cli_trt_without_tensorrt_fails_before_any_export(monkeypatch, tmp_path)
     result = CliRunner().invoke(main, [str(folder), "--trt"])
     assert result.exit_code == 2 and "condiff[trt]" in result.output
     assert not (folder / "model.onnx").exists()
+
+
+def test_cli_tunes_the_plan_for_its_largest_batch_unless_told(monkeypatch, tmp_path):
+    """The trt engine pads every batch to the profile's largest for its CUDA graph: that is the batch to
+    tune for (the default used to be 16 whatever --max-batch said, and 16 > --max-batch 8 was refused)."""
+    from click.testing import CliRunner
+
+    from condiff.export import cli
+
+    seen = []
+    monkeypatch.setattr(cli, "_export_all", lambda *a, batches, **kw: seen.append(batches) or 0)
+    for extra, want in (([], (1, 64, 64)), (["--max-batch", "8"], (1, 8, 8)), (["--opt-batch", "4", "--max-batch", "8"], (1, 4, 8))):
+        result = CliRunner().invoke(cli.main, [str(tmp_path), "--trt", *extra])
+        assert result.exit_code == 0, result.output
+        assert seen.pop() == want
 
 
 def test_build_trt_needs_cuda(fake_trt, tmp_path, monkeypatch):
