@@ -140,10 +140,11 @@ def _infer(inputs, output, models, engine, device, precision, batch_size, fast_k
     from condiff.io.cases import DEFAULT_EXCLUDE, discover
 
     from . import pipeline, plan as planning, writer
+    from .distributed import absolute_cases
 
     precision = resolve_precision(precision, engine)
     arguments = {k: _jsonable(v) for k, v in locals().items() if k not in ("discover", "pipeline", "planning", "writer", "resolve_precision",
-                                                                      "DEFAULT_EXCLUDE")}
+                                                                      "DEFAULT_EXCLUDE", "absolute_cases")}
     if quiet and verbose:
         raise click.UsageError("-q/--quiet and -v/--verbose contradict each other: give one")
     with logging_to(verbose, echo=_echo_err, quiet=quiet, backlog=True):
@@ -184,6 +185,9 @@ def _infer(inputs, output, models, engine, device, precision, batch_size, fast_k
             check_log_file(log_file)  # before any network is loaded
         excluded: list[Path] = []  # masks and label maps beside the scans, left out by name: reported
         cases = discover(inputs, DEFAULT_EXCLUDE + (bids.EXCLUDE if bids_layout else ()), excluded)
+        # absolute input paths for every run, so records, cases.csv and messages do not depend on --ray
+        # (whose workers need them) or on the folder the command was started in
+        cases = absolute_cases(cases)
         if bids_layout:
             try:
                 bids.check_cases(cases)
@@ -214,7 +218,7 @@ def _infer(inputs, output, models, engine, device, precision, batch_size, fast_k
         if dry_run:
             return _dry_run(cases, ctx, n_all, shard_t, excluded)
         writer.check_creatable(output)  # these two fail before any network loads
-        lock = writer.OutputLock(output, shard_t)
+        lock = writer.OutputLock(output, shard_t, method=lock_method(ctx))
         lock.check()  # acquire() below is the atomic check
         # cases with a record are probably done (resume): only the others will need new space
         todo = [c.path for c in cases if not resume or not (Path(output) / planning.record_path(c.name)).is_file()]
@@ -227,15 +231,18 @@ def _infer(inputs, output, models, engine, device, precision, batch_size, fast_k
             with lock:
                 return _run(cases, ctx, shard_t, arguments, progress, n_all, all_names=all_names,
                             run_info={"excluded_inputs": [p.as_posix() for p in excluded]})
-        writer.ensure_writable(output)
         run_info: dict = {"excluded_inputs": [p.as_posix() for p in excluded], "ray": {}}
-
-        def process(cases, ctx):
-            return distributed.run_on_ray(cases, ctx_kwargs, ray_address, ray_workers, max_retries, ctx.progress,
-                                          on_work=ctx.on_work, on_outcome=ctx.on_outcome, ctx=ctx, info=run_info["ray"])
-
-        started = distributed.connect(ray_address)  # an unreachable cluster is exit 2 before any output
+        # an unreachable cluster, or one without the --device asked for, is exit 2 before any output
+        started = distributed.connect(ray_address)
         try:
+            layout = distributed.cluster_layout(device, ray_workers)
+
+            def process(cases, ctx):
+                return distributed.run_on_ray(cases, ctx_kwargs, ray_address, ray_workers, max_retries, ctx.progress,
+                                              on_work=ctx.on_work, on_outcome=ctx.on_outcome, ctx=ctx,
+                                              info=run_info["ray"], layout=layout)
+
+            writer.ensure_writable(output)
             with lock:
                 return _run(cases, ctx, shard_t, arguments, progress, n_all, process, run_info, all_names=all_names)
         finally:
@@ -354,6 +361,15 @@ def _run(cases, ctx, shard_t, arguments, progress: bool, n_all: int, process=Non
     return EXIT_FAILED if n_failed or n_left else EXIT_OK
 
 
+def lock_method(ctx) -> dict:
+    """What the output lock records of this run's method (engine.consistency): the model-set digest and the
+    options that make a result another method. Shards of one split running side by side must agree on it."""
+    from .consistency import METHOD_OPTIONS
+
+    options = ctx.options.to_dict()
+    return {"model_set": ctx.model_set.digest, **{k: options.get(k) for k in METHOD_OPTIONS}}
+
+
 def _foreign_records(output: Path, ctx) -> list:
     """Records in ``output`` made with another model set or method than ``ctx``'s (engine.consistency)."""
     from .consistency import foreign_records
@@ -392,6 +408,23 @@ def _check_folder_consistency(output: Path, cases, ctx, resume: bool) -> None:
         raise OutputConflictError(output, f"holds {len(replaced)} case(s) made from other input files than this "
                                   f"run's (e.g. {name}: {old}, this run: {new}); this run would replace their results",
                                   "Use another -o folder for these inputs, or --overwrite to replace them")
+
+
+def _check_merge_single_method(out_dir: Path) -> None:
+    """--merge: exit 2, tables untouched, when the finished cases come from more than one method (shards run
+    with different options or model sets): cases.csv and condiff-eval would pool them."""
+    from condiff.errors import CondiffError
+
+    from .consistency import check_single_method
+    from .writer import load_records
+
+    try:
+        check_single_method([r for r in load_records(out_dir) if r.get("status") == "ok"], out_dir)
+    except CondiffError as exc:
+        raise OutputConflictError(out_dir, exc.problem,
+                                  "cases.csv and scores.csv were not rebuilt; rerun the shards of one method with "
+                                  "the same options and --overwrite, or move the other method's cases to another "
+                                  "folder") from None
 
 
 def check_log_file(path: Path) -> None:
@@ -468,6 +501,7 @@ def _merge(out_dir: Path) -> int:
 
     if not (out_dir / "records").is_dir():
         raise OutputConflictError(out_dir, "has no records/ folder", "give the -o folder of a condiff-infer run")
+    _check_merge_single_method(out_dir)
     counts = writer.rebuild_tables(out_dir)
     click.echo(f"condiff-infer --merge: {counts.get('ok', 0)} ok, {counts.get('failed', 0)} failed -> "
                f"{out_dir / 'cases.csv'}, {out_dir / 'scores.csv'}")

@@ -25,7 +25,7 @@ from condiff.optional import require
 from .pipeline import CaseOutcome, RunContext
 # The constants are re-exported so that ``condiff.engine.distributed`` keeps every name it had.
 from .ray_cluster import ADDRESS_RE, CPUS_PER_WORKER  # noqa: F401
-from .ray_cluster import WorkerLayout, check_address, connect, disconnect, plan_workers
+from .ray_cluster import WorkerLayout, check_address, cluster_layout, connect, disconnect, plan_workers
 from .ray_scheduler import POLL_S, CaseScheduler  # noqa: F401
 from .ray_worker import TEST_HOOK_PREFIX, CaseWorker, ProgressBox  # noqa: F401
 
@@ -57,10 +57,18 @@ def absolute_kwargs(ctx_kwargs: dict[str, Any]) -> dict[str, Any]:
     return kw
 
 
+def absolute_cases(cases: Sequence[Case]) -> list[Case]:
+    """Cases with absolute input paths: workers in other processes (or on other nodes) find the files the
+    driver found, and error messages name the same path in every run (``cli._infer`` applies it to
+    single-process runs too, so records and cases.csv do not depend on --ray)."""
+    return [dataclasses.replace(c, path=Path(os.path.abspath(c.path))) for c in cases]
+
+
 def run_on_ray(cases: Sequence[Case], ctx_kwargs: dict[str, Any], address: str = "local", n_workers: int | None = None,
                max_retries: int = 2, progress: Callable[[int], None] | None = None, *,
                on_work: Callable[[int], None] | None = None, on_outcome: Callable[[CaseOutcome], None] | None = None,
-               ctx: RunContext | None = None, info: dict[str, Any] | None = None) -> list[CaseOutcome]:
+               ctx: RunContext | None = None, info: dict[str, Any] | None = None,
+               layout: WorkerLayout | None = None) -> list[CaseOutcome]:
     """Run ``cases`` on Ray actors; returns one outcome per case, in order, like ``process_cases``.
 
     ``ctx_kwargs``: the keyword arguments of ``make_context`` (``models``, ``out_dir``, ...);
@@ -70,16 +78,18 @@ def run_on_ray(cases: Sequence[Case], ctx_kwargs: dict[str, Any], address: str =
     are summed from the workers and its device and batch size set to theirs. ``info`` receives
     what run.json records about the cluster. The caller holds the output lock and rebuilds the
     tables afterwards. ``max_retries``: how many more times a case whose worker was lost runs.
+    ``layout``: the actors, if the caller planned them already (``cluster_layout``, after ``connect``).
     """
     if not cases:
         return []
     ray = require("ray", "ray")
     kwargs = absolute_kwargs(ctx_kwargs)
-    cases = [dataclasses.replace(c, path=Path(os.path.abspath(c.path))) for c in cases]
+    cases = absolute_cases(cases)
     started = connect(address)
     t0 = time.perf_counter()
     try:
-        layout = plan_workers(kwargs.get("device", "auto"), n_workers, ray.cluster_resources())
+        if layout is None:
+            layout = cluster_layout(kwargs.get("device", "auto"), n_workers)
         kwargs["device"] = layout.device
         if ctx is None:
             ctx = driver_context(kwargs)
@@ -104,5 +114,6 @@ def run_on_ray(cases: Sequence[Case], ctx_kwargs: dict[str, Any], address: str =
             ray.shutdown()
 
 
-__all__ = ["run_on_ray", "connect", "disconnect", "plan_workers", "driver_context", "absolute_kwargs", "check_address",
+__all__ = ["run_on_ray", "connect", "disconnect", "plan_workers", "cluster_layout", "driver_context", "absolute_kwargs",
+           "absolute_cases", "check_address",
            "WorkerLayout", "CaseWorker", "ProgressBox"]

@@ -19,6 +19,8 @@ import contextlib
 import dataclasses
 import logging
 import os
+import signal
+import threading
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -31,6 +33,7 @@ from .ray_cluster import WorkerLayout
 from .ray_worker import TEST_HOOK_PREFIX, CaseWorker, ProgressBox
 
 logger = logging.getLogger(__name__)
+case_logger = logging.getLogger(__name__.rsplit(".", 1)[0] + ".pipeline")  # the logger the single-process run uses
 
 POLL_S = 0.25              # how often the driver looks at progress while waiting
 _LOST = ("RayActorError", "WorkerCrashedError", "NodeDiedError", "OutOfMemoryError", "ObjectLostError",
@@ -43,6 +46,41 @@ class _Slot:
     label: str
     ready: bool = False
     case: int | None = None          # index of the case in flight
+
+
+def log_outcome(outcome: CaseOutcome) -> None:
+    """Log a worker's case outcome on the driver, as ``pipeline`` logs it in a single-process run (the same
+    message, level and ``extra`` fields, so condiff.log and --log-format json read the same): the workers'
+    own log lines stay in the workers. Cases a stop left unfinished are not logged per case there either."""
+    case = outcome.case
+    if outcome.status == "ok":
+        case_logger.info("case %s done: score %.6g, max slice %.6g, %d slices", case.name, outcome.score,
+                         outcome.max_slice_score, outcome.n_slices,
+                         extra={"case": case.name, "status": "ok", "score": outcome.score,
+                                "max_slice_score": outcome.max_slice_score, "n_slices": outcome.n_slices})
+    elif outcome.status == "skipped":
+        case_logger.info("case %s: outputs up to date, skipped", case.name, extra={"case": case.name, "status": "skipped"})
+    elif outcome.error_type != "NotFinished":
+        case_logger.info("case %s failed: %s", case.name, outcome.error,
+                         extra={"case": case.name, "status": "failed", "error": outcome.error})
+
+
+@contextlib.contextmanager
+def _sigterm_deferred():
+    """While the loop waits in Ray, a SIGTERM is only noted (the yielded list); the caller stops at a safe
+    point and delivers it to the handler it had (condiff's raises ``Terminated``: exit 143, run.json
+    interrupted). A handler that raises inside ``ray.wait``/``ray.get`` is called from Ray's own signal
+    check, which turns anything but ``KeyboardInterrupt`` into a ``SystemError``. Main thread only."""
+    pending: list[int] = []
+    previous = signal.getsignal(signal.SIGTERM)
+    if threading.current_thread() is not threading.main_thread() or previous in (None, signal.SIG_IGN):
+        yield pending  # cannot install (or restore) a handler here, or SIGTERM is ignored anyway
+        return
+    signal.signal(signal.SIGTERM, lambda signum, frame: pending.append(signum))
+    try:
+        yield pending
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _lost_types(ray) -> tuple[type, ...]:
@@ -189,6 +227,7 @@ class CaseScheduler:
             outcome, stats = value
             for key, v in stats.items():
                 setattr(self.ctx.stats, key, getattr(self.ctx.stats, key) + v)
+            log_outcome(outcome)  # the worker logged it where no log file is (_fail_case's cases log here)
             self._finish(k, outcome)
         self._assign(slot)
 
@@ -212,23 +251,29 @@ class CaseScheduler:
         ray = self.ray
         if self.progress is not None or self.on_work is not None:
             self.box = ray.remote(ProgressBox).options(num_cpus=0).remote()
-        for _ in range(min(self.layout.n_workers, len(self.cases))):
-            self._start_actor()
-        try:
-            while self.queue or any(s.case is not None for s in self.slots):
-                if not self.refs:  # every worker lost and no replacement left
-                    reason = CondiffError(None, "no Ray worker left to run this case", "check the cluster ('ray status')")
-                    while self.queue:
-                        k = self.queue.popleft()
-                        self._fail_case(k, CondiffError(self.cases[k].path, reason.problem, reason.hint))
-                    break
-                done, _ = ray.wait(list(self.refs), num_returns=1, timeout=POLL_S)
-                for ref in done:
-                    self._collect(ref)
-                self._poll_progress()
-        except BaseException:
-            self._abandon()
-            raise
+        with _sigterm_deferred() as sigterm:
+            try:
+                for _ in range(min(self.layout.n_workers, len(self.cases))):
+                    self._start_actor()
+                while not sigterm and (self.queue or any(s.case is not None for s in self.slots)):
+                    if not self.refs:  # every worker lost and no replacement left
+                        reason = CondiffError(None, "no Ray worker left to run this case", "check the cluster ('ray status')")
+                        while self.queue:
+                            k = self.queue.popleft()
+                            self._fail_case(k, CondiffError(self.cases[k].path, reason.problem, reason.hint))
+                        break
+                    done, _ = ray.wait(list(self.refs), num_returns=1, timeout=POLL_S)
+                    for ref in done:
+                        self._collect(ref)
+                    self._poll_progress()
+                if sigterm:
+                    self._abandon()
+            except BaseException:
+                self._abandon()
+                raise
+        if sigterm:  # the handler the caller had is back: deliver the signal to it (condiff's raises Terminated)
+            signal.raise_signal(signal.SIGTERM)
+            raise SystemExit(128 + signal.SIGTERM)  # that handler did not stop the run; the workers are gone
         self._poll_progress()
         self._shutdown_actors()
         return [o for o in self.outcomes if o is not None]

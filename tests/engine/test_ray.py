@@ -158,6 +158,9 @@ def test_ray_run_is_byte_identical_to_single_process(tmp_path, cluster, data):
     assert run["ray"]["n_workers"] == 2 and len(run["ray"]["workers"]) == 2
     assert run["ray"]["lost_workers"] == 0 and run["counts"]["ok"] == len(data["cases"])
     assert not (out / ".condiff.lock").exists() and _no_temp_files(out)
+    log = (out / "condiff.log").read_text()  # the workers' own log lines stay in the workers: the driver logs each case
+    for case in data["cases"]:
+        assert len(re.findall(rf"condiff\.engine\.pipeline: case {case} done: score ", log)) == 1, log
 
 
 def test_lost_worker_case_is_retried_on_another(tmp_path, cluster, data, monkeypatch):
@@ -210,6 +213,55 @@ def test_input_error_is_reported_once_and_not_retried(tmp_path, cluster, data):
     assert run["ray"]["retried"] == [] and run["ray"]["lost_workers"] == 0
     assert run["counts"] == {"cases": 2, "ok": 1, "failed": 1}
     assert digests(out, files=())[f"maps/{good}.nii.gz"] == data["want"][f"maps/{good}.nii.gz"]
+
+
+def test_failed_case_records_and_log_are_those_of_a_single_process_run(tmp_path, cluster, data, monkeypatch):
+    """A broken input given by a relative path: the same failed record, cases.csv and JSON log line with
+    and without --ray (the error text names the absolute path in both)."""
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    raw = (data["scans"] / f"{data['cases'][0]}.nii.gz").read_bytes()
+    (scans / "truncated.nii.gz").write_bytes(raw[: len(raw) // 2])
+    monkeypatch.chdir(tmp_path)
+    lines = {}
+    for out, extra in (("single", []), ("ray", ["--ray", *RAY])):
+        res = _invoke(["scans", "-o", out, "--models", data["models"], *FAST, "--log-format", "json", *extra])
+        assert res.exit_code == 1, res.output + res.stderr
+        assert f"FAILED truncated: {scans / 'truncated.nii.gz'}:" in res.stderr
+        log = [json.loads(line) for line in (tmp_path / out / "condiff.log").read_text().splitlines()]
+        lines[out] = [{k: v for k, v in d.items() if k != "time"} for d in log if "case" in d]
+    assert lines["ray"] == lines["single"] and [d["status"] for d in lines["single"]] == ["failed"]
+    assert (tmp_path / "ray" / "cases.csv").read_bytes() == (tmp_path / "single" / "cases.csv").read_bytes()
+    recs = [json.loads((tmp_path / out / "records" / "truncated.json").read_text()) for out in ("single", "ray")]
+    assert recs[0] == recs[1] and recs[0]["error"].startswith(f"{scans / 'truncated.nii.gz'}:")
+
+
+def test_sigterm_on_the_driver_exits_143_and_run_json_says_interrupted(tmp_path, cluster, data):
+    """ray.init installs its own SIGTERM handler (sys.exit); condiff's must stay in force on the driver."""
+    out = tmp_path / "out"
+    exe = shutil.which("condiff-infer")
+    cmd = [exe] if exe else [sys.executable, "-c", "from condiff.engine.cli import infer_main; infer_main()"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CONDIFF_TEST_DELAY_CASE": f"{data['cases'][-1]}:120"}
+    args = [str(data["scans"]), "-o", str(out), "--models", str(data["models"]), *FAST, "--ray", cluster, *RAY]
+    proc = subprocess.Popen([*cmd, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 150
+        while not _n_records(out):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "no record appeared"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, err
+    assert "Traceback" not in err
+    run = json.loads((out / "run.json").read_text())
+    assert run["interrupted"] is True and run["signal"] == "SIGTERM"
+    counts = run["counts"]
+    assert counts["cases"] == len(data["cases"]) and counts.get("not_finished", 0) >= 1
+    assert counts.get("ok", 0) + counts["not_finished"] == len(data["cases"])
+    assert not (out / ".condiff.lock").exists() and _no_temp_files(out)
 
 
 def test_killed_driver_rerun_resumes_to_identical_outputs(tmp_path, cluster, data):

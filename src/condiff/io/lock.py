@@ -5,11 +5,13 @@ Used by condiff-infer (the output folder; shards of one split side by side) and 
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
 import socket
 from pathlib import Path
+from typing import Any
 
 from condiff.errors import OutputConflictError
 
@@ -30,16 +32,24 @@ class OutputLock:
 
     Shards of one split (``I-of-N``, same N) run side by side; a whole-folder run excludes every
     shard and shards of another split (their case sets overlap). The rival check runs after this
-    lock is created, so of two runs racing for one folder at least one sees the other.
+    lock is written, so of two runs racing for one folder at least one sees the other.
+
+    ``method`` (condiff-infer: the model-set digest and the options that make a result another
+    method, ``engine.consistency``) is written as a second line, ``method {JSON}``; shards of one
+    split side by side must carry the same one, or the folder would pool two methods. A lock
+    without that line (older versions, condiff-train) is compared with nothing.
     """
 
-    def __init__(self, out_dir: str | os.PathLike, shard: tuple[int, int] | None = None):
+    def __init__(self, out_dir: str | os.PathLike, shard: tuple[int, int] | None = None,
+                 method: dict[str, Any] | None = None):
         self.path = Path(out_dir) / f".condiff.lock{shard_suffix(shard)}"
         self.shard = shard
+        self.method = None if method is None else json.loads(json.dumps(method, sort_keys=True, default=str))
         self.held = False
 
-    def _rival(self) -> tuple[Path, str] | None:
-        """A live lock of a run whose cases may overlap this one's, with its holder."""
+    def _rival(self) -> tuple[Path, str, list[str] | None] | None:
+        """A live lock of a run whose cases may overlap this one's, or of another shard of this split that
+        computes another method: its path, its holder and (for the latter) the differences."""
         for path in sorted(self.path.parent.glob(".condiff.lock*")):
             if path == self.path:
                 continue
@@ -47,27 +57,40 @@ class OutputLock:
             if m is None:
                 continue
             other_n = None if m.group(2) is None else int(m.group(2))
-            if self.shard is not None and other_n == self.shard[1]:
-                continue  # another shard of the same split: disjoint cases
+            same_split = self.shard is not None and other_n == self.shard[1]
             try:
-                holder = path.read_text(encoding="utf-8").strip()
+                holder, method = parse_lock(path.read_text(encoding="utf-8"))
             except OSError:
                 continue  # released meanwhile
-            if not _stale(holder):
-                return path, holder
+            if _stale(holder):
+                continue
+            if not same_split:
+                return path, holder, None
+            # another shard of the same split: disjoint cases, side by side if it computes the same method
+            diffs = method_differences(self.method, method)
+            if diffs:
+                return path, holder, diffs
         return None
 
-    def _rival_conflict(self, rival: tuple[Path, str]) -> OutputConflictError:
-        path, holder = rival
+    def _rival_conflict(self, rival: tuple[Path, str, list[str] | None]) -> OutputConflictError:
+        path, holder, diffs = rival
         what = "a whole-folder run" if path.name == ".condiff.lock" else f"shard {path.name.split('.')[-1]}"
+        if diffs:
+            return OutputConflictError(self.path.parent, f"is being filled by {what} ({holder or 'unknown'}) with "
+                                       f"another method ({'; '.join(diffs)}); the folder would pool two methods",
+                                       f"give every shard the same options and model set (or use another -o folder); "
+                                       f"if no run is active, delete {path}")
         return OutputConflictError(self.path.parent, f"is in use by {what} ({holder or 'unknown'}) whose cases "
                                    "overlap this run's", f"wait for it to finish; if no run is active, delete {path}")
 
-    def _holder(self) -> str:
+    def _content(self) -> str:
         try:
-            return self.path.read_text(encoding="utf-8").strip()
+            return self.path.read_text(encoding="utf-8")
         except OSError:
             return ""
+
+    def _holder(self) -> str:
+        return parse_lock(self._content())[0]
 
     def _conflict(self, holder: str) -> OutputConflictError:
         return OutputConflictError(self.path.parent, f"is locked by another condiff run ({holder or 'unknown'})",
@@ -93,18 +116,22 @@ class OutputLock:
                 fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
                 break
             except FileExistsError:
-                holder = self._holder()
+                content = self._content()
+                holder = parse_lock(content)[0]
                 if attempt or not _stale(holder):
                     raise self._conflict(holder) from None
                 # Re-read just before removing, so a lock another run has just taken is not removed.
-                if self._holder() == holder:
+                if self._content() == content:
                     logger.warning("%s: removing a stale lock (%s is no longer running)", self.path, holder)
                     self.path.unlink(missing_ok=True)
             except OSError as exc:
                 raise OutputConflictError(self.path.parent, f"is not writable ({exc.strerror})",
                                           "choose a folder you can write to") from exc
+        text = f"host {socket.gethostname()} pid {os.getpid()}\n"
+        if self.method is not None:
+            text += f"method {json.dumps(self.method, sort_keys=True)}\n"
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(f"host {socket.gethostname()} pid {os.getpid()}\n")
+            f.write(text)  # one write, before the rival check: a rival reading it sees it whole
         self.held = True
         rival = self._rival()
         if rival is not None:
@@ -122,6 +149,34 @@ class OutputLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def parse_lock(text: str) -> tuple[str, dict[str, Any] | None]:
+    """A lock file's holder (``host H pid P``) and method (None: an older lock, or none given)."""
+    lines = text.strip().splitlines()
+    holder = lines[0].strip() if lines else ""
+    method = None
+    for line in lines[1:]:
+        if line.startswith("method "):
+            try:
+                method = json.loads(line[len("method "):])
+            except ValueError:
+                method = None
+    return holder, method if isinstance(method, dict) else None
+
+
+def method_differences(ours: dict[str, Any] | None, theirs: dict[str, Any] | None) -> list[str]:
+    """What differs between another lock's method and ours, in words (``steps 3 (this run: 2)``, as
+    ``engine.consistency`` words a record's); empty when they agree or either is unknown."""
+    if ours is None or theirs is None or ours == theirs:
+        return []
+
+    def show(value: Any) -> str:
+        text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+        return text[:12] if isinstance(value, str) and re.fullmatch(r"[0-9a-f]{13,}", value) else text[:60]
+
+    return [f"{key} {show(theirs.get(key))} (this run: {show(ours.get(key))})"
+            for key in sorted(set(ours) | set(theirs)) if ours.get(key) != theirs.get(key)]
 
 
 def _stale(holder: str) -> bool:
@@ -149,4 +204,4 @@ def process_exited(pid: int) -> bool:
         return False
 
 
-__all__ = ["OutputLock", "shard_suffix", "process_exited"]
+__all__ = ["OutputLock", "shard_suffix", "process_exited", "parse_lock", "method_differences"]
