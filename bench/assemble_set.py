@@ -36,7 +36,8 @@ def landmarks_for(configs, data: Path) -> list[float]:
     from condiff.train import data as tdata
 
     records = [c.trained.get("data", {}) for c in configs]
-    subjects = {tuple(r.get("train", {}).get("subjects") or ()) for r in records}
+    # the training files (``cases``; older cards list them as ``subjects``, which were files then)
+    subjects = {tuple(r.get("train", {}).get("cases") or r.get("train", {}).get("subjects") or ()) for r in records}
     patterns = {r.get("mask_pattern") for r in records}
     if len(subjects) != 1 or not next(iter(subjects)):
         raise SystemExit("--landmarks: the members do not record one common list of training subjects")

@@ -11,6 +11,13 @@ also on a time budget or a signal, so every time-boxed chunk leaves a usable set
 continues each fold exactly from its newest checkpoint. Under ``torchrun`` every rank trains its
 share of each global batch; rank 0 writes.
 
+Resume: every fold's checkpoints are checked before any fold trains (a fold with checkpoints needs
+``--resume``; with it the checkpoint's network, preprocessing and training/validation subjects must be
+this run's, else exit 2 naming what differs). The best EMA weights live in ``best/ema-<step>.safetensors``,
+keyed by step: a resume exports the weights of the best step its checkpoint records, never those a
+killed run validated after its last checkpoint. set.json is rewritten for the folds that finished even
+when a later fold fails.
+
 Signals: the first SIGINT or a SIGTERM ends the current step, checkpoints and writes the model
 folders, then exits 130 / 143; a second SIGINT aborts at once.
 
@@ -81,15 +88,34 @@ def effective_tasks(tasks: tuple[int, ...], has_other: bool, role: str) -> tuple
                    "reason": "no other data set given (--other-data); task 1 falls back to the remaining tasks"}]
 
 
-def _load_hooks(specs: tuple[str, ...], context: dict) -> list:
-    hooks = []
+def resolve_hooks(specs: tuple[str, ...]) -> list:
+    """The factories named by ``--val-hook MODULE:FUNC``, imported now: a bad one is ``TrainingDataError``
+    (exit 2) before any data are read, not a traceback after they were."""
+    factories = []
+    remedy = "give MODULE:FUNCTION of an importable module, e.g. --val-hook condiff.train.healing:val_hook"
     for spec in specs:
         module, _, func = spec.partition(":")
         if not module or not func:
-            raise click.BadParameter(f"{spec!r}: expected MODULE:FUNCTION", param_hint="--val-hook")
-        factory = getattr(importlib.import_module(module), func)
-        hooks.append(factory(context))
-    return hooks
+            raise TrainingDataError(None, f"--val-hook {spec!r}: expected MODULE:FUNCTION", remedy)
+        try:
+            mod = importlib.import_module(module)
+        except ImportError as exc:
+            raise TrainingDataError(None, f"--val-hook {spec!r}: cannot import module {module!r} ({exc})",
+                                    remedy + " (is the module on PYTHONPATH?)") from None
+        except Exception as exc:  # the module itself fails to import
+            raise TrainingDataError(None, f"--val-hook {spec!r}: importing {module!r} failed "
+                                          f"({type(exc).__name__}: {exc})", "fix the module") from None
+        factory = getattr(mod, func, None)
+        if factory is None:
+            raise TrainingDataError(None, f"--val-hook {spec!r}: module {module!r} has no {func!r}", remedy)
+        if not callable(factory):
+            raise TrainingDataError(None, f"--val-hook {spec!r}: {module}.{func} is not callable", remedy)
+        factories.append(factory)
+    return factories
+
+
+def _load_hooks(specs: tuple[str, ...], context: dict) -> list:
+    return [factory(context) for factory in resolve_hooks(specs)]
 
 
 class _StopFlag:
@@ -123,11 +149,13 @@ class _StopFlag:
 
 
 def _check_options(out: Path, *, lr, mask_weight, p_no_task, image_size: int, preset_name: str, precision: str,
-                   device_name: str) -> None:
+                   device_name: str, val_hooks: tuple[str, ...] = ()) -> None:
     """Option values that would fail only after the data are read: refuse them first (exit 2)."""
     import math
 
     from condiff.config import preset
+
+    resolve_hooks(val_hooks)
 
     for name, value in (("--lr", lr), ("--mask-weight", mask_weight)):
         if value is not None and not (math.isfinite(value) and value > 0):
@@ -169,7 +197,10 @@ def _load_newest_readable(trainer, root: Path) -> Path:
             return path
         except CheckpointError as exc:
             if k == len(found) - 1:
-                raise
+                what = "the only checkpoint" if len(found) == 1 else f"every checkpoint ({len(found)})"
+                raise CheckpointError(root, f"{what} is damaged ({exc.path}: {exc.problem})",
+                                      "copy the checkpoints again if you have them, or start afresh without "
+                                      "--resume in another -o folder") from exc
             logger.warning("%s is damaged (%s); resuming from the checkpoint before it", path, exc.problem)
     raise AssertionError("unreachable: called with at least one checkpoint")
 
@@ -206,6 +237,38 @@ def _check_existing_members(out: Path, fold_list, unet_cfg, preprocessing: dict)
                                     "choose another -o folder for this run")
 
 
+def _check_fold_checkpoints(out: Path, fold_list, resume: bool, contract: dict, data_split: dict) -> None:
+    """Before any fold trains: a fold with checkpoints needs --resume, and with --resume the newest
+    checkpoint's contract and training/validation subjects must be this run's (``check_resume_state``;
+    ``Trainer.load`` checks again the checkpoint it actually reads)."""
+    from condiff.train import checkpoint as ckpt
+    from condiff.train.loop import check_resume_state
+
+    for fold in fold_list:
+        work = out / "train" / f"fold{fold}"
+        latest = ckpt.latest_checkpoint(work / "checkpoints")
+        if latest is None:
+            continue
+        if not resume:
+            raise TrainingDataError(work, "holds checkpoints of an earlier run",
+                                    "pass --resume to continue it, or choose another output folder")
+        try:
+            state = json.loads((latest / ckpt.STATE).read_text())
+        except (OSError, ValueError):
+            continue  # damaged: the fold's resume reports it and falls back to an older checkpoint
+        if isinstance(state, dict):
+            check_resume_state(latest, state, contract, data_split)
+
+
+def _created_top(path: Path) -> Path | None:
+    """The outermost folder of ``path`` that does not exist yet (what making ``path`` creates), or None."""
+    path = Path(os.path.abspath(path))
+    top = None
+    while not path.exists() and not path.is_symlink():
+        top, path = path, path.parent
+    return top
+
+
 def _export_fold(out: Path, fold_dir_name: str, model_cfg, trainer, result, weights_dtype) -> Path:
     """Write ``OUT/fold<f>`` from the best EMA weights (or the final EMA weights); never non-finite ones."""
     import torch
@@ -229,21 +292,45 @@ def _export_fold(out: Path, fold_dir_name: str, model_cfg, trainer, result, weig
 def train_command(**kw) -> int:
     """The command body (also callable from Python, with the options as keywords); returns the exit code.
 
-    Option values are checked before anything is read or created; then ``OUT/train`` is locked (rank 0),
-    since two trainings of one output folder would overwrite each other's checkpoints."""
+    Option values, ``--val-hook`` modules, the data folder and ``--holdout`` against its subjects are checked
+    before anything is created; then ``OUT/train`` is locked (rank 0), since two trainings of one output
+    folder would overwrite each other's checkpoints. A configuration or data error before any fold trains
+    removes what this run created (OUT or OUT/train, with the cache in it); folders that existed stay."""
+    import shutil
+
+    from condiff.errors import CondiffError
     from condiff.io.lock import OutputLock
+    from condiff.train import data as tdata
 
     out = Path(kw["output"])
     _check_options(out, lr=kw.get("lr"), mask_weight=kw.get("mask_weight"), p_no_task=kw.get("p_no_task"),
                    image_size=kw["image_size"], preset_name=kw["preset_name"], precision=kw["precision"],
-                   device_name=kw["device_name"])
+                   device_name=kw["device_name"], val_hooks=tuple(kw.get("val_hooks") or ()))
+    if kw.get("val_hooks") and kw["holdout"] == 0:
+        logger.warning("--val-hook %s never runs: --holdout 0 holds out no subject, so nothing is validated",
+                       " ".join(kw["val_hooks"]))
+    # The data folder and --holdout against its subjects, before OUT is made (the last check after the
+    # scans are read, in SliceSet.split_holdout, catches scans that give no slice).
+    subjects = tdata.case_subjects(tdata.list_cases(kw["data"]))
+    if kw["holdout"] >= len(subjects):
+        raise TrainingDataError(kw["data"], f"holding out {kw['holdout']} of {len(subjects)} subjects leaves none "
+                                            "to train on", "lower --holdout or add subjects")
+    run = {"trained": False}
     if int(os.environ.get("RANK", "0")) != 0:
-        return _train_command(**kw)
+        return _train_command(**kw, run=run)
     from condiff.io.atomic import create_folder
 
+    created = _created_top(out / "train")
     create_folder(out / "train")
-    with OutputLock(out / "train"):
-        return _train_command(**kw)
+    try:
+        with OutputLock(out / "train"):
+            return _train_command(**kw, run=run)
+    except CondiffError:
+        # A configuration or data error before any training: leave nothing behind that this run made
+        # (OUT/train and the cache in it); a folder that existed before is never touched.
+        if created is not None and not run["trained"]:
+            shutil.rmtree(created, ignore_errors=True)
+        raise
 
 
 def _train_command(data: str, mask_pattern: str | None, modality: str, image_size: int, fov_mm: float | None,
@@ -253,7 +340,8 @@ def _train_command(data: str, mask_pattern: str | None, modality: str, image_siz
                   checkpoint_part_mb: float | None, val_every: int, val_start: int, val_max_slices: int | None,
                   patience: int, recipe: str, lr: float | None, mask_weight: float | None, p_no_task: float | None,
                   size_curriculum: str | None, workers: int | None, cache_dir: str | None, log_every: int, val_hooks: tuple[str, ...],
-                  weights_dtype: str, progress: bool, landmarks: bool = False, lr_anneal: str | None = None) -> int:
+                  weights_dtype: str, progress: bool, landmarks: bool = False, lr_anneal: str | None = None,
+                  run: dict | None = None) -> int:
     """The training itself, under the lock ``train_command`` holds."""
     import numpy as np
     import torch
@@ -272,6 +360,7 @@ def _train_command(data: str, mask_pattern: str | None, modality: str, image_siz
     from condiff.unet import ConditionalUNet
 
     t_start = time.monotonic()
+    run = {} if run is None else run  # run["trained"]: set once a fold starts training
     out = Path(output)
     device = resolve_device(device_name, int(os.environ.get("LOCAL_RANK", "0")))
     if device.type == "cuda":
@@ -294,7 +383,7 @@ def _train_command(data: str, mask_pattern: str | None, modality: str, image_siz
         if landmarks:
             fitted = tdata.fit_training_landmarks(cases, pre, mask_pattern, holdout)
             pre = dataclasses.replace(pre, landmarks=fitted)
-            logger.info("intensity landmarks from %d training scans: %s", len(cases) - holdout,
+            logger.info("intensity landmarks from %d training scans: %s", len(tdata._training_cases(cases, holdout)),
                         " ".join(f"{v:.3f}" for v in fitted))
     else:
         pre = PreprocessConfig(modality="rgb", image_size=image_size)
@@ -327,96 +416,111 @@ def _train_command(data: str, mask_pattern: str | None, modality: str, image_siz
                         val_max_slices=val_max_slices, patience=patience, checkpoint_every=checkpoint_every,
                         checkpoint_part_mb=checkpoint_part_mb, log_every=log_every, seed=seed, num_workers=workers)
     unet_cfg = preset(preset_name, image_channels=channels, sample_size=image_size)
+    contract = {"unet": unet_cfg.to_dict(), "preprocessing": pre.to_dict()}
+    data_split = {"train": train_slices.subjects, "validation": [] if val_slices is None else val_slices.subjects}
     if info.is_main:
         _check_existing_members(out, fold_list, unet_cfg, pre.to_dict())
+    _check_fold_checkpoints(out, fold_list, resume, contract, data_split)
     version = code_version()
     stop = _StopFlag()
     members, summary = [], []
     diverged: TrainingDivergedError | None = None
-    with stop:
-        for fold in fold_list:
-            train_ids, val_ids = fold_tasks(fold)
-            eff_train, subs = effective_tasks(train_ids, bool(other_pools), "train")
-            eff_val, subs_val = effective_tasks(val_ids, bool(other_pools), "validation")
-            fold_seed = int(np.random.SeedSequence([seed, fold]).generate_state(1)[0])
-            fold_cfg = type(cfg)(**{**cfg.to_dict(), "seed": fold_seed})
-            work = out / "train" / f"fold{fold}"
-            latest = ckpt.latest_checkpoint(work / "checkpoints")
-            if latest is not None and not resume:
-                raise TrainingDataError(work, "holds checkpoints of an earlier run",
-                                        "pass --resume to continue it, or choose another output folder")
-            remaining = None
-            if time_budget_min is not None:
-                remaining = time_budget_min * 60.0 - (time.monotonic() - t_start)
-                if info.enabled:  # every rank must take the same decision
-                    r = torch.tensor([remaining], dtype=torch.float64, device=device)
-                    torch.distributed.all_reduce(r, op=torch.distributed.ReduceOp.MIN)
-                    remaining = float(r.item())
-                if remaining <= 0:
-                    logger.warning("time budget used up; fold %d not started", fold)
-                    summary.append({"fold": fold, "status": "not started (time budget)"})
-                    continue
-                fold_cfg.time_budget_s = remaining
-            train_task = RestorationTask(eff_train, p_no_task=fold_cfg.p_no_task, same_pool=ArrayPool(train_slices.images),
-                                         other_pools=other_pools, has_background=modality == "mri")
-            sizes = SizeCurriculum(fold_cfg.size_scale_start, fold_cfg.size_curriculum_steps)
-            scale_at = sizes.epoch_scale(len(train_slices.images), batch_size * info.world_size) if sizes.active else None
-            train_set = tdata.TaskSamples(train_slices.images, train_task, fold_seed, tdata.TRAIN_STREAM,
-                                          centre=modality == "rgb", size_scale_at=scale_at)
-            val_set = None
-            if val_slices is not None:
-                # Validation keeps the reference's 20 % no-task rate whatever the recipe, so losses compare.
-                val_task = RestorationTask(eff_val, p_no_task=P_NO_TASK, same_pool=ArrayPool(val_slices.images),
-                                           other_pools=other_pools, has_background=modality == "mri")
-                val_set = tdata.TaskSamples(val_slices.images, val_task, fold_seed, tdata.VAL_STREAM,
-                                            centre=modality == "rgb")
-            torch.manual_seed(fold_seed)
-            model = ConditionalUNet(unet_cfg)
-            hook_ctx = {"fold": fold, "val_tasks": val_ids, "val_images": None if val_slices is None else val_slices.images,
-                        "modality": modality, "device": device, "seed": fold_seed, "other_pools": other_pools,
-                        "preprocessing": pre.to_dict()}
-            trainer = Trainer(model, fold_cfg, train_set, work, val_set=val_set, device=device, dist_info=info,
-                              hooks=_load_hooks(val_hooks, hook_ctx), progress=progress, stop=stop,
-                              contract={"unet": unet_cfg.to_dict(), "preprocessing": pre.to_dict()})
-            if latest is not None:
-                latest = _load_newest_readable(trainer, work / "checkpoints")
-                trainer.truncate_metrics()
-                logger.warning("fold %d: resuming from %s (step %d)", fold, latest, trainer.step)
+    finished = False
+    try:
+        with stop:
+            for fold in fold_list:
+                train_ids, val_ids = fold_tasks(fold)
+                eff_train, subs = effective_tasks(train_ids, bool(other_pools), "train")
+                eff_val, subs_val = effective_tasks(val_ids, bool(other_pools), "validation")
+                fold_seed = int(np.random.SeedSequence([seed, fold]).generate_state(1)[0])
+                fold_cfg = type(cfg)(**{**cfg.to_dict(), "seed": fold_seed})
+                work = out / "train" / f"fold{fold}"
+                latest = ckpt.latest_checkpoint(work / "checkpoints")  # --resume: checked by _check_fold_checkpoints
+                remaining = None
+                if time_budget_min is not None:
+                    remaining = time_budget_min * 60.0 - (time.monotonic() - t_start)
+                    if info.enabled:  # every rank must take the same decision
+                        r = torch.tensor([remaining], dtype=torch.float64, device=device)
+                        torch.distributed.all_reduce(r, op=torch.distributed.ReduceOp.MIN)
+                        remaining = float(r.item())
+                    if remaining <= 0:
+                        logger.warning("time budget used up; fold %d not started", fold)
+                        summary.append({"fold": fold, "status": "not started (time budget)"})
+                        continue
+                    fold_cfg.time_budget_s = remaining
+                train_task = RestorationTask(eff_train, p_no_task=fold_cfg.p_no_task, same_pool=ArrayPool(train_slices.images),
+                                             other_pools=other_pools, has_background=modality == "mri")
+                sizes = SizeCurriculum(fold_cfg.size_scale_start, fold_cfg.size_curriculum_steps)
+                scale_at = sizes.epoch_scale(len(train_slices.images), batch_size * info.world_size) if sizes.active else None
+                train_set = tdata.TaskSamples(train_slices.images, train_task, fold_seed, tdata.TRAIN_STREAM,
+                                              centre=modality == "rgb", size_scale_at=scale_at)
+                val_set = None
+                if val_slices is not None:
+                    # Validation keeps the reference's 20 % no-task rate whatever the recipe, so losses compare.
+                    val_task = RestorationTask(eff_val, p_no_task=P_NO_TASK, same_pool=ArrayPool(val_slices.images),
+                                               other_pools=other_pools, has_background=modality == "mri")
+                    val_set = tdata.TaskSamples(val_slices.images, val_task, fold_seed, tdata.VAL_STREAM,
+                                                centre=modality == "rgb")
+                torch.manual_seed(fold_seed)
+                model = ConditionalUNet(unet_cfg)
+                hook_ctx = {"fold": fold, "val_tasks": val_ids, "val_images": None if val_slices is None else val_slices.images,
+                            "modality": modality, "device": device, "seed": fold_seed, "other_pools": other_pools,
+                            "preprocessing": pre.to_dict()}
+                trainer = Trainer(model, fold_cfg, train_set, work, val_set=val_set, device=device, dist_info=info,
+                                  hooks=_load_hooks(val_hooks, hook_ctx), progress=progress, stop=stop,
+                                  contract=contract, data_split=data_split)
+                if latest is not None:
+                    latest = _load_newest_readable(trainer, work / "checkpoints")
+                    trainer.truncate_metrics()
+                    logger.warning("fold %d: resuming from %s (step %d)", fold, latest, trainer.step)
+                    if trainer.step >= max_steps and trainer.finished != "early_stopping":
+                        logger.warning("fold %d: nothing trained: its checkpoint is at step %d, --max-steps %d "
+                                       "(absolute) is not above it; raise --max-steps to train on (the model "
+                                       "folder is rewritten from the checkpoint's state)", fold, trainer.step, max_steps)
+                run["trained"] = True
+                try:
+                    result = trainer.fit()
+                    trained = {
+                        "steps": result.steps, "wall_time_s": round(result.wall_time_s, 3), "stop_reason": result.reason,
+                        "complete": result.reason in ("max_steps", "early_stopping"),
+                        "weights": "ema-best" if result.best_path is not None else "ema-final",
+                        "best_step": result.val.best_step, "best_val_ma": result.val.best,
+                        "data": {"train": train_slices.describe(),
+                                 "validation": None if val_slices is None else val_slices.describe(),
+                                 "mask_pattern": mask_pattern, "holdout_subjects": holdout,
+                                 "other_data": [o.describe() for o in others]},
+                        "recipe": {"name": recipe, **fold_cfg.to_dict()},
+                        "effective_train_tasks": list(eff_train), "effective_val_tasks": list(eff_val),
+                        "substitutions": subs + subs_val, "code_version": version, "device": str(device),
+                        "precision": trainer.precision, "world_size": info.world_size, "global_batch": trainer.global_batch,
+                    }
+                    model_cfg = ModelConfig(unet=unet_cfg, preprocessing=pre.to_dict(), fold=fold, train_tasks=list(train_ids),
+                                            val_tasks=list(val_ids), trained=trained)
+                    if info.is_main:
+                        members.append(_export_fold(out, f"fold{fold}", model_cfg, trainer, result, weights_dtype))
+                except TrainingDivergedError as exc:  # nothing non-finite was written; the other folds would follow
+                    diverged = exc
+                    summary.append({"fold": fold, "steps": trainer.step, "reason": "diverged", "diverged_steps": list(exc.steps),
+                                    "best_step": trainer.val.best_step, "best_val_ma": trainer.val.best})
+                    break
+                summary.append({"fold": fold, "steps": result.steps, "reason": result.reason,
+                                "best_step": result.val.best_step, "best_val_ma": result.val.best})
+                if stop():
+                    break
+        finished = True
+    finally:
+        if info.is_main:
+            existing = sorted({p.name for p in members} | {p.name for p in out.glob("fold*") if (p / "config.json").is_file()},
+                              key=lambda n: int(n[4:]))
             try:
-                result = trainer.fit()
-                trained = {
-                    "steps": result.steps, "wall_time_s": round(result.wall_time_s, 3), "stop_reason": result.reason,
-                    "complete": result.reason in ("max_steps", "early_stopping"),
-                    "weights": "ema-best" if result.best_path is not None else "ema-final",
-                    "best_step": result.val.best_step, "best_val_ma": result.val.best,
-                    "data": {"train": train_slices.describe(),
-                             "validation": None if val_slices is None else val_slices.describe(),
-                             "mask_pattern": mask_pattern, "holdout_subjects": holdout,
-                             "other_data": [o.describe() for o in others]},
-                    "recipe": {"name": recipe, **fold_cfg.to_dict()},
-                    "effective_train_tasks": list(eff_train), "effective_val_tasks": list(eff_val),
-                    "substitutions": subs + subs_val, "code_version": version, "device": str(device),
-                    "precision": trainer.precision, "world_size": info.world_size, "global_batch": trainer.global_batch,
-                }
-                model_cfg = ModelConfig(unet=unet_cfg, preprocessing=pre.to_dict(), fold=fold, train_tasks=list(train_ids),
-                                        val_tasks=list(val_ids), trained=trained)
-                if info.is_main:
-                    members.append(_export_fold(out, f"fold{fold}", model_cfg, trainer, result, weights_dtype))
-            except TrainingDivergedError as exc:  # nothing non-finite was written; the other folds would follow
-                diverged = exc
-                summary.append({"fold": fold, "steps": trainer.step, "reason": "diverged", "diverged_steps": list(exc.steps),
-                                "best_step": trainer.val.best_step, "best_val_ma": trainer.val.best})
-                break
-            summary.append({"fold": fold, "steps": result.steps, "reason": result.reason,
-                            "best_step": result.val.best_step, "best_val_ma": result.val.best})
-            if stop():
-                break
-    if info.is_main:
-        existing = sorted({p.name for p in members} | {p.name for p in out.glob("fold*") if (p / "config.json").is_file()},
-                          key=lambda n: int(n[4:]))
-        if existing:
-            save_model_set(out, [out / n for n in existing], name=f"condiff {preset_name} on {Path(data).name}")
-        click.echo(json.dumps({"output": str(out), "members": existing, "folds": summary}, indent=1))
+                if existing:
+                    save_model_set(out, [out / n for n in existing], name=f"condiff {preset_name} on {Path(data).name}")
+            except Exception as exc:
+                if finished:
+                    raise
+                logger.warning("%s: set.json not rewritten (%s)", out, exc)  # the error that stopped training follows
+            if finished:
+                click.echo(json.dumps({"output": str(out), "members": existing, "folds": summary}, indent=1))
     if info.enabled:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
@@ -467,7 +571,8 @@ def _train_command(data: str, mask_pattern: str | None, modality: str, image_siz
 @click.option("--seed", type=int, default=42, show_default=True,
               help="Seeds weights, data order and synthetic anomalies (each fold its own stream).")
 @click.option("--holdout", type=click.IntRange(min=0), default=2, show_default=True,
-              help="Last N subjects held out for validation (0: no validation, final EMA weights exported).")
+              help="Last N subjects held out for validation, each with all its files (a subject: a BIDS sub-<label>, "
+                   "else one file; 0: no validation, final EMA weights exported). A resume keeps the split.")
 @click.option("--checkpoint-every", type=click.IntRange(min=0), default=1000, show_default=True,
               help="Steps between checkpoints under OUT/train (0: only the one at the end or when stopped).")
 @click.option("--checkpoint-part-mb", type=click.FloatRange(min=0.001), default=None,

@@ -4,8 +4,11 @@
    preprocessing contract (``condiff.preprocess``) into one array ``(N, C, H, W)`` float32 in [0, 1]
    (uncentred: the synthetic tasks run on [0, 1], reference-method §1), cached per input file as ``.npy``
    under a key of the file's identity and the contract, so a second run or another fold reads arrays.
-2. ``SliceSet.split_holdout``: the last ``n`` subjects (sorted case names) are held out for validation
-   and the healing metric; no subject contributes slices to both sides.
+2. ``SliceSet.split_holdout``: the last ``n`` subjects (in the order of the sorted case names) are held
+   out for validation and the healing metric; no subject contributes slices to both sides. A case's
+   subject (``subject_of``) is the BIDS ``sub-<label>`` of its path (a ``sub-*`` folder, else the
+   file name's ``sub-`` entity), so every session and run of a BIDS subject falls on one side; a file
+   outside any BIDS layout is its own subject.
 3. ``TaskSamples``: a map-style Dataset whose key is ``(epoch, index)``. Each key owns its random
    streams, seeded by ``SeedSequence([seed, stream, epoch, index])`` (§10 D4): one stream for the
    ``RestorationTask`` (corruption), one for the diffusion draw (t, eps). A sample is therefore a pure
@@ -24,6 +27,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -48,15 +52,21 @@ TRAIN_STREAM, VAL_STREAM = 0, 1
 
 @dataclass
 class SliceSet:
-    """Healthy training images. ``images`` (N, C, H, W) float32 in [0, 1]; ``subject`` (N,) int64 index
-    into ``subjects`` (case names); ``modality`` "mri" | "rgb"; ``source`` the folder they came from."""
+    """Healthy training images. ``images`` (N, C, H, W) float32 in [0, 1]; ``case`` (N,) int64 index into
+    ``cases`` (case names, one per input file, sorted); ``case_subjects`` the subject of each case
+    (``subject_of``); ``modality`` "mri" | "rgb"; ``source`` the folder they came from."""
 
     images: np.ndarray
-    subject: np.ndarray
-    subjects: list[str]
+    case: np.ndarray
+    cases: list[str]
     modality: str
     source: str
     files: list[str] = field(default_factory=list)
+    case_subjects: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        if not self.case_subjects:
+            self.case_subjects = [subject_of(c) for c in self.cases]
 
     def __len__(self) -> int:
         return len(self.images)
@@ -65,17 +75,26 @@ class SliceSet:
     def channels(self) -> int:
         return int(self.images.shape[1])
 
-    def select(self, subject_ids: Sequence[int]) -> "SliceSet":
-        ids = sorted(int(i) for i in subject_ids)
-        keep = np.isin(self.subject, ids)
+    @property
+    def subjects(self) -> list[str]:
+        """The subjects, in the order of their first case."""
+        return list(dict.fromkeys(self.case_subjects))
+
+    def select(self, subjects: Sequence[str]) -> "SliceSet":
+        """The slices of every case of the named subjects (case order kept)."""
+        wanted = set(subjects)
+        ids = [i for i, s in enumerate(self.case_subjects) if s in wanted]
+        keep = np.isin(self.case, ids)
         remap = {old: new for new, old in enumerate(ids)}
-        return SliceSet(images=self.images[keep], subject=np.array([remap[s] for s in self.subject[keep]], dtype=np.int64),
-                        subjects=[self.subjects[i] for i in ids], modality=self.modality, source=self.source,
-                        files=[self.files[i] for i in ids] if self.files else [])
+        return SliceSet(images=self.images[keep], case=np.array([remap[c] for c in self.case[keep]], dtype=np.int64),
+                        cases=[self.cases[i] for i in ids], modality=self.modality, source=self.source,
+                        files=[self.files[i] for i in ids] if self.files else [],
+                        case_subjects=[self.case_subjects[i] for i in ids])
 
     def split_holdout(self, n_holdout: int) -> tuple["SliceSet", "SliceSet | None"]:
-        """(training subjects, the last ``n_holdout`` subjects or None when 0)."""
-        n = len(self.subjects)
+        """(training subjects, the last ``n_holdout`` subjects or None when 0); whole subjects, all their cases."""
+        subjects = self.subjects
+        n = len(subjects)
         if n_holdout < 0:
             raise ValueError(f"holdout must be >= 0, got {n_holdout}")
         if n_holdout >= n:
@@ -83,11 +102,31 @@ class SliceSet:
                                     "lower --holdout or add subjects")
         if n_holdout == 0:
             return self, None
-        return self.select(range(n - n_holdout)), self.select(range(n - n_holdout, n))
+        return self.select(subjects[:n - n_holdout]), self.select(subjects[n - n_holdout:])
 
     def describe(self) -> dict:
-        return {"folder": self.source, "modality": self.modality, "subjects": list(self.subjects),
-                "n_slices": int(len(self.images))}
+        return {"folder": self.source, "modality": self.modality, "subjects": self.subjects,
+                "cases": list(self.cases), "n_slices": int(len(self.images))}
+
+
+_BIDS_SUBJECT = re.compile(r"sub-[A-Za-z0-9]+")
+
+
+def subject_of(case_name: str) -> str:
+    """The subject of a case (a name relative to the data folder, ``/``-separated): the first BIDS
+    ``sub-<label>`` folder of its path, else the file name's ``sub-<label>`` entity, else the case itself
+    (one file, one subject)."""
+    parts = case_name.split("/")
+    for part in parts[:-1]:
+        if _BIDS_SUBJECT.fullmatch(part):
+            return part
+    m = re.match(r"(sub-[A-Za-z0-9]+)(?:_|$)", parts[-1])
+    return m.group(1) if m else case_name
+
+
+def case_subjects(cases: Sequence[Case]) -> list[str]:
+    """The subjects of ``cases``, in the order of their first case (the order ``split_holdout`` uses)."""
+    return list(dict.fromkeys(subject_of(c.name) for c in cases))
 
 
 def detect_modality(cases: Sequence[Case], folder: str | Path) -> str:
@@ -124,15 +163,34 @@ def _cache_key(case: Case, mask: Path | None, cfg: PreprocessConfig) -> str:
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:20]
 
 
+def _training_hints() -> dict[str, str]:
+    """The readers' condiff-infer advice (options condiff-train lacks) -> what to do when training."""
+    from condiff.io import volumes
+
+    return {volumes.SERIES_HINT: "give one 3-D volume per file (e.g. fslroi IN OUT N 1 keeps volume N of a series)",
+            volumes.NONFINITE_HINT: "fix or remove the file; training needs finite voxels"}
+
+
+def read_training_volume(path: Path, mask: Path | None = None):
+    """(volume, mask or None) as ``io.volumes`` reads them, with errors advising what condiff-train can do."""
+    from condiff.io import volumes
+
+    try:
+        vol = volumes.read_volume(path)
+        return vol, (volumes.read_mask(mask, vol) if mask is not None else None)
+    except InputImageError as exc:
+        hint = _training_hints().get(exc.hint or "")
+        if hint is None:
+            raise
+        raise InputImageError(exc.path, exc.problem, hint) from exc
+
+
 def _prepare_case(case: Case, cfg: PreprocessConfig, mask: Path | None) -> np.ndarray:
     """(S, C, H, W) float32 in [0, 1] for one input file."""
     from condiff import preprocess
 
     if cfg.modality == "mri":
-        from condiff.io import volumes
-
-        vol = volumes.read_volume(case.path)
-        m = volumes.read_mask(mask, vol) if mask is not None else None
+        vol, m = read_training_volume(case.path, mask)
         return preprocess.prepare_volume(vol, cfg, m).slices
     from condiff.io import images
 
@@ -181,7 +239,7 @@ def load_slices(folder: str | Path, cfg: PreprocessConfig, mask_pattern: str | N
         raise TrainingDataError(folder, "the contract uses a brain mask but no --mask-pattern was given",
                                 "pass e.g. --mask-pattern '{dir}/{stem}_brainmask.nii.gz'")
     cache = Path(cache_dir) if cache_dir is not None else None
-    arrays, subject, names, files = [], [], [], []
+    arrays, case_index, names, files = [], [], [], []
     for case in cases:
         mask = find_mask(case, mask_pattern) if (mask_pattern and modality == "mri") else None
         arr = _cached(case, cfg, mask, cache)
@@ -190,27 +248,28 @@ def load_slices(folder: str | Path, cfg: PreprocessConfig, mask_pattern: str | N
         if len(arr) == 0:
             logger.warning("%s: no non-empty slice, skipped", case.path)
             continue
-        subject.append(np.full(len(arr), len(names), dtype=np.int64))
+        case_index.append(np.full(len(arr), len(names), dtype=np.int64))
         names.append(case.name)
         files.append(str(case.path))
         arrays.append(arr)
     if not arrays:
         raise TrainingDataError(folder, "no non-empty slice in any image", "check the images and their masks")
-    return SliceSet(images=np.ascontiguousarray(np.concatenate(arrays)), subject=np.concatenate(subject),
-                    subjects=names, modality=modality, source=str(folder), files=files)
+    return SliceSet(images=np.ascontiguousarray(np.concatenate(arrays)), case=np.concatenate(case_index),
+                    cases=names, modality=modality, source=str(folder), files=files)
 
 
 def _training_cases(cases: Sequence[Case], holdout: int) -> list[Case]:
-    """``cases`` without the last ``holdout``: the subjects ``SliceSet.split_holdout`` trains on."""
-    return list(cases)[:len(cases) - holdout]
+    """``cases`` without those of the last ``holdout`` subjects: the cases ``SliceSet.split_holdout`` trains on."""
+    subjects = case_subjects(cases)
+    held = set(subjects[len(subjects) - holdout:]) if holdout > 0 else set()
+    return [c for c in cases if subject_of(c.name) not in held]
 
 
 def fit_training_landmarks(cases: Sequence[Case], cfg: PreprocessConfig, mask_pattern: str | None,
                            holdout: int) -> tuple[float, ...]:
-    """Intensity landmarks (``preprocess.fit_landmarks``) of the training scans: ``cases`` without the last
-    ``holdout`` (the subjects ``SliceSet.split_holdout`` keeps for validation)."""
+    """Intensity landmarks (``preprocess.fit_landmarks``) of the training scans: ``cases`` without those of
+    the last ``holdout`` subjects (the subjects ``SliceSet.split_holdout`` keeps for validation)."""
     from condiff import preprocess
-    from condiff.io import volumes
 
     train = _training_cases(cases, holdout)
     if not train:
@@ -219,9 +278,7 @@ def fit_training_landmarks(cases: Sequence[Case], cfg: PreprocessConfig, mask_pa
 
     def pairs():
         for case in train:
-            vol = volumes.read_volume(case.path)
-            mask = find_mask(case, mask_pattern) if mask_pattern else None
-            yield vol, (volumes.read_mask(mask, vol) if mask is not None else None)
+            yield read_training_volume(case.path, find_mask(case, mask_pattern) if mask_pattern else None)
 
     return preprocess.fit_landmarks(pairs(), cfg)
 
@@ -230,8 +287,8 @@ def check_landmark_subjects(cases: Sequence[Case], holdout: int, train_slices: "
     """The landmarks were fitted on the listed scans minus the held-out ones; make sure those are exactly the
     training subjects (a scan without usable slices would shift the split)."""
     fitted = [c.name for c in _training_cases(cases, holdout)]
-    if list(train_slices.subjects) != fitted:
-        skipped = sorted(set(fitted) - set(train_slices.subjects))
+    if list(train_slices.cases) != fitted:
+        skipped = sorted(set(fitted) - set(train_slices.cases))
         raise TrainingDataError(train_slices.source, f"the landmarks were fitted on scans that are not all training "
                                 f"subjects (without usable slices: {', '.join(skipped) or 'none'})",
                                 "remove the scans without slices, or train with --no-landmarks")

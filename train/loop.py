@@ -48,8 +48,8 @@ from condiff.train.data import StepBatchSampler, TaskSamples, collate
 from condiff.train.distributed import DistInfo, all_reduce_sum
 from condiff.train.ema import EMA
 from condiff.train.lr_anneal import LrAnneal
-from condiff.train.validation import (ValHook, ValState, best_weights_path, run_hooks, should_validate, sum_val_loss,
-                                      val_batches, val_record, write_best)
+from condiff.train.validation import (ValHook, ValState, best_weights_path, prune_best, reconcile_best, run_hooks,
+                                      should_validate, sum_val_loss, val_batches, val_record, write_best)
 
 logger = logging.getLogger(__name__)
 
@@ -153,6 +153,49 @@ def contract_changes(before: dict | None, now: dict | None) -> str:
     return ", ".join(parts)
 
 
+def _names(items, limit: int = 8) -> str:
+    items = sorted(items)
+    more = f" and {len(items) - limit} more" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more
+
+
+def split_changes(before: dict | None, now: dict | None) -> str:
+    """'trained on, now held out: sub-03; …' where a checkpoint's training/validation subjects and this run's
+    differ; '' when either is unknown or they agree."""
+    if not before or not now:
+        return ""
+    bt, bv = set(before.get("train") or ()), set(before.get("validation") or ())
+    nt, nv = set(now.get("train") or ()), set(now.get("validation") or ())
+    if (bt, bv) == (nt, nv):
+        return ""
+    parts = []
+    for moved, what in ((bt & nv, "trained on, now held out for validation"),
+                        (bv & nt, "held out for validation, now trained on"),
+                        ((bt | bv) - (nt | nv), "no longer in the data"),
+                        ((nt | nv) - (bt | bv), "new in the data")):
+        if moved:
+            parts.append(f"{what}: {_names(moved)}")
+    return "; ".join(parts)
+
+
+def check_resume_state(path: str | Path, state: dict, contract: dict | None, data_split: dict | None) -> None:
+    """Refuse (``TrainingDataError``, exit 2) to continue a checkpoint's ``state`` with another network or
+    preprocessing contract, or with other training/validation subjects (the model card would misstate what
+    was trained on). A checkpoint of an older condiff that records no subjects is warned about only."""
+    changed = contract_changes(state.get("contract"), contract)
+    if changed:
+        raise TrainingDataError(path, f"was trained with another {changed} than this run asks for",
+                                "resume with the run's original options, or start a new run in another folder")
+    moved = split_changes(state.get("data_split"), data_split)
+    if moved:
+        raise TrainingDataError(path, f"was trained on other subjects than this run would use ({moved})",
+                                "resume with the run's original --data and --holdout, or start a new run in "
+                                "another -o folder")
+    if data_split is not None and state.get("data_split") is None:
+        logger.warning("%s records no training and validation subjects (an older condiff): the split cannot be "
+                       "checked; the model card lists this run's", path)
+
+
 def recipe_config(recipe: str, **overrides) -> TrainConfig:
     """A ``TrainConfig`` from a named recipe; explicit keyword values (not None) override the recipe."""
     if recipe not in RECIPES:
@@ -225,7 +268,7 @@ class Trainer:
                  val_set: TaskSamples | None = None, device: torch.device | str = "cpu",
                  dist_info: DistInfo = DistInfo(), hooks: Sequence[ValHook] = (), progress: bool = False,
                  stop: Callable[[], bool] | None = None, schedule: ScheduleConfig = ScheduleConfig(),
-                 contract: dict | None = None):
+                 contract: dict | None = None, data_split: dict | None = None):
         self.cfg = cfg
         self.device = torch.device(device)
         self.dist = dist_info
@@ -233,6 +276,7 @@ class Trainer:
         self.train_set, self.val_set = train_set, val_set
         self.hooks = list(hooks)
         self.contract = contract  # network config and preprocessing: a resume must keep them
+        self.data_split = data_split  # {"train": [subjects], "validation": [subjects]}: a resume must keep them
         self.progress = progress
         self.stop = stop or (lambda: False)
         cuda = self.device.type == "cuda"
@@ -328,7 +372,7 @@ class Trainer:
                            "global_batch": self.global_batch},
             "val": asdict(self.val), "elapsed_s": self.elapsed_before + self._run_time(),
             "finished": self.finished, "train_config": self.cfg.to_dict(), "world_size": self.dist.world_size,
-            "contract": self.contract,
+            "contract": self.contract, "data_split": self.data_split,
         }
         return tensors, meta
 
@@ -336,10 +380,7 @@ class Trainer:
         """Restore everything from a checkpoint folder (exact resume)."""
         c = ckpt.load_checkpoint(path)
         s = c.state
-        changed = contract_changes(s.get("contract"), self.contract)
-        if changed:
-            raise TrainingDataError(path, f"was trained with another {changed} than this run asks for",
-                                    "resume with the run's original options, or start a new run in another folder")
+        check_resume_state(path, s, self.contract, self.data_split)
         model = {k[6:]: v for k, v in c.tensors.items() if k.startswith("model/")}
         ema = {k[4:]: v for k, v in c.tensors.items() if k.startswith("ema/")}
         try:
@@ -372,6 +413,15 @@ class Trainer:
         self.val = ValState(**s["val"])
         self.elapsed_before = float(s["elapsed_s"])
         self.finished = s.get("finished")
+        self._reconcile_best()
+
+    def _reconcile_best(self) -> None:
+        """Drop best weights this state does not know (rank 0): see ``validation.reconcile_best``."""
+        if not self.dist.is_main:
+            return
+        for p in reconcile_best(self.work_dir, self.step, self.val):
+            logger.warning("%s: discarded; written after step %d by a run that stopped before checkpointing it "
+                           "(the best weights are those of step %s)", p, self.step, self.val.best_step)
 
     def save(self, barrier: bool = True) -> Path | None:
         """Write a checkpoint of the current step (rank 0) and prune old ones. Non-finite weights are never
@@ -384,9 +434,21 @@ class Trainer:
             part = None if not self.cfg.checkpoint_part_mb else int(self.cfg.checkpoint_part_mb * ckpt.MB)
             path = ckpt.save_checkpoint(self.work_dir / "checkpoints", self.step, tensors, meta, part)
             ckpt.prune_checkpoints(self.work_dir / "checkpoints", self.cfg.keep_checkpoints)
+            prune_best(self.work_dir, self._best_steps_in_use())
         if barrier and self.dist.enabled:
             dist.barrier()
         return path
+
+    def _best_steps_in_use(self) -> set[int]:
+        """The best steps of the live state and of every kept checkpoint (a damaged newer one may send a
+        resume back to an older checkpoint, whose best weights must then still exist)."""
+        steps = {self.val.best_step}
+        for _, path in ckpt.list_checkpoints(self.work_dir / "checkpoints"):
+            try:
+                steps.add(json.loads((path / ckpt.STATE).read_text())["val"]["best_step"])
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+        return {s for s in steps if s is not None}
 
     # ----------------------------------------------------------------------------- divergence
     def diverged_error(self, what: str) -> TrainingDivergedError:
@@ -509,6 +571,7 @@ class Trainer:
         """
         cfg = self.cfg
         self._t0 = time.monotonic()
+        self._reconcile_best()  # a fresh start keeps no best weights of an earlier run that never checkpointed
         if self.finished == "early_stopping":
             return FitResult(self.step, "early_stopping", self.elapsed_before, self.val, self._best_path())
         self.finished = None

@@ -4,7 +4,8 @@ Validation (reference-method §3, §10 D5): from ``val_start`` every ``val_every
 weights on the held-out subjects corrupted with the fold's held-out tasks, the reference objective
 (mask weight 1), with task draws, t and eps re-drawn every evaluation (keys ``(step, index)``, so
 deterministic given the step). m ← 0.9·m + 0.1·L (m starts at the first L); a lower m than ever
-before is the new best and its EMA weights are written to ``best/``; training stops when
+before is the new best and its EMA weights are written to ``best/ema-<step>.safetensors`` (keyed by
+step, so the exported best is provably the one the checkpoint's ``best_step`` names); training stops when
 ``step − best_step > patience``. The raw weights are never swapped out, so nothing needs restoring
 after validation.
 
@@ -13,6 +14,8 @@ Under DDP the validation batches are sharded over the ranks and the sums all-red
 """
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -105,21 +108,112 @@ def run_hooks(hooks: Sequence[ValHook], step: int, ema_module: nn.Module) -> dic
     return record
 
 
+BEST_DIR = "best"
+_BEST_NAME = re.compile(r"^ema-(\d+)\.safetensors$")
+LEGACY_BEST = "ema.safetensors"  # condiff before best weights were keyed by step
+
+
+def best_name(step: int) -> str:
+    return f"ema-{step:09d}.safetensors"
+
+
+def _weights_step(path: Path) -> int | None:
+    """The step recorded in a best-weights file's metadata (None: unreadable or none recorded)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return int((f.metadata() or {})["step"])
+    except Exception:  # a torn or foreign file (safetensors raises its own error type)
+        return None
+
+
+def best_files(work_dir: Path) -> dict[int, Path]:
+    """step -> ``best/ema-<step>.safetensors`` for every keyed best-weights file of a run."""
+    found = {}
+    folder = Path(work_dir) / BEST_DIR
+    if folder.is_dir():
+        for p in folder.iterdir():
+            m = _BEST_NAME.match(p.name)
+            if m and p.is_file():
+                found[int(m.group(1))] = p
+    return found
+
+
 def write_best(work_dir: Path, ema_state: dict[str, torch.Tensor], step: int, state: ValState) -> Path:
-    """Write the best EMA weights (float32) and ``best.json`` into ``work_dir/best``, atomically."""
+    """Write the best EMA weights (float32) as ``best/ema-<step>.safetensors`` and ``best.json``, atomically.
+
+    The weights are keyed by step: a best found after the newest checkpoint (by a run killed before it
+    checkpointed) never replaces the best that checkpoint records. ``prune_best`` drops the files no
+    checkpoint needs, ``reconcile_best`` those of an abandoned future when a run resumes."""
     from safetensors.torch import save as st_save
 
     from condiff.io.atomic import write_bytes_atomic, write_json_atomic
 
-    best = work_dir / "best"
+    best = Path(work_dir) / BEST_DIR
     best.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().float().cpu().contiguous() for k, v in ema_state.items()}
-    write_bytes_atomic(best / "ema.safetensors", st_save(tensors, metadata={"step": str(step)}))
-    write_json_atomic(best / "best.json", {"step": step, "val_ma": state.ma, "val_loss": state.last})
-    return best
+    path = best / best_name(step)
+    write_bytes_atomic(path, st_save(tensors, metadata={"step": str(step)}))
+    write_json_atomic(best / "best.json", {"step": step, "val_ma": state.ma, "val_loss": state.last,
+                                           "weights": path.name})
+    return path
 
 
 def best_weights_path(work_dir: Path, state: ValState) -> Path | None:
-    """``best/ema.safetensors`` when a best step was recorded and its weights exist."""
-    p = work_dir / "best" / "ema.safetensors"
-    return p if state.best_step is not None and p.is_file() else None
+    """The EMA weights of ``state.best_step``: ``best/ema-<best_step>.safetensors`` when it exists and its
+    metadata records that step; None otherwise (no best recorded, or its weights are gone)."""
+    if state.best_step is None:
+        return None
+    p = Path(work_dir) / BEST_DIR / best_name(state.best_step)
+    return p if p.is_file() and _weights_step(p) == state.best_step else None
+
+
+def prune_best(work_dir: Path, keep_steps: set[int]) -> list[Path]:
+    """Delete the best-weights files of steps not in ``keep_steps`` (the best steps the kept checkpoints and
+    the live state record); returns what went."""
+    removed = []
+    for step, p in best_files(work_dir).items():
+        if step not in keep_steps:
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
+def reconcile_best(work_dir: Path, step: int, state: ValState) -> list[Path]:
+    """Make ``best/`` agree with a training state at ``step`` (a resumed checkpoint, or step 0 for a fresh
+    start): best weights of later steps belong to a run that died before checkpointing them (an
+    abandoned future) and are deleted; a legacy ``best/ema.safetensors`` is kept (renamed to its step) only
+    when it holds ``state.best_step``; ``best.json`` is rewritten to describe ``state``'s best, or removed
+    when there is none. Returns the files deleted."""
+    from condiff.io.atomic import write_json_atomic
+
+    folder = Path(work_dir) / BEST_DIR
+    if not folder.is_dir():
+        return []
+    removed = []
+    legacy = folder / LEGACY_BEST
+    if legacy.is_file():
+        legacy_step = _weights_step(legacy)
+        target = None if state.best_step is None else folder / best_name(state.best_step)
+        if legacy_step is not None and legacy_step == state.best_step and legacy_step <= step and not target.exists():
+            legacy.rename(target)
+        else:
+            legacy.unlink()
+            removed.append(legacy)
+    for s, p in best_files(work_dir).items():
+        if s > step:
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    meta = folder / "best.json"
+    path = best_weights_path(work_dir, state)
+    if path is None:
+        meta.unlink(missing_ok=True)
+    else:
+        try:
+            current = json.loads(meta.read_text())
+        except (OSError, ValueError):
+            current = None
+        if not isinstance(current, dict) or current.get("step") != state.best_step or current.get("weights") != path.name:
+            write_json_atomic(meta, {"step": state.best_step, "val_ma": state.best, "weights": path.name})
+    return removed

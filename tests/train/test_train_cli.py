@@ -93,7 +93,7 @@ def test_cli_trains_a_fold_into_a_loadable_model_set_and_resumes(data_dir, cache
     assert model(x, x, torch.tensor([0, 999])).shape == (2, 1, 32, 32)
     from safetensors.torch import load_file
 
-    best = load_file(str(out / "train" / "fold3" / "best" / "ema.safetensors"))
+    best = load_file(str(out / "train" / "fold3" / "best" / f"ema-{tr['best_step']:09d}.safetensors"))
     assert all(torch.equal(best[k], v) for k, v in model.state_dict().items())  # D6: the best EMA weights
 
     code, output = _run(*args)  # an existing run is never overwritten silently
@@ -282,9 +282,9 @@ def test_an_output_that_is_a_file_is_refused_before_any_data_is_read(tmp_path):
 
 
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs Linux's /proc, where no folder can be made")
-def test_an_output_that_cannot_be_made_is_exit_2_not_a_traceback(tmp_path, monkeypatch):
+def test_an_output_that_cannot_be_made_is_exit_2_not_a_traceback(data_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(os, "access", lambda *a, **k: True)  # as for root: every folder looks writable
-    code, output = _run("--data", tmp_path / "no-such-data", "--preset", "tiny", "--image-size", 32,
+    code, output = _run("--data", data_dir, "--holdout", 1, "--preset", "tiny", "--image-size", 32,
                         "-o", "/proc/condiff-test/set", "--no-progress")
     assert code == 2 and "/proc/condiff-test/set" in output and "cannot create the output folder" in output, output
 
@@ -394,3 +394,197 @@ def test_a_diverged_training_is_exit_1_and_exports_nothing_non_finite(data_dir, 
     assert code == 0, output
     model, cfg = load_model(out / "fold2")
     assert cfg.trained["complete"] and cfg.trained["steps"] == 4
+
+
+# ------------------------------------------------------------------ audit fixes: best weights, splits, folds, options
+
+
+def _tiny(data, out, cache=None, *extra):
+    args = ["--data", data, "--preset", "tiny", "--image-size", 32, "-o", out, "--batch-size", 2, "--workers", 0,
+            "--no-progress", "--log-every", 1, "--val-max-slices", 4]
+    if cache is not None:
+        args += ["--cache-dir", cache]
+    return args + list(extra)
+
+
+@pytest.fixture(scope="module")
+def three_dir(tmp_path_factory) -> Path:
+    """Three phantom subjects with brain masks."""
+    from _train_helpers import phantom_volume
+
+    folder = tmp_path_factory.mktemp("three")
+    for i in range(3):
+        phantom_volume(folder / f"subj{i}.nii.gz", seed=i, mask_path=folder / f"subj{i}_brainmask.nii.gz")
+    return folder
+
+
+def test_a_best_written_after_the_newest_checkpoint_is_never_exported(data_dir, cache_dir, tmp_path):
+    """A run killed after validation wrote best weights but before it checkpointed that step: the resume
+    exports the EMA of the best step its checkpoint records, never the dead run's newer weights."""
+    from safetensors.torch import load_file, save_file
+
+    from condiff.train.checkpoint import load_checkpoint
+
+    out = tmp_path / "set"
+    base = _common(data_dir, cache_dir, out) + ["--fold", 2, "--val-start", 2, "--val-every", 2,
+                                                "--val-max-slices", 4, "--checkpoint-every", 2]
+    code, output = _run(*base, "--max-steps", 4)
+    assert code == 0, output
+    work = out / "train" / "fold2"
+    ckpt2 = work / "checkpoints" / "checkpoint-000000002"
+    import shutil
+
+    shutil.rmtree(work / "checkpoints" / "checkpoint-000000004")  # as if killed before checkpoint 4
+    # the dead run's best of step 4 (zeros make any mix-up visible), under the old and the keyed name
+    fake = {k[4:]: torch.zeros_like(v) for k, v in load_checkpoint(ckpt2).tensors.items() if k.startswith("ema/")}
+    save_file(fake, str(work / "best" / "ema.safetensors"), metadata={"step": "4"})
+    save_file(fake, str(work / "best" / "ema-000000004.safetensors"), metadata={"step": "4"})
+    (work / "best" / "best.json").write_text(json.dumps({"step": 4, "val_ma": 0.0, "val_loss": 0.0}))
+
+    code, output = _run(*base, "--max-steps", 2, "--resume")
+    assert code == 0, output
+    model, cfg = load_model(out / "fold2")
+    assert cfg.trained["best_step"] == 2 and cfg.trained["weights"] == "ema-best"
+    ema2 = {k[4:]: v for k, v in load_checkpoint(ckpt2).tensors.items() if k.startswith("ema/")}
+    assert all(torch.equal(ema2[k], v) for k, v in model.state_dict().items())  # the EMA at the card's best_step
+    assert "nothing trained" in output and "discarded" in output, output
+    assert json.loads((work / "best" / "best.json").read_text())["step"] == 2
+    assert sorted(p.name for p in (work / "best").glob("ema*")) == ["ema-000000002.safetensors"]
+    best = load_file(str(work / "best" / "ema-000000002.safetensors"))
+    assert all(torch.equal(ema2[k], best[k]) for k in ema2)
+
+    # every checkpoint damaged: the advice is to start afresh elsewhere
+    tensors = next(p for p in ckpt2.iterdir() if p.name.startswith("tensors"))
+    tensors.write_bytes(tensors.read_bytes()[:100])
+    code, output = _run(*base, "--max-steps", 4, "--resume")
+    assert code == 2 and "is damaged" in output and "start afresh" in output and "another -o" in output, output
+
+
+def test_a_bids_subject_is_held_out_whole_and_listed_on_the_card(tmp_path):
+    from _train_helpers import phantom_volume
+
+    data = tmp_path / "bids"
+    for i, (sub, ses) in enumerate([("sub-01", "ses-1"), ("sub-02", "ses-1"), ("sub-02", "ses-2")]):
+        (data / sub / ses / "anat").mkdir(parents=True)
+        phantom_volume(data / sub / ses / "anat" / f"{sub}_{ses}_T1w.nii.gz", seed=i)
+    out = tmp_path / "set"
+    code, output = _run(*_tiny(data, out), "--fold", 0, "--max-steps", 1, "--holdout", 1, "--val-start", 1)
+    assert code == 0, output
+    d = open_model_set(out).configs[0].trained["data"]
+    assert d["train"]["subjects"] == ["sub-01"] and d["validation"]["subjects"] == ["sub-02"]
+    assert len(d["validation"]["cases"]) == 2 and d["train"]["cases"] == ["sub-01/ses-1/anat/sub-01_ses-1_T1w"]
+    code, output = _run(*_tiny(data, tmp_path / "o2"), "--holdout", 2, "--max-steps", 1)
+    assert code == 2 and "holding out 2 of 2 subjects" in output, output
+
+
+def test_a_resume_that_would_move_subjects_between_training_and_validation_is_refused(three_dir, tmp_path, caplog):
+    out = tmp_path / "set"
+    base = _tiny(three_dir, out, None, "--mask-pattern", MASK, "--fold", 1, "--val-start", 100, "--checkpoint-every", 2)
+    code, output = _run(*base, "--max-steps", 2, "--holdout", 1)
+    assert code == 0, output
+    code, output = _run(*base, "--max-steps", 4, "--holdout", 2, "--resume")
+    assert code == 2 and "trained on, now held out for validation: subj1" in output, output
+    assert "--holdout" in output and "Traceback" not in output
+    code, output = _run(*base, "--max-steps", 4, "--holdout", 1, "--resume")
+    assert code == 0, output
+    d = open_model_set(out).configs[0].trained["data"]
+    assert d["train"]["subjects"] == ["subj0", "subj1"] and d["validation"]["subjects"] == ["subj2"]
+
+    # a checkpoint of an older condiff records no subjects: warned about, not refused
+    from condiff.train.loop import check_resume_state
+
+    split = {"train": ["subj0"], "validation": ["subj1"]}
+    with caplog.at_level("WARNING", logger="condiff.train.loop"):
+        check_resume_state("ckpt", {"contract": None}, None, split)
+    assert "records no training and validation subjects" in caplog.text
+    with pytest.raises(Exception, match="held out for validation, now trained on: subj1; new in the data: subj2"):
+        check_resume_state("ckpt", {"data_split": split}, None, {"train": ["subj0", "subj1", "subj2"], "validation": []})
+
+
+def test_a_fold_conflict_is_found_before_any_fold_trains(data_dir, cache_dir, tmp_path):
+    out = tmp_path / "set"
+    base = _common(data_dir, cache_dir, out) + ["--val-start", 100, "--max-steps", 1]
+    code, output = _run(*base, "--fold", 0)
+    assert code == 0, output
+    set_json = (out / "set.json").read_text()
+    code, output = _run(*base, "--folds", "5,0")
+    assert code == 2 and "fold0: holds checkpoints of an earlier run" in output, output
+    assert not (out / "fold5").exists() and not (out / "train" / "fold5").exists()
+    assert (out / "set.json").read_text() == set_json
+    code, output = _run(*base, "--folds", "5,0", "--resume", "--normalisation", "max")  # a contract checked up front
+    assert code == 2 and "another preprocessing (normalisation)" in output, output
+    assert not (out / "fold5").exists() and not (out / "train" / "fold5").exists()
+
+
+def test_set_json_lists_the_folds_that_finished_when_a_later_fold_fails(data_dir, cache_dir, tmp_path, monkeypatch):
+    import errno
+
+    from condiff.train.loop import Trainer
+
+    fit = Trainer.fit
+
+    def fit_then_fail(self):
+        if self.work_dir.name == "fold6":
+            raise OSError(errno.ENOSPC, "No space left on device", str(self.work_dir / "checkpoints"))
+        return fit(self)
+
+    monkeypatch.setattr(Trainer, "fit", fit_then_fail)
+    out = tmp_path / "set"
+    code, output = _run(*_common(data_dir, cache_dir, out), "--folds", "5,6", "--val-start", 100, "--max-steps", 1)
+    assert code == 1 and "the disk is full" in output, output
+    members = [m["path"] for m in json.loads((out / "set.json").read_text())["members"]]
+    assert members == ["fold5"]
+
+
+@pytest.mark.parametrize("hook, fragment", [
+    ("no_such_module_xyz:factory", "cannot import module 'no_such_module_xyz'"),
+    ("condiff.train.healing:no_such_function", "has no 'no_such_function'"),
+    ("math:pi", "math.pi is not callable"),
+    ("justamodule", "expected MODULE:FUNCTION"),
+])
+def test_a_bad_val_hook_is_refused_before_any_data_is_read(tmp_path, hook, fragment):
+    code, output = _run("--data", tmp_path / "no-such-data", "--preset", "tiny", "--image-size", 32,
+                        "-o", tmp_path / "o", "--no-progress", "--val-hook", hook)
+    assert code == 2 and fragment in output and f"--val-hook {hook!r}" in output, output
+    assert "Traceback" not in output and "no-such-data" not in output and not (tmp_path / "o").exists()
+
+
+def test_a_val_hook_without_validation_is_warned_about(data_dir, cache_dir, tmp_path):
+    out = tmp_path / "set"
+    code, output = _run(*_common(data_dir, cache_dir, out), "--fold", 0, "--max-steps", 1, "--holdout", 0,
+                        "--val-hook", "_train_helpers:null_val_hook")
+    assert code == 0 and "never runs" in output and "--holdout 0" in output, output
+
+
+@pytest.mark.parametrize("kind, expect, infer_only", [
+    ("series", "fslroi IN OUT N 1", "--volume-index"),
+    ("nan", "training needs finite voxels", "--nan-policy"),
+])
+def test_bad_volumes_say_what_condiff_train_can_do_and_leave_nothing_behind(three_dir, tmp_path, kind, expect,
+                                                                             infer_only):
+    from _train_helpers import phantom_volume
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for f in three_dir.iterdir():
+        (data / f.name).symlink_to(f)
+    phantom_volume(data / "zbad.nii.gz", series=3 if kind == "series" else 0, nan=kind == "nan")
+    out = tmp_path / "set"
+    code, output = _run(*_tiny(data, out), "--holdout", 1, "--max-steps", 1)
+    assert code == 2 and "zbad.nii.gz" in output and expect in output and infer_only not in output, output
+    assert not out.exists()  # OUT/train and the slices cached in it were this run's: removed
+    # an OUT that existed before keeps what it held; only what the run made goes
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    code, output = _run(*_tiny(data, out), "--holdout", 1, "--max-steps", 1)
+    assert code == 2, output
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+
+
+def test_data_errors_are_found_before_the_output_is_made(data_dir, tmp_path):
+    code, output = _run(*_tiny(tmp_path / "nonexist", tmp_path / "o_ne"))
+    assert code == 2 and "nonexist: is not a folder" in output, output
+    assert not (tmp_path / "o_ne").exists()
+    code, output = _run(*_tiny(data_dir, tmp_path / "o_hold"), "--holdout", 2)
+    assert code == 2 and "holding out 2 of 2 subjects leaves none to train on" in output, output
+    assert not (tmp_path / "o_hold").exists()

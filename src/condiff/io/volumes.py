@@ -253,6 +253,11 @@ def _warn_geometry(path: Path, header, affine: np.ndarray) -> None:
 VOXEL_MM_RANGE = (0.01, 100.0)
 
 
+# condiff-infer's advice (its options); other callers (condiff-train) swap in their own, matched by identity.
+SERIES_HINT = "Pass --volume-index N to analyse volume N of every series, or give one volume per file"
+NONFINITE_HINT = "Fix the file, or pass --nan-policy zero to treat them as 0"
+
+
 def _load(path: str | os.PathLike, *, allow_2d: bool, nan_policy: str, check_content: bool,
           orientation: str = "RAS", volume_index: int | None = None) -> Volume:
     import nibabel as nib
@@ -285,7 +290,7 @@ def _load(path: str | os.PathLike, *, allow_2d: bool, nan_policy: str, check_con
                               "Give a 3-D volume")
     elif data.ndim == 4:
         raise InputImageError(path, f"is a series of {data.shape[3]} volumes (shape {shape}), not one volume",
-                              "Pass --volume-index N to analyse volume N of every series, or give one volume per file")
+                              SERIES_HINT)
     elif data.ndim > 4:
         raise InputImageError(path, f"expected a 3-D volume, got shape {shape}", "Give one volume per file")
     if not np.all(np.isfinite(affine)):
@@ -306,7 +311,7 @@ def _load(path: str | os.PathLike, *, allow_2d: bool, nan_policy: str, check_con
             data = np.where(bad, np.float32(0), data)
         else:
             raise InputImageError(path, f"contains {n_bad} NaN/Inf voxels",
-                                  "Fix the file, or pass --nan-policy zero to treat them as 0")
+                                  NONFINITE_HINT)
     if check_content:
         lo, hi = float(data.min()), float(data.max())
         if lo == hi:
@@ -341,9 +346,11 @@ def read_volume_or_slice(path: str | os.PathLike, nan_policy: str = "error", ori
                  volume_index=volume_index)
 
 
-def read_mask(path: str | os.PathLike, like: Volume, values=None) -> np.ndarray:
+def read_mask(path: str | os.PathLike, like: Volume, values=None, raw: bool = False) -> np.ndarray:
     """A mask on the same grid as ``like``: bool ``like.data.shape`` (True where the file is > 0,
     or, with ``values``, where it holds one of these label values, e.g. (1, 3, 4) for a tumour core).
+    ``raw``: the file's own values as float32 instead (0 outside ``values`` when given), for the
+    benchmark protocol, which resamples label values before thresholding them (reference-method §8).
 
     Refuses a mask whose shape or affine differs from the volume's (the message names both
     files); an all-zero mask is allowed (e.g. a lesion mask of a healthy case).
@@ -358,6 +365,9 @@ def read_mask(path: str | os.PathLike, like: Volume, values=None) -> np.ndarray:
         raise InputImageError(path, f"mask affine differs from the affine of {like.path} "
                                     f"(max difference {np.abs(m.affine - like.affine).max():.4g} mm)",
                               "Give a mask on the same voxel grid as its image")
+    if raw:
+        data = np.asarray(m.data, dtype=np.float32)
+        return np.where(np.isin(m.data, np.asarray(values, dtype=np.float64)), data, 0).astype(np.float32) if values else data
     if values:
         return np.isin(m.data, np.asarray(values, dtype=np.float64))
     return m.data > 0
