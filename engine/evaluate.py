@@ -8,7 +8,7 @@ Two protocols, always named in the table:
   the slice holds a positive voxel, score = the slice score in the record), or whole images.
 - ``benchmark``: reference-method.md §8–§9 exactly: the model-space maps saved by
   ``condiff-infer --save-model-space``, masks brought into slice space through the case's
-  recorded preprocessing (``mask_to_slices``, binarised > 0.4), empty image slices dropped,
+  recorded preprocessing (``mask_to_slices``: the label's values resampled, then > 0.4), empty image slices dropped,
   metrics pooled over all slices of all cases. With ``--save-member-maps`` each member is
   scored too and summarised as avg/max/std (population std).
 
@@ -179,9 +179,10 @@ def _like_volume(path: Path):
 
 
 def _read_label(path: Path | None, like=None, shape: tuple[int, ...] | None = None,
-                values: tuple[int, ...] | None = None) -> np.ndarray:
+                values: tuple[int, ...] | None = None, raw: bool = False) -> np.ndarray:
     """The label on the map's grid; ``path`` None (no label, ``--missing-label normal``): all normal.
-    ``values``: only these label values count as lesion (NIfTI label maps)."""
+    ``values``: only these label values count as lesion (NIfTI label maps); ``raw``: a NIfTI label's
+    own values (float32, 0 outside ``values``) instead of bool, for resampling before the threshold."""
     from condiff.io import images, volumes
 
     if path is None:
@@ -191,7 +192,7 @@ def _read_label(path: Path | None, like=None, shape: tuple[int, ...] | None = No
     if low.endswith((".nii", ".nii.gz")):
         if like is None:
             raise InputImageError(path, "a NIfTI mask for a 2-D image", "give the mask as PNG or TIFF")
-        return volumes.read_mask(path, like, values)
+        return volumes.read_mask(path, like, values, raw=raw)
     if values:
         raise InputImageError(path, "label values select classes of a NIfTI label map, not of an image mask",
                               "drop --label-values, or give the mask as NIfTI")
@@ -349,7 +350,8 @@ def _benchmark_case(out_dir: Path, rec: dict[str, Any], label_path: Path | None,
         masks = mask_to_slices(label, rec["geometry"])
     else:
         like = _like_volume(out_dir / rec["outputs"]["map"]["path"])
-        masks = mask_to_slices(_read_label(label_path, like=like, values=values), rec["geometry"])
+        # the label map's own values are resampled, then > 0.4, as the reference does (§8 item 6)
+        masks = mask_to_slices(_read_label(label_path, like=like, values=values, raw=True), rec["geometry"])
     keep = kept_slices(rec, slices)
     return maps[keep], masks[keep], scores[keep], None if member_maps is None else member_maps[:, keep]
 

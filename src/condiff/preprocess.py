@@ -526,10 +526,12 @@ def input_slice(geometry: dict, k: int) -> tuple[int, int]:
 def mask_to_slices(mask_volume, prepared: Geometry) -> np.ndarray:
     """A label mask on the input grid -> bool ``(S, H, W)`` in slice space, same geometry as the slices.
 
-    ``mask_volume``: array (or ``Volume``) with the input's shape; voxels > 0 are the label.
-    Volumes: the binary mask goes through the same reorientation and in-plane resampling as the
-    image (linear), then > 0.4 (reference-method §8 item 6). Images: nearest-neighbour resize and
-    the same crop (reference §8, DDR masks).
+    ``mask_volume``: array (or ``Volume``) with the input's shape. Volumes: its values (a bool mask
+    as 0/1, a label map's own values, as the reference loads segmentations "without the division")
+    go through the same reorientation and in-plane resampling as the image (linear), then > 0.4
+    (reference-method §8 item 6); so BraTS labels 1-4 give a slightly wider mask than a mask
+    binarised first would. Images: voxels > 0 are the label, nearest-neighbour resize and the same
+    crop (reference §8, DDR masks).
     """
     g = _geometry(prepared)
     arr = np.asarray(getattr(mask_volume, "data", mask_volume))
@@ -547,7 +549,7 @@ def mask_to_slices(mask_volume, prepared: Geometry) -> np.ndarray:
         return (small[top:top + n, left:left + n] > 0)[None]
     if list(arr.shape) != list(g["input_shape"]):
         raise ValueError(f"mask shape {arr.shape} differs from the volume's {tuple(g['input_shape'])}")
-    binary = _apply_orientation((arr > 0).astype(np.float32), np.asarray(g["ornt"], dtype=float))
+    binary = _apply_orientation(np.asarray(arr, dtype=np.float32), np.asarray(g["ornt"], dtype=float))
     if g["mode"] == "reference":
         cx, cy = g["canonical_shape"][:2]
         x0, y0, side = _reference_crop((cx, cy))

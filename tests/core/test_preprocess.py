@@ -147,10 +147,19 @@ def test_reference_mode_matches_skimage_resize():
     np.testing.assert_array_equal(p.slice_index, keep)
     np.testing.assert_allclose(p.slices[:, 0], vol[keep], rtol=0, atol=1e-6)
 
-    labels = (data > 20).astype(np.uint8)
+    labels = (data > 4).astype(np.uint8)  # ~5 % of the voxels
     lab = np.moveaxis(labels, 2, 0)[:, :, (h - w) // 2:(h + w) // 2].astype(np.float32)
     expected = resize(lab, [lab.shape[0], 128, 128]) > 0.4
+    assert expected[keep].sum() > 1000  # a real label, not an empty one
     np.testing.assert_array_equal(P.mask_to_slices(labels, p), expected[keep])
+    # a BraTS-style label map (values 1, 2, 4) is resampled with its own values, then > 0.4, as the
+    # reference loads segmentations "without the division": wider than the binarised mask at the rim
+    classes = np.select([data > 8, data > 6, data > 4], [4, 1, 2], 0).astype(np.uint8)
+    lab = np.moveaxis(classes, 2, 0)[:, :, (h - w) // 2:(h + w) // 2].astype(np.float32)
+    expected = resize(lab, [lab.shape[0], 128, 128]) > 0.4
+    got = P.mask_to_slices(classes, p)
+    np.testing.assert_array_equal(got, expected[keep])
+    assert got.sum() > P.mask_to_slices(classes > 0, p).sum()
 
 
 # ----------------------------------------------------------------------------------------- masks and failures
@@ -159,7 +168,7 @@ def test_reference_mode_matches_skimage_resize():
 def test_mask_to_slices_follows_the_slice_geometry():
     vol, brain = _phantom(shape=(120, 130, 40))
     p = P.prepare_volume(vol, P.PreprocessConfig(modality="mri", use_mask=True), brain)
-    labels = P.mask_to_slices(brain.astype(np.uint8) * 3, p)
+    labels = P.mask_to_slices(brain, p)
     assert labels.shape == p.foreground.shape and labels.dtype == bool
     # foreground is the resampled mask > 0.5, labels > 0.4: nested, differing only on the rim.
     assert np.all(labels[p.foreground])
