@@ -236,9 +236,9 @@ def test_failed_case_records_and_log_are_those_of_a_single_process_run(tmp_path,
     assert recs[0] == recs[1] and recs[0]["error"].startswith(f"{scans / 'truncated.nii.gz'}:")
 
 
-def test_sigterm_on_the_driver_exits_143_and_run_json_says_interrupted(tmp_path, cluster, data):
-    """ray.init installs its own SIGTERM handler (sys.exit); condiff's must stay in force on the driver."""
-    out = tmp_path / "out"
+def _ray_run_past_its_first_record(out, cluster, data) -> subprocess.Popen:
+    """condiff-infer --ray in a child process, returned once its first case is recorded; the last case
+    waits long enough that the driver is surely signalled before it is done."""
     exe = shutil.which("condiff-infer")
     cmd = [exe] if exe else [sys.executable, "-c", "from condiff.engine.cli import infer_main; infer_main()"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CONDIFF_TEST_DELAY_CASE": f"{data['cases'][-1]}:120"}
@@ -250,6 +250,17 @@ def test_sigterm_on_the_driver_exits_143_and_run_json_says_interrupted(tmp_path,
             assert proc.poll() is None, proc.communicate()
             assert time.monotonic() < deadline, "no record appeared"
             time.sleep(0.05)
+    except BaseException:
+        proc.kill()
+        raise
+    return proc
+
+
+def test_sigterm_on_the_driver_exits_143_and_run_json_says_interrupted(tmp_path, cluster, data):
+    """ray.init installs its own SIGTERM handler (sys.exit); condiff's must stay in force on the driver."""
+    out = tmp_path / "out"
+    proc = _ray_run_past_its_first_record(out, cluster, data)
+    try:
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=60)
     finally:
@@ -266,18 +277,8 @@ def test_sigterm_on_the_driver_exits_143_and_run_json_says_interrupted(tmp_path,
 
 def test_killed_driver_rerun_resumes_to_identical_outputs(tmp_path, cluster, data):
     out = tmp_path / "out"
-    exe = shutil.which("condiff-infer")
-    cmd = [exe] if exe else [sys.executable, "-c", "from condiff.engine.cli import infer_main; infer_main()"]
-    # the last case waits long enough that the driver is surely killed before it is done
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CONDIFF_TEST_DELAY_CASE": f"{data['cases'][-1]}:120"}
-    args = [str(data["scans"]), "-o", str(out), "--models", str(data["models"]), *FAST, "--ray", cluster, *RAY]
-    proc = subprocess.Popen([*cmd, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = _ray_run_past_its_first_record(out, cluster, data)
     try:
-        deadline = time.monotonic() + 150
-        while not _n_records(out):
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, "no record appeared"
-            time.sleep(0.05)
         os.kill(proc.pid, signal.SIGKILL)
     finally:
         proc.kill()
