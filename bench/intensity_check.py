@@ -38,7 +38,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     ms = open_model_set(args.models, verify=False)
     cfg = PreprocessConfig.from_dict(ms.preprocessing)
-    train_subjects = ms.configs[0].trained.get("data", {}).get("train", {}).get("subjects", [])
+    trained_on = ms.configs[0].trained.get("data", {}).get("train", {})
+    train_subjects = trained_on.get("cases") or trained_on.get("subjects", [])  # files (older cards: "subjects")
     ixi, brats = args.data / "ixi-t1", args.data / "brats-tumour"
     plain = dataclasses.replace(cfg, landmarks=None)
     marks, source = cfg.landmarks, "the set's landmarks"

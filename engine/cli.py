@@ -273,7 +273,8 @@ def _run(cases, ctx, shard_t, arguments, progress: bool, n_all: int, process=Non
     log_handler = open_run_log(arguments["log_file"] or out / "condiff.log", arguments)
     quiet = arguments["quiet"]
     started, t0 = _dt.datetime.now(_dt.timezone.utc), time.perf_counter()
-    batch_size_requested = ctx.batch_size  # the run may halve it after running out of memory
+    batch_size_start = ctx.batch_size  # the run may halve it after running out of memory
+    batch_size_requested = getattr(ctx, "batch_size_given", None) or batch_size_start  # before a plan's limit
     n_members = len(ctx.members)
     bar = tqdm(total=0, unit="slice", unit_scale=1.0 / n_members, dynamic_ncols=True, file=sys.stderr,
                disable=quiet or not progress or not sys.stderr.isatty(), desc="condiff-infer")
@@ -325,7 +326,7 @@ def _run(cases, ctx, shard_t, arguments, progress: bool, n_all: int, process=Non
             "options": ctx.options.to_dict(), "options_digest": ctx.options_digest,
             "device": ctx.device, "device_name": _device_name(ctx.device), "batch_size": ctx.batch_size,
             "batch_size_requested": "auto" if ctx.batch_auto else batch_size_requested,
-            "batch_size_start": batch_size_requested, "batch_halvings": st.batch_halvings,
+            "batch_size_start": batch_size_start, "batch_halvings": st.batch_halvings,
             "shard": None if shard_t is None else list(shard_t),
             "started": started.isoformat(timespec="seconds"),
             "finished": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

@@ -94,6 +94,7 @@ class RunContext:
     fallback_precision: str | None = None  # rerun a case with non-finite output on eager torch at this precision
     fallback_denoisers: list = field(default_factory=list)  # opened at the first such case
     standing_in_for: list | None = None  # while the fallback runs: the engine's own denoisers
+    batch_size_given: int | None = None  # the batch size asked for, before a TensorRT plan's limit
     deterministic: bool = False  # deterministic kernels (engine.determinism); process-wide once set
 
     @property
@@ -184,9 +185,11 @@ def load_denoisers(ctx: RunContext) -> None:
     from .backends import open_denoiser
 
     t0 = time.perf_counter()
-    if ctx.device.startswith("cuda") and torch.cuda.is_available():
+    dev = torch.device(ctx.device)
+    if dev.type == "cuda" and dev.index is not None and torch.cuda.is_available():
         # cuda:N the current device: CUDA graphs capture, and TensorRT contexts run, on the current one
-        torch.cuda.set_device(torch.device(ctx.device))
+        # (plain "cuda" already means the current device; set_device refuses a device without index)
+        torch.cuda.set_device(dev)
     extra = {"kernels": ctx.options.fast_kernels} if ctx.options.engine == "fast" else {}
     if ctx.options.engine == "ort" and ctx.deterministic:
         extra["deterministic"] = True  # torch and fast follow the process-wide switch
@@ -195,6 +198,8 @@ def load_denoisers(ctx: RunContext) -> None:
                      for m in ctx.members]
     # a TensorRT plan takes at most its profile's batch: the runner must not ask for more
     caps = [d.max_batch for d in ctx.denoisers if isinstance(getattr(d, "max_batch", None), int)]
+    if ctx.batch_size_given is None:
+        ctx.batch_size_given = ctx.batch_size  # what was asked for, for run.json
     if caps and min(caps) < ctx.batch_size:
         (logger.info if ctx.batch_auto else logger.warning)(
             "batch size %d -> %d: the largest batch the %s engine was built for", ctx.batch_size, min(caps),

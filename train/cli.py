@@ -322,15 +322,19 @@ def train_command(**kw) -> int:
 
     created = _created_top(out / "train")
     create_folder(out / "train")
+    clean_up = False
     try:
-        with OutputLock(out / "train"):
-            return _train_command(**kw, run=run)
-    except CondiffError:
-        # A configuration or data error before any training: leave nothing behind that this run made
-        # (OUT/train and the cache in it); a folder that existed before is never touched.
-        if created is not None and not run["trained"]:
+        with OutputLock(out / "train"):  # held elsewhere: exit 2 here, and nothing is cleaned up
+            try:
+                return _train_command(**kw, run=run)
+            except CondiffError:
+                # A configuration or data error before any training: leave nothing behind that this run
+                # made (OUT/train and the cache in it); a folder that existed before is never touched.
+                clean_up = created is not None and not run["trained"]
+                raise
+    finally:
+        if clean_up:  # after the lock is released, so its own file goes too
             shutil.rmtree(created, ignore_errors=True)
-        raise
 
 
 def _train_command(data: str, mask_pattern: str | None, modality: str, image_size: int, fov_mm: float | None,

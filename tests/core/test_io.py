@@ -4,6 +4,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import logging
 import os
 import re
 import struct
@@ -467,17 +468,23 @@ def test_discover_names_kinds_and_exclusions(tmp_path):
     assert cases.discover([root]) == found  # deterministic
 
 
-def test_discover_excludes_label_files_by_whole_name_part_and_reports_them(tmp_path):
+def test_discover_excludes_label_files_by_whole_name_part_and_reports_them(tmp_path, caplog):
     """A label word must be a whole "_" part of the name: x_masked and patient_EXAM2 are scans."""
     root = tmp_path / "in"
     labels = ["a_mask.nii.gz", "a_seg_v2.nii.gz", "IDRiD_01_EX.png", "b_brainmask.nii", "c_lesionmask.nii.gz",
-              "d_dlmuse.nii.gz", "sub-01_desc-brain_mask.nii.gz"]
-    scans = ["sub-01_masked_T1w.nii.gz", "patient_EXAM2.nii.gz", "segment_T1.nii.gz", "x_Seg.nii.gz", "t1_mask2.nii.gz"]
+              "d_dlmuse.nii.gz", "sub-01_desc-brain_mask.nii.gz", "t1_mask2.nii.gz", "x_masks.nii.gz",
+              "x_seg-manual.nii.gz", "x_segmentation.nii.gz", "x_mask-brain.nii.gz", "sub_mask/scan.nii.gz",
+              "lesion_masks/p1.nii.gz"]
+    scans = ["sub-01_masked_T1w.nii.gz", "patient_EXAM2.nii.gz", "segment_T1.nii.gz", "x_Seg.nii.gz"]
     _touch(root, *labels, *scans)
     excluded = []
-    found = cases.discover([root], excluded=excluded)
+    with caplog.at_level(logging.WARNING, logger="condiff.io.cases"):
+        found = cases.discover([root], excluded=excluded)
     assert sorted(c.path.name for c in found) == sorted(scans)
-    assert sorted(p.name for p in excluded) == sorted(labels)
+    assert sorted(p.relative_to(root).as_posix() for p in excluded) == sorted(labels)
+    # a scan whose name only looks like a mask's is analysed, with a warning naming it
+    warned = {r.getMessage().split(":")[0] for r in caplog.records}
+    assert warned == {str(root / n) for n in ("sub-01_masked_T1w.nii.gz", "segment_T1.nii.gz", "x_Seg.nii.gz")}
 
 
 def test_discover_collisions_and_errors(tmp_path):

@@ -237,7 +237,8 @@ def test_real_cuda_out_of_memory_with_the_fast_engine_backs_off_to_a_batch_that_
 def _loading_context(device, batch_size, batch_auto=True):
     return SimpleNamespace(options=SimpleNamespace(engine="trt", fast_kernels="torch", precision="fp16"),
                            model_set=SimpleNamespace(member_dirs=["m0", "m1"]), members=[0, 1], device=device,
-                           batch_size=batch_size, batch_auto=batch_auto, deterministic=False, stats=pipeline.RunStats())
+                           batch_size=batch_size, batch_auto=batch_auto, deterministic=False, stats=pipeline.RunStats(),
+                           batch_size_given=None)
 
 
 def test_the_batch_never_exceeds_what_a_tensorrt_plan_was_built_for(monkeypatch):
@@ -249,7 +250,7 @@ def test_the_batch_never_exceeds_what_a_tensorrt_plan_was_built_for(monkeypatch)
                         SimpleNamespace(max_batch=min(max_batch, 32 if folder == "m1" else 48)))
     ctx = _loading_context("cpu", 64)
     pipeline.load_denoisers(ctx)
-    assert ctx.batch_size == 32
+    assert ctx.batch_size == 32 and ctx.batch_size_given == 64  # run.json: requested 64, started at 32
     ctx = _loading_context("cpu", 16)
     pipeline.load_denoisers(ctx)
     assert ctx.batch_size == 16  # within every plan: as asked
@@ -265,6 +266,14 @@ def test_a_numbered_cuda_device_becomes_the_current_one(monkeypatch):
     monkeypatch.setattr(backends, "open_denoiser", lambda *a, max_batch, **kw: SimpleNamespace(max_batch=max_batch))
     pipeline.load_denoisers(_loading_context("cuda:1", 8))
     assert chosen == [torch.device("cuda:1")]
+    # plain "cuda" (what --device auto gives on a GPU machine) is the current device already: torch's own
+    # set_device refuses a device without index, so it must not be called (it crashed every GPU run)
+    monkeypatch.undo()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(backends, "open_denoiser", lambda *a, max_batch, **kw: SimpleNamespace(max_batch=max_batch))
+    ctx = _loading_context("cuda", 8)
+    pipeline.load_denoisers(ctx)
+    assert len(ctx.denoisers) == 2
 
 
 def test_a_fallback_releases_the_graphs_of_the_engine_it_stands_in_for(monkeypatch):

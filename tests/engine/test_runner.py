@@ -131,18 +131,22 @@ def test_noise_drawn_ahead_on_a_thread_gives_the_same_results(real_jobs, members
 
     from condiff.engine import runner
 
-    torch.set_num_threads(1)
     plan = make_plan("ddpm", 3)
-    ref = run_slices(members, real_jobs, plan, batch_size=3, keep_member_maps=True, prefetch=False)
-    drawn_on = []
-    real_draw = runner.draw_noise
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ref = run_slices(members, real_jobs, plan, batch_size=3, keep_member_maps=True, prefetch=False)
+        drawn_on = []
+        real_draw = runner.draw_noise
 
-    def recording_draw(*a, **k):
-        drawn_on.append(threading.current_thread().name)
-        return real_draw(*a, **k)
+        def recording_draw(*a, **k):
+            drawn_on.append(threading.current_thread().name)
+            return real_draw(*a, **k)
 
-    monkeypatch.setattr(runner, "draw_noise", recording_draw)
-    ahead = run_slices(members, real_jobs, plan, batch_size=3, keep_member_maps=True, prefetch=True)
+        monkeypatch.setattr(runner, "draw_noise", recording_draw)
+        ahead = run_slices(members, real_jobs, plan, batch_size=3, keep_member_maps=True, prefetch=True)
+    finally:
+        torch.set_num_threads(threads)
     assert len(drawn_on) == 3 * 3 and all(name.startswith("condiff-noise") for name in drawn_on)
     for a, b in zip(ref, ahead):
         assert torch.equal(a.amap, b.amap) and torch.equal(a.restoration, b.restoration)

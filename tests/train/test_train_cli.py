@@ -588,3 +588,21 @@ def test_data_errors_are_found_before_the_output_is_made(data_dir, tmp_path):
     code, output = _run(*_tiny(data_dir, tmp_path / "o_hold"), "--holdout", 2)
     assert code == 2 and "holding out 2 of 2 subjects leaves none to train on" in output, output
     assert not (tmp_path / "o_hold").exists()
+
+
+def test_a_run_refused_by_another_runs_lock_removes_nothing_of_it(tmp_path, monkeypatch, data_dir):
+    """Two trainings started on one new OUT: the one that finds the other's lock must not clean up the
+    folder as its own (it would delete the running training's lock and files)."""
+    import socket
+
+    from condiff.train import cli as train_cli
+
+    out = tmp_path / "set"
+    (out / "train").mkdir(parents=True)
+    lock = out / "train" / ".condiff.lock"
+    lock.write_text(f"host {socket.gethostname()} pid {os.getppid()}\n")  # a live process holds it
+    monkeypatch.setattr(train_cli, "_created_top", lambda path: out)  # as if this run had made OUT just now
+    code, output = _run("--data", data_dir, "--preset", "tiny", "--image-size", 32, "-o", out, "--holdout", 1,
+                        "--no-progress")
+    assert code == 2 and "lock" in output.lower(), output
+    assert lock.is_file()

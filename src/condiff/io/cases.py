@@ -12,6 +12,7 @@ from __future__ import annotations
 import fnmatch
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
@@ -22,11 +23,15 @@ logger = logging.getLogger(__name__)
 
 VOLUME_SUFFIXES = (".nii.gz", ".nii")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
-# Masks and label maps that live beside their images, recognised by a whole "_"-separated name part
-# (x_mask.nii.gz, x_seg_v2.nii.gz, IDRiD_01_EX.png): a part that merely starts with one of these words
-# (x_masked, patient_EXAM2) is a scan. Case-sensitive; every excluded file is logged and reported.
-LABEL_WORDS = ("mask", "brainmask", "seg", "lesionmask", "EX", "dlmuse")
-DEFAULT_EXCLUDE = tuple(p for w in LABEL_WORDS for p in (f"*_{w}.*", f"*_{w}_*"))
+# Masks and label maps that live beside their images, recognised by a "_"-separated name part that is
+# one of these words, or the word followed by a digit, "s", "-..." (x_mask.nii.gz, x_seg_v2, x_mask1,
+# x_masks, x_seg-manual, IDRiD_01_EX.png), also as a folder name (lesion_masks/): a part that merely
+# starts with one (x_masked, patient_EXAM2) is a scan, and is warned about. Case-sensitive; every
+# excluded file is logged and reported.
+LABEL_WORDS = ("mask", "brainmask", "seg", "segmentation", "lesionmask", "EX", "dlmuse")
+DEFAULT_EXCLUDE = tuple(p for w in LABEL_WORDS for v in (w, f"{w}s")
+                        for p in (f"*_{v}.*", f"*_{v}_*", f"*_{v}-*", f"*_{v}[0-9]*", f"*_{v}/*"))
+_LOOKS_LIKE_A_LABEL = re.compile(r"(?:^|_)(?:brain|lesion)?(?:mask|seg)", re.IGNORECASE)
 # The one recommended DICOM -> NIfTI recipe, quoted by every message about DICOM input (here and in
 # io.volumes): gzip output, a BIDS JSON sidecar (-b y) with identifying fields left out (-ba y).
 DCM2NIIX_RECIPE = "dcm2niix -z y -b y -ba y -o OUT IN"
@@ -151,6 +156,9 @@ def discover(inputs: Iterable[str | os.PathLike], exclude_patterns: Iterable[str
                 if excluded is not None:
                     excluded.append(path)
                 continue
+            if item.is_dir() and patterns and _LOOKS_LIKE_A_LABEL.search(stem):
+                logger.warning("%s: analysed as a scan, though its name looks like a mask's or label map's; "
+                               "if it is one, move it out of the input folder", path)
             real = os.path.realpath(path)
             if real in seen_files:
                 logger.warning("%s: same file as an earlier input; processed once", path)
