@@ -83,7 +83,7 @@ def _jsonable(value: Any) -> Any:
               help="Skip cases whose record proves their outputs current, or recompute everything.")
 @click.option("--dry-run", is_flag=True,
               help="Read and preprocess every input (and brain mask) as the run would, name the broken ones, and "
-                   "list planned outputs; loads no model.")
+                   "list planned outputs; loads no model. An -o that cannot be created is exit 2, as in the run.")
 @click.option("--no-restoration", is_flag=True, help="Do not write restorations/.")
 @click.option("--save-model-space", is_flag=True, help="Also write model_space/<case>.npz (for condiff-eval --protocol benchmark).")
 @click.option("--save-member-maps", is_flag=True, help="Also keep every member's model-space maps in the npz.")
@@ -216,6 +216,9 @@ def _infer(inputs, output, models, engine, device, precision, batch_size, fast_k
             ctx = distributed.driver_context(ctx_kwargs)  # the workers load the networks, on their own devices
         _check_folder_consistency(output, cases, ctx, resume)
         if dry_run:
+            from condiff.io.atomic import probe_creatable
+
+            probe_creatable(output)  # what the run would refuse, the dry run refuses too (exit 2)
             return _dry_run(cases, ctx, n_all, shard_t, excluded)
         writer.check_creatable(output)  # these two fail before any network loads
         lock = writer.OutputLock(output, shard_t, method=lock_method(ctx))
@@ -233,7 +236,7 @@ def _infer(inputs, output, models, engine, device, precision, batch_size, fast_k
                             run_info={"excluded_inputs": [p.as_posix() for p in excluded]})
         run_info: dict = {"excluded_inputs": [p.as_posix() for p in excluded], "ray": {}}
         # an unreachable cluster, or one without the --device asked for, is exit 2 before any output
-        started = distributed.connect(ray_address)
+        started = distributed.connect(ray_address, quiet=arguments["quiet"])
         try:
             layout = distributed.cluster_layout(device, ray_workers)
 

@@ -119,7 +119,7 @@ def _keep_signal_handlers() -> Iterator[None]:
                 signal.signal(sig, handler)
 
 
-def connect(address: str = "local", num_cpus: int | None = None) -> bool:
+def connect(address: str = "local", num_cpus: int | None = None, quiet: bool = False) -> bool:
     """Connect this process to Ray; returns True when it started the connection (and should close it).
 
     ``local``: a new single-machine cluster on 127.0.0.1 with ``num_cpus`` CPUs (default: the
@@ -127,11 +127,13 @@ def connect(address: str = "local", num_cpus: int | None = None) -> bool:
     machine. A connection that already exists is used as it is. An unreachable cluster is a
     ``BackendUnavailableError`` (exit 2), within seconds: a ``HOST:PORT`` (or the address ``auto``
     finds) where nothing listens is refused before ``ray.init``. The process's SIGTERM and SIGINT
-    handlers are the same afterwards.
+    handlers are the same afterwards. ``quiet`` (-q): Ray's own warnings (e.g. its token-authentication
+    notice) are not printed either.
     """
     ray = require("ray", "ray")
     if ray.is_initialized():
         return False
+    ray_level = logging.ERROR if quiet else logging.WARNING
     try:
         with _keep_signal_handlers():
             if address == "local":
@@ -141,13 +143,13 @@ def connect(address: str = "local", num_cpus: int | None = None) -> bool:
                     # "local", not None: None would join a cluster 'ray start' made (or a stale
                     # /tmp/ray/ray_current_cluster names) and refuse num_cpus
                     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
-                             log_to_driver=False, logging_level=logging.WARNING)
+                             log_to_driver=False, logging_level=ray_level)
             else:
                 target = _resolved(ray, address) if address == "auto" else address
                 if target is not None:
                     _probe(target)
                 with _loopback_only(ray, starting=False) if _is_loopback(ray, address) else contextlib.nullcontext():
-                    ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+                    ray.init(address=address, log_to_driver=False, logging_level=ray_level)
     except (ConnectionError, TimeoutError, ValueError, RuntimeError) as exc:
         if ray.is_initialized():  # half-started: do not leave processes behind
             ray.shutdown()

@@ -416,6 +416,31 @@ def test_dry_run_loads_no_model_and_lists_outputs(tmp_path, model_set, monkeypat
     assert "model_space/" not in res.stdout
 
 
+def test_dry_run_refuses_an_output_the_run_would_refuse(tmp_path, model_set, monkeypatch):
+    """--dry-run said 'valid' (exit 0) for an -o the run then refused (exit 2): under a file, and where
+    only mkdir finds out (as root every folder looks writable; here a failing mkdir stands in)."""
+    import tempfile
+
+    _no_model_loading(monkeypatch)
+    make_scans(tmp_path / "in", n=1)
+    (tmp_path / "afile").write_text("x")
+    args = [tmp_path / "in", "--models", model_set, *FAST, "--dry-run"]
+    res = _invoke([*args, "-o", tmp_path / "afile" / "out"])
+    assert res.exit_code == 2 and "afile" in res.stderr and "is not a folder" in res.stderr, res.output + res.stderr
+
+    def refused(*a, **k):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(tempfile, "mkdtemp", refused)
+    res = _invoke([*args, "-o", tmp_path / "new" / "out"])
+    assert res.exit_code == 2 and "Operation not permitted" in res.stderr and str(tmp_path / "new" / "out") in res.stderr
+    monkeypatch.undo()
+    _no_model_loading(monkeypatch)
+    res = _invoke([*args, "-o", tmp_path / "new" / "out"])  # a creatable folder: valid, and nothing is left
+    assert res.exit_code == 0, res.output + res.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "in"]
+
+
 def test_dry_run_reads_like_the_run_and_names_what_it_would_fail(tmp_path, model_set, monkeypatch):
     """Broken data behind a valid header (cut-off gzip data, NaN voxels, a brain mask on another grid) are
     named by --dry-run, with the run's own messages, and a later run fails exactly those cases."""

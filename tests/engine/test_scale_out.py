@@ -98,6 +98,42 @@ def test_connect_starts_a_new_local_cluster_and_keeps_the_signal_handlers(monkey
     assert fake.calls[0]["address"] == "local" and fake.calls[0]["num_cpus"] == 1
 
 
+@pytest.mark.parametrize("quiet", [False, True])
+def test_quiet_silences_rays_own_warnings(monkeypatch, ray_not_connected, quiet):
+    """-q reaches ray.init: Ray's own WARNING lines (its token-authentication notice on every start)
+    printed on a quiet run before."""
+    import logging
+
+    from condiff.engine import ray_cluster
+
+    fake = _FakeInit()
+    monkeypatch.setattr(ray_not_connected, "init", fake)
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        ray_cluster.connect("local", num_cpus=1, quiet=quiet)
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert fake.calls[0]["logging_level"] == (logging.ERROR if quiet else logging.WARNING)
+
+
+def test_quiet_ray_run_prints_nothing(tmp_path, model_set, ray_not_connected):
+    """The whole command in its own process on a real local cluster: -q with --ray prints nothing (Ray's
+    loggers bind to the process's stderr when Ray is imported, so only a fresh process shows them)."""
+    import subprocess
+    import sys
+
+    make_scans(tmp_path / "in", n=1)
+    args = [str(a) for a in (tmp_path / "in", "-o", tmp_path / "out", "--models", model_set, *FAST, "-q", "--ray")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("RAY_ADDRESS", None)
+    env.pop("RAY_AUTH_MODE", None)
+    res = subprocess.run([sys.executable, "-c", "from condiff.engine.cli import infer_main; infer_main()", *args],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == "" and res.stderr == "", res.stdout + res.stderr
+    assert json.loads((tmp_path / "out" / "run.json").read_text())["counts"]["ok"] == 1
+
+
 def test_local_cluster_starts_beside_a_stale_ray_start_address(monkeypatch, ray_not_connected):
     """A real local cluster (a few seconds): a 'ray start' address file naming a dead cluster must not
     be joined, and condiff's SIGTERM handler must still be in place afterwards."""

@@ -181,6 +181,25 @@ def check_creatable(out_dir: str | os.PathLike) -> None:
                                   "choose a folder you can write to")
 
 
+def probe_creatable(out_dir: str | os.PathLike) -> None:
+    """``check_creatable``, then the proof: a temporary folder made and removed where OUT (or its
+    first missing ancestor) would go, so a dry run also refuses what only ``mkdir`` finds out
+    (``/proc/x`` as root, a read-only file system). Leaves nothing behind."""
+    import tempfile
+
+    from condiff.errors import OutputConflictError
+
+    check_creatable(out_dir)
+    where = nearest_existing(out_dir)
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".condiff-probe-", dir=where))
+    except OSError as exc:
+        problem = ("is not writable" if where == Path(os.path.abspath(out_dir))
+                   else "cannot create the output folder")
+        raise OutputConflictError(out_dir, f"{problem} ({exc.strerror or exc})",
+                                  "choose a folder you can write to") from exc
+
+
 def read_head(path: Path, n: int, kind: str) -> bytes:
     """The first ``n`` bytes of an input file, with OS errors turned into messages a user can act on.
 
