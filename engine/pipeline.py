@@ -527,6 +527,15 @@ def _report(ctx: RunContext, outcome: CaseOutcome) -> None:
         ctx.on_outcome(outcome)
 
 
+GROUP_HELD_BYTES = 512 * 2**20  # input volumes (and masks) a group may hold while it waits for its batch
+
+
+def _held_bytes(p: _Pending) -> int:
+    """Host memory a waiting case holds at input resolution (its volume and brain mask)."""
+    data = getattr(p.source, "data", None)
+    return int(getattr(data, "nbytes", 0)) + int(getattr(p.mask, "nbytes", 0))
+
+
 def process_cases(cases: Sequence[Case], ctx: RunContext) -> list[CaseOutcome]:
     """Run ``cases`` (in order) and write their outputs; returns one outcome per case, in order.
 
@@ -537,16 +546,16 @@ def process_cases(cases: Sequence[Case], ctx: RunContext) -> list[CaseOutcome]:
     target = ctx.group_slices or 4 * ctx.batch_size
     done: dict[int, CaseOutcome] = {}
     group: list[tuple[int, _Pending]] = []
-    n_group = 0
+    n_group = held = 0
 
     def flush() -> None:
-        nonlocal group, n_group
+        nonlocal group, n_group, held
         if group:
             if not ctx.denoisers:
                 raise RuntimeError("process_cases needs load_denoisers(ctx) before inference")
             for (k, _), outcome in zip(group, _run_group([p for _, p in group], ctx)):
                 done[k] = outcome
-        group, n_group = [], 0
+        group, n_group, held = [], 0, 0
 
     for k, case in enumerate(cases):
         if ctx.stopped is not None:
@@ -565,7 +574,10 @@ def process_cases(cases: Sequence[Case], ctx: RunContext) -> list[CaseOutcome]:
             continue
         group.append((k, item))
         n_group += len(item.jobs)
-        if n_group >= target:
+        held += _held_bytes(item)
+        # a large --batch-size must not hold dozens of full-resolution volumes: the bytes bound the group
+        # too (how cases are grouped never changes their results: each slice's noise is its own)
+        if n_group >= target or held >= GROUP_HELD_BYTES:
             flush()
     flush()
     if ctx.stopped is not None:

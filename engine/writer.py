@@ -39,25 +39,44 @@ def run_json_name(shard: tuple[int, int] | None) -> str:
     return "run.json" if shard is None else f"run{shard_suffix(shard)}.json"
 
 
-OUTPUT_PER_INPUT_BYTE = 4.0  # float32 map + restoration (+ overlay) per byte of a typical int16 .nii.gz input
+OUTPUT_PER_INPUT_BYTE = 4.0  # inputs whose header says nothing (photos): float32 outputs per input byte
 OUTPUT_PER_CASE_BYTES = 256 * 1024  # overlay PNG, record, CSV rows
+GZIP_OUTPUT_RATIO = 0.6  # float32 map or restoration through gzip (IXI T1: ~0.3; generous on purpose)
+
+
+def estimated_output_bytes(path, restorations: bool = True) -> int:
+    """Roughly what one case's outputs take. NIfTI inputs: from the header's voxel count, since the map
+    and restoration are float32 whatever the input's type (an 8-bit .nii scan makes 8x its size; the
+    old 4-bytes-per-input-byte rule said 4x and the warning stayed silent); other inputs: by size."""
+    name = str(path).lower()
+    n_outputs = 2 if restorations else 1
+    if name.endswith((".nii", ".nii.gz")):
+        try:
+            import nibabel as nib
+
+            shape = nib.load(str(path)).shape  # the header only
+            voxels = int(np.prod(shape[:3], dtype=np.int64))
+            ratio = 1.0 if name.endswith(".nii") else GZIP_OUTPUT_RATIO  # outputs keep the input's compression
+            return int((voxels * 4 + 1024) * n_outputs * ratio) + OUTPUT_PER_CASE_BYTES  # + each file's header
+        except Exception:  # an unreadable header: the run names it; here the size rule stands in
+            pass
+    return int(OUTPUT_PER_INPUT_BYTE / 2 * n_outputs * os.path.getsize(path)) + OUTPUT_PER_CASE_BYTES
 
 
 def free_space_warning(out_dir: Path, input_paths, restorations: bool = True) -> str | None:
     """A warning when the disk under OUT has less free space than the run's outputs will roughly take
-    (a rough, generous estimate from the inputs' sizes); None otherwise. Never refuses: the
+    (a rough, generous estimate: ``estimated_output_bytes``); None otherwise. Never refuses: the
     estimate can be wrong both ways, and a full disk mid-run stops cleanly anyway."""
     import shutil
 
     try:
         free = shutil.disk_usage(nearest_existing(out_dir)).free
-        sizes = [os.path.getsize(p) for p in input_paths]
+        sizes = [estimated_output_bytes(p, restorations) for p in input_paths]
     except OSError:
         return None
     if not sizes:
         return None
-    per_byte = OUTPUT_PER_INPUT_BYTE if restorations else OUTPUT_PER_INPUT_BYTE / 2
-    need = int(per_byte * sum(sizes) + OUTPUT_PER_CASE_BYTES * len(sizes))
+    need = sum(sizes)
     if free >= need:
         return None
     return (f"{out_dir}: {free / 2**20:.0f} MiB free, and the outputs of {len(sizes)} case(s) may take about "

@@ -266,7 +266,9 @@ def _left_to_copy(out: Path, plan: list[tuple[Path, Path]]) -> list[tuple[Path, 
 @click.option("-o", "--output", "out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Write a copy of the model(s) with their artifacts here (required for a diffusers folder).")
 @click.option("--trt", is_flag=True, help="Also build model.fp16.plan with TensorRT (needs a GPU and tensorrt).")
-@click.option("--opset", type=click.IntRange(14, 23), default=17, show_default=True, help="ONNX opset.")
+@click.option("--opset", type=click.IntRange(14, 20), default=17, show_default=True,
+              help="ONNX opset (torch's TorchScript exporter, which condiff uses, supports up to 20; so does "
+                   "TensorRT 10.0's parser).")
 @click.option("--attention", type=click.Choice(["auto", "chunked", "ort_mha", "sdpa"]), default="auto", show_default=True,
               help="Attention in model.onnx: auto = ort_mha (ONNX Runtime's fused operator); chunked = portable "
                    "query-chunked plain ops, bounded memory; sdpa = plain, unbounded memory (small models only).")
@@ -320,14 +322,13 @@ def _export_all(ckpt: Path, out: Path | None, *, trt: bool, opset: int, attentio
 
     profile = None
     if trt:
-        from condiff.export.trt_build import BatchProfile, build_trt
-        from condiff.optional import require
+        from condiff.export.trt_build import BatchProfile, build_trt, require_tensorrt
 
         try:
             profile = BatchProfile(*batches)
         except ValueError as exc:
             raise click.UsageError(str(exc)) from exc
-        require("tensorrt", "trt")  # fail before any work, not after the first ONNX export
+        require_tensorrt()  # fail before any work (also on TensorRT 11), not after the first ONNX export
     contract = None if contract_source is None else read_contract(contract_source)
     models = prepare_models(ckpt, out, import_diffusers, contract)
     failed = 0

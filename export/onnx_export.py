@@ -196,13 +196,15 @@ def write_checked_onnx(model: ConditionalUNet, final_path: str | Path, *, varian
                        pad_head_dim: int | None = None, opset: int = DEFAULT_OPSET, atol: float = ATOL,
                        trace_batch: int = 2, check_batch: int = 1, threads: int | None = None,
                        before_replace: Callable[[], None] | None = None, map_steps: int | None = 0,
-                       modality: str | None = None) -> tuple[float, MapParity | None]:
+                       modality: str | None = None, ort_check: bool = True) -> tuple[float | None, MapParity | None]:
     """Trace, check and compare; rename to ``final_path`` only if every check passes.
 
     ``map_steps``: the map check's DDPM steps on 4 images; None sizes it to the network's speed
     (``parity.check_size``); 0 skips it. Returns (max |Δeps|, the map check or None when skipped).
     ``check_batch`` differs from ``trace_batch`` so the comparison also proves the batch axis is dynamic.
     On any failure the temporary file is removed and ``final_path`` is left as it was.
+    ``ort_check=False`` (the TensorRT build of a large network, checked on the GPU afterwards) writes the
+    checked graph without running it in ONNX Runtime: no Δeps (None), no map check.
     ``before_replace`` runs after the checks, just before the rename (e.g. to drop a stale sidecar).
     """
     final_path = Path(final_path)
@@ -212,6 +214,11 @@ def write_checked_onnx(model: ConditionalUNet, final_path: str | Path, *, varian
         trace_to_onnx(model, tmp, variant=variant, chunk_size=chunk_size, pad_head_dim=pad_head_dim,
                       opset=opset, trace_batch=trace_batch)
         check_onnx(tmp)
+        if not ort_check:
+            if before_replace is not None:
+                before_replace()
+            os.replace(tmp, final_path)
+            return None, None
         session = ort_cpu_session(tmp, threads)
         seconds: dict = {}
         diff = max_abs_diff_vs_torch(tmp, model, batch=check_batch, threads=threads, session=session, seconds=seconds)

@@ -46,8 +46,14 @@ def _resolve_device(device, provider: str | None, available: list[str]) -> torch
     return torch.device("cuda" if gpu_ready else "cpu")
 
 
-def _session_providers(name: str, device: torch.device, precision: str, model_dir: Path) -> list:
-    """The provider list passed to ONNX Runtime (GPU providers keep the CPU one only for shape ops)."""
+def _session_providers(name: str, device: torch.device, precision: str, model_dir: Path, sidecar: dict | None = None,
+                       max_batch: int = 16) -> list:
+    """The provider list passed to ONNX Runtime (GPU providers keep the CPU one only for shape ops).
+
+    TensorRT provider: its engine cache is named by graph and input names and versions, not by the
+    weights, so a re-export of retrained weights would reload the old engine: the cache lives in a
+    folder named by the ONNX file's digest. Its shape profile spans batch 1..``max_batch`` (without
+    one, every batch outside the first one's range rebuilds the engine, minutes each)."""
     index = device.index or 0
     if name == PROVIDERS["cpu"]:
         return [name]
@@ -55,9 +61,19 @@ def _session_providers(name: str, device: torch.device, precision: str, model_di
     if name == PROVIDERS["cuda"]:
         return [cuda, PROVIDERS["cpu"]]
     # TensorRT EP: nodes it cannot take (ORT's MultiHeadAttention contrib op) run on the CUDA EP.
-    trt = (name, {"device_id": index, "trt_fp16_enable": precision == "fp16", "trt_engine_cache_enable": True,
-                  "trt_engine_cache_path": str(model_dir / "ort-trt-cache")})
-    return [trt, cuda, PROVIDERS["cpu"]]
+    sidecar = sidecar or {}
+    digest = str(sidecar.get("artifact_sha256") or "unknown")[:16]
+    options = {"device_id": index, "trt_fp16_enable": precision == "fp16", "trt_engine_cache_enable": True,
+               "trt_engine_cache_path": str(model_dir / "ort-trt-cache" / digest)}
+    if sidecar.get("image_shape"):
+        chw = "x".join(str(int(v)) for v in sidecar["image_shape"])
+
+        def shapes(batch: int) -> str:
+            return f"x_t:{batch}x{chw},cond:{batch}x{chw},t:{batch}"
+
+        options.update(trt_profile_min_shapes=shapes(1), trt_profile_opt_shapes=shapes(max_batch),
+                       trt_profile_max_shapes=shapes(max_batch))
+    return [(name, options), cuda, PROVIDERS["cpu"]]
 
 
 class OrtDenoiser:
@@ -145,7 +161,8 @@ def open_ort(model_dir: str | Path, *, device=None, precision: str = "fp32", max
     onnx_path = model_dir / artifacts.ONNX_NAME
     try:
         session = ort.InferenceSession(str(onnx_path), options,
-                                       providers=_session_providers(name, dev, precision, model_dir))
+                                       providers=_session_providers(name, dev, precision, model_dir, sidecar,
+                                                                    max(1, int(max_batch))))
     except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
         raise BackendUnavailableError(onnx_path, f"ONNX Runtime could not load it ({exc})",
                                       f"rebuild it with: {artifacts.rebuild_command(model_dir, 'onnx', sidecar.get('build_options'))}") from exc

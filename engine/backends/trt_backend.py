@@ -14,6 +14,7 @@ is tested with a stub ``tensorrt`` module only and has never run against real Te
 from __future__ import annotations
 
 import logging
+import weakref
 from pathlib import Path
 
 import torch
@@ -27,6 +28,44 @@ logger = logging.getLogger(__name__)
 INPUTS = ("x_t", "cond", "t")
 OUTPUT = "eps"
 
+# Activation memory shared by every plan's execution context on one device. By default TensorRT gives
+# each context its own, sized for the profile's largest batch, so ten members held ten copies, although
+# the runner runs them one after another on one stream. Kept only while a denoiser holds it.
+_SHARED_ACTIVATIONS: "weakref.WeakValueDictionary[str, torch.Tensor]" = weakref.WeakValueDictionary()
+
+
+def _shared_activations(device: torch.device, size: int) -> torch.Tensor:
+    """A byte buffer of at least ``size`` on ``device``, the same one for every caller that fits in it."""
+    key = str(device)
+    buf = _SHARED_ACTIVATIONS.get(key)
+    if buf is None or buf.numel() < size:  # a larger plan: a new buffer; earlier contexts keep theirs
+        buf = torch.empty(max(int(size), 1), dtype=torch.uint8, device=device)
+        _SHARED_ACTIVATIONS[key] = buf
+    return buf
+
+
+def create_context(engine, device: torch.device):
+    """(execution context, the activation buffer it uses or None). With TensorRT's user-managed
+    allocation the context runs in the buffer every member shares (``_shared_activations``);
+    a TensorRT without that strategy allocates per context as before."""
+    import sys
+
+    trt = sys.modules.get("tensorrt")
+    strategy = getattr(getattr(trt, "ExecutionContextAllocationStrategy", None), "USER_MANAGED", None)
+    if strategy is None:
+        return engine.create_execution_context(), None
+    size = getattr(engine, "device_memory_size_v2", None)  # 10.1+; device_memory_size before
+    size = int(engine.device_memory_size if size is None else size)
+    context = engine.create_execution_context(strategy)
+    if context is None:
+        return None, None
+    buf = _shared_activations(device, size)
+    if hasattr(context, "set_device_memory"):  # 10.1+
+        context.set_device_memory(buf.data_ptr(), size)
+    else:
+        context.device_memory = buf.data_ptr()
+    return context, buf
+
 
 class TrtDenoiser:
     """``denoise`` through a TensorRT execution context; buffers sized for ``max_batch``."""
@@ -38,10 +77,12 @@ class TrtDenoiser:
                  max_batch: int, cuda_graph: bool = False, sidecar: dict | None = None,
                  t_dtype: torch.dtype = torch.int64):
         self.engine = engine
-        self.context = engine.create_execution_context()
+        self.context, self.activations = create_context(engine, device)
         if self.context is None:
-            raise BackendUnavailableError(None, "TensorRT could not create an execution context",
-                                          "free GPU memory or lower --batch-size")
+            # its memory is sized for the plan's largest batch, whatever --batch-size says
+            raise BackendUnavailableError(None, "TensorRT could not create an execution context (out of GPU memory?)",
+                                          "free GPU memory, or rebuild the plan for smaller batches: "
+                                          "condiff-export MODEL_DIR --trt --max-batch 16")
         self.device = device
         self.image_shape = tuple(image_shape)
         self.min_batch = int(profile["min"])

@@ -306,3 +306,28 @@ def test_a_fallback_releases_the_graphs_of_the_engine_it_stands_in_for(monkeypat
     assert released[:2] == ["fast0", "fast1"]  # before the fallback runs
     assert {"fast0", "fast1", "eager0", "eager1"} <= set(released[2:])  # and at each halving
     assert [d.name for d in ctx.denoisers] == ["fast0", "fast1"] and ctx.batch_size == 2
+
+
+def test_held_input_volumes_bound_a_group_and_leave_the_outputs_unchanged(tmp_path, monkeypatch):
+    """A group gathered cases until it had 4 x --batch-size slices, each holding its full-resolution volume
+    and mask: --batch-size 1024 held ~25 volumes of 256x256x180 (+64 MB each, reproduced). The held
+    bytes now bound a group too; here a budget below one volume makes every case its own group, and the
+    outputs are the same bytes as one group's."""
+    models, scans, ref = reference_run(tmp_path / "r", n_members=1, n_scans=3)
+    groups = []
+    real = pipeline.run_slices
+
+    def record(denoisers, jobs, *a, **kw):
+        groups.append(len(jobs))
+        return real(denoisers, jobs, *a, **kw)
+
+    monkeypatch.setattr(pipeline, "run_slices", record)
+    res = invoke_infer([scans, "-o", tmp_path / "big", "--models", models, *FAST, "--batch-size", "1024"])
+    assert res.exit_code == 0 and len(groups) == 1  # the default budget holds these small volumes at once
+    n_slices = groups[0]
+    monkeypatch.setattr(pipeline, "GROUP_HELD_BYTES", 1)
+    groups.clear()
+    res = invoke_infer([scans, "-o", tmp_path / "out", "--models", models, *FAST, "--batch-size", "1024"])
+    assert res.exit_code == 0, res.output + res.stderr
+    assert len(groups) == 3 and sum(groups) == n_slices
+    assert digests(tmp_path / "out") == digests(ref)

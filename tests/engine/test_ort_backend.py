@@ -131,8 +131,24 @@ def test_provider_lists():
     assert trt[0][0] == "TensorrtExecutionProvider" and trt[0][1]["trt_fp16_enable"] is True
 
 
-def test_infer_engine_ort_maps_equal_engine_torch_on_real_slices(tmp_path):
-    """condiff-infer --engine ort vs --engine torch on a real T1 slab (bundled IXI sample), same seeds."""
+def test_tensorrt_provider_cache_follows_the_graph_and_profile_spans_the_batch():
+    """ORT's TensorRT provider names cached engines by graph/input names and versions, not weights: a
+    re-export of retrained weights reloaded the old engine from the one shared folder. The cache folder
+    is now per ONNX digest; and an explicit profile over batch 1..max_batch stops mid-run rebuilds."""
+    gpu = torch.device("cuda:0")
+    old = {"artifact_sha256": "a" * 64, "image_shape": [1, 128, 128]}
+    new = {"artifact_sha256": "b" * 64, "image_shape": [1, 128, 128]}
+    (_, o_old), (_, o_new) = (ort_backend._session_providers("TensorrtExecutionProvider", gpu, "fp16", Path("m"),
+                                                             sc, 32)[0] for sc in (old, new))
+    assert o_old["trt_engine_cache_path"] != o_new["trt_engine_cache_path"]
+    assert Path(o_new["trt_engine_cache_path"]).parent == Path("m") / "ort-trt-cache"
+    assert o_new["trt_profile_min_shapes"] == "x_t:1x1x128x128,cond:1x1x128x128,t:1"
+    assert o_new["trt_profile_opt_shapes"] == o_new["trt_profile_max_shapes"] == "x_t:32x1x128x128,cond:32x1x128x128,t:32"
+
+
+def test_infer_engine_ort_maps_equal_engine_torch_on_real_slices(tmp_path, monkeypatch):
+    """condiff-infer --engine ort vs --engine torch on a real T1 slab (bundled IXI sample), same seeds;
+    the ort run must really go through ONNX Runtime (a mix-up that ran torch twice passed before)."""
     import nibabel as nib
     from click.testing import CliRunner
 
@@ -147,7 +163,15 @@ def test_infer_engine_ort_maps_equal_engine_torch_on_real_slices(tmp_path):
                                            "normalisation": "percentile", "use_mask": True})
     for member in open_model_set(models).member_dirs:
         export_onnx(member)
-    maps = {}
+    ort_calls = []
+    real_denoise = ort_backend.OrtDenoiser.denoise
+
+    def counting(self, *a, **kw):
+        ort_calls.append(1)
+        return real_denoise(self, *a, **kw)
+
+    monkeypatch.setattr(ort_backend.OrtDenoiser, "denoise", counting)
+    maps, n_calls = {}, {}
     with one_torch_thread():
         for engine in ("torch", "ort"):
             out = tmp_path / engine
@@ -156,6 +180,8 @@ def test_infer_engine_ort_maps_equal_engine_torch_on_real_slices(tmp_path):
                                      catch_exceptions=False)
             assert res.exit_code == 0, res.output
             maps[engine] = np.asarray(nib.load(str(out / "maps" / "ixi132_t1.nii.gz")).get_fdata())
+            n_calls[engine] = len(ort_calls)
+    assert n_calls["torch"] == 0 and n_calls["ort"] >= 2 * 5  # two members, five steps each
     diff = np.abs(maps["ort"] - maps["torch"]).max()
     assert maps["torch"].max() > 0
     assert diff <= 1e-4, diff

@@ -180,7 +180,7 @@ def test_unreachable_local_start_does_not_suggest_itself(monkeypatch, ray_not_co
 def test_cuda_on_a_cluster_without_gpu_is_exit_2_before_any_output(tmp_path, model_set, monkeypatch, ray_not_connected):
     from condiff.engine import distributed
 
-    monkeypatch.setattr(distributed, "connect", lambda address, num_cpus=None: False)  # "already connected"
+    monkeypatch.setattr(distributed, "connect", lambda address, num_cpus=None, **kw: False)  # "already connected"
     monkeypatch.setattr(ray_not_connected, "cluster_resources", lambda: {"CPU": 2.0})
     make_scans(tmp_path / "in", n=1)
     args = [a for a in FAST if a not in ("--device", "cpu")]

@@ -259,17 +259,30 @@ def test_tiny_unet_with_triton_kernels_equals_eager():
     assert model.norm_fn is torch_group_norm and model.attention_blocks()[0].attention_fn is sdpa_attention
 
 
-def test_tiny_unet_with_experimental_switches_equals_eager():
+def test_tiny_unet_with_experimental_switches_equals_eager(monkeypatch):
     """use_triton_kernels(mma_rowsum, half_exp) in fp32: the row sum moves into the MMA (summation order
-    only) and half_exp stays off for fp32 calls, so the network still equals eager to rounding."""
+    only) and half_exp stays off for fp32 calls, so the network still equals eager to rounding. The
+    kernels must really run, with the switches as documented (without this, a use_triton_kernels that
+    installed nothing passed: eager equals eager)."""
     model = _tiny_unet().to(DEVICE)
     g = torch.Generator().manual_seed(3)
     x_t, cond = torch.randn(2, 1, 16, 16, generator=g).to(DEVICE), torch.rand(2, 1, 16, 16, generator=g).to(DEVICE)
     t = torch.tensor([5, 900], device=DEVICE)
+    calls = []
+    real = attention_triton.triton_attention
+
+    def recording(q, k, v, **kw):
+        calls.append((q.dtype, kw))
+        return real(q, k, v, **kw)
+
+    monkeypatch.setattr(attention_triton, "triton_attention", recording)
     with torch.no_grad():
         eager = model(x_t, cond, t)
         kernels.use_triton_kernels(model, mma_rowsum=True, half_exp=True)
+        assert all(b.norm_fn is groupnorm_silu_triton.triton_group_norm for b in model.attention_blocks())
         fused = model(x_t, cond, t)
+    assert len(calls) == len(model.attention_blocks())
+    assert all(kw["mma_rowsum"] and not kw["half_exp"] for _, kw in calls)  # fp32 calls: no half exponentials
     torch.testing.assert_close(fused, eager, rtol=0, atol=2e-5)
 
 

@@ -247,6 +247,41 @@ def test_cli_trt_without_tensorrt_fails_before_any_export(monkeypatch, tmp_path)
     assert not (folder / "model.onnx").exists()
 
 
+def test_tensorrt_11_is_refused_before_any_export(monkeypatch, calls, tmp_path):
+    """TensorRT 11 (what an unpinned 'pip install tensorrt' gets) removed BuilderFlag.FP16: the build
+    crashed with an AttributeError after the ONNX export. It is exit 2 naming the version, first."""
+    from click.testing import CliRunner
+
+    from condiff.export.cli import main
+
+    trt = make_fake_tensorrt(calls)
+    trt.__version__ = "11.4.0.106"
+    del trt.BuilderFlag.FP16
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    with pytest.raises(BackendUnavailableError, match=r"TensorRT 11\.4\.0\.106.*tensorrt>=10,<11"):
+        build_engine(tmp_path / "m.onnx", image_shape=(1, 32, 32))
+    folder = _model(tmp_path / "m")
+    result = CliRunner().invoke(main, [str(folder), "--trt"])
+    assert result.exit_code == 2 and "TensorRT 11.4.0.106" in result.output, result.output
+    assert not (folder / "model.onnx").exists() and not [c for c in calls if c[0] == "parse_from_file"]
+    # the extra that installs it keeps below 11
+    text = (Path(__file__).resolve().parents[2] / "pyproject.toml").read_text()
+    assert '"tensorrt>=10.0,<11"' in text
+
+
+def test_opset_above_what_the_exporter_supports_is_refused(tmp_path):
+    """torch's TorchScript exporter supports opset 20 at most (it stamped 21..23 on a graph it only warned
+    about), as does TensorRT 10.0's parser."""
+    from click.testing import CliRunner
+
+    from condiff.export.cli import main
+
+    folder = _model(tmp_path / "m")
+    result = CliRunner().invoke(main, [str(folder), "--opset", "21"])
+    assert result.exit_code == 2 and "--opset" in result.output
+    assert not (folder / "model.onnx").exists()
+
+
 def test_cli_tunes_the_plan_for_its_largest_batch_unless_told(monkeypatch, tmp_path):
     """The trt engine pads every batch to the profile's largest for its CUDA graph: that is the batch to
     tune for (the default used to be 16 whatever --max-batch said, and 16 > --max-batch 8 was refused)."""
@@ -336,6 +371,28 @@ def test_build_trt_writes_plan_and_sidecar_from_a_tensorrt_ready_onnx(monkeypatc
     assert maps["steps"] == 10 and maps["finite"] and maps["tolerance"]["min_correlation"] == 0.995
     assert 0 < maps["relative_map_diff"] <= 0.05 and maps["min_correlation"] >= 0.995
     assert result.maps is not None and result.maps.relative_map_diff == maps["relative_map_diff"]
+
+
+def test_build_trt_of_a_large_network_skips_the_cpu_onnx_runtime_check(monkeypatch, calls, tmp_path, gpu_stubs):
+    """The plain-attention graph of a paper-size network would make ONNX Runtime on the CPU hold tens of
+    GiB (16 GiB of scores per image): above the limit the ONNX check is skipped, said in the sidecar, and
+    the engine is still checked against torch (single call and maps)."""
+    from condiff.export import onnx_export
+
+    monkeypatch.setitem(sys.modules, "tensorrt", make_fake_tensorrt(calls))
+    compared = []
+    monkeypatch.setattr(trt_build, "_compare_plan", lambda *a: compared.append(1) or 0.004)
+    monkeypatch.setattr(trt_build, "MAX_PLAIN_SCORE_BYTES", 1024)  # the tiny net counts as large here
+
+    def no_session(*a, **k):
+        raise AssertionError("ONNX Runtime session opened on the large graph")
+
+    monkeypatch.setattr(onnx_export, "ort_cpu_session", no_session)
+    folder = _model(tmp_path / "m")
+    result = build_trt(folder, profile=BatchProfile(1, 4, 8), workspace_gb=2)
+    doc = json.loads(result.sidecar.read_text())
+    assert doc["check"]["onnx_max_abs_diff"].startswith("skipped") and compared == [1]
+    assert doc["check"]["maps"]["steps"] == 10 and ("build_serialized_network",) in calls
 
 
 def test_build_trt_refuses_an_engine_whose_maps_differ(fake_trt, monkeypatch, tmp_path, gpu_stubs):
@@ -531,6 +588,51 @@ def test_denoiser_refuses_max_batch_below_profile():
     engine = types.SimpleNamespace(create_execution_context=lambda: object())
     with pytest.raises(BackendUnavailableError, match="profile minimum"):
         trt_backend.TrtDenoiser(engine, torch.device("cpu"), (1, 4, 4), {"min": 4, "opt": 4, "max": 8}, max_batch=2)
+
+
+@pytest.mark.parametrize("api", ["10.1+", "10.0"])
+def test_members_share_one_activation_buffer(monkeypatch, calls, api):
+    """Each member's context used to allocate activation memory for the profile's largest batch: ten
+    members, ten copies, though they run one after another. With user-managed allocation they share one
+    buffer per device; a plan that needs more gets a larger one, and the earlier contexts keep theirs."""
+    from condiff.engine.backends import trt_backend
+
+    trt = make_fake_tensorrt(calls)
+    trt.ExecutionContextAllocationStrategy = types.SimpleNamespace(STATIC="STATIC", USER_MANAGED="USER_MANAGED")
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    monkeypatch.setattr(trt_backend, "_SHARED_ACTIVATIONS", trt_backend.weakref.WeakValueDictionary())
+
+    class Context:
+        def __init__(self, strategy):
+            self.strategy, self.memory = strategy, None
+            if api == "10.1+":
+                self.set_device_memory = lambda ptr, size: setattr(self, "memory", (ptr, size))
+
+        def __setattr__(self, name, value):
+            if name == "device_memory":  # the 10.0 property
+                name, value = "memory", (value, None)
+            object.__setattr__(self, name, value)
+
+    def engine(size):
+        eng = types.SimpleNamespace(create_execution_context=lambda strategy="STATIC": Context(strategy))
+        if api == "10.1+":
+            eng.device_memory_size_v2 = size
+        else:
+            eng.device_memory_size = size
+        return eng
+
+    cpu = torch.device("cpu")
+    dens = [trt_backend.TrtDenoiser(engine(size), cpu, (1, 4, 4), {"min": 1, "opt": 4, "max": 4}, max_batch=4)
+            for size in (1000, 1000, 4000)]
+    assert all(d.context.strategy == "USER_MANAGED" for d in dens)
+    (p0, s0), (p1, s1), (p2, s2) = (d.context.memory for d in dens)
+    assert p0 == p1 == dens[0].activations.data_ptr() and p2 == dens[2].activations.data_ptr() != p0
+    assert dens[0].activations.numel() >= 1000 and dens[2].activations.numel() >= 4000
+    if api == "10.1+":
+        assert (s0, s1, s2) == (1000, 1000, 4000)
+    # a fourth member of the first kind fits in the larger buffer: no new allocation
+    d3 = trt_backend.TrtDenoiser(engine(1000), cpu, (1, 4, 4), {"min": 1, "opt": 4, "max": 4}, max_batch=4)
+    assert d3.context.memory[0] == p2
 
 
 def test_sidecar_json_is_canonical(tmp_path):

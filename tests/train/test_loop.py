@@ -359,10 +359,9 @@ def test_a_poisoned_ema_is_never_written_as_the_best_weights(slices, tmp_path):
                   val_every=1)
     with pytest.raises(TrainingDivergedError, match="diverged"):
         tr.fit()
-    from safetensors.torch import load_file
-
-    for best in (tmp_path / "best").glob("ema*.safetensors"):
-        assert _finite(load_file(str(best)).values())
+    # the first validation (step 1) already sees a non-finite loss: nothing may be kept as the best
+    # (checking only that kept weights are finite passed with a write_best before the finiteness check)
+    assert not list((tmp_path / "best").glob("ema*")) and not (tmp_path / "best" / "best.json").exists()
 
 
 def test_fp16_gradient_overflow_is_the_scalers_business_not_divergence(slices, tmp_path):
