@@ -2,8 +2,12 @@
 import ast
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
+
+try:
+    import tomllib
+except ImportError:  # Python 3.10 (pyproject: requires-python >= 3.10); the test extra installs tomli there
+    import tomli as tomllib
 
 REPO = Path(__file__).resolve().parents[1]
 HEAVY = ["onnx", "onnxruntime", "tensorrt", "cupy", "ray", "diffusers", "nibabel", "PIL", "scipy", "skimage",
