@@ -453,3 +453,94 @@ def test_restoration_with_landmarks_returns_to_input_units():
     inside = (vol.data[brain] > lo) & (vol.data[brain] < hi) & (scaled[brain] > 0) & (scaled[brain] < 1)
     assert inside.mean() > 0.9
     assert np.allclose(back[inside], vol.data[brain][inside], rtol=1e-4, atol=1e-2)
+
+
+# ----------------------------------------------------------------------------------------- resampling details
+# (each test below was written against a code change that no earlier test caught)
+
+
+def test_fov_downsampling_is_anti_aliased_as_skimage_resize():
+    """A pixel spanning 2 voxels: Gaussian anti-aliasing (sigma (s - 1) / 2), as skimage's resize does;
+    without it, fine structure aliases into the model input."""
+    from skimage.transform import resize
+
+    rng = np.random.default_rng(5)
+    data = (rng.uniform(0.2, 1.0, (64, 64, 3)) * 100).astype(np.float32)  # every pixel bright: bbox = whole slice
+    cfg = P.PreprocessConfig(modality="mri", normalisation="max", use_mask=False, fov_mm=64.0, image_size=32)
+    p = P.prepare_volume(Volume(data, np.eye(4), None, "x"), cfg)
+    assert p.geometry["scale"] == [2.0, 2.0] and p.geometry["offset"] == [0.5, 0.5]
+    want = np.stack([resize(data[:, :, k], (32, 32), order=1, mode="constant", cval=0.0, anti_aliasing=True,
+                            preserve_range=True) for k in range(3)])
+    want /= want.max()
+    np.testing.assert_allclose(p.slices[:, 0], want, rtol=0, atol=1e-5)
+
+
+def test_resampled_brain_mask_is_inside_above_one_half():
+    """The brain mask is resampled linearly and kept where it is > 0.5 (MASK_THRESHOLD): pixels whose
+    sampled mask value is 0.45 are outside. Oracle: scipy map_coordinates at the geometry's positions."""
+    data = np.zeros((40, 40, 1), dtype=np.float32)
+    mask = np.zeros((40, 40, 1), dtype=bool)
+    mask[10:29, 10:29] = True  # bbox centre 19.0: at scale 0.9125 the sampling grid falls between voxels
+    data[mask] = 1.0
+    cfg = P.PreprocessConfig(modality="mri", normalisation="max", use_mask=True, fov_mm=29.2, image_size=32)
+    p = P.prepare_volume(Volume(data, np.eye(4), None, "x"), cfg, mask)
+    scale, offset = p.geometry["scale"], p.geometry["offset"]
+    u, v = np.meshgrid(np.arange(32) * scale[0] + offset[0], np.arange(32) * scale[1] + offset[1], indexing="ij")
+    sampled = ndi.map_coordinates(mask[:, :, 0].astype(np.float64), [u, v], order=1, mode="constant", cval=0.0)
+    assert ((sampled > 0.4) & (sampled <= 0.5)).any()  # the case where the threshold matters
+    np.testing.assert_array_equal(p.foreground[0], sampled > 0.5)
+
+
+def test_max_normalisation_with_a_brain_mask_ignores_a_brighter_skull():
+    """use_mask with 'max': the background is zeroed before the peak is taken, so the brightest brain
+    tissue is 1.0 whatever the skull's brightness."""
+    vol, brain = _phantom(shape=(90, 100, 20))
+    data = vol.data.copy()
+    shell = ndi.binary_dilation(brain, iterations=4) & ~brain
+    data[shell] = 5 * data.max()  # skull far brighter than any brain voxel
+    cfg = P.PreprocessConfig(modality="mri", normalisation="max", use_mask=True)
+    p = P.prepare_volume(Volume(data, vol.affine, None, "x"), cfg, brain)
+    assert p.slices.max() == pytest.approx(1.0, abs=1e-6)
+    assert p.geometry["intensity"]["scale"] <= vol.data.max() * 1.0001
+
+
+def test_auto_foreground_needs_only_four_agreeing_corners():
+    """Four of the eight corners agreeing make the background (z-scored data cut by the field of view);
+    here the other corners hold brighter and darker values, so 'above the minimum' would keep the
+    background as foreground."""
+    data = np.full((12, 12, 6), -2.0, dtype=np.float32)
+    data[3:9, 3:9, 1:5] = 1.0
+    data[-1, -1, -1], data[-1, 0, -1], data[0, -1, -1] = 3.0, 4.0, 5.0
+    data[0, 0, -1] = -3.0  # darker than the background: the minimum
+    corners = data[np.ix_([0, -1], [0, -1], [0, -1])].ravel()
+    assert (corners == -2.0).sum() == 4
+    fg = P.auto_foreground(data)
+    np.testing.assert_array_equal(fg, data != -2.0)
+
+
+def test_inverted_map_covers_each_model_pixels_full_extent():
+    """Back on the input grid a map covers the model square's whole extent, n pixels x scale voxels
+    (pixel edges, not pixel centres), and is fill outside it."""
+    data = np.zeros((80, 80, 1), dtype=np.float32)
+    data[30:50, 30:50] = 1.0
+    cfg = P.PreprocessConfig(modality="mri", normalisation="max", use_mask=False, fov_mm=48.0, image_size=16)
+    p = P.prepare_volume(Volume(data, np.eye(4), None, "x"), cfg)
+    assert p.geometry["scale"] == [3.0, 3.0]
+    back = P.invert_to_input(p, np.ones((len(p.slice_index), 16, 16), dtype=np.float32), fill=-1.0)
+    covered = back[:, :, 0] >= 0
+    assert covered.any(axis=1).sum() == 16 * 3 and covered.any(axis=0).sum() == 16 * 3
+
+
+@pytest.mark.parametrize("shape", [(150, 97), (131, 128)])
+def test_rgb_centre_crop_rounds_as_torchvision(shape):
+    """torchvision's CenterCrop: top = int(round((new_h - n) / 2.0)); (131, 128) resizes to 131 rows,
+    3 too many: round(1.5) = 2, where flooring would give 1."""
+    from PIL import Image
+
+    rng = np.random.default_rng(2)
+    u8 = (ndi.gaussian_filter(rng.random((*shape, 3)), (3, 3, 0)) * 255).astype(np.uint8)
+    p = P.prepare_image(u8.astype(np.float32) / 255, P.PreprocessConfig(modality="rgb"))
+    new_h = int(128 * shape[0] / shape[1])
+    ref = np.asarray(Image.fromarray(u8).resize((128, new_h), Image.LANCZOS)).astype(np.float32) / 255
+    top = {197: 34, 131: 2}[new_h]  # torchvision: int(round((197 - 128) / 2.0)), int(round(3 / 2.0))
+    np.testing.assert_array_equal(p.slices[0], ((ref[top:top + 128] - 0.5) * 2).transpose(2, 0, 1))
