@@ -101,7 +101,8 @@ def best_dice(labels, scores) -> tuple[float, float]:
 
 def best_dice_from_counts(fps: np.ndarray, tps: np.ndarray, thr: np.ndarray) -> tuple[float, float]:
     """``best_dice`` from ``binary_clf_curve``: 2PR/(P+R) = 2TP/(TP+FP+positives) wherever TP > 0;
-    the first (highest) threshold wins ties, as scikit-learn's nanargmax over its reversed curve."""
+    of tied thresholds the lowest wins, as the reference's nanargmax over scikit-learn's
+    increasing-threshold curve picks it."""
     if tps.size == 0 or tps[-1] == 0:
         return float("nan"), float("nan")
     dice = np.where(tps > 0, 2.0 * tps / (tps + fps + tps[-1]), np.nan)

@@ -93,3 +93,26 @@ def test_background_zeroing_scores_and_ensemble():
     # ensemble score equals the mean of member scores
     torch.testing.assert_close(slice_scores(ensemble_mean(members)),
                                torch.stack([slice_scores(m) for m in members]).mean(0))
+
+
+def test_background_mask_of_rgb_images_is_per_image_and_any_channel():
+    """reference-method.md §10 D2: a pixel is foreground where any channel lies above its own image's
+    minimum (over channels and pixels), not the batch's. Two RGB images in [-1, 1] with minima -1 and
+    -0.6, and pixels with a single channel above the minimum; float64 numpy oracle."""
+    y = np.full((2, 3, 4, 5), 0.2)
+    y[0, :, 0, :] = -1.0              # image 0: its minimum, background
+    y[0, 1, 0, 2] = -0.99             # only the green channel above it: foreground
+    y[0, :, 1, 1] = -0.5              # all channels below 0 but above the minimum: foreground
+    y[1, :, 2, :] = -0.6              # image 1: its minimum (above image 0's): background
+    y[1, 2, 2, 3] = -0.59             # only blue above it: foreground
+    y[1, :, 3, 0] = -0.3
+    y[1, 0, 3, 4], y[1, 1:, 3, 4] = 0.9, -0.6  # only red above the minimum
+    minima = y.reshape(2, -1).min(axis=1)
+    expected = np.stack([(y[b] > minima[b]).any(axis=0, keepdims=True) for b in range(2)])
+    assert expected[0, 0, 0].tolist() == [False, False, True, False, False]
+    assert expected[1, 0, 2].tolist() == [False, False, False, True, False] and expected[1, 0, 3].all()
+    got = background_mask(torch.from_numpy(y).float())
+    assert got.shape == (2, 1, 4, 5) and got.dtype == torch.bool
+    np.testing.assert_array_equal(got.numpy(), expected)
+    amap = torch.full((2, 1, 4, 5), 0.25)
+    np.testing.assert_array_equal(zero_background(amap, torch.from_numpy(y).float()).numpy(), 0.25 * expected)

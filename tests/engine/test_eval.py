@@ -656,3 +656,44 @@ def test_photographs_are_evaluated_against_png_masks(tmp_path):
         amap = tifffile.imread(out / "maps" / f"eye{k}.tiff")
         les, found, _, false = shifts_counts(label, amap >= thr, 2)
         assert (row["lesions"], row["lesions_found"], row["false_regions"]) == (les, found, false)
+
+
+@pytest.mark.parametrize("protocol", ["native", "benchmark"])
+def test_lesions_called_only_by_pixels_at_the_threshold_are_found(run, tmp_path, protocol):
+    """Lesion-wise counts call pixels with map >= threshold, as Dice does. The maps are rewritten so that
+    case 0's lesion reads 0.9, the other cases' lesions exactly 0.5 and everything else 0: the best-Dice
+    threshold is 0.5 (Dice 1), and every lesion is found, the 0.5 ones only by pixels equal to it."""
+    import shutil
+
+    import nibabel as nib
+
+    scans, src = run
+    out = tmp_path / "out"
+    shutil.copytree(src, out)
+    value = {0: 0.9, 1: 0.5, 2: 0.5}
+    for k in range(3):
+        seg, _, brain = _case_arrays(scans, out, k, protocol)
+        if protocol == "native":
+            img = nib.load(str(out / "maps" / f"case{k}.nii.gz"))
+            amap = np.where(seg & brain, value[k], 0.0).astype(np.float32)
+            nib.save(nib.Nifti1Image(amap, img.affine, img.header), str(out / "maps" / f"case{k}.nii.gz"))
+        else:
+            path = out / "model_space" / f"case{k}.npz"
+            with np.load(path) as z:
+                arrays = {name: z[name] for name in z.files}
+            keep = arrays["slices"].reshape(len(arrays["slices"]), -1).sum(1) != 0
+            maps = np.zeros_like(arrays["maps"])
+            maps[keep] = np.where(seg, value[k], 0.0)
+            np.savez(path, **{**arrays, "maps": maps})
+        assert seg.any()
+    res = _eval(out, "--masks", SEG, "--protocol", protocol, "--no-overlays")
+    assert res.exit_code == 0, res.output + res.stderr
+    doc = json.loads((out / f"metrics-{protocol}.json").read_text())
+    ens = doc["rows"][0]
+    assert ens["threshold"] == 0.5 and ens["dice"] == 1.0
+    det = doc["lesion_detection"]
+    assert det["threshold"] == 0.5 and det["lesions"] >= 3
+    assert (det["found"], det["false_regions"]) == (det["lesions"], 0)
+    for row in doc["per_case"]:
+        assert row["lesions"] > 0 and (row["lesions_found"], row["false_regions"]) == (row["lesions"], 0), row
+    assert f"{det['lesions']} of {det['lesions']} lesions found" in res.stdout

@@ -74,6 +74,21 @@ def test_dice_is_twice_tp_over_confusion_at_best_threshold():
     assert abs(dice - 2 * tp / (2 * tp + fp + fn)) <= 1e-12
 
 
+def test_tied_best_dice_reports_the_lowest_of_the_tied_thresholds_as_sklearn():
+    """Two lesion pixels: calling only the 0.9 one (TP 1, FP 0) and calling everything >= 0.4
+    (TP 2, FP 2) both give Dice 2/3. The reference takes np.nanargmax over scikit-learn's
+    precision_recall_curve, whose thresholds increase, so the lower threshold, 0.4, is reported."""
+    y = np.array([1, 1, 0, 0, 0], dtype=bool)
+    s = np.array([0.9, 0.4, 0.4, 0.4, 0.1])
+    for thr in (0.9, 0.4):
+        assert sklearn_metrics.f1_score(y, s >= thr) == pytest.approx(2 / 3, abs=1e-15)
+    assert _sk_best_dice(y, s)[1] == 0.4
+    dice, thr = best_dice(y, s)
+    assert dice == pytest.approx(2 / 3, abs=1e-15) and thr == 0.4
+    m = detection_metrics([0, 1], [0.1, 0.2], y, s)  # the table's best-Dice threshold
+    assert m.threshold == 0.4 and m.dice == pytest.approx(2 / 3, abs=1e-15)
+
+
 def test_dice_at_a_given_threshold_matches_sklearn_f1():
     y, s = _data(6, 300, 0.2, 10)
     for thr in (0.0, 0.35, 0.6, 2.0):  # everything called, a tie level, a middle, nothing called
