@@ -36,6 +36,7 @@ STATE = "state.json"
 MANIFEST = "manifest.json"
 MB = 1_000_000  # part sizes are decimal megabytes: "16 MB" limits are met with either reading
 _NAME = re.compile(r"^checkpoint-(\d+)$")
+_ASIDE = re.compile(r"^\.(checkpoint-\d+)\.\d+\.old$")  # a checkpoint moved aside while a save replaced it
 
 
 class CheckpointError(CondiffError):
@@ -107,7 +108,11 @@ def save_checkpoint(root: str | Path, step: int, tensors: dict[str, torch.Tensor
         if final.exists():
             old = root / f".{final.name}.{os.getpid()}.old"
             final.rename(old)
-            tmp.rename(final)
+            try:
+                tmp.rename(final)
+            except BaseException:
+                old.rename(final)  # the previous checkpoint goes back under its name
+                raise
             shutil.rmtree(old)
         else:
             tmp.rename(final)
@@ -157,10 +162,17 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 
 def list_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
-    """(step, path) of every finished checkpoint folder under ``root`` (manifest present), ascending."""
+    """(step, path) of every finished checkpoint folder under ``root`` (manifest present), ascending.
+
+    A checkpoint a killed save had moved aside to replace it (``.checkpoint-<step>.<pid>.old``, the
+    new one never placed) is put back under its name first."""
     root = Path(root)
     if not root.is_dir():
         return []
+    for aside in root.glob(".checkpoint-*.old"):
+        m = _ASIDE.match(aside.name)
+        if m and aside.is_dir() and (aside / MANIFEST).is_file() and not (root / m.group(1)).exists():
+            aside.rename(root / m.group(1))
     found = []
     for p in root.iterdir():
         m = _NAME.match(p.name)
@@ -184,6 +196,10 @@ def prune_checkpoints(root: str | Path, keep: int) -> list[Path]:
         removed.append(p)
     for p in root.glob(".checkpoint-*.tmp"):
         if not p.name.endswith(f".{os.getpid()}.tmp"):
+            shutil.rmtree(p, ignore_errors=True)
+    for p in root.glob(".checkpoint-*.old"):  # replaced: its step was saved anew (list_checkpoints put back the rest)
+        m = _ASIDE.match(p.name)
+        if m and (root / m.group(1)).is_dir() and not p.name.endswith(f".{os.getpid()}.old"):
             shutil.rmtree(p, ignore_errors=True)
     return removed
 

@@ -80,6 +80,50 @@ def test_failed_write_leaves_nothing_under_the_final_name(tmp_path, monkeypatch)
     assert ckpt.load_checkpoint(tmp_path / "checkpoint-000000001").state == {"v": 5}
 
 
+def test_a_crash_while_replacing_a_step_never_destroys_its_previous_checkpoint(tmp_path, monkeypatch):
+    """Re-saving an existing step (a resumed run checkpointing the step it resumed from) and failing as
+    the new folder is moved into place: the previous checkpoint's files must survive intact and load,
+    and nothing under a checkpoint name may be incomplete. The previous checkpoint is back under its own
+    name (it used to stay under a hidden '.old' name that resume never looked at), and one a killed
+    save left aside is put back when the checkpoints are next listed."""
+    from pathlib import Path
+
+    first = ckpt.save_checkpoint(tmp_path, 7, _tensors(0), {"v": 1})
+    real_rename = Path.rename
+    failed = []
+
+    def rename(self, target):
+        if Path(target).name == first.name and self.name.endswith(".tmp") and not failed:
+            failed.append(self)
+            raise OSError("simulated crash moving the new checkpoint into place")
+        return real_rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", rename)
+    with pytest.raises(OSError, match="simulated crash"):
+        ckpt.save_checkpoint(tmp_path, 7, _tensors(1), {"v": 2})
+    monkeypatch.undo()
+    assert failed  # the fault was injected where meant
+    for _, path in ckpt.list_checkpoints(tmp_path):  # a listed checkpoint is always a complete one
+        ckpt.load_checkpoint(path)
+    loadable = []
+    for path in sorted(tmp_path.iterdir()):
+        if path.is_dir() and (path / "manifest.json").is_file():
+            loadable.append(ckpt.load_checkpoint(path))
+    assert [c.state for c in loadable] == [{"v": 1}], sorted(p.name for p in tmp_path.iterdir())
+    assert loadable[0].step == 7
+    for k, v in _tensors(0).items():
+        if not k.startswith("rng/"):
+            assert torch.equal(loadable[0].tensors[k], v), k
+    assert ckpt.latest_checkpoint(tmp_path) == first and ckpt.load_checkpoint(first).state == {"v": 1}
+    # a save killed between its two renames (SIGKILL: no except clause runs) left the old one aside
+    first.rename(tmp_path / f".{first.name}.12345.old")
+    assert ckpt.latest_checkpoint(tmp_path) == first and ckpt.load_checkpoint(first).state == {"v": 1}
+    # killed after placing the new one but before deleting the old: the old copy is garbage, pruned
+    ckpt.save_checkpoint(tmp_path / "spare", 7, _tensors(0), {"v": 1}).rename(tmp_path / f".{first.name}.12345.old")
+    ckpt.prune_checkpoints(tmp_path, keep=5)
+    assert not list(tmp_path.glob(".checkpoint-*.old")) and ckpt.load_checkpoint(first).state == {"v": 1}
+
+
 def test_incomplete_folder_is_ignored_and_prune_keeps_newest(tmp_path):
     for step in (1, 2, 3, 4):
         ckpt.save_checkpoint(tmp_path, step, {"x": torch.zeros(1)}, {})

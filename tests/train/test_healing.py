@@ -1,7 +1,9 @@
 """The healing metric tells a copier from a healer."""
 import numpy as np
 import pytest
+import torch
 
+from condiff.schedule import alpha_bar
 from condiff.ssim import ssim_map
 from condiff.train.healing import copier_reference, draw_averages, healing_report, make_cases, removed_share
 from condiff.train.tasks import ArrayPool
@@ -151,3 +153,105 @@ def test_draw_averages_shrink_sampling_noise_like_one_over_sqrt_k():
     np.testing.assert_array_equal(one[1], ref[1])
     with pytest.raises(ValueError, match="draw counts"):
         draw_averages(noisy_copier_for_seed, [0, 2])
+
+
+def test_changed_pixels_are_those_whose_channel_mean_changes(monkeypatch):
+    """RGB: a pixel counts as changed (part of "the anomaly") when its change averaged over the channels
+    exceeds 1e-3; one channel moving by 2.5e-3 (channel mean 8.3e-4) is below that, all three moving by
+    1.5e-3 is above it. A stand-in task makes exactly these changes inside its (larger) mask."""
+    import condiff.train.healing as healing
+
+    one_channel = np.zeros((8, 8), bool)
+    one_channel[1:3, 1:6] = True
+    all_channels = np.zeros((8, 8), bool)
+    all_channels[5:7, 2:6] = True
+    untouched = np.zeros((8, 8), bool)
+    untouched[0, :] = True  # inside the task's mask, but nothing changed there
+
+    class StandInTask:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def __call__(self, image, rng):
+            c = image.copy()
+            c[0][one_channel] += 2.5e-3
+            c[:, all_channels] += 1.5e-3
+            return c, one_channel | all_channels | untouched, 4
+
+    monkeypatch.setattr(healing, "RestorationTask", StandInTask)
+    clean = np.full((3, 3, 8, 8), 0.5, np.float32)
+    clean[:, 1] = 0.25
+    cases = make_cases(clean, 4)
+    assert len(cases) == 3
+    for case in cases:
+        np.testing.assert_array_equal(case.mask, all_channels)
+
+    def copier(cond):
+        return cond.copy(), np.zeros((len(cond), 8, 8), np.float32)
+
+    (row,) = healing_report(copier, clean, (4,), copier_baseline=False).values()
+    assert row["chance"] == pytest.approx(all_channels.mean(), abs=1e-12)  # the share of anomaly pixels
+
+
+class _FixedRestorer(torch.nn.Module):
+    """An eps prediction that makes every step's x0 estimate ``target(cond)`` whatever x_t holds: the
+    restoration (the last DDPM step returns that estimate) is independent of the sampling noise, up to
+    float32 rounding."""
+
+    def __init__(self, target):
+        super().__init__()
+        self.target = target
+        self.register_buffer("ab", alpha_bar())
+
+    def forward(self, x_t, cond, t):
+        ab = self.ab[t].view(-1, 1, 1, 1)
+        return (x_t - ab.sqrt() * self.target(cond)) / (1 - ab).sqrt()
+
+
+def test_model_restorer_averages_its_members():
+    """Members' restorations and maps are averaged: two identical members give the single member's
+    result, and two different ones the mean of each alone (noise-independent stand-in networks, so each
+    member's result does not depend on the member's noise)."""
+    from condiff.sampler import make_plan
+    from condiff.train.healing import model_restorer
+
+    plan = make_plan("ddpm", 5)
+    cond = _phantoms(n=3, size=32)
+    a = _FixedRestorer(lambda c: 0.8 * c.flip(-1))
+    b = _FixedRestorer(lambda c: c.roll(5, -2) ** 2)
+    ra, ma = model_restorer([a], plan)(cond)
+    rb, mb = model_restorer([b], plan)(cond)
+    np.testing.assert_allclose(ra, 0.8 * cond[..., ::-1], atol=1e-6)  # the stand-in does what it says
+    assert ma.max() > 0.01 and mb.max() > 0.01  # maps with something in them (far above the tolerance)
+    r2, m2 = model_restorer([a, a], plan)(cond)
+    np.testing.assert_allclose(r2, ra, atol=1e-6)
+    np.testing.assert_allclose(m2, ma, atol=1e-6)
+    rab, mab = model_restorer([a, b], plan)(cond)
+    np.testing.assert_allclose(rab, (ra + rb) / 2, atol=1e-6)
+    np.testing.assert_allclose(mab, (ma + mb) / 2, atol=1e-6)
+
+
+def test_model_restorer_noise_is_keyed_by_slice_not_by_batch_position():
+    """The same slice gets the same noise at any batch size, and every slice its own: identical inputs
+    at different positions are restored differently, and batch sizes 1, 2 and 5 agree."""
+    from condiff.config import preset
+    from condiff.sampler import make_plan
+    from condiff.train.healing import model_restorer
+    from condiff.unet import ConditionalUNet
+
+    torch.manual_seed(0)
+    model = ConditionalUNet(preset("tiny", 1, sample_size=32)).eval()
+    plan = make_plan("ddpm", 2)
+    cond = np.repeat(_phantoms(n=1, size=32), 5, axis=0)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        results = {bs: model_restorer([model], plan, seed=3, batch_size=bs)(cond) for bs in (1, 2, 5)}
+    finally:
+        torch.set_num_threads(before)
+    restored, maps = results[5]
+    for i in range(1, 5):  # same input, another slice index: other noise
+        assert np.abs(restored[i] - restored[0]).max() > 0.05, i
+    for bs in (1, 2):
+        np.testing.assert_allclose(results[bs][0], restored, atol=1e-5, err_msg=f"batch size {bs}")
+        np.testing.assert_allclose(results[bs][1], maps, atol=1e-5, err_msg=f"batch size {bs}")

@@ -376,3 +376,85 @@ def test_fp16_gradient_overflow_is_the_scalers_business_not_divergence(slices, t
     tr.precision = "fp32"
     with pytest.raises(TrainingDivergedError, match="gradient norm inf"):
         tr._check_record({"loss": 0.3, "grad_norm": float("inf")})
+
+
+# ----------------------------------------------------------------------------------- one optimiser step
+
+
+def _grads(model):
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _norm(grads) -> float:
+    return float(torch.cat([g.double().flatten() for g in grads.values()]).norm())
+
+
+@pytest.mark.parametrize("scaled", [False, True], ids=["fp32", "enabled-grad-scaler"])
+def test_the_optimiser_steps_on_the_unscaled_gradient_clipped_to_grad_clip(slices, tmp_path, scaled):
+    """AdamW must see the true gradient scaled down to norm ``grad_clip``, and the returned (logged) norm is
+    the true gradient's. The fp16 path is exercised on the CPU with a real, enabled ``GradScaler("cpu")``
+    standing in for the CUDA one: the loss is multiplied by 2^12, so clipping before unscaling would clip
+    the scaled gradient (and the scaler's own late unscale would then leave a norm of grad_clip / 2^12)."""
+    clip, scale = 0.01, 2.0 ** 12
+    tr = _trainer(slices, tmp_path, batch_size=2, grad_clip=clip)
+    if scaled:
+        tr.scaler = torch.amp.GradScaler("cpu", init_scale=scale)
+    tr.forward_backward(tr.batch_at(0))
+    true = {n: g / scale for n, g in _grads(tr.model).items()} if scaled else _grads(tr.model)
+    true_norm = _norm(true)
+    assert true_norm > 10 * clip  # the clip is active: a step without it would differ
+    seen = {}
+    real_step = tr.optimizer.step
+
+    def spy(*args, **kwargs):  # what AdamW is handed
+        seen.update(_grads(tr.model))
+        return real_step(*args, **kwargs)
+
+    tr.optimizer.step = spy
+    norm = float(tr.optimizer_step())
+    assert seen.keys() == true.keys() and tr.step == 1
+    assert norm == pytest.approx(true_norm, rel=1e-5)
+    assert _norm(seen) == pytest.approx(clip, rel=1e-4)
+    factor = clip / (true_norm + 1e-6)  # torch's clip_grad_norm_ rule, applied by hand in float64
+    for name, g in true.items():
+        np.testing.assert_allclose(seen[name].double().numpy(), g.double().numpy() * factor, rtol=1e-4,
+                                   atol=1e-9 * clip, err_msg=name)
+
+
+def test_ranks_advance_by_the_global_batch_and_never_reread_each_others_samples(slices, tmp_path):
+    """Two ranks of a world of 2 (simulated as ``test_ddp`` does the arithmetic, without a process group:
+    only the data order is under test): after n steps each has consumed n global batches, its batches
+    are its half of a single process's batch of 2 x B, and no sample of the stream is read twice."""
+    from condiff.train.distributed import DistInfo
+
+    class Recording:
+        def __init__(self, ds):
+            self.ds, self.keys = ds, []
+
+        def __len__(self):
+            return len(self.ds)
+
+        def __getitem__(self, key):
+            self.keys.append(key)
+            return self.ds[key]
+
+    per_rank, steps, seed = 2, 3, 0
+    read = {}
+    for rank in (0, 1):
+        tr = _trainer(slices, tmp_path / f"rank{rank}", seed=seed, batch_size=per_rank)
+        tr.dist = DistInfo(rank=rank, world_size=2)
+        tr.sampler = tdata.StepBatchSampler(len(slices), per_rank, seed, 0, rank, 2)
+        tr.train_set = Recording(tr.train_set)
+        read[rank] = []
+        for _ in range(steps):
+            tr.train_set.keys.clear()
+            tr.forward_backward(tr.batch_at(0))
+            tr.optimizer_step()
+            read[rank].append(list(tr.train_set.keys))
+        assert tr.step == steps and tr.position == steps * 2 * per_rank
+        assert tr.state()[1]["data_order"]["position"] == steps * 2 * per_rank  # what a resume continues from
+    single = tdata.StepBatchSampler(len(slices), 2 * per_rank, seed)  # one process, the global batch
+    for s in range(steps):
+        assert read[0][s] + read[1][s] == single.batch_for_step(s), s
+    every = [k for r in (0, 1) for batch in read[r] for k in batch]
+    assert len(set(every)) == len(every) == steps * 2 * per_rank
