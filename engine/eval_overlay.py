@@ -1,22 +1,32 @@
 """condiff-eval's picture of a case: where the map responds against where the label says the lesion is.
 
 One row per slice, two panels: the input with the label's outline | the map on the input (the
-overlay PNG's fourth panel) with the same outline; a title band, and above each row the slice as
-the input file numbers it, its label pixels and score. Volumes show the ``ROWS`` analysed slices
-holding the most label voxels (the top-scoring slices when the label is empty), anterior up
-like ``overlay.py``; photographs show one row. Drawn on the input grid (the written map), so
-the outline is the user's label exactly as ``--protocol native`` scores it.
+overlay PNG's fourth panel) with the same outline and, dashed in magenta around them, the pixels the
+table's threshold calls; a header band naming the case, a legend band (what the outlines are, the
+threshold), the colour bar (``overlay.colour_bar``: per case), a title band, and above each row the
+slice as the input file numbers it, its label pixels and score. Volumes show the ``ROWS`` analysed
+slices holding the most label voxels (the top-scoring slices when the label is empty), anterior up
+and patient right on the right, "L"/"R" at the panel edges, like ``overlay.py``; photographs show one
+row. Drawn on the input grid (the written map), so the outline is the user's label exactly as
+``--protocol native`` scores it; panels are enlarged by pixel replication to at least ``MIN_PANEL``
+pixels, so the outlines are at least 2 pixels wide, each with a dark edge that keeps it apart from
+the ramp's yellow.
 """
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
 from condiff.io.images import to_png8
 
-from .overlay import enlarge, map_on, text_band
+from .overlay import case_band, colour_bar, enlarge, map_on, mark_sides, text_band
 
 ROWS = 3
+MIN_PANEL = 360  # pixels: a panel's short side at least, by integer pixel replication
 OUTLINE = np.array([0, 255, 255], dtype=np.uint8)  # cyan: apart from every colour of the map's ramp
+CALLED = np.array([255, 0, 255], dtype=np.uint8)  # magenta, dashed: the called pixels' outer boundary
+EDGE = np.array([0, 0, 0], dtype=np.uint8)  # the 1-pixel dark edge around both outlines
 
 
 def outline(mask: np.ndarray) -> np.ndarray:
@@ -25,6 +35,41 @@ def outline(mask: np.ndarray) -> np.ndarray:
     padded = np.pad(m, 1, constant_values=False)
     interior = (padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:])
     return m & ~interior
+
+
+def _grow(mask: np.ndarray, diagonal: bool = False) -> np.ndarray:
+    """``mask`` grown by one pixel: 4-neighbours (8 with ``diagonal``)."""
+    p = np.pad(np.asarray(mask, dtype=bool), 1, constant_values=False)
+    h, w = mask.shape
+    out = p[1:-1, 1:-1] | p[:-2, 1:-1] | p[2:, 1:-1] | p[1:-1, :-2] | p[1:-1, 2:]
+    if diagonal:
+        out |= p[:-2, :-2] | p[:-2, 2:] | p[2:, :-2] | p[2:, 2:]
+    return out[:h, :w]
+
+
+def outer_outline(mask: np.ndarray) -> np.ndarray:
+    """The pixels just outside ``mask``: not in it, with a 4-neighbour in it (so a called region is
+    outlined without covering its own pixels, and beside the label's outline when both agree)."""
+    m = np.asarray(mask, dtype=bool)
+    return _grow(m) & ~m
+
+
+def dashes(mask: np.ndarray) -> np.ndarray:
+    """``mask`` cut into dashes: pixels (i, j) with (i + 2j) mod 4 < 2 kept, so every horizontal,
+    vertical and diagonal line runs at most 2 pixels on, 2 off."""
+    i, j = np.indices(np.shape(mask))
+    return np.asarray(mask, dtype=bool) & ((i + 2 * j) % 4 < 2)
+
+
+def legend(threshold: float | None = None, given: bool = False) -> str:
+    """The legend band's text: the label outline and, with ``threshold``, the called pixels' outline."""
+    if threshold is None:
+        return "label: cyan outline"
+    if not math.isfinite(threshold):
+        return "label: cyan outline; no called pixels drawn (no threshold: no lesion pixel in the table)"
+    which = "given" if given else "the table's best Dice"
+    return (f"label: cyan outline; called at threshold {threshold:.4g} ({which}; magenta tick on the bar): "
+            "magenta dashes around them")
 
 
 def pick_slices(label: np.ndarray, slice_scores: dict[int, float], k: int = ROWS) -> list[int]:
@@ -43,46 +88,67 @@ def _grey(image: np.ndarray, lo: float, hi: float) -> np.ndarray:
     return np.repeat(u8[..., None], 3, axis=-1) if u8.ndim == 2 else u8
 
 
-def _row(grey: np.ndarray, values01: np.ndarray, label: np.ndarray) -> np.ndarray:
+def _panel(rgb: np.ndarray, lines: np.ndarray, side: int) -> np.ndarray:
+    """``rgb`` enlarged (``MIN_PANEL``), with a 1-pixel ``EDGE`` around its ``lines`` pixels."""
+    big, big_lines = enlarge(rgb, side, MIN_PANEL), enlarge(lines, side, MIN_PANEL)
+    big = big.copy()
+    big[_grow(big_lines, diagonal=True) & ~big_lines] = EDGE
+    return big
+
+
+def _row(grey: np.ndarray, values01: np.ndarray, label: np.ndarray, called: np.ndarray | None, side: int) -> np.ndarray:
     edge = outline(label)
+    dash = np.zeros_like(edge) if called is None else dashes(outer_outline(called))
     left, right = grey.copy(), map_on(grey, values01)
-    left[edge] = OUTLINE
+    left[edge] = OUTLINE  # the input panel: the label's outline whole
     right[edge] = OUTLINE
-    return np.concatenate([left, right], axis=1)
+    right[dash] = CALLED  # on top: where the two coincide they alternate, cyan between the dashes
+    return np.concatenate([_panel(left, edge, side), _panel(right, edge | dash, side)], axis=1)
 
 
-def _titles(width: int, vmax: float) -> np.ndarray:
-    return text_band(["input, label in cyan", f"map on input, 0 to {vmax:.3g}"], width, 2)
+def _head(width: int, vmax: float, threshold: float | None, given: bool, case: str | None) -> list[np.ndarray]:
+    """The bands above the rows: the case, the ``legend``, the colour bar (the threshold a magenta tick) and
+    the panel titles."""
+    bands = [case_band(case, width)] if case is not None else []
+    mark = threshold if threshold is not None and math.isfinite(threshold) else None
+    return bands + [text_band([legend(threshold, given)], width, 1), colour_bar(width, vmax, mark),
+                    text_band(["input, label outline", "map on input, label and called pixels"], width, 2)]
 
 
 def volume_figure(image: np.ndarray, amap: np.ndarray, label: np.ndarray, slice_scores: dict[int, float],
-                  k: int = ROWS, name=None) -> np.ndarray:
-    """uint8 (rows * (H' + band) + band, 2 * W', 3) from canonical (R, A, S) arrays of one case (``image``
-    float, ``amap`` >= 0, ``label`` bool); grey from the 1st-99th percentile of the non-zero input, the
-    map scaled to the case's largest value. A title band, and above each row its slice (``name(s)``,
-    default the canonical index), label pixels and slice score."""
+                  k: int = ROWS, name=None, called: np.ndarray | None = None, threshold: float | None = None,
+                  given: bool = False, case: str | None = None) -> np.ndarray:
+    """uint8 (head + rows * (H' + band), 2 * W', 3) from canonical (R, A, S) arrays of one case (``image``
+    float, ``amap`` >= 0, ``label`` bool, ``called`` bool: the pixels called at ``threshold``, or None);
+    grey from the 1st-99th percentile of the non-zero input, the map scaled to the case's largest value.
+    The head: a band naming ``case`` (when given), the ``legend``, the colour bar and the titles; above
+    each row its slice (``name(s)``, default the canonical index), label pixels and slice score."""
     nonzero = image[image != 0]
     lo, hi = (np.percentile(nonzero, [1, 99]) if nonzero.size else (0.0, 1.0))
     vmax = float(amap.max()) if amap.size else 0.0
+    side = min(image.shape[0], image.shape[1])
     parts = []
     for s in pick_slices(label, slice_scores, k):
         def show(a):  # canonical (R->, A->) slice: anterior up, patient right on the right
             return np.ascontiguousarray(np.swapaxes(a[:, :, s], 0, 1)[::-1])
         values = show(amap) / vmax if vmax > 0 else np.zeros(show(amap).shape)
-        row = enlarge(_row(_grey(show(image), float(lo), float(hi)), values, show(label)),
-                      min(image.shape[0], image.shape[1]))
+        row = _row(_grey(show(image), float(lo), float(hi)), values, show(label),
+                   None if called is None else show(called), side)
         where = name(s) if name is not None else f"slice {s}"
         parts += [text_band([f"{where}: {int(label[:, :, s].sum())} label px, score {slice_scores[s]:.4g}"],
-                            row.shape[1], 2), row]
-    return np.concatenate([_titles(parts[1].shape[1], vmax), *parts], axis=0)
+                            row.shape[1], 2), mark_sides(row, 2)]
+    return np.concatenate([*_head(parts[1].shape[1], vmax, threshold, given, case), *parts], axis=0)
 
 
-def image_figure(rgb01: np.ndarray, amap: np.ndarray, label: np.ndarray) -> np.ndarray:
-    """uint8 (band + H', 2 * W', 3) for a photograph (``rgb01`` (H, W, 3) in [0, 1]), under a title band."""
+def image_figure(rgb01: np.ndarray, amap: np.ndarray, label: np.ndarray, called: np.ndarray | None = None,
+                 threshold: float | None = None, given: bool = False, case: str | None = None) -> np.ndarray:
+    """uint8 (head + H', 2 * W', 3) for a photograph (``rgb01`` (H, W, 3) in [0, 1]), under the head
+    ``volume_figure`` draws; no side markers (a photograph has no patient left and right)."""
     vmax = float(amap.max()) if amap.size else 0.0
     values = amap / vmax if vmax > 0 else np.zeros(amap.shape)
-    row = enlarge(_row(_grey(rgb01, 0.0, 1.0), values, label), min(amap.shape))
-    return np.concatenate([_titles(row.shape[1], vmax), row], axis=0)
+    row = _row(_grey(rgb01, 0.0, 1.0), values, label, called, min(amap.shape))
+    return np.concatenate([*_head(row.shape[1], vmax, threshold, given, case), row], axis=0)
 
 
-__all__ = ["ROWS", "OUTLINE", "outline", "pick_slices", "volume_figure", "image_figure"]
+__all__ = ["ROWS", "MIN_PANEL", "OUTLINE", "CALLED", "EDGE", "outline", "outer_outline", "dashes", "legend",
+           "pick_slices", "volume_figure", "image_figure"]

@@ -203,14 +203,10 @@ def _read_label(path: Path | None, like=None, shape: tuple[int, ...] | None = No
     return label
 
 
-def _native_case(out_dir: Path, rec: dict[str, Any], label_path: Path | None, figure: bool = False,
-                 values: tuple[int, ...] | None = None):
-    """(pixel labels, pixel scores, sample labels, sample scores, lesion ids, grid) of one case on the
-    input grid (``label_path`` None: no label, all normal); ``grid`` = (shape, packed bits of the
-    evaluated voxels or None for all) places the pixels back for lesion-wise counts; with ``figure``, also writes
-    ``eval-overlays/<case>.png`` (``eval_overlay``)."""
-    from nibabel.orientations import apply_orientation  # the exact permutation/flip inference used
-
+def _native_inputs(out_dir: Path, rec: dict[str, Any], label_path: Path | None, values: tuple[int, ...] | None):
+    """(map, label, evaluated pixels, brain mask or None) of one case on the input grid: the map as an
+    array (photos) or a ``Volume`` (volumes); a volume's label already restricted to the brain mask, a
+    photo's not yet (its evaluated pixels are the analysed centre square)."""
     from condiff.io.volumes import read_mask
 
     map_path = out_dir / rec["outputs"]["map"]["path"]
@@ -219,34 +215,61 @@ def _native_case(out_dir: Path, rec: dict[str, Any], label_path: Path | None, fi
 
         amap = np.asarray(tifffile.imread(map_path), dtype=np.float32)
         label = _read_label(label_path, shape=amap.shape, values=values)
-        if figure:
-            _write_figure(out_dir, rec, lambda: _image_figure(rec, amap, label))
         r0, r1, c0, c1 = analysed_box(rec["geometry"])  # a photo that is not square: its analysed centre square
         sel = np.zeros(label.shape, dtype=bool)
         sel[r0:r1, c0:c1] = True
-        label = label & sel
-        grid = (label.shape, None if sel.all() else np.packbits(sel))
-        return (label[sel], amap[sel], np.array([label.any()]), np.array([rec["score"]]),
-                lesion_regions(label)[sel], grid)
+        return amap, label, sel, None
     like = _like_volume(map_path)
     label = _read_label(label_path, like=like, values=values)
     brain = read_mask(rec["mask"], like) if rec.get("mask") else _auto_brain(rec) if _used_auto_mask(rec) else None
     if brain is not None:
         label = label & brain
     sel = brain if brain is not None else np.ones(label.shape, dtype=bool)
+    return like, label, sel, brain
+
+
+def _native_case(out_dir: Path, rec: dict[str, Any], label_path: Path | None, values: tuple[int, ...] | None = None):
+    """(pixel labels, pixel scores, sample labels, sample scores, lesion ids, grid) of one case on the
+    input grid (``label_path`` None: no label, all normal); ``grid`` = (shape, packed bits of the
+    evaluated voxels or None for all) places the pixels back for lesion-wise counts."""
+    from nibabel.orientations import apply_orientation  # the exact permutation/flip inference used
+
+    data, label, sel, brain = _native_inputs(out_dir, rec, label_path, values)
+    if rec.get("kind") == "image":
+        label = label & sel
+        grid = (label.shape, None if sel.all() else np.packbits(sel))
+        return (label[sel], data[sel], np.array([label.any()]), np.array([rec["score"]]),
+                lesion_regions(label)[sel], grid)
     ornt = np.asarray(rec["geometry"]["ornt"], dtype=float)
     canon = np.asarray(apply_orientation(label, ornt), dtype=bool)
     slice_scores = dict((int(k), float(s)) for k, s in rec["slice_scores"])
     ks = sorted(slice_scores)
     sample_labels = np.array([canon[:, :, k].any() for k in ks])
     sample_scores = np.array([slice_scores[k] for k in ks])
-    if figure:
-        _write_figure(out_dir, rec, lambda: _volume_figure(rec, like, canon, ornt, slice_scores))
     grid = (label.shape, None if brain is None else np.packbits(sel))  # 1 bit a voxel: where the pixels lie
-    return label[sel], like.data[sel], sample_labels, sample_scores, lesion_regions(label)[sel], grid
+    return label[sel], data.data[sel], sample_labels, sample_scores, lesion_regions(label)[sel], grid
 
 
-def _volume_figure(rec: dict[str, Any], like, canon_label: np.ndarray, ornt: np.ndarray, slice_scores) -> np.ndarray:
+def _native_figure(out_dir: Path, rec: dict[str, Any], label_path: Path | None, values: tuple[int, ...] | None,
+                   threshold: float, given: bool) -> np.ndarray:
+    """``eval-overlays/<case>.png``'s image (``eval_overlay``): the label's outline and the pixels the
+    table calls at ``threshold`` (map >= threshold on the evaluated pixels, as the per-case rows count
+    them; ``given``: a ``--threshold``, else the pooled best-Dice one). The case is read again, after
+    the table, so no case's volumes are held until the threshold is known."""
+    from nibabel.orientations import apply_orientation
+
+    data, label, sel, _ = _native_inputs(out_dir, rec, label_path, values)
+    if rec.get("kind") == "image":
+        return _image_figure(rec, data, label, (data >= threshold) & sel, threshold, given)
+    ornt = np.asarray(rec["geometry"]["ornt"], dtype=float)
+    canon = np.asarray(apply_orientation(label, ornt), dtype=bool)
+    called = np.asarray(apply_orientation((data.data >= threshold) & sel, ornt), dtype=bool)
+    slice_scores = dict((int(k), float(s)) for k, s in rec["slice_scores"])
+    return _volume_figure(rec, data, canon, ornt, slice_scores, called, threshold, given)
+
+
+def _volume_figure(rec: dict[str, Any], like, canon_label: np.ndarray, ornt: np.ndarray, slice_scores,
+                   called: np.ndarray | None = None, threshold: float | None = None, given: bool = False) -> np.ndarray:
     from nibabel.orientations import apply_orientation
 
     from condiff.io.volumes import read_volume_or_slice
@@ -261,10 +284,12 @@ def _volume_figure(rec: dict[str, Any], like, canon_label: np.ndarray, ornt: np.
     geometry = rec.get("geometry") or {}
     name = (lambda s: slice_name(geometry, s)) if "ornt" in geometry else None
     return volume_figure(np.asarray(apply_orientation(image, ornt)), np.asarray(apply_orientation(like.data, ornt)),
-                         canon_label, slice_scores, name=name)
+                         canon_label, slice_scores, name=name, called=called, threshold=threshold, given=given,
+                         case=rec["case"])
 
 
-def _image_figure(rec: dict[str, Any], amap: np.ndarray, label: np.ndarray) -> np.ndarray:
+def _image_figure(rec: dict[str, Any], amap: np.ndarray, label: np.ndarray, called: np.ndarray | None = None,
+                  threshold: float | None = None, given: bool = False) -> np.ndarray:
     from condiff.io.images import read_image
 
     from .eval_overlay import image_figure
@@ -272,7 +297,7 @@ def _image_figure(rec: dict[str, Any], amap: np.ndarray, label: np.ndarray) -> n
     rgb = read_image(rec["input"])
     if rgb.shape[:2] != amap.shape:
         raise ValueError(f"input {rec['input']} is {rgb.shape[:2]}, its map {amap.shape}: the input changed")
-    return image_figure(rgb, amap, label)
+    return image_figure(rgb, amap, label, called=called, threshold=threshold, given=given, case=rec["case"])
 
 
 def _write_figure(out_dir: Path, rec: dict[str, Any], draw) -> None:
@@ -464,7 +489,8 @@ def evaluate(out_dir: str | Path, mask_pattern: str, protocol: str = "native", o
              baselines: bool = False, threshold: GivenThreshold | None = None, bootstrap: int = 0,
              bootstrap_seed: int = 0, progress=None, lesion_iou: float = MIN_IOU) -> Evaluation:
     """Evaluate every ``ok`` record in ``out_dir`` (see the module docstring); ``overlays`` (native
-    protocol) also draws ``eval-overlays/<case>.png``: the label's outline on the input and on the map.
+    protocol) also draws ``eval-overlays/<case>.png``: the label's outline on the input and on the map,
+    and the pixels called at the table's threshold (drawn after the table, once that is known).
     ``missing_label``: ``error`` (a case without a label file is not evaluated) or ``normal`` (it
     counts as a case without lesion; counted in ``counts["cases_without_label"]``).
     ``label_values``: only these values of the label maps are lesion (e.g. BraTS (4,): enhancing
@@ -499,13 +525,14 @@ def evaluate(out_dir: str | Path, mask_pattern: str, protocol: str = "native", o
     parts: list[tuple] = []
     scores_of: list[float] = []
     without_label: list[str] = []
+    figures: list[tuple[dict[str, Any], Path | None]] = []  # (record, label file) of each case to draw
     for rec in records:
         try:
             label_path = find_mask(_case_of(rec), mask_pattern, required=required)
             if label_path is None:
                 without_label.append(rec["case"])
             if protocol == "native":
-                part = _native_case(out_dir, rec, label_path, figure=overlays, values=ev.label_values)
+                part = _native_case(out_dir, rec, label_path, values=ev.label_values)
             else:
                 part = _benchmark_case(out_dir, rec, label_path, ev.label_values)
                 if baselines:
@@ -516,6 +543,8 @@ def evaluate(out_dir: str | Path, mask_pattern: str, protocol: str = "native", o
             logger.info("case %s not evaluated: %s", rec["case"], text)  # the CLI lists them once, at the end
             continue
         parts.append(part)
+        if overlays and protocol == "native":
+            figures.append((rec, label_path))
         ev.cases.append(rec["case"])
         scores_of.append(rec["score"])
     if not parts:
@@ -573,6 +602,9 @@ def evaluate(out_dir: str | Path, mask_pattern: str, protocol: str = "native", o
     detections = (lesions_of["ensemble"] if threshold is None else
                   _lesion_counts(protocol, parts, case_regions, case_threshold, lesion_iou))
     ev.lesion_threshold = float(case_threshold)
+    for rec, label_path in figures:  # drawn once the threshold they show is known
+        _write_figure(out_dir, rec, functools.partial(_native_figure, out_dir, rec, label_path, ev.label_values,
+                                                      float(case_threshold), threshold is not None))
     ev.lesion_counts = sum(detections, LesionDetection())
     ev.per_case = [case_row(case, score, labels, values, case_threshold, det)
                    for case, score, (labels, values), det in zip(ev.cases, scores_of, pixels_of, detections)]

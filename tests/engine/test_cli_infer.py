@@ -86,8 +86,8 @@ def test_infer_writes_layout_geometry_and_records(tmp_path, model_set):
         from PIL import Image
 
         with Image.open(out / "overlays" / f"{case}.png") as im:
-            band = overlay.LABEL_BAND  # a title band, then a name band above each of the top 3 slices' rows
-            assert im.mode == "RGB" and im.size == (4 * 128, 3 * 128 + 4 * band)  # input | restoration | map
+            band = overlay.LABEL_BAND  # case and colour-bar bands, a title band, a name band above each row
+            assert im.mode == "RGB" and im.size == (4 * 128, 3 * 128 + 4 * band + band + overlay.BAR_BAND)  # input | restoration | map
             # | map on input, each 32-px panel enlarged 4x
         rec = json.loads((out / "records" / f"{case}.json").read_text())
         assert rec["status"] == "ok" and rec["members"] == [0]
@@ -218,7 +218,8 @@ def test_photographs_get_float_tiff_maps_and_png_previews(tmp_path):
     assert height == 40 and width == c1 - c0 + 1 and abs(width - 32 / 41 * 52) < 1
     assert not amap[:, :c0 - 1].any() and not amap[:, c1 + 2:].any() and amap[:, c0 + 1:c1].any()
     with Image.open(out / "overlays" / "eye.png") as im:
-        assert im.size == (4 * 128, 128 + 2 * overlay.LABEL_BAND)  # one image: one row of 4 panels (32 px enlarged 4x)
+        # one image: one row of 4 panels (32 px enlarged 4x) under case, colour-bar, title and name bands
+        assert im.size == (4 * 128, 128 + 3 * overlay.LABEL_BAND + overlay.BAR_BAND)
     # an MRI volume given to a photo model fails alone, with a reason
     make_scans(tmp_path / "in", n=1)
     res = _invoke([tmp_path / "in", "-o", out, "--models", models, *FAST])
