@@ -223,3 +223,66 @@ def test_empty_label_class_prints_dashes_not_nan(tmp_path):
 def test_versions_name_the_cpu():
     versions = _quality_module()._versions()
     assert versions["cpu"]  # platform.processor() alone is '' on Linux
+
+
+def test_healing_slices_are_the_held_out_subjects_thinned_evenly(tmp_path):
+    """The healing metric runs on the subjects condiff-train holds out (the last ones in its case order),
+    never on training subjects, and --max-slices keeps slices spread over the whole stack."""
+    quality = _quality_module()
+    from condiff.preprocess import PreprocessConfig
+    from condiff.train import data as tdata
+
+    folder = quality.make_smoke_healthy(tmp_path, n_subjects=3)
+    pre = PreprocessConfig(modality="mri", image_size=32, fov_mm=64.0, normalisation="percentile",
+                           use_mask=True).to_dict()
+    names, full = quality.held_out_slices(pre, folder, holdout=1, max_slices=None)
+    cases = tdata.list_cases(folder)
+    trained = {c.name for c in tdata._training_cases(cases, 1)}
+    assert names == [cases[-1].name] and not set(names) & trained
+    n = len(full)
+    assert n >= 5
+    k = 3
+    _, thin = quality.held_out_slices(pre, folder, holdout=1, max_slices=k)
+    picked = [next(i for i in range(n) if np.array_equal(full[i], s)) for s in thin]
+    assert picked[0] == 0 and picked[-1] == n - 1 and picked == sorted(picked) and len(picked) == k
+
+
+def test_healing_table_cells_sit_under_their_headers(tmp_path):
+    quality = _quality_module()
+    row = {"task": 2, "removed": 0.111, "copier_removed": 0.222, "clean_error": 0.333, "ap": 0.444,
+           "chance": 0.055, "n_slices": 7}
+    report = {"date": "d", "command": "c", "versions": {}, "lesions": {},
+              "synthetic": {"n_clean_slices": 7, "subjects": ["s"], "tasks": {"sink": row}}}
+    quality.write_markdown(report, tmp_path / "quality.md")
+    lines = (tmp_path / "quality.md").read_text().splitlines()
+    (head,) = [x for x in lines if x.startswith("| task | removed")]
+    (body,) = [x for x in lines if x.startswith("| 2 sink |")]
+    cells = dict(zip([c.strip() for c in head.strip("|").split("|")], [c.strip() for c in body.strip("|").split("|")]))
+    assert cells == {"task": "2 sink", "removed": "0.111", "copier reference": "0.222",
+                     "own error on healthy input": "0.333", "map AP": "0.444", "chance": "0.055", "slices": "7"}
+
+
+def test_healing_slices_hold_a_real_brain_section(tmp_path):
+    """Slices whose brain mask covers 15 % of the model's field of view or less (the ends of the brain) are
+    left out; oracle: the contract's own foreground of each prepared slice."""
+    import nibabel as nib
+
+    quality = _quality_module()
+    from condiff.io.volumes import read_mask, read_volume
+    from condiff.preprocess import PreprocessConfig, prepare_volume
+
+    folder = tmp_path / "ixi-t1"
+    folder.mkdir()
+    x, y, z = np.mgrid[:40, :40, :14]
+    brain = ((x - 20) / 16) ** 2 + ((y - 20) / 14) ** 2 + ((z - 7) / 7.5) ** 2 <= 1  # tapers towards both ends
+    img = np.where(brain, 0.5 + 0.1 * np.sin(x / 3.0), 0.0).astype(np.float32)
+    aff = np.diag([2.0, 2.0, 2.0, 1.0])
+    nib.save(nib.Nifti1Image(img, aff), folder / "IXI001-T1.nii.gz")
+    nib.save(nib.Nifti1Image(brain.astype(np.uint8), aff), folder / "IXI001-T1_brainmask.nii.gz")
+    cfg = PreprocessConfig(modality="mri", image_size=32, fov_mm=64.0, normalisation="percentile", use_mask=True)
+    _, got = quality.held_out_slices(cfg.to_dict(), folder, holdout=1, max_slices=None)
+    vol = read_volume(folder / "IXI001-T1.nii.gz")
+    prep = prepare_volume(vol, cfg, mask=read_mask(folder / "IXI001-T1_brainmask.nii.gz", vol))
+    share = prep.foreground.reshape(len(prep.slices), -1).mean(axis=1)
+    assert (share <= 0.15).any() and (share > 0.15).any()  # the phantom has both kinds
+    np.testing.assert_array_equal(got, prep.slices[share > 0.15])

@@ -663,3 +663,83 @@ def test_a_series_is_refused_unless_a_volume_index_picks_one(tmp_path):
     plain = series[..., 0]
     nib.save(nib.Nifti1Image(plain, np.diag([2.0, 2.0, 2.0, 1.0])), tmp_path / "plain.nii.gz")
     np.testing.assert_array_equal(volumes.read_volume(tmp_path / "plain.nii.gz", volume_index=2).data, plain)
+
+
+# ----------------------------------------------------------------------------------------- photos: more modes
+
+
+def test_grey_with_alpha_png_reads_as_its_grey_channel(tmp_path, caplog):
+    """LA (2 channels): alpha dropped like RGBA's, the grey repeated; oracle: Pillow's own L conversion."""
+    from PIL import Image
+
+    rng = np.random.default_rng(5)
+    la = rng.integers(0, 256, (23, 19, 2), dtype=np.uint8)
+    Image.fromarray(la, "LA").save(tmp_path / "la.png")
+    with Image.open(tmp_path / "la.png") as im:
+        grey = np.asarray(im.convert("L")).astype(np.float32) / 255
+    with caplog.at_level("WARNING", logger="condiff.io.images"):
+        got = images.read_image(tmp_path / "la.png")
+    np.testing.assert_array_equal(got, np.repeat(grey[:, :, None], 3, axis=2))
+    assert "alpha channel dropped" in caplog.text
+
+
+@pytest.mark.parametrize("fmt", ["png", "jpeg"])
+@pytest.mark.parametrize("orientation", [3, 6, 8])
+def test_exif_orientation_of_png_and_jpeg_photos_is_applied(tmp_path, fmt, orientation, caplog):
+    """Oracle: Pillow's exif_transpose of the same file (a phone photo stored sideways reads upright)."""
+    from PIL import Image, ImageOps
+
+    a = np.zeros((20, 31, 3), np.uint8)
+    a[:5, :9] = 255  # a bright top-left corner: lossless enough in JPEG to tell the rotations apart
+    im = Image.fromarray(a)
+    exif = im.getexif()
+    exif[0x0112] = orientation
+    path = tmp_path / f"p.{fmt}"
+    im.save(path, format=fmt.upper(), exif=exif.tobytes(), **({"quality": 100} if fmt == "jpeg" else {}))
+    with Image.open(path) as shown:
+        want = np.asarray(ImageOps.exif_transpose(shown)).astype(np.float32) / 255
+    with caplog.at_level("WARNING", logger="condiff.io.images"):
+        got = images.read_image(path)
+    assert got.shape == want.shape == ((31, 20, 3) if orientation in (6, 8) else (20, 31, 3))
+    np.testing.assert_array_equal(got, want)
+    assert "EXIF orientation" in caplog.text
+
+
+def test_a_label_image_drawn_in_any_colour_is_lesion(tmp_path):
+    from PIL import Image
+
+    rgb = np.zeros((16, 16, 3), np.uint8)
+    rgb[2:5, 3:6, 1] = 255  # green
+    rgb[9:12, 9:12, 2] = 200  # blue
+    Image.fromarray(rgb).save(tmp_path / "m.png")
+    want = rgb.max(axis=2) > 0
+    np.testing.assert_array_equal(images.read_label_image(tmp_path / "m.png"), want)
+    import tifffile
+
+    tifffile.imwrite(tmp_path / "m.tif", rgb, photometric="rgb")
+    np.testing.assert_array_equal(images.read_label_image(tmp_path / "m.tif"), want)
+
+
+@pytest.mark.parametrize("height, width, refused", [(10, 40, True), (40, 10, True), (11, 11, False), (11, 40, False)])
+def test_photos_below_the_ssim_window_on_either_side_are_refused(tmp_path, height, width, refused):
+    from PIL import Image
+
+    Image.fromarray(np.full((height, width, 3), 90, np.uint8)).save(tmp_path / "p.png")
+    if refused:
+        with pytest.raises(InputImageError, match="smaller than the SSIM window"):
+            images.read_image(tmp_path / "p.png")
+    else:
+        assert images.read_image(tmp_path / "p.png").shape == (height, width, 3)
+
+
+def test_a_finished_runs_folder_with_its_tables_is_not_read_as_scans(tmp_path, caplog):
+    """What condiff-infer leaves: records/ beside run.json, condiff.log, cases.csv and scores.csv."""
+    _touch(tmp_path / "proj", "a.nii.gz")
+    old = tmp_path / "proj" / "out"
+    _touch(old / "maps", "a.nii.gz")
+    (old / "records").mkdir()
+    for name in ("run.json", "condiff.log", "cases.csv", "scores.csv"):
+        (old / name).write_text("x")
+    with caplog.at_level("WARNING", logger="condiff.io.cases"):
+        found = cases.discover([tmp_path / "proj"])
+    assert [c.name for c in found] == ["a"]

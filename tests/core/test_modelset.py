@@ -2,6 +2,7 @@
 import json
 
 import pytest
+import safetensors.torch  # noqa: F401  (diffusers 0.24's save_pretrained calls it without importing it)
 import torch
 
 from condiff.config import ModelConfig, preset
@@ -318,3 +319,113 @@ def test_non_finite_weights_are_refused_at_load_naming_the_file(tmp_path):
     message = info.value.message
     assert message.startswith(f"{weights}: holds 3 non-finite weights (NaN/Inf): the training diverged")
     assert "lower learning rate" in message and "earlier checkpoint" in message
+
+
+def test_members_keep_the_order_set_json_lists_them_in(tmp_path):
+    """--members indices and the records' member list follow set.json, not the folders' names."""
+    _valid_set(tmp_path, n=3)
+    _edit_set(tmp_path, lambda doc: {**doc, "members": [doc["members"][2], doc["members"][0], doc["members"][1]]})
+    ms = open_model_set(tmp_path)
+    assert [d.name for d in ms.member_dirs] == ["fold2", "fold0", "fold1"]
+    assert [c.fold for c in ms.configs] == [2, 0, 1]
+
+
+def test_a_set_whose_members_differ_in_size_or_noise_schedule_is_refused(tmp_path):
+    from condiff.config import ScheduleConfig
+
+    m, cfg = _model(0)
+    save_model(tmp_path / "a", m, cfg)
+    torch.manual_seed(1)
+    big = preset("tiny", 1, sample_size=64)
+    save_model(tmp_path / "b", ConditionalUNet(big), ModelConfig(unet=big, preprocessing=cfg.preprocessing, fold=1))
+    save_model_set(tmp_path, [tmp_path / "a", tmp_path / "b"])
+    _refused(tmp_path, "member has 1 channels at 64 px; the first member has 1 at 32")
+
+    other = tmp_path / "sched"
+    save_model(other / "a", m, cfg)
+    cfg_b = ModelConfig(unet=cfg.unet, preprocessing=cfg.preprocessing, fold=1,
+                        schedule=ScheduleConfig(beta_schedule="scaled_linear"))
+    save_model(other / "b", m, cfg_b)
+    save_model_set(other, [other / "a", other / "b"])
+    _refused(other, "noise schedule differs")
+
+
+@pytest.mark.parametrize("schema", ["condiff.modelset/0", "condiff.modelset/0.9"])
+def test_an_older_set_schema_major_is_refused_too(tmp_path, schema):
+    _edit_set(_valid_set(tmp_path), lambda doc: {**doc, "schema": schema})
+    err = _refused(tmp_path, f"schema {schema} is not supported by this condiff (reads condiff.modelset/1)")
+    assert "use a condiff release that reads condiff.modelset/0" in str(err)
+
+
+@pytest.mark.parametrize("members", [[], None])
+def test_a_set_without_members_is_refused(tmp_path, members):
+    _edit_set(_valid_set(tmp_path), lambda doc: {**doc, "members": members})
+    err = _refused(tmp_path, "set.json", "lists no members")
+    assert err.path == str(tmp_path / "set.json")
+
+
+def test_diffusers_folder_with_pre_0_15_attention_names_imports_to_the_same_network(tmp_path):
+    """diffusers < 0.15 saved the attention layers as query/key/value/proj_attn: the import renames them
+    (to_q/to_k/to_v/to_out.0), so the network computes what the renamed state computes in diffusers 0.24."""
+    diffusers = pytest.importorskip("diffusers")
+    from safetensors.torch import save_file
+
+    from condiff.export.diffusers_import import import_diffusers_unet
+
+    cfg = preset("tiny", 1, sample_size=32)
+    torch.manual_seed(2)
+    ref = diffusers.UNet2DModel(**cfg.to_diffusers()).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    ref.save_pretrained(tmp_path / "unet_ema", safe_serialization=True)
+    old_names = {".to_q.": ".query.", ".to_k.": ".key.", ".to_v.": ".value.", ".to_out.0.": ".proj_attn."}
+    legacy = {}
+    for k, v in ref.state_dict().items():
+        for new, old in old_names.items():
+            if ".attentions." in k and new in k:
+                k = k.replace(new, old)
+        legacy[k] = v.contiguous()
+    assert any(".query." in k for k in legacy) and any(".proj_attn." in k for k in legacy)
+    save_file(legacy, str(tmp_path / "unet_ema" / "diffusion_pytorch_model.safetensors"))
+    import_diffusers_unet(tmp_path / "unet_ema", tmp_path / "ours")
+    ours, _ = load_model(tmp_path / "ours")
+    for k, v in ref.state_dict().items():
+        assert torch.equal(ours.state_dict()[k], v), k
+    g = torch.Generator().manual_seed(1)
+    x, c = torch.randn(2, 1, 32, 32, generator=g), torch.rand(2, 1, 32, 32, generator=g)
+    t = torch.tensor([5, 700])
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x, c, t), ref(torch.cat([x, c], 1), t).sample, rtol=0, atol=1e-5)
+
+
+def test_diffusers_import_refuses_a_contract_for_other_slices_and_other_classes(tmp_path):
+    diffusers = pytest.importorskip("diffusers")
+    from condiff.export.diffusers_import import import_diffusers_unet
+
+    cfg = preset("tiny", 1, sample_size=32)
+    diffusers.UNet2DModel(**cfg.to_diffusers()).save_pretrained(tmp_path / "unet_ema")
+    with pytest.raises(ModelFolderError, match="1-channel 32-px slices, the preprocessing contract gives 1-channel 64-px"):
+        import_diffusers_unet(tmp_path / "unet_ema", tmp_path / "o1",
+                              preprocessing={"modality": "mri", "image_size": 64})
+    assert not (tmp_path / "o1").exists()
+    doc = json.loads((tmp_path / "unet_ema" / "config.json").read_text())
+    (tmp_path / "unet_ema" / "config.json").write_text(json.dumps({**doc, "_class_name": "UNet2DConditionModel"}))
+    with pytest.raises(ModelFolderError, match="UNet2DConditionModel, condiff imports UNet2DModel only"):
+        import_diffusers_unet(tmp_path / "unet_ema", tmp_path / "o2")
+
+
+def test_diffusers_import_reads_the_safetensors_file_before_a_pickle_beside_it(tmp_path):
+    """A folder holding both formats (diffusers wrote both for years) is imported from the safetensors file,
+    so a damaged or stale .bin beside it is never unpickled."""
+    diffusers = pytest.importorskip("diffusers")
+    from condiff.export.diffusers_import import import_diffusers_unet
+
+    cfg = preset("tiny", 1, sample_size=32)
+    torch.manual_seed(3)
+    ref = diffusers.UNet2DModel(**cfg.to_diffusers()).eval()
+    ref.save_pretrained(tmp_path / "unet_ema", safe_serialization=True)
+    (tmp_path / "unet_ema" / "diffusion_pytorch_model.bin").write_bytes(b"not a pickle at all")
+    import_diffusers_unet(tmp_path / "unet_ema", tmp_path / "ours")
+    ours, _ = load_model(tmp_path / "ours")
+    assert all(torch.equal(ours.state_dict()[k], v) for k, v in ref.state_dict().items())

@@ -102,3 +102,23 @@ def test_bids_layout_refuses_non_bids_inputs_and_colliding_names(tmp_path, datas
     res = invoke_infer([dataset, "-o", dataset / "sub-01" / "out", "--models", models, *FAST, "--layout", "bids"])
     assert res.exit_code == 2 and "inside the input folder" in res.stderr
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+
+
+@pytest.mark.parametrize("folder, expected", [("func", "func"), ("dwi", "dwi"), ("perf", "perf"), ("anat", "anat"),
+                                              ("scans", "anat"), ("ses-1", "anat")])
+def test_derivatives_keep_the_sources_datatype_folder(folder, expected):
+    from condiff.engine.bids import derivative_paths
+
+    case = Case(name="x", path=Path(f"/data/sub-03/{folder}/sub-03_run-1_bold.nii.gz"), kind="volume")
+    assert derivative_paths(case)["map"] == f"sub-03/{expected}/sub-03_run-1_desc-anomaly_bold.nii.gz"
+
+
+def test_names_that_differ_only_in_letter_case_collide():
+    """On a case-insensitive file system (macOS, Windows shares) the two maps would be one file."""
+    from condiff.engine.bids import check_cases
+
+    a = Case(name="a/sub-09_T1w", path=Path("/a/sub-09/anat/sub-09_T1w.nii.gz"), kind="volume")
+    b = Case(name="b/sub-09_t1w", path=Path("/b/sub-09_t1w.nii.gz"), kind="volume")
+    with pytest.raises(ValueError, match="would both write"):
+        check_cases([a, b])
+    check_cases([a])

@@ -155,3 +155,27 @@ def test_condiff_eval_bootstrap_block_and_json(tmp_path):
     plain = CliRunner().invoke(eval_main, [str(out), "--masks", "{dir}/{stem}_seg.nii.gz"], catch_exceptions=False)
     assert "intervals" not in plain.stdout
     assert json.loads((out / "metrics-native.json").read_text())["bootstrap"] is None
+
+
+@pytest.mark.parametrize("level, seed", [(0.9, 7), (0.95, 11)])
+def test_intervals_are_percentiles_of_whole_cohort_resamples_scored_by_sklearn(level, seed):
+    """Oracle: each resample drawn as condiff documents it (n cases with replacement, as multinomial counts
+    from the seeded generator), the drawn cases concatenated and scored by scikit-learn, and numpy's
+    percentiles at (1 - level) / 2 and (1 + level) / 2; a resample without a lesion pixel is left out."""
+    cases = _cases(4, n_cases=5)
+    n = 30
+    iv = bootstrap({"a": _pooled(cases)}, n, seed=seed, level=level)
+    rng = np.random.default_rng(seed)
+    ap, auroc = [], []
+    for _ in range(n):
+        mult = rng.multinomial(len(cases), np.full(len(cases), 1.0 / len(cases)))
+        assert mult.sum() == len(cases)
+        y, s, _, sy, ss = _concatenated(cases, mult)
+        ap.append(sk.average_precision_score(y, s) if y.any() else np.nan)
+        auroc.append(sk.roc_auc_score(sy, ss) if 0 < sy.sum() < sy.size else np.nan)
+    for key, values in (("ap_pixel", ap), ("auroc", auroc)):
+        values = np.array(values)
+        kept = values[~np.isnan(values)]
+        want = np.percentile(kept, [100 * (1 - level) / 2, 100 * (1 + level) / 2])
+        np.testing.assert_allclose(iv.rows["a"][key], want, rtol=0, atol=1e-10)
+        assert iv.undefined["a"][key] == n - kept.size

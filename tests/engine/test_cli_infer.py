@@ -721,3 +721,74 @@ def test_volume_index_analyses_one_volume_of_a_series_and_writes_a_3d_map(tmp_pa
     assert rec["options"]["volume_index"] == 1 and rec["shape"] == list(img.shape)
     res = _invoke([tmp_path / "in", "-o", out, "--models", model_set, *FAST, "--members", "1", "--volume-index", "2"])
     assert res.exit_code == 2 and "volume_index 1 (this run: 2)" in res.stderr  # another volume: another method
+
+
+# ----------------------------------------------------------------------------------------- --members and --shard
+
+
+@pytest.mark.parametrize("text, n, expected", [
+    (None, 3, [0, 1, 2]), ("", 3, [0, 1, 2]), ("1", 3, [0]), ("3", 3, [0, 1, 2]), ("2,", 3, [2]),
+    ("2,0", 3, [2, 0]), (" 0, 2 ", 3, [0, 2]),
+    ("0", 3, None), ("4", 3, None), ("-1", 3, None), ("0,0", 3, None), ("2,1,2", 3, None), ("3,", 3, None),
+    ("-1,", 3, None), (",", 3, None), ("x", 3, None),
+])
+def test_members_text_is_a_count_or_distinct_indices(text, n, expected):
+    from condiff.engine.plan import parse_members
+
+    if expected is None:
+        with pytest.raises(ValueError, match="--members"):
+            parse_members(text, n)
+    else:
+        assert parse_members(text, n) == expected
+
+
+@pytest.mark.parametrize("text, expected", [("0/1", (0, 1)), ("3/4", (3, 4)), ("4/4", None), ("5/4", None),
+                                            ("-1/4", None), ("0/0", None), ("1/2/3", None), ("a/b", None), ("1", None)])
+def test_shard_text_is_an_index_below_the_count(text, expected):
+    from condiff.engine.plan import parse_shard
+
+    if expected is None:
+        with pytest.raises(ValueError, match="--shard"):
+            parse_shard(text)
+    else:
+        assert parse_shard(text) == expected
+
+
+def test_shards_split_the_cases_by_sorted_name_whatever_order_they_were_given_in():
+    """Shards started with the inputs in another order (``a/ b/`` and ``b/ a/``) must still split one
+    list: case k of the name-sorted list goes to shard k % N, so every case runs exactly once."""
+    from condiff.engine.plan import select_shard
+    from condiff.io.cases import Case
+
+    names = ["b/x", "a/z", "c", "a/y", "b/w", "a/x", "d"]
+    made = [Case(name, Path(f"/in/{name}.nii.gz"), "volume") for name in names]
+    ordered = sorted(names)
+    rng = np.random.default_rng(0)
+    for count in (1, 2, 3):
+        for _ in range(3):
+            given = [made[i] for i in rng.permutation(len(made))]
+            for index in range(count):
+                assert [c.name for c in select_shard(given, index, count)] == ordered[index::count]
+
+
+def test_a_shard_leaves_other_writers_temporary_files_and_merge_exits_1_for_failed_cases(tmp_path, model_set):
+    """Shards write into one folder side by side: a shard must not delete another's half-written file
+    (only a whole-folder run removes a killed run's leftovers). --merge reports failed cases with exit 1."""
+    scans = tmp_path / "scans"
+    make_scans(scans, n=1)
+    good = (scans / "case0.nii.gz").read_bytes()
+    (scans / "truncated.nii.gz").write_bytes(good[: len(good) // 2])
+    out = tmp_path / "out"
+    in_flight = out / "maps" / ".case7.nii.gz.4242.tmp"  # another shard's map being written
+    in_flight.parent.mkdir(parents=True)
+    in_flight.write_bytes(b"partial")
+    base = [scans, "-o", out, "--models", model_set, *FAST, "--members", "1"]
+    res = _invoke([*base, "--shard", "0/2"])  # case0
+    assert res.exit_code == 0, res.output + res.stderr
+    res = _invoke([*base, "--shard", "1/2"])  # truncated
+    assert res.exit_code == 1, res.output + res.stderr
+    assert in_flight.is_file()
+    res = _invoke(["--merge", out])
+    assert res.exit_code == 1 and "1 ok, 1 failed" in res.stdout, res.output + res.stderr
+    res = _invoke(base)  # a whole-folder run owns the folder: leftovers go
+    assert res.exit_code == 1 and not in_flight.exists()

@@ -331,3 +331,16 @@ def test_held_input_volumes_bound_a_group_and_leave_the_outputs_unchanged(tmp_pa
     assert res.exit_code == 0, res.output + res.stderr
     assert len(groups) == 3 and sum(groups) == n_slices
     assert digests(tmp_path / "out") == digests(ref)
+
+
+def test_out_of_memory_at_a_fixed_batch_size_of_1_never_suggests_batch_size_0():
+    def oom(*a, **kw):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    ctx = _context(1, None)
+    ctx.batch_auto = False
+    with pytest.raises(BackendUnavailableError) as info:
+        backoff.run_within_memory(oom, [0], ctx)
+    text = str(info.value)
+    assert "out of memory on cpu even at batch size 1" in text and "fewer --members" in text
+    assert "--batch-size 0" not in text

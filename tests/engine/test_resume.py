@@ -330,3 +330,105 @@ def test_a_copy_is_told_from_another_scan_of_the_same_protocol(tmp_path):
     assert not _same_sample(str(first), str(second))
     shutil.copyfile(first, tmp_path / "copy.nii")
     assert _same_sample(str(first), str(tmp_path / "copy.nii"))
+
+
+def _recorded_case(out, options, *, mask_sha="m" * 64, input_sha="i" * 64, digest="d" * 64):
+    """A finished case written by hand: its outputs and a record that proves them (engine.plan's contract)."""
+    from pathlib import Path
+
+    from condiff.engine.plan import RECORD_SCHEMA, plan_case, sha256_path
+    from condiff.io.cases import Case
+
+    plan = plan_case(Case("sub/case0", Path("/in/sub/case0.nii.gz"), "volume"), options)
+    outputs = {}
+    for kind, rel in plan.outputs.items():
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        (out / rel).write_bytes(kind.encode())
+        outputs[kind] = {"path": rel, "sha256": sha256_path(out / rel)}
+    rec = {"schema": RECORD_SCHEMA, "status": "ok", "case": "sub/case0", "input_sha256": input_sha,
+           "mask_sha256": mask_sha, "model_set_digest": digest, "options": options.to_dict(),
+           "options_digest": options.case_digest(0, 1), "nonfinite_voxels": 0, "series_volumes": 1,
+           "outputs": outputs}
+    (out / plan.record).parent.mkdir(parents=True, exist_ok=True)
+    (out / plan.record).write_text(json.dumps(rec))
+    return plan
+
+
+def test_a_record_proves_its_case_only_while_every_recorded_digest_still_holds(tmp_path):
+    """resume_check: the same input, brain mask, model set and options with untouched outputs skip the case;
+    any one of them changed recomputes it, named."""
+    import dataclasses
+
+    from condiff.engine.plan import RunOptions, resume_check
+
+    options = RunOptions(mask="auto", steps=4)
+    plan = _recorded_case(tmp_path, options)
+    same = dict(input_sha256="i" * 64, mask_sha256="m" * 64, model_set_digest="d" * 64, options=options)
+    assert resume_check(tmp_path, plan, **same) is None
+    for key, value, reason in (("input_sha256", "j" * 64, "input sha256 changed"),
+                               ("mask_sha256", "n" * 64, "mask sha256 changed"),
+                               ("mask_sha256", None, "mask sha256 changed"),
+                               ("model_set_digest", "e" * 64, "model set digest changed"),
+                               ("options", dataclasses.replace(options, seed=1), "options digest changed")):
+        assert resume_check(tmp_path, plan, **{**same, key: value}) == reason, key
+    # a run that plans other outputs (here: no restorations) recomputes rather than trusting the old list
+    fewer = dataclasses.replace(options, restoration=False)
+    from condiff.engine.plan import plan_case
+
+    assert resume_check(tmp_path, plan_case(plan.case, fewer), **{**same, "options": fewer}) in (
+        "options digest changed", "different outputs planned")
+    # a failed record never proves anything
+    rec = json.loads((tmp_path / plan.record).read_text())
+    (tmp_path / plan.record).write_text(json.dumps({**rec, "status": "failed"}))
+    assert resume_check(tmp_path, plan, **same) == "failed before"
+
+
+def test_records_written_before_the_newer_options_existed_stay_current(tmp_path):
+    """--fast-kernels, --layout and --volume-index are left out of the options (and their digest) at their
+    defaults, so a record made by a condiff without them still proves its case. Oracle: the digest an
+    older condiff wrote, rebuilt with hashlib from its option dict."""
+    import hashlib
+
+    from condiff.engine.plan import RunOptions, resume_check
+
+    options = RunOptions(mask="auto", steps=4)
+    plan = _recorded_case(tmp_path, options)
+    rec = json.loads((tmp_path / plan.record).read_text())
+    old = {k: v for k, v in rec["options"].items() if k not in ("fast_kernels", "layout", "volume_index")}
+    assert set(rec["options"]) == set(old)  # nothing of the newer options in the record at their defaults
+    del old["nan_policy"]  # no NaN in the input: the policy does not decide its bytes
+    want = hashlib.sha256(json.dumps(old, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    assert rec["options_digest"] == want
+    assert resume_check(tmp_path, plan, input_sha256="i" * 64, mask_sha256="m" * 64, model_set_digest="d" * 64,
+                        options=options) is None
+
+
+def test_a_record_listing_fewer_outputs_than_this_version_plans_is_recomputed(tmp_path):
+    """A record from a version that wrote no overlay (same options digest) must not hide the new output."""
+    from condiff.engine.plan import RunOptions, resume_check
+
+    options = RunOptions(mask="auto", steps=4)
+    plan = _recorded_case(tmp_path, options)
+    rec = json.loads((tmp_path / plan.record).read_text())
+    del rec["outputs"]["overlay"]
+    (tmp_path / plan.record).write_text(json.dumps(rec))
+    assert resume_check(tmp_path, plan, input_sha256="i" * 64, mask_sha256="m" * 64, model_set_digest="d" * 64,
+                        options=options) == "different outputs planned"
+
+
+def test_another_preprocessing_contract_with_the_same_weights_is_another_method():
+    """The model-set digest covers the weights, not the members' config.json: a contract edited in place
+    (another field of view, other landmarks) gives maps of another method, named as such."""
+    from condiff.engine.consistency import check_single_method, differences
+    from condiff.engine.plan import RunOptions
+    from condiff.errors import CondiffError
+
+    ours = RunOptions(preprocessing={"modality": "mri", "fov_mm": 192.0}).to_dict()
+    theirs = {**ours, "preprocessing": {"modality": "mri", "fov_mm": 240.0}}
+    rec = {"case": "a", "status": "ok", "model_set_digest": "d" * 64, "options": theirs}
+    assert differences(rec, "d" * 64, ours) == ["another preprocessing than this run's"]
+    older = {k: v for k, v in ours.items() if k != "preprocessing"}  # a record without the field
+    assert differences({**rec, "options": older}, "d" * 64, ours) == ["another preprocessing than this run's"]
+    with pytest.raises(CondiffError, match="another preprocessing"):
+        check_single_method([rec, {**rec, "case": "b", "options": ours}, {**rec, "case": "c", "options": ours}],
+                            "out")

@@ -186,3 +186,59 @@ def test_a_config_with_null_preprocessing_exports(tmp_path):
     (folder / "config.json").write_text(json.dumps(cfg))
     result = onnx_export.export_onnx(folder, map_steps=2)
     assert result.maps.finite and result.maps.failures(FP32) == []
+
+
+def test_a_constant_exported_map_correlates_only_with_the_same_constant():
+    """An export that flattens every map (e.g. restores the input exactly) has no correlation with torch's
+    textured map; two equal constant maps agree. Non-constant maps: numpy's Pearson r."""
+    from condiff.export.parity import _correlation
+
+    ramp = np.linspace(0, 0.3, 64)
+    assert _correlation(ramp, np.zeros(64)) == 0.0
+    assert _correlation(np.zeros(64), ramp) == 0.0
+    assert _correlation(np.full(64, 0.5), np.full(64, 0.25)) == 0.0
+    # constants that are not exact in binary: numpy's std() of np.full(64, 0.2) is 2.8e-17, not 0, and
+    # a std() == 0 test called these two maps perfectly correlated
+    assert np.full(64, 0.2).std() > 0
+    assert _correlation(np.full(64, 0.2), np.full(64, 0.1)) == 0.0
+    assert _correlation(np.full(64, 0.2), np.full(64, 0.2)) == 1.0
+    assert _correlation(np.zeros(64), np.zeros(64)) == 1.0
+    noisy = ramp + np.random.default_rng(0).normal(0, 0.05, 64)
+    assert _correlation(ramp, noisy) == pytest.approx(np.corrcoef(ramp, noisy)[0, 1], abs=1e-15)
+
+
+def _parity(**changes):
+    from condiff.export.parity import MapParity
+
+    good = dict(steps=10, images=4, max_abs_map_diff=0.0, relative_map_diff=0.0, min_correlation=1.0,
+                rank_agreement=1.0, ap_reference=0.5, ap_export=0.5, finite=True)
+    return MapParity(**{**good, **changes})
+
+
+@pytest.mark.parametrize("changes, fp32, fp16", [
+    ({}, [], []),
+    ({"relative_map_diff": 2e-3}, ["maps differ"], []),
+    ({"relative_map_diff": 0.06}, ["maps differ"], ["maps differ"]),
+    ({"min_correlation": 0.99995}, [], []),
+    ({"min_correlation": 0.997}, ["map correlation"], []),
+    ({"min_correlation": 0.99}, ["map correlation"], ["map correlation"]),  # drift the fp16 gate must refuse
+    ({"ap_export": 0.51}, ["pixel AP"], []),
+    ({"ap_export": 0.47}, ["pixel AP"], ["pixel AP"]),
+    ({"rank_agreement": 0.9}, ["slice scores ranked"], []),
+    ({"rank_agreement": 0.7}, ["slice scores ranked"], ["slice scores ranked"]),
+])
+def test_each_tolerance_refuses_on_its_own(changes, fp32, fp16):
+    parity = _parity(**changes)
+    for tol, expected in ((FP32, fp32), (FP16, fp16)):
+        got = parity.failures(tol)
+        assert len(got) == len(expected) and all(e in g for e, g in zip(expected, got)), (tol, got)
+
+
+def test_rank_ties_are_relative_to_the_scores_size():
+    """Slice scores are small numbers: 0.001 against 0.002 is a clear order (100 %), not a tie."""
+    from condiff.export.parity import _rank_agreement
+
+    small = np.array([0.001, 0.002, 0.003])
+    assert _rank_agreement(small, np.array([0.002, 0.001, 0.003])) == pytest.approx(2 / 3)
+    assert _rank_agreement(small * 1000, np.array([2.0, 1.0, 3.0])) == pytest.approx(2 / 3)
+    assert _rank_agreement(np.array([0.001, 0.001005]), np.array([0.002, 0.001])) == 1.0  # 0.5 % apart: a tie

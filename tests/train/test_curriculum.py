@@ -101,3 +101,11 @@ def test_task_samples_pass_the_epoch_scale_to_the_task_and_stay_keyed():
     seen.clear()
     TaskSamples(images, lambda im, rng: (im.copy(), np.zeros(im.shape[1:], bool), None), seed=3)[(0, 0)]
     assert seen == []  # without a curriculum the task is called as before, with two arguments
+
+
+def test_an_epoch_may_start_between_two_steps():
+    """250 samples, global batch 64: epoch e starts at step 250·e/64 (not rounded), so the scale is continuous."""
+    c = SizeCurriculum(3.0, 100)
+    at = c.epoch_scale(n_samples=250, global_batch=64)
+    for epoch in (1, 3, 7, 25):
+        assert at(epoch) == pytest.approx(3.0 - 2.0 * min(250 * epoch / 64, 100) / 100, rel=1e-12)

@@ -167,3 +167,45 @@ def test_resampled_source_is_inside_the_source_range_and_patch_sized():
     corner_fg = np.zeros((64, 64), bool)
     corner_fg[0, 0] = True
     assert poisson.resample_source(source, (30, 30), rng, corner_fg) is None
+
+
+def test_a_grey_target_takes_any_colour_channel_of_a_photo():
+    """The reference draws the kept channels at random: over seeds every channel of an RGB source is used."""
+    gray = np.full((1, 4, 5), 0.9)
+    rgb = np.stack([np.full((4, 5), v) for v in (0.5, 0.6, 0.7)])
+    picked = {float(poisson.match_channels(rgb, gray, np.random.default_rng(s))[0, 0, 0]) for s in range(30)}
+    assert picked == {0.5, 0.6, 0.7}
+
+
+def test_resampled_source_follows_the_documented_geometry():
+    """Oracle: the documented draws replayed with scipy: φ ~ U(-π/4, π/4), e = 1 + Exp(0.1), scale e or 1/e capped
+    so the rotated patch box spans at most 80 % of the source, a uniform corner with the crop inside the
+    source, cubic affine_transform of the crop, clipped to the source's range."""
+    from scipy.ndimage import affine_transform
+
+    src = np.random.default_rng(1).random((2, 37, 41))
+    patch_hw = (30, 34)  # large: the 80 % cap binds in most draws
+    n_capped = 0
+    for seed in range(25):
+        got = poisson.resample_source(src, patch_hw, np.random.default_rng(seed))
+        rng = np.random.default_rng(seed)
+        phi = rng.uniform(-np.pi / 4, np.pi / 4)
+        rot = np.array([[np.cos(phi), -np.sin(phi)], [np.sin(phi), np.cos(phi)]])
+        corners = np.array([[0, 0, patch_hw[0], patch_hw[0]], [0, patch_hw[1], 0, patch_hw[1]]], float)
+        span = np.ceil((rot @ corners).max(1)) - np.floor((rot @ corners).min(1))
+        cap = np.min(0.8 * np.array(src.shape[1:]) / span)
+        e = 1 + rng.exponential(0.1)
+        scale = min(e if rng.random() < 0.5 else 1 / e, cap)
+        n_capped += scale == cap
+        m = scale * rot
+        lo, hi = np.floor((m @ corners).min(1)), np.ceil((m @ corners).max(1))
+        crop_hw = (hi - lo).astype(int)
+        assert np.all(crop_hw <= 0.8 * np.array(src.shape[1:]) + 1)
+        corner = rng.integers(0, np.array(src.shape[1:]) - crop_hw, endpoint=True)
+        crop = src[:, corner[0]:corner[0] + crop_hw[0], corner[1]:corner[1] + crop_hw[1]]
+        want = np.stack([affine_transform(ch, m, offset=-lo, output_shape=patch_hw, order=3, mode="constant",
+                                          cval=0.0, prefilter=True) for ch in crop])
+        want = np.clip(want, src.min(axis=(1, 2), keepdims=True), src.max(axis=(1, 2), keepdims=True))
+        assert got is not None
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
+    assert n_capped >= 5

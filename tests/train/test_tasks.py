@@ -408,3 +408,172 @@ def test_a_slice_too_small_to_host_an_anomaly_serves_as_a_no_task_sample():
         out, mask, task_id = task(image, np.random.default_rng(seed))
         assert task_id is None and not mask.any()
         np.testing.assert_array_equal(out, image)
+
+
+# --- task 4: smooth Perlin-noise intensity change (train/perlin.py) -----------------------------------------
+
+from condiff.train import perlin  # noqa: E402
+
+
+def test_smootherstep_is_the_quintic_with_flat_ends():
+    t = np.linspace(0, 1, 101)
+    np.testing.assert_allclose(perlin.smootherstep(t), np.polyval([6, -15, 10, 0, 0, 0], t), rtol=0, atol=1e-15)
+    h = 1e-3  # value, slope and curvature at both ends: 0/1, 0, 0 (what hides the lattice seams)
+    for end, value in ((0.0, 0.0), (1.0, 1.0)):
+        f = perlin.smootherstep(np.array([end - h, end, end + h]))
+        assert f[1] == value
+        assert abs(f[2] - f[0]) / (2 * h) < 1e-4 and abs(f[2] - 2 * f[1] + f[0]) / h ** 2 < 1e-1
+
+
+def _perlin_oracle(shape, periods, gradients):
+    """Classic gradient noise pixel by pixel: corner dot products blended with 6t^5 - 15t^4 + 10t^3."""
+    fade = lambda t: 6 * t ** 5 - 15 * t ** 4 + 10 * t ** 3  # noqa: E731
+    out = np.zeros(shape)
+    for i in range(shape[0]):
+        for j in range(shape[1]):
+            p = np.array([i * periods[0] / shape[0], j * periods[1] / shape[1]])
+            i0, j0 = int(np.floor(p[0])), int(np.floor(p[1]))
+            f = p - [i0, j0]
+            dots = {(a, b): gradients[i0 + a, j0 + b] @ (f - [a, b]) for a in (0, 1) for b in (0, 1)}
+            top = dots[0, 0] * (1 - fade(f[1])) + dots[0, 1] * fade(f[1])
+            bottom = dots[1, 0] * (1 - fade(f[1])) + dots[1, 1] * fade(f[1])
+            out[i, j] = top * (1 - fade(f[0])) + bottom * fade(f[0])
+    return out
+
+
+@pytest.mark.parametrize("shape, periods", [((17, 23), (2.7, 4.1)), ((12, 12), (3.0, 1.5))])
+def test_perlin_layer_matches_a_pixel_by_pixel_oracle(shape, periods):
+    periods = np.array(periods)
+    got = perlin.perlin_noise(shape, periods, np.random.default_rng(4))
+    rng = np.random.default_rng(4)  # the same gradient draw: ceil(I + 1) lattice points per axis, unit vectors
+    v = rng.standard_normal(tuple(int(np.ceil(p + 1)) for p in periods) + (2,))
+    want = _perlin_oracle(shape, periods, v / np.linalg.norm(v, axis=-1, keepdims=True))
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
+
+
+def test_fractal_noise_halves_each_layers_amplitude_and_spans_zero_to_one():
+    shape, layers = (20, 26), [np.array([1.6, 2.2]), np.array([3.3, 4.1]), np.array([6.9, 8.2])]
+    got = perlin.fractal_noise(shape, layers, np.random.default_rng(6))
+    rng = np.random.default_rng(6)
+    total = sum(0.5 ** j * perlin.perlin_noise(shape, p, rng) for j, p in enumerate(layers))
+    want = (total - total.min()) / (total.max() - total.min())
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
+    assert got.min() == 0.0 and got.max() == 1.0
+
+
+@pytest.mark.parametrize("shape", [(40, 40), (12, 60), (90, 30)])
+def test_layer_periods_follow_the_documented_draws(shape):
+    """I_max = mean(h, w)/3; I_1 = 1 + Exp((I_max - 1)/4.5); n = min(floor(log2(I_max/I_1)) + 1, 1 + Poisson(1));
+    I_(j+1) = 2 I_j N(1, 0.1) while fewer than n and I_j < I_max; each then jittered per axis by N(1, 0.1)."""
+    for seed in range(10):
+        got = perlin.draw_layer_periods(shape, np.random.default_rng(seed))
+        rng = np.random.default_rng(seed)
+        i_max = (shape[0] + shape[1]) / 2 / 3
+        cores = [1 + rng.exponential((i_max - 1) / 4.5)]
+        n = min(np.floor(np.log2(i_max / cores[0])) + 1, 1 + rng.poisson(1))
+        while len(cores) < n and cores[-1] < i_max:
+            cores.append(cores[-1] * 2 * rng.normal(1, 0.1))
+        want = [rng.normal(1, 0.1, size=2) * c for c in cores]
+        assert len(got) == len(want)
+        for g, w in zip(got, want):
+            np.testing.assert_allclose(g, w, rtol=1e-13)
+
+
+def _intensity_oracle(image, corner, mask, seed, scale=perlin.INTENSITY_SCALE):
+    """§5 task 4 in float64: ramp min(d / w, 1), w = min(min(H, W)·(0.02 + Gamma(3, 0.01)), max d); one sign per
+    channel; a = scale/2 + Gamma(3, scale); the fractal noise drawn next; clip to each channel's range."""
+    from scipy.ndimage import distance_transform_edt
+
+    rng = np.random.default_rng(seed)
+    d = distance_transform_edt(mask)
+    w = min(min(image.shape[1:]) * (0.02 + rng.gamma(3.0, 0.01)), d.max())
+    ramp = np.minimum(d / w, 1.0)
+    signs = rng.choice([1.0, -1.0], size=image.shape[0])
+    a = scale / 2 + rng.gamma(3, scale)
+    noise = perlin.fractal_noise(mask.shape, perlin.draw_layer_periods(mask.shape, rng), rng)
+    out = image.astype(np.float64).copy()
+    h, wd = mask.shape
+    box = out[:, corner[0]:corner[0] + h, corner[1]:corner[1] + wd]
+    box += ramp[None] * (a * signs)[:, None, None] * noise[None]
+    lo, hi = image.min(axis=(1, 2), keepdims=True), image.max(axis=(1, 2), keepdims=True)
+    return np.clip(out, lo, hi).astype(image.dtype), signs
+
+
+@pytest.mark.parametrize("radius", [3, 12])  # a small disc (ramp capped by its depth) and a large one (a plateau)
+@pytest.mark.parametrize("modality", ["mri", "rgb"])
+def test_intensity_anomaly_matches_the_float64_recipe(radius, modality):
+    image = _mri(64) if modality == "mri" else _rgb(64, seed=2)
+    n = 2 * radius + 1
+    yy, xx = np.mgrid[:n, :n] - radius
+    mask = yy ** 2 + xx ** 2 <= radius ** 2
+    corner = np.array([20, 18])
+    signs_seen = set()
+    for seed in range(6):
+        got = perlin.intensity_anomaly(image, corner, mask, np.random.default_rng(seed))
+        want, signs = _intensity_oracle(image, corner, mask, seed)
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+        signs_seen.add(tuple(signs))
+    if modality == "rgb":
+        assert any(len(set(s)) == 2 for s in signs_seen)  # channels may brighten and darken in one anomaly
+
+
+# --- deformations: the push distance, the radius clamp, the spline, the fixed border ---------------------------
+
+@pytest.mark.parametrize("mean_edge, min_push, max_push, fallback", [
+    (12.0, 0.5, 5.0, None),      # U(max(0.1 m, 0.5), min(0.9 m, 5)), m = A / sqrt(2)
+    (40.0, 0.5, 5.0, None),      # 0.1 m = 2.83 > 0.5: the lower bound is 0.1 m
+    (3.0, 0.5, 5.0, None),       # 0.9 m = 1.91 < 5: the upper bound is 0.9 m
+    (2.0, 3.0, 5.0, "hi"),       # min_push >= 0.9 m: 0.9 m
+    (60.0, 0.5, 1.0, "lo"),      # max_push <= 0.1 m: 0.1 m
+])
+def test_push_distance_follows_the_reference_bounds(mean_edge, min_push, max_push, fallback):
+    m = mean_edge / np.sqrt(2)
+    for seed in range(5):
+        got = deform.push_distance(mean_edge, np.random.default_rng(seed), min_push, max_push)
+        if fallback == "hi":
+            assert got == pytest.approx(0.9 * m, rel=1e-12)
+        elif fallback == "lo":
+            assert got == pytest.approx(0.1 * m, rel=1e-12)
+        else:
+            want = np.random.default_rng(seed).uniform(max(0.1 * m, min_push), min(0.9 * m, max_push))
+            assert got == pytest.approx(want, rel=1e-12)
+
+
+@pytest.mark.parametrize("kind", [deform.SINK, deform.SOURCE])
+def test_a_radius_a_rounding_past_the_edge_maps_onto_the_edge(kind):
+    """r is at most R up to rounding (1e-9 here): the powers must stay real and the pixel sample at the edge."""
+    edge = np.array([5.0, 7.25, 0.0])
+    r = np.array([5.0 + 1e-9, 7.25 + 4e-9, 0.0])
+    got = deform.new_radius(kind, r, edge, 1.7)
+    assert np.all(np.isfinite(got))
+    np.testing.assert_allclose(got, edge, rtol=0, atol=1e-8)
+
+
+def _square_shape(n=15):
+    return shapes.AnomalyShape(shapes.RECTANGLE, np.array([n, n]), np.identity(2), np.ones((n, n), bool))
+
+
+@pytest.mark.parametrize("kind", [deform.SINK, deform.SOURCE])
+def test_deformation_samples_a_cubic_spline_and_keeps_the_patch_border(kind):
+    """Oracle: scipy's cubic spline (mode "nearest") over the patch at the documented sample points; the pixels on
+    the patch's outer border and the centre keep their values even where the mask covers them."""
+    from scipy.ndimage import map_coordinates
+
+    rng = np.random.default_rng(0)
+    image = rng.random((2, 30, 32)).astype(np.float32)
+    shape, corner, centre = _square_shape(15), np.array([6, 9]), np.array([7, 6])
+    out = deform.deform_anomaly(image, corner, shape, np.random.default_rng(5), kind, centre=centre)
+    a = deform.mean_edge_distance(centre, shape.mask)
+    k = deform.bend_exponent(kind, a, deform.push_distance(a, np.random.default_rng(5)))
+    pixels, coords = deform.deformation_targets(shape, centre, k, kind)
+    assert len(pixels) == 13 * 13 - 1  # the inner 13 x 13 without the centre
+    want = image.copy()
+    for c in range(2):
+        patch = image[c, 6:21, 9:24].astype(np.float64)
+        want[c, corner[0] + pixels[:, 0], corner[1] + pixels[:, 1]] = map_coordinates(patch, coords, order=3,
+                                                                                     mode="nearest")
+    np.testing.assert_array_equal(out, want)
+    box = out[:, 6:21, 9:24]
+    np.testing.assert_array_equal(box[:, [0, -1], :], image[:, 6:21, 9:24][:, [0, -1], :])
+    np.testing.assert_array_equal(box[:, :, [0, -1]], image[:, 6:21, 9:24][:, :, [0, -1]])
+    assert not np.array_equal(box[:, 1:-1, 1:-1], image[:, 7:20, 10:23])

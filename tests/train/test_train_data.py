@@ -72,3 +72,82 @@ def test_bad_volumes_advise_what_training_can_do(tmp_path, kind, expect, infer_o
 
     with pytest.raises(InputImageError, match=infer_only):
         volumes.read_volume(path)
+
+
+def test_photos_train_as_uncentred_zero_to_one_images(tmp_path):
+    """The tasks run on [0, 1] (§1): a photo at the model size comes back as its own pixels / 255."""
+    from PIL import Image
+
+    rgb = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "a.png")
+    slices = tdata.load_slices(tmp_path, PreprocessConfig(modality="rgb", image_size=32))
+    assert slices.images.shape == (1, 3, 32, 32) and slices.modality == "rgb"
+    np.testing.assert_allclose(slices.images[0], rgb.transpose(2, 0, 1) / 255.0, rtol=0, atol=1e-6)
+
+
+def _masked(tmp_path):
+    import nibabel as nib
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    phantom_volume(folder / "a.nii", seed=0, mask_path=folder / "a_brainmask.nii.gz")  # uncompressed: fixed size
+    cfg = PreprocessConfig(modality="mri", image_size=32, normalisation="percentile", use_mask=True)
+    return folder, cfg, nib
+
+
+def test_the_slice_cache_follows_the_brain_mask_and_the_image_bytes(tmp_path):
+    """A cached case is reused only while its image and its mask are the files it was made from."""
+    import os
+
+    folder, cfg, nib = _masked(tmp_path)
+    pattern, cache = "{dir}/{stem}_brainmask.nii.gz", tmp_path / "cache"
+    first = tdata.load_slices(folder, cfg, pattern, cache_dir=cache)
+    np.testing.assert_array_equal(first.images, tdata.load_slices(folder, cfg, pattern).images)
+    # a smaller brain mask (same shape, other bytes): the cached arrays no longer hold
+    mask_img = nib.load(folder / "a_brainmask.nii.gz")
+    mask = np.asarray(mask_img.dataobj).copy()
+    mask[:, :20] = 0
+    nib.save(nib.Nifti1Image(mask, mask_img.affine), str(folder / "a_brainmask.nii.gz"))
+    fresh = tdata.load_slices(folder, cfg, pattern).images
+    assert not np.array_equal(fresh, first.images)
+    np.testing.assert_array_equal(tdata.load_slices(folder, cfg, pattern, cache_dir=cache).images, fresh)
+    # the image rewritten in place with other voxels and the same size: only its mtime tells
+    st = (folder / "a.nii").stat()
+    phantom_volume(folder / "a.nii", seed=3)
+    assert (folder / "a.nii").stat().st_size == st.st_size
+    os.utime(folder / "a.nii", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    fresh = tdata.load_slices(folder, cfg, pattern).images
+    assert not np.array_equal(fresh, first.images)
+    np.testing.assert_array_equal(tdata.load_slices(folder, cfg, pattern, cache_dir=cache).images, fresh)
+
+
+def test_a_damaged_or_foreign_cache_file_is_rebuilt(tmp_path):
+    folder, cfg, _ = _masked(tmp_path)
+    pattern, cache = "{dir}/{stem}_brainmask.nii.gz", tmp_path / "cache"
+    want = tdata.load_slices(folder, cfg, pattern, cache_dir=cache).images
+    (path,) = cache.glob("*.npy")
+    for stale in (want[0], want.astype(np.float64)):  # a 3-D array, a float64 array: not this version's
+        np.save(path, stale)
+        got = tdata.load_slices(folder, cfg, pattern, cache_dir=cache).images
+        assert got.dtype == np.float32
+        np.testing.assert_array_equal(got, want)
+
+
+def test_a_scan_without_a_usable_slice_is_left_out_of_the_cases_and_subjects(tmp_path, caplog):
+    import nibabel as nib
+
+    folder, cfg, _ = _masked(tmp_path)
+    phantom_volume(folder / "b.nii.gz", seed=1)
+    speck = np.zeros((40, 40, 12), np.uint8)
+    speck[19:22, 19:22, 6] = 1  # a 3 x 3 voxel brain mask: no slice holds 5 % brain
+    nib.save(nib.Nifti1Image(speck, np.diag([4.0, 4.0, 4.0, 1.0])), str(folder / "b_brainmask.nii.gz"))
+    cfg = PreprocessConfig.from_dict({**cfg.to_dict(), "min_foreground_fraction": 0.05})
+    with caplog.at_level("WARNING", logger="condiff.train.data"):
+        slices = tdata.load_slices(folder, cfg, "{dir}/{stem}_brainmask.nii.gz")
+    assert slices.cases == ["a"] and slices.subjects == ["a"] and set(slices.case.tolist()) == {0}
+    assert "no non-empty slice, skipped" in caplog.text
+
+
+@pytest.mark.parametrize("name", ["sub-01-extra_T1w", "sub-01.5_T1w", "flat/sub-01+x"])
+def test_a_name_that_only_starts_like_a_bids_subject_is_its_own_subject(name):
+    assert tdata.subject_of(name) == name
