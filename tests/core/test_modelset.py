@@ -97,27 +97,39 @@ def test_model_set_refuses_mixed_preprocessing(tmp_path):
         open_model_set(tmp_path)
 
 
+def _perturbed_diffusers_unet(diffusers, cfg, seed: int, scale: float):
+    """A diffusers UNet2DModel of ``cfg`` whose weights are moved off their initial values (zero-initialised
+    layers included), so an import that drops or swaps any tensor changes the output."""
+    torch.manual_seed(seed)
+    ref = diffusers.UNet2DModel(**cfg.to_diffusers()).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(scale * torch.randn_like(p))
+    return ref
+
+
+def _assert_same_network(ours, ref, seed: int, t: tuple[int, int]):
+    """Every tensor equal, and ours(x_t, cond, t) equals diffusers on the channel-concatenated input."""
+    for k, v in ref.state_dict().items():
+        assert torch.equal(ours.state_dict()[k], v), k
+    g = torch.Generator().manual_seed(seed)
+    x, c = torch.randn(2, 1, 32, 32, generator=g), torch.rand(2, 1, 32, 32, generator=g)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x, c, torch.tensor(t)), ref(torch.cat([x, c], 1), torch.tensor(t)).sample,
+                                   rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("fmt", ["safetensors", "bin"])
 def test_diffusers_folder_import_is_lossless(tmp_path, fmt):
     diffusers = pytest.importorskip("diffusers")
     from condiff.export.diffusers_import import import_diffusers_unet
 
     cfg = preset("tiny", 1, sample_size=32)
-    torch.manual_seed(1)
-    ref = diffusers.UNet2DModel(**cfg.to_diffusers()).eval()
-    with torch.no_grad():
-        for p in ref.parameters():
-            p.add_(0.01 * torch.randn_like(p))
+    ref = _perturbed_diffusers_unet(diffusers, cfg, seed=1, scale=0.01)
     ref.save_pretrained(tmp_path / "unet_ema", safe_serialization=(fmt == "safetensors"))
     import_diffusers_unet(tmp_path / "unet_ema", tmp_path / "ours")
     ours, _ = load_model(tmp_path / "ours")
-    for k, v in ref.state_dict().items():
-        assert torch.equal(ours.state_dict()[k], v), k
-    g = torch.Generator().manual_seed(0)
-    x, c = torch.randn(2, 1, 32, 32, generator=g), torch.rand(2, 1, 32, 32, generator=g)
-    t = torch.tensor([10, 600])
-    with torch.no_grad():
-        torch.testing.assert_close(ours(x, c, t), ref(torch.cat([x, c], 1), t).sample, rtol=0, atol=1e-5)
+    _assert_same_network(ours, ref, seed=0, t=(10, 600))
     # saved again and reloaded: bit-identical
     save_model(tmp_path / "again", ours, open_model_set(tmp_path / "ours").configs[0])
     again, _ = load_model(tmp_path / "again")
@@ -373,11 +385,7 @@ def test_diffusers_folder_with_pre_0_15_attention_names_imports_to_the_same_netw
     from condiff.export.diffusers_import import import_diffusers_unet
 
     cfg = preset("tiny", 1, sample_size=32)
-    torch.manual_seed(2)
-    ref = diffusers.UNet2DModel(**cfg.to_diffusers()).eval()
-    with torch.no_grad():
-        for p in ref.parameters():
-            p.add_(0.02 * torch.randn_like(p))
+    ref = _perturbed_diffusers_unet(diffusers, cfg, seed=2, scale=0.02)
     ref.save_pretrained(tmp_path / "unet_ema", safe_serialization=True)
     old_names = {".to_q.": ".query.", ".to_k.": ".key.", ".to_v.": ".value.", ".to_out.0.": ".proj_attn."}
     legacy = {}
@@ -390,13 +398,7 @@ def test_diffusers_folder_with_pre_0_15_attention_names_imports_to_the_same_netw
     save_file(legacy, str(tmp_path / "unet_ema" / "diffusion_pytorch_model.safetensors"))
     import_diffusers_unet(tmp_path / "unet_ema", tmp_path / "ours")
     ours, _ = load_model(tmp_path / "ours")
-    for k, v in ref.state_dict().items():
-        assert torch.equal(ours.state_dict()[k], v), k
-    g = torch.Generator().manual_seed(1)
-    x, c = torch.randn(2, 1, 32, 32, generator=g), torch.rand(2, 1, 32, 32, generator=g)
-    t = torch.tensor([5, 700])
-    with torch.no_grad():
-        torch.testing.assert_close(ours(x, c, t), ref(torch.cat([x, c], 1), t).sample, rtol=0, atol=1e-5)
+    _assert_same_network(ours, ref, seed=1, t=(5, 700))
 
 
 def test_diffusers_import_refuses_a_contract_for_other_slices_and_other_classes(tmp_path):
