@@ -154,8 +154,8 @@ def colour_bar(width: int, vmax: float, mark: float | None = None) -> np.ndarray
         band[g1:g1 + 5, max(x0, x - 1):x + 1] = (255, 0, 255)
     image = Image.fromarray(band)
     draw, font = ImageDraw.Draw(image), _font()
+    _, t, _, b = draw.textbbox((0, 0), "on input", font=font)  # one text height for both strip names
     for (top, bottom), name in zip(BAR_ROWS, ("map", "on input")):
-        _, t, _, b = draw.textbbox((0, 0), "on input", font=font)
         draw.text((3, (top + bottom - (b - t)) // 2 - t + 1), name, fill=(255, 255, 255), font=font)
     for share, text in ticks:
         left, _, right, _ = draw.textbbox((0, 0), text, font=font)

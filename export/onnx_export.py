@@ -209,33 +209,12 @@ def write_checked_onnx(model: ConditionalUNet, final_path: str | Path, *, varian
     """
     final_path = Path(final_path)
     tmp = _temp_name(final_path)
-    maps = None
     try:
         trace_to_onnx(model, tmp, variant=variant, chunk_size=chunk_size, pad_head_dim=pad_head_dim,
                       opset=opset, trace_batch=trace_batch)
         check_onnx(tmp)
-        if not ort_check:
-            if before_replace is not None:
-                before_replace()
-            os.replace(tmp, final_path)
-            return None, None
-        session = ort_cpu_session(tmp, threads)
-        seconds: dict = {}
-        diff = max_abs_diff_vs_torch(tmp, model, batch=check_batch, threads=threads, session=session, seconds=seconds)
-        if not diff <= atol:  # also catches NaN
-            raise ExportError(final_path, f"ONNX Runtime output differs from torch by {diff:.3g} "
-                              f"(max abs, batch {check_batch}), more than the tolerance {atol:g}",
-                              "nothing was written; report this with the model's config.json")
-        images, steps = CALIBRATION_IMAGES, map_steps
-        if map_steps is None:
-            images, steps = check_size(seconds["ort"] + seconds["torch"])
-            if steps < 10:
-                logger.info("map check sized to the network's speed (%.1f s a call, torch and ONNX Runtime): "
-                            "%d steps on %d images; --map-check-steps 10 for the full check",
-                            seconds["ort"] + seconds["torch"], steps, images)
-        if steps:
-            maps = check_maps(session, model, modality, steps, final_path, images)
-        del session
+        diff, maps = (_compare_in_ort(tmp, final_path, model, atol=atol, check_batch=check_batch, threads=threads,
+                                      map_steps=map_steps, modality=modality) if ort_check else (None, None))
         if before_replace is not None:
             before_replace()
         os.replace(tmp, final_path)
@@ -246,6 +225,27 @@ def write_checked_onnx(model: ConditionalUNet, final_path: str | Path, *, varian
     finally:
         tmp.unlink(missing_ok=True)
     return diff, maps
+
+
+def _compare_in_ort(tmp: Path, final_path: Path, model: ConditionalUNet, *, atol: float, check_batch: int,
+                    threads: int | None, map_steps: int | None, modality: str | None) -> tuple[float, MapParity | None]:
+    """``write_checked_onnx``'s ONNX Runtime checks of the traced graph ``tmp``: eps against torch, then
+    the map check (sized to the network's speed when ``map_steps`` is None)."""
+    session = ort_cpu_session(tmp, threads)
+    seconds: dict = {}
+    diff = max_abs_diff_vs_torch(tmp, model, batch=check_batch, threads=threads, session=session, seconds=seconds)
+    if not diff <= atol:  # also catches NaN
+        raise ExportError(final_path, f"ONNX Runtime output differs from torch by {diff:.3g} "
+                          f"(max abs, batch {check_batch}), more than the tolerance {atol:g}",
+                          "nothing was written; report this with the model's config.json")
+    images, steps = CALIBRATION_IMAGES, map_steps
+    if map_steps is None:
+        images, steps = check_size(seconds["ort"] + seconds["torch"])
+        if steps < 10:
+            logger.info("map check sized to the network's speed (%.1f s a call, torch and ONNX Runtime): "
+                        "%d steps on %d images; --map-check-steps 10 for the full check",
+                        seconds["ort"] + seconds["torch"], steps, images)
+    return diff, (check_maps(session, model, modality, steps, final_path, images) if steps else None)
 
 
 def export_onnx(model_dir: str | Path, *, attention: str = "auto", opset: int = DEFAULT_OPSET,

@@ -218,11 +218,12 @@ def build_trt(model_dir: str | Path, *, profile: BatchProfile = BatchProfile(), 
         # the plain-attention graph of a large network needs far more host memory in ONNX Runtime on
         # the CPU than the GPU has (paper: 16 GiB of scores per image, ~2x that resident): there the
         # engine's own checks against torch on the GPU below stand in for the ONNX Runtime one
-        ort_check = variant == "chunked" or largest_score_bytes(config.unet) <= MAX_PLAIN_SCORE_BYTES
+        scores = largest_score_bytes(config.unet)
+        ort_check = variant == "chunked" or scores <= MAX_PLAIN_SCORE_BYTES
         if not ort_check:
             logger.info("%s: the TensorRT graph's attention scores (%.1f GiB per image) are too large to check in "
                         "ONNX Runtime on the CPU; the engine is checked against torch on the GPU instead",
-                        model_dir, largest_score_bytes(config.unet) / 2**30)
+                        model_dir, scores / 2**30)
         onnx_diff, _ = write_checked_onnx(model, onnx_path, variant=variant, chunk_size=chunk_size, pad_head_dim=pad,
                                           opset=opset, atol=ATOL, ort_check=ort_check)
         onnx_sha = artifacts.file_sha256(onnx_path)
