@@ -41,6 +41,19 @@ def bundled(name: str) -> Path | None:
     return path if path.is_dir() else None
 
 
+def _positive_map_value(ctx, param, value):
+    if value is not None and not (value > 0 and value != float("inf")):
+        raise click.BadParameter(f"{value} is not a positive map value (for example 0.02)")
+    return value
+
+
+overlay_max_option = click.option(
+    "--overlay-max", type=float, default=None, metavar="VALUE", callback=_positive_map_value,
+    help="Top of the overlay colour scale, the same map value for every case (e.g. the largest map_max in "
+         "cases.csv), so colours can be compared across cases; higher values saturate [default: each case's "
+         "own maximum].")
+
+
 def _echo_err(text: str) -> None:
     from tqdm import tqdm
 
@@ -84,6 +97,7 @@ def _jsonable(value: Any) -> Any:
 @click.option("--dry-run", is_flag=True,
               help="Read and preprocess every input (and brain mask) as the run would, name the broken ones, and "
                    "list planned outputs; loads no model. An -o that cannot be created is exit 2, as in the run.")
+@overlay_max_option
 @click.option("--no-restoration", is_flag=True, help="Do not write restorations/.")
 @click.option("--save-model-space", is_flag=True, help="Also write model_space/<case>.npz (for condiff-eval --protocol benchmark).")
 @click.option("--save-member-maps", is_flag=True, help="Also keep every member's model-space maps in the npz.")
@@ -133,7 +147,7 @@ def infer_main(**kw: Any) -> None:
 
 def _infer(inputs, output, models, engine, device, precision, batch_size, fast_kernels, steps, sampler, members, seed,
            mask_pattern, resume, dry_run, no_restoration, save_model_space, save_member_maps, nan_policy, volume_index,
-           fallback_precision,
+           fallback_precision, overlay_max,
            layout, deterministic, log_format, log_file, fail_fast, shard,
            merge_dir, ray_address, ray_workers, max_retries, group_slices, progress, quiet, verbose) -> int:
     from condiff.cli_common import resolve_precision
@@ -203,7 +217,7 @@ def _infer(inputs, output, models, engine, device, precision, batch_size, fast_k
                           member_maps=save_member_maps, nan_policy=nan_policy, resume=resume, group_slices=group_slices,
                           volume_index=volume_index,
                           fast_kernels=fast_kernels, fallback_precision=fallback_precision,
-                          deterministic=deterministic, layout=layout)
+                          deterministic=deterministic, layout=layout, overlay_max=overlay_max)
         if ray_address is None:
             ctx = pipeline.make_context(**ctx_kwargs)
             ctx.fail_fast = fail_fast
@@ -548,6 +562,7 @@ def _merge(out_dir: Path) -> int:
 @click.option("--overlays/--no-overlays", default=True, show_default=True,
               help="native protocol: also write eval-overlays/<case>.png, the label's outline on the input and on "
                    "the map, for the slices holding the most label.")
+@overlay_max_option
 @verbose_option
 @version_option
 def eval_main(**kw: Any) -> None:
@@ -572,7 +587,7 @@ def _label_values(text: str | None) -> tuple[int, ...] | None:
 
 def _eval(out_dir: Path, mask_pattern: str, protocol: str, missing_label: str, label_values, baselines: bool,
           threshold_text: str | None, bootstrap: int, bootstrap_seed: int, lesion_iou: float, progress: bool,
-          overlays: bool, verbose: int) -> int:
+          overlays: bool, overlay_max: float | None, verbose: int) -> int:
     from tqdm import tqdm
 
     from condiff.io.atomic import write_json_atomic, write_text_atomic
@@ -589,7 +604,7 @@ def _eval(out_dir: Path, mask_pattern: str, protocol: str, missing_label: str, l
             ev = evaluate(out_dir, mask_pattern, protocol, overlays=overlays and protocol == "native",
                           missing_label=missing_label, label_values=label_values, baselines=baselines,
                           threshold=given, bootstrap=bootstrap, bootstrap_seed=bootstrap_seed, progress=bar.update,
-                          lesion_iou=lesion_iou)
+                          lesion_iou=lesion_iou, overlay_max=overlay_max)
         if not ev.rows:  # nothing evaluated (a mistyped --masks): keep the metrics of an earlier evaluation
             for case, err in ev.failures:
                 _echo_err(f"NOT EVALUATED {case}: {err}")

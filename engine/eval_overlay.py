@@ -3,7 +3,7 @@
 One row per slice, two panels: the input with the label's outline | the map on the input (the
 overlay PNG's fourth panel) with the same outline and, dashed in magenta around them, the pixels the
 table's threshold calls; a header band naming the case, a legend band (what the outlines are, the
-threshold), the colour bar (``overlay.colour_bar``: per case), a title band, and above each row the
+threshold), the colour bar (``overlay.colour_bar``: per case, or one fixed scale), a title band, and above each row the
 slice as the input file numbers it, its label pixels and score. Volumes show the ``ROWS`` analysed
 slices holding the most label voxels (the top-scoring slices when the label is empty), anterior up
 and patient right on the right, "L"/"R" at the panel edges, like ``overlay.py``; photographs show one
@@ -20,7 +20,7 @@ import numpy as np
 
 from condiff.io.images import to_png8
 
-from .overlay import case_band, colour_bar, enlarge, map_on, mark_sides, text_band
+from .overlay import case_band, colour_bar, colour_scale, enlarge, map_on, mark_sides, scaled, text_band
 
 ROWS = 3
 MIN_PANEL = 360  # pixels: a panel's short side at least, by integer pixel replication
@@ -106,48 +106,52 @@ def _row(grey: np.ndarray, values01: np.ndarray, label: np.ndarray, called: np.n
     return np.concatenate([_panel(left, edge, side), _panel(right, edge | dash, side)], axis=1)
 
 
-def _head(width: int, vmax: float, threshold: float | None, given: bool, case: str | None) -> list[np.ndarray]:
-    """The bands above the rows: the case, the ``legend``, the colour bar (the threshold a magenta tick) and
-    the panel titles."""
+def _head(width: int, vmax: float, threshold: float | None, given: bool, case: str | None,
+          case_max: float | None = None) -> list[np.ndarray]:
+    """The bands above the rows: the case, the ``legend``, the colour bar (the threshold a magenta tick;
+    ``case_max``: the case's maximum on a fixed scale) and the panel titles."""
     bands = [case_band(case, width)] if case is not None else []
     mark = threshold if threshold is not None and math.isfinite(threshold) else None
-    return bands + [text_band([legend(threshold, given)], width, 1), colour_bar(width, vmax, mark),
+    return bands + [text_band([legend(threshold, given)], width, 1), colour_bar(width, vmax, mark, case_max),
                     text_band(["input, label outline", "map on input, label and called pixels"], width, 2)]
 
 
 def volume_figure(image: np.ndarray, amap: np.ndarray, label: np.ndarray, slice_scores: dict[int, float],
                   k: int = ROWS, name=None, called: np.ndarray | None = None, threshold: float | None = None,
-                  given: bool = False, case: str | None = None) -> np.ndarray:
+                  given: bool = False, case: str | None = None, vmax: float | None = None) -> np.ndarray:
     """uint8 (head + rows * (H' + band), 2 * W', 3) from canonical (R, A, S) arrays of one case (``image``
     float, ``amap`` >= 0, ``label`` bool, ``called`` bool: the pixels called at ``threshold``, or None);
-    grey from the 1st-99th percentile of the non-zero input, the map scaled to the case's largest value.
+    grey from the 1st-99th percentile of the non-zero input, the map scaled to the case's largest value
+    or to a fixed ``vmax`` (``condiff-eval --overlay-max``).
     The head: a band naming ``case`` (when given), the ``legend``, the colour bar and the titles; above
     each row its slice (``name(s)``, default the canonical index), label pixels and slice score."""
     nonzero = image[image != 0]
     lo, hi = (np.percentile(nonzero, [1, 99]) if nonzero.size else (0.0, 1.0))
-    vmax = float(amap.max()) if amap.size else 0.0
+    top, case_max = colour_scale(amap, vmax)
     side = min(image.shape[0], image.shape[1])
     parts = []
     for s in pick_slices(label, slice_scores, k):
         def show(a):  # canonical (R->, A->) slice: anterior up, patient right on the right
             return np.ascontiguousarray(np.swapaxes(a[:, :, s], 0, 1)[::-1])
-        values = show(amap) / vmax if vmax > 0 else np.zeros(show(amap).shape)
+        values = scaled(show(amap), top)
         row = _row(_grey(show(image), float(lo), float(hi)), values, show(label),
                    None if called is None else show(called), side)
         where = name(s) if name is not None else f"slice {s}"
         parts += [text_band([f"{where}: {int(label[:, :, s].sum())} label px, score {slice_scores[s]:.4g}"],
                             row.shape[1], 2), mark_sides(row, 2)]
-    return np.concatenate([*_head(parts[1].shape[1], vmax, threshold, given, case), *parts], axis=0)
+    return np.concatenate([*_head(parts[1].shape[1], top, threshold, given, case,
+                                  None if vmax is None else case_max), *parts], axis=0)
 
 
 def image_figure(rgb01: np.ndarray, amap: np.ndarray, label: np.ndarray, called: np.ndarray | None = None,
-                 threshold: float | None = None, given: bool = False, case: str | None = None) -> np.ndarray:
+                 threshold: float | None = None, given: bool = False, case: str | None = None,
+                 vmax: float | None = None) -> np.ndarray:
     """uint8 (head + H', 2 * W', 3) for a photograph (``rgb01`` (H, W, 3) in [0, 1]), under the head
     ``volume_figure`` draws; no side markers (a photograph has no patient left and right)."""
-    vmax = float(amap.max()) if amap.size else 0.0
-    values = amap / vmax if vmax > 0 else np.zeros(amap.shape)
-    row = _row(_grey(rgb01, 0.0, 1.0), values, label, called, min(amap.shape))
-    return np.concatenate([*_head(row.shape[1], vmax, threshold, given, case), row], axis=0)
+    top, case_max = colour_scale(amap, vmax)
+    row = _row(_grey(rgb01, 0.0, 1.0), scaled(amap, top), label, called, min(amap.shape))
+    return np.concatenate([*_head(row.shape[1], top, threshold, given, case, None if vmax is None else case_max), row],
+                          axis=0)
 
 
 __all__ = ["ROWS", "MIN_PANEL", "OUTLINE", "CALLED", "EDGE", "outline", "outer_outline", "dashes", "legend",

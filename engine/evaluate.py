@@ -251,25 +251,27 @@ def _native_case(out_dir: Path, rec: dict[str, Any], label_path: Path | None, va
 
 
 def _native_figure(out_dir: Path, rec: dict[str, Any], label_path: Path | None, values: tuple[int, ...] | None,
-                   threshold: float, given: bool) -> np.ndarray:
+                   threshold: float, given: bool, vmax: float | None = None) -> np.ndarray:
     """``eval-overlays/<case>.png``'s image (``eval_overlay``): the label's outline and the pixels the
     table calls at ``threshold`` (map >= threshold on the evaluated pixels, as the per-case rows count
-    them; ``given``: a ``--threshold``, else the pooled best-Dice one). The case is read again, after
+    them; ``given``: a ``--threshold``, else the pooled best-Dice one; ``vmax``: a fixed top of the colour
+    scale, else the case's maximum). The case is read again, after
     the table, so no case's volumes are held until the threshold is known."""
     from nibabel.orientations import apply_orientation
 
     data, label, sel, _ = _native_inputs(out_dir, rec, label_path, values)
     if rec.get("kind") == "image":
-        return _image_figure(rec, data, label, (data >= threshold) & sel, threshold, given)
+        return _image_figure(rec, data, label, (data >= threshold) & sel, threshold, given, vmax)
     ornt = np.asarray(rec["geometry"]["ornt"], dtype=float)
     canon = np.asarray(apply_orientation(label, ornt), dtype=bool)
     called = np.asarray(apply_orientation((data.data >= threshold) & sel, ornt), dtype=bool)
     slice_scores = dict((int(k), float(s)) for k, s in rec["slice_scores"])
-    return _volume_figure(rec, data, canon, ornt, slice_scores, called, threshold, given)
+    return _volume_figure(rec, data, canon, ornt, slice_scores, called, threshold, given, vmax)
 
 
 def _volume_figure(rec: dict[str, Any], like, canon_label: np.ndarray, ornt: np.ndarray, slice_scores,
-                   called: np.ndarray | None = None, threshold: float | None = None, given: bool = False) -> np.ndarray:
+                   called: np.ndarray | None = None, threshold: float | None = None, given: bool = False,
+                   vmax: float | None = None) -> np.ndarray:
     from nibabel.orientations import apply_orientation
 
     from condiff.io.volumes import read_volume_or_slice
@@ -285,11 +287,11 @@ def _volume_figure(rec: dict[str, Any], like, canon_label: np.ndarray, ornt: np.
     name = (lambda s: slice_name(geometry, s)) if "ornt" in geometry else None
     return volume_figure(np.asarray(apply_orientation(image, ornt)), np.asarray(apply_orientation(like.data, ornt)),
                          canon_label, slice_scores, name=name, called=called, threshold=threshold, given=given,
-                         case=rec["case"])
+                         case=rec["case"], vmax=vmax)
 
 
 def _image_figure(rec: dict[str, Any], amap: np.ndarray, label: np.ndarray, called: np.ndarray | None = None,
-                  threshold: float | None = None, given: bool = False) -> np.ndarray:
+                  threshold: float | None = None, given: bool = False, vmax: float | None = None) -> np.ndarray:
     from condiff.io.images import read_image
 
     from .eval_overlay import image_figure
@@ -297,7 +299,8 @@ def _image_figure(rec: dict[str, Any], amap: np.ndarray, label: np.ndarray, call
     rgb = read_image(rec["input"])
     if rgb.shape[:2] != amap.shape:
         raise ValueError(f"input {rec['input']} is {rgb.shape[:2]}, its map {amap.shape}: the input changed")
-    return image_figure(rgb, amap, label, called=called, threshold=threshold, given=given, case=rec["case"])
+    return image_figure(rgb, amap, label, called=called, threshold=threshold, given=given, case=rec["case"],
+                        vmax=vmax)
 
 
 def _write_figure(out_dir: Path, rec: dict[str, Any], draw) -> None:
@@ -487,10 +490,12 @@ def provenance(records: list[dict[str, Any]], mask_pattern: str, missing_label: 
 def evaluate(out_dir: str | Path, mask_pattern: str, protocol: str = "native", overlays: bool = False,
              missing_label: str = "error", label_values: tuple[int, ...] | None = None,
              baselines: bool = False, threshold: GivenThreshold | None = None, bootstrap: int = 0,
-             bootstrap_seed: int = 0, progress=None, lesion_iou: float = MIN_IOU) -> Evaluation:
+             bootstrap_seed: int = 0, progress=None, lesion_iou: float = MIN_IOU,
+             overlay_max: float | None = None) -> Evaluation:
     """Evaluate every ``ok`` record in ``out_dir`` (see the module docstring); ``overlays`` (native
     protocol) also draws ``eval-overlays/<case>.png``: the label's outline on the input and on the map,
-    and the pixels called at the table's threshold (drawn after the table, once that is known).
+    and the pixels called at the table's threshold (drawn after the table, once that is known), colours
+    scaled to each case's maximum or, with ``overlay_max``, to that map value in every case.
     ``missing_label``: ``error`` (a case without a label file is not evaluated) or ``normal`` (it
     counts as a case without lesion; counted in ``counts["cases_without_label"]``).
     ``label_values``: only these values of the label maps are lesion (e.g. BraTS (4,): enhancing
@@ -604,7 +609,7 @@ def evaluate(out_dir: str | Path, mask_pattern: str, protocol: str = "native", o
     ev.lesion_threshold = float(case_threshold)
     for rec, label_path in figures:  # drawn once the threshold they show is known
         _write_figure(out_dir, rec, functools.partial(_native_figure, out_dir, rec, label_path, ev.label_values,
-                                                      float(case_threshold), threshold is not None))
+                                                      float(case_threshold), threshold is not None, overlay_max))
     ev.lesion_counts = sum(detections, LesionDetection())
     ev.per_case = [case_row(case, score, labels, values, case_threshold, det)
                    for case, score, (labels, values), det in zip(ev.cases, scores_of, pixels_of, detections)]

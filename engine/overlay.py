@@ -8,7 +8,9 @@ identical bytes. MRI slices are shown anterior up (the canonical slice transpose
 neurological convention, patient right on image right, and every MRI panel says so with an "L" at its
 left edge and an "R" at its right edge. The map uses a black-red-yellow ramp (``ramp``: it stops at
 yellow, short of white, so it stays visible on bright tissue) scaled to the case's largest map value,
-and the colour bar says so: colours are per case, never to be compared across cases. The last
+and the colour bar says so: colours are per case, never to be compared across cases; or, with a fixed
+scale (``vmax``: ``condiff-infer --overlay-max``), the same colour means the same map value in every
+case, values above it saturate, and the bar says that and gives the case's own maximum. The last
 panel lays that ramp over the input, transparent below ``OVERLAY_FROM`` of the case's largest
 value and rising to ``OVERLAY_OPACITY`` at ``OVERLAY_FULL``, the grey under it dimmed by up to
 ``OVERLAY_DIM`` as the colour rises, so the brain stays readable where nothing is coloured and the
@@ -17,6 +19,8 @@ low-resolution models (32 or 64 px) are enlarged by pixel replication to at leas
 pixels, so the image stays readable and every model pixel is still shown as it is.
 """
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
@@ -36,6 +40,22 @@ BAR_ROWS = ((18, 29), (31, 42))  # the band's rows of the "map" and "on input" s
 BAR_LEFT, BAR_RIGHT = 62, 26  # pixels: room left of the bar (strip names) and right of it (the last value)
 BAR_GREY = 180  # the grey under the colour bar's "on input" strip (bright tissue)
 BAR_TEXT = "colours scaled to this case's maximum: do not compare colours across cases"
+BAR_TEXT_FIXED = "fixed colour scale, comparable across cases; case max {case_max:.3g}{above}"
+
+
+def colour_scale(maps: np.ndarray, fixed: float | None = None) -> tuple[float, float]:
+    """(the top of the colour scale, the case's largest map value): the case's own maximum, or ``fixed``
+    (a positive map value, the same for every case) when given."""
+    case_max = float(np.max(maps)) if np.size(maps) else 0.0
+    if fixed is not None and not (math.isfinite(fixed) and fixed > 0):
+        raise ValueError(f"a fixed colour scale must be a positive map value, not {fixed!r}")
+    return (case_max if fixed is None else float(fixed)), case_max
+
+
+def scaled(values: np.ndarray, vmax: float) -> np.ndarray:
+    """Map values as shares of the colour scale's top ``vmax``, clipped to [0, 1] (above it: saturated)."""
+    values = np.asarray(values, dtype=np.float64)
+    return np.clip(values / vmax, 0.0, 1.0) if vmax > 0 else np.zeros(values.shape)
 
 
 def top_slices(scores: np.ndarray, k: int = N_ROWS) -> np.ndarray:
@@ -72,17 +92,18 @@ def map_on(grey: np.ndarray, values01: np.ndarray) -> np.ndarray:
 
 
 def overlay_image(slices: np.ndarray, restorations: np.ndarray, maps: np.ndarray, scores: np.ndarray,
-                  kind: str = "volume", k: int = N_ROWS) -> np.ndarray:
+                  kind: str = "volume", k: int = N_ROWS, vmax: float | None = None) -> np.ndarray:
     """uint8 ``(rows * f·H, 4 * f·W, 3)`` for the top ``k`` slices; f = ceil(MIN_PANEL / min(H, W)) or 1.
 
     ``slices``, ``restorations``: ``(S, C, H, W)`` in the model's range ([0, 1] for MRI volumes,
-    [-1, 1] for RGB images); ``maps``: ``(S, H, W)``; ``scores``: ``(S,)``.
+    [-1, 1] for RGB images); ``maps``: ``(S, H, W)``; ``scores``: ``(S,)``; ``vmax``: a fixed top of
+    the colour scale (``colour_scale``), else the case's largest map value.
     """
     lo, hi = (0.0, 1.0) if kind == "volume" else (-1.0, 1.0)
-    vmax = float(np.max(maps)) if maps.size else 0.0
+    vmax, _ = colour_scale(maps, vmax)
     rows = []
     for i in top_slices(scores, k):
-        values = maps[i] / vmax if vmax > 0 else np.zeros(maps[i].shape)
+        values = scaled(maps[i], vmax)
         grey = _grey(slices[i], lo, hi)
         panels = [grey, _grey(restorations[i], lo, hi), ramp(values), map_on(grey, values)]
         if kind == "volume":  # canonical (R->, A->) slice: show anterior up, patient right on the right
@@ -131,22 +152,27 @@ def bar_span(width: int) -> tuple[int, int]:
     return x0, max(2, width - BAR_RIGHT - x0)
 
 
-def colour_bar(width: int, vmax: float, mark: float | None = None) -> np.ndarray:
-    """A black (BAR_BAND, width, 3) band: ``BAR_TEXT`` (as ``text_band`` draws it), then the ramp as two
+def colour_bar(width: int, vmax: float, mark: float | None = None, case_max: float | None = None) -> np.ndarray:
+    """A black (BAR_BAND, width, 3) band: ``BAR_TEXT`` (as ``text_band`` draws it; with ``case_max``, the
+    case's largest value on a fixed scale topped by ``vmax``: ``BAR_TEXT_FIXED``), then the ramp as two
     horizontal strips (rows ``BAR_ROWS``) from 0 (left) to ``vmax`` (right): "map" (``ramp``, as the map panel colours) and "on
     input" (``map_on`` over a ``BAR_GREY`` grey, as the map-on-input panel does), white ticks and values
     at 0, where colour starts to show on the input (``OVERLAY_FROM`` x ``vmax``) and ``vmax``; ``mark``
-    (a map value in [0, vmax], e.g. a threshold): a magenta tick there."""
+    (a map value in [0, vmax], e.g. a threshold): a magenta tick there. On a fixed scale that the case
+    exceeds, the top value reads "X+" (its colour stands for X and above)."""
     from PIL import Image, ImageDraw
 
     x0, n = bar_span(width)
     v = np.linspace(0.0, 1.0, n)
     (m0, m1), (g0, g1) = BAR_ROWS
     band = np.zeros((BAR_BAND, width, 3), dtype=np.uint8)
-    band[:LABEL_BAND] = text_band([BAR_TEXT], width, 1)
+    above = case_max is not None and case_max > vmax
+    text = BAR_TEXT if case_max is None else BAR_TEXT_FIXED.format(
+        case_max=case_max, above=" (saturated)" if above else "")
+    band[:LABEL_BAND] = text_band([text], width, 1)
     band[m0:m1, x0:x0 + n] = ramp(v)[None]
     band[g0:g1, x0:x0 + n] = map_on(np.full((1, n, 3), BAR_GREY, dtype=np.uint8), v[None])
-    ticks = [(0.0, "0"), (OVERLAY_FROM, f"{OVERLAY_FROM * vmax:.3g}"), (1.0, f"{vmax:.3g}")]
+    ticks = [(0.0, "0"), (OVERLAY_FROM, f"{OVERLAY_FROM * vmax:.3g}"), (1.0, f"{vmax:.3g}{'+' if above else ''}")]
     for share, _ in ticks:
         band[g1:g1 + 4, x0 + int(round(share * (n - 1)))] = 255
     if mark is not None and vmax > 0 and 0.0 <= mark <= vmax:
@@ -213,21 +239,23 @@ def case_band(case: str, width: int) -> np.ndarray:
 
 
 def labelled_overlay(slices, restorations, maps, scores, kind: str = "volume", k: int = N_ROWS,
-                     row_names: list[str] | None = None, case: str | None = None) -> np.ndarray:
+                     row_names: list[str] | None = None, case: str | None = None,
+                     vmax: float | None = None) -> np.ndarray:
     """``overlay_image`` under a header band naming ``case`` (when given), the ``colour_bar`` and a title
     band (what each panel is: the first, the model input at the model's image size), and above each row
     a band naming its slice (``row_names[i]``, else its position in ``slices``) and score. The panels
-    are ``overlay_image``'s, pixel for pixel, except the side markers of MRI panels (``mark_sides``)."""
-    grid = overlay_image(slices, restorations, maps, scores, kind=kind, k=k)
+    are ``overlay_image``'s, pixel for pixel, except the side markers of MRI panels (``mark_sides``).
+    ``vmax``: a fixed top of the colour scale (the bar then says so and gives the case's maximum)."""
+    grid = overlay_image(slices, restorations, maps, scores, kind=kind, k=k, vmax=vmax)
     order = top_slices(scores, k)
     width, rows = grid.shape[1], len(order)
     row_h = grid.shape[0] // max(rows, 1)
-    vmax = float(np.max(maps)) if maps.size else 0.0
+    top, case_max = colour_scale(maps, vmax)
     h, w = np.shape(slices)[-2:]
     size = f"{w} px" if h == w else f"{w}x{h} px"
     titles = [f"model input ({size})", "restoration", "map", "map on input"]
     parts = [case_band(case, width)] if case is not None else []
-    parts += [colour_bar(width, vmax), text_band(titles, width, 4)]
+    parts += [colour_bar(width, top, case_max=None if vmax is None else case_max), text_band(titles, width, 4)]
     for r, i in enumerate(order):
         where = row_names[i] if row_names is not None else f"{'slice' if kind == 'volume' else 'image'} {int(i)}"
         parts.append(text_band([f"{where}   score {float(scores[i]):.4g}   (rank {r + 1})"], width, 4))
@@ -237,12 +265,12 @@ def labelled_overlay(slices, restorations, maps, scores, kind: str = "volume", k
 
 
 def overlay_png(slices, restorations, maps, scores, kind: str = "volume", k: int = N_ROWS,
-                row_names: list[str] | None = None, case: str | None = None) -> bytes:
+                row_names: list[str] | None = None, case: str | None = None, vmax: float | None = None) -> bytes:
     """PNG bytes of ``labelled_overlay``."""
     return png_bytes(labelled_overlay(slices, restorations, maps, scores, kind=kind, k=k, row_names=row_names,
-                                      case=case))
+                                      case=case, vmax=vmax))
 
 
 __all__ = ["overlay_image", "labelled_overlay", "slice_name", "input_slice_names", "text_band", "overlay_png",
            "top_slices", "map_on", "ramp", "enlarge", "colour_bar", "bar_span", "mark_sides", "side_letter",
-           "case_band"]
+           "case_band", "colour_scale", "scaled"]

@@ -131,7 +131,8 @@ def make_context(models: str | Path, out_dir: str | Path, *, engine: str = "torc
                  model_space: bool = False, member_maps: bool = False, nan_policy: str = "error",
                  resume: bool = True, group_slices: int | None = None, fast_kernels: str = "torch",
                  fallback_precision: str | None = None, deterministic: bool = False,
-                 layout: str = "flat", volume_index: int | None = None) -> RunContext:
+                 layout: str = "flat", volume_index: int | None = None,
+                 overlay_max: float | None = None) -> RunContext:
     """Validate the model set and options; no network is loaded (see ``load_denoisers``).
 
     ``deterministic`` switches this process to deterministic kernels (``engine.determinism``).
@@ -172,7 +173,8 @@ def make_context(models: str | Path, out_dir: str | Path, *, engine: str = "torc
                          steps=steps, members=tuple(member_idx), seed=seed, mask=mask_pattern,
                          restoration=restoration, model_space=model_space or member_maps, member_maps=member_maps,
                          nan_policy=nan_policy, preprocessing=preprocess.to_dict(), schedule=schedule.to_dict(),
-                         fast_kernels=fast_kernels, layout=layout, volume_index=volume_index)
+                         fast_kernels=fast_kernels, layout=layout, volume_index=volume_index,
+                         overlay_max=None if overlay_max is None else float(overlay_max))
     return RunContext(out_dir=Path(out_dir), model_set=model_set, members=member_idx, options=options,
                       preprocess=preprocess, plan=plan, device=dev,
                       batch_size=batch_size or (16 if dev == "cpu" else 64), mask_pattern=mask_pattern,
@@ -390,7 +392,8 @@ def _write_case(ctx: RunContext, p: _Pending, maps: np.ndarray, rest: np.ndarray
         if member_maps is not None:
             arrays["member_maps"] = member_maps
     written = write_case_files(ctx.out_dir, p.plan, kind=case.kind, prepared=p.prepared, source=p.source,
-                               brain_mask=p.mask, maps=maps, restorations=rest, scores=scores, model_space=arrays)
+                               brain_mask=p.mask, maps=maps, restorations=rest, scores=scores, model_space=arrays,
+                               overlay_max=ctx.options.overlay_max)
     score, top = float(scores.mean()), float(scores.max())
     record = {
         "schema": RECORD_SCHEMA, "case": case.name, "status": "ok", "kind": case.kind,
@@ -400,7 +403,7 @@ def _write_case(ctx: RunContext, p: _Pending, maps: np.ndarray, rest: np.ndarray
         "condiff_version": __version__, "engine": engine, "precision": precision, "fallback": fallback,
         "seed": ctx.options.seed, "members": list(ctx.members), "sampler": ctx.options.sampler,
         "steps": ctx.options.steps, **p.info, "geometry": p.prepared.geometry, "n_slices": int(len(scores)),
-        "score": score, "max_slice_score": top,
+        "score": score, "max_slice_score": top, "map_max": float(maps.max()) if maps.size else 0.0,
         "slice_scores": [[int(k), float(s)] for k, s in zip(p.prepared.slice_index, scores)],
         "member_scores": [float(v) for v in member_scores.mean(axis=1)],
         "outputs": written,

@@ -61,11 +61,12 @@ class RunOptions:
     fast_kernels: str = "torch"  # --fast-kernels: torch | triton (the fast engine's attention and GroupNorm)
     layout: str = "flat"  # --layout: flat (DESIGN §3) | bids (engine/bids.py); it decides the output paths
     volume_index: int | None = None  # --volume-index: which volume of a 4-D series (None: 3-D inputs only)
+    overlay_max: float | None = None  # --overlay-max: a fixed top of the preview colour scale (None: per case)
 
     def to_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)
         d["members"] = list(self.members)
-        for key, default in (("fast_kernels", "torch"), ("layout", "flat"), ("volume_index", None)):
+        for key, default in (("fast_kernels", "torch"), ("layout", "flat"), ("volume_index", None), ("overlay_max", None)):
             if d[key] == default:
                 del d[key]  # absent at its default, so records written before it existed stay current
         return d

@@ -29,7 +29,8 @@ from .plan import OUTPUT_FOLDERS, CasePlan, read_record, record_path, sha256_byt
 logger = logging.getLogger(__name__)
 
 CASES_COLUMNS = ["case", "input", "input_sha256", "status", "error_type", "error", "kind", "shape", "spacing",
-                 "orientation", "n_slices", "score", "max_slice_score", "n_members", "seed", "engine", "precision", "warnings"]
+                 "orientation", "n_slices", "score", "max_slice_score", "map_max", "n_members", "seed", "engine", "precision",
+                 "warnings"]
 # slice: the index along the input file's stored axis ``axis`` (the overlay's "slice 52 of axis 1"); empty on
 # a case's total row; photographs are one slice 0 with no axis
 SCORES_COLUMNS = ["case", "axis", "slice", "score"]
@@ -121,13 +122,15 @@ def _native_foreground(prepared, brain_mask: np.ndarray | None) -> np.ndarray:
 
 def write_case_files(out_dir: Path, plan: CasePlan, *, kind: str, prepared, source, brain_mask: np.ndarray | None,
                      maps: np.ndarray, restorations: np.ndarray, scores: np.ndarray,
-                     model_space: dict[str, np.ndarray] | None = None) -> dict[str, dict[str, str]]:
+                     model_space: dict[str, np.ndarray] | None = None,
+                     overlay_max: float | None = None) -> dict[str, dict[str, str]]:
     """Write a case's map, restoration, overlay (and model-space npz); returns the record's ``outputs``.
 
     ``maps`` ``(S, H, W)``, ``restorations`` ``(S, C, H, W)``, ``scores`` ``(S,)`` in model slice
     space; ``prepared`` the case's ``Prepared``; ``source`` its ``Volume`` (None for a photo).
     Volumes: NIfTI on the input's grid and header (restoration in input intensity units).
-    Photos: float32 TIFF plus 8-bit PNG preview (map scaled to its maximum; restoration in [0, 1]).
+    Photos: float32 TIFF plus 8-bit PNG preview (map scaled to its maximum, or to ``overlay_max``;
+    restoration in [0, 1]). ``overlay_max``: the fixed top of the previews' colour scale (None: per case).
     """
     from condiff import __version__
     from condiff.io import images, volumes
@@ -150,7 +153,7 @@ def write_case_files(out_dir: Path, plan: CasePlan, *, kind: str, prepared, sour
         native = invert_to_input(prepared, maps, fill=0.0)
         written["map"] = write_output(out_dir, outs["map"], images.tiff_bytes(native))
         written["map_png"] = write_output(out_dir, outs["map_png"],
-                                          images.png_bytes(images.to_png8(native, 0.0, float(native.max()))))
+                                          images.png_bytes(images.to_png8(native, 0.0, overlay_max or float(native.max()))))
         if "restoration" in outs:
             rest01 = np.clip((restorations + 1.0) / 2.0, 0.0, 1.0)
             native_rest = np.clip(invert_to_input(prepared, rest01, fill=0.0), 0.0, 1.0)
@@ -160,7 +163,7 @@ def write_case_files(out_dir: Path, plan: CasePlan, *, kind: str, prepared, sour
     written["overlay"] = write_output(out_dir, outs["overlay"],
                                       overlay_png(prepared.slices, restorations, maps, scores, kind=kind,
                                                   row_names=input_slice_names(prepared.geometry),
-                                                  case=plan.case.name))
+                                                  case=plan.case.name, vmax=overlay_max))
     if "model_space" in outs:
         written["model_space"] = write_output(out_dir, outs["model_space"], npz_bytes(model_space or {}))
     return written
@@ -264,7 +267,7 @@ def case_row(rec: dict[str, Any]) -> list[str]:
         rec.get("error_type") or "", rec.get("error") or "", rec.get("kind", ""),
         _join(rec.get("shape")), _join(rec.get("spacing"), lambda v: f"{float(v):.6g}"), rec.get("orientation") or "",
         "" if rec.get("n_slices") is None else str(rec["n_slices"]), _num(rec.get("score")),
-        _num(rec.get("max_slice_score")), "" if rec.get("members") is None else str(len(rec["members"])),
+        _num(rec.get("max_slice_score")), _num(rec.get("map_max")), "" if rec.get("members") is None else str(len(rec["members"])),
         "" if rec.get("seed") is None else str(rec["seed"]), rec.get("engine") or "", rec.get("precision") or "",
         "; ".join(rec.get("warnings") or []),
     ]

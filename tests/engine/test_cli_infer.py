@@ -792,3 +792,56 @@ def test_a_shard_leaves_other_writers_temporary_files_and_merge_exits_1_for_fail
     assert res.exit_code == 1 and "1 ok, 1 failed" in res.stdout, res.output + res.stderr
     res = _invoke(base)  # a whole-folder run owns the folder: leftovers go
     assert res.exit_code == 1 and not in_flight.exists()
+
+
+def test_overlay_max_fixes_the_colour_scale_of_every_preview_and_map_max_tells_what_to_pick(tmp_path, model_set):
+    """--overlay-max: every case's overlay bar is the fixed scale with that case's own maximum (map_max in
+    cases.csv and the record: the largest model-space map value, as the npz holds it); changing it reruns
+    the cases, since it decides the overlay bytes; photos' map PNG previews use the same top."""
+    from PIL import Image
+
+    scans = tmp_path / "scans"
+    make_scans(scans, n=2)
+    out = tmp_path / "out"
+    res = _invoke([scans, "-o", out, "--models", model_set, *FAST, "--save-model-space"])
+    assert res.exit_code == 0, res.output + res.stderr
+    rows = {r["case"]: r for r in _rows(out / "cases.csv")}
+    maxima = {}
+    for case, row in rows.items():
+        npz = np.load(out / "model_space" / f"{case}.npz")
+        maxima[case] = float(npz["maps"].max())
+        assert float(row["map_max"]) == pytest.approx(maxima[case], rel=1e-6)
+        assert json.loads((out / "records" / f"{case}.json").read_text())["map_max"] == pytest.approx(maxima[case])
+    fixed = 0.5 * min(maxima.values())  # below every case's maximum: both saturate
+    before = {c: (out / "overlays" / f"{c}.png").read_bytes() for c in rows}
+    res = _invoke([scans, "-o", out, "--models", model_set, *FAST, "--save-model-space", "--overlay-max", str(fixed)])
+    assert res.exit_code == 0, res.output + res.stderr
+    assert "2 done" in res.stdout  # not skipped as current: the overlays change
+    band = overlay.LABEL_BAND
+    for case in rows:
+        rec = json.loads((out / "records" / f"{case}.json").read_text())
+        assert rec["options"]["overlay_max"] == fixed
+        with Image.open(out / "overlays" / f"{case}.png") as im:
+            img = np.asarray(im.convert("RGB"))
+        assert (out / "overlays" / f"{case}.png").read_bytes() != before[case]
+        np.testing.assert_array_equal(img[band:band + overlay.BAR_BAND],
+                                      overlay.colour_bar(img.shape[1], fixed, case_max=maxima[case]))
+    res = _invoke([scans, "-o", out, "--models", model_set, *FAST, "--save-model-space", "--overlay-max", str(fixed)])
+    assert res.exit_code == 0 and "2 already done" in res.stdout  # the same scale again: current
+    for bad in ("0", "-0.1", "nan", "inf"):
+        res = _invoke([scans, "-o", tmp_path / "bad", "--models", model_set, *FAST, "--overlay-max", bad])
+        assert res.exit_code == 2 and "--overlay-max" in res.output + res.stderr, bad
+
+    import tifffile
+
+    rgb_models = make_model_set(tmp_path / "rgb-set", n_members=1, image_channels=3,
+                                preprocessing={"modality": "rgb", "image_size": 32})
+    (tmp_path / "photos").mkdir()
+    Image.fromarray((np.random.default_rng(1).random((32, 32, 3)) * 255).astype(np.uint8)).save(
+        tmp_path / "photos" / "eye.png")
+    res = _invoke([tmp_path / "photos", "-o", tmp_path / "pout", "--models", rgb_models, *FAST, "--overlay-max", "0.01"])
+    assert res.exit_code == 0, res.output + res.stderr
+    amap = tifffile.imread(tmp_path / "pout" / "maps" / "eye.tiff").astype(np.float64)
+    with Image.open(tmp_path / "pout" / "maps" / "eye.png") as im:
+        preview = np.asarray(im)
+    np.testing.assert_array_equal(preview, np.round(np.clip(amap / 0.01, 0, 1) * 255).astype(np.uint8))

@@ -207,6 +207,40 @@ def test_eval_overlay_threshold_follows_a_given_threshold(run, tmp_path):
                                                                           fig.shape[1], 1))
 
 
+def test_eval_overlay_max_puts_every_case_on_one_colour_scale(run, tmp_path):
+    """``--overlay-max``: each figure's bar is the fixed scale with its case's own maximum, the map panel's
+    colours follow it (a fixed top at the case's maximum draws the default figure), metrics unchanged."""
+    import json
+
+    from PIL import Image
+
+    from condiff.io.volumes import read_volume
+
+    _, ref = run
+    a, b = shutil.copytree(ref, tmp_path / "a"), shutil.copytree(ref, tmp_path / "b")
+    maxima = {c: float(read_volume(ref / "maps" / f"{c}.nii.gz").data.max()) for c in ("case0", "case1")}
+    fixed = min(maxima.values())
+    assert _eval(a, "--masks", SEG).exit_code == 0
+    res = _eval(b, "--masks", SEG, "--overlay-max", fixed)
+    assert res.exit_code == 0, res.output
+    thr = json.loads((b / "metrics-native.json").read_text())["rows"][0]["threshold"]
+    band = overlay.LABEL_BAND
+    for case, vmax in maxima.items():
+        with Image.open(a / "eval-overlays" / f"{case}.png") as im:
+            per_case = np.asarray(im.convert("RGB"))
+        with Image.open(b / "eval-overlays" / f"{case}.png") as im:
+            fig = np.asarray(im.convert("RGB"))
+        np.testing.assert_array_equal(fig[2 * band:2 * band + overlay.BAR_BAND],
+                                      overlay.colour_bar(fig.shape[1], fixed, thr, case_max=vmax))
+        rows_a, rows_b = per_case[_head_height():], fig[_head_height():]
+        if vmax == fixed:  # on its own maximum: the same panels as the per-case default
+            np.testing.assert_array_equal(rows_b, rows_a)
+        else:  # above the fixed top: brighter colours somewhere
+            assert not np.array_equal(rows_b, rows_a)
+    assert (a / "metrics-native.json").read_text() == (b / "metrics-native.json").read_text()
+    assert _eval(b, "--masks", SEG, "--overlay-max", "0").exit_code == 2
+
+
 def test_no_overlays_writes_none_and_metrics_are_the_same(run, tmp_path):
     _, ref = run
     a = shutil.copytree(ref, tmp_path / "a")

@@ -191,3 +191,54 @@ def test_slice_names_are_the_input_files_own_voxel_indices_even_when_the_axis_is
     brightness = prepared.slices.reshape(n, -1).mean(axis=1)
     assert np.all(np.diff(index[np.argsort(brightness)]) == 1)  # brighter model slice = higher input index
     assert overlay.input_slice_names({"kind": "image"}) is None
+
+
+def test_a_fixed_colour_scale_gives_one_value_one_colour_in_every_case_and_saturates_above_it():
+    """--overlay-max: two cases with different maxima colour the same map value alike (per-case scaling
+    does not), values above the fixed top take the ramp's last colour, and the bar says so."""
+    slices, restorations, maps, scores = _case(128, n=4, seed=1)
+    other = maps * 3.0  # a case with a larger maximum; its map values are 3x
+    probe = 0.7  # a map value both cases hold at one pixel of their top slice
+    i = int(np.argmax(scores))
+    maps_a, maps_b = maps.copy(), other.copy()
+    maps_a[i, 5, 7] = maps_b[i, 5, 7] = probe
+    fixed = 2.5  # below case b's maximum (about 6), above case a's (about 2)
+
+    def map_pixel(m, vmax):
+        img = overlay.overlay_image(slices, restorations, m, scores, kind="image", k=1, vmax=vmax)
+        return img[:, 256:384], img
+
+    (pa, _), (pb, _) = map_pixel(maps_a, fixed), map_pixel(maps_b, fixed)
+    np.testing.assert_array_equal(pa[5, 7], pb[5, 7])
+    np.testing.assert_allclose(pa[5, 7], _ramp_oracle(probe / fixed), atol=0.5 + 1e-9)
+    np.testing.assert_allclose(pb, _ramp_oracle(maps_b[i] / fixed), atol=0.5 + 1e-9)  # float64 oracle, clipped
+    assert (maps_b[i] > fixed).any()
+    np.testing.assert_array_equal(pb[maps_b[i] > fixed], np.broadcast_to([255, 215, 0], pb[maps_b[i] > fixed].shape))
+    (qa, _), (qb, _) = map_pixel(maps_a, None), map_pixel(maps_b, None)
+    assert not np.array_equal(qa[5, 7], qb[5, 7])  # per case: the same value, two colours
+    # the fixed scale at a case's own maximum draws the same panels as the per-case default
+    np.testing.assert_array_equal(map_pixel(maps_a, float(maps_a.max()))[1], map_pixel(maps_a, None)[1])
+
+    width = 512
+    for m, above in ((maps_a, ""), (maps_b, " (saturated)")):
+        img = overlay.labelled_overlay(slices, restorations, m, scores, kind="image", vmax=fixed, case="c")
+        bar = img[overlay.LABEL_BAND:overlay.LABEL_BAND + overlay.BAR_BAND]
+        text = overlay.BAR_TEXT_FIXED.format(case_max=float(m.max()), above=above)
+        assert f"{float(m.max()):.3g}" in text and "comparable across cases" in text
+        np.testing.assert_array_equal(bar[:overlay.LABEL_BAND], overlay.text_band([text], width, 1))
+        np.testing.assert_array_equal(bar, overlay.colour_bar(width, fixed, case_max=float(m.max())))
+    # the top tick reads "2.5+" only when the case goes above the scale
+    (_, g1) = overlay.BAR_ROWS[1]
+    assert not np.array_equal(overlay.colour_bar(width, fixed, case_max=1.0)[g1 + 3:],
+                              overlay.colour_bar(width, fixed, case_max=3.0)[g1 + 3:])
+    with pytest.raises(ValueError, match="positive"):
+        overlay.colour_scale(maps, 0.0)
+
+
+def test_bar_texts_fit_the_narrowest_overlay():
+    from PIL import Image, ImageDraw
+
+    draw, width = ImageDraw.Draw(Image.new("RGB", (1, 1))), 4 * overlay.MIN_PANEL
+    for text in (overlay.BAR_TEXT, overlay.BAR_TEXT_FIXED.format(case_max=1.23e-05, above=" (saturated)")):
+        left, _, right, _ = draw.textbbox((0, 0), text, font=overlay._font())
+        assert 3 + right - left <= width, text
