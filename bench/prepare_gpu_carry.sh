@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Stage what bench/gpu_check.sh and bench/gpu_train.sh need on the GPU machine into .carry/ (git-ignored;
-# name it in `carry`): the data kit's scans and the wheels the GPU image lacks (nibabel, condiff).
+# name it in `carry`): the data kit's scans and the wheels the GPU image lacks (nibabel, condiff), and
+# setuptools to rebuild condiff's wheel there (.carry/build).
 # DATA_SETS picks the scans (default: all four). A session that runs a training chunk carries only
 # ixi-t1, because the chunk's state needs the room (64 MiB per call in all):
 #     DATA_SETS=ixi-t1 bash bench/prepare_gpu_carry.sh && python bench/train_chunks.py stage RUN
@@ -60,10 +61,18 @@ condiff_wheel() {
     src=$(mktemp -d /tmp/condiff-src.XXXX)
     sources copy "$REPO" "$src"
     rm -f "$dest"/condiff-*.whl "$dest/condiff-src.sha256"
-    # offline and with the setuptools already there (the device reaches no index)
-    python3 -m pip wheel -q --no-deps --no-build-isolation --no-index -w "$dest" "$src"
+    # offline (the device reaches no index), with the setuptools carried in .carry/build where there is one
+    # (pyproject.toml needs >= 77, and the device image's own may be older), else the one already there
+    local st backend=""
+    st=$(ls "$REPO"/.carry/build/setuptools-*.whl 2>/dev/null | head -n 1 || true)
+    if [ -n "$st" ]; then
+        backend=$(mktemp -d /tmp/condiff-setuptools.XXXX)
+        python3 -m pip install -q --no-index --no-deps --target "$backend" "$st"
+    fi
+    PYTHONPATH="$backend${PYTHONPATH:+:$PYTHONPATH}" \
+        python3 -m pip wheel -q --no-deps --no-build-isolation --no-index -w "$dest" "$src"
     sources digest "$src" > "$dest/condiff-src.sha256"
-    rm -rf "$src"
+    rm -rf "$src" ${backend:+"$backend"}
 }
 
 case "${1:-}" in
@@ -97,7 +106,7 @@ esac
 
 DATA=${CONDIFF_SHARED_DATA:-../shared/data}
 DATA_SETS=${DATA_SETS:-"ixi-t1 brats-tumour ms-lesion fundus"}
-rm -rf .carry && mkdir -p .carry/data .carry/whl
+rm -rf .carry && mkdir -p .carry/data .carry/whl .carry/build
 for set in $DATA_SETS; do
     mkdir -p ".carry/data/$set"
     case "$set" in
@@ -109,6 +118,8 @@ for set in $DATA_SETS; do
 done
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux2014_x86_64 -d .carry/whl nibabel==5.4.2
+# the build backend for rebuilding condiff's wheel on the device (pure Python, any version)
+python3 -m pip download -q --no-deps --only-binary=:all: -d .carry/build setuptools==80.9.0
 # condiff itself, with the bundled demo set's weights (examples/models, ~1.1 MB: bench/gpu_consistency.py
 # opens condiff.examples/models from the installed package)
 condiff_wheel .carry/whl

@@ -140,6 +140,44 @@ def test_gpu_check_stops_before_the_gpu_work_when_the_wheel_cannot_be_rebuilt(tm
     assert "ERROR" in log and "2 GPU tests" not in log
 
 
+def _wheel_file(path: Path, name: str, files: dict[str, str]) -> Path:
+    """A minimal pure-Python wheel holding ``files``."""
+    import base64
+    import hashlib
+
+    dist = f"{name}-99.0.dist-info"
+    files = {**files, f"{dist}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: 99.0\n",
+             f"{dist}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+    record = []
+    for n, text in files.items():
+        digest = base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).rstrip(b"=").decode()
+        record.append(f"{n},sha256={digest},{len(text.encode())}")
+    record.append(f"{dist}/RECORD,,")
+    whl = path / f"{name}-99.0-py3-none-any.whl"
+    with zipfile.ZipFile(whl, "w") as z:
+        for n, text in files.items():
+            z.writestr(n, text)
+        z.writestr(f"{dist}/RECORD", "\n".join(record) + "\n")
+    return whl
+
+
+def test_the_wheel_is_rebuilt_with_the_carried_setuptools(tmp_path):
+    """pyproject.toml needs setuptools >= 77 (SPDX licence), which the device image may lack: a setuptools
+    wheel in .carry/build is the build backend of the rebuild (here one that refuses, to show it is the one used)."""
+    repo = _checkout(tmp_path)
+    _wheel(repo)
+    build = repo / ".carry" / "build"
+    build.mkdir()
+    _wheel_file(build, "setuptools", {"setuptools/__init__.py": "raise ImportError('CARRIED-SETUPTOOLS-USED')\n",
+                                      "setuptools/build_meta.py": ""})
+    init = repo / "src" / "condiff" / "__init__.py"
+    init.write_text(init.read_text() + "\nMENDED_AFTER_PREPARE = True\n")
+    proc = _sh(repo / "bench" / "gpu_check.sh", tmp_path, GPU_CHECK_DRY=1, SECTIONS="none", OUT=str(tmp_path / "o"))
+    assert proc.returncode == 5, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "CARRIED-SETUPTOOLS-USED" in (tmp_path / "o" / "gpu_check.log").read_text() + proc.stdout + proc.stderr
+    assert not list(Path("/tmp").glob("condiff-setuptools.*/setuptools-99.0.dist-info"))  # its staging folder went
+
+
 def test_gpu_train_dry_rebuilds_a_stale_wheel_and_skips_training_past_the_deadline(tmp_path):
     repo = _checkout(tmp_path)
     _wheel(repo)
