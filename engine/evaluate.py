@@ -8,7 +8,8 @@ Two protocols, always named in the table:
   the slice holds a positive voxel, score = the slice score in the record), or whole images.
 - ``benchmark``: reference-method.md §8–§9 exactly: the model-space maps saved by
   ``condiff-infer --save-model-space``, masks brought into slice space through the case's
-  recorded preprocessing (``mask_to_slices``: the label's values resampled, then > 0.4), empty image slices dropped,
+  recorded preprocessing (``mask_to_slices``: the label's values resampled, then > 0.4; with label
+  values chosen, those classes as a 0/1 label), empty image slices dropped,
   metrics pooled over all slices of all cases. With ``--save-member-maps`` each member is
   scored too and summarised as avg/max/std (population std).
 
@@ -23,7 +24,9 @@ as the Shifts MS track's lesion F1): found, missed, and false called regions, pe
 each row's lesion F1 is taken at its own best-Dice threshold.
 
 A case whose label is missing or on another grid fails alone (listed, exit 1); the others are
-evaluated.
+evaluated. So does what is absent or not as inference made it: a case condiff-infer failed on, the
+cases of an interrupted run or of shards that never ran here, a map, model-space file or brain mask
+whose bytes differ from its record's digest, a map with NaN/Inf values.
 """
 from __future__ import annotations
 
@@ -60,6 +63,7 @@ class GivenThreshold:
     value: float
     source: str  # "command line" or the metrics JSON it was read from
     label_values: tuple[int, ...] | None = None  # the lesion classes that JSON was evaluated on
+    provenance: dict[str, Any] | None = None  # that JSON's: the model set and method whose maps chose it
 
 
 @dataclass
@@ -77,6 +81,7 @@ class Evaluation:
     lesion_counts: LesionDetection | None = None  # all cases' lesion-wise counts at it
     lesion_iou: float = MIN_IOU  # the IoU at which lesions and called regions match
     provenance: dict[str, Any] = field(default_factory=dict)  # label source, model set and method evaluated
+    without_label: list[str] = field(default_factory=list)  # --missing-label normal: the cases it applied to
 
     def to_dict(self) -> dict[str, Any]:
         return {"protocol": self.protocol, "description": DESCRIPTIONS[self.protocol], "provenance": self.provenance,
@@ -89,7 +94,7 @@ class Evaluation:
                 "bootstrap": None if self.intervals is None else self.intervals.to_dict(),
                 "lesion_detection": None if self.lesion_counts is None else
                 {"threshold": self.lesion_threshold, **self.lesion_counts.to_dict(), "min_iou": self.lesion_iou},
-                "cases": self.cases, "per_case": self.per_case,
+                "cases": self.cases, "per_case": self.per_case, "cases_without_label": self.without_label,
                 "failures": [{"case": c, "error": e} for c, e in self.failures]}
 
 
@@ -203,25 +208,67 @@ def _read_label(path: Path | None, like=None, shape: tuple[int, ...] | None = No
     return label
 
 
+def _output(out_dir: Path, rec: dict[str, Any], kind: str) -> Path:
+    """A case's output file of ``kind`` ("map", "model_space"), checked against the digest its record
+    holds: a file changed or replaced since condiff-infer wrote it (another case's map copied over it,
+    an edit) would be scored as this case's without a word."""
+    from .plan import sha256_path
+
+    entry = rec["outputs"][kind]
+    path = out_dir / entry["path"]
+    if not path.is_file():
+        raise CondiffError(path, f"is missing (the {kind.replace('_', '-')} output of case {rec['case']})",
+                           "rerun condiff-infer into this folder (the case is recomputed)")
+    if entry.get("sha256") and sha256_path(path) != entry["sha256"]:
+        raise CondiffError(path, f"changed since condiff-infer wrote it (its record's digest differs): it is not "
+                                 f"case {rec['case']}'s output as made", "rerun condiff-infer into this folder "
+                                                                       "(the case is recomputed)")
+    return path
+
+
+def _finite(path: Path, values: np.ndarray) -> np.ndarray:
+    bad = int(np.size(values) - np.count_nonzero(np.isfinite(values)))
+    if bad:
+        raise CondiffError(path, f"holds {bad} NaN/Inf values", "rerun condiff-infer into this folder")
+    return values
+
+
+def _brain_mask(rec: dict[str, Any], like):
+    """The brain mask file inference used, checked against the digest in the record: a mask edited
+    since would change which pixels are evaluated."""
+    from condiff.io.volumes import read_mask
+
+    from .plan import sha256_path
+
+    path = Path(rec["mask"])
+    if not path.is_file():
+        raise InputImageError(path, f"(the brain mask case {rec['case']} was made with) is not there any more",
+                              "restore it, or rerun condiff-infer with the masks where they are now")
+    if rec.get("mask_sha256") and sha256_path(path) != rec["mask_sha256"]:
+        raise InputImageError(path, f"changed since case {rec['case']}'s map was made with it: the evaluated pixels "
+                                    "would not be the brain inference used", "restore it, or rerun condiff-infer "
+                                                                             "(the case is recomputed with it)")
+    return read_mask(path, like)
+
+
 def _native_inputs(out_dir: Path, rec: dict[str, Any], label_path: Path | None, values: tuple[int, ...] | None):
     """(map, label, evaluated pixels, brain mask or None) of one case on the input grid: the map as an
     array (photos) or a ``Volume`` (volumes); a volume's label already restricted to the brain mask, a
     photo's not yet (its evaluated pixels are the analysed centre square)."""
-    from condiff.io.volumes import read_mask
-
-    map_path = out_dir / rec["outputs"]["map"]["path"]
+    map_path = _output(out_dir, rec, "map")
     if rec.get("kind") == "image":
         import tifffile
 
-        amap = np.asarray(tifffile.imread(map_path), dtype=np.float32)
+        amap = _finite(map_path, np.asarray(tifffile.imread(map_path), dtype=np.float32))
         label = _read_label(label_path, shape=amap.shape, values=values)
         r0, r1, c0, c1 = analysed_box(rec["geometry"])  # a photo that is not square: its analysed centre square
         sel = np.zeros(label.shape, dtype=bool)
         sel[r0:r1, c0:c1] = True
         return amap, label, sel, None
     like = _like_volume(map_path)
+    _finite(map_path, like.data)
     label = _read_label(label_path, like=like, values=values)
-    brain = read_mask(rec["mask"], like) if rec.get("mask") else _auto_brain(rec) if _used_auto_mask(rec) else None
+    brain = _brain_mask(rec, like) if rec.get("mask") else _auto_brain(rec) if _used_auto_mask(rec) else None
     if brain is not None:
         label = label & brain
     sel = brain if brain is not None else np.ones(label.shape, dtype=bool)
@@ -351,7 +398,58 @@ def read_given_threshold(text: str, protocol: str) -> GivenThreshold:
         raise CondiffError(path, f"was evaluated with the {doc.get('protocol')} protocol, this evaluation uses "
                            f"{protocol}", "evaluate both with the same --protocol")
     values = doc.get("label_values")
-    return GivenThreshold(float(value), str(path), tuple(values) if values else None)
+    origin = doc.get("provenance") if isinstance(doc.get("provenance"), dict) else None
+    return GivenThreshold(float(value), str(path), tuple(values) if values else None, origin)
+
+
+def other_maps(given: GivenThreshold, provenance: dict[str, Any]) -> list[str]:
+    """How the maps a threshold JSON was chosen on differ from the evaluated ones (model set, method
+    options); empty when they were made the same way or the JSON does not say."""
+    if not given.provenance:
+        return []
+    diff = []
+    if given.provenance.get("model_set_digest") != provenance.get("model_set_digest"):
+        diff.append("another model set")
+    theirs, ours = given.provenance.get("method") or {}, provenance.get("method") or {}
+    diff += [f"{k} {theirs.get(k)!r} (here {ours.get(k)!r})" for k in sorted(set(theirs) | set(ours))
+             if theirs.get(k) != ours.get(k)]
+    return diff
+
+
+def _unfinished_runs(out_dir: Path) -> list[tuple[str, str]]:
+    """What the folder's run files say is missing: a condiff-infer run that was interrupted, or shards of
+    a split (``run.I-of-N.json``) that never ran here (unless a whole-folder run finished after them),
+    whose cases would silently be absent from the metrics."""
+    import json
+    import re
+
+    found: dict[int, dict[int, float]] = {}
+    whole_done = None
+    notes = []
+    for path in sorted(out_dir.glob("run*.json")):
+        m = re.fullmatch(r"run(?:\.(\d+)-of-(\d+))?\.json", path.name)
+        if m is None:
+            continue
+        try:
+            doc = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if doc.get("interrupted"):
+            notes.append((path.name, f"condiff-infer was interrupted ({doc.get('signal') or 'stopped'}) before "
+                                     "every case finished: cases it did not reach are missing from these metrics",
+                          ))
+        if m.group(1) is None:
+            whole_done = None if doc.get("interrupted") else path.stat().st_mtime
+        else:
+            found.setdefault(int(m.group(2)), {})[int(m.group(1))] = path.stat().st_mtime
+    for n, shards in sorted(found.items()):
+        if whole_done is not None and whole_done >= max(shards.values()):
+            continue  # a whole-folder run finished after the split's shards: it did every case
+        notes += [(f"shard {i}/{n}", f"has not run into this folder (no run.{i}-of-{n}.json): its cases are missing "
+                                     f"from these metrics; run condiff-infer --shard {i}/{n} -o {out_dir}")
+                  for i in range(n) if i not in shards]
+    return [(what, why + (" (rerun condiff-infer to finish them)" if what.startswith("run") else ""))
+            for what, why in notes]
 
 
 def kept_slices(rec: dict[str, Any], slices: np.ndarray) -> np.ndarray:
@@ -366,19 +464,20 @@ def _benchmark_case(out_dir: Path, rec: dict[str, Any], label_path: Path | None,
     """(maps, masks, scores, member maps or None) of one case in model slice space."""
     from condiff.preprocess import mask_to_slices
 
-    entry = rec["outputs"].get("model_space")
-    if entry is None:
+    if rec["outputs"].get("model_space") is None:
         raise CondiffError(rec["input"], "no model-space maps were saved for this case",
                            "rerun condiff-infer with --save-model-space (or --save-member-maps)")
-    with np.load(out_dir / entry["path"]) as z:
-        maps, slices, scores = z["maps"], z["slices"], z["scores"]
-        member_maps = z["member_maps"] if "member_maps" in z.files else None
+    path = _output(out_dir, rec, "model_space")
+    with np.load(path) as z:
+        maps, slices, scores = _finite(path, z["maps"]), z["slices"], z["scores"]
+        member_maps = _finite(path, z["member_maps"]) if "member_maps" in z.files else None
     if rec.get("kind") == "image":
         label = _read_label(label_path, shape=tuple(rec["geometry"]["input_shape"]), values=values)
         masks = mask_to_slices(label, rec["geometry"])
     else:
         like = _like_volume(out_dir / rec["outputs"]["map"]["path"])
-        # the label map's own values are resampled, then > 0.4, as the reference does (§8 item 6)
+        # the label map's own values are resampled, then > 0.4, as the reference does (§8 item 6); chosen
+        # classes (--label-values) as 0/1, so a class's extent does not depend on its numeric code
         masks = mask_to_slices(_read_label(label_path, like=like, values=values, raw=True), rec["geometry"])
     keep = kept_slices(rec, slices)
     return maps[keep], masks[keep], scores[keep], None if member_maps is None else member_maps[:, keep]
@@ -517,7 +616,8 @@ def evaluate(out_dir: str | Path, mask_pattern: str, protocol: str = "native", o
         raise ValueError("baselines are computed on the model-space slices: use the benchmark protocol")
     required = missing_label == "error"
     out_dir = Path(out_dir)
-    records = [r for r in load_records(out_dir) if r.get("status") == "ok"]
+    every = load_records(out_dir)
+    records = [r for r in every if r.get("status") == "ok"]
     if not records:
         raise CondiffError(out_dir, "holds no finished cases (records/*.json with status ok)",
                            "run condiff-infer into this folder first")
@@ -527,10 +627,21 @@ def evaluate(out_dir: str | Path, mask_pattern: str, protocol: str = "native", o
     if threshold is not None and threshold.source != "command line" and threshold.label_values != ev.label_values:
         logger.warning("the threshold from %s was chosen for label values %s, these data are evaluated for %s",
                        threshold.source, threshold.label_values or "all > 0", ev.label_values or "all > 0")
+    if threshold is not None and other_maps(threshold, ev.provenance):
+        logger.warning("the threshold from %s was chosen on maps made another way (%s): a threshold carries over "
+                       "only between maps of one model set and method", threshold.source,
+                       "; ".join(other_maps(threshold, ev.provenance)))
+    # cases that are not here to evaluate: failed in condiff-infer, or never reached (interrupted, shards)
+    for rec in every:
+        if rec.get("status") != "ok":
+            ev.failures.append((rec.get("case", "?"), f"condiff-infer failed on it ({rec.get('error_type') or 'error'}: "
+                                                      f"{rec.get('error') or 'see its record'}): no map to evaluate"))
+    ev.failures += _unfinished_runs(out_dir)
     parts: list[tuple] = []
     scores_of: list[float] = []
     without_label: list[str] = []
     figures: list[tuple[dict[str, Any], Path | None]] = []  # (record, label file) of each case to draw
+    label_of: dict[str, Path | None] = {}
     for rec in records:
         try:
             label_path = find_mask(_case_of(rec), mask_pattern, required=required)
@@ -551,9 +662,17 @@ def evaluate(out_dir: str | Path, mask_pattern: str, protocol: str = "native", o
         if overlays and protocol == "native":
             figures.append((rec, label_path))
         ev.cases.append(rec["case"])
+        label_of[rec["case"]] = label_path
         scores_of.append(rec["score"])
+    if parts and len(without_label) == len(parts) and not required:
+        # no case has a label file: a mistyped --masks, not a healthy cohort (whose metrics would all be
+        # undefined anyway); nothing is evaluated, so the CLI keeps an earlier evaluation's files
+        ev.failures += [(c, f"no label file matches --masks {mask_pattern!r} (nor for any other case: a mistyped "
+                            "pattern?)") for c in ev.cases]
+        ev.cases, parts = [], []
     if not parts:
         return ev
+    _warn_shared_labels(label_of)
     lesions_of: dict[str, list[LesionDetection]] = {}  # per row: each case's lesion-wise counts at its threshold
 
     def with_lesion_f1(name: str, row: dict[str, float], case_maps: list | None = None) -> dict[str, float]:
@@ -611,13 +730,44 @@ def evaluate(out_dir: str | Path, mask_pattern: str, protocol: str = "native", o
         _write_figure(out_dir, rec, functools.partial(_native_figure, out_dir, rec, label_path, ev.label_values,
                                                       float(case_threshold), threshold is not None, overlay_max))
     ev.lesion_counts = sum(detections, LesionDetection())
-    ev.per_case = [case_row(case, score, labels, values, case_threshold, det)
+    ev.per_case = [{**case_row(case, score, labels, values, case_threshold, det),
+                    "label": None if label_of[case] is None else str(label_of[case])}
                    for case, score, (labels, values), det in zip(ev.cases, scores_of, pixels_of, detections)]
     ev.counts = {"cases": len(parts), "samples": m.n_samples, "positive_samples": m.n_positive_samples,
                  "pixels": m.n_pixels, "positive_pixels": m.n_positive_pixels, "lesions": m.n_regions}
     if not required:
         ev.counts["cases_without_label"] = len(without_label)
+        ev.without_label = list(without_label)
+    if label_values and not m.n_positive_pixels:
+        logger.warning("no label holds any of the values %s: every case counts as lesion-free (values are exact "
+                       "integers; check --label-values against the label maps)", ",".join(map(str, label_values)))
+    if figures:
+        _remove_stale_figures(out_dir, {rec["case"] for rec, _ in figures})
     return ev
+
+
+def _warn_shared_labels(label_of: dict[str, Path | None]) -> None:
+    """One label file scored as the lesions of several cases is almost always a --masks pattern
+    without the case's name in it ({stem}, {base}, {case}): said once per such file."""
+    users: dict[Path, list[str]] = {}
+    for case, path in label_of.items():
+        if path is not None:
+            users.setdefault(Path(path).resolve(), []).append(case)
+    for path, cases in sorted(users.items()):
+        if len(cases) > 1:
+            logger.warning("%s is the label of %d cases (%s): does --masks name each case's own file?", path,
+                           len(cases), ", ".join(cases[:5]) + (", ..." if len(cases) > 5 else ""))
+
+
+def _remove_stale_figures(out_dir: Path, drawn: set[str]) -> None:
+    """eval-overlays/*.png of cases this evaluation did not draw (no longer evaluated): left, they would
+    show another evaluation's threshold beside metrics that no longer count them."""
+    root = out_dir / "eval-overlays"
+    for path in sorted(root.rglob("*.png")) if root.is_dir() else []:
+        case = path.relative_to(root).with_suffix("").as_posix()
+        if case not in drawn:
+            path.unlink(missing_ok=True)
+            logger.info("removed %s: case %s was not evaluated this time", path, case)
 
 
 def _lesion_counts(protocol: str, parts: list[tuple], case_regions: list[np.ndarray], threshold: float,
@@ -707,7 +857,8 @@ def format_table(ev: Evaluation) -> str:
         lines.append(f"{c['cases']} cases, {c['samples']} samples ({c['positive_samples']} positive), "
                      f"{c['pixels']} pixels ({c['positive_pixels']} positive"
                      + (f", in {c['lesions']} connected lesions" if c.get("lesions") else "") + ")"
-                     + (f"; {c['cases_without_label']} case(s) without a label file counted as normal"
+                     + (f"; {c['cases_without_label']} case(s) without a label file counted as normal ("
+                        + ", ".join(ev.without_label[:5]) + (", ..." if len(ev.without_label) > 5 else "") + ")"
                         if c.get("cases_without_label") else ""))
     cols = _columns(ev)
     width = max([14] + [len(name) + 2 for name, _ in ev.rows])

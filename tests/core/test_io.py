@@ -267,6 +267,64 @@ def test_read_mask_checks_the_grid(tmp_path):
         volumes.read_mask(tmp_path / "small_mask.nii.gz", vol)
 
 
+def _classes(shape=(20, 22, 12)):
+    labels = np.zeros(shape, dtype=np.float32)
+    labels[4:10, 5:12, 2:8] = 1
+    labels[10:16, 5:12, 2:8] = 4
+    return labels
+
+
+def test_label_values_select_integer_classes_even_stored_with_rounding_and_refuse_other_maps(tmp_path):
+    vol = volumes.read_volume(_save(tmp_path / "img.nii.gz", _blob()))
+    labels = _classes()
+    # float storage of a scaled label map: 1.0039, 3.9999993, ... (what an auditor's re-saved BraTS label read as)
+    noisy = labels * np.float32(1 - 1e-7) + np.where(labels > 0, 0.0039, 0).astype(np.float32)
+    path = _save(tmp_path / "seg.nii.gz", noisy, dtype=np.float32)
+    np.testing.assert_array_equal(volumes.read_mask(path, vol, (4,)), labels == 4)
+    np.testing.assert_array_equal(volumes.read_mask(path, vol, (1, 4)), labels > 0)
+    # the benchmark's raw labels of chosen classes: 1 on them, whatever their code, as a binary label would be
+    raw = volumes.read_mask(path, vol, (4,), raw=True)
+    assert raw.dtype == np.float32
+    np.testing.assert_array_equal(raw, (labels == 4).astype(np.float32))
+    np.testing.assert_array_equal(volumes.read_mask(path, vol, raw=True), noisy)  # no classes: the values as stored
+    prob = _save(tmp_path / "prob.nii.gz", labels / 8, dtype=np.float32)  # 0.125 and 0.5: no classes
+    with pytest.raises(InputImageError, match=r"prob.nii.gz: holds values that are not integer classes \(e.g. 0.5 at voxel"):
+        volumes.read_mask(prob, vol, (1,))
+
+
+def test_fractional_masks_are_warned_about_and_nan_masks_get_a_hint_for_masks(tmp_path, caplog):
+    vol = volumes.read_volume(_save(tmp_path / "img.nii.gz", _blob()))
+    prob = _save(tmp_path / "prob.nii.gz", _classes() / 8, dtype=np.float32)
+    with caplog.at_level(logging.WARNING, logger="condiff.io.volumes"):
+        assert volumes.read_mask(prob, vol).sum() == (_classes() > 0).sum()
+    assert "prob.nii.gz holds fractional values (e.g. 0.125" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="condiff.io.volumes"):
+        volumes.read_mask(_save(tmp_path / "bin.nii.gz", _classes(), dtype=np.float32), vol)
+    assert "fractional" not in caplog.text  # integer classes are no probability map
+    bad = _classes()
+    bad[5, 6, 3] = np.nan
+    with pytest.raises(InputImageError) as info:
+        volumes.read_mask(_save(tmp_path / "nan_mask.nii.gz", bad, dtype=np.float32), vol)
+    assert "nan_mask.nii.gz" in str(info.value) and "NaN/Inf" in str(info.value)
+    assert "--nan-policy" not in str(info.value) and "mask file" in str(info.value)  # no option of condiff-eval's
+
+
+def test_a_jpeg_mask_is_warned_about(tmp_path, caplog):
+    from PIL import Image
+
+    mask = np.zeros((40, 40), dtype=np.uint8)
+    mask[10:20, 12:30] = 255
+    Image.fromarray(mask).save(tmp_path / "m.jpg", quality=90)
+    Image.fromarray(mask).save(tmp_path / "m.png")
+    with caplog.at_level(logging.WARNING, logger="condiff.io.images"):
+        images.read_label_image(tmp_path / "m.png")
+    assert "JPEG" not in caplog.text
+    with caplog.at_level(logging.WARNING, logger="condiff.io.images"):
+        images.read_label_image(tmp_path / "m.jpg")
+    assert "m.jpg is a JPEG mask" in caplog.text and "PNG" in caplog.text
+
+
 # ----------------------------------------------------------------------------------------- writing volumes
 
 

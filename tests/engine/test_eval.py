@@ -1,11 +1,13 @@
 """condiff-eval on a real condiff-infer output folder, checked against scikit-learn on the same data."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from _infer_helpers import FAST, PREPROCESSING, brain_like, make_model_set, make_scans, one_torch_thread, write_nifti
+from _infer_helpers import (FAST, PREPROCESSING, brain_like, make_model_set, make_scans, one_torch_thread, restamp_output,
+                            write_nifti)
 from condiff.engine.cli import eval_main, infer_main
 
 sk = pytest.importorskip("sklearn.metrics")
@@ -237,7 +239,8 @@ def test_label_values_select_classes_of_a_label_map(run, tmp_path, protocol):
             rec = json.loads((out / "records" / f"case{k}.json").read_text())
             z = np.load(out / "model_space" / f"case{k}.npz")
             keep = z["slices"].reshape(len(z["slices"]), -1).sum(1) != 0
-            m = mask_to_slices(np.where(classes == 4, classes, 0), rec["geometry"])  # values resampled, > 0.4
+            # the chosen class as a binary label (its extent must not depend on its code 4), resampled, > 0.4
+            m = mask_to_slices((classes == 4).astype(np.float32), rec["geometry"])
             ys.append(m[keep].ravel()), ss.append(z["maps"][keep].ravel())
     y, s = np.concatenate(ys), np.concatenate(ss)
     assert doc["counts"]["positive_pixels"] == int(y.sum())
@@ -677,6 +680,7 @@ def test_lesions_called_only_by_pixels_at_the_threshold_are_found(run, tmp_path,
             img = nib.load(str(out / "maps" / f"case{k}.nii.gz"))
             amap = np.where(seg & brain, value[k], 0.0).astype(np.float32)
             nib.save(nib.Nifti1Image(amap, img.affine, img.header), str(out / "maps" / f"case{k}.nii.gz"))
+            restamp_output(out, f"case{k}", "map")
         else:
             path = out / "model_space" / f"case{k}.npz"
             with np.load(path) as z:
@@ -685,6 +689,7 @@ def test_lesions_called_only_by_pixels_at_the_threshold_are_found(run, tmp_path,
             maps = np.zeros_like(arrays["maps"])
             maps[keep] = np.where(seg, value[k], 0.0)
             np.savez(path, **{**arrays, "maps": maps})
+            restamp_output(out, f"case{k}", "model_space")
         assert seg.any()
     res = _eval(out, "--masks", SEG, "--protocol", protocol, "--no-overlays")
     assert res.exit_code == 0, res.output + res.stderr
@@ -697,3 +702,147 @@ def test_lesions_called_only_by_pixels_at_the_threshold_are_found(run, tmp_path,
     for row in doc["per_case"]:
         assert row["lesions"] > 0 and (row["lesions_found"], row["false_regions"]) == (row["lesions"], 0), row
     assert f"{det['lesions']} of {det['lesions']} lesions found" in res.stdout
+
+
+def _copy(run, tmp_path, name="out"):
+    import shutil
+
+    return shutil.copytree(run[1], tmp_path / name)
+
+
+def test_cases_not_here_to_evaluate_are_named_and_exit_1(run, tmp_path):
+    """A case condiff-infer failed on, an interrupted run and shards that never ran into the folder: each is
+    listed as not evaluated (exit 1), the finished cases are still scored; a later whole-folder run that
+    finished clears the shard notes."""
+    import os
+    import time
+
+    out = _copy(run, tmp_path)
+    res = _eval(out, "--masks", SEG, "--no-overlays")
+    assert res.exit_code == 0 and "NOT EVALUATED" not in res.stderr, res.stderr
+    failed = {**json.loads((out / "records" / "case0.json").read_text()), "case": "case9", "status": "failed",
+              "error_type": "InputImageError", "error": "case9.nii.gz: truncated", "outputs": {}}
+    (out / "records" / "case9.json").write_text(json.dumps(failed))
+    res = _eval(out, "--masks", SEG, "--no-overlays")
+    assert res.exit_code == 1 and "NOT EVALUATED case9: condiff-infer failed on it (InputImageError" in res.stderr
+    doc = json.loads((out / "metrics-native.json").read_text())
+    assert doc["cases"] == ["case0", "case1", "case2"] and doc["failures"][0]["case"] == "case9"
+    (out / "records" / "case9.json").unlink()
+
+    run_json = json.loads((out / "run.json").read_text())
+    (out / "run.json").write_text(json.dumps({**run_json, "interrupted": True, "signal": "SIGTERM"}))
+    res = _eval(out, "--masks", SEG, "--no-overlays")
+    assert res.exit_code == 1 and "NOT EVALUATED run.json: condiff-infer was interrupted (SIGTERM)" in res.stderr
+    (out / "run.json").write_text(json.dumps(run_json))
+    past = time.time() - 100
+    os.utime(out / "run.json", (past, past))
+    (out / "run.0-of-3.json").write_text(json.dumps(run_json))
+    res = _eval(out, "--masks", SEG, "--no-overlays")
+    assert res.exit_code == 1, res.stderr
+    for i in (1, 2):
+        assert f"NOT EVALUATED shard {i}/3: has not run into this folder (no run.{i}-of-3.json)" in res.stderr
+    assert "shard 0/3" not in res.stderr
+    (out / "run.json").write_text(json.dumps(run_json))  # a whole-folder run that finished after the split
+    res = _eval(out, "--masks", SEG, "--no-overlays")
+    assert res.exit_code == 0 and "NOT EVALUATED" not in res.stderr, res.stderr
+
+
+def test_outputs_or_brain_masks_changed_since_inference_fail_alone(run, tmp_path):
+    import shutil
+
+    import nibabel as nib
+
+    scans = shutil.copytree(run[0], tmp_path / "scans")
+    out = _copy(run, tmp_path)
+    for k in range(3):  # the records point at the copied scans' brain masks
+        path = out / "records" / f"case{k}.json"
+        rec = json.loads(path.read_text())
+        rec["mask"] = str(scans / Path(rec["mask"]).name)
+        path.write_text(json.dumps(rec))
+    # another case's map copied over case0's; case2's brain mask halved after inference
+    shutil.copy(out / "maps" / "case1.nii.gz", out / "maps" / "case0.nii.gz")
+    img = nib.load(str(scans / "case2_brainmask.nii.gz"))
+    brain = np.asarray(img.dataobj).copy()
+    brain[:10] = 0
+    nib.save(nib.Nifti1Image(brain, img.affine, img.header), str(scans / "case2_brainmask.nii.gz"))
+    res = _eval(out, "--masks", SEG, "--no-overlays")
+    assert res.exit_code == 1
+    assert f"NOT EVALUATED case0: {out / 'maps' / 'case0.nii.gz'}: changed since condiff-infer wrote it" in res.stderr
+    assert f"NOT EVALUATED case2: {scans / 'case2_brainmask.nii.gz'}: changed since case case2's map" in res.stderr
+    assert json.loads((out / "metrics-native.json").read_text())["cases"] == ["case1"]
+    # a map with NaN (its record's digest matching: written so) is refused by name too
+    img = nib.load(str(out / "maps" / "case1.nii.gz"))
+    amap = np.asarray(img.get_fdata(dtype=np.float32))
+    amap[amap > 0] = np.nan
+    nib.save(nib.Nifti1Image(amap, img.affine, img.header), str(out / "maps" / "case1.nii.gz"))
+    restamp_output(out, "case1", "map")
+    res = _eval(out, "--masks", SEG, "--no-overlays")
+    assert res.exit_code == 1 and f"{out / 'maps' / 'case1.nii.gz'}: holds" in res.stderr and "NaN/Inf" in res.stderr
+    # model-space files are checked in the benchmark protocol
+    out2 = _copy(run, tmp_path, "out2")
+    shutil.copy(out2 / "model_space" / "case1.npz", out2 / "model_space" / "case2.npz")
+    res = _eval(out2, "--masks", SEG, "--protocol", "benchmark")
+    assert res.exit_code == 1 and "case2.npz: changed since condiff-infer wrote it" in res.stderr
+
+
+def test_missing_labels_are_named_and_a_pattern_that_matches_nothing_keeps_the_earlier_metrics(run, tmp_path):
+    out = _copy(run, tmp_path)
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    (labels / "case0_seg.nii.gz").write_bytes((run[0] / "case0_seg.nii.gz").read_bytes())
+    res = _eval(out, "--masks", str(labels) + "/{stem}_seg.nii.gz", "--missing-label", "normal", "--no-overlays")
+    assert res.exit_code == 0, res.stderr
+    doc = json.loads((out / "metrics-native.json").read_text())
+    assert doc["cases_without_label"] == ["case1", "case2"] and doc["counts"]["cases_without_label"] == 2
+    assert "counted as normal (case1, case2)" in res.stdout
+    assert [r["label"] for r in doc["per_case"]] == [str(labels / "case0_seg.nii.gz"), None, None]
+    before = (out / "metrics-native.json").read_bytes()
+    res = _eval(out, "--masks", "{dir}/{stem}_sge.nii.gz", "--missing-label", "normal", "--no-overlays")
+    assert res.exit_code == 1 and "no label file matches --masks '{dir}/{stem}_sge.nii.gz'" in res.stderr
+    assert "earlier ones are kept" in res.stderr and (out / "metrics-native.json").read_bytes() == before
+
+
+def test_one_label_file_for_several_cases_is_warned_about(run, tmp_path):
+    out = _copy(run, tmp_path)
+    one = str(run[0] / "case0_seg.nii.gz")
+    res = _eval(out, "--masks", one, "--no-overlays")
+    assert res.exit_code == 0 and f"{one} is the label of 3 cases (case0, case1, case2)" in res.stderr, res.stderr
+    res = _eval(out, "--masks", SEG, "--no-overlays")
+    assert "is the label of" not in res.stderr
+
+
+def test_a_threshold_chosen_on_maps_made_another_way_is_warned_about(run, tmp_path):
+    out = _copy(run, tmp_path)
+    assert _eval(out, "--masks", SEG, "--no-overlays").exit_code == 0
+    same = tmp_path / "same.json"
+    same.write_text((out / "metrics-native.json").read_text())
+    res = _eval(out, "--masks", SEG, "--no-overlays", "--threshold", same)
+    assert res.exit_code == 0 and "made another way" not in res.stderr
+    doc = json.loads(same.read_text())
+    doc["provenance"]["method"]["steps"] = 50
+    doc["provenance"]["model_set_digest"] = "0" * 64
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(doc))
+    res = _eval(out, "--masks", SEG, "--no-overlays", "--threshold", other)
+    assert res.exit_code == 0 and "chosen on maps made another way (another model set; steps 50 (here 2))" in res.stderr
+
+
+def test_figures_of_cases_no_longer_evaluated_are_removed(run, tmp_path):
+    out = _copy(run, tmp_path)
+    assert _eval(out, "--masks", SEG).exit_code == 0
+    assert sorted(p.name for p in (out / "eval-overlays").glob("*.png")) == ["case0.png", "case1.png", "case2.png"]
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    for k in (0, 1):
+        (labels / f"case{k}_seg.nii.gz").write_bytes((run[0] / f"case{k}_seg.nii.gz").read_bytes())
+    res = _eval(out, "--masks", str(labels) + "/{stem}_seg.nii.gz")
+    assert res.exit_code == 1 and "NOT EVALUATED case2" in res.stderr
+    assert sorted(p.name for p in (out / "eval-overlays").glob("*.png")) == ["case0.png", "case1.png"]
+
+
+def test_label_values_that_no_label_holds_are_warned_about(run, tmp_path):
+    out = _copy(run, tmp_path)
+    res = _eval(out, "--masks", SEG, "--no-overlays", "--label-values", "5")
+    assert res.exit_code == 0 and "no label holds any of the values 5" in res.stderr, res.stderr
+    res = _eval(out, "--masks", SEG, "--no-overlays", "--label-values", "1")
+    assert "no label holds" not in res.stderr

@@ -151,9 +151,13 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
 
 
 def read_label_image(path: str | os.PathLike) -> np.ndarray:
-    """A 2-D mask image (PNG/TIFF/...) as bool ``(H, W)``: True where any channel is > 0."""
+    """A 2-D mask image (PNG/TIFF/...) as bool ``(H, W)``: True where any channel is > 0. A JPEG mask is
+    read but warned about: its compression noise around every edge (and in flat areas) counts as lesion."""
     path = Path(path)
     kind = _sniff(path)
+    if kind == "jpeg":
+        logger.warning("%s is a JPEG mask: lossy compression leaves faint non-zero pixels that count as lesion "
+                       "(> 0); save masks as PNG or TIFF", path)
     if kind == "tiff":
         arr = np.asarray(_tiff_page(path))
     else:

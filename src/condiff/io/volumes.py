@@ -256,10 +256,13 @@ VOXEL_MM_RANGE = (0.01, 100.0)
 # condiff-infer's advice (its options); other callers (condiff-train) swap in their own, matched by identity.
 SERIES_HINT = "Pass --volume-index N to analyse volume N of every series, or give one volume per file"
 NONFINITE_HINT = "Fix the file, or pass --nan-policy zero to treat them as 0"
+# a mask or label map: --nan-policy applies to scans only, and a NaN voxel is neither lesion nor background
+MASK_NONFINITE_HINT = "Fix the mask file (a NaN/Inf voxel is neither inside nor outside the mask)"
+LABEL_ROUNDING = 0.01  # label values this close to an integer are that class (scl_slope/float storage rounding)
 
 
 def _load(path: str | os.PathLike, *, allow_2d: bool, nan_policy: str, check_content: bool,
-          orientation: str = "RAS", volume_index: int | None = None) -> Volume:
+          orientation: str = "RAS", volume_index: int | None = None, nonfinite_hint: str | None = None) -> Volume:
     import nibabel as nib
 
     if nan_policy not in ("error", "zero"):
@@ -311,7 +314,7 @@ def _load(path: str | os.PathLike, *, allow_2d: bool, nan_policy: str, check_con
             data = np.where(bad, np.float32(0), data)
         else:
             raise InputImageError(path, f"contains {n_bad} NaN/Inf voxels",
-                                  NONFINITE_HINT)
+                                  NONFINITE_HINT if nonfinite_hint is None else nonfinite_hint)
     if check_content:
         lo, hi = float(data.min()), float(data.max())
         if lo == hi:
@@ -349,13 +352,19 @@ def read_volume_or_slice(path: str | os.PathLike, nan_policy: str = "error", ori
 def read_mask(path: str | os.PathLike, like: Volume, values=None, raw: bool = False) -> np.ndarray:
     """A mask on the same grid as ``like``: bool ``like.data.shape`` (True where the file is > 0,
     or, with ``values``, where it holds one of these label values, e.g. (1, 3, 4) for a tumour core).
-    ``raw``: the file's own values as float32 instead (0 outside ``values`` when given), for the
-    benchmark protocol, which resamples label values before thresholding them (reference-method §8).
+    ``raw``: float32 for the benchmark protocol, which resamples labels before thresholding them
+    (reference-method §8): the file's own values, or with ``values`` 1 on the chosen classes and 0
+    elsewhere (as a binary label of those classes would be: a class's extent must not depend on its
+    numeric code).
 
-    Refuses a mask whose shape or affine differs from the volume's (the message names both
-    files); an all-zero mask is allowed (e.g. a lesion mask of a healthy case).
+    With ``values``, label values within ``LABEL_ROUNDING`` of an integer are that integer (float or
+    scaled storage rounds them, e.g. 3.9999993); a map holding other values is refused, since it is
+    not a map of classes. Without ``values``, a map with fractional values (a probability map?) is
+    warned about: every voxel above 0 counts as lesion. Refuses a mask whose shape or affine differs
+    from the volume's (the message names both files); an all-zero mask is allowed (e.g. a lesion
+    mask of a healthy case).
     """
-    m = _load(path, allow_2d=True, nan_policy="error", check_content=False)
+    m = _load(path, allow_2d=True, nan_policy="error", check_content=False, nonfinite_hint=MASK_NONFINITE_HINT)
     if m.data.shape != like.data.shape:
         raise InputImageError(path, f"mask shape {m.data.shape} differs from the shape {like.data.shape} of {like.path}",
                               "Give a mask on the same voxel grid as its image")
@@ -365,12 +374,27 @@ def read_mask(path: str | os.PathLike, like: Volume, values=None, raw: bool = Fa
         raise InputImageError(path, f"mask affine differs from the affine of {like.path} "
                                     f"(max difference {np.abs(m.affine - like.affine).max():.4g} mm)",
                               "Give a mask on the same voxel grid as its image")
-    if raw:
-        data = np.asarray(m.data, dtype=np.float32)
-        return np.where(np.isin(m.data, np.asarray(values, dtype=np.float64)), data, 0).astype(np.float32) if values else data
     if values:
-        return np.isin(m.data, np.asarray(values, dtype=np.float64))
-    return m.data > 0
+        chosen = np.isin(_label_classes(path, m.data), np.asarray(values, dtype=np.float64))
+        return chosen.astype(np.float32) if raw else chosen
+    fractional = m.data[(m.data > 0) & (m.data != np.round(m.data))]
+    if fractional.size:
+        logger.warning("%s holds fractional values (e.g. %.4g; a probability map?): every voxel above 0 counts "
+                       "as inside the mask; binarise it first (e.g. at 0.5) if that is not meant", path, float(fractional[0]))
+    return np.asarray(m.data, dtype=np.float32) if raw else m.data > 0
+
+
+def _label_classes(path, data: np.ndarray) -> np.ndarray:
+    """A label map's classes: ``data`` rounded to integers where every value lies within
+    ``LABEL_ROUNDING`` of one; otherwise it is no map of classes (an error naming the file)."""
+    rounded = np.round(data)
+    off = np.abs(data - rounded)
+    if off.size and float(off.max()) > LABEL_ROUNDING:
+        at = np.unravel_index(int(np.argmax(off)), data.shape)
+        raise InputImageError(path, f"holds values that are not integer classes (e.g. {float(data[at]):.6g} at voxel "
+                                    f"{tuple(int(i) for i in at)}), so --label-values cannot select classes in it",
+                              "give an integer label map, or drop --label-values (lesion = every value above 0)")
+    return rounded
 
 
 # ----------------------------------------------------------------------------------------- writing
