@@ -261,19 +261,31 @@ def _resample_forward(vol: np.ndarray, scale, offset, n: int) -> np.ndarray:
     sigma = [max(0.0, (s - 1.0) / 2.0) for s in scale] + [0.0]
     if any(s > 0 for s in sigma):
         src = ndi.gaussian_filter(src, sigma, mode="constant", cval=0.0)
-    out = ndi.affine_transform(src, np.array([scale[0], scale[1], 1.0]), offset=np.array([offset[0], offset[1], 0.0]),
-                               output_shape=(n, n, src.shape[2]), order=1, mode="grid-constant", cval=0.0)
+    out = _diagonal_affine(src, np.array([scale[0], scale[1], 1.0]), offset=np.array([offset[0], offset[1], 0.0]),
+                           output_shape=(n, n, src.shape[2]), order=1, mode="grid-constant", cval=0.0)
     return np.ascontiguousarray(np.moveaxis(out, 2, 0), dtype=np.float32)
+
+
+def _diagonal_affine(array: np.ndarray, diagonal: np.ndarray, **kw) -> np.ndarray:
+    """scipy's ``affine_transform`` with a diagonal matrix given as its 1-D diagonal (the fast zoom-and-shift
+    path). SciPy before 1.16 (the newest on Python 3.10) warns on every such call that 1-D matrices
+    changed meaning in SciPy 0.18; this is the meaning meant, so the warning is not shown to users."""
+    import warnings
+
+    from scipy import ndimage as ndi
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The behavior of affine_transform with a 1-D array",
+                                category=UserWarning)
+        return ndi.affine_transform(array, diagonal, **kw)
 
 
 def _resample_back(stack: np.ndarray, scale, offset, out_hw: tuple[int, int], fill: float) -> np.ndarray:
     """(n, n, K) -> (X, Y, K): the inverse of the in-plane mapping, linear; ``fill`` outside the square."""
-    from scipy import ndimage as ndi
-
     n0, n1, k = stack.shape
-    out = ndi.affine_transform(np.asarray(stack, dtype=np.float32), np.array([1 / scale[0], 1 / scale[1], 1.0]),
-                               offset=np.array([-offset[0] / scale[0], -offset[1] / scale[1], 0.0]),
-                               output_shape=(out_hw[0], out_hw[1], k), order=1, mode="nearest")
+    out = _diagonal_affine(np.asarray(stack, dtype=np.float32), np.array([1 / scale[0], 1 / scale[1], 1.0]),
+                           offset=np.array([-offset[0] / scale[0], -offset[1] / scale[1], 0.0]),
+                           output_shape=(out_hw[0], out_hw[1], k), order=1, mode="nearest")
     u = (np.arange(out_hw[0]) - offset[0]) / scale[0]
     v = (np.arange(out_hw[1]) - offset[1]) / scale[1]
     out[(u < -0.5) | (u > n0 - 0.5)] = fill
