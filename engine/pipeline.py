@@ -29,8 +29,8 @@ from condiff.modelset import ModelSet, open_model_set
 from condiff.preprocess import PreprocessConfig, Prepared, analysed_box, auto_foreground, prepare_image, prepare_volume
 from condiff.sampler import SamplerPlan, make_plan
 
-from .plan import (AUTO_MASK, RECORD_SCHEMA, resolve_mask_path, CasePlan, RunOptions, parse_members, plan_case,
-                   read_record, resume_check, sha256_path)
+from .plan import (AUTO_MASK, RECORD_SCHEMA, resolve_mask_path, CasePlan, RunOptions, check_output_names, parse_members,
+                   plan_case, read_record, resume_check, sha256_path)
 from .backoff import release_cached, run_within_memory
 from .runner import SliceJob, run_slices
 from .writer import remove_outputs, write_case_files, write_record
@@ -252,9 +252,12 @@ def _fail(ctx: RunContext, case: Case, plan: CasePlan, exc: BaseException, input
     }
     try:
         remove_outputs(ctx.out_dir, plan)
+    except OSError:  # an output name that cannot exist (too long) has nothing to remove; the record still goes
+        pass
+    try:
         write_record(ctx.out_dir, plan, record)
-    except OSError as write_exc:
-        logger.error("%s: could not record the failure (%s)", case.name, write_exc)
+    except Exception as write_exc:  # any second error must not escape: the other cases still have to run
+        logger.error("%s: could not record the failure (%s: %s)", case.name, type(write_exc).__name__, write_exc)
     logger.info("case %s failed: %s", case.name, text, extra={"case": case.name, "status": "failed", "error": text})
     return CaseOutcome(case, "failed", error=text, error_type=type(exc).__name__)
 
@@ -351,6 +354,7 @@ def _prepare(case: Case, ctx: RunContext) -> _Pending | CaseOutcome:
     plan = plan_case(case, ctx.options)
     input_sha = mask_path = mask_sha = None
     try:
+        check_output_names(plan)
         input_sha = sha256_path(case.path)
         if ctx.mask_pattern is not None and case.kind == "volume":
             mask_path = resolve_mask_path(case, ctx.mask_pattern)

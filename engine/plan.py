@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from condiff.errors import CondiffError, InputImageError, OutputConflictError
+from condiff.io.atomic import NAME_MAX, check_regular, fit_name, name_bytes
 from condiff.io.cases import Case, find_mask, split_suffix
 
 RECORD_SCHEMA = "condiff.record/1"
@@ -25,7 +26,9 @@ OUTPUT_FOLDERS = ("maps", "restorations", "overlays", "model_space", "records")
 
 
 def sha256_path(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    """SHA-256 of a file's bytes; an unreadable file is an ``InputImageError`` naming it."""
+    """SHA-256 of a file's bytes; an unreadable file, or one that is not a regular file (a FIFO or
+    device would never end), is an ``InputImageError`` naming it."""
+    check_regular(path)
     h = hashlib.sha256()
     try:
         with open(path, "rb") as f:
@@ -101,8 +104,27 @@ class CasePlan:
 
 
 def record_path(case_name: str) -> str:
-    """Where a case's record lives, relative to OUT (``/``-separated), whatever the layout."""
-    return f"records/{case_name}.json"
+    """Where a case's record lives, relative to OUT (``/``-separated), whatever the layout. A case name too
+    long for ``<name>.json`` gets its name cut, plus a digest of the whole name (records are read by their
+    ``case`` field, never by file name): even a case whose outputs cannot be named gets its failed
+    record, and so its ``cases.csv`` row."""
+    folder, _, base = case_name.rpartition("/")
+    name = f"{base}.json"
+    if name_bytes(name) > NAME_MAX:
+        digest = hashlib.sha256(os.fsencode(case_name)).hexdigest()[:16]
+        name = f"{fit_name(base, NAME_MAX - len(digest) - 6)}~{digest}.json"
+    return f"records/{folder}/{name}" if folder else f"records/{name}"
+
+
+def check_output_names(plan: CasePlan) -> None:
+    """Refuse a case whose output file names cannot exist (longer than ``NAME_MAX`` bytes, as a long input name
+    plus an output's extension can be): an ``InputImageError`` naming the input, before any work."""
+    for rel in plan.outputs.values():
+        name = rel.rsplit("/", 1)[-1]
+        if name_bytes(name) > NAME_MAX:
+            raise InputImageError(plan.case.path, f"its output file name {name!r} would be {name_bytes(name)} bytes "
+                                                  f"long; file names may have at most {NAME_MAX}",
+                                  "Rename the input file to a shorter name")
 
 
 def plan_case(case: Case, options: RunOptions) -> CasePlan:
@@ -284,6 +306,7 @@ def dry_run_status(case: Case, ctx) -> tuple[str, str | None, CasePlan]:
     plan = plan_case(case, ctx.options)
     reason = "--overwrite"
     try:
+        check_output_names(plan)
         mask_path = None
         if ctx.mask_pattern is not None and case.kind == "volume":
             mask_path = resolve_mask_path(case, ctx.mask_pattern)
@@ -301,6 +324,6 @@ def dry_run_status(case: Case, ctx) -> tuple[str, str | None, CasePlan]:
     return "run", reason, plan
 
 
-__all__ = ["RECORD_SCHEMA", "OUTPUT_FOLDERS", "RunOptions", "CasePlan", "record_path", "plan_case", "read_record", "resume_check",
+__all__ = ["RECORD_SCHEMA", "OUTPUT_FOLDERS", "RunOptions", "CasePlan", "record_path", "check_output_names", "plan_case", "read_record", "resume_check",
            "sha256_path", "sha256_bytes", "parse_members", "parse_shard", "select_shard", "check_output_location",
            "check_input", "dry_run_status"]

@@ -356,7 +356,8 @@ class JsonLineFormatter(logging.Formatter):
 def add_file_log(log_file: str, verbose: int, log_format: str = "text") -> logging.Handler:
     """Attach a file handler to the ``condiff`` logger (caller removes it with ``remove_log``);
     ``log_format`` ``json`` writes JSON lines (``JsonLineFormatter``) for log collectors."""
-    fh = logging.FileHandler(log_file, mode="a", encoding="utf-8")
+    # backslashreplace: a non-UTF-8 file name in a message is escaped, never a "--- Logging error ---"
+    fh = logging.FileHandler(log_file, mode="a", encoding="utf-8", errors="backslashreplace")
     fh.setLevel(logging.DEBUG if verbose else logging.INFO)
     fh.setFormatter(JsonLineFormatter() if log_format == "json" else logging.Formatter(LOG_FORMAT))
     logger = logging.getLogger("condiff")

@@ -782,7 +782,9 @@ def test_a_label_image_drawn_in_any_colour_is_lesion(tmp_path):
 def test_photos_below_the_ssim_window_on_either_side_are_refused(tmp_path, height, width, refused):
     from PIL import Image
 
-    Image.fromarray(np.full((height, width, 3), 90, np.uint8)).save(tmp_path / "p.png")
+    photo = np.full((height, width, 3), 90, np.uint8)
+    photo[0, 0] = 91  # not constant (a constant photo is refused for that)
+    Image.fromarray(photo).save(tmp_path / "p.png")
     if refused:
         with pytest.raises(InputImageError, match="smaller than the SSIM window"):
             images.read_image(tmp_path / "p.png")
@@ -801,3 +803,194 @@ def test_a_finished_runs_folder_with_its_tables_is_not_read_as_scans(tmp_path, c
     with caplog.at_level("WARNING", logger="condiff.io.cases"):
         found = cases.discover([tmp_path / "proj"])
     assert [c.name for c in found] == ["a"]
+
+
+# ----------------------------------------------------------------------------------------- hostile and odd inputs
+
+
+def test_a_singular_affine_is_refused_naming_the_file(tmp_path):
+    """Two parallel voxel axes (valid lengths, so the voxel-size check passes) leave no orientation to slice by."""
+    affine = np.diag([2.0, 2.0, 3.0, 1.0])
+    affine[:3, 2] = affine[:3, 1]
+    path = _save(tmp_path / "flat.nii.gz", _blob(), affine)
+    with pytest.raises(InputImageError, match=r"flat\.nii\.gz: the header's affine is singular/degenerate \(its axes "
+                                              r"are not independent\)\. Fix the qform/sform of the file"):
+        volumes.read_volume(path)
+    # the test is relative to the voxel sizes: tiny and huge voxels with independent axes still read
+    fine = np.diag([0.02, 0.02, 90.0, 1.0])
+    assert volumes.read_volume(_save(tmp_path / "odd.nii.gz", _blob(), fine)).data.shape == (20, 22, 12)
+
+
+def _header_only(shape, dtype=np.uint8) -> bytes:
+    """A NIfTI-1 header declaring ``shape`` followed by a few bytes: what a decompression bomb's header says,
+    without its data (nothing is allocated)."""
+    hdr = nib.Nifti1Header()
+    hdr.set_data_dtype(dtype)
+    hdr.set_data_shape(shape)
+    hdr.set_qform(np.eye(4), code=1)
+    return bytes(hdr.binaryblock) + b"\0" * 4 + b"\0" * 1000
+
+
+def test_a_nifti_decompression_bomb_is_refused_before_decompressing(tmp_path):
+    """2048x2048x128 uint8 is a few MB gzipped but 2 GiB as float32 (a dry run grew to 7 GB)."""
+    (tmp_path / "bomb.nii.gz").write_bytes(gzip.compress(_header_only((2048, 2048, 128))))
+    with pytest.raises(InputImageError, match=r"bomb\.nii\.gz: header declares \(2048, 2048, 128\) = 536870912 voxels "
+                                              r"per volume, more than the limit of 268435456 \(1 GiB as float32\)"):
+        volumes.read_volume(tmp_path / "bomb.nii.gz")
+    # a series is decoded whole: 2**30 voxels in all (an HCP-style fMRI run, 104x90x72x1200, still passes)
+    (tmp_path / "series.nii.gz").write_bytes(gzip.compress(_header_only((256, 256, 128, 200))))
+    with pytest.raises(InputImageError, match=r"series\.nii\.gz: header declares \(256, 256, 128, 200\) = 1677721600 "
+                                              r"voxels in all, more than the limit of 1073741824 \(4 GiB"):
+        volumes.read_volume(tmp_path / "series.nii.gz", volume_index=0)
+    (tmp_path / "hcp.nii.gz").write_bytes(gzip.compress(_header_only((104, 90, 72, 1200))))
+    with pytest.raises(InputImageError, match="truncated"):
+        volumes.read_volume(tmp_path / "hcp.nii.gz", volume_index=0)
+    # 512x512x1024 is still a volume condiff reads: this header-only file is refused as truncated, not for its size
+    (tmp_path / "big.nii.gz").write_bytes(gzip.compress(_header_only((512, 512, 1024))))
+    with pytest.raises(InputImageError, match="truncated"):
+        volumes.read_volume(tmp_path / "big.nii.gz")
+
+
+def _tiff_declaring(path, width: int, height: int) -> None:
+    """A 16x16 zlib TIFF whose tags then claim ``width`` x ``height`` (one strip): a bomb's header, without the data."""
+    import tifffile
+
+    tifffile.imwrite(path, np.zeros((16, 16), np.uint8), compression="zlib", rowsperstrip=16)
+    data = bytearray(path.read_bytes())
+    with tifffile.TiffFile(path) as tif:
+        tags = tif.pages[0].tags
+        offsets = {code: tags[code].valueoffset for code in (256, 257, 278)}  # width, length, rows per strip
+    for code, value in ((256, width), (257, height), (278, height)):
+        struct.pack_into("<I", data, offsets[code], value)
+    path.write_bytes(bytes(data))
+
+
+def test_a_tiff_above_the_pixel_limit_is_refused_before_decoding(tmp_path, monkeypatch):
+    """PNG and JPEG go through PIL's bomb check; tifffile has none: a 20000x20000 page (15 GB) is refused from its tags."""
+    _tiff_declaring(tmp_path / "bomb.tif", 20000, 20000)
+    with pytest.raises(InputImageError, match=r"bomb\.tif: image of 20000x20000 = 400000000 pixels is larger than the "
+                                              r"limit of \d+ pixels"):
+        images.read_image(tmp_path / "bomb.tif")
+    # the limit is PIL's own setting (an application may raise or lower it)
+    from PIL import Image
+
+    import tifffile
+
+    tifffile.imwrite(tmp_path / "photo.tif", np.random.default_rng(0).integers(0, 256, (40, 50, 3), dtype=np.uint8))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    with pytest.raises(InputImageError, match=r"photo\.tif: image of 50x40 = 2000 pixels is larger than the limit of 1000"):
+        images.read_image(tmp_path / "photo.tif")
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+@pytest.mark.parametrize("side", [40, 50])  # above PIL's limit (where it only warns), and above twice it (it refuses)
+def test_a_png_above_the_pixel_limit_is_reported_as_too_large_not_damaged(tmp_path, monkeypatch, side):
+    from PIL import Image
+
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (side, side, 3), dtype=np.uint8)).save(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    with pytest.raises(InputImageError, match=r"big\.png: image .*larger than the limit of 1000 pixels") as info:
+        images.read_image(tmp_path / "big.png")
+    assert "damaged" not in str(info.value) and "Downscale the photograph" in str(info.value)
+
+
+def test_constant_photos_are_refused_like_constant_volumes(tmp_path):
+    from PIL import Image
+
+    Image.fromarray(np.zeros((30, 30, 3), np.uint8)).save(tmp_path / "black.png")
+    with pytest.raises(InputImageError, match=r"black\.png: constant image \(all pixels 0\): nothing to analyse"):
+        images.read_image(tmp_path / "black.png")
+    Image.fromarray(np.full((30, 30, 3), (10, 20, 30), np.uint8)).save(tmp_path / "teal.png")
+    with pytest.raises(InputImageError, match=r"teal\.png: constant image \(all pixels \(10, 20, 30\)\)"):
+        images.read_image(tmp_path / "teal.png")
+    import tifffile
+
+    tifffile.imwrite(tmp_path / "grey.tif", np.full((30, 30), 1000, np.uint16))
+    with pytest.raises(InputImageError, match=r"grey\.tif: constant image \(all pixels 1000\)"):
+        images.read_image(tmp_path / "grey.tif")
+    one = np.zeros((30, 30, 3), np.uint8)
+    one[4, 5, 1] = 1  # one pixel differs: a photo
+    Image.fromarray(one).save(tmp_path / "dark.png")
+    assert images.read_image(tmp_path / "dark.png").shape == (30, 30, 3)
+
+
+def _frames(n: int, shape=(24, 26, 3)) -> list[np.ndarray]:
+    rng = np.random.default_rng(n)
+    return [rng.integers(0, 256, shape, dtype=np.uint8) for _ in range(n)]
+
+
+def test_multi_frame_photos_warn_that_only_the_first_frame_was_analysed(tmp_path, caplog):
+    import tifffile
+    from PIL import Image
+
+    pages = _frames(3)
+    tifffile.imwrite(tmp_path / "stack.tif", np.stack(pages), photometric="rgb")
+    frames = [Image.fromarray(f) for f in _frames(2)]
+    frames[0].save(tmp_path / "anim.png", save_all=True, append_images=frames[1:], duration=100)
+    with caplog.at_level("WARNING", logger="condiff.io.images"):
+        np.testing.assert_array_equal(images.read_image(tmp_path / "stack.tif"), pages[0] / np.float32(255))
+        np.testing.assert_array_equal(images.read_image(tmp_path / "anim.png"), _frames(2)[0] / np.float32(255))
+    assert f"{tmp_path / 'stack.tif'}: has 3 pages: only the first was analysed" in caplog.text
+    assert f"{tmp_path / 'anim.png'}: has 2 frames: only the first was analysed" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="condiff.io.images"):
+        frames[0].save(tmp_path / "still.png")
+        images.read_image(tmp_path / "still.png")
+    assert "only the first" not in caplog.text
+
+
+def test_an_invalid_exif_orientation_is_reported_as_ignored_not_applied(tmp_path, caplog):
+    from PIL import Image
+
+    a = _frames(1)[0]
+    im = Image.fromarray(a)
+    exif = im.getexif()
+    exif[0x0112] = 99
+    im.save(tmp_path / "odd.png", exif=exif.tobytes())
+    with caplog.at_level("WARNING", logger="condiff.io.images"):
+        got = images.read_image(tmp_path / "odd.png")
+    np.testing.assert_array_equal(got, a / np.float32(255))  # nothing was rotated
+    assert "EXIF orientation 99 applied" not in caplog.text
+    assert f"{tmp_path / 'odd.png'}: EXIF orientation 99 is not a valid value (1-8): ignored" in caplog.text
+
+
+def test_atomic_temp_names_stay_within_name_max_and_json_holds_undecodable_names(tmp_path):
+    """A 250-byte output name still gets a temporary name the file system accepts; a file name that is not
+    UTF-8 (its bytes kept by Python as lone surrogates) is written as JSON escapes that read back as the same str."""
+    long = tmp_path / ("M" * 245 + ".nii.gz")
+    tmp = atomic.temp_path(long)
+    assert len(os.fsencode(tmp.name)) <= atomic.NAME_MAX and atomic.temp_writer_pid(tmp.name) == os.getpid()
+    assert tmp != atomic.temp_path(long)  # still unique
+    atomic.write_bytes_atomic(long, b"x")
+    assert long.read_bytes() == b"x"
+    wide = "\u00e9" * 200  # 2 bytes a character: cut between characters, never inside one
+    assert atomic.fit_name(wide, 255) == "\u00e9" * 127
+    name = os.fsdecode(b"m_bad_\xff")
+    atomic.write_json_atomic(tmp_path / "r.json", {"case": name, "who": "\u00e9"})
+    assert json.loads((tmp_path / "r.json").read_text(encoding="utf-8")) == {"case": name, "who": "\u00e9"}
+    atomic.write_json_atomic(tmp_path / "plain.json", {"who": "\u00e9"})
+    assert "\u00e9" in (tmp_path / "plain.json").read_text(encoding="utf-8")  # UTF-8 as before where it can be
+    atomic.write_text_atomic(tmp_path / "t.csv", f"case\n{name}\n")
+    assert (tmp_path / "t.csv").read_text(encoding="utf-8") == "case\nm_bad_\\udcff\n"
+
+
+def test_non_regular_files_are_refused_without_being_opened(tmp_path):
+    """A FIFO would wait for a writer forever and /dev/zero never ends: both are named, never read."""
+    os.mkfifo(tmp_path / "pipe.nii.gz")
+    os.symlink("/dev/zero", tmp_path / "zero.png")
+    with pytest.raises(InputImageError, match=r"pipe\.nii\.gz: is not a regular file \(a FIFO, device or socket\)"):
+        volumes.read_volume(tmp_path / "pipe.nii.gz")
+    with pytest.raises(InputImageError, match=r"zero\.png: is not a regular file \(a FIFO, device or socket\)"):
+        images.read_image(tmp_path / "zero.png")
+    os.mkfifo(tmp_path / "IM0001")  # an extension-less file is sniffed for DICOM: a FIFO is not opened for it
+    (tmp_path / "scan.nii.gz").write_bytes(b"x")
+    assert [c.name for c in cases.discover([tmp_path])] == ["pipe", "scan", "zero"]
+
+
+def test_a_mask_probe_name_too_long_to_exist_is_no_mask(tmp_path):
+    scan = tmp_path / ("N" * 240 + ".nii.gz")
+    scan.write_bytes(b"x")
+    case = cases.Case(name="N" * 240, path=scan, kind="volume")
+    assert cases.find_mask(case, "{dir}/{stem}_brainmask.nii.gz", required=False) is None
+    with pytest.raises(InputImageError, match="mask not found at"):
+        cases.find_mask(case, "{dir}/{stem}_brainmask.nii.gz")

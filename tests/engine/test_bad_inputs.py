@@ -284,3 +284,150 @@ def test_tiff_with_a_zero_length_axis_is_a_clear_error(scratch):
     tifffile.imwrite(buf, np.zeros((0, 5, 3), np.uint8))
     with pytest.raises(InputImageError, match="no pixels"):
         images.read_image(_write(scratch, "empty.tif", buf.getvalue()))
+
+
+# ----------------------------------------------------------------------------------------- odd file names and files
+
+
+def _scan_bytes(tmp_path: Path) -> bytes:
+    from _infer_helpers import make_scans
+
+    return make_scans(tmp_path / "made", n=1)[0].read_bytes()
+
+
+def test_a_file_name_that_is_not_utf8_runs_like_any_other_and_resumes(tmp_path):
+    """Its name is kept by Python as a lone surrogate, which UTF-8 cannot encode: the record is written as JSON
+    escapes (read back as the same name, so the rerun finds it done), the tables and the log escape it."""
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    data = _scan_bytes(tmp_path)
+    (scans / "a.nii.gz").write_bytes(data)
+    (scans / os.fsdecode(b"m_bad_\xff.nii.gz")).write_bytes(data)
+    models, out = make_model_set(tmp_path / "set", n_members=1), tmp_path / "out"
+    res = _invoke([scans, "-o", out, "--models", models, *FAST])
+    assert res.exit_code == 0, res.output + res.stderr
+    assert "Logging error" not in res.stderr and "Traceback" not in res.stderr
+    with open(out / "cases.csv", newline="", encoding="utf-8") as f:
+        rows = {r["case"]: r for r in csv.DictReader(f)}
+    assert set(rows) == {"a", "m_bad_\\udcff"} and {r["status"] for r in rows.values()} == {"ok"}
+    assert "m_bad_\\udcff" in (out / "scores.csv").read_text(encoding="utf-8")
+    assert "case m_bad_\\udcff done" in (out / "condiff.log").read_text(encoding="utf-8")
+    again = _invoke([scans, "-o", out, "--models", models, *FAST])
+    assert again.exit_code == 0 and "0 done, 2 already done" in again.output + again.stderr, again.output + again.stderr
+
+
+def test_a_failure_that_cannot_be_recorded_does_not_stop_the_other_cases(tmp_path, monkeypatch):
+    """When writing a case's record fails and writing its failure record fails again (not with an OSError), the
+    case fails, the run says why, and the cases after it still run."""
+    from condiff.engine import pipeline
+
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    data = _scan_bytes(tmp_path)
+    for name in ("a", "b", "c"):
+        (scans / f"{name}.nii.gz").write_bytes(data)
+    real = pipeline.write_record
+
+    def flaky(out_dir, plan, record):
+        if plan.case.name == "b":
+            raise ValueError("cannot serialise this record")
+        real(out_dir, plan, record)
+
+    monkeypatch.setattr(pipeline, "write_record", flaky)
+    models, out = make_model_set(tmp_path / "set", n_members=1), tmp_path / "out"
+    res = _invoke([scans, "-o", out, "--models", models, *FAST, "--batch-size", "1"])
+    assert res.exit_code == 1, res.output + res.stderr
+    assert "b: could not record the failure (ValueError: cannot serialise this record)" in res.stderr
+    rows = _rows(out / "cases.csv")
+    assert rows["a"]["status"] == rows["c"]["status"] == "ok" and "b" not in rows
+    assert "2 done, 0 already done, 1 failed" in res.output + res.stderr
+
+
+def _infer_subprocess(args, timeout: float = 240):
+    """condiff-infer in a child process: a run that hangs is killed at ``timeout`` (the test fails, never hangs)."""
+    import subprocess
+    import sys
+
+    code = "import sys; from condiff.engine.cli import infer_main; sys.exit(infer_main())"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-c", code, *[str(a) for a in args]], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def test_a_fifo_or_device_named_like_a_scan_fails_alone_instead_of_hanging(tmp_path):
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    (scans / "a.nii.gz").write_bytes(_scan_bytes(tmp_path))
+    os.mkfifo(scans / "m_pipe.nii.gz")  # open() would wait for a writer forever
+    os.symlink("/dev/zero", scans / "m_zero.nii")  # reading never ends
+    models, out = make_model_set(tmp_path / "set", n_members=1), tmp_path / "out"
+    want = "is not a regular file (a FIFO, device or socket)"
+    dry = _infer_subprocess([scans, "-o", out, "--models", models, *FAST, "--dry-run"])
+    assert dry.returncode == 1 and "Traceback" not in dry.stderr, dry.stdout + dry.stderr
+    for name in ("m_pipe.nii.gz", "m_zero.nii"):
+        assert f"{scans / name}: {want}" in dry.stdout + dry.stderr
+    res = _infer_subprocess([scans, "-o", out, "--models", models, *FAST])
+    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stdout + res.stderr
+    rows = _rows(out / "cases.csv")
+    assert rows["a"]["status"] == "ok"
+    for case, name in (("m_pipe", "m_pipe.nii.gz"), ("m_zero", "m_zero.nii")):
+        assert rows[case]["status"] == "failed" and rows[case]["error"].startswith(f"{scans / name}: {want}")
+        assert f"FAILED {case}: {scans / name}: {want}" in res.stderr
+
+
+def test_long_file_names_run_and_a_name_whose_outputs_cannot_exist_fails_alone(tmp_path):
+    """235 characters: the outputs' temporary names (~24 more) must stay within 255 bytes; 240: the automatic
+    brain-mask probe (``_brainmask.nii.gz`` more) is too long to exist, so there is no mask; a .tif whose map
+    (.tiff) would be 256 bytes cannot be written: that case fails alone with its row, in the run and dry run."""
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    data = _scan_bytes(tmp_path)
+    for stem in ("M" * 235, "N" * 240):
+        (scans / f"{stem}.nii.gz").write_bytes(data)
+    (scans / f"{'P' * 251}.tif").write_bytes(b"II*\x00")
+    models, out = make_model_set(tmp_path / "set", n_members=1), tmp_path / "out"
+    want = f"{scans / ('P' * 251)}.tif: its output file name '{'P' * 251}.tiff' would be 256 bytes long; file names " \
+           f"may have at most 255"
+    dry = _invoke([scans, "-o", out, "--models", models, *FAST, "--dry-run"])
+    assert dry.exit_code == 1 and "Traceback" not in dry.stderr, dry.output + dry.stderr
+    assert want in dry.output + dry.stderr and "2 case(s) valid, 1 invalid" in dry.output + dry.stderr
+    res = _invoke([scans, "-o", out, "--models", models, *FAST])
+    assert res.exit_code == 1 and "Traceback" not in res.stderr and "internal error" not in res.stderr, res.stderr
+    rows = _rows(out / "cases.csv")
+    assert rows["M" * 235]["status"] == rows["N" * 240]["status"] == "ok"
+    assert rows["P" * 251]["status"] == "failed" and rows["P" * 251]["error"].startswith(want)
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
+    again = _invoke([scans, "-o", out, "--models", models, *FAST])
+    assert "0 done, 2 already done, 1 failed" in again.output + again.stderr, again.output + again.stderr
+
+
+def test_photo_warnings_reach_the_cases_table_and_a_constant_photo_fails_alone(tmp_path):
+    """A multi-page TIFF and an animated PNG are analysed from their first frame, saying so; an invalid EXIF
+    orientation is reported as ignored; an all-black photo is refused (it would rank as the most anomalous)."""
+    import tifffile
+    from PIL import Image
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    rng = np.random.default_rng(3)
+    frames = [rng.integers(0, 256, (36, 36, 3), dtype=np.uint8) for _ in range(3)]
+    tifffile.imwrite(photos / "stack.tif", np.stack(frames), photometric="rgb")
+    Image.fromarray(frames[0]).save(photos / "anim.png", save_all=True,
+                                    append_images=[Image.fromarray(f) for f in frames[1:]], duration=100)
+    im = Image.fromarray(frames[1])
+    exif = im.getexif()
+    exif[0x0112] = 99
+    im.save(photos / "odd.png", exif=exif.tobytes())
+    Image.fromarray(np.zeros((36, 36, 3), np.uint8)).save(photos / "black.png")
+    models = make_model_set(tmp_path / "rgb-set", n_members=1, image_channels=3,
+                            preprocessing={"modality": "rgb", "image_size": 32})
+    out = tmp_path / "out"
+    res = _invoke([photos, "-o", out, "--models", models, *FAST])
+    assert res.exit_code == 1 and "Traceback" not in res.stderr, res.output + res.stderr
+    rows = _rows(out / "cases.csv")
+    assert [rows[c]["status"] for c in ("stack", "anim", "odd", "black")] == ["ok", "ok", "ok", "failed"]
+    assert "has 3 pages: only the first was analysed" in rows["stack"]["warnings"]
+    assert "has 3 frames: only the first was analysed" in rows["anim"]["warnings"]
+    assert "EXIF orientation 99 is not a valid value (1-8): ignored" in rows["odd"]["warnings"]
+    assert "applied" not in rows["odd"]["warnings"]
+    assert rows["black"]["error"].startswith(f"{photos / 'black.png'}: constant image (all pixels 0): nothing to analyse")

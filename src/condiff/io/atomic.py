@@ -14,19 +14,42 @@ import logging
 import os
 import re
 import secrets
+import stat
 from pathlib import Path
 from typing import IO, Any, Iterator
 
 logger = logging.getLogger(__name__)
 
 
+NAME_MAX = 255  # bytes in one file name on Linux, macOS and Windows file systems (ext4, XFS, APFS, NTFS)
+
+
+def name_bytes(name: str) -> int:
+    """The length of a file name as the file system counts it (bytes, in the file system encoding)."""
+    return len(os.fsencode(name))
+
+
+def fit_name(name: str, max_bytes: int) -> str:
+    """The longest prefix of ``name`` that takes at most ``max_bytes`` bytes, cut between characters."""
+    used = 0
+    for i, ch in enumerate(name):
+        used += name_bytes(ch)
+        if used > max_bytes:
+            return name[:i]
+    return name
+
+
 def temp_path(path: Path) -> Path:
     """Where ``path`` is written first (``TEMP_NAME``): pid + random token, so two processes (shards)
-    writing the same folder never share a temporary name, and a dead writer's leftovers are known."""
-    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    writing the same folder never share a temporary name, and a dead writer's leftovers are known.
+    A long final name is cut so the temporary one stays within ``NAME_MAX`` (the pid and token keep it
+    unique): a valid output name must never fail for its temporary name's sake."""
+    tail = f".{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    return path.with_name(f".{fit_name(path.name, NAME_MAX - 1 - len(tail))}{tail}")
 
 
-# ``.<final name>.<writer's pid>.<8 hex digits>.tmp``: every temporary name ``temp_path`` makes
+# ``.<final name>.<writer's pid>.<8 hex digits>.tmp``: every temporary name ``temp_path`` makes (a long final
+# name cut short)
 TEMP_NAME = re.compile(r"\.(?P<final>.+)\.(?P<pid>[1-9][0-9]{0,9})\.[0-9a-f]{8}\.tmp")
 
 
@@ -121,16 +144,26 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` as UTF-8 to ``path`` atomically (no newline translation)."""
-    write_bytes_atomic(path, text.encode("utf-8"))
+    """Write ``text`` as UTF-8 to ``path`` atomically (no newline translation). A character UTF-8 cannot
+    hold (a file name's undecodable byte, kept by Python as a lone surrogate) is written as a backslash
+    escape (``\\udcff``): a table must not fail over one odd name."""
+    write_bytes_atomic(path, text.encode("utf-8", errors="backslashreplace"))
 
 
 def dumps_json(obj: Any) -> str:
     """The canonical JSON text condiff writes: sorted keys, indent 1, trailing newline.
 
     NaN and infinity are refused (``ValueError``): they are not JSON and other tools reject them.
+    Text UTF-8 cannot encode (a non-UTF-8 file name, held as lone surrogates) makes the whole document
+    ASCII with ``\\u`` escapes instead, which ``json.loads`` turns back into the same ``str``, so a
+    record still matches its case on resume.
     """
-    return json.dumps(obj, sort_keys=True, indent=1, ensure_ascii=False, allow_nan=False) + "\n"
+    text = json.dumps(obj, sort_keys=True, indent=1, ensure_ascii=False, allow_nan=False) + "\n"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = json.dumps(obj, sort_keys=True, indent=1, ensure_ascii=True, allow_nan=False) + "\n"
+    return text
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
@@ -200,6 +233,25 @@ def probe_creatable(out_dir: str | os.PathLike) -> None:
                                   "choose a folder you can write to") from exc
 
 
+NOT_REGULAR = "is not a regular file (a FIFO, device or socket)"
+
+
+def check_regular(path: str | os.PathLike, st: os.stat_result | None = None) -> None:
+    """Refuse what is neither a regular file nor a folder (symlinks followed): opening a FIFO waits for a
+    writer forever and a device such as /dev/zero never ends, so reading one would hang the whole run.
+    ``st``: the path's ``os.stat`` when the caller has it; a path that cannot be stat-ed is left to the
+    caller's own open, which names the OS error."""
+    from condiff.errors import InputImageError
+
+    if st is None:
+        try:
+            st = os.stat(path)
+        except OSError:
+            return
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+        raise InputImageError(path, NOT_REGULAR, "Copy the data into a regular file")
+
+
 def read_head(path: Path, n: int, kind: str) -> bytes:
     """The first ``n`` bytes of an input file, with OS errors turned into messages a user can act on.
 
@@ -215,6 +267,7 @@ def read_head(path: Path, n: int, kind: str) -> bytes:
         raise InputImageError(path, f"cannot access the file ({exc.strerror})") from exc
     if os.path.isdir(path):
         raise InputImageError(path, f"is a folder, not {kind}")
+    check_regular(path, st)
     if st.st_size == 0:
         raise InputImageError(path, "empty file (0 bytes)", "The file was not written completely; copy it again")
     try:

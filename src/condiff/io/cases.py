@@ -13,6 +13,7 @@ import fnmatch
 import logging
 import os
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
@@ -99,8 +100,11 @@ DICOM_SNIFF = 3  # skipped files per extension whose bytes are checked for DICOM
 
 
 def _is_dicom(path: Path) -> bool:
-    """True when ``path`` holds DICOM's preamble marker ("DICM" at byte 128)."""
+    """True when ``path`` holds DICOM's preamble marker ("DICM" at byte 128); a FIFO or device is not
+    opened (a FIFO would wait for a writer forever)."""
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return False
         with open(path, "rb") as f:
             return f.read(132)[128:132] == b"DICM"
     except OSError:
@@ -190,6 +194,14 @@ def _check_collisions(cases: list[Case]) -> None:
                                   "Rename or move one file of each pair, or give them as separate runs into separate -o folders")
 
 
+def _is_file(path: Path) -> bool:
+    """``path.is_file()``, where a name that cannot exist (too long: ENAMETOOLONG) is no file either."""
+    try:
+        return path.is_file()
+    except OSError:
+        return False
+
+
 def find_mask(case: Case, pattern: str, required: bool = True) -> Path | None:
     """Resolve the mask file of ``case`` from ``pattern``.
 
@@ -211,7 +223,7 @@ def find_mask(case: Case, pattern: str, required: bool = True) -> Path | None:
     except (KeyError, IndexError, ValueError) as exc:
         raise ValueError(f"mask pattern {pattern!r}: unknown placeholder {exc}; use {{dir}}, {{stem}}, {{base}}, "
                          "{case}, {casedir}") from None
-    if not mask.is_file():
+    if not _is_file(mask):
         if not required:
             return None
         raise InputImageError(case.path, f"mask not found at {mask}", f"Check the mask pattern {pattern!r}")

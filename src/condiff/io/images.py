@@ -3,8 +3,11 @@
 The format is detected from the file's bytes, never its extension (a PNG named ``.jpg`` is
 read as PNG). Pixel values are scaled by the true maximum of the stored type (255, 65535,
 or a float image already in [0, 1]), so 16-bit files are not silently mis-scaled. EXIF
-orientation is applied, so maps come out in the orientation a viewer shows. Writers produce
-deterministic bytes (no timestamps) and go through ``io.atomic``.
+orientation is applied, so maps come out in the orientation a viewer shows. Every format is held
+to PIL's pixel limit (``Image.MAX_IMAGE_PIXELS``) from its header, before decoding (tifffile has no
+limit of its own); constant photos are refused, and a file with more frames or pages is analysed
+from its first, with a warning. Writers produce deterministic bytes (no timestamps) and go
+through ``io.atomic``.
 """
 from __future__ import annotations
 
@@ -38,7 +41,8 @@ def _sniff(path: Path) -> str:
 
 
 def _to_rgb(path: Path, arr: np.ndarray, scale: float) -> np.ndarray:
-    """(H, W), (H, W, 1|2|3|4) integer or float array -> (H, W, 3) float32 in [0, 1]."""
+    """(H, W), (H, W, 1|2|3|4) integer or float array -> (H, W, 3) float32 in [0, 1]; refuses what cannot be
+    analysed (non-finite or out-of-range values, sides below the SSIM window, all pixels alike)."""
     if arr.size == 0:
         raise InputImageError(path, f"image has no pixels (shape {arr.shape})")
     if arr.ndim == 3 and arr.shape[2] in (2, 4):
@@ -57,7 +61,44 @@ def _to_rgb(path: Path, arr: np.ndarray, scale: float) -> np.ndarray:
     if out.min() < 0 or out.max() > 1:
         raise InputImageError(path, f"float pixel values outside [0, 1] ({out.min():g} to {out.max():g})",
                               "Store float images scaled to [0, 1], or as 8/16-bit integers")
+    if min(out.shape[:2]) < MIN_SIDE:
+        raise InputImageError(path, f"image {out.shape[1]}x{out.shape[0]} is smaller than the SSIM window ({MIN_SIDE} px)",
+                              "Upscaling it would invent structure; give the original photograph")
+    _check_not_constant(path, arr)
     return out
+
+
+def _check_not_constant(path: Path, arr: np.ndarray) -> None:
+    """Refuse a photo whose pixels are all the same (a black frame, a blank export), as the MRI reader refuses
+    a constant volume: the models would "restore" it into something, and it would rank as the most anomalous."""
+    first = arr[0, 0]
+    if np.all(arr == first):
+        values = np.unique(first)
+        shown = f"{values[0]:g}" if values.size == 1 else "(" + ", ".join(f"{v:g}" for v in first) + ")"
+        raise InputImageError(path, f"constant image (all pixels {shown}): nothing to analyse",
+                              "Give the photograph itself")
+
+
+def _pixel_limit() -> int | None:
+    """PIL's decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``; None when an application turned it off)."""
+    from PIL import Image
+
+    return Image.MAX_IMAGE_PIXELS
+
+
+def _check_pixels(path: Path, width: int, height: int) -> None:
+    """Refuse an image above the pixel limit from its header, before a byte of it is decoded: a few hundred
+    KB of compressed zeros can ask for tens of GB."""
+    limit = _pixel_limit()
+    if limit is not None and width * height > limit:
+        raise InputImageError(path, f"image of {width}x{height} = {width * height} pixels is larger than the limit "
+                                    f"of {limit} pixels (a decompression bomb?); not decoded",
+                              "Downscale the photograph (the limit is PIL's Image.MAX_IMAGE_PIXELS)")
+
+
+def _warn_frames(path: Path, n: int, what: str) -> None:
+    if n > 1:
+        logger.warning("%s: has %d %s: only the first was analysed", path, n, what)
 
 
 # The TIFF Orientation tag (274) has EXIF's values: the numpy steps that show the stored rows as a viewer does
@@ -67,16 +108,22 @@ _ORIENT = {2: lambda a: a[:, ::-1], 3: lambda a: a[::-1, ::-1], 4: lambda a: a[:
            8: lambda a: np.rot90(a, 1)}
 
 
-def _tiff_page(path: Path) -> np.ndarray:
-    """The first page as a viewer shows it: channels last (planar RGB too) and its Orientation tag applied."""
+def _tiff_page(path: Path) -> tuple[np.ndarray, int]:
+    """The first page as a viewer shows it: channels last (planar RGB too) and its Orientation tag applied;
+    and how many pages the file has."""
     import tifffile
 
     try:
         with tifffile.TiffFile(path) as tif:
             page = tif.pages[0]
+            # tifffile has no pixel limit of its own: the page's tags give its size before it is decoded
+            _check_pixels(path, int(page.imagewidth), int(page.imagelength) * max(1, int(page.imagedepth)))
             arr = page.asarray()
             orientation = int(page.tags[274].value) if 274 in page.tags else 1
             planar = int(getattr(page, "planarconfig", 1)) == 2
+            n_pages = len(tif.pages)
+    except InputImageError:
+        raise
     except Exception as exc:
         raise InputImageError(path, f"unreadable or truncated TIFF ({type(exc).__name__}: {exc})") from exc
     if planar and arr.ndim == 3 and arr.shape[0] in (2, 3, 4):  # stored channel by channel
@@ -84,11 +131,14 @@ def _tiff_page(path: Path) -> np.ndarray:
     if orientation in _ORIENT:
         logger.warning("%s: TIFF orientation %s applied (image rotated/flipped as displayed)", path, orientation)
         arr = np.ascontiguousarray(_ORIENT[orientation](arr))
-    return arr
+    elif orientation != 1:
+        logger.warning("%s: TIFF orientation %s is not a valid value (1-8): ignored", path, orientation)
+    return arr, n_pages
 
 
 def _read_tiff(path: Path) -> np.ndarray:
-    arr = _tiff_page(path)
+    arr, n_pages = _tiff_page(path)
+    _warn_frames(path, n_pages, "pages")
     if arr.dtype == np.uint8:
         scale = 255.0
     elif arr.dtype == np.uint16:
@@ -107,12 +157,17 @@ def _read_pil(path: Path) -> np.ndarray:
 
     try:
         with Image.open(path) as im:
+            _check_pixels(path, *im.size)  # PIL only refuses from twice its limit, and only warns below
+            if im.format == "PNG":  # an animated PNG (a JPEG's extra MPO images are previews, not frames)
+                _warn_frames(path, int(getattr(im, "n_frames", 1)), "frames")
             im.load()  # decode now: truncated data raises here, not later
             exif_orientation = im.getexif().get(0x0112, 1)
             im = ImageOps.exif_transpose(im)
             mode = im.mode
-            if exif_orientation not in (None, 1):
+            if exif_orientation in _ORIENT:  # the values exif_transpose applies
                 logger.warning("%s: EXIF orientation %s applied (image rotated/flipped as displayed)", path, exif_orientation)
+            elif exif_orientation not in (None, 1):
+                logger.warning("%s: EXIF orientation %s is not a valid value (1-8): ignored", path, exif_orientation)
             if mode in ("I;16", "I;16B", "I;16L", "I;16N"):
                 arr, scale = np.asarray(im).astype(np.uint16), 65535.0
             elif mode == "I":
@@ -128,7 +183,11 @@ def _read_pil(path: Path) -> np.ndarray:
                 arr, scale = np.asarray(im.convert("RGB")), 255.0
     except InputImageError:
         raise
-    except Exception as exc:  # PIL: OSError (truncated), SyntaxError, ValueError, DecompressionBombError ...
+    except Image.DecompressionBombError as exc:  # raised by Image.open itself, before _check_pixels could run
+        raise InputImageError(path, f"image is larger than the limit of {_pixel_limit()} pixels (a decompression "
+                                    f"bomb?); not decoded ({exc})",
+                              "Downscale the photograph (the limit is PIL's Image.MAX_IMAGE_PIXELS)") from exc
+    except Exception as exc:  # PIL: OSError (truncated), SyntaxError, ValueError ...
         raise InputImageError(path, f"unreadable or truncated image ({type(exc).__name__}: {exc})",
                               "The file is damaged; copy it again") from exc
     return _to_rgb(path, arr, scale)
@@ -143,11 +202,7 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     """
     path = Path(path)
     kind = _sniff(path)
-    rgb = _read_tiff(path) if kind == "tiff" else _read_pil(path)
-    if min(rgb.shape[:2]) < MIN_SIDE:
-        raise InputImageError(path, f"image {rgb.shape[1]}x{rgb.shape[0]} is smaller than the SSIM window ({MIN_SIDE} px)",
-                              "Upscaling it would invent structure; give the original photograph")
-    return rgb
+    return _read_tiff(path) if kind == "tiff" else _read_pil(path)
 
 
 def read_label_image(path: str | os.PathLike) -> np.ndarray:
@@ -159,15 +214,18 @@ def read_label_image(path: str | os.PathLike) -> np.ndarray:
         logger.warning("%s is a JPEG mask: lossy compression leaves faint non-zero pixels that count as lesion "
                        "(> 0); save masks as PNG or TIFF", path)
     if kind == "tiff":
-        arr = np.asarray(_tiff_page(path))
+        arr = np.asarray(_tiff_page(path)[0])
     else:
         from PIL import Image, ImageOps
 
         try:
             with Image.open(path) as im:
+                _check_pixels(path, *im.size)
                 im.load()
                 im = ImageOps.exif_transpose(im)
                 arr = np.asarray(im.convert("L") if im.mode in ("P", "1", "CMYK") else im)
+        except InputImageError:
+            raise
         except Exception as exc:
             raise InputImageError(path, f"unreadable or truncated image ({exc})") from exc
     if arr.ndim == 3:

@@ -31,7 +31,12 @@ from condiff.io.images import MIN_SIDE
 logger = logging.getLogger(__name__)
 
 MAX_DIM = 4096  # voxels along any axis; larger is a corrupt or hostile header for brain MRI
-MAX_VOXELS = 2**31  # refuse before allocating (a 377-byte header can ask for 18 GB)
+# refuse before decompressing: a few MB of .nii.gz can declare GBs of zeros, and a run holds about 9x the
+# float32 volume; 2**28 voxels (1 GiB as float32) still admits 512x512x1024
+MAX_VOXELS = 2**28
+# a 4-D series is decoded whole before --volume-index picks one volume: 2**30 voxels (4 GiB as float32)
+# still admits an HCP-style fMRI run (104x90x72x1200 = 809 M)
+MAX_SERIES_VOXELS = 2**30
 _SLACK_BYTES = 64 * 2**20  # bytes a gzip stream may hold beyond its declared data before we stop reading
 _GZIP_MAGIC = b"\x1f\x8b"
 _COLOUR_TYPES = {128: "RGB24", 2304: "RGBA32"}
@@ -126,10 +131,17 @@ def _check_dims(path: Path, hdr: dict[str, Any]) -> tuple[tuple[int, ...], int]:
     shape = tuple(int(d) for d in dim[1:ndim + 1])
     if any(d <= 0 for d in shape):
         raise InputImageError(path, f"corrupt NIfTI header (dimensions {shape} include zero or negative sizes)")
-    if max(shape) > MAX_DIM or int(np.prod(shape, dtype=np.float64)) > MAX_VOXELS:
-        raise InputImageError(path, f"header declares an implausible size {shape} "
-                                    f"(limit {MAX_DIM} per axis, {MAX_VOXELS} voxels)",
+    if max(shape) > MAX_DIM:
+        raise InputImageError(path, f"header declares an implausible size {shape} (limit {MAX_DIM} per axis)",
                               "The header is corrupt or the file is not a brain volume")
+    per_volume = int(np.prod(shape[:3], dtype=np.float64))
+    n_voxels = int(np.prod(shape, dtype=np.float64))  # every volume of a series: all of it is decoded
+    for count, limit, what in ((per_volume, MAX_VOXELS, "voxels per volume"),
+                               (n_voxels, MAX_SERIES_VOXELS, "voxels in all")):
+        if count > limit:
+            raise InputImageError(path, f"header declares {shape} = {count} {what}, more than the limit of {limit} "
+                                        f"({limit * 4 // 2**30} GiB as float32); refused before decompressing it",
+                                  "Crop or downsample the volume (or split a series into single volumes)")
     if hdr["datatype"] in _COLOUR_TYPES:
         raise InputImageError(path, f"colour NIfTI ({_COLOUR_TYPES[hdr['datatype']]}) is not supported",
                               "Give one grey-scale volume per file")
@@ -251,6 +263,7 @@ def _warn_geometry(path: Path, header, affine: np.ndarray) -> None:
 # Voxel sizes a scan can have: anything outside is a broken header (a zeroed or rescaled affine, metres or
 # microns): resampling it to the model's field of view would make a map of nothing, reported as ok.
 VOXEL_MM_RANGE = (0.01, 100.0)
+SINGULAR_TOLERANCE = 1e-6  # |det| of the affine's 3x3 over the product of its column lengths (1 for orthogonal axes)
 
 
 # condiff-infer's advice (its options); other callers (condiff-train) swap in their own, matched by identity.
@@ -305,6 +318,11 @@ def _load(path: str | os.PathLike, *, allow_2d: bool, nan_policy: str, check_con
                                     f"{VOXEL_MM_RANGE[0]:g}-{VOXEL_MM_RANGE[1]:g} mm: not a scan's geometry "
                                     "(a zero or rescaled affine, or units other than mm)",
                               "Fix the qform/sform of the file (e.g. re-export it with dcm2niix)")
+    # relative to the column lengths, so any voxel size passes: two parallel (or coplanar) axes leave no
+    # orientation to slice by (nibabel's reorientation fails deep in preprocessing otherwise)
+    if abs(float(np.linalg.det(affine[:3, :3]))) <= SINGULAR_TOLERANCE * float(np.prod(zooms)):
+        raise InputImageError(path, "the header's affine is singular/degenerate (its axes are not independent)",
+                              "Fix the qform/sform of the file")
 
     bad = ~np.isfinite(data)
     n_bad = int(bad.sum())
