@@ -103,10 +103,10 @@ def write_output(out_dir: Path, rel: str, data: bytes) -> dict[str, str]:
 
 
 def _gzip_if(rel: str, raw: bytes) -> bytes:
-    """``.nii.gz`` outputs: gzip with mtime 0, so identical data give identical bytes."""
-    import gzip
+    """``.nii.gz`` outputs: gzip with mtime 0 and a fixed OS byte, so identical data give identical bytes."""
+    from condiff.io.volumes import gzip_bytes
 
-    return gzip.compress(raw, compresslevel=6, mtime=0) if rel.lower().endswith(".gz") else raw
+    return gzip_bytes(raw) if rel.lower().endswith(".gz") else raw
 
 
 def _native_foreground(prepared, brain_mask: np.ndarray | None) -> np.ndarray:

@@ -16,11 +16,12 @@ running any model on it).
 from __future__ import annotations
 
 import argparse
-import gzip
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+
+from condiff.io.volumes import gzip_bytes
 
 HERE = Path(__file__).resolve().parent
 # (source file, axis of the axial direction in the stored array, first slice, output stem)
@@ -48,7 +49,7 @@ def cut(src: Path, axis: int, first: int, dst: Path) -> None:
 
 
 def _write_gz(image, dst: Path) -> None:
-    dst.write_bytes(gzip.compress(image.to_bytes(), mtime=0))
+    dst.write_bytes(gzip_bytes(image.to_bytes(), level=9))
 
 
 def synthetic_anomaly_slab(scan: Path, brain_mask: Path, axis: int, first: int, out: Path, stem: str) -> int:

@@ -994,3 +994,20 @@ def test_a_mask_probe_name_too_long_to_exist_is_no_mask(tmp_path):
     assert cases.find_mask(case, "{dir}/{stem}_brainmask.nii.gz", required=False) is None
     with pytest.raises(InputImageError, match="mask not found at"):
         cases.find_mask(case, "{dir}/{stem}_brainmask.nii.gz")
+
+
+def test_gzip_outputs_are_the_same_bytes_on_every_python(monkeypatch):
+    """Python 3.13's gzip.compress writes OS byte 255 where 3.10-3.12 on Linux wrote 3: the same map was
+    another file (and the bundled scans no longer matched their script). The OS byte is fixed."""
+    raw = bytes(range(256)) * 40
+    made = volumes.gzip_bytes(raw)
+    assert made[9] == 3 and gzip.decompress(made) == raw and made[4:8] == b"\0\0\0\0"  # mtime 0
+    real = gzip.compress
+
+    def python313(data, compresslevel=9, *, mtime=None):
+        out = bytearray(real(data, compresslevel=compresslevel, mtime=mtime))
+        out[9] = 255
+        return bytes(out)
+
+    monkeypatch.setattr(gzip, "compress", python313)
+    assert volumes.gzip_bytes(raw) == made

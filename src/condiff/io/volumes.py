@@ -418,6 +418,19 @@ def _label_classes(path, data: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------------------------- writing
 
 
+GZIP_OS_UNIX = 3  # the gzip header's OS byte as Python 3.10-3.12 write it on Linux
+
+
+def gzip_bytes(raw: bytes, level: int = 6) -> bytes:
+    """gzip with mtime 0 and a fixed OS byte, so identical data give identical bytes on every Python:
+    3.13 writes OS 255 ("unknown") where 3.10-3.12 on Linux wrote 3, which made the same map a different
+    file (and the bundled scans different from what their script writes)."""
+    out = bytearray(gzip.compress(raw, compresslevel=level, mtime=0))
+    out[9] = GZIP_OS_UNIX
+    return bytes(out)
+
+
+
 def nifti_bytes_like(data: np.ndarray, reference: Volume, dtype=np.float32, descrip: str | None = None) -> bytes:
     """Uncompressed NIfTI bytes of ``data`` on ``reference``'s grid (see ``write_like``)."""
     import nibabel as nib
@@ -464,7 +477,7 @@ def write_like(path: str | os.PathLike, data: np.ndarray, reference: Volume, dty
     name = str(path).lower()
     raw = nifti_bytes_like(data, reference, dtype=dtype, descrip=descrip)
     if name.endswith(".nii.gz"):
-        raw = gzip.compress(raw, compresslevel=6, mtime=0)
+        raw = gzip_bytes(raw)
     elif not name.endswith(".nii"):
         raise ValueError(f"{path}: NIfTI output needs a .nii or .nii.gz name")
     write_bytes_atomic(path, raw)
