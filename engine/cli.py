@@ -271,7 +271,7 @@ def _run(cases, ctx, shard_t, arguments, progress: bool, n_all: int, process=Non
          all_names: set[str] | None = None) -> int:
     from tqdm import tqdm
 
-    from . import pipeline, writer
+    from . import bids, pipeline, writer
 
     out = ctx.out_dir
     if shard_t is None:
@@ -364,13 +364,17 @@ def _run(cases, ctx, shard_t, arguments, progress: bool, n_all: int, process=Non
         logger.info("finished in %.1f s: %s%s", elapsed, by_status, " (interrupted)" if interrupted else "")
         remove_log(log_handler)
     n_failed, n_left = by_status.get("failed", 0), by_status.get("not_finished", 0)
-    n_excluded = len((run_info or {}).get("excluded_inputs", ()))
+    left_out = (run_info or {}).get("excluded_inputs", ())
+    n_reserved = (sum(1 for p in left_out if any(f"/{d}/" in f"/{p}" for d in bids.RESERVED_FOLDERS))
+                  if arguments.get("layout") == "bids" else 0)
+    n_excluded = len(left_out) - n_reserved
     if not quiet:
         click.echo(f"condiff-infer: {by_status.get('ok', 0)} done, {by_status.get('skipped', 0)} already done, "
                    f"{n_failed} failed" + (f", {n_left} not finished" if n_left else "") + f" -> {out}")
-        if n_excluded:
-            click.echo(f"({n_excluded} file(s) beside the scans skipped as masks or label maps by name; listed in "
-                       f"{out / writer.run_json_name(shard_t)} under excluded_inputs)")
+        if n_excluded or n_reserved:
+            what = [f"{n_excluded} file(s) beside the scans skipped as masks or label maps by name"] if n_excluded else []
+            what += [f"{n_reserved} file(s) in the dataset's {'/, '.join(bids.RESERVED_FOLDERS)}/ skipped"] if n_reserved else []
+            click.echo(f"({'; '.join(what)}; listed in {out / writer.run_json_name(shard_t)} under excluded_inputs)")
     if n_failed:
         click.echo(f"{n_failed} case(s) failed; reasons in {out / 'cases.csv'}", err=True)
     if stopped is not None:

@@ -58,6 +58,11 @@ def test_bids_run_writes_a_derivative_dataset_with_the_flat_runs_bytes(tmp_path,
         res = invoke_infer([dataset, "-o", out, "--models", models, *FAST, "--layout", "bids"])
         assert res.exit_code == 0, res.output + res.stderr
         assert "2 done" in res.output  # the derivatives/ NIfTI was not an input
+        # ... and is said to be left out as what it is, not as a mask
+        assert "1 file(s) in the dataset's derivatives/, sourcedata/, code/ skipped" in res.output
+        assert "masks or label maps" not in res.output
+        log = (out / "condiff.log").read_text()
+        assert "sub-01_desc-x_T1w.nii.gz: skipped (matches derivatives/*)" in log and "a mask or label map" not in log
         # the flat layout has no notion of derivatives/: give it the subjects' folders
         flat = invoke_infer([dataset / "sub-01", dataset / "sub-02", "-o", tmp_path / "flat", "--models", models, *FAST])
         assert flat.exit_code == 0, flat.output

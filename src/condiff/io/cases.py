@@ -156,7 +156,11 @@ def discover(inputs: Iterable[str | os.PathLike], exclude_patterns: Iterable[str
                     logger.info("%s: skipped (unsupported file type)", path)
                 continue
             if item.is_dir() and _excluded(path.name, rel, patterns):
-                logger.info("%s: skipped (a mask or label map by its name)", path)
+                if _excluded(path.name, rel, DEFAULT_EXCLUDE):
+                    logger.info("%s: skipped (a mask or label map by its name)", path)
+                else:  # a caller's own pattern, e.g. a BIDS dataset's derivatives/
+                    logger.info("%s: skipped (matches %s)", path,
+                                next(p for p in patterns if _excluded(path.name, rel, (p,))))
                 if excluded is not None:
                     excluded.append(path)
                 continue
