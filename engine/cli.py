@@ -42,8 +42,8 @@ def bundled(name: str) -> Path | None:
 
 
 def _positive_map_value(ctx, param, value):
-    if value is not None and not (value > 0 and value != float("inf")):
-        raise click.BadParameter(f"{value} is not a positive map value (for example 0.02)")
+    if value is not None and not (isinstance(value, float) and value > 0 and value != float("inf")):
+        raise click.BadParameter(f"{value} is not a positive map value (for example 0.02)", param_hint="--overlay-max")
     return value
 
 
@@ -52,6 +52,17 @@ overlay_max_option = click.option(
     help="Top of the overlay colour scale, the same map value for every case (e.g. the largest map_max in "
          "cases.csv), so colours can be compared across cases; higher values saturate [default: each case's "
          "own maximum].")
+
+
+def _eval_scale(text: str | None):
+    """condiff-eval --overlay-max: None, "shared" or a positive map value."""
+    if text is None or text == "shared":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        value = None
+    return _positive_map_value(None, None, text if value is None else value)
 
 
 def _echo_err(text: str) -> None:
@@ -566,7 +577,10 @@ def _merge(out_dir: Path) -> int:
 @click.option("--overlays/--no-overlays", default=True, show_default=True,
               help="native protocol: also write eval-overlays/<case>.png, the label's outline on the input and on "
                    "the map, for the slices holding the most label.")
-@overlay_max_option
+@click.option("--overlay-max", type=str, default=None, metavar="VALUE|shared", callback=lambda c, p, v: _eval_scale(v),
+              help="Top of the eval figures' colour scale, the same for every case so colours compare across "
+                   "cases: a map value, or 'shared' (the largest map value of the evaluated cases); higher values "
+                   "saturate [default: each case's own maximum].")
 @verbose_option
 @version_option
 def eval_main(**kw: Any) -> None:

@@ -590,11 +590,12 @@ def evaluate(out_dir: str | Path, mask_pattern: str, protocol: str = "native", o
              missing_label: str = "error", label_values: tuple[int, ...] | None = None,
              baselines: bool = False, threshold: GivenThreshold | None = None, bootstrap: int = 0,
              bootstrap_seed: int = 0, progress=None, lesion_iou: float = MIN_IOU,
-             overlay_max: float | None = None) -> Evaluation:
+             overlay_max: float | str | None = None) -> Evaluation:
     """Evaluate every ``ok`` record in ``out_dir`` (see the module docstring); ``overlays`` (native
     protocol) also draws ``eval-overlays/<case>.png``: the label's outline on the input and on the map,
     and the pixels called at the table's threshold (drawn after the table, once that is known), colours
-    scaled to each case's maximum or, with ``overlay_max``, to that map value in every case.
+    scaled to each case's maximum or, with ``overlay_max``, to that map value in every case ("shared":
+    the largest map value of the evaluated pixels of all cases).
     ``missing_label``: ``error`` (a case without a label file is not evaluated) or ``normal`` (it
     counts as a case without lesion; counted in ``counts["cases_without_label"]``).
     ``label_values``: only these values of the label maps are lesion (e.g. BraTS (4,): enhancing
@@ -726,6 +727,10 @@ def evaluate(out_dir: str | Path, mask_pattern: str, protocol: str = "native", o
     detections = (lesions_of["ensemble"] if threshold is None else
                   _lesion_counts(protocol, parts, case_regions, case_threshold, lesion_iou))
     ev.lesion_threshold = float(case_threshold)
+    if overlay_max == "shared":  # one scale for every figure: the largest evaluated map value of any case
+        top = max((float(np.max(p[1])) for p in parts if np.size(p[1])), default=0.0)
+        overlay_max = top if top > 0 else None
+        logger.info("eval figures share one colour scale: 0 to %s", overlay_max)
     for rec, label_path in figures:  # drawn once the threshold they show is known
         _write_figure(out_dir, rec, functools.partial(_native_figure, out_dir, rec, label_path, ev.label_values,
                                                       float(case_threshold), threshold is not None, overlay_max))

@@ -238,7 +238,18 @@ def test_eval_overlay_max_puts_every_case_on_one_colour_scale(run, tmp_path):
         else:  # above the fixed top: brighter colours somewhere
             assert not np.array_equal(rows_b, rows_a)
     assert (a / "metrics-native.json").read_text() == (b / "metrics-native.json").read_text()
-    assert _eval(b, "--masks", SEG, "--overlay-max", "0").exit_code == 2
+    for bad in ("0", "-1", "nan", "inf", "big"):
+        res = _eval(b, "--masks", SEG, "--overlay-max", bad)
+        assert res.exit_code == 2 and "--overlay-max" in res.output + res.stderr, bad
+    # shared: the largest map value of the evaluated cases (maps are 0 outside the brain, which is evaluated)
+    res = _eval(b, "--masks", SEG, "--overlay-max", "shared")
+    assert res.exit_code == 0, res.output
+    top = max(maxima.values())
+    for case, vmax in maxima.items():
+        with Image.open(b / "eval-overlays" / f"{case}.png") as im:
+            fig = np.asarray(im.convert("RGB"))
+        np.testing.assert_array_equal(fig[2 * band:2 * band + overlay.BAR_BAND],
+                                      overlay.colour_bar(fig.shape[1], top, thr, case_max=vmax))
 
 
 def test_no_overlays_writes_none_and_metrics_are_the_same(run, tmp_path):
