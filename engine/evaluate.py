@@ -879,6 +879,11 @@ def format_table(ev: Evaluation) -> str:
                   + ", at each row's best-Dice thr"]
         if ev.given is not None:
             lines.append(f"Dice@given: threshold {ev.given.value:.6g} chosen outside these data ({ev.given.source})")
+        if ev.counts.get("positive_pixels") == 0:
+            lines.append("no label holds a lesion pixel: AP, AUROC, Dice and the best-Dice threshold are undefined; "
+                         + ("the per-case rows count the pixels the given threshold calls (false positives)"
+                            if ev.given is not None else "give --threshold (e.g. a labelled evaluation's "
+                            "metrics-<protocol>.json) to count the false positives of these lesion-free cases"))
     if ev.lesion_counts is not None and ev.lesion_counts.lesions + ev.lesion_counts.called_regions > 0:
         lines.append(_lesion_line(ev))
     if ev.intervals is not None:

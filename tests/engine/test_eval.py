@@ -846,3 +846,21 @@ def test_label_values_that_no_label_holds_are_warned_about(run, tmp_path):
     assert res.exit_code == 0 and "no label holds any of the values 5" in res.stderr, res.stderr
     res = _eval(out, "--masks", SEG, "--no-overlays", "--label-values", "1")
     assert "no label holds" not in res.stderr
+
+
+def test_an_all_healthy_evaluation_says_why_its_metrics_are_undefined_and_what_to_give(run, tmp_path):
+    out = _copy(run, tmp_path)
+    res = _eval(out, "--masks", "{dir}/{stem}_nolabel.nii.gz", "--missing-label", "normal", "--no-overlays")
+    assert res.exit_code == 1  # no case has a label file: a mistyped pattern
+    empty = tmp_path / "labels"
+    empty.mkdir()
+    for k in range(3):  # lesion-free labels for every case
+        write_nifti(empty / f"case{k}_seg.nii.gz", np.zeros((20, 22, 4), np.uint8))
+    res = _eval(out, "--masks", str(empty) + "/{stem}_seg.nii.gz", "--no-overlays")
+    assert res.exit_code == 0, res.stderr
+    assert "no label holds a lesion pixel" in res.stdout and "give --threshold" in res.stdout
+    res = _eval(out, "--masks", str(empty) + "/{stem}_seg.nii.gz", "--no-overlays", "--threshold", "0.001")
+    assert "count the pixels the given threshold calls (false positives)" in res.stdout
+    doc = json.loads((out / "metrics-native.json").read_text())
+    assert all(r["positive_pixels"] == 0 and r["pixels_at_threshold"] >= 0 for r in doc["per_case"])
+    assert sum(r["pixels_at_threshold"] for r in doc["per_case"]) > 0
