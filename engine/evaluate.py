@@ -434,12 +434,15 @@ def _unfinished_runs(out_dir: Path) -> list[tuple[str, str]]:
             doc = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
-        if doc.get("interrupted"):
-            notes.append((path.name, f"condiff-infer was interrupted ({doc.get('signal') or 'stopped'}) before "
-                                     "every case finished: cases it did not reach are missing from these metrics",
-                          ))
+        left = list(doc.get("not_finished") or [])
+        if doc.get("interrupted") or left:
+            why = (f"was interrupted ({doc.get('signal') or 'stopped'})" if doc.get("interrupted")
+                   else f"stopped early ({doc.get('stopped') or 'see its log'})")
+            names = f" ({', '.join(left[:5])}{', ...' if len(left) > 5 else ''})" if left else ""
+            notes.append((path.name, f"condiff-infer {why} before every case finished: {len(left) or 'the'} "
+                                     f"case(s) it did not finish{names} are missing from these metrics"))
         if m.group(1) is None:
-            whole_done = None if doc.get("interrupted") else path.stat().st_mtime
+            whole_done = None if doc.get("interrupted") or left else path.stat().st_mtime
         else:
             found.setdefault(int(m.group(2)), {})[int(m.group(1))] = path.stat().st_mtime
     for n, shards in sorted(found.items()):

@@ -733,6 +733,11 @@ def test_cases_not_here_to_evaluate_are_named_and_exit_1(run, tmp_path):
     (out / "run.json").write_text(json.dumps({**run_json, "interrupted": True, "signal": "SIGTERM"}))
     res = _eval(out, "--masks", SEG, "--no-overlays")
     assert res.exit_code == 1 and "NOT EVALUATED run.json: condiff-infer was interrupted (SIGTERM)" in res.stderr
+    (out / "run.json").write_text(json.dumps({**run_json, "stopped": "--fail-fast", "not_finished": ["case7"]}))
+    res = _eval(out, "--masks", SEG, "--no-overlays")  # a run that stopped early (--fail-fast, a full disk)
+    assert res.exit_code == 1, res.stderr
+    assert "NOT EVALUATED run.json: condiff-infer stopped early (--fail-fast) before every case finished: 1 case(s) " \
+           "it did not finish (case7)" in res.stderr
     (out / "run.json").write_text(json.dumps(run_json))
     past = time.time() - 100
     os.utime(out / "run.json", (past, past))
