@@ -24,7 +24,7 @@ import click
 
 from condiff.cli_common import (EXIT_FAILED, EXIT_OK, Terminated, add_file_log, device_options, environment_report,
                                 logging_to, progress_option, quiet_option, remove_log, run_command, seed_option,
-                                verbose_option, version_option)
+                                mask_pattern_option_check, verbose_option, version_option)
 from condiff.errors import ModelSetError, OutputConflictError
 
 logger = logging.getLogger("condiff.engine.cli")
@@ -99,6 +99,7 @@ def _jsonable(value: Any) -> Any:
 @click.option("--members", metavar="N|I,J,...", help="First N members, or these member indices (one index: '2,') [default: all].")
 @seed_option
 @click.option("--mask", "mask_pattern", metavar="PATTERN", default="auto", show_default=True,
+              callback=mask_pattern_option_check,
               help="Brain mask per scan: a pattern such as '{dir}/{stem}_brainmask.nii.gz' ({dir}, {stem}, "
                    "{base} = stem without its last '_part', {case}, {casedir} = the case's folder part); "
                    "'auto' = '{dir}/{stem}_brainmask.nii.gz' "
@@ -546,7 +547,7 @@ def _merge(out_dir: Path) -> int:
 
 @click.command("condiff-eval", context_settings=CONTEXT)
 @click.argument("out_dir", type=click.Path(path_type=Path, exists=True, file_okay=False))
-@click.option("--masks", "mask_pattern", required=True, metavar="PATTERN",
+@click.option("--masks", "mask_pattern", required=True, metavar="PATTERN", callback=mask_pattern_option_check,
               help="Label mask per case, e.g. '{dir}/{stem}_seg.nii.gz' ({dir}, {stem}, {base}, {case}, {casedir} "
                    "of the input, as --mask of condiff-infer).")
 @click.option("--protocol", type=click.Choice(["native", "benchmark"]), default="native", show_default=True,

@@ -60,10 +60,15 @@ def _sha256(data: bytes) -> str:
 
 
 def _write_file(path: Path, data: bytes) -> dict[str, Any]:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(path, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as exc:  # a write to a full disk names no file: say which one
+        if exc.filename is not None:
+            raise
+        raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
     return {"name": path.name, "bytes": len(data), "sha256": _sha256(data)}
 
 

@@ -41,8 +41,8 @@ from typing import Any
 import click
 
 from condiff import __version__
-from condiff.cli_common import (EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_TERMINATED, logging_to, run_command,
-                                verbose_option, version_option)
+from condiff.cli_common import (EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_TERMINATED, logging_to,
+                                mask_pattern_option_check, run_command, verbose_option, version_option)
 from condiff.errors import TrainingDataError
 
 logger = logging.getLogger("condiff.train")
@@ -149,7 +149,7 @@ class _StopFlag:
 
 
 def _check_options(out: Path, *, lr, mask_weight, p_no_task, image_size: int, preset_name: str, precision: str,
-                   device_name: str, val_hooks: tuple[str, ...] = ()) -> None:
+                   device_name: str, val_hooks: tuple[str, ...] = (), cache_dir: str | None = None) -> None:
     """Option values that would fail only after the data are read: refuse them first (exit 2)."""
     import math
 
@@ -182,6 +182,14 @@ def _check_options(out: Path, *, lr, mask_weight, p_no_task, image_size: int, pr
     from condiff.io.atomic import check_creatable
 
     check_creatable(out)
+    if cache_dir:  # made when the first volume is cached, after OUT: a path that cannot be a folder fails now
+        from condiff.errors import OutputConflictError
+
+        try:
+            check_creatable(Path(cache_dir))
+        except OutputConflictError as exc:
+            raise TrainingDataError(cache_dir, f"--cache-dir {exc.problem}", "give a folder that can be made "
+                                                                            "and written") from None
 
 
 def _load_newest_readable(trainer, root: Path) -> Path:
@@ -305,7 +313,8 @@ def train_command(**kw) -> int:
     out = Path(kw["output"])
     _check_options(out, lr=kw.get("lr"), mask_weight=kw.get("mask_weight"), p_no_task=kw.get("p_no_task"),
                    image_size=kw["image_size"], preset_name=kw["preset_name"], precision=kw["precision"],
-                   device_name=kw["device_name"], val_hooks=tuple(kw.get("val_hooks") or ()))
+                   device_name=kw["device_name"], val_hooks=tuple(kw.get("val_hooks") or ()),
+                   cache_dir=kw.get("cache_dir"))
     if kw.get("val_hooks") and kw["holdout"] == 0:
         logger.warning("--val-hook %s never runs: --holdout 0 holds out no subject, so nothing is validated",
                        " ".join(kw["val_hooks"]))
@@ -541,7 +550,7 @@ def _train_command(data: str, mask_pattern: str | None, modality: str, image_siz
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.option("--data", required=True, type=click.Path(file_okay=False), help="Folder of healthy scans (NIfTI) or photographs.")
-@click.option("--mask-pattern", default=None, help="Brain mask per volume, e.g. '{dir}/{stem}_brainmask.nii.gz' "
+@click.option("--mask-pattern", default=None, callback=mask_pattern_option_check, help="Brain mask per volume, e.g. '{dir}/{stem}_brainmask.nii.gz' "
               "({dir}, {stem}, {case}); with it everything outside the mask is background.")
 @click.option("--modality", type=click.Choice(["auto", "mri", "rgb"]), default="auto", show_default=True,
               help="mri: NIfTI volumes cut into slices; rgb: photographs; auto: from the files found.")
@@ -556,7 +565,8 @@ def _train_command(data: str, mask_pattern: str | None, modality: str, image_siz
 @click.option("--other-data", multiple=True, type=click.Path(file_okay=False),
               help="Blending sources for task 1 (another image collection); repeatable. None: task 1 is dropped "
                    "and the substitution recorded.")
-@click.option("--other-mask-pattern", default=None, help="Mask pattern for --other-data volumes.")
+@click.option("--other-mask-pattern", default=None, callback=mask_pattern_option_check,
+              help="Mask pattern for --other-data volumes.")
 @click.option("--preset", "preset_name", type=click.Choice(["small", "compact", "tiny", "symmetric", "paper"]), default="small",
               show_default=True, help="Network size: paper is the reference UNet (72 M weights), small 3.2 M, "
                                       "compact 1.8 M, tiny for tests; symmetric: paper's widths without attention at 128 px.")

@@ -26,7 +26,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -179,7 +178,9 @@ def read_training_volume(path: Path, mask: Path | None = None):
         vol = volumes.read_volume(path)
         return vol, (volumes.read_mask(mask, vol) if mask is not None else None)
     except InputImageError as exc:
-        hint = _training_hints().get(exc.hint or "")
+        # inference's advice (or none, as for an empty volume) -> what to do with a training folder
+        hint = _training_hints().get(exc.hint or "", None if exc.hint and exc.hint != "Nothing to analyse"
+                                     else "fix the file or remove it from the training data")
         if hint is None:
             raise
         raise InputImageError(exc.path, exc.problem, hint) from exc
@@ -199,10 +200,21 @@ def _prepare_case(case: Case, cfg: PreprocessConfig, mask: Path | None) -> np.nd
     return np.clip(centred * np.float32(0.5) + np.float32(0.5), 0.0, 1.0).astype(np.float32)
 
 
+CACHE_STEM_BYTES = 180  # of a cache file's name: with the key, ".npy" and a temporary name's extras, < NAME_MAX
+
+
 def _cached(case: Case, cfg: PreprocessConfig, mask: Path | None, cache_dir: Path | None) -> np.ndarray:
+    import io
+
+    from condiff.io.atomic import fit_name, name_bytes, write_bytes_atomic
+
     if cache_dir is None:
         return _prepare_case(case, cfg, mask)
+    # the case's whole relative path flattened: long folder paths would exceed a file name's 255 bytes, so
+    # it is cut (the key, a digest of the file's identity, keeps names unique)
     stem = case.name.replace("/", "__")
+    if name_bytes(stem) > CACHE_STEM_BYTES:
+        stem = fit_name(stem, CACHE_STEM_BYTES)
     path = cache_dir / f"{stem}-{_cache_key(case, mask, cfg)}.npy"
     if path.is_file():
         try:
@@ -213,10 +225,12 @@ def _cached(case: Case, cfg: PreprocessConfig, mask: Path | None, cache_dir: Pat
             logger.warning("%s: unreadable cache file, rebuilding", path)
     arr = _prepare_case(case, cfg, mask)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, arr, allow_pickle=False)
-    os.replace(tmp, path)
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=False)
+    try:  # atomic: a full disk leaves no partial file, and the error names the file
+        write_bytes_atomic(path, buf.getvalue())
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
     return arr
 
 

@@ -353,6 +353,21 @@ class JsonLineFormatter(logging.Formatter):
         return json.dumps(doc, ensure_ascii=False, default=str)
 
 
+def mask_pattern_option_check(ctx, param, value):
+    """Click callback of the mask-pattern options: a pattern with an unknown placeholder is a usage error
+    (exit 2) when the option is read, not a traceback at the first case; ``auto``/``none`` pass."""
+    import click
+
+    from condiff.io.cases import check_mask_pattern
+
+    if value in (None, "", "auto", "none"):
+        return value
+    try:
+        return check_mask_pattern(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
 def add_file_log(log_file: str, verbose: int, log_format: str = "text") -> logging.Handler:
     """Attach a file handler to the ``condiff`` logger (caller removes it with ``remove_log``);
     ``log_format`` ``json`` writes JSON lines (``JsonLineFormatter``) for log collectors."""
@@ -420,6 +435,7 @@ def run_command(body: Callable[[], int], verbose: int = 0) -> None:
 __all__ = ["ENGINES", "EXIT_OK", "EXIT_FAILED", "EXIT_USAGE", "EXIT_INTERRUPTED", "EXIT_TERMINATED", "Terminated",
            "sigterm_raises", "verbose_option", "quiet_option", "progress_option", "device_options", "BatchSize", "JsonLineFormatter", "seed_option", "version_option",
            "environment_report", "format_environment", "logging_to", "add_file_log", "remove_log",
+           "mask_pattern_option_check",
            "exit_code_for", "run_command"]
 
 

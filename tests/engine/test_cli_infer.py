@@ -845,3 +845,18 @@ def test_overlay_max_fixes_the_colour_scale_of_every_preview_and_map_max_tells_w
     with Image.open(tmp_path / "pout" / "maps" / "eye.png") as im:
         preview = np.asarray(im)
     np.testing.assert_array_equal(preview, np.round(np.clip(amap / 0.01, 0, 1) * 255).astype(np.uint8))
+
+
+def test_a_mask_pattern_with_an_unknown_placeholder_is_a_usage_error(tmp_path, model_set):
+    """It was a ValueError traceback at the first case (after the models loaded); condiff-eval's --masks too."""
+    from click.testing import CliRunner
+
+    from condiff.engine.cli import eval_main
+
+    make_scans(tmp_path / "scans", n=1)
+    for pattern, what in (("{dir}/{name}_brainmask.nii.gz", "unknown placeholder 'name'"), ("{stem", "malformed")):
+        res = _invoke([tmp_path / "scans", "-o", tmp_path / "out", "--models", model_set, *FAST, "--mask", pattern])
+        assert res.exit_code == 2 and what in res.output + res.stderr and "Traceback" not in res.output + res.stderr
+        assert not (tmp_path / "out").exists()
+        res = CliRunner().invoke(eval_main, [str(tmp_path), "--masks", pattern])
+        assert res.exit_code == 2 and what in res.output + res.stderr

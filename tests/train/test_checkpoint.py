@@ -173,3 +173,18 @@ def test_optimizer_state_round_trip_continues_identically(tmp_path):
         step(lin_b, opt_b, i)
     for a, b in zip(lin_a.parameters(), lin_b.parameters()):
         assert torch.equal(a, b)
+
+
+def test_a_full_disk_while_writing_a_checkpoint_file_names_it():
+    """Writes to a full disk raise ENOSPC without a file name; the run's message must say which file."""
+    import errno
+    import os
+    from pathlib import Path
+
+    from condiff.train import checkpoint as ckpt
+
+    if not os.path.exists("/dev/full"):
+        pytest.skip("needs /dev/full (Linux), which fails every write with ENOSPC")
+    with pytest.raises(OSError) as err:
+        ckpt._write_file(Path("/dev/full"), b"x" * 70000)
+    assert err.value.errno == errno.ENOSPC and err.value.filename == "/dev/full"

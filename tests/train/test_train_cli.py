@@ -261,10 +261,15 @@ def test_resume_with_another_network_or_preprocessing_is_refused(data_dir, cache
     (["--lr", "nan"], "--lr must be a positive number"),
     (["--mask-weight", "0"], "--mask-weight must be a positive number"),
     (["--image-size", "33"], "--image-size 33 does not suit the tiny preset"),
+    (["--mask-pattern", "{dir}/{name}_brainmask.nii.gz"], "unknown placeholder 'name'"),
+    (["--other-mask-pattern", "{stem"], "malformed"),
+    (["--cache-dir", "AFILE/c"], "--cache-dir cannot create the output folder"),
 ])
 def test_bad_option_values_are_refused_before_any_data_is_read(tmp_path, option, fragment):
     args = ["--data", tmp_path / "no-such-data", "--preset", "tiny", "--image-size", 32, "-o", tmp_path / "o",
             "--no-progress"]
+    (tmp_path / "AFILE").write_text("x")
+    option = [str(tmp_path / v) if v.startswith("AFILE") else v for v in option]
     i = args.index(option[0]) if option[0] in args else None
     if i is not None:
         args[i + 1] = option[1]
@@ -272,6 +277,7 @@ def test_bad_option_values_are_refused_before_any_data_is_read(tmp_path, option,
         args += option
     code, output = _run(*args)
     assert code == 2 and fragment in output and "no-such-data" not in output, output
+    assert not (tmp_path / "o").exists()
 
 
 def test_an_output_that_is_a_file_is_refused_before_any_data_is_read(tmp_path):

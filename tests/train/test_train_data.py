@@ -151,3 +151,42 @@ def test_a_scan_without_a_usable_slice_is_left_out_of_the_cases_and_subjects(tmp
 @pytest.mark.parametrize("name", ["sub-01-extra_T1w", "sub-01.5_T1w", "flat/sub-01+x"])
 def test_a_name_that_only_starts_like_a_bids_subject_is_its_own_subject(name):
     assert tdata.subject_of(name) == name
+
+
+def test_a_long_path_gets_a_cache_file_name_that_fits_and_a_full_disk_names_the_file(tmp_path, monkeypatch):
+    """A case whose flattened relative path exceeds a file name's 255 bytes (each folder short) is cached under
+    a cut name; a full disk while caching names the cache file and leaves no partial file."""
+    import errno
+    import os
+
+    from condiff.errors import is_out_of_space
+    from condiff.io import atomic
+
+    deep = tmp_path / "data" / ("study-" + "a" * 70) / ("site-" + "b" * 60) / "sub-00"
+    deep.mkdir(parents=True)
+    phantom_volume(deep / ("sub-00_" + "c" * 80 + "_T1w.nii.gz"))
+    cache = tmp_path / "cache"
+    got = tdata.load_slices(tmp_path / "data", PRE, cache_dir=cache).images
+    (cached,) = cache.glob("*.npy")
+    assert len(os.fsencode(cached.name)) <= 255 and cached.name.startswith("study-")
+    np.testing.assert_array_equal(tdata.load_slices(tmp_path / "data", PRE, cache_dir=cache).images, got)
+
+    def full(path, data):
+        raise OSError(errno.ENOSPC, "No space left on device")  # as a write to a full disk: no file name
+
+    monkeypatch.setattr(atomic, "write_bytes_atomic", full)
+    with pytest.raises(OSError) as err:
+        tdata.load_slices(tmp_path / "data", PRE, cache_dir=tmp_path / "cache2")
+    assert is_out_of_space(err.value) and err.value.filename and "cache2" in err.value.filename
+
+
+def test_empty_and_constant_volumes_say_what_to_do_with_the_training_folder(tmp_path):
+    import nibabel as nib
+
+    for name, value in (("empty", 0.0), ("constant", 7.0)):
+        folder = tmp_path / name
+        folder.mkdir()
+        nib.save(nib.Nifti1Image(np.full((20, 20, 8), value, np.float32), np.diag([2.0, 2, 2, 1])), str(folder / "x.nii.gz"))
+        with pytest.raises(InputImageError) as err:
+            tdata.load_slices(folder, PRE)
+        assert "remove it from the training data" in err.value.message, err.value.message

@@ -206,6 +206,21 @@ def _is_file(path: Path) -> bool:
         return False
 
 
+MASK_PLACEHOLDERS = ("dir", "stem", "base", "case", "casedir")
+
+
+def check_mask_pattern(pattern: str) -> str:
+    """``pattern`` when it formats with ``find_mask``'s placeholders; else ``ValueError`` saying what is wrong
+    (checked when the option is read, not at the first case after a model loaded or OUT was made)."""
+    try:
+        pattern.format(**{name: name for name in MASK_PLACEHOLDERS})
+    except (KeyError, IndexError, ValueError) as exc:
+        what = f"unknown placeholder {exc}" if isinstance(exc, (KeyError, IndexError)) else f"malformed ({exc})"
+        raise ValueError(f"mask pattern {pattern!r}: {what}; use {{dir}}, {{stem}}, {{base}}, {{case}}, "
+                         "{casedir}") from None
+    return pattern
+
+
 def find_mask(case: Case, pattern: str, required: bool = True) -> Path | None:
     """Resolve the mask file of ``case`` from ``pattern``.
 
@@ -234,5 +249,5 @@ def find_mask(case: Case, pattern: str, required: bool = True) -> Path | None:
     return mask
 
 
-__all__ = ["Case", "discover", "find_mask", "split_suffix", "DEFAULT_EXCLUDE", "LABEL_WORDS", "VOLUME_SUFFIXES", "IMAGE_SUFFIXES",
+__all__ = ["Case", "discover", "find_mask", "check_mask_pattern", "MASK_PLACEHOLDERS", "split_suffix", "DEFAULT_EXCLUDE", "LABEL_WORDS", "VOLUME_SUFFIXES", "IMAGE_SUFFIXES",
            "DCM2NIIX_RECIPE", "DICOM_HINT"]
