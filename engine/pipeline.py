@@ -361,7 +361,8 @@ def _prepare(case: Case, ctx: RunContext) -> _Pending | CaseOutcome:
             mask_sha = None if mask_path is None else sha256_path(mask_path)
         if ctx.resume:
             reason = resume_check(ctx.out_dir, plan, input_sha256=input_sha, mask_sha256=mask_sha,
-                                  model_set_digest=ctx.model_set.digest, options=ctx.options)
+                                  model_set_digest=ctx.model_set.digest, options=ctx.options,
+                                  network_digest=ctx.model_set.network_digest)
             if reason is None:
                 _point_record_at(ctx, plan, case, mask_path)
                 logger.info("case %s: outputs up to date, skipped", case.name, extra={"case": case.name, "status": "skipped"})
@@ -402,7 +403,8 @@ def _write_case(ctx: RunContext, p: _Pending, maps: np.ndarray, rest: np.ndarray
     record = {
         "schema": RECORD_SCHEMA, "case": case.name, "status": "ok", "kind": case.kind,
         "input": _abs(case.path), "input_sha256": p.input_sha256, "mask": _abs(p.mask_path), "mask_sha256": p.mask_sha256,
-        "model_set_digest": ctx.model_set.digest, "options": ctx.options.to_dict(),
+        "model_set_digest": ctx.model_set.digest, "network_digest": ctx.model_set.network_digest,
+        "options": ctx.options.to_dict(),
         "options_digest": ctx.options.case_digest(p.info.get("nonfinite_voxels"), p.info.get("series_volumes")),
         "condiff_version": __version__, "engine": engine, "precision": precision, "fallback": fallback,
         "seed": ctx.options.seed, "members": list(ctx.members), "sampler": ctx.options.sampler,

@@ -195,8 +195,10 @@ def digest_for_record(options: RunOptions, rec: dict[str, Any]) -> str:
 
 
 def resume_check(out_dir: Path, plan: CasePlan, *, input_sha256: str, mask_sha256: str | None,
-                 model_set_digest: str, options: RunOptions) -> str | None:
-    """None when the case's record proves its outputs current; otherwise why it must be recomputed."""
+                 model_set_digest: str, options: RunOptions, network_digest: str | None = None) -> str | None:
+    """None when the case's record proves its outputs current; otherwise why it must be recomputed.
+    ``network_digest`` (``ModelSet.network_digest``) is compared where the record holds one (records
+    written before it was recorded cannot tell)."""
     rec = read_record(out_dir / plan.record)
     if rec is None:
         return "no record"
@@ -207,6 +209,8 @@ def resume_check(out_dir: Path, plan: CasePlan, *, input_sha256: str, mask_sha25
                       ("model_set_digest", model_set_digest), ("options_digest", options_digest)):
         if rec.get(key) != want:
             return f"{key.replace('_', ' ')} changed"
+    if network_digest is not None and rec.get("network_digest") not in (None, network_digest):
+        return "network config changed"
     outputs = rec.get("outputs") or {}
     if {k: v.get("path") for k, v in outputs.items()} != plan.outputs:
         return "different outputs planned"
@@ -313,7 +317,8 @@ def dry_run_status(case: Case, ctx) -> tuple[str, str | None, CasePlan]:
         if ctx.resume:
             mask_sha = None if mask_path is None else sha256_path(mask_path)
             reason = resume_check(ctx.out_dir, plan, input_sha256=sha256_path(case.path), mask_sha256=mask_sha,
-                                  model_set_digest=ctx.model_set.digest, options=ctx.options)
+                                  model_set_digest=ctx.model_set.digest, options=ctx.options,
+                                  network_digest=ctx.model_set.network_digest)
     except CondiffError as exc:
         return "invalid", exc.message, plan
     if reason is None:

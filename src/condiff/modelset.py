@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import torch
 
@@ -88,16 +89,28 @@ def save_model(model_dir: str | Path, model: torch.nn.Module, config: ModelConfi
     return model_dir
 
 
+WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
 def read_config(model_dir: str | Path) -> ModelConfig:
     model_dir = Path(model_dir)
     path = model_dir / CONFIG
     if not path.is_file():
         raise ModelFolderError(model_dir, f"no {CONFIG}; not a condiff model folder")
     try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
+        raw = json.loads(path.read_bytes().decode("utf-8"), parse_constant=_refuse_constant)
+    except OSError as exc:
+        raise ModelFolderError(path, f"cannot be read ({exc.strerror or exc})") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as exc:
         raise ModelFolderError(path, f"invalid JSON ({exc})") from exc
+    if not isinstance(raw, dict):
+        raise ModelFolderError(path, f"is not a JSON object (found {_json_type(raw)})")
     return ModelConfig.from_dict(raw, str(path))
+
+
+def _refuse_constant(name: str):
+    """json.loads accepts NaN and Infinity, which are not JSON: a config holding one is refused."""
+    raise ValueError(f"{name} is not a JSON number")
 
 
 def load_model(model_dir: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, ModelConfig]:
@@ -118,6 +131,15 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu") -> tup
         state = load_file(str(weights))
     except (SafetensorError, OSError, ValueError) as exc:
         raise ModelFolderError(weights, f"unreadable safetensors file ({exc})") from exc
+    except MemoryError as exc:  # mmap refused under an address-space limit (ulimit -v, SLURM)
+        raise ModelFolderError(weights, f"cannot be mapped into memory ({exc})",
+                               "raise the job's memory limit, or check the file's tensor sizes") from exc
+    # integer, bool or fp8 tensors would be cast to float and run as wrong weights, silently
+    odd = sorted((k, str(v.dtype).replace("torch.", "")) for k, v in state.items() if v.dtype not in WEIGHT_DTYPES)
+    if odd:
+        raise ModelFolderError(weights, f"tensor {odd[0][0]} is stored as {odd[0][1]}"
+                               + (f" (and {len(odd) - 1} more)" if len(odd) > 1 else "")
+                               + ": weights must be float16, bfloat16, float32 or float64")
     model = ConditionalUNet(config.unet)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
@@ -150,6 +172,14 @@ class ModelSet:
     @property
     def image_channels(self) -> int:
         return self.configs[0].image_channels
+
+    @property
+    def network_digest(self) -> str:
+        """A digest of the members' network configurations (config.json's ``unet``), which the set digest
+        (set.json's bytes, holding the weights' digests) does not cover: a config edited in place changes
+        the network the same weights make, so results made before are not current."""
+        doc = json.dumps([c.unet.to_dict() for c in self.configs], sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(doc.encode()).hexdigest()
 
     @property
     def image_size(self) -> int:
@@ -228,11 +258,17 @@ def open_model_set(path: str | Path, verify: bool = True) -> ModelSet:
     if not set_file.is_file():
         if (path / CONFIG).is_file():
             cfg = read_config(path)
-            _refuse_pickles(path)
-            digest = hashlib.sha256(sha256_file(path / WEIGHTS).encode()).hexdigest() if (path / WEIGHTS).is_file() else ""
+            try:
+                _refuse_pickles(path)
+                digest = hashlib.sha256(sha256_file(path / WEIGHTS).encode()).hexdigest() if (path / WEIGHTS).is_file() else ""
+            except OSError as exc:
+                raise ModelSetError(exc.filename or path, f"cannot be read ({exc.strerror or exc})") from exc
             return ModelSet(path, [path], [cfg], digest)
         raise ModelSetError(path, f"neither a model set ({SET_FILE}) nor a model folder ({CONFIG})")
-    raw_bytes = set_file.read_bytes()
+    try:
+        raw_bytes = set_file.read_bytes()
+    except OSError as exc:
+        raise ModelSetError(set_file, f"cannot be read ({exc.strerror or exc})") from exc
     try:
         doc = json.loads(raw_bytes)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -255,16 +291,30 @@ def open_model_set(path: str | Path, verify: bool = True) -> ModelSet:
             raise ModelSetError(set_file, f'member {k} has a "path" that is not a string (found {m["path"]!r})')
         if "\x00" in m["path"] or not m["path"].strip():
             raise ModelSetError(set_file, f'member {k} has an unusable "path" ({m["path"]!r})')
+        parts = PurePosixPath(m["path"].replace("\\", "/")).parts
+        if PurePosixPath(m["path"]).is_absolute() or PureWindowsPath(m["path"]).drive or ".." in parts:
+            # a member outside the set folder: condiff-export would write its copy there too
+            raise ModelSetError(set_file, f'member {k}\'s "path" {m["path"]!r} leaves the set folder',
+                                "members are folders inside it, named by relative paths without '..'")
+    seen: dict[str, int] = {}
+    for k, m in enumerate(members, 1):
+        real = os.path.realpath(path / m["path"])
+        if real in seen:  # one network listed twice would count as two ensemble members
+            raise ModelSetError(set_file, f"member {k} ({m['path']!r}) is the same folder as member {seen[real]}",
+                                "list each member once")
+        seen[real] = k
     dirs, configs = [], []
     for m in members:
         d = path / m["path"]
-        _refuse_pickles(d)
-        if verify:
-            actual = sha256_file(d / WEIGHTS) if (d / WEIGHTS).is_file() else None
-            if actual != m.get("sha256"):
-                raise ModelSetError(d / WEIGHTS, "weights digest does not match set.json"
-                                    if actual else "member weights are missing",
-                                    "the model set was modified; rebuild set.json or restore the files")
+        try:
+            _refuse_pickles(d)
+            actual = sha256_file(d / WEIGHTS) if verify and (d / WEIGHTS).is_file() else None
+        except OSError as exc:  # a folder or weights file without read permission
+            raise ModelSetError(exc.filename or d, f"cannot be read ({exc.strerror or exc})") from exc
+        if verify and actual != m.get("sha256"):
+            raise ModelSetError(d / WEIGHTS, "weights digest does not match set.json"
+                                if actual else "member weights are missing",
+                                "the model set was modified; rebuild set.json or restore the files")
         configs.append(read_config(d))
         dirs.append(d)
     first = configs[0]

@@ -431,3 +431,101 @@ def test_diffusers_import_reads_the_safetensors_file_before_a_pickle_beside_it(t
     import_diffusers_unet(tmp_path / "unet_ema", tmp_path / "ours")
     ours, _ = load_model(tmp_path / "ours")
     assert all(torch.equal(ours.state_dict()[k], v) for k, v in ref.state_dict().items())
+
+
+@pytest.mark.parametrize("member", ["../elsewhere/foreign", "fold0/../../x", "/abs/fold0", "..\\\\x"])
+def test_a_member_outside_the_set_folder_is_refused(tmp_path, member):
+    """condiff-export copied such a member to OUT/<its path>, i.e. outside OUT, overwriting what was there."""
+    root = _valid_set(tmp_path / "set")
+
+    def move(doc):
+        doc["members"][1]["path"] = member
+        return doc
+
+    _edit_set(root, move)
+    _refused(root, "leaves the set folder", repr(member))
+
+
+def test_a_member_listed_twice_is_refused(tmp_path):
+    """fold0 three times ran as a three-member ensemble of one network, each copy with its own noise."""
+    root = _valid_set(tmp_path / "set")
+
+    def twice(doc):
+        doc["members"] = [doc["members"][0], {**doc["members"][0], "path": "./fold0/"}, doc["members"][1]]
+        return doc
+
+    _edit_set(root, twice)
+    _refused(root, "member 2 ('./fold0/') is the same folder as member 1")
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int8, torch.bool, torch.uint8])
+def test_weights_stored_as_integers_or_bools_are_refused(tmp_path, dtype):
+    """They were cast to float and ran as wrong weights (an audit's bool weights: score 0.078 against 0.015)."""
+    from safetensors.torch import load_file, save_file
+
+    m, cfg = _model()
+    save_model(tmp_path / "m", m, cfg)
+    weights = tmp_path / "m" / "model.safetensors"
+    state = load_file(str(weights))
+    state["conv_in.weight"] = state["conv_in.weight"].to(dtype)
+    save_file(state, str(weights))
+    with pytest.raises(ModelFolderError) as info:
+        load_model(tmp_path / "m")
+    assert f"tensor conv_in.weight is stored as {str(dtype).replace('torch.', '')}" in info.value.message
+    for ok in (torch.float16, torch.bfloat16, torch.float64):  # stored floats still load
+        state["conv_in.weight"] = m.state_dict()["conv_in.weight"].to(ok)
+        save_file(state, str(weights))
+        load_model(tmp_path / "m")
+
+
+@pytest.mark.parametrize("content, fragment", [
+    (b"[1, 2]", "is not a JSON object (found an array)"),
+    (b"null", "is not a JSON object"),
+    (b'{"schema": "\xff"}', "invalid JSON"),
+    (b'{"schema": NaN}', "NaN is not a JSON number"),
+])
+def test_a_config_that_is_not_a_json_object_is_refused_naming_it(tmp_path, content, fragment):
+    m, cfg = _model()
+    save_model(tmp_path / "m", m, cfg)
+    (tmp_path / "m" / "config.json").write_bytes(content)
+    with pytest.raises(ModelFolderError) as info:
+        load_model(tmp_path / "m")
+    assert str(tmp_path / "m" / "config.json") in info.value.message and fragment in info.value.message
+
+
+def test_unreadable_set_files_and_unmappable_weights_are_model_errors_not_tracebacks(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    import safetensors.torch
+
+    root = _valid_set(tmp_path / "set")
+    real = Path.read_bytes
+
+    def denied(self):
+        if self.name == "set.json":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self)
+
+    monkeypatch.setattr(Path, "read_bytes", denied)
+    _refused(root, "set.json", "cannot be read (Permission denied)")
+    monkeypatch.setattr(Path, "read_bytes", real)
+
+    def no_memory(path, *a, **k):
+        raise MemoryError("Cannot allocate memory (os error 12)")
+
+    monkeypatch.setattr(safetensors.torch, "load_file", no_memory)
+    with pytest.raises(ModelFolderError, match="cannot be mapped into memory"):
+        load_model(root / "fold0")
+
+
+def test_the_network_digest_follows_config_json_not_only_the_weights(tmp_path):
+    """set.json's digest covers the weights only: a config edited in place (norm_eps) gave a new network
+    whose results resume treated as current."""
+    root = _valid_set(tmp_path / "set")
+    before = open_model_set(root)
+    cfg_path = root / "fold0" / "config.json"
+    doc = json.loads(cfg_path.read_text())
+    doc["unet"]["norm_eps"] = doc["unet"]["norm_eps"] * 10
+    cfg_path.write_text(json.dumps(doc))
+    after = open_model_set(root)
+    assert after.digest == before.digest and after.network_digest != before.network_digest

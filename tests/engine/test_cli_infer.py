@@ -860,3 +860,19 @@ def test_a_mask_pattern_with_an_unknown_placeholder_is_a_usage_error(tmp_path, m
         assert not (tmp_path / "out").exists()
         res = CliRunner().invoke(eval_main, [str(tmp_path), "--masks", pattern])
         assert res.exit_code == 2 and what in res.output + res.stderr
+
+
+def test_a_member_config_edited_after_a_run_makes_its_cases_stale(tmp_path):
+    """set.json's digest covers the weights only: a config.json edited in place (another network from the same
+    weights) was resumed as current ('1 already done', the old scores kept)."""
+    models = make_model_set(tmp_path / "set", n_members=1)
+    make_scans(tmp_path / "scans", n=1)
+    args = [tmp_path / "scans", "-o", tmp_path / "out", "--models", models, *FAST]
+    assert "1 done" in _invoke(args).stdout
+    assert "1 already done" in _invoke(args).stdout
+    cfg = models / "fold_0" / "config.json"
+    doc = json.loads(cfg.read_text())
+    doc["unet"]["norm_eps"] = doc["unet"]["norm_eps"] * 10
+    cfg.write_text(json.dumps(doc))
+    res = _invoke(args)
+    assert res.exit_code == 0 and "1 done" in res.stdout, res.stdout
