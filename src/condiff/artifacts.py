@@ -97,6 +97,9 @@ def write_sidecar(artifact_path: str | Path, fields: Mapping[str, Any]) -> Path:
     return path
 
 
+OBJECT_FIELDS = ("attention", "build_options")
+
+
 def read_sidecar(artifact_path: str | Path, kind: str = "onnx") -> dict[str, Any]:
     """The sidecar's fields; ``ArtifactError`` (hint: rebuild command) if it is missing or unreadable."""
     artifact_path = Path(artifact_path)
@@ -111,6 +114,10 @@ def read_sidecar(artifact_path: str | Path, kind: str = "onnx") -> dict[str, Any
         raise ArtifactError(path, f"unreadable sidecar ({exc})", f"rebuild it with: {hint}") from exc
     if not isinstance(doc, dict):
         raise ArtifactError(path, "sidecar is not a JSON object", f"rebuild it with: {hint}")
+    for key in OBJECT_FIELDS:  # read with .get(...).get(...) and dict(...) further on: a wrong type is a bad sidecar
+        if key in doc and not isinstance(doc[key], dict):
+            raise ArtifactError(path, f'sidecar field "{key}" is not a JSON object (found {type(doc[key]).__name__})',
+                                f"rebuild it with: {hint}")
     return doc
 
 

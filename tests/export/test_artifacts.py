@@ -117,3 +117,19 @@ def test_artifacts_module_imports_no_torch():
     code = "import sys, condiff.artifacts; print([m for m in ('torch', 'numpy', 'onnx') if m in sys.modules])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]"
+
+
+@pytest.mark.parametrize("field, value", [("attention", "x"), ("build_options", "abc"), ("attention", [1])])
+def test_a_sidecar_field_of_the_wrong_type_is_a_bad_sidecar_not_a_traceback(tmp_path, field, value):
+    """An edited sidecar ("attention": "x") crashed the ORT backend with an AttributeError, and a string
+    "build_options" crashed building the refusal's own rebuild command."""
+    folder = _model_folder(tmp_path / "m")
+    path = _artifact(folder)
+    doc = json.loads((folder / "model.onnx.json").read_text())
+    doc[field] = value
+    (folder / "model.onnx.json").write_text(json.dumps(doc))
+    with pytest.raises(ArtifactError) as info:
+        artifacts.verify_model_artifact(folder)
+    assert f'sidecar field "{field}" is not a JSON object' in info.value.message and "model.onnx.json" in info.value.message
+    assert info.value.hint == f"rebuild it with: condiff-export {shlex.quote(str(folder))}"
+    assert path.is_file()
