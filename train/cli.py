@@ -148,6 +148,15 @@ class _StopFlag:
             signal.signal(s, h)
 
 
+def _fov_mm(value: float) -> float:
+    """--fov-mm: 0 (the reference's crop) or a field of view the preprocessing contract accepts."""
+    from condiff.preprocess import MAX_FOV_MM, MIN_FOV_MM
+
+    if value != 0 and not MIN_FOV_MM <= value <= MAX_FOV_MM:
+        raise click.BadParameter(f"{value:g} mm is outside {MIN_FOV_MM:g}..{MAX_FOV_MM:g} mm (0: the reference's crop)")
+    return value
+
+
 def _check_options(out: Path, *, lr, mask_weight, p_no_task, image_size: int, preset_name: str, precision: str,
                    device_name: str, val_hooks: tuple[str, ...] = (), cache_dir: str | None = None) -> None:
     """Option values that would fail only after the data are read: refuse them first (exit 2)."""
@@ -554,9 +563,10 @@ def _train_command(data: str, mask_pattern: str | None, modality: str, image_siz
               "({dir}, {stem}, {case}); with it everything outside the mask is background.")
 @click.option("--modality", type=click.Choice(["auto", "mri", "rgb"]), default="auto", show_default=True,
               help="mri: NIfTI volumes cut into slices; rgb: photographs; auto: from the files found.")
-@click.option("--image-size", type=click.IntRange(min=16), default=128, show_default=True,
+@click.option("--image-size", type=click.IntRange(16, 1024), default=128, show_default=True,
               help="Side of the square slices the network sees (the paper: 128); inference resamples to it.")
-@click.option("--fov-mm", type=float, default=192.0, show_default=True, help="In-plane field of view (MRI); 0 = reference crop.")
+@click.option("--fov-mm", type=float, default=192.0, show_default=True, callback=lambda c, p, v: _fov_mm(v),
+              help="In-plane field of view (MRI), 1 to 1000 mm; 0 = reference crop.")
 @click.option("--normalisation", type=click.Choice(["percentile", "max"]), default="percentile", show_default=True,
               help="MRI intensity scaling ('max' is the reference's).")
 @click.option("--landmarks/--no-landmarks", default=False, show_default=True,

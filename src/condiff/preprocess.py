@@ -39,6 +39,8 @@ slice space.
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from dataclasses import dataclass
 from typing import Any, Union
 
@@ -52,6 +54,24 @@ ZERO_BELOW = 1e-4  # reference-method §8 step 3: interpolation residue below th
 LANDMARK_PERCENTILES = (1.0, 10.0, 20.0, 30.0, 40.0, 50.0, 60.0, 70.0, 80.0, 90.0, 99.0)
 MASK_THRESHOLD = 0.5  # a resampled brain mask is inside where it is > 0.5
 LABEL_THRESHOLD = 0.4  # reference-method §8 item 6: resampled lesion masks are binarised at > 0.4
+# Contract limits, checked when a config is read. image_size: the paper uses 128; every slice is resampled
+# to it and the network's attention memory grows with its 4th power, so 1024 px is far past any use
+# (1000000 failed with a MemoryError mid-run, 2048 ran for minutes). fov_mm: a slice's side in mm, from
+# small-animal scans (~10-20 mm) to a whole-body slice (~500 mm); beyond that the anti-aliasing Gaussian
+# (sigma ~ pixel/voxel size) grows without bound, and Infinity failed deep in the resampling.
+MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 16, 1024
+MIN_FOV_MM, MAX_FOV_MM = 1.0, 1000.0
+
+
+def _is_number(value: Any) -> bool:
+    """A finite real number (JSON's numbers); a string, a bool, NaN or Infinity is not."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _number(name: str, value: Any) -> float:
+    if not _is_number(value):
+        raise ValueError(f"{name} must be a finite number, not {value!r}")
+    return float(value)
 
 
 @dataclass(frozen=True)
@@ -71,33 +91,35 @@ class PreprocessConfig:
     def __post_init__(self):
         if self.modality not in MODALITIES:
             raise ValueError(f"modality must be one of {MODALITIES}, not {self.modality!r}")
-        if isinstance(self.image_size, bool) or not isinstance(self.image_size, (int, np.integer)) or self.image_size < 16:
-            raise ValueError(f"image_size must be an integer >= 16, not {self.image_size!r}")
+        if isinstance(self.image_size, bool) or not isinstance(self.image_size, (int, np.integer)) \
+                or not MIN_IMAGE_SIZE <= self.image_size <= MAX_IMAGE_SIZE:
+            raise ValueError(f"image_size must be an integer in {MIN_IMAGE_SIZE}..{MAX_IMAGE_SIZE}, not {self.image_size!r}")
         object.__setattr__(self, "image_size", int(self.image_size))
         code = str(self.orientation).upper()
         if len(code) != 3 or sorted(_AXIS_OF[c] for c in code if c in _AXIS_OF) != [0, 1, 2]:
             raise ValueError(f"orientation must be three axis codes such as 'RAS' or 'LPS', not {self.orientation!r}")
         object.__setattr__(self, "orientation", code)
-        if self.fov_mm is not None:
-            if isinstance(self.fov_mm, bool) or not float(self.fov_mm) > 0:
-                raise ValueError(f"fov_mm must be a positive number of millimetres or None, not {self.fov_mm!r}")
+        if self.fov_mm is not None:  # None: the reference's centre crop (condiff-train --fov-mm 0 writes None)
+            if not _is_number(self.fov_mm) or not MIN_FOV_MM <= self.fov_mm <= MAX_FOV_MM:
+                raise ValueError(f"fov_mm must be a number of millimetres in [{MIN_FOV_MM:g}, {MAX_FOV_MM:g}] "
+                                 f"or null (centre crop), not {self.fov_mm!r}")
             object.__setattr__(self, "fov_mm", float(self.fov_mm))
         if self.normalisation not in NORMALISATIONS:
             raise ValueError(f"normalisation must be one of {NORMALISATIONS}, not {self.normalisation!r}")
-        lo, hi = (float(p) for p in self.percentiles)
+        lo, hi = (_number("percentiles", p) for p in self.percentiles)
         if not 0.0 <= lo < hi <= 100.0:
             raise ValueError(f"percentiles must satisfy 0 <= low < high <= 100, not {self.percentiles!r}")
         object.__setattr__(self, "percentiles", (lo, hi))
         if not isinstance(self.use_mask, bool):
             raise ValueError(f"use_mask must be true or false, not {self.use_mask!r}")
-        f = float(self.min_foreground_fraction)
+        f = _number("min_foreground_fraction", self.min_foreground_fraction)
         if not 0.0 <= f < 1.0:
             raise ValueError(f"min_foreground_fraction must be in [0, 1), not {self.min_foreground_fraction!r}")
         object.__setattr__(self, "min_foreground_fraction", f)
         if self.landmarks is not None:
             if self.modality != "mri" or self.normalisation != "percentile":
                 raise ValueError("landmarks apply to MRI with 'percentile' normalisation only")
-            marks = tuple(float(v) for v in self.landmarks)
+            marks = tuple(_number("landmarks", v) for v in self.landmarks)
             if len(marks) != len(LANDMARK_PERCENTILES) or not all(0.0 <= v <= 1.0 for v in marks) \
                     or any(b <= a for a, b in zip(marks, marks[1:])):
                 raise ValueError(f"landmarks must be {len(LANDMARK_PERCENTILES)} increasing values in [0, 1] "

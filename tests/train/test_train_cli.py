@@ -264,6 +264,8 @@ def test_resume_with_another_network_or_preprocessing_is_refused(data_dir, cache
     (["--mask-pattern", "{dir}/{name}_brainmask.nii.gz"], "unknown placeholder 'name'"),
     (["--other-mask-pattern", "{stem"], "malformed"),
     (["--cache-dir", "AFILE/c"], "--cache-dir cannot create the output folder"),
+    (["--image-size", "4096"], "4096 is not in the range 16<=x<=1024"),
+    (["--fov-mm", "5000"], "5000 mm is outside 1..1000 mm"),
 ])
 def test_bad_option_values_are_refused_before_any_data_is_read(tmp_path, option, fragment):
     args = ["--data", tmp_path / "no-such-data", "--preset", "tiny", "--image-size", 32, "-o", tmp_path / "o",
