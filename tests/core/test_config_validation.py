@@ -100,10 +100,6 @@ PREPROCESSING_BAD = [
 ]
 
 
-def _ids(cases):
-    return [f"{field}={value!r}" for field, value, _ in cases]
-
-
 def _model_config_dict(section: str, field: str, value) -> dict:
     d = {"schema": "condiff.model/1", "unet": dict(TINY), "schedule": ScheduleConfig().to_dict(),
          "preprocessing": dict(PREPROCESSING)}
@@ -111,36 +107,22 @@ def _model_config_dict(section: str, field: str, value) -> dict:
     return d
 
 
-@pytest.mark.parametrize("field, value, fragment", UNET_BAD, ids=_ids(UNET_BAD))
-def test_bad_unet_values_are_refused_naming_the_field_and_range(field, value, fragment):
+SECTIONS = {"unet": (UNetConfig, TINY), "schedule": (ScheduleConfig, ScheduleConfig().to_dict()),
+            "preprocessing": (PreprocessConfig, PREPROCESSING)}
+BAD = ([("unet", *case) for case in UNET_BAD] + [("schedule", *case) for case in SCHEDULE_BAD]
+       + [("preprocessing", *case) for case in PREPROCESSING_BAD])
+
+
+@pytest.mark.parametrize("section, field, value, fragment", BAD, ids=[f"{s}-{f}={v!r}" for s, f, v, _ in BAD])
+def test_bad_values_are_refused_naming_the_section_field_and_range(section, field, value, fragment):
+    """Each bad value: refused by its dataclass, and when a model's config.json is read (naming the file)."""
+    klass, good = SECTIONS[section]
     with pytest.raises(ValueError) as info:
-        UNetConfig.from_dict({**TINY, field: value})
+        klass.from_dict({**good, field: value})
     assert field in str(info.value) and fragment in str(info.value), str(info.value)
     with pytest.raises(ModelFolderError) as info:
-        ModelConfig.from_dict(_model_config_dict("unet", field, value), "m/config.json")
-    assert info.value.message.startswith("m/config.json: invalid config.json (unet: ")
-    assert field in info.value.message and fragment in info.value.message
-
-
-@pytest.mark.parametrize("field, value, fragment", SCHEDULE_BAD, ids=_ids(SCHEDULE_BAD))
-def test_bad_schedule_values_are_refused_naming_the_field_and_range(field, value, fragment):
-    with pytest.raises(ValueError) as info:
-        ScheduleConfig.from_dict({**ScheduleConfig().to_dict(), field: value})
-    assert field in str(info.value) and fragment in str(info.value), str(info.value)
-    with pytest.raises(ModelFolderError) as info:
-        ModelConfig.from_dict(_model_config_dict("schedule", field, value), "m/config.json")
-    assert info.value.message.startswith("m/config.json: invalid config.json (schedule: ")
-    assert field in info.value.message and fragment in info.value.message
-
-
-@pytest.mark.parametrize("field, value, fragment", PREPROCESSING_BAD, ids=_ids(PREPROCESSING_BAD))
-def test_bad_preprocessing_values_are_refused_when_the_config_is_read(field, value, fragment):
-    with pytest.raises(ValueError) as info:
-        PreprocessConfig.from_dict({**PREPROCESSING, field: value})
-    assert field in str(info.value) and fragment in str(info.value), str(info.value)
-    with pytest.raises(ModelFolderError) as info:
-        ModelConfig.from_dict(_model_config_dict("preprocessing", field, value), "m/config.json")
-    assert info.value.message.startswith("m/config.json: invalid config.json (preprocessing: ")
+        ModelConfig.from_dict(_model_config_dict(section, field, value), "m/config.json")
+    assert info.value.message.startswith(f"m/config.json: invalid config.json ({section}: ")
     assert field in info.value.message and fragment in info.value.message
 
 
