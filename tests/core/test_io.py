@@ -997,7 +997,7 @@ def test_a_mask_probe_name_too_long_to_exist_is_no_mask(tmp_path):
 
 
 def test_gzip_outputs_are_the_same_bytes_on_every_python(monkeypatch):
-    """Python 3.13's gzip.compress writes OS byte 255 where 3.10-3.12 on Linux wrote 3: the same map was
+    """Python 3.10's and 3.13's gzip.compress write OS byte 255 where 3.11-3.12 on Linux write 3: the same map was
     another file (and the bundled scans no longer matched their script). The OS byte is fixed."""
     raw = bytes(range(256)) * 40
     made = volumes.gzip_bytes(raw)

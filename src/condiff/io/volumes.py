@@ -418,12 +418,12 @@ def _label_classes(path, data: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------------------------- writing
 
 
-GZIP_OS_UNIX = 3  # the gzip header's OS byte as Python 3.10-3.12 write it on Linux
+GZIP_OS_UNIX = 3  # the gzip header's OS byte as Python 3.11 and 3.12 write it on Linux (3.10, 3.13: 255)
 
 
 def gzip_bytes(raw: bytes, level: int = 6) -> bytes:
     """gzip with mtime 0 and a fixed OS byte, so identical data give identical bytes on every Python:
-    3.13 writes OS 255 ("unknown") where 3.10-3.12 on Linux wrote 3, which made the same map a different
+    3.10 and 3.13 write OS 255 ("unknown") where 3.11-3.12 on Linux write 3, which made the same map a different
     file (and the bundled scans different from what their script writes)."""
     out = bytearray(gzip.compress(raw, compresslevel=level, mtime=0))
     out[9] = GZIP_OS_UNIX
