@@ -631,10 +631,10 @@ def evaluate(out_dir: str | Path, mask_pattern: str, protocol: str = "native", o
     if threshold is not None and threshold.source != "command line" and threshold.label_values != ev.label_values:
         logger.warning("the threshold from %s was chosen for label values %s, these data are evaluated for %s",
                        threshold.source, threshold.label_values or "all > 0", ev.label_values or "all > 0")
-    if threshold is not None and other_maps(threshold, ev.provenance):
+    differ = [] if threshold is None else other_maps(threshold, ev.provenance)
+    if differ:
         logger.warning("the threshold from %s was chosen on maps made another way (%s): a threshold carries over "
-                       "only between maps of one model set and method", threshold.source,
-                       "; ".join(other_maps(threshold, ev.provenance)))
+                       "only between maps of one model set and method", threshold.source, "; ".join(differ))
     # cases that are not here to evaluate: failed in condiff-infer, or never reached (interrupted, shards)
     for rec in every:
         if rec.get("status") != "ok":

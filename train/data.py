@@ -206,15 +206,13 @@ CACHE_STEM_BYTES = 180  # of a cache file's name: with the key, ".npy" and a tem
 def _cached(case: Case, cfg: PreprocessConfig, mask: Path | None, cache_dir: Path | None) -> np.ndarray:
     import io
 
-    from condiff.io.atomic import fit_name, name_bytes, write_bytes_atomic
+    from condiff.io.atomic import fit_name, write_bytes_atomic
 
     if cache_dir is None:
         return _prepare_case(case, cfg, mask)
     # the case's whole relative path flattened: long folder paths would exceed a file name's 255 bytes, so
     # it is cut (the key, a digest of the file's identity, keeps names unique)
-    stem = case.name.replace("/", "__")
-    if name_bytes(stem) > CACHE_STEM_BYTES:
-        stem = fit_name(stem, CACHE_STEM_BYTES)
+    stem = fit_name(case.name.replace("/", "__"), CACHE_STEM_BYTES)
     path = cache_dir / f"{stem}-{_cache_key(case, mask, cfg)}.npy"
     if path.is_file():
         try:
