@@ -329,7 +329,8 @@ def train_command(**kw) -> int:
                        " ".join(kw["val_hooks"]))
     # The data folder and --holdout against its subjects, before OUT is made (the last check after the
     # scans are read, in SliceSet.split_holdout, catches scans that give no slice).
-    subjects = tdata.case_subjects(tdata.list_cases(kw["data"]))
+    kw["listed_cases"] = tdata.list_cases(kw["data"])  # listed once: its warnings are printed once
+    subjects = tdata.case_subjects(kw["listed_cases"])
     if kw["holdout"] >= len(subjects):
         raise TrainingDataError(kw["data"], f"holding out {kw['holdout']} of {len(subjects)} subjects leaves none "
                                             "to train on", "lower --holdout or add subjects")
@@ -363,7 +364,7 @@ def _train_command(data: str, mask_pattern: str | None, modality: str, image_siz
                   patience: int, recipe: str, lr: float | None, mask_weight: float | None, p_no_task: float | None,
                   size_curriculum: str | None, workers: int | None, cache_dir: str | None, log_every: int, val_hooks: tuple[str, ...],
                   weights_dtype: str, progress: bool, landmarks: bool = False, lr_anneal: str | None = None,
-                  run: dict | None = None) -> int:
+                  run: dict | None = None, listed_cases: list | None = None) -> int:
     """The training itself, under the lock ``train_command`` holds."""
     import numpy as np
     import torch
@@ -396,7 +397,7 @@ def _train_command(data: str, mask_pattern: str | None, modality: str, image_siz
         # The tasks run on the CPU (~5-30 ms a sample); a fast GPU step at batch 64 needs most cores.
         workers = min(16, max(0, (os.cpu_count() or 1) // max(1, info.world_size) - 1))
 
-    cases = tdata.list_cases(data)
+    cases = tdata.list_cases(data) if listed_cases is None else listed_cases
     if modality == "auto":
         modality = tdata.detect_modality(cases, data)
     if modality == "mri":
@@ -412,7 +413,7 @@ def _train_command(data: str, mask_pattern: str | None, modality: str, image_siz
     cache = Path(cache_dir) if cache_dir else out / "train" / "cache"
 
     def load_all():
-        s = tdata.load_slices(data, pre, mask_pattern=mask_pattern, cache_dir=cache)
+        s = tdata.load_slices(data, pre, mask_pattern=mask_pattern, cache_dir=cache, cases=cases)
         o = [tdata.load_source_pool(d, image_size, cache, other_mask_pattern, fov_mm) for d in other_data]
         return s, o
 

@@ -34,6 +34,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
+from condiff.artifacts import file_sha256
 from condiff.errors import InputImageError, TrainingDataError
 from condiff.io.cases import DEFAULT_EXCLUDE, IMAGE_SUFFIXES, VOLUME_SUFFIXES, Case, discover, find_mask
 from condiff.preprocess import PreprocessConfig
@@ -143,11 +144,39 @@ def list_cases(folder: str | Path, exclude: Sequence[str] = DEFAULT_EXCLUDE, opt
     if not folder.is_dir():
         raise TrainingDataError(folder, "is not a folder", f"give {option} a folder of NIfTI volumes or photographs")
     try:
-        return discover([folder], exclude_patterns=exclude)
+        cases = discover([folder], exclude_patterns=exclude)
     except InputImageError as exc:
         looked = ", ".join(VOLUME_SUFFIXES + IMAGE_SUFFIXES)
         raise TrainingDataError(folder, f"no training images found (looked for {looked}; masks excluded)",
                                 f"give {option} a folder of healthy scans or photographs") from exc
+    return distinct_content(cases)
+
+
+def distinct_content(cases: Sequence[Case]) -> list[Case]:
+    """``cases`` without byte-identical copies of an earlier case (sorted order; each dropped copy warned
+    about). A copy under another name is another subject, so it could be held out for validation while
+    its original trains, and a healing metric measured on it would be measured on training data. Only
+    files of equal size are hashed."""
+    by_size: dict[int, list[Case]] = {}
+    for case in cases:
+        by_size.setdefault(case.path.stat().st_size, []).append(case)
+    copies: set[str] = set()
+    for group in by_size.values():
+        if len(group) < 2:
+            continue
+        first: dict[str, Case] = {}
+        for case in group:
+            try:
+                digest = file_sha256(case.path)
+            except OSError as exc:
+                raise InputImageError(case.path, f"cannot be read ({exc.strerror or exc})") from exc
+            if digest in first:
+                logger.warning("%s: the same bytes as %s; trained on once (a copy under another name would be "
+                               "another subject, on either side of the --holdout split)", case.path, first[digest].path)
+                copies.add(case.name)
+            else:
+                first[digest] = case
+    return [c for c in cases if c.name not in copies]
 
 
 def _file_identity(path: Path | None) -> list | None:
@@ -234,15 +263,16 @@ def _cached(case: Case, cfg: PreprocessConfig, mask: Path | None, cache_dir: Pat
 
 def load_slices(folder: str | Path, cfg: PreprocessConfig, mask_pattern: str | None = None,
                 cache_dir: str | Path | None = None, exclude: Sequence[str] = DEFAULT_EXCLUDE,
-                progress=None) -> SliceSet:
+                progress=None, cases: Sequence[Case] | None = None) -> SliceSet:
     """All healthy slices of ``folder`` under contract ``cfg`` (see module docstring).
 
     ``mask_pattern`` (``{dir}``, ``{stem}``, ``{case}``; e.g. ``{dir}/{stem}_brainmask.nii.gz``) gives each
     volume its brain mask; it is required when ``cfg.use_mask``. Raises ``TrainingDataError`` naming the
-    folder when it holds no usable image, and the reader's ``InputImageError`` for a bad file.
+    folder when it holds no usable image, and the reader's ``InputImageError`` for a bad file. ``cases``:
+    the folder's ``list_cases`` when the caller has it already (listing again repeats its warnings).
     """
     folder = Path(folder)
-    cases = list_cases(folder, exclude)
+    cases = list_cases(folder, exclude) if cases is None else cases
     modality = detect_modality(cases, folder)
     if modality != cfg.modality:
         raise TrainingDataError(folder, f"holds {'volumes' if modality == 'mri' else 'photographs'} but the "
@@ -320,7 +350,7 @@ def load_source_pool(folder: str | Path, image_size: int, cache_dir: str | Path 
                                use_mask=bool(mask_pattern))
     else:
         cfg = PreprocessConfig(modality="rgb", image_size=image_size)
-    return load_slices(folder, cfg, mask_pattern=mask_pattern, cache_dir=cache_dir)
+    return load_slices(folder, cfg, mask_pattern=mask_pattern, cache_dir=cache_dir, cases=cases)
 
 
 # ------------------------------------------------------------------------------------------ samples

@@ -614,3 +614,45 @@ def test_a_run_refused_by_another_runs_lock_removes_nothing_of_it(tmp_path, monk
                         "--no-progress")
     assert code == 2 and "lock" in output.lower(), output
     assert lock.is_file()
+
+
+def test_a_copy_of_a_scan_under_another_name_is_trained_on_once_never_held_out(tmp_path):
+    """A byte copy sorted last was held out as its own subject while its original trained, so validation
+    (and the healing metric) ran on training data; a symlinked duplicate's warning was printed three times."""
+    import shutil
+
+    from _train_helpers import phantom_volume
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(3):
+        phantom_volume(data / f"subj{i}.nii.gz", seed=i, mask_path=data / f"subj{i}_brainmask.nii.gz")
+    shutil.copy(data / "subj0.nii.gz", data / "zcopy.nii.gz")
+    shutil.copy(data / "subj0_brainmask.nii.gz", data / "zcopy_brainmask.nii.gz")
+    (data / "ylink.nii.gz").symlink_to(data / "subj1.nii.gz")
+    (data / "ylink_brainmask.nii.gz").symlink_to(data / "subj1_brainmask.nii.gz")
+    out = tmp_path / "set"
+    code, output = _run(*_tiny(data, out, None, "--mask-pattern", MASK, "--fold", 0, "--max-steps", 1,
+                               "--holdout", 1, "--val-start", 1))
+    assert code == 0, output
+    d = open_model_set(out).configs[0].trained["data"]
+    assert d["train"]["cases"] == ["subj0", "subj1"] and d["validation"]["cases"] == ["subj2"]
+    copy_warnings = [line for line in output.splitlines() if "zcopy.nii.gz: the same bytes as" in line]
+    assert len(copy_warnings) == 1 and "subj0.nii.gz" in copy_warnings[0], output
+    assert output.count("ylink.nii.gz: same file as an earlier input") == 1, output
+
+
+def test_distinct_content_hashes_only_equal_sizes_and_keeps_the_first(tmp_path, monkeypatch):
+    from condiff.io.cases import Case
+    from condiff.train import data as tdata
+
+    files = {"a": b"x" * 10, "b": b"y" * 10, "c": b"x" * 10, "d": b"x" * 11}
+    cases = []
+    for name, content in files.items():
+        (tmp_path / f"{name}.nii.gz").write_bytes(content)
+        cases.append(Case(name=name, path=tmp_path / f"{name}.nii.gz", kind="volume"))
+    hashed = []
+    real = tdata.file_sha256
+    monkeypatch.setattr(tdata, "file_sha256", lambda p: hashed.append(Path(p).name) or real(p))
+    assert [c.name for c in tdata.distinct_content(cases)] == ["a", "b", "d"]
+    assert sorted(hashed) == ["a.nii.gz", "b.nii.gz", "c.nii.gz"]
