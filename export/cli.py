@@ -22,6 +22,7 @@ from pathlib import Path
 import click
 
 from condiff.cli_common import EXIT_FAILED, EXIT_OK, logging_to, run_command, verbose_option, version_option
+from condiff.io.atomic import is_utf8_path
 from condiff.errors import ExportError, ModelFolderError, ModelSetError, OutputConflictError
 from condiff.modelset import CONFIG, SET_FILE, WEIGHTS, open_model_set
 
@@ -329,6 +330,10 @@ def _export_all(ckpt: Path, out: Path | None, *, trt: bool, opset: int, attentio
         except ValueError as exc:
             raise click.UsageError(str(exc)) from exc
         require_tensorrt()  # fail before any work (also on TensorRT 11), not after the first ONNX export
+    where = ckpt if out is None else out  # where the artifacts are written (a set elsewhere is copied first)
+    if not is_utf8_path(os.path.abspath(where)):
+        raise ExportError(where, "is not a UTF-8 path: ONNX and ONNX Runtime read and write UTF-8 paths only",
+                          "give -o a UTF-8 folder name (the model set is copied there), or rename the folder")
     contract = None if contract_source is None else read_contract(contract_source)
     models = prepare_models(ckpt, out, import_diffusers, contract)
     failed = 0

@@ -27,8 +27,8 @@ def _read_state(src: Path) -> dict[str, torch.Tensor]:
             continue
         try:
             if path == st:
-                from safetensors.torch import load_file
-                return load_file(str(path))
+                from condiff.modelset import load_safetensors
+                return load_safetensors(path)
             return torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # safetensors and torch raise their own types for corrupt files
             raise ModelFolderError(path, f"cannot be read ({type(exc).__name__}: {str(exc).strip()[:160]})",

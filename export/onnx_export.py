@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 
 from condiff import artifacts
-from condiff.errors import CondiffError, ExportError
+from condiff.errors import CondiffError, ExportError, short_message
 from condiff.io.atomic import remove_stale_temp_files, temp_path
 from condiff.modelset import load_model
 from condiff.optional import require
@@ -221,7 +221,7 @@ def write_checked_onnx(model: ConditionalUNet, final_path: str | Path, *, varian
     except CondiffError:  # ExportError, or a missing onnx/onnxruntime naming its extra
         raise
     except Exception as exc:
-        raise ExportError(final_path, f"ONNX export failed ({type(exc).__name__}: {exc})") from exc
+        raise ExportError(final_path, f"ONNX export failed ({type(exc).__name__}: {short_message(exc)})") from exc
     finally:
         tmp.unlink(missing_ok=True)
     return diff, maps

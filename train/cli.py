@@ -289,14 +289,13 @@ def _created_top(path: Path) -> Path | None:
 def _export_fold(out: Path, fold_dir_name: str, model_cfg, trainer, result, weights_dtype) -> Path:
     """Write ``OUT/fold<f>`` from the best EMA weights (or the final EMA weights); never non-finite ones."""
     import torch
-    from safetensors.torch import load_file
 
-    from condiff.modelset import count_nonfinite, save_model
+    from condiff.modelset import count_nonfinite, load_safetensors, save_model
     from condiff.unet import ConditionalUNet
 
     net = ConditionalUNet(model_cfg.unet)
     if result.best_path is not None:
-        net.load_state_dict(load_file(str(result.best_path)), strict=True)
+        net.load_state_dict(load_safetensors(result.best_path), strict=True)
     else:
         net.load_state_dict({k: v.detach().cpu() for k, v in trainer.ema.state_dict().items()}, strict=True)
     bad = count_nonfinite(net.state_dict().values())

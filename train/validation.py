@@ -121,11 +121,27 @@ def _weights_step(path: Path) -> int | None:
     """The step recorded in a best-weights file's metadata (None: unreadable or none recorded)."""
     from safetensors import safe_open
 
+    from condiff.io.atomic import is_utf8_path
+
     try:
+        if not is_utf8_path(path):  # safetensors opens UTF-8 paths only
+            return _step_from_bytes(Path(path).read_bytes())
         with safe_open(str(path), framework="pt") as f:
             return int((f.metadata() or {})["step"])
     except Exception:  # a torn or foreign file (safetensors raises its own error type)
         return None
+
+
+def _step_from_bytes(data: bytes) -> int:
+    """The metadata step of a safetensors file's bytes, after safetensors has checked them whole (the
+    header: an 8-byte little-endian length, then JSON whose ``__metadata__`` holds the step)."""
+    import json
+
+    from safetensors.torch import load
+
+    load(data)  # raises for a torn or foreign file
+    length = int.from_bytes(data[:8], "little")
+    return int(json.loads(data[8:8 + length])["__metadata__"]["step"])
 
 
 def best_files(work_dir: Path) -> dict[int, Path]:

@@ -9,6 +9,7 @@ when CUDA libraries are missing (onnxruntime issues 23372, 17801), condiff never
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ import torch
 
 from condiff import artifacts
 from condiff.errors import BackendUnavailableError
+from condiff.io.atomic import is_utf8_path
 from condiff.optional import require
 
 logger = logging.getLogger(__name__)
@@ -159,6 +161,9 @@ def open_ort(model_dir: str | Path, *, device=None, precision: str = "fp32", max
         options.intra_op_num_threads = int(threads)
         options.inter_op_num_threads = 1
     onnx_path = model_dir / artifacts.ONNX_NAME
+    if not is_utf8_path(os.path.abspath(onnx_path)):
+        raise BackendUnavailableError(onnx_path, "is not a UTF-8 path, which ONNX Runtime cannot open",
+                                      "rename the folder, or run the model set with --engine torch")
     try:
         session = ort.InferenceSession(str(onnx_path), options,
                                        providers=_session_providers(name, dev, precision, model_dir, sidecar,

@@ -30,6 +30,15 @@ class CondiffError(Exception):
         return self.message
 
 
+def short_message(exc: BaseException, limit: int = 600) -> str:
+    """``exc``'s message cut to ``limit`` characters: some (torch.onnx's argument TypeErrors) print a whole
+    graph, thousands of lines; ``-v`` prints the traceback whole."""
+    text = str(exc)
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit].rstrip()} ... [{len(text) - limit} more characters; -v prints them]"
+
+
 class InputImageError(CondiffError):
     """An input scan or photo cannot be read or is not usable."""
 

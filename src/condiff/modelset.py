@@ -113,10 +113,22 @@ def _refuse_constant(name: str):
     raise ValueError(f"{name} is not a JSON number")
 
 
+def load_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors. safetensors opens UTF-8 paths only, while a Linux folder name may be
+    any bytes: such a file is read whole instead of mapped."""
+    from safetensors.torch import load, load_file
+
+    name = str(path)
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return load(Path(path).read_bytes())
+    return load_file(name)
+
+
 def load_model(model_dir: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, ModelConfig]:
     """Build the UNet from ``config.json`` and load ``model.safetensors`` strictly, in float32."""
     from safetensors import SafetensorError
-    from safetensors.torch import load_file
 
     from condiff.unet import ConditionalUNet
 
@@ -128,7 +140,7 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu") -> tup
         hint = PICKLE_HINT if pickles else None
         raise ModelFolderError(model_dir, f"no {WEIGHTS} (found {pickles or 'nothing'})", hint)
     try:
-        state = load_file(str(weights))
+        state = load_safetensors(weights)
     except (SafetensorError, OSError, ValueError) as exc:
         raise ModelFolderError(weights, f"unreadable safetensors file ({exc})") from exc
     except MemoryError as exc:  # mmap refused under an address-space limit (ulimit -v, SLURM)

@@ -185,3 +185,14 @@ def test_infer_engine_ort_maps_equal_engine_torch_on_real_slices(tmp_path, monke
     diff = np.abs(maps["ort"] - maps["torch"]).max()
     assert maps["torch"].max() > 0
     assert diff <= 1e-4, diff
+
+
+def test_a_non_utf8_folder_is_a_message_naming_it_not_a_type_error(exported, tmp_path):
+    """ONNX Runtime takes UTF-8 paths only; a Linux folder name may be any bytes (a TypeError before)."""
+    import shutil
+
+    odd = tmp_path / b"set\xff".decode("utf-8", "surrogateescape")
+    shutil.copytree(exported, odd)
+    with pytest.raises(BackendUnavailableError, match="not a UTF-8 path, which ONNX Runtime cannot open") as info:
+        open_ort(odd, threads=1)
+    assert info.value.path == str(odd / "model.onnx") and "--engine torch" in info.value.message

@@ -387,3 +387,43 @@ def test_exporting_a_set_to_a_new_folder_keeps_its_model_card(tmp_path):
     (tmp_path / "afile").write_text("x")
     res = CliRunner().invoke(main, [str(root), "-o", str(tmp_path / "afile" / "sub")])
     assert res.exit_code == 2 and "cannot create the output folder" in res.output and "Traceback" not in res.output, res.output
+
+
+def test_a_model_set_in_a_non_utf8_folder_loads_and_exports_to_a_utf8_one(tmp_path):
+    """safetensors opens UTF-8 paths only (the torch engine failed on such a set); export writes ONNX,
+    which needs UTF-8 paths, so a non-UTF-8 -o is refused before any work, naming it."""
+    import shutil
+
+    from click.testing import CliRunner
+
+    from condiff.export.cli import main
+
+    source = make_model(tmp_path / "m")
+    odd = tmp_path / b"set\xff".decode("utf-8", "surrogateescape")
+    shutil.copytree(source, odd)
+    model, _ = load_model(odd)
+    reference, _ = load_model(source)
+    for (name, a), (_, b) in zip(model.state_dict().items(), reference.state_dict().items()):
+        assert torch.equal(a, b), name
+    bad_out = tmp_path / b"out\xfe".decode("utf-8", "surrogateescape")
+    res = CliRunner().invoke(main, [str(odd), "-o", str(bad_out)])
+    assert res.exit_code == 2 and "is not a UTF-8 path" in res.output and "give -o a UTF-8" in res.output
+    assert not bad_out.exists()
+    res = CliRunner().invoke(main, [str(odd), "-o", str(tmp_path / "ok"), "--map-check-steps", "0"])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "ok" / "model.onnx").is_file()
+
+
+def test_an_export_error_with_a_huge_message_is_cut(tmp_path, monkeypatch):
+    """torch.onnx's argument TypeErrors print the whole traced graph (thousands of lines) into the error."""
+    model_dir = make_model(tmp_path / "m")
+
+    def huge(*args, **kw):
+        raise TypeError("incompatible function arguments\n" + "graph line\n" * 5000)
+
+    monkeypatch.setattr(onnx_export, "trace_to_onnx", huge)
+    with pytest.raises(ExportError) as info:
+        export_onnx(model_dir)
+    text = info.value.message
+    assert "TypeError: incompatible function arguments" in text and len(text) < 1000
+    assert "more characters; -v prints them" in text

@@ -458,3 +458,22 @@ def test_ranks_advance_by_the_global_batch_and_never_reread_each_others_samples(
         assert read[0][s] + read[1][s] == single.batch_for_step(s), s
     every = [k for r in (0, 1) for batch in read[r] for k in batch]
     assert len(set(every)) == len(every) == steps * 2 * per_rank
+
+
+@pytest.mark.parametrize("name", ["run", b"run\xff".decode("utf-8", "surrogateescape")])
+def test_best_weights_are_found_in_a_folder_of_any_name(tmp_path, name):
+    """safetensors opens UTF-8 paths only: in a folder with another byte in its name the best weights'
+    step was unreadable, so the best was never exported (and their loading raised a TypeError)."""
+    from condiff.modelset import load_safetensors
+    from condiff.train.validation import ValState, best_weights_path, write_best
+
+    work = tmp_path / name
+    state = ValState()
+    ema = {"w": torch.arange(6, dtype=torch.float32).reshape(2, 3)}
+    path = write_best(work, ema, 12, state)
+    state.best_step = 12
+    assert best_weights_path(work, state) == path
+    assert torch.equal(load_safetensors(path)["w"], ema["w"])
+    (work / "best" / "ema-000000013.safetensors").write_bytes(path.read_bytes()[:-4])  # torn
+    state.best_step = 13
+    assert best_weights_path(work, state) is None

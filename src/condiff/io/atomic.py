@@ -236,6 +236,16 @@ def probe_creatable(out_dir: str | os.PathLike) -> None:
 NOT_REGULAR = "is not a regular file (a FIFO, device or socket)"
 
 
+def is_utf8_path(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is valid UTF-8: a Linux name may be any bytes (Python keeps the others as
+    surrogates), while ONNX, ONNX Runtime and safetensors take UTF-8 strings only."""
+    try:
+        os.fspath(path).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def check_regular(path: str | os.PathLike, st: os.stat_result | None = None) -> None:
     """Refuse what is neither a regular file nor a folder (symlinks followed): opening a FIFO waits for a
     writer forever and a device such as /dev/zero never ends, so reading one would hang the whole run.
