@@ -646,11 +646,14 @@ def evaluate(out_dir: str | Path, mask_pattern: str, protocol: str = "native", o
     without_label: list[str] = []
     figures: list[tuple[dict[str, Any], Path | None]] = []  # (record, label file) of each case to draw
     label_of: dict[str, Path | None] = {}
+    labels_found = 0  # label files the pattern found, usable or not
     for rec in records:
         try:
             label_path = find_mask(_case_of(rec), mask_pattern, required=required)
             if label_path is None:
                 without_label.append(rec["case"])
+            else:
+                labels_found += 1
             if protocol == "native":
                 part = _native_case(out_dir, rec, label_path, values=ev.label_values)
             else:
@@ -671,8 +674,11 @@ def evaluate(out_dir: str | Path, mask_pattern: str, protocol: str = "native", o
     if parts and len(without_label) == len(parts) and not required:
         # no case has a label file: a mistyped --masks, not a healthy cohort (whose metrics would all be
         # undefined anyway); nothing is evaluated, so the CLI keeps an earlier evaluation's files
-        ev.failures += [(c, f"no label file matches --masks {mask_pattern!r} (nor for any other case: a mistyped "
-                            "pattern?)") for c in ev.cases]
+        why = (f"no label file matches --masks {mask_pattern!r} (nor for any other case: a mistyped pattern?)"
+               if not labels_found else
+               f"no label file matches --masks {mask_pattern!r}, and the {labels_found} that matched other cases "
+               "could not be used (see those cases): no lesion to evaluate this case's map against")
+        ev.failures += [(c, why) for c in ev.cases]
         ev.cases, parts = [], []
     if not parts:
         return ev

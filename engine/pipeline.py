@@ -331,10 +331,14 @@ def _read_case(case: Case, ctx: RunContext, mask_path: Path | None):
         info = {"shape": [int(s) for s in rgb.shape[:2]], "spacing": None, "orientation": None,
                 "nonfinite_voxels": 0, "series_volumes": 1}
         r0, r1, c0, c1 = analysed_box(prepared.geometry)
+        info["warnings"] = []
         if (r1 - r0, c1 - c0) != rgb.shape[:2]:  # not square: the contract's centre crop (the reference's)
             share = (r1 - r0) * (c1 - c0) / (rgb.shape[0] * rgb.shape[1])
-            info["warnings"] = [f"not square: only its central {c1 - c0}x{r1 - r0} px ({share:.0%}) were analysed "
-                                f"(rows {r0}-{r1 - 1}, columns {c0}-{c1 - 1}); the map is 0 elsewhere"]
+            info["warnings"].append(f"not square: only its central {r1 - r0}x{c1 - c0} px (rows x columns, as "
+                                    f"shape; {share:.0%}) were analysed (rows {r0}-{r1 - 1}, columns {c0}-{c1 - 1}); "
+                                    "the map is 0 elsewhere")
+        if not info["warnings"]:
+            del info["warnings"]
     if len(prepared.slices) == 0:
         raise InputImageError(case.path, "no slice has foreground to analyse", "check the image (and its brain mask)")
     return source, mask, prepared, info

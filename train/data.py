@@ -280,6 +280,9 @@ def load_slices(folder: str | Path, cfg: PreprocessConfig, mask_pattern: str | N
     if cfg.use_mask and modality == "mri" and not mask_pattern:
         raise TrainingDataError(folder, "the contract uses a brain mask but no --mask-pattern was given",
                                 "pass e.g. --mask-pattern '{dir}/{stem}_brainmask.nii.gz'")
+    if mask_pattern and modality == "rgb":
+        logger.warning("%s: the mask pattern is not applied to photographs (they are trained on whole, their "
+                       "black border included, as the reference does); it applies to volumes", folder)
     cache = Path(cache_dir) if cache_dir is not None else None
     arrays, case_index, names, files = [], [], [], []
     for case in cases:

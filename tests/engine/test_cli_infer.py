@@ -197,8 +197,9 @@ def test_photographs_get_float_tiff_maps_and_png_previews(tmp_path):
     photo = (rng.random((40, 52, 3)) * 255).astype(np.uint8)
     (tmp_path / "in").mkdir()
     Image.fromarray(photo).save(tmp_path / "in" / "eye.png")
+    Image.fromarray(np.full((40, 52), 255, np.uint8)).save(tmp_path / "in" / "eye_mask.png")  # a retina mask
     out = tmp_path / "out"
-    res = _invoke([tmp_path / "in", "-o", out, "--models", models, *FAST])
+    res = _invoke([tmp_path / "in", "-o", out, "--models", models, *FAST, "--mask", "{dir}/{stem}_mask.png"])
     assert res.exit_code == 0, res.output + res.stderr
     import tifffile
 
@@ -214,15 +215,19 @@ def test_photographs_get_float_tiff_maps_and_png_previews(tmp_path):
     import re
 
     note = next(w for w in rec["warnings"] if w.startswith("not square"))
-    width, height, c0, c1 = (int(v) for v in re.search(r"central (\d+)x(\d+) px .*columns (\d+)-(\d+)", note).groups())
+    height, width, c0, c1 = (int(v) for v in re.search(r"central (\d+)x(\d+) px \(rows x columns.*columns (\d+)-(\d+)",
+                                                       note).groups())
     assert height == 40 and width == c1 - c0 + 1 and abs(width - 32 / 41 * 52) < 1
+    # a mask pattern is not applied to photos (the reference analyses the black border too): said so
+    assert rec["mask"] is None and "--mask {dir}/{stem}_mask.png is not applied: photographs" in res.stderr
     assert not amap[:, :c0 - 1].any() and not amap[:, c1 + 2:].any() and amap[:, c0 + 1:c1].any()
     with Image.open(out / "overlays" / "eye.png") as im:
         # one image: one row of 4 panels (32 px enlarged 4x) under case, colour-bar, title and name bands
         assert im.size == (4 * 128, 128 + 3 * overlay.LABEL_BAND + overlay.BAR_BAND)
     # an MRI volume given to a photo model fails alone, with a reason
     make_scans(tmp_path / "in", n=1)
-    res = _invoke([tmp_path / "in", "-o", out, "--models", models, *FAST])
+    Image.fromarray(np.full((8, 8), 255, np.uint8)).save(tmp_path / "in" / "case0_mask.png")
+    res = _invoke([tmp_path / "in", "-o", out, "--models", models, *FAST, "--mask", "{dir}/{stem}_mask.png"])
     assert res.exit_code == 1 and "RGB photographs" in res.stderr
 
 

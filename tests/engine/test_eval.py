@@ -869,3 +869,20 @@ def test_an_all_healthy_evaluation_says_why_its_metrics_are_undefined_and_what_t
     doc = json.loads((out / "metrics-native.json").read_text())
     assert all(r["positive_pixels"] == 0 and r["pixels_at_threshold"] >= 0 for r in doc["per_case"])
     assert sum(r["pixels_at_threshold"] for r in doc["per_case"]) > 0
+
+
+def test_labels_that_matched_but_could_not_be_used_are_not_called_a_mistyped_pattern(run, tmp_path):
+    """Two cases' label files on another grid fail, the third case has none: it was reported as 'no label
+    file matches --masks (nor for any other case: a mistyped pattern?)', though the pattern matched."""
+    out = _copy(run, tmp_path)
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    for k in (0, 1):
+        write_nifti(labels / f"case{k}_seg.nii.gz", np.ones((7, 5, 3), np.uint8))  # not the scans' grid
+    res = _eval(out, "--masks", str(labels) + "/{stem}_seg.nii.gz", "--missing-label", "normal", "--no-overlays")
+    assert res.exit_code == 1, res.stderr
+    line = next(x for x in res.stderr.splitlines() if "NOT EVALUATED case2" in x)
+    assert "mistyped" not in line and "the 2 that matched other cases could not be used" in line, res.stderr
+    res = _eval(out, "--masks", str(tmp_path) + "/nowhere/{stem}_seg.nii.gz", "--missing-label", "normal",
+                "--no-overlays")
+    assert res.exit_code == 1 and "a mistyped pattern?" in res.stderr

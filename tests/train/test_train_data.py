@@ -85,6 +85,22 @@ def test_photos_train_as_uncentred_zero_to_one_images(tmp_path):
     np.testing.assert_allclose(slices.images[0], rgb.transpose(2, 0, 1) / 255.0, rtol=0, atol=1e-6)
 
 
+def test_a_mask_pattern_given_for_photos_is_said_to_be_unused(tmp_path, caplog):
+    """Photos train whole (the reference gives the black border no special treatment): a retina mask
+    pattern was recorded on the card and silently not applied."""
+    from PIL import Image
+
+    rgb = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "a.png")
+    Image.fromarray(np.full((32, 32), 255, np.uint8)).save(tmp_path / "a_mask.png")
+    with caplog.at_level("WARNING", logger="condiff.train.data"):
+        slices = tdata.load_slices(tmp_path, PreprocessConfig(modality="rgb", image_size=32),
+                                   mask_pattern="{dir}/{stem}_mask.png")
+    assert slices.cases == ["a"]
+    assert "the mask pattern is not applied to photographs" in caplog.text
+    np.testing.assert_allclose(slices.images[0], rgb.transpose(2, 0, 1) / 255.0, rtol=0, atol=1e-6)
+
+
 def _masked(tmp_path):
     import nibabel as nib
 
