@@ -240,10 +240,6 @@ def _infer(inputs, output, models, engine, device, precision, batch_size, fast_k
 
             require("ray", "ray")  # exit 2 with the pip command before any work
             ctx = distributed.driver_context(ctx_kwargs)  # the workers load the networks, on their own devices
-        if mask_pattern not in (None, "", "auto", "none") and ctx.preprocess.modality == "rgb":
-            # a retina mask would be a reasonable thing to give; saying nothing would suggest it was used
-            logger.warning("--mask %s is not applied: photographs are analysed whole, their black border "
-                           "included, as the reference does (--mask applies to volumes)", mask_pattern)
         _check_folder_consistency(output, cases, ctx, resume)
         if dry_run:
             from condiff.io.atomic import probe_creatable

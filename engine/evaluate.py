@@ -125,7 +125,7 @@ def case_row(case: str, score: float, labels: np.ndarray, values: np.ndarray, th
 
 DESCRIPTIONS = {
     "native": "input grid; user's masks as they are (lesion: > 0, or the chosen label values); restricted to the "
-              "inference brain mask where one was used (photos: to the analysed centre square); pixels pooled over cases; samples = analysed axial slices "
+              "inference brain mask where one was used (photos: to the analysed centre square, within the field-of-view mask where one was used); pixels pooled over cases; samples = analysed axial slices "
               "(volumes) or images",
     "benchmark": "the reference code's evaluation: model slice space, masks (lesion: > 0, or the chosen label values) through "
                  "the recorded preprocessing and > 0.4, "
@@ -233,9 +233,10 @@ def _finite(path: Path, values: np.ndarray) -> np.ndarray:
     return values
 
 
-def _brain_mask(rec: dict[str, Any], like):
-    """The brain mask file inference used, checked against the digest in the record: a mask edited
-    since would change which pixels are evaluated."""
+def _brain_mask(rec: dict[str, Any], like=None):
+    """The brain mask file inference used (a photo's field-of-view mask: ``like`` None), checked against
+    the digest in the record: a mask edited since would change which pixels are evaluated."""
+    from condiff.io.images import read_label_image
     from condiff.io.volumes import read_mask
 
     from .plan import sha256_path
@@ -248,7 +249,7 @@ def _brain_mask(rec: dict[str, Any], like):
         raise InputImageError(path, f"changed since case {rec['case']}'s map was made with it: the evaluated pixels "
                                     "would not be the brain inference used", "restore it, or rerun condiff-infer "
                                                                              "(the case is recomputed with it)")
-    return read_mask(path, like)
+    return read_label_image(path) if like is None else read_mask(path, like)
 
 
 def _native_inputs(out_dir: Path, rec: dict[str, Any], label_path: Path | None, values: tuple[int, ...] | None):
@@ -264,6 +265,12 @@ def _native_inputs(out_dir: Path, rec: dict[str, Any], label_path: Path | None, 
         r0, r1, c0, c1 = analysed_box(rec["geometry"])  # a photo that is not square: its analysed centre square
         sel = np.zeros(label.shape, dtype=bool)
         sel[r0:r1, c0:c1] = True
+        if rec.get("mask"):  # a field-of-view mask: the map is 0 outside it, so those pixels are not evaluated
+            fov = _brain_mask(rec)
+            if fov.shape != sel.shape:
+                raise InputImageError(rec["mask"], f"mask shape {fov.shape} differs from the map's {sel.shape}",
+                                      "restore the mask condiff-infer used")
+            sel &= fov
         return amap, label, sel, None
     like = _like_volume(map_path)
     _finite(map_path, like.data)

@@ -26,10 +26,11 @@ from condiff.config import ScheduleConfig
 from condiff.errors import BackendUnavailableError, CondiffError, InputImageError, ModelSetError, is_out_of_space
 from condiff.io.cases import Case
 from condiff.modelset import ModelSet, open_model_set
-from condiff.preprocess import PreprocessConfig, Prepared, analysed_box, auto_foreground, prepare_image, prepare_volume
+from condiff.preprocess import (PreprocessConfig, Prepared, analysed_box, auto_foreground, mask_to_slices, prepare_image,
+                                prepare_volume)
 from condiff.sampler import SamplerPlan, make_plan
 
-from .plan import (AUTO_MASK, RECORD_SCHEMA, resolve_mask_path, CasePlan, RunOptions, check_output_names, parse_members,
+from .plan import (AUTO_MASK, RECORD_SCHEMA, resolve_mask_path, takes_mask, CasePlan, RunOptions, check_output_names, parse_members,
                    plan_case, read_record, resume_check, sha256_path)
 from .backoff import release_cached, run_within_memory
 from .runner import SliceJob, run_slices
@@ -328,6 +329,15 @@ def _read_case(case: Case, ctx: RunContext, mask_path: Path | None):
         rgb = images.read_image(case.path)
         source = mask = None
         prepared = prepare_image(rgb, ctx.preprocess)
+        if mask_path is not None:  # a field-of-view (retina) mask: the map is 0 outside it, as outside a brain
+            mask = images.read_label_image(mask_path)
+            if mask.shape != rgb.shape[:2]:
+                raise InputImageError(mask_path, f"mask shape {mask.shape} differs from the photo's {rgb.shape[:2]}",
+                                      "give a mask on the photo's pixel grid")
+            prepared.foreground = mask_to_slices(mask, prepared)
+            if not prepared.foreground.any():
+                raise InputImageError(mask_path, "has no pixel inside the part of the photo the model sees",
+                                      "check the mask (pixels > 0 are analysed)")
         info = {"shape": [int(s) for s in rgb.shape[:2]], "spacing": None, "orientation": None,
                 "nonfinite_voxels": 0, "series_volumes": 1}
         r0, r1, c0, c1 = analysed_box(prepared.geometry)
@@ -360,7 +370,7 @@ def _prepare(case: Case, ctx: RunContext) -> _Pending | CaseOutcome:
     try:
         check_output_names(plan)
         input_sha = sha256_path(case.path)
-        if ctx.mask_pattern is not None and case.kind == "volume":
+        if takes_mask(case, ctx.mask_pattern):
             mask_path = resolve_mask_path(case, ctx.mask_pattern)
             mask_sha = None if mask_path is None else sha256_path(mask_path)
         if ctx.resume:

@@ -169,6 +169,12 @@ AUTO_MASK = "auto"
 AUTO_MASK_PATTERN = "{dir}/{stem}_brainmask.nii.gz"
 
 
+def takes_mask(case, pattern: str | None) -> bool:
+    """Whether ``case`` looks for a mask file: volumes under any pattern (``auto`` included); photos only
+    under an explicit pattern (a field-of-view mask: ``auto``'s ``_brainmask.nii.gz`` is a volume's)."""
+    return pattern is not None and (case.kind == "volume" or pattern != AUTO_MASK)
+
+
 def resolve_mask_path(case, pattern: str | None):
     """The mask file for a case: ``auto`` takes ``{dir}/{stem}_brainmask.nii.gz`` where it exists
     (None otherwise); any other pattern must resolve to a file."""
@@ -312,7 +318,7 @@ def dry_run_status(case: Case, ctx) -> tuple[str, str | None, CasePlan]:
     try:
         check_output_names(plan)
         mask_path = None
-        if ctx.mask_pattern is not None and case.kind == "volume":
+        if takes_mask(case, ctx.mask_pattern):
             mask_path = resolve_mask_path(case, ctx.mask_pattern)
         if ctx.resume:
             mask_sha = None if mask_path is None else sha256_path(mask_path)

@@ -151,6 +151,8 @@ def write_case_files(out_dir: Path, plan: CasePlan, *, kind: str, prepared, sour
             written["restoration"] = write_output(out_dir, outs["restoration"], _gzip_if(outs["restoration"], raw))
     else:
         native = invert_to_input(prepared, maps, fill=0.0)
+        if brain_mask is not None:  # a photo's field-of-view mask, on the photo's grid
+            native = native * brain_mask
         written["map"] = write_output(out_dir, outs["map"], images.tiff_bytes(native))
         written["map_png"] = write_output(out_dir, outs["map_png"],
                                           images.png_bytes(images.to_png8(native, 0.0, overlay_max or float(native.max()))))

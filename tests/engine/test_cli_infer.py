@@ -197,9 +197,8 @@ def test_photographs_get_float_tiff_maps_and_png_previews(tmp_path):
     photo = (rng.random((40, 52, 3)) * 255).astype(np.uint8)
     (tmp_path / "in").mkdir()
     Image.fromarray(photo).save(tmp_path / "in" / "eye.png")
-    Image.fromarray(np.full((40, 52), 255, np.uint8)).save(tmp_path / "in" / "eye_mask.png")  # a retina mask
     out = tmp_path / "out"
-    res = _invoke([tmp_path / "in", "-o", out, "--models", models, *FAST, "--mask", "{dir}/{stem}_mask.png"])
+    res = _invoke([tmp_path / "in", "-o", out, "--models", models, *FAST])
     assert res.exit_code == 0, res.output + res.stderr
     import tifffile
 
@@ -218,17 +217,80 @@ def test_photographs_get_float_tiff_maps_and_png_previews(tmp_path):
     height, width, c0, c1 = (int(v) for v in re.search(r"central (\d+)x(\d+) px \(rows x columns.*columns (\d+)-(\d+)",
                                                        note).groups())
     assert height == 40 and width == c1 - c0 + 1 and abs(width - 32 / 41 * 52) < 1
-    # a mask pattern is not applied to photos (the reference analyses the black border too): said so
-    assert rec["mask"] is None and "--mask {dir}/{stem}_mask.png is not applied: photographs" in res.stderr
     assert not amap[:, :c0 - 1].any() and not amap[:, c1 + 2:].any() and amap[:, c0 + 1:c1].any()
     with Image.open(out / "overlays" / "eye.png") as im:
         # one image: one row of 4 panels (32 px enlarged 4x) under case, colour-bar, title and name bands
         assert im.size == (4 * 128, 128 + 3 * overlay.LABEL_BAND + overlay.BAR_BAND)
     # an MRI volume given to a photo model fails alone, with a reason
     make_scans(tmp_path / "in", n=1)
-    Image.fromarray(np.full((8, 8), 255, np.uint8)).save(tmp_path / "in" / "case0_mask.png")
-    res = _invoke([tmp_path / "in", "-o", out, "--models", models, *FAST, "--mask", "{dir}/{stem}_mask.png"])
+    res = _invoke([tmp_path / "in", "-o", out, "--models", models, *FAST])
     assert res.exit_code == 1 and "RGB photographs" in res.stderr
+
+
+def test_a_photos_field_of_view_mask_zeroes_its_map_outside_and_bounds_what_eval_scores(tmp_path):
+    """A retina mask given with --mask was silently ignored for photos (the black border's map values,
+    often the highest, counted as false positives). Now: the map is 0 outside it on the photo's grid, the
+    same inside (away from its edge) as without it, and condiff-eval scores only the masked pixels."""
+    import tifffile
+    from click.testing import CliRunner
+    from PIL import Image
+    from scipy import ndimage
+    from sklearn.metrics import average_precision_score
+
+    from condiff.engine.cli import eval_main
+    from condiff.preprocess import analysed_box
+
+    models = make_model_set(tmp_path / "rgb-set", n_members=1, image_channels=3,
+                            preprocessing={"modality": "rgb", "image_size": 32})
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:40, :52]
+    retina = (yy - 20) ** 2 + (xx - 26) ** 2 <= 18 ** 2
+    photo = (rng.random((40, 52, 3)) * 255 * retina[..., None]).astype(np.uint8)
+    lesion = np.zeros((40, 52), bool)
+    lesion[15:20, 20:25] = True
+    (tmp_path / "in").mkdir()
+    Image.fromarray(photo).save(tmp_path / "in" / "eye.png")
+    Image.fromarray((retina * 255).astype(np.uint8)).save(tmp_path / "in" / "eye_mask.png")
+    Image.fromarray((lesion * 255).astype(np.uint8)).save(tmp_path / "in" / "eye_EX.png")
+    masked, whole = tmp_path / "masked", tmp_path / "whole"
+    res = _invoke([tmp_path / "in", "-o", masked, "--models", models, *FAST, "--mask", "{dir}/{stem}_mask.png"])
+    assert res.exit_code == 0, res.output + res.stderr
+    assert _invoke([tmp_path / "in", "-o", whole, "--models", models, *FAST]).exit_code == 0
+    a, b = tifffile.imread(masked / "maps" / "eye.tiff"), tifffile.imread(whole / "maps" / "eye.tiff")
+    assert not a[~retina].any() and b[~retina].max() > 0
+    inner = ndimage.binary_erosion(retina, iterations=3)
+    np.testing.assert_array_equal(a[inner], b[inner])
+    rec = json.loads((masked / "records" / "eye.json").read_text())
+    assert rec["mask"] == str(tmp_path / "in" / "eye_mask.png") and rec["mask_sha256"]
+    assert 0 < rec["score"] < json.loads((whole / "records" / "eye.json").read_text())["score"]
+
+    res = CliRunner().invoke(eval_main, [str(masked), "--masks", "{dir}/{stem}_EX.png", "--no-overlays"])
+    assert res.exit_code == 0, res.output
+    doc = json.loads((masked / "metrics-native.json").read_text())
+    r0, r1, c0, c1 = analysed_box(rec["geometry"])
+    sel = np.zeros_like(retina)
+    sel[r0:r1, c0:c1] = True
+    sel &= retina
+    row = next(r for r in doc["rows"] if r["row"] == "ensemble")
+    assert doc["per_case"][0]["pixels"] == int(sel.sum())
+    assert row["ap_pixel"] == pytest.approx(average_precision_score(lesion[sel], a[sel]), abs=1e-12)
+
+    # a mask edited after inference would change the scored pixels: not evaluated, named
+    Image.fromarray((ndimage.binary_dilation(retina, iterations=2) * 255).astype(np.uint8)).save(
+        tmp_path / "in" / "eye_mask.png")
+    res = CliRunner().invoke(eval_main, [str(masked), "--masks", "{dir}/{stem}_EX.png", "--no-overlays"])
+    assert res.exit_code == 1 and "eye_mask.png: changed since case eye's map was made with it" in res.output
+    # a dry run names a missing mask; a mask on another grid, or one with no pixel where the model looks,
+    # fails its case naming the mask
+    res = _invoke([tmp_path / "in", "-o", tmp_path / "o1", "--models", models, *FAST, "--mask", "{dir}/{stem}_fov.png",
+                   "--dry-run"])
+    assert res.exit_code == 1 and "eye_fov.png" in res.output + res.stderr, res.output + res.stderr
+    Image.fromarray(np.full((8, 8), 255, np.uint8)).save(tmp_path / "in" / "eye_mask.png")
+    res = _invoke([tmp_path / "in", "-o", tmp_path / "o2", "--models", models, *FAST, "--mask", "{dir}/{stem}_mask.png"])
+    assert res.exit_code == 1 and "eye_mask.png: mask shape (8, 8) differs from the photo's (40, 52)" in res.stderr
+    Image.fromarray(np.zeros((40, 52), np.uint8)).save(tmp_path / "in" / "eye_mask.png")
+    res = _invoke([tmp_path / "in", "-o", tmp_path / "o3", "--models", models, *FAST, "--mask", "{dir}/{stem}_mask.png"])
+    assert res.exit_code == 1 and "eye_mask.png: has no pixel inside the part of the photo the model sees" in res.stderr
 
 
 def test_broken_inputs_fail_alone_with_exit_1(tmp_path, model_set):
