@@ -286,8 +286,7 @@ def _run(cases, ctx, shard_t, arguments, progress: bool, n_all: int, process=Non
     from . import bids, pipeline, writer
 
     out = ctx.out_dir
-    if shard_t is None:
-        writer.clean_orphans(out)
+    writer.clean_orphans(out, dead_writers_only=shard_t is not None)  # a shard: other shards may be writing
     if not ctx.resume:  # --overwrite: the folder keeps one method (the check before the lock refused it otherwise)
         from .consistency import remove_foreign
 
@@ -536,10 +535,31 @@ def _merge(out_dir: Path) -> int:
     if not (out_dir / "records").is_dir():
         raise OutputConflictError(out_dir, "has no records/ folder", "give the -o folder of a condiff-infer run")
     _check_merge_single_method(out_dir)
+    writer.clean_orphans(out_dir, dead_writers_only=True)
     counts = writer.rebuild_tables(out_dir)
     click.echo(f"condiff-infer --merge: {counts.get('ok', 0)} ok, {counts.get('failed', 0)} failed -> "
                f"{out_dir / 'cases.csv'}, {out_dir / 'scores.csv'}")
-    return EXIT_FAILED if counts.get("failed") else EXIT_OK
+    unfinished = unfinished_run_locks(out_dir)
+    for line in unfinished:
+        click.echo(f"warning: {line}", err=True)
+    return EXIT_FAILED if counts.get("failed") or unfinished else EXIT_OK
+
+
+def unfinished_run_locks(out_dir: Path) -> list[str]:
+    """The folder's run locks in words: a stale one is a run killed before it finished (its cases are
+    missing until it is rerun), a live one a run writing there now."""
+    from condiff.io.lock import lock_holders
+
+    lines = []
+    for name, holder, stale in lock_holders(out_dir):
+        who = "a whole-folder run" if name == ".condiff.lock" else f"shard {name.rsplit('.', 1)[-1].replace('-of-', '/')}"
+        if stale:
+            lines.append(f"{out_dir / name}: {who} of condiff-infer was killed before it finished ({holder or 'empty lock'}); "
+                         f"the cases it did not finish are missing: rerun the same condiff-infer command to finish them")
+        else:
+            lines.append(f"{out_dir / name}: {who} of condiff-infer is writing to this folder now ({holder or 'unknown'}); "
+                         "its unfinished cases are missing until it ends")
+    return lines
 
 
 # ----------------------------------------------------------------------------------------- eval

@@ -458,6 +458,16 @@ def _unfinished_runs(out_dir: Path) -> list[tuple[str, str]]:
         notes += [(f"shard {i}/{n}", f"has not run into this folder (no run.{i}-of-{n}.json): its cases are missing "
                                      f"from these metrics; run condiff-infer --shard {i}/{n} -o {out_dir}")
                   for i in range(n) if i not in shards]
+    from condiff.io.lock import lock_holders
+
+    # a run killed by SIGKILL (out of memory, a node lost) writes no run.json: its lock stays behind
+    for name, holder, stale in lock_holders(out_dir):
+        who = "a whole-folder run" if name == ".condiff.lock" else f"shard {name.rsplit('.', 1)[-1].replace('-of-', '/')}"
+        notes.append((name, f"{who} of condiff-infer was killed before it finished ({holder or 'an empty lock'} is not "
+                            "running): the cases it did not finish are missing from these metrics; rerun the same "
+                            "condiff-infer command to finish them" if stale else
+                            f"{who} of condiff-infer is writing to this folder now ({holder or 'unknown'}): its "
+                            "unfinished cases are missing from these metrics; evaluate after it ends"))
     return [(what, why + (" (rerun condiff-infer to finish them)" if what.startswith("run") else ""))
             for what, why in notes]
 
@@ -617,7 +627,7 @@ def evaluate(out_dir: str | Path, mask_pattern: str, protocol: str = "native", o
     each other row (``engine.bootstrap``; ``progress(1)`` after each resample). ``lesion_iou``: the IoU
     at which lesions and called regions match in the lesion-wise counts (``engine.lesions``)."""
     from .consistency import check_single_method
-    from .writer import load_records
+    from .writer import clean_orphans, load_records
 
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {PROTOCOLS}")
@@ -627,6 +637,7 @@ def evaluate(out_dir: str | Path, mask_pattern: str, protocol: str = "native", o
         raise ValueError("baselines are computed on the model-space slices: use the benchmark protocol")
     required = missing_label == "error"
     out_dir = Path(out_dir)
+    clean_orphans(out_dir, dead_writers_only=True)  # a killed eval's (or run's) temporary files
     every = load_records(out_dir)
     records = [r for r in every if r.get("status") == "ok"]
     if not records:

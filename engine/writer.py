@@ -216,20 +216,34 @@ def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
     return buf.getvalue()
 
 
-def clean_orphans(out_dir: Path) -> int:
-    """Remove temporary files a killed run left in the output folders (only call while no other
-    process writes there, i.e. not from a shard). Returns how many were removed."""
+def clean_orphans(out_dir: Path, dead_writers_only: bool = False) -> int:
+    """Remove temporary files a killed run left in the output folder. A whole-folder run, which holds the
+    folder alone, removes every one in the case output folders; elsewhere (the folder's top level and
+    ``eval-overlays/``, which condiff-eval writes without a lock) and with ``dead_writers_only`` (a shard,
+    ``--merge``, condiff-eval: other runs may be writing) only those whose writer process has exited.
+    Returns how many were removed."""
+    from condiff.io.atomic import temp_writer_pid
+    from condiff.io.lock import process_exited
+
+    def writer_gone(path: Path) -> bool:
+        pid = temp_writer_pid(path.name)
+        return pid is not None and process_exited(pid)
+
     n = 0
-    roots = [out_dir / folder for folder in OUTPUT_FOLDERS] + sorted(out_dir.glob("sub-*"))  # sub-*: --layout bids
-    for root in roots:
+    owned = [out_dir / folder for folder in OUTPUT_FOLDERS] + sorted(out_dir.glob("sub-*"))  # sub-*: --layout bids
+    shared = [out_dir / "eval-overlays"]
+    for root in owned + shared:
         if not root.is_dir():
             continue
         for p in root.rglob(".*.tmp"):
+            if (dead_writers_only or root in shared) and not writer_gone(p):
+                continue
             p.unlink(missing_ok=True)
             n += 1
     for p in out_dir.glob(".*.tmp"):
-        p.unlink(missing_ok=True)
-        n += 1
+        if writer_gone(p):
+            p.unlink(missing_ok=True)
+            n += 1
     if n:
         logger.info("removed %d temporary files left by an interrupted run", n)
     return n

@@ -10,12 +10,16 @@ import logging
 import os
 import re
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
 from condiff.errors import OutputConflictError
 
 logger = logging.getLogger(__name__)
+
+EMPTY_LOCK_GRACE_S = 10.0  # a live run writes its lock within microseconds of creating it
+_HELD: set[str] = set()  # the lock files this process holds (absolute paths)
 
 
 def shard_suffix(shard: tuple[int, int] | None) -> str:
@@ -62,7 +66,7 @@ class OutputLock:
                 holder, method = parse_lock(path.read_text(encoding="utf-8"))
             except OSError:
                 continue  # released meanwhile
-            if _stale(holder):
+            if _stale(holder, path):
                 continue
             if not same_split:
                 return path, holder, None
@@ -102,7 +106,7 @@ class OutputLock:
             return
         if self.path.exists():
             holder = self._holder()
-            if not _stale(holder):
+            if not _stale(holder, self.path):
                 raise self._conflict(holder)
         rival = self._rival()
         if rival is not None:
@@ -118,11 +122,11 @@ class OutputLock:
             except FileExistsError:
                 content = self._content()
                 holder = parse_lock(content)[0]
-                if attempt or not _stale(holder):
+                if attempt or not _stale(holder, self.path):
                     raise self._conflict(holder) from None
                 # Re-read just before removing, so a lock another run has just taken is not removed.
                 if self._content() == content:
-                    logger.warning("%s: removing a stale lock (%s is no longer running)", self.path, holder)
+                    logger.warning("%s: removing a stale lock (%s)", self.path, _stale_reason(holder))
                     self.path.unlink(missing_ok=True)
             except OSError as exc:
                 raise OutputConflictError(self.path.parent, f"is not writable ({exc.strerror})",
@@ -133,15 +137,34 @@ class OutputLock:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)  # one write, before the rival check: a rival reading it sees it whole
         self.held = True
+        _HELD.add(os.path.abspath(self.path))
         rival = self._rival()
         if rival is not None:
             self.release()
             raise self._rival_conflict(rival)
+        if self.shard is None:
+            self._remove_stale_others()
         return self
+
+    def _remove_stale_others(self) -> None:
+        """A whole-folder run holds the folder alone: the locks of shards (or runs) that were killed are
+        removed, so a folder it finishes holds none (eval reads a stale lock as an unfinished run)."""
+        for path in sorted(self.path.parent.glob(".condiff.lock*")):
+            if path == self.path or re.fullmatch(r"\.condiff\.lock(?:\.\d+-of-\d+)?", path.name) is None:
+                continue
+            try:
+                content = path.read_text(encoding="utf-8")
+            except OSError:
+                continue
+            holder = parse_lock(content)[0]
+            if _stale(holder, path):
+                logger.warning("%s: removing a stale lock (%s)", path, _stale_reason(holder))
+                path.unlink(missing_ok=True)
 
     def release(self) -> None:
         if self.held:
             self.path.unlink(missing_ok=True)
+            _HELD.discard(os.path.abspath(self.path))
             self.held = False
 
     def __enter__(self) -> "OutputLock":
@@ -179,12 +202,46 @@ def method_differences(ours: dict[str, Any] | None, theirs: dict[str, Any] | Non
             for key in sorted(set(ours) | set(theirs)) if ours.get(key) != theirs.get(key)]
 
 
-def _stale(holder: str) -> bool:
-    """True when ``holder`` (a lock's ``host H pid P``) names a process of this host that has exited."""
+def _stale(holder: str, path: Path) -> bool:
+    """True when the lock ``path`` holding ``holder`` (``host H pid P``) belongs to no running process:
+    P of this host has exited; or P is this process, which does not hold it (a restarted container's
+    run gets the pid its killed predecessor had, often 1); or the lock is empty and older than
+    ``EMPTY_LOCK_GRACE_S`` (a run killed between creating and writing it). Another host's lock, or
+    one this version cannot read, is never stale: nothing here can tell."""
+    if not holder.strip():
+        try:
+            return time.time() - path.stat().st_mtime > EMPTY_LOCK_GRACE_S
+        except OSError:
+            return False
     m = re.fullmatch(r"host (\S+) pid (\d+)", holder)
     if m is None or m.group(1) != socket.gethostname():
         return False
+    if int(m.group(2)) == os.getpid():
+        return os.path.abspath(path) not in _HELD
     return process_exited(int(m.group(2)))
+
+
+def _stale_reason(holder: str) -> str:
+    if not holder.strip():
+        return "it is empty: its run was killed while taking it"
+    if holder.endswith(f" pid {os.getpid()}"):
+        return f"{holder} is this process, which never took it: a killed run that had the same pid"
+    return f"{holder} is no longer running"
+
+
+def lock_holders(out_dir: str | os.PathLike) -> list[tuple[str, str, bool]]:
+    """Every run lock in ``out_dir``: (file name, holder, stale). A stale lock is a run that was killed
+    (SIGKILL, out of memory, power cut) and never finished; a live one is a run writing there now."""
+    found = []
+    for path in sorted(Path(out_dir).glob(".condiff.lock*")):
+        if re.fullmatch(r"\.condiff\.lock(?:\.\d+-of-\d+)?", path.name) is None:
+            continue
+        try:
+            holder = parse_lock(path.read_text(encoding="utf-8"))[0]
+        except OSError:
+            continue
+        found.append((path.name, holder, _stale(holder, path)))
+    return found
 
 
 def process_exited(pid: int) -> bool:
@@ -204,4 +261,4 @@ def process_exited(pid: int) -> bool:
         return False
 
 
-__all__ = ["OutputLock", "shard_suffix", "process_exited", "parse_lock", "method_differences"]
+__all__ = ["OutputLock", "shard_suffix", "process_exited", "parse_lock", "method_differences", "lock_holders"]

@@ -1,0 +1,166 @@
+"""Runs killed by SIGKILL (out of memory, a node lost, a container restarted), which no handler sees: the
+lock and temporary files they leave are found, named and cleaned, and nothing reports such a folder as
+complete (from the crash-resume audit: eval and --merge said success; shards and eval left temporary
+files; an empty lock, or one naming the new run's own pid, blocked every rerun)."""
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from _infer_helpers import FAST, digests, invoke_infer, make_model_set, make_scans, one_torch_thread
+from condiff.engine.cli import eval_main, infer_main
+from condiff.errors import OutputConflictError
+from condiff.io.lock import EMPTY_LOCK_GRACE_S, OutputLock
+
+HELPERS = Path(__file__).resolve().parent
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    with one_torch_thread():
+        yield
+
+
+def _dead_pid() -> int:
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return int(gone.stdout)
+
+
+def _holder(pid: int) -> str:
+    return f"host {socket.gethostname()} pid {pid}\n"
+
+
+@pytest.fixture(scope="module")
+def killed(tmp_path_factory):
+    """A reference run of 3 cases, and the same run killed by a real SIGKILL right after its first record."""
+    root = tmp_path_factory.mktemp("killed")
+    models = make_model_set(root / "set", n_members=1)
+    scans = root / "scans"
+    make_scans(scans, n=3, with_masks=True)
+    ref = root / "ref"
+    assert invoke_infer([scans, "-o", ref, "--models", models, *FAST]).exit_code == 0
+    out = root / "out"
+    script = f"""
+import os, signal, sys
+sys.path.insert(0, {str(HELPERS)!r})
+from condiff.engine import pipeline
+real = pipeline.write_record
+def write_then_die(*args, **kw):
+    real(*args, **kw)
+    os.kill(os.getpid(), signal.SIGKILL)   # a real SIGKILL: no handler, no run.json, the lock stays
+pipeline.write_record = write_then_die
+from condiff.engine.cli import infer_main
+infer_main({[str(scans), "-o", str(out), "--models", str(models), *FAST]!r})
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    return models, scans, ref, out
+
+
+def test_a_killed_run_is_reported_by_eval_and_merge_then_a_rerun_finishes_it_identically(killed, tmp_path):
+    import shutil
+
+    models, scans, ref, killed_out = killed
+    out = tmp_path / "out"
+    shutil.copytree(killed_out, out)
+    assert (out / ".condiff.lock").is_file() and len(list((out / "records").glob("*.json"))) == 1
+    res = CliRunner().invoke(eval_main, [str(out), "--masks", "{dir}/{stem}_seg.nii.gz", "--no-overlays"])
+    assert res.exit_code == 1, res.output
+    assert "NOT EVALUATED .condiff.lock: a whole-folder run of condiff-infer was killed before it finished" in res.output
+    res = CliRunner().invoke(infer_main, ["--merge", str(out)])
+    assert res.exit_code == 1 and "was killed before it finished" in res.output, res.output
+
+    res = invoke_infer([scans, "-o", out, "--models", models, *FAST])
+    assert res.exit_code == 0, res.output + res.stderr
+    assert "removing a stale lock" in res.stderr and "2 done, 1 already done" in res.stdout
+    assert digests(out) == digests(ref)
+    assert not [p for p in out.rglob(".*") if p.name != ".condiff.lock"] and not (out / ".condiff.lock").exists()
+    res = CliRunner().invoke(eval_main, [str(out), "--masks", "{dir}/{stem}_seg.nii.gz", "--no-overlays"])
+    assert res.exit_code == 0, res.output
+
+
+def test_eval_names_a_run_that_is_writing_now(killed, tmp_path):
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(killed[3], out)
+    (out / ".condiff.lock.1-of-2").write_text(_holder(os.getppid()))  # a live process of this host
+    (out / ".condiff.lock").unlink()
+    res = CliRunner().invoke(eval_main, [str(out), "--masks", "{dir}/{stem}_seg.nii.gz", "--no-overlays"])
+    assert res.exit_code == 1 and "shard 1/2 of condiff-infer is writing to this folder now" in res.output
+
+
+def test_shards_merge_and_eval_remove_dead_writers_temporary_files_only(killed, tmp_path):
+    """A killed shard's temporary files (full-size maps) stayed for good: only a whole-folder run removed them."""
+    import shutil
+
+    models, scans, ref, _ = killed
+    out = tmp_path / "out"
+    shutil.copytree(ref, out)
+    dead, live = _dead_pid(), os.getppid()
+    leftovers = {out / "restorations" / f".case1.nii.gz.{dead}.0123abcd.tmp": True,
+                 out / "maps" / f".case2.nii.gz.{live}.0123abcd.tmp": False,
+                 out / f".cases.csv.{dead}.89abcdef.tmp": True,
+                 out / "eval-overlays" / f".case0.png.{dead}.0123abcd.tmp": True,
+                 out / "eval-overlays" / f".case1.png.{live}.0123abcd.tmp": False}
+    for path in leftovers:
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(b"partial")
+    res = invoke_infer([scans, "-o", out, "--models", models, *FAST, "--shard", "1/2"])
+    assert res.exit_code == 0, res.output + res.stderr
+    assert {p: p.exists() for p in leftovers} == {p: not gone for p, gone in leftovers.items()}
+    for path in leftovers:  # again, for --merge and for condiff-eval
+        path.write_bytes(b"partial")
+    assert CliRunner().invoke(infer_main, ["--merge", str(out)]).exit_code == 0
+    assert {p: p.exists() for p in leftovers} == {p: not gone for p, gone in leftovers.items()}
+    assert invoke_infer([scans, "-o", out, "--models", models, *FAST, "--shard", "0/2"]).exit_code == 0
+    for path in leftovers:
+        path.write_bytes(b"partial")
+    res = CliRunner().invoke(eval_main, [str(out), "--masks", "{dir}/{stem}_seg.nii.gz", "--no-overlays"])
+    assert res.exit_code == 0, res.output
+    assert {p: p.exists() for p in leftovers} == {p: not gone for p, gone in leftovers.items()}
+
+
+def test_a_whole_folder_run_removes_the_locks_of_killed_shards(tmp_path):
+    stale, live = tmp_path / ".condiff.lock.0-of-2", tmp_path / ".condiff.lock.1-of-2"
+    stale.write_text(_holder(_dead_pid()))
+    with OutputLock(tmp_path):
+        assert not stale.exists()
+    live.write_text(_holder(os.getppid()))
+    with pytest.raises(OutputConflictError, match="overlap"):
+        OutputLock(tmp_path).acquire()
+    assert live.exists()
+
+
+def test_an_empty_lock_is_stale_once_older_than_its_grace(tmp_path, caplog):
+    """A run killed between creating its lock and writing it left an empty lock that blocked every rerun."""
+    lock_file = tmp_path / ".condiff.lock"
+    lock_file.write_text("")
+    with pytest.raises(OutputConflictError, match="locked by another condiff run"):
+        OutputLock(tmp_path).acquire()  # just made: its run may be writing it now
+    old = time.time() - EMPTY_LOCK_GRACE_S - 5
+    os.utime(lock_file, (old, old))
+    with caplog.at_level("WARNING", logger="condiff.io.lock"):
+        with OutputLock(tmp_path) as lock:
+            assert lock.held and lock_file.read_text().startswith("host ")
+    assert "removing a stale lock (it is empty: its run was killed while taking it)" in caplog.text
+
+
+def test_a_lock_naming_this_process_which_does_not_hold_it_is_stale(tmp_path, caplog):
+    """A container restarted after an OOM kill runs condiff as pid 1 again, on the same host name: the
+    lock its killed predecessor left names the new run's own pid, and was taken for a live run."""
+    (tmp_path / ".condiff.lock").write_text(_holder(os.getpid()))
+    with caplog.at_level("WARNING", logger="condiff.io.lock"):
+        with OutputLock(tmp_path) as lock:
+            assert lock.held
+            # while this process holds it, it is not stale for anyone in this process either
+            with pytest.raises(OutputConflictError, match="locked by another condiff run"):
+                OutputLock(tmp_path).check()
+    assert "is this process, which never took it" in caplog.text
