@@ -21,12 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from condiff.io.cases import Case, split_suffix
+from condiff.io.cases import BIDS_EXCLUDE, BIDS_RESERVED_FOLDERS, Case, split_suffix
 
 BIDS_VERSION = "1.9.0"
 DATATYPES = ("anat", "func", "dwi", "fmap", "perf", "pet")
-RESERVED_FOLDERS = ("derivatives", "sourcedata", "code")  # never inputs in a BIDS dataset
-EXCLUDE = tuple(f"{folder}/*" for folder in RESERVED_FOLDERS)
+RESERVED_FOLDERS = BIDS_RESERVED_FOLDERS  # never inputs in a BIDS dataset (skipped at a dataset's root by any layout)
+EXCLUDE = BIDS_EXCLUDE
 BIDSIGNORE = ("overlays/", "records/", "model_space/", "eval-overlays/", "cases.csv", "scores.csv", "run*.json",
               "condiff.log", "metrics-*", ".condiff.lock*")
 _ENTITY = re.compile(r"^([a-z]+)-([a-zA-Z0-9]+)$")
@@ -56,6 +56,14 @@ def parse_name(filename: str) -> BidsName | None:
     if not pairs or keys[0] != "sub" or len(set(keys)) != len(keys) or not _SUFFIX.match(suffix):
         return None
     return BidsName(tuple(pairs), suffix, ext)
+
+
+def contrasts(cases: Sequence[Case]) -> dict[str, int]:
+    """How many BIDS-named volume cases of each suffix (``T1w``, ``T2w``, ``FLAIR``, ...), most common first."""
+    from collections import Counter
+
+    found = Counter(n.suffix for n in (parse_name(c.path.name) for c in cases if c.kind == "volume") if n is not None)
+    return dict(found.most_common())
 
 
 def derived_stem(name: BidsName, desc: str) -> str:
@@ -125,4 +133,4 @@ def write_dataset_files(out_dir: Path, inputs: Iterable[str | Path]) -> None:
 
 
 __all__ = ["BidsName", "parse_name", "derived_stem", "derivative_paths", "check_cases", "dataset_description",
-           "write_dataset_files", "EXCLUDE", "RESERVED_FOLDERS", "BIDSIGNORE"]
+           "write_dataset_files", "EXCLUDE", "RESERVED_FOLDERS", "BIDSIGNORE", "contrasts"]

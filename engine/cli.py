@@ -101,7 +101,8 @@ def _jsonable(value: Any) -> Any:
 @click.option("--mask", "mask_pattern", metavar="PATTERN", default="auto", show_default=True,
               callback=mask_pattern_option_check,
               help="Brain mask per scan: a pattern such as '{dir}/{stem}_brainmask.nii.gz' ({dir}, {stem}, "
-                   "{base} = stem without its last '_part', {case}, {casedir} = the case's folder part); "
+                   "{base} = stem without its last '_part', {case}, {casedir} = the case's folder part, {root} = "
+                   "the input folder it was found in; photos: a field-of-view mask); "
                    "'auto' = '{dir}/{stem}_brainmask.nii.gz' "
                    "where that file exists, else the scan's own non-background voxels; 'none' = no mask.")
 @click.option("--resume/--overwrite", default=True, show_default=True,
@@ -214,6 +215,11 @@ def _infer(inputs, output, models, engine, device, precision, batch_size, fast_k
         # absolute input paths for every run, so records, cases.csv and messages do not depend on --ray
         # (whose workers need them) or on the folder the command was started in
         cases = absolute_cases(cases)
+        contrasts = bids.contrasts(cases)
+        if len(contrasts) > 1:  # a model set is trained on one contrast: the others' maps mark the contrast itself
+            logger.warning("the inputs hold several BIDS contrasts (%s): a model set knows the contrast it was trained "
+                           "on, and maps of another one show that contrast, not anomalies; give the files of the "
+                           "model's contrast only", ", ".join(f"{k}: {n}" for k, n in contrasts.items()))
         if bids_layout:
             try:
                 bids.check_cases(cases)
@@ -376,8 +382,7 @@ def _run(cases, ctx, shard_t, arguments, progress: bool, n_all: int, process=Non
         remove_log(log_handler)
     n_failed, n_left = by_status.get("failed", 0), by_status.get("not_finished", 0)
     left_out = (run_info or {}).get("excluded_inputs", ())
-    n_reserved = (sum(1 for p in left_out if any(f"/{d}/" in f"/{p}" for d in bids.RESERVED_FOLDERS))
-                  if arguments.get("layout") == "bids" else 0)
+    n_reserved = sum(1 for p in left_out if _in_reserved_folder(p))
     n_excluded = len(left_out) - n_reserved
     if not quiet:
         click.echo(f"condiff-infer: {by_status.get('ok', 0)} done, {by_status.get('skipped', 0)} already done, "
@@ -519,12 +524,26 @@ def _dry_run(cases, ctx, n_all: int, shard_t, excluded=()) -> int:
         click.echo(f"  {status:<8} {case.name}  <- {case.path}  ({reason})")
         for rel in [*plan.outputs.values(), plan.record]:
             click.echo(f"             {rel}")
+    reserved = [p for p in excluded if _in_reserved_folder(p)]
     for path in excluded:
-        click.echo(f"  excluded {path}  (a mask or label map by its name)")
+        why = ("in a BIDS dataset's derivatives/, sourcedata/ or code/" if path in reserved
+               else "a mask or label map by its name")
+        click.echo(f"  excluded {path}  ({why})")
+    n_named = len(excluded) - len(reserved)
     click.echo(f"{len(cases) - n_bad} case(s) valid, {n_bad} invalid"
-               + (f", {len(excluded)} file(s) excluded as masks or label maps" if excluded else "")
+               + (f", {n_named} file(s) excluded as masks or label maps" if n_named else "")
+               + (f", {len(reserved)} file(s) in the dataset's derivatives/, sourcedata/, code/ skipped" if reserved else "")
                + "; no model was loaded")
     return EXIT_FAILED if n_bad else EXIT_OK
+
+
+def _in_reserved_folder(path) -> bool:
+    """A file left out because it lies in a BIDS dataset's derivatives/, sourcedata/ or code/ (a folder of
+    that name beside the dataset's ``dataset_description.json``)."""
+    from condiff.io.cases import BIDS_RESERVED_FOLDERS
+
+    return any(a.name in BIDS_RESERVED_FOLDERS and (a.parent / "dataset_description.json").is_file()
+               for a in Path(path).parents)
 
 
 def _merge(out_dir: Path) -> int:

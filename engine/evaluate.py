@@ -243,8 +243,9 @@ def _brain_mask(rec: dict[str, Any], like=None):
 
     path = Path(rec["mask"])
     if not path.is_file():
-        raise InputImageError(path, f"(the brain mask case {rec['case']} was made with) is not there any more",
-                              "restore it, or rerun condiff-infer with the masks where they are now")
+        raise InputImageError(path, f"is not there any more: it is the brain mask case {rec['case']} was made with",
+                              "restore it, or rerun condiff-infer with the masks where they are now (a pattern "
+                              "with {root} moves with the dataset)")
     if rec.get("mask_sha256") and sha256_path(path) != rec["mask_sha256"]:
         raise InputImageError(path, f"changed since case {rec['case']}'s map was made with it: the evaluated pixels "
                                     "would not be the brain inference used", "restore it, or rerun condiff-infer "

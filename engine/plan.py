@@ -272,7 +272,10 @@ def select_shard(cases: Sequence[Case], index: int, count: int) -> list[Case]:
 def check_output_location(out_dir: str | os.PathLike, inputs: Sequence[str | os.PathLike],
                           excluded_folders: Sequence[str] = ()) -> None:
     """Refuse an output folder that is a file, or equal to / inside an input folder (unless inside
-    one of its ``excluded_folders``, which discovery skips: a BIDS dataset's ``derivatives``)."""
+    one of its ``excluded_folders``, which discovery skips: a BIDS dataset's ``derivatives``; at a
+    BIDS dataset's root, marked by its ``dataset_description.json``, discovery skips them in any layout)."""
+    from condiff.io.cases import BIDS_RESERVED_FOLDERS
+
     out = Path(os.path.realpath(out_dir))
     if out.exists() and not out.is_dir():
         raise OutputConflictError(out_dir, "exists and is not a folder", "give a folder for -o")
@@ -281,7 +284,9 @@ def check_output_location(out_dir: str | os.PathLike, inputs: Sequence[str | os.
         if not item_path.is_dir():
             continue
         root = Path(os.path.realpath(item_path))
-        if any(root / folder == out or root / folder in out.parents for folder in excluded_folders):
+        skipped = tuple(excluded_folders) + (BIDS_RESERVED_FOLDERS if (root / "dataset_description.json").is_file()
+                                             else ())
+        if any(root / folder == out or root / folder in out.parents for folder in skipped):
             continue
         if out == root or root in out.parents:
             raise OutputConflictError(out_dir, f"is inside the input folder {item}",

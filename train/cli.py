@@ -560,7 +560,9 @@ def _train_command(data: str, mask_pattern: str | None, modality: str, image_siz
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.option("--data", required=True, type=click.Path(file_okay=False), help="Folder of healthy scans (NIfTI) or photographs.")
 @click.option("--mask-pattern", default=None, callback=mask_pattern_option_check, help="Brain mask per volume, e.g. '{dir}/{stem}_brainmask.nii.gz' "
-              "({dir}, {stem}, {case}); with it everything outside the mask is background.")
+              "({dir}, {stem}, {base}, {case}, {casedir}, {root}, as condiff-infer --mask; e.g. a BIDS dataset's "
+              "'{root}/derivatives/fmriprep/{casedir}/{base}_desc-brain_mask.nii.gz'); with it everything outside "
+              "the mask is background.")
 @click.option("--modality", type=click.Choice(["auto", "mri", "rgb"]), default="auto", show_default=True,
               help="mri: NIfTI volumes cut into slices; rgb: photographs; auto: from the files found.")
 @click.option("--image-size", type=click.IntRange(16, 1024), default=128, show_default=True,

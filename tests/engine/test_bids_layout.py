@@ -127,3 +127,67 @@ def test_names_that_differ_only_in_letter_case_collide():
     with pytest.raises(ValueError, match="would both write"):
         check_cases([a, b])
     check_cases([a])
+
+
+def test_a_bids_datasets_own_folders_and_label_maps_are_never_inputs_in_any_layout(tmp_path, dataset):
+    """From a BIDS user's audit: the flat layout (and condiff-train) read derivatives/, sourcedata/, code/
+    of a dataset root, fMRIPrep _dseg/_probseg label maps were analysed as scans, --dry-run called the
+    reserved folders' files masks, and a T2w beside the T1w ran without a word."""
+    from condiff.io.cases import discover
+
+    img, _ = brain_like(seed=6)
+    write_nifti(dataset / "sourcedata" / "sub-01" / "raw_T1.nii.gz", img)
+    write_nifti(dataset / "code" / "template.nii.gz", img)
+    write_nifti(dataset / "sub-02" / "anat" / "sub-02_dseg.nii.gz", img)
+    write_nifti(dataset / "sub-02" / "anat" / "sub-02_label-GM_probseg.nii.gz", img)
+    write_nifti(dataset / "sub-02" / "anat" / "sub-02_T2w.nii.gz", img)
+    excluded = []
+    names = [c.name for c in discover([dataset], excluded=excluded)]
+    assert names == ["sub-01/ses-1/anat/sub-01_ses-1_T1w", "sub-02/anat/sub-02_T1w", "sub-02/anat/sub-02_T2w"]
+    assert {p.name for p in excluded} == {"sub-01_desc-x_T1w.nii.gz", "raw_T1.nii.gz", "template.nii.gz",
+                                          "sub-02_dseg.nii.gz", "sub-02_label-GM_probseg.nii.gz"}
+    # the same folder without dataset_description.json is no BIDS root: its folders are ordinary input
+    (dataset / "dataset_description.json").unlink()
+    assert "code/template" in [c.name for c in discover([dataset])]
+    (dataset / "dataset_description.json").write_text('{"Name": "test", "BIDSVersion": "1.9.0"}')
+
+    models = make_model_set(tmp_path / "set", n_members=1)
+    with one_torch_thread():
+        res = invoke_infer([dataset, "-o", tmp_path / "out", "--models", models, *FAST, "--dry-run"])
+    assert res.exit_code == 0, res.output + res.stderr
+    assert "template.nii.gz  (in a BIDS dataset's derivatives/, sourcedata/ or code/)" in res.output
+    assert "sub-02_dseg.nii.gz  (a mask or label map by its name)" in res.output
+    assert "2 file(s) excluded as masks or label maps, 3 file(s) in the dataset's derivatives/" in res.output
+    assert "several BIDS contrasts (T1w: 2, T2w: 1)" in res.stderr
+    # flat layout, OUT inside the dataset's derivatives/: allowed at a BIDS root, never read back
+    with one_torch_thread():
+        res = invoke_infer([dataset, "-o", dataset / "derivatives" / "flat", "--models", models, *FAST])
+    assert res.exit_code == 0 and "3 done" in res.output, res.output + res.stderr
+
+
+def test_a_root_placeholder_keeps_a_moved_datasets_mask_pattern_and_its_resume(tmp_path, dataset):
+    """A derivative-mask pattern that named the dataset's path made a moved dataset 'another method'
+    (exit 2, only --overwrite got out); with {root} the pattern names no path and the run resumes."""
+    import shutil
+
+    from condiff.io.cases import find_mask
+
+    for k, rel in enumerate(("sub-01/ses-1/anat/sub-01_ses-1", "sub-02/anat/sub-02")):
+        _, brain = brain_like(seed=k)
+        write_nifti(dataset / "derivatives" / "fmriprep" / f"{rel}_desc-brain_mask.nii.gz", brain.astype("uint8"))
+    pattern = "{root}/derivatives/fmriprep/{casedir}/{base}_desc-brain_mask.nii.gz"
+    case = Case(name="sub-02/anat/sub-02_T1w", path=dataset / "sub-02" / "anat" / "sub-02_T1w.nii.gz", kind="volume")
+    assert find_mask(case, pattern) == dataset / "derivatives" / "fmriprep" / "sub-02" / "anat" / "sub-02_desc-brain_mask.nii.gz"
+    direct = Case(name="sub-02_T1w", path=case.path, kind="volume")  # a file given directly: its folder
+    assert find_mask(direct, "{root}/{stem}.nii.gz") == case.path
+
+    models = make_model_set(tmp_path / "set", n_members=1)
+    with one_torch_thread():
+        res = invoke_infer([dataset, "-o", tmp_path / "out", "--models", models, *FAST, "--mask", pattern])
+        assert res.exit_code == 0 and "2 done" in res.output, res.output + res.stderr
+        moved = tmp_path / "moved"
+        shutil.move(dataset, moved)
+        res = invoke_infer([moved, "-o", tmp_path / "out", "--models", models, *FAST, "--mask", pattern])
+    assert res.exit_code == 0 and "0 done, 2 already done" in res.output, res.output + res.stderr
+    rec = json.loads((tmp_path / "out" / "records" / "sub-02" / "anat" / "sub-02_T1w.json").read_text())
+    assert rec["mask"].startswith(str(moved))  # the record follows the data, so condiff-eval finds the mask

@@ -656,3 +656,29 @@ def test_distinct_content_hashes_only_equal_sizes_and_keeps_the_first(tmp_path, 
     monkeypatch.setattr(tdata, "file_sha256", lambda p: hashed.append(Path(p).name) or real(p))
     assert [c.name for c in tdata.distinct_content(cases)] == ["a", "b", "d"]
     assert sorted(hashed) == ["a.nii.gz", "b.nii.gz", "c.nii.gz"]
+
+
+def test_a_bids_datasets_derivatives_sourcedata_and_code_are_not_trained_on(tmp_path):
+    """condiff-train read a BIDS root's derivatives/ (preprocessed copies, _dseg label maps as 'healthy
+    scans'), sourcedata/ and code/ (a template became a subject of its own)."""
+    import shutil
+
+    from _train_helpers import phantom_volume
+
+    data = tmp_path / "ds"
+    for i, sub in enumerate(("sub-01", "sub-02", "sub-03")):
+        (data / sub / "anat").mkdir(parents=True)
+        phantom_volume(data / sub / "anat" / f"{sub}_T1w.nii.gz", seed=i)
+    (data / "dataset_description.json").write_text('{"Name": "t", "BIDSVersion": "1.9.0"}')
+    prep = data / "derivatives" / "fmriprep" / "sub-01" / "anat"
+    prep.mkdir(parents=True)
+    shutil.copy(data / "sub-01" / "anat" / "sub-01_T1w.nii.gz", prep / "sub-01_desc-preproc_T1w.nii.gz")
+    phantom_volume(prep / "sub-01_dseg.nii.gz", seed=7)
+    (data / "code").mkdir()
+    phantom_volume(data / "code" / "template.nii.gz", seed=8)
+    out = tmp_path / "set"
+    code, output = _run(*_tiny(data, out), "--fold", 0, "--max-steps", 1, "--holdout", 1, "--val-start", 1)
+    assert code == 0, output
+    d = open_model_set(out).configs[0].trained["data"]
+    assert d["train"]["cases"] == ["sub-01/anat/sub-01_T1w", "sub-02/anat/sub-02_T1w"]
+    assert d["validation"]["cases"] == ["sub-03/anat/sub-03_T1w"] and "the same bytes" not in output

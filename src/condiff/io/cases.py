@@ -29,7 +29,10 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 # x_masks, x_seg-manual, IDRiD_01_EX.png), also as a folder name (lesion_masks/): a part that merely
 # starts with one (x_masked, patient_EXAM2) is a scan, and is warned about. Case-sensitive; every
 # excluded file is logged and reported.
-LABEL_WORDS = ("mask", "brainmask", "seg", "segmentation", "lesionmask", "EX", "dlmuse")
+LABEL_WORDS = ("mask", "brainmask", "seg", "segmentation", "lesionmask", "EX", "dlmuse", "dseg", "probseg")
+# A BIDS dataset's folders that never hold raw inputs (derivatives may hold preprocessed copies and label maps)
+BIDS_RESERVED_FOLDERS = ("derivatives", "sourcedata", "code")
+BIDS_EXCLUDE = tuple(f"{folder}/*" for folder in BIDS_RESERVED_FOLDERS)
 DEFAULT_EXCLUDE = tuple(p for w in LABEL_WORDS for v in (w, f"{w}s")
                         for p in (f"*_{v}.*", f"*_{v}_*", f"*_{v}-*", f"*_{v}[0-9]*", f"*_{v}/*"))
 _LOOKS_LIKE_A_LABEL = re.compile(r"(?:^|_)(?:brain|lesion)?(?:mask|seg)", re.IGNORECASE)
@@ -133,8 +136,11 @@ def discover(inputs: Iterable[str | os.PathLike], exclude_patterns: Iterable[str
         item = Path(item)
         if not item.exists():
             raise InputImageError(item, "input not found")
+        item_patterns = patterns
         if item.is_dir():
             candidates = [(p, p.relative_to(item).as_posix()) for p in _walk(item)]
+            if (item / "dataset_description.json").is_file():  # a BIDS dataset's root
+                item_patterns = patterns + tuple(p for p in BIDS_EXCLUDE if p not in patterns)
         else:
             stem, suffix = split_suffix(item.name)
             if suffix is None:
@@ -155,12 +161,12 @@ def discover(inputs: Iterable[str | os.PathLike], exclude_patterns: Iterable[str
                 else:
                     logger.info("%s: skipped (unsupported file type)", path)
                 continue
-            if item.is_dir() and _excluded(path.name, rel, patterns):
+            if item.is_dir() and _excluded(path.name, rel, item_patterns):
                 if _excluded(path.name, rel, DEFAULT_EXCLUDE):
                     logger.info("%s: skipped (a mask or label map by its name)", path)
-                else:  # a caller's own pattern, e.g. a BIDS dataset's derivatives/
+                else:  # a caller's own pattern, or a BIDS dataset's derivatives/, sourcedata/, code/
                     logger.info("%s: skipped (matches %s)", path,
-                                next(p for p in patterns if _excluded(path.name, rel, (p,))))
+                                next(p for p in item_patterns if _excluded(path.name, rel, (p,))))
                 if excluded is not None:
                     excluded.append(path)
                 continue
@@ -206,7 +212,7 @@ def _is_file(path: Path) -> bool:
         return False
 
 
-MASK_PLACEHOLDERS = ("dir", "stem", "base", "case", "casedir")
+MASK_PLACEHOLDERS = ("dir", "stem", "base", "case", "casedir", "root")
 
 
 def check_mask_pattern(pattern: str) -> str:
@@ -217,7 +223,7 @@ def check_mask_pattern(pattern: str) -> str:
     except (KeyError, IndexError, ValueError) as exc:
         what = f"unknown placeholder {exc}" if isinstance(exc, (KeyError, IndexError)) else f"malformed ({exc})"
         raise ValueError(f"mask pattern {pattern!r}: {what}; use {{dir}}, {{stem}}, {{base}}, {{case}}, "
-                         "{casedir}") from None
+                         "{casedir}, {root}") from None
     return pattern
 
 
@@ -228,9 +234,11 @@ def find_mask(case: Case, pattern: str, required: bool = True) -> Path | None:
     without extension(s) (``IXI132-T1`` for ``IXI132-T1.nii.gz``), ``{case}`` the case name
     (may contain ``/``), ``{casedir}`` the case name's folder part (``sub-01/anat`` for the case
     ``sub-01/anat/sub-01_T1w``; empty at the top), ``{base}`` the stem without its last ``_part``
-    (``pat1`` for ``pat1_t1c``; a BIDS name's entities, ``sub-01`` for ``sub-01_T1w``). Examples:
+    (``pat1`` for ``pat1_t1c``; a BIDS name's entities, ``sub-01`` for ``sub-01_T1w``), ``{root}`` the input
+    folder the case was found in (a file given directly: its folder). Examples:
     ``{dir}/{stem}_brainmask.nii.gz``; a BIDS derivative mask
-    ``ds/derivatives/fmriprep/{casedir}/{base}_desc-brain_mask.nii.gz``. A relative result is relative
+    ``{root}/derivatives/fmriprep/{casedir}/{base}_desc-brain_mask.nii.gz`` (with ``{root}`` the pattern
+    names no path, so a moved dataset keeps its method and resumes). A relative result is relative
     to the current folder. A missing file raises ``InputImageError`` (or returns None when
     ``required`` is False).
     """
@@ -238,10 +246,12 @@ def find_mask(case: Case, pattern: str, required: bool = True) -> Path | None:
     try:
         base = stem.rsplit("_", 1)[0]
         casedir = case.name.rsplit("/", 1)[0] if "/" in case.name else ""
-        mask = Path(pattern.format(dir=str(case.path.parent), stem=stem, base=base, case=case.name, casedir=casedir))
+        root = case.path.parents[case.name.count("/")]  # the name is the path below the input folder
+        mask = Path(pattern.format(dir=str(case.path.parent), stem=stem, base=base, case=case.name, casedir=casedir,
+                                   root=str(root)))
     except (KeyError, IndexError, ValueError) as exc:
         raise ValueError(f"mask pattern {pattern!r}: unknown placeholder {exc}; use {{dir}}, {{stem}}, {{base}}, "
-                         "{case}, {casedir}") from None
+                         "{case}, {casedir}, {root}") from None
     if not _is_file(mask):
         if not required:
             return None
@@ -249,5 +259,5 @@ def find_mask(case: Case, pattern: str, required: bool = True) -> Path | None:
     return mask
 
 
-__all__ = ["Case", "discover", "find_mask", "check_mask_pattern", "MASK_PLACEHOLDERS", "split_suffix", "DEFAULT_EXCLUDE", "LABEL_WORDS", "VOLUME_SUFFIXES", "IMAGE_SUFFIXES",
+__all__ = ["Case", "discover", "find_mask", "check_mask_pattern", "MASK_PLACEHOLDERS", "BIDS_RESERVED_FOLDERS", "BIDS_EXCLUDE", "split_suffix", "DEFAULT_EXCLUDE", "LABEL_WORDS", "VOLUME_SUFFIXES", "IMAGE_SUFFIXES",
            "DCM2NIIX_RECIPE", "DICOM_HINT"]
