@@ -63,7 +63,7 @@ def test_bids_run_writes_a_derivative_dataset_with_the_flat_runs_bytes(tmp_path,
         assert "masks or label maps" not in res.output
         log = (out / "condiff.log").read_text()
         assert "sub-01_desc-x_T1w.nii.gz: skipped (matches derivatives/*)" in log and "a mask or label map" not in log
-        # the flat layout has no notion of derivatives/: give it the subjects' folders
+        # the flat layout, given the subjects' folders, writes the same bytes
         flat = invoke_infer([dataset / "sub-01", dataset / "sub-02", "-o", tmp_path / "flat", "--models", models, *FAST])
         assert flat.exit_code == 0, flat.output
     for flat_name, bids_name in (("ses-1/anat/sub-01_ses-1_T1w", "sub-01/ses-1/anat/sub-01_ses-1_desc-{}_T1w"),
