@@ -229,6 +229,14 @@ def clean_orphans(out_dir: Path, dead_writers_only: bool = False) -> int:
         pid = temp_writer_pid(path.name)
         return pid is not None and process_exited(pid)
 
+    def remove(path: Path) -> int:
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as exc:  # not ours to remove (another user's folder): leave it, say so
+            logger.warning("%s: could not remove a temporary file left by an interrupted run (%s)", path, exc.strerror)
+            return 0
+        return 1
+
     n = 0
     owned = [out_dir / folder for folder in OUTPUT_FOLDERS] + sorted(out_dir.glob("sub-*"))  # sub-*: --layout bids
     shared = [out_dir / "eval-overlays"]
@@ -238,12 +246,10 @@ def clean_orphans(out_dir: Path, dead_writers_only: bool = False) -> int:
         for p in root.rglob(".*.tmp"):
             if (dead_writers_only or root in shared) and not writer_gone(p):
                 continue
-            p.unlink(missing_ok=True)
-            n += 1
+            n += remove(p)
     for p in out_dir.glob(".*.tmp"):
         if writer_gone(p):
-            p.unlink(missing_ok=True)
-            n += 1
+            n += remove(p)
     if n:
         logger.info("removed %d temporary files left by an interrupted run", n)
     return n
