@@ -164,3 +164,18 @@ def test_a_lock_naming_this_process_which_does_not_hold_it_is_stale(tmp_path, ca
             with pytest.raises(OutputConflictError, match="locked by another condiff run"):
                 OutputLock(tmp_path).check()
     assert "is this process, which never took it" in caplog.text
+
+
+def test_a_killed_dry_runs_probe_folder_is_removed_by_the_next(tmp_path):
+    """--dry-run proves OUT creatable with a folder made and removed at once; a kill in between left it."""
+    from condiff.io.atomic import probe_creatable
+
+    dead = tmp_path / f".condiff-probe-{_dead_pid()}-abcd1234"
+    live = tmp_path / f".condiff-probe-{os.getppid()}-abcd1234"
+    foreign = tmp_path / f".condiff-probe-{_dead_pid()}-full"
+    for folder in (dead, live, foreign):
+        folder.mkdir()
+    (foreign / "kept.txt").write_text("not a probe's")
+    probe_creatable(tmp_path / "out")
+    assert not dead.exists() and live.exists() and (foreign / "kept.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, foreign.name])

@@ -222,10 +222,19 @@ def probe_creatable(out_dir: str | os.PathLike) -> None:
 
     from condiff.errors import OutputConflictError
 
+    from condiff.io.lock import process_exited
+
     check_creatable(out_dir)
     where = nearest_existing(out_dir)
+    for old in Path(where).glob(".condiff-probe-*-*"):  # a dry run killed between the two calls below
+        m = re.fullmatch(r"\.condiff-probe-([1-9][0-9]{0,9})-.+", old.name)
+        if m and old.is_dir() and not old.is_symlink() and process_exited(int(m.group(1))):
+            try:
+                old.rmdir()  # empty by construction; anything else is not ours and stays
+            except OSError:
+                pass
     try:
-        os.rmdir(tempfile.mkdtemp(prefix=".condiff-probe-", dir=where))
+        os.rmdir(tempfile.mkdtemp(prefix=f".condiff-probe-{os.getpid()}-", dir=where))
     except OSError as exc:
         problem = ("is not writable" if where == Path(os.path.abspath(out_dir))
                    else "cannot create the output folder")
