@@ -8,6 +8,29 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
+def fails_instead_of_hanging():
+    """``with fails_instead_of_hanging(seconds):`` raises AssertionError when the block runs longer (SIGALRM
+    interrupts a blocking open() of a FIFO), so a broken guard fails its test instead of stopping the suite."""
+    import contextlib
+    import signal
+
+    @contextlib.contextmanager
+    def guard(seconds: int = 20):
+        def hung(signum, frame):
+            raise AssertionError(f"still running after {seconds} s: it would hang")
+
+        before = signal.signal(signal.SIGALRM, hung)
+        signal.alarm(seconds)
+        try:
+            yield
+        finally:
+            signal.alarm(0)
+            signal.signal(signal.SIGALRM, before)
+
+    return guard
+
+
+@pytest.fixture
 def shared_data() -> Path:
     """The project's data kit (../shared/data); tests that need it skip where it is absent (whole, or
     the parts a test reads: a partial kit skips those tests instead of erroring)."""

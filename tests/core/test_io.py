@@ -974,17 +974,18 @@ def test_atomic_temp_names_stay_within_name_max_and_json_holds_undecodable_names
     assert (tmp_path / "t.csv").read_text(encoding="utf-8") == "case\nm_bad_\\udcff\n"
 
 
-def test_non_regular_files_are_refused_without_being_opened(tmp_path):
+def test_non_regular_files_are_refused_without_being_opened(tmp_path, fails_instead_of_hanging):
     """A FIFO would wait for a writer forever and /dev/zero never ends: both are named, never read."""
     os.mkfifo(tmp_path / "pipe.nii.gz")
     os.symlink("/dev/zero", tmp_path / "zero.png")
-    with pytest.raises(InputImageError, match=r"pipe\.nii\.gz: is not a regular file \(a FIFO, device or socket\)"):
-        volumes.read_volume(tmp_path / "pipe.nii.gz")
-    with pytest.raises(InputImageError, match=r"zero\.png: is not a regular file \(a FIFO, device or socket\)"):
-        images.read_image(tmp_path / "zero.png")
-    os.mkfifo(tmp_path / "IM0001")  # an extension-less file is sniffed for DICOM: a FIFO is not opened for it
-    (tmp_path / "scan.nii.gz").write_bytes(b"x")
-    assert [c.name for c in cases.discover([tmp_path])] == ["pipe", "scan", "zero"]
+    with fails_instead_of_hanging(20):
+        with pytest.raises(InputImageError, match=r"pipe\.nii\.gz: is not a regular file \(a FIFO, device or socket\)"):
+            volumes.read_volume(tmp_path / "pipe.nii.gz")
+        with pytest.raises(InputImageError, match=r"zero\.png: is not a regular file \(a FIFO, device or socket\)"):
+            images.read_image(tmp_path / "zero.png")
+        os.mkfifo(tmp_path / "IM0001")  # an extension-less file is sniffed for DICOM: a FIFO is not opened for it
+        (tmp_path / "scan.nii.gz").write_bytes(b"x")
+        assert [c.name for c in cases.discover([tmp_path])] == ["pipe", "scan", "zero"]
 
 
 def test_a_mask_probe_name_too_long_to_exist_is_no_mask(tmp_path):
