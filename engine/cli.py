@@ -540,10 +540,13 @@ def _dry_run(cases, ctx, n_all: int, shard_t, excluded=()) -> int:
 def _in_reserved_folder(path) -> bool:
     """A file left out because it lies in a BIDS dataset's derivatives/, sourcedata/ or code/ (a folder of
     that name beside the dataset's ``dataset_description.json``)."""
-    from condiff.io.cases import BIDS_RESERVED_FOLDERS
+    from condiff.io.cases import BIDS_RESERVED_FOLDERS, DEFAULT_EXCLUDE, _excluded
 
+    path = Path(path)
+    if _excluded(path.name, "/".join(path.parts[-4:]), DEFAULT_EXCLUDE):  # left out by its name wherever it lies
+        return False
     return any(a.name in BIDS_RESERVED_FOLDERS and (a.parent / "dataset_description.json").is_file()
-               for a in Path(path).parents)
+               for a in path.parents)
 
 
 def _merge(out_dir: Path) -> int:
@@ -569,16 +572,10 @@ def unfinished_run_locks(out_dir: Path) -> list[str]:
     missing until it is rerun), a live one a run writing there now."""
     from condiff.io.lock import lock_holders
 
-    lines = []
-    for name, holder, stale in lock_holders(out_dir):
-        who = "a whole-folder run" if name == ".condiff.lock" else f"shard {name.rsplit('.', 1)[-1].replace('-of-', '/')}"
-        if stale:
-            lines.append(f"{out_dir / name}: {who} of condiff-infer was killed before it finished ({holder or 'empty lock'}); "
-                         f"the cases it did not finish are missing: rerun the same condiff-infer command to finish them")
-        else:
-            lines.append(f"{out_dir / name}: {who} of condiff-infer is writing to this folder now ({holder or 'unknown'}); "
-                         "its unfinished cases are missing until it ends")
-    return lines
+    from .evaluate import unfinished_lock_text
+
+    return [f"{out_dir / name}: {unfinished_lock_text(out_dir, name, holder, state, 'from the tables')}"
+            for name, holder, state in lock_holders(out_dir)]
 
 
 # ----------------------------------------------------------------------------------------- eval

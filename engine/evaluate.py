@@ -462,15 +462,24 @@ def _unfinished_runs(out_dir: Path) -> list[tuple[str, str]]:
     from condiff.io.lock import lock_holders
 
     # a run killed by SIGKILL (out of memory, a node lost) writes no run.json: its lock stays behind
-    for name, holder, stale in lock_holders(out_dir):
-        who = "a whole-folder run" if name == ".condiff.lock" else f"shard {name.rsplit('.', 1)[-1].replace('-of-', '/')}"
-        notes.append((name, f"{who} of condiff-infer was killed before it finished ({holder or 'an empty lock'} is not "
-                            "running): the cases it did not finish are missing from these metrics; rerun the same "
-                            "condiff-infer command to finish them" if stale else
-                            f"{who} of condiff-infer is writing to this folder now ({holder or 'unknown'}): its "
-                            "unfinished cases are missing from these metrics; evaluate after it ends"))
+    for name, holder, state in lock_holders(out_dir):
+        notes.append((name, unfinished_lock_text(out_dir, name, holder, state, "from these metrics")))
     return [(what, why + (" (rerun condiff-infer to finish them)" if what.startswith("run") else ""))
             for what, why in notes]
+
+
+def unfinished_lock_text(out_dir: Path, name: str, holder: str, state: str, where: str) -> str:
+    """What a run lock left in an output folder means (``io.lock.lock_holders``' state), in words."""
+    who = "a whole-folder run" if name == ".condiff.lock" else f"shard {name.rsplit('.', 1)[-1].replace('-of-', '/')}"
+    if state == "stale":
+        return (f"{who} of condiff-infer was killed before it finished ({holder or 'an empty lock'} is not running): "
+                f"the cases it did not finish are missing {where}; rerun the same condiff-infer command to finish them")
+    if state == "live":
+        return (f"{who} of condiff-infer is writing to this folder now ({holder or 'unknown'}): its unfinished cases "
+                f"are missing {where} until it ends")
+    return (f"{who} of condiff-infer holds this folder from another host or container ({holder or 'unreadable lock'}), "
+            f"running or lost: its unfinished cases are missing {where}; if no run is active there, rerun its "
+            f"command (or delete {out_dir / name})")
 
 
 def kept_slices(rec: dict[str, Any], slices: np.ndarray) -> np.ndarray:

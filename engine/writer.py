@@ -12,6 +12,7 @@ import csv
 import io
 import logging
 import os
+import time
 import zipfile
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterable
@@ -216,18 +217,29 @@ def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
     return buf.getvalue()
 
 
+TEMP_GRACE_S = 600.0  # a temporary file younger than this may belong to a live writer on another node
+
+
 def clean_orphans(out_dir: Path, dead_writers_only: bool = False) -> int:
     """Remove temporary files a killed run left in the output folder. A whole-folder run, which holds the
     folder alone, removes every one in the case output folders; elsewhere (the folder's top level and
     ``eval-overlays/``, which condiff-eval writes without a lock) and with ``dead_writers_only`` (a shard,
-    ``--merge``, condiff-eval: other runs may be writing) only those whose writer process has exited.
-    Returns how many were removed."""
-    from condiff.io.atomic import temp_writer_pid
+    ``--merge``, condiff-eval: other runs may be writing) only those whose writer process has exited and
+    that are older than ``TEMP_GRACE_S``. Returns how many were removed."""
+    import re
+
+    from condiff.io.atomic import TEMP_NAME, temp_writer_pid
     from condiff.io.lock import process_exited
 
     def writer_gone(path: Path) -> bool:
+        # the name's pid is checked on this host only, and another node may write the same folder: a file
+        # also has to be older than any write takes (an interrupted run's leftovers are removed later)
         pid = temp_writer_pid(path.name)
-        return pid is not None and process_exited(pid)
+        try:
+            old = time.time() - path.stat().st_mtime > TEMP_GRACE_S
+        except OSError:
+            return False
+        return pid is not None and old and process_exited(pid)
 
     def remove(path: Path) -> int:
         try:
@@ -248,7 +260,9 @@ def clean_orphans(out_dir: Path, dead_writers_only: bool = False) -> int:
                 continue
             n += remove(p)
     for p in out_dir.glob(".*.tmp"):
-        if writer_gone(p):
+        m = TEMP_NAME.fullmatch(p.name)
+        tables = m is not None and re.fullmatch(r"cases\.csv|scores\.csv|run(?:\.\d+-of-\d+)?\.json", m.group("final"))
+        if (tables and not dead_writers_only) or writer_gone(p):  # the tables are a whole-folder run's alone
             n += remove(p)
     if n:
         logger.info("removed %d temporary files left by an interrupted run", n)

@@ -254,10 +254,12 @@ def _check_existing_members(out: Path, fold_list, unet_cfg, preprocessing: dict)
                                     "choose another -o folder for this run")
 
 
-def _check_fold_checkpoints(out: Path, fold_list, resume: bool, contract: dict, data_split: dict) -> None:
+def _check_fold_checkpoints(out: Path, fold_list, resume: bool, contract: dict, data_split: dict,
+                            copies: list[str] = ()) -> None:
     """Before any fold trains: a fold with checkpoints needs --resume, and with --resume the newest
     checkpoint's contract and training/validation subjects must be this run's (``check_resume_state``;
-    ``Trainer.load`` checks again the checkpoint it actually reads)."""
+    ``Trainer.load`` checks again the checkpoint it actually reads). ``copies``: byte copies this run
+    dropped; a run that trained on them (started before condiff dropped copies) resumes with --keep-copies."""
     from condiff.train import checkpoint as ckpt
     from condiff.train.loop import check_resume_state
 
@@ -274,7 +276,15 @@ def _check_fold_checkpoints(out: Path, fold_list, resume: bool, contract: dict, 
         except (OSError, ValueError):
             continue  # damaged: the fold's resume reports it and falls back to an older checkpoint
         if isinstance(state, dict):
-            check_resume_state(latest, state, contract, data_split)
+            try:
+                check_resume_state(latest, state, contract, data_split)
+            except TrainingDataError as exc:
+                if not copies:
+                    raise
+                raise TrainingDataError(exc.path, exc.problem + f"; this run drops byte-identical copies of other "
+                                        f"scans ({', '.join(copies[:5])}{', ...' if len(copies) > 5 else ''})",
+                                        "a run that trained on them (started before condiff dropped copies) "
+                                        "resumes with --keep-copies") from exc
 
 
 def _created_top(path: Path) -> Path | None:
@@ -328,7 +338,9 @@ def train_command(**kw) -> int:
                        " ".join(kw["val_hooks"]))
     # The data folder and --holdout against its subjects, before OUT is made (the last check after the
     # scans are read, in SliceSet.split_holdout, catches scans that give no slice).
-    kw["listed_cases"] = tdata.list_cases(kw["data"])  # listed once: its warnings are printed once
+    kw["copies"] = []
+    kw["listed_cases"] = tdata.list_cases(kw["data"], keep_copies=kw.get("keep_copies", False),
+                                          copies=kw["copies"])  # listed once: its warnings are printed once
     subjects = tdata.case_subjects(kw["listed_cases"])
     if kw["holdout"] >= len(subjects):
         raise TrainingDataError(kw["data"], f"holding out {kw['holdout']} of {len(subjects)} subjects leaves none "
@@ -363,7 +375,8 @@ def _train_command(data: str, mask_pattern: str | None, modality: str, image_siz
                   patience: int, recipe: str, lr: float | None, mask_weight: float | None, p_no_task: float | None,
                   size_curriculum: str | None, workers: int | None, cache_dir: str | None, log_every: int, val_hooks: tuple[str, ...],
                   weights_dtype: str, progress: bool, landmarks: bool = False, lr_anneal: str | None = None,
-                  run: dict | None = None, listed_cases: list | None = None) -> int:
+                  run: dict | None = None, listed_cases: list | None = None, keep_copies: bool = False,
+                  copies: list | None = None) -> int:
     """The training itself, under the lock ``train_command`` holds."""
     import numpy as np
     import torch
@@ -396,7 +409,10 @@ def _train_command(data: str, mask_pattern: str | None, modality: str, image_siz
         # The tasks run on the CPU (~5-30 ms a sample); a fast GPU step at batch 64 needs most cores.
         workers = min(16, max(0, (os.cpu_count() or 1) // max(1, info.world_size) - 1))
 
-    cases = tdata.list_cases(data) if listed_cases is None else listed_cases
+    if listed_cases is None:
+        copies = []
+        listed_cases = tdata.list_cases(data, keep_copies=keep_copies, copies=copies)
+    cases = listed_cases
     if modality == "auto":
         modality = tdata.detect_modality(cases, data)
     if modality == "mri":
@@ -442,7 +458,7 @@ def _train_command(data: str, mask_pattern: str | None, modality: str, image_siz
     data_split = {"train": train_slices.subjects, "validation": [] if val_slices is None else val_slices.subjects}
     if info.is_main:
         _check_existing_members(out, fold_list, unet_cfg, pre.to_dict())
-    _check_fold_checkpoints(out, fold_list, resume, contract, data_split)
+    _check_fold_checkpoints(out, fold_list, resume, contract, data_split, copies or [])
     version = code_version()
     stop = _StopFlag()
     members, summary = [], []
@@ -596,6 +612,10 @@ def _train_command(data: str, mask_pattern: str | None, modality: str, image_siz
               help="auto: bf16 autocast on CUDA, fp32 on the CPU; fp16 uses a GradScaler.")
 @click.option("--seed", type=int, default=42, show_default=True,
               help="Seeds weights, data order and synthetic anomalies (each fold its own stream).")
+@click.option("--keep-copies", is_flag=True,
+              help="Train on byte-identical copies of a scan as separate cases (by default each is trained on once, "
+                   "with a warning: a copy held out would validate on training data). For resuming runs started "
+                   "before copies were dropped.")
 @click.option("--holdout", type=click.IntRange(min=0), default=2, show_default=True,
               help="Last N subjects held out for validation, each with all its files (a subject: a BIDS sub-<label>, "
                    "else one file; 0: no validation, final EMA weights exported). A resume keeps the split.")

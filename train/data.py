@@ -137,9 +137,12 @@ def detect_modality(cases: Sequence[Case], folder: str | Path) -> str:
     return "mri" if kinds == {"volume"} else "rgb"
 
 
-def list_cases(folder: str | Path, exclude: Sequence[str] = DEFAULT_EXCLUDE, option: str = "--data") -> list[Case]:
-    """Input files of a training folder (recursive, sorted), masks and label maps excluded; ``option``
-    names the command-line option the folder came from in messages."""
+def list_cases(folder: str | Path, exclude: Sequence[str] = DEFAULT_EXCLUDE, option: str = "--data",
+               keep_copies: bool = False, copies: list[str] | None = None) -> list[Case]:
+    """Input files of a training folder (recursive, sorted), masks and label maps excluded, byte-identical
+    copies of an earlier file dropped (``distinct_content``; ``keep_copies``: kept, as condiff did before;
+    ``copies``, when given, receives the dropped case names); ``option`` names the command-line option the
+    folder came from in messages."""
     folder = Path(folder)
     if not folder.is_dir():
         raise TrainingDataError(folder, "is not a folder", f"give {option} a folder of NIfTI volumes or photographs")
@@ -149,7 +152,13 @@ def list_cases(folder: str | Path, exclude: Sequence[str] = DEFAULT_EXCLUDE, opt
         looked = ", ".join(VOLUME_SUFFIXES + IMAGE_SUFFIXES)
         raise TrainingDataError(folder, f"no training images found (looked for {looked}; masks excluded)",
                                 f"give {option} a folder of healthy scans or photographs") from exc
-    return distinct_content(cases)
+    if keep_copies:
+        return cases
+    kept = distinct_content(cases)
+    if copies is not None:
+        names = {c.name for c in kept}
+        copies.extend(c.name for c in cases if c.name not in names)
+    return kept
 
 
 def distinct_content(cases: Sequence[Case]) -> list[Case]:
@@ -157,9 +166,16 @@ def distinct_content(cases: Sequence[Case]) -> list[Case]:
     about). A copy under another name is another subject, so it could be held out for validation while
     its original trains, and a healing metric measured on it would be measured on training data. Only
     files of equal size are hashed."""
+    import stat
+
     by_size: dict[int, list[Case]] = {}
     for case in cases:
-        by_size.setdefault(case.path.stat().st_size, []).append(case)
+        try:
+            st = case.path.stat()
+        except OSError:  # a dangling link: its reader names it
+            continue
+        if stat.S_ISREG(st.st_mode):  # a FIFO (size 0) would be opened and wait forever; its reader names it
+            by_size.setdefault(st.st_size, []).append(case)
     copies: set[str] = set()
     for group in by_size.values():
         if len(group) < 2:

@@ -158,6 +158,15 @@ def test_a_bids_datasets_own_folders_and_label_maps_are_never_inputs_in_any_layo
     assert "template.nii.gz  (in a BIDS dataset's derivatives/, sourcedata/ or code/)" in res.output
     assert "sub-02_dseg.nii.gz  (a mask or label map by its name)" in res.output
     assert "2 file(s) excluded as masks or label maps, 3 file(s) in the dataset's derivatives/" in res.output
+    # a mask inside a derivative dataset given as the input is a mask by its name, not a reserved-folder file
+    _, brain = brain_like(seed=1)
+    prep = dataset / "derivatives" / "prep"
+    write_nifti(prep / "sub-01" / "anat" / "sub-01_T1w.nii.gz", img)
+    write_nifti(prep / "sub-01" / "anat" / "sub-01_desc-brain_mask.nii.gz", brain.astype("uint8"))
+    with one_torch_thread():
+        res2 = invoke_infer([prep, "-o", tmp_path / "out2", "--models", models, *FAST, "--dry-run"])
+    assert "sub-01_desc-brain_mask.nii.gz  (a mask or label map by its name)" in res2.output, res2.output
+    assert "in the dataset's derivatives/" not in res2.output
     assert "several BIDS contrasts (T1w: 2, T2w: 1)" in res.stderr
     # flat layout, OUT inside the dataset's derivatives/: allowed at a BIDS root, never read back
     with one_torch_thread():

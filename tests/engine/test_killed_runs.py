@@ -105,24 +105,32 @@ def test_shards_merge_and_eval_remove_dead_writers_temporary_files_only(killed, 
     out = tmp_path / "out"
     shutil.copytree(ref, out)
     dead, live = _dead_pid(), os.getppid()
+    # True: removed; a dead pid's file younger than the grace may be a live writer's on another node
     leftovers = {out / "restorations" / f".case1.nii.gz.{dead}.0123abcd.tmp": True,
                  out / "maps" / f".case2.nii.gz.{live}.0123abcd.tmp": False,
                  out / f".cases.csv.{dead}.89abcdef.tmp": True,
                  out / "eval-overlays" / f".case0.png.{dead}.0123abcd.tmp": True,
-                 out / "eval-overlays" / f".case1.png.{live}.0123abcd.tmp": False}
-    for path in leftovers:
-        path.parent.mkdir(exist_ok=True)
-        path.write_bytes(b"partial")
+                 out / "eval-overlays" / f".case1.png.{live}.0123abcd.tmp": False,
+                 out / "maps" / f".case0.nii.gz.{dead}.fedcba98.tmp": False,
+                 out / f".metrics-native.json.{dead}.fedcba98.tmp": False}
+
+    def leave(paths):
+        for path in paths:
+            path.parent.mkdir(exist_ok=True)
+            path.write_bytes(b"partial")
+            if "fedcba98" not in path.name:
+                old = time.time() - 3600
+                os.utime(path, (old, old))
+
+    leave(leftovers)
     res = invoke_infer([scans, "-o", out, "--models", models, *FAST, "--shard", "1/2"])
     assert res.exit_code == 0, res.output + res.stderr
     assert {p: p.exists() for p in leftovers} == {p: not gone for p, gone in leftovers.items()}
-    for path in leftovers:  # again, for --merge and for condiff-eval
-        path.write_bytes(b"partial")
+    leave(leftovers)  # again, for --merge and for condiff-eval
     assert CliRunner().invoke(infer_main, ["--merge", str(out)]).exit_code == 0
     assert {p: p.exists() for p in leftovers} == {p: not gone for p, gone in leftovers.items()}
     assert invoke_infer([scans, "-o", out, "--models", models, *FAST, "--shard", "0/2"]).exit_code == 0
-    for path in leftovers:
-        path.write_bytes(b"partial")
+    leave(leftovers)
     res = CliRunner().invoke(eval_main, [str(out), "--masks", "{dir}/{stem}_seg.nii.gz", "--no-overlays"])
     assert res.exit_code == 0, res.output
     assert {p: p.exists() for p in leftovers} == {p: not gone for p, gone in leftovers.items()}
@@ -153,17 +161,64 @@ def test_an_empty_lock_is_stale_once_older_than_its_grace(tmp_path, caplog):
     assert "removing a stale lock (it is empty: its run was killed while taking it)" in caplog.text
 
 
-def test_a_lock_naming_this_process_which_does_not_hold_it_is_stale(tmp_path, caplog):
-    """A container restarted after an OOM kill runs condiff as pid 1 again, on the same host name: the
-    lock its killed predecessor left names the new run's own pid, and was taken for a live run."""
-    (tmp_path / ".condiff.lock").write_text(_holder(os.getpid()))
+def test_a_lock_naming_this_process_is_stale_only_within_this_pid_namespace(tmp_path, caplog):
+    """A lock naming the new run's own pid was taken for a live run. It is stale when it records this pid
+    namespace (no other process there can have this pid); a lock of another container sharing the host
+    name (host networking: both condiff as pid 1) must never be taken over, nor an older lock without
+    a namespace, which may be one."""
+    from condiff.io.lock import _pid_namespace
+
+    ns = _pid_namespace()
+    if ns is None:
+        pytest.skip("no /proc/self/ns/pid on this system")
+    lock_file = tmp_path / ".condiff.lock"
+    lock_file.write_text(_holder(os.getpid()) + f"pidns {ns}\n")
     with caplog.at_level("WARNING", logger="condiff.io.lock"):
         with OutputLock(tmp_path) as lock:
-            assert lock.held
+            assert lock.held and f"pidns {ns}" in lock_file.read_text()
             # while this process holds it, it is not stale for anyone in this process either
             with pytest.raises(OutputConflictError, match="locked by another condiff run"):
                 OutputLock(tmp_path).check()
     assert "is this process, which never took it" in caplog.text
+    for other in (_holder(os.getpid()), _holder(os.getpid()) + "pidns pid:[1]\n", _holder(_dead_pid()) + "pidns pid:[1]\n"):
+        lock_file.write_text(other)  # no namespace recorded, or another container's: held
+        with pytest.raises(OutputConflictError, match="locked by another condiff run"):
+            OutputLock(tmp_path).acquire()
+        assert lock_file.read_text() == other
+
+
+def test_eval_says_a_lock_of_another_host_may_be_running_or_lost(killed, tmp_path):
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(killed[3], out)
+    (out / ".condiff.lock").write_text("host another-node pid 4242\n")
+    res = CliRunner().invoke(eval_main, [str(out), "--masks", "{dir}/{stem}_seg.nii.gz", "--no-overlays"])
+    assert res.exit_code == 1 and "holds this folder from another host or container" in res.output
+    assert f"delete {out / '.condiff.lock'}" in res.output
+
+
+def test_an_empty_lock_taken_over_by_another_run_meanwhile_is_not_removed(tmp_path, monkeypatch):
+    """Two empty locks read alike: between this run's staleness check and its removal another run may
+    have replaced the stale lock with its own, not yet written; the file's identity tells them apart."""
+    from condiff.io import lock as lockmod
+
+    lock_file = tmp_path / ".condiff.lock"
+    lock_file.write_text("")
+    old = time.time() - EMPTY_LOCK_GRACE_S - 5
+    os.utime(lock_file, (old, old))
+    real = lockmod._stale
+
+    def rival_takes_it_meanwhile(content, path):
+        verdict = real(content, path)
+        path.unlink()
+        path.write_text("")  # the rival's fresh lock, still empty
+        return verdict
+
+    monkeypatch.setattr(lockmod, "_stale", rival_takes_it_meanwhile)
+    with pytest.raises(OutputConflictError, match="locked by another condiff run"):
+        OutputLock(tmp_path).acquire()
+    assert lock_file.exists() and lock_file.read_text() == ""
 
 
 def test_a_killed_dry_runs_probe_folder_is_removed_by_the_next(tmp_path):
@@ -173,9 +228,27 @@ def test_a_killed_dry_runs_probe_folder_is_removed_by_the_next(tmp_path):
     dead = tmp_path / f".condiff-probe-{_dead_pid()}-abcd1234"
     live = tmp_path / f".condiff-probe-{os.getppid()}-abcd1234"
     foreign = tmp_path / f".condiff-probe-{_dead_pid()}-full"
-    for folder in (dead, live, foreign):
+    fresh = tmp_path / f".condiff-probe-{_dead_pid()}-fresh"  # maybe another node's probe, in progress
+    for folder in (dead, live, foreign, fresh):
         folder.mkdir()
     (foreign / "kept.txt").write_text("not a probe's")
+    for folder in (dead, live, foreign):
+        os.utime(folder, (time.time() - 3600,) * 2)
     probe_creatable(tmp_path / "out")
     assert not dead.exists() and live.exists() and (foreign / "kept.txt").exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, foreign.name])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, foreign.name, fresh.name])
+
+
+def test_a_whole_folder_run_removes_a_killed_runs_fresh_table_temporaries_at_once(killed, tmp_path):
+    """The tables are a whole-folder run's alone: a killed run's fresh .cases.csv temporary goes at once,
+    while a fresh metrics temporary (condiff-eval, maybe on another node) waits for the grace."""
+    import shutil
+
+    models, scans, ref, _ = killed
+    out = tmp_path / "out"
+    shutil.copytree(ref, out)
+    table, metrics = out / f".cases.csv.{_dead_pid()}.0123abcd.tmp", out / f".metrics-native.csv.{_dead_pid()}.0123abcd.tmp"
+    for path in (table, metrics):
+        path.write_bytes(b"partial")
+    assert invoke_infer([scans, "-o", out, "--models", models, *FAST]).exit_code == 0
+    assert not table.exists() and metrics.exists()

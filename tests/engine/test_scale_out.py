@@ -217,8 +217,9 @@ def test_shard_lock_refuses_a_live_shard_of_another_method(tmp_path):
         lock = OutputLock(tmp_path, (0, 2), method=_method())
         lock.check()
         with lock:
-            holder, method = lock.path.read_text().splitlines()
+            holder, *middle, method = lock.path.read_text().splitlines()
             assert holder == f"host {socket.gethostname()} pid {os.getpid()}"
+            assert all(line.startswith("pidns ") for line in middle)
             assert json.loads(method[len("method "):]) == _method()
         assert other.read_text() == text
     # a stale shard lock of another method blocks nothing

@@ -682,3 +682,42 @@ def test_a_bids_datasets_derivatives_sourcedata_and_code_are_not_trained_on(tmp_
     d = open_model_set(out).configs[0].trained["data"]
     assert d["train"]["cases"] == ["sub-01/anat/sub-01_T1w", "sub-02/anat/sub-02_T1w"]
     assert d["validation"]["cases"] == ["sub-03/anat/sub-03_T1w"] and "the same bytes" not in output
+
+
+def test_a_run_that_trained_on_copies_resumes_with_keep_copies_and_says_so(tmp_path):
+    """A run started before copies were dropped (as --keep-copies trains) could not resume: its split held
+    the copy, and the message called the copy 'no longer in the data'."""
+    import shutil
+
+    from _train_helpers import phantom_volume
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(3):
+        phantom_volume(data / f"subj{i}.nii.gz", seed=i)
+    shutil.copy(data / "subj1.nii.gz", data / "subj1b.nii.gz")
+    out = tmp_path / "set"
+    base = _tiny(data, out, None, "--fold", 0, "--val-start", 100, "--checkpoint-every", 1, "--holdout", 1)
+    code, output = _run(*base, "--max-steps", 1, "--keep-copies")
+    assert code == 0 and "the same bytes" not in output, output
+    assert open_model_set(out).configs[0].trained["data"]["train"]["cases"] == ["subj0", "subj1", "subj1b"]
+    code, output = _run(*base, "--max-steps", 2, "--resume")
+    assert code == 2 and "drops byte-identical copies of other scans (subj1b)" in output, output
+    assert "resumes with --keep-copies" in output
+    code, output = _run(*base, "--max-steps", 2, "--resume", "--keep-copies")
+    assert code == 0, output
+
+
+def test_listing_training_data_never_opens_a_fifo(tmp_path, fails_instead_of_hanging):
+    """Files are grouped by size before hashing: a FIFO (size 0) beside an empty file was opened and waited
+    for a writer forever; the reader names it later."""
+    import os
+
+    from condiff.train import data as tdata
+
+    (tmp_path / "empty.nii.gz").write_bytes(b"")
+    os.mkfifo(tmp_path / "zz_fifo.nii.gz")
+    (tmp_path / "dangling.nii.gz").symlink_to(tmp_path / "gone.nii.gz")
+    with fails_instead_of_hanging(20):
+        names = [c.name for c in tdata.list_cases(tmp_path)]
+    assert names == ["dangling", "empty", "zz_fifo"]

@@ -15,6 +15,7 @@ import os
 import re
 import secrets
 import stat
+import time
 from pathlib import Path
 from typing import IO, Any, Iterator
 
@@ -228,7 +229,8 @@ def probe_creatable(out_dir: str | os.PathLike) -> None:
     where = nearest_existing(out_dir)
     for old in Path(where).glob(".condiff-probe-*-*"):  # a dry run killed between the two calls below
         m = re.fullmatch(r"\.condiff-probe-([1-9][0-9]{0,9})-.+", old.name)
-        if m and old.is_dir() and not old.is_symlink() and process_exited(int(m.group(1))):
+        if (m and old.is_dir() and not old.is_symlink() and time.time() - old.stat().st_mtime > 600
+                and process_exited(int(m.group(1)))):  # older than any probe lasts: not another node's
             try:
                 old.rmdir()  # empty by construction; anything else is not ours and stays
             except OSError:

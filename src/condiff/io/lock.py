@@ -63,10 +63,11 @@ class OutputLock:
             other_n = None if m.group(2) is None else int(m.group(2))
             same_split = self.shard is not None and other_n == self.shard[1]
             try:
-                holder, method = parse_lock(path.read_text(encoding="utf-8"))
+                content = path.read_text(encoding="utf-8")
             except OSError:
                 continue  # released meanwhile
-            if _stale(holder, path):
+            holder, method = parse_lock(content)
+            if _stale(content, path):
                 continue
             if not same_split:
                 return path, holder, None
@@ -93,9 +94,6 @@ class OutputLock:
         except OSError:
             return ""
 
-    def _holder(self) -> str:
-        return parse_lock(self._content())[0]
-
     def _conflict(self, holder: str) -> OutputConflictError:
         return OutputConflictError(self.path.parent, f"is locked by another condiff run ({holder or 'unknown'})",
                                    f"wait for it to finish; if no run is active, delete {self.path}")
@@ -105,9 +103,9 @@ class OutputLock:
         if self.held:
             return
         if self.path.exists():
-            holder = self._holder()
-            if not _stale(holder, self.path):
-                raise self._conflict(holder)
+            content = self._content()
+            if not _stale(content, self.path):
+                raise self._conflict(parse_lock(content)[0])
         rival = self._rival()
         if rival is not None:
             raise self._rival_conflict(rival)
@@ -120,18 +118,22 @@ class OutputLock:
                 fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
                 break
             except FileExistsError:
+                seen = _identity(self.path)
                 content = self._content()
                 holder = parse_lock(content)[0]
-                if attempt or not _stale(holder, self.path):
+                if attempt or not _stale(content, self.path):
                     raise self._conflict(holder) from None
-                # Re-read just before removing, so a lock another run has just taken is not removed.
-                if self._content() == content:
+                # Re-read just before removing, so a lock another run has just taken is not removed (the
+                # file's identity too: two empty locks read alike).
+                if self._content() == content and _identity(self.path) == seen:
                     logger.warning("%s: removing a stale lock (%s)", self.path, _stale_reason(holder))
                     self.path.unlink(missing_ok=True)
             except OSError as exc:
                 raise OutputConflictError(self.path.parent, f"is not writable ({exc.strerror})",
                                           "choose a folder you can write to") from exc
         text = f"host {socket.gethostname()} pid {os.getpid()}\n"
+        if _pid_namespace() is not None:  # pids of another container on this host name are not ours to check
+            text += f"pidns {_pid_namespace()}\n"
         if self.method is not None:
             text += f"method {json.dumps(self.method, sort_keys=True)}\n"
         with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -152,13 +154,13 @@ class OutputLock:
         for path in sorted(self.path.parent.glob(".condiff.lock*")):
             if path == self.path or re.fullmatch(r"\.condiff\.lock(?:\.\d+-of-\d+)?", path.name) is None:
                 continue
+            seen = _identity(path)
             try:
                 content = path.read_text(encoding="utf-8")
             except OSError:
                 continue
-            holder = parse_lock(content)[0]
-            if _stale(holder, path):
-                logger.warning("%s: removing a stale lock (%s)", path, _stale_reason(holder))
+            if _stale(content, path) and _identity(path) == seen:
+                logger.warning("%s: removing a stale lock (%s)", path, _stale_reason(parse_lock(content)[0]))
                 path.unlink(missing_ok=True)
 
     def release(self) -> None:
@@ -202,23 +204,50 @@ def method_differences(ours: dict[str, Any] | None, theirs: dict[str, Any] | Non
             for key in sorted(set(ours) | set(theirs)) if ours.get(key) != theirs.get(key)]
 
 
-def _stale(holder: str, path: Path) -> bool:
-    """True when the lock ``path`` holding ``holder`` (``host H pid P``) belongs to no running process:
-    P of this host has exited; or P is this process, which does not hold it (a restarted container's
-    run gets the pid its killed predecessor had, often 1); or the lock is empty and older than
-    ``EMPTY_LOCK_GRACE_S`` (a run killed between creating and writing it). Another host's lock, or
-    one this version cannot read, is never stale: nothing here can tell."""
+def _pid_namespace() -> str | None:
+    """This process's pid namespace (``pid:[4026531836]``; None off Linux): containers that share a host
+    name (host networking) each have their own, in which another's pids mean nothing."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+
+
+def _identity(path: Path) -> tuple | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
+def _lock_state(content: str, path: Path) -> str:
+    """``stale`` (no process holds the lock: its process of this host and pid namespace has exited; or
+    it is empty and older than ``EMPTY_LOCK_GRACE_S``, a run killed between creating and writing it),
+    ``live`` (that process runs) or ``unknown`` (another host, another container with this host name,
+    or a lock this version cannot read: nothing here can tell, so it counts as held)."""
+    holder = parse_lock(content)[0]
     if not holder.strip():
         try:
-            return time.time() - path.stat().st_mtime > EMPTY_LOCK_GRACE_S
+            return "stale" if time.time() - path.stat().st_mtime > EMPTY_LOCK_GRACE_S else "live"
         except OSError:
-            return False
+            return "live"
     m = re.fullmatch(r"host (\S+) pid (\d+)", holder)
     if m is None or m.group(1) != socket.gethostname():
-        return False
-    if int(m.group(2)) == os.getpid():
-        return os.path.abspath(path) not in _HELD
-    return process_exited(int(m.group(2)))
+        return "unknown"
+    theirs = next((line.split(" ", 1)[1].strip() for line in content.splitlines() if line.startswith("pidns ")), None)
+    if theirs is not None and theirs != _pid_namespace():
+        return "unknown"
+    pid = int(m.group(2))
+    if pid == os.getpid():
+        # the same pid in the same namespace can only be an earlier process that had it; without a
+        # recorded namespace (older locks) it may be a live run in another container: counted as held
+        return "stale" if theirs is not None and os.path.abspath(path) not in _HELD else "live"
+    return "stale" if process_exited(pid) else "live"
+
+
+def _stale(content: str, path: Path) -> bool:
+    return _lock_state(content, path) == "stale"
 
 
 def _stale_reason(holder: str) -> str:
@@ -229,18 +258,19 @@ def _stale_reason(holder: str) -> str:
     return f"{holder} is no longer running"
 
 
-def lock_holders(out_dir: str | os.PathLike) -> list[tuple[str, str, bool]]:
-    """Every run lock in ``out_dir``: (file name, holder, stale). A stale lock is a run that was killed
-    (SIGKILL, out of memory, power cut) and never finished; a live one is a run writing there now."""
+def lock_holders(out_dir: str | os.PathLike) -> list[tuple[str, str, str]]:
+    """Every run lock in ``out_dir``: (file name, holder, ``_lock_state``). A stale lock is a run that was
+    killed (SIGKILL, out of memory, power cut) and never finished; a live one a run writing there now;
+    an unknown one a run on another host or container, running or lost."""
     found = []
     for path in sorted(Path(out_dir).glob(".condiff.lock*")):
         if re.fullmatch(r"\.condiff\.lock(?:\.\d+-of-\d+)?", path.name) is None:
             continue
         try:
-            holder = parse_lock(path.read_text(encoding="utf-8"))[0]
+            content = path.read_text(encoding="utf-8")
         except OSError:
             continue
-        found.append((path.name, holder, _stale(holder, path)))
+        found.append((path.name, parse_lock(content)[0], _lock_state(content, path)))
     return found
 
 
