@@ -1,43 +1,10 @@
 """Model-set members and weights refused with messages naming the file (mutation audit 3)."""
-import json
-
 import pytest
 import torch
 
-from condiff.config import ModelConfig, preset
-from condiff.errors import ModelFolderError, ModelSetError
-from condiff.modelset import load_model, open_model_set, save_model, save_model_set
-from condiff.unet import ConditionalUNet
-
-
-def _model(seed=0, name="tiny"):  # test_modelset.py's helpers, copied
-    torch.manual_seed(seed)
-    cfg = preset(name, 1, sample_size=32)
-    return ConditionalUNet(cfg).eval(), ModelConfig(unet=cfg, preprocessing={"modality": "mri"}, fold=seed)
-
-
-def _valid_set(root, n=2):
-    for i in range(n):
-        m, cfg = _model(i)
-        save_model(root / f"fold{i}", m, cfg)
-    save_model_set(root, [root / f"fold{i}" for i in range(n)])
-    assert len(open_model_set(root)) == n
-    return root
-
-
-def _edit_set(root, edit):
-    doc = json.loads((root / "set.json").read_text())
-    doc = edit(doc)
-    (root / "set.json").write_text(json.dumps(doc))
-
-
-def _refused(root, *fragments):
-    with pytest.raises(ModelSetError) as info:
-        open_model_set(root)
-    text = str(info.value)
-    for fragment in fragments:
-        assert fragment in text, (fragment, text)
-    return info.value
+from condiff.errors import ModelFolderError
+from condiff.modelset import load_model, save_model
+from test_modelset import _edit_set, _model, _refused, _valid_set  # its helpers
 
 
 def test_an_unreadable_config_json_is_a_model_error_naming_it(tmp_path, monkeypatch):

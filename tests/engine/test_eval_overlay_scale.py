@@ -3,12 +3,9 @@ import numpy as np
 import pytest
 
 from condiff.engine import eval_overlay, overlay
+from test_eval_overlay import _head_height  # its helper
 
 ndimage = pytest.importorskip("scipy.ndimage")
-
-
-def _head_height(case=True):  # test_eval_overlay.py's helper, copied
-    return (overlay.LABEL_BAND if case else 0) + 2 * overlay.LABEL_BAND + overlay.BAR_BAND
 
 
 def _photo():

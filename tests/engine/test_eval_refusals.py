@@ -7,39 +7,11 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from _infer_helpers import (FAST, brain_like, make_model_set, make_scans, one_torch_thread, restamp_output,
-                            write_nifti)
-from condiff.engine.cli import eval_main, infer_main
+from _infer_helpers import FAST, make_model_set, one_torch_thread, restamp_output
+from condiff.engine.cli import infer_main
+from test_eval import _copy, _eval, run  # noqa: F401,F811 (its module fixture, shared, and helpers)
 
 SEG = "{dir}/{stem}_seg.nii.gz"
-
-
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):  # test_eval.py's fixture, copied
-    root = tmp_path_factory.mktemp("eval")
-    with one_torch_thread():
-        models = make_model_set(root / "set", n_members=2)
-        scans = root / "scans"
-        make_scans(scans, n=3, with_masks=True)
-        for k in range(3):
-            img, _ = brain_like(seed=k)
-            write_nifti(scans / f"case{k}_brainmask.nii.gz", (img > 0).astype(np.uint8))
-        out = root / "out"
-        res = CliRunner().invoke(infer_main, [str(scans), "-o", str(out), "--models", str(models), *FAST,
-                                              "--mask", "{dir}/{stem}_brainmask.nii.gz", "--save-member-maps"],
-                                 catch_exceptions=False)
-    assert res.exit_code == 0, res.output + res.stderr
-    return scans, out
-
-
-def _eval(*args):
-    return CliRunner().invoke(eval_main, [str(a) for a in args], catch_exceptions=False)
-
-
-def _copy(run, tmp_path, name="out"):
-    import shutil
-
-    return shutil.copytree(run[1], tmp_path / name)
 
 
 def test_a_missing_map_is_named_as_missing_with_what_to_do(run, tmp_path):

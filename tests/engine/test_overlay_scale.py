@@ -2,15 +2,7 @@
 import numpy as np
 
 from condiff.engine import overlay
-
-
-def _case(size, n=5, seed=0):  # test_overlay.py's helper, copied
-    rng = np.random.default_rng(seed)
-    slices = rng.uniform(0, 1, (n, 1, size, size)).astype(np.float32)
-    restorations = rng.uniform(0, 1, (n, 1, size, size)).astype(np.float32)
-    maps = rng.uniform(0, 2, (n, size, size)).astype(np.float32)
-    scores = rng.uniform(0, 1, n)
-    return slices, restorations, maps, scores
+from test_overlay import _case  # its helper
 
 
 def test_the_labelled_overlay_draws_its_panels_on_the_fixed_scale_its_bar_shows():

@@ -1,26 +1,6 @@
 """Records of older versions keep resuming; long case names get record names that fit (mutation audit 3)."""
 import json
-
-
-def _recorded_case(out, options, *, mask_sha="m" * 64, input_sha="i" * 64, digest="d" * 64):  # test_resume.py's, copied
-    from pathlib import Path
-
-    from condiff.engine.plan import RECORD_SCHEMA, plan_case, sha256_path
-    from condiff.io.cases import Case
-
-    plan = plan_case(Case("sub/case0", Path("/in/sub/case0.nii.gz"), "volume"), options)
-    outputs = {}
-    for kind, rel in plan.outputs.items():
-        (out / rel).parent.mkdir(parents=True, exist_ok=True)
-        (out / rel).write_bytes(kind.encode())
-        outputs[kind] = {"path": rel, "sha256": sha256_path(out / rel)}
-    rec = {"schema": RECORD_SCHEMA, "status": "ok", "case": "sub/case0", "input_sha256": input_sha,
-           "mask_sha256": mask_sha, "model_set_digest": digest, "options": options.to_dict(),
-           "options_digest": options.case_digest(0, 1), "nonfinite_voxels": 0, "series_volumes": 1,
-           "outputs": outputs}
-    (out / plan.record).parent.mkdir(parents=True, exist_ok=True)
-    (out / plan.record).write_text(json.dumps(rec))
-    return plan
+from test_resume import _recorded_case  # its helper
 
 
 def test_overlay_max_at_its_default_leaves_the_options_and_their_digest_as_older_versions_wrote_them():
