@@ -382,7 +382,9 @@ def _run(cases, ctx, shard_t, arguments, progress: bool, n_all: int, process=Non
         remove_log(log_handler)
     n_failed, n_left = by_status.get("failed", 0), by_status.get("not_finished", 0)
     left_out = (run_info or {}).get("excluded_inputs", ())
-    n_reserved = sum(1 for p in left_out if _in_reserved_folder(p))
+    from condiff.io.cases import in_bids_reserved_folder
+
+    n_reserved = sum(1 for p in left_out if in_bids_reserved_folder(p))
     n_excluded = len(left_out) - n_reserved
     if not quiet:
         click.echo(f"condiff-infer: {by_status.get('ok', 0)} done, {by_status.get('skipped', 0)} already done, "
@@ -524,7 +526,9 @@ def _dry_run(cases, ctx, n_all: int, shard_t, excluded=()) -> int:
         click.echo(f"  {status:<8} {case.name}  <- {case.path}  ({reason})")
         for rel in [*plan.outputs.values(), plan.record]:
             click.echo(f"             {rel}")
-    reserved = [p for p in excluded if _in_reserved_folder(p)]
+    from condiff.io.cases import in_bids_reserved_folder
+
+    reserved = [p for p in excluded if in_bids_reserved_folder(p)]
     for path in excluded:
         why = ("in a BIDS dataset's derivatives/, sourcedata/ or code/" if path in reserved
                else "a mask or label map by its name")
@@ -535,18 +539,6 @@ def _dry_run(cases, ctx, n_all: int, shard_t, excluded=()) -> int:
                + (f", {len(reserved)} file(s) in the dataset's derivatives/, sourcedata/, code/ skipped" if reserved else "")
                + "; no model was loaded")
     return EXIT_FAILED if n_bad else EXIT_OK
-
-
-def _in_reserved_folder(path) -> bool:
-    """A file left out because it lies in a BIDS dataset's derivatives/, sourcedata/ or code/ (a folder of
-    that name beside the dataset's ``dataset_description.json``)."""
-    from condiff.io.cases import BIDS_RESERVED_FOLDERS, DEFAULT_EXCLUDE, _excluded
-
-    path = Path(path)
-    if _excluded(path.name, "/".join(path.parts[-4:]), DEFAULT_EXCLUDE):  # left out by its name wherever it lies
-        return False
-    return any(a.name in BIDS_RESERVED_FOLDERS and (a.parent / "dataset_description.json").is_file()
-               for a in path.parents)
 
 
 def _merge(out_dir: Path) -> int:

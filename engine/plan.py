@@ -274,7 +274,7 @@ def check_output_location(out_dir: str | os.PathLike, inputs: Sequence[str | os.
     """Refuse an output folder that is a file, or equal to / inside an input folder (unless inside
     one of its ``excluded_folders``, which discovery skips: a BIDS dataset's ``derivatives``; at a
     BIDS dataset's root, marked by its ``dataset_description.json``, discovery skips them in any layout)."""
-    from condiff.io.cases import BIDS_RESERVED_FOLDERS
+    from condiff.io.cases import BIDS_RESERVED_FOLDERS, is_bids_root
 
     out = Path(os.path.realpath(out_dir))
     if out.exists() and not out.is_dir():
@@ -284,8 +284,7 @@ def check_output_location(out_dir: str | os.PathLike, inputs: Sequence[str | os.
         if not item_path.is_dir():
             continue
         root = Path(os.path.realpath(item_path))
-        skipped = tuple(excluded_folders) + (BIDS_RESERVED_FOLDERS if (root / "dataset_description.json").is_file()
-                                             else ())
+        skipped = tuple(excluded_folders) + (BIDS_RESERVED_FOLDERS if is_bids_root(root) else ())
         if any(root / folder == out or root / folder in out.parents for folder in skipped):
             continue
         if out == root or root in out.parents:

@@ -118,12 +118,9 @@ def load_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
     any bytes: such a file is read whole instead of mapped."""
     from safetensors.torch import load, load_file
 
-    name = str(path)
-    try:
-        name.encode("utf-8")
-    except UnicodeEncodeError:
-        return load(Path(path).read_bytes())
-    return load_file(name)
+    from condiff.io.atomic import is_utf8_path
+
+    return load_file(str(path)) if is_utf8_path(path) else load(Path(path).read_bytes())
 
 
 def load_model(model_dir: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, ModelConfig]:

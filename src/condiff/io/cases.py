@@ -72,6 +72,19 @@ def _kind(suffix: str) -> str:
 def _excluded(name: str, rel: str, patterns: Iterable[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(rel, p) for p in patterns)
 
+def is_bids_root(folder: Path) -> bool:
+    """A BIDS dataset's root: the folder holding its ``dataset_description.json``."""
+    return (Path(folder) / "dataset_description.json").is_file()
+
+
+def in_bids_reserved_folder(path: str | os.PathLike) -> bool:
+    """Whether a file left out of discovery lies in a BIDS dataset's derivatives/, sourcedata/ or code/ (a
+    folder of that name in a dataset's root) rather than being a mask or label map by its name."""
+    path = Path(path)
+    if _excluded(path.name, "/".join(path.parts[-4:]), DEFAULT_EXCLUDE):  # left out by its name wherever it lies
+        return False
+    return any(a.name in BIDS_RESERVED_FOLDERS and is_bids_root(a.parent) for a in path.parents)
+
 
 def _walk(folder: Path) -> list[Path]:
     """Every non-hidden file below ``folder`` (symlinks followed, loops cut), sorted by relative path."""
@@ -139,7 +152,7 @@ def discover(inputs: Iterable[str | os.PathLike], exclude_patterns: Iterable[str
         item_patterns = patterns
         if item.is_dir():
             candidates = [(p, p.relative_to(item).as_posix()) for p in _walk(item)]
-            if (item / "dataset_description.json").is_file():  # a BIDS dataset's root
+            if is_bids_root(item):
                 item_patterns = patterns + tuple(p for p in BIDS_EXCLUDE if p not in patterns)
         else:
             stem, suffix = split_suffix(item.name)
@@ -213,6 +226,7 @@ def _is_file(path: Path) -> bool:
 
 
 MASK_PLACEHOLDERS = ("dir", "stem", "base", "case", "casedir", "root")
+_PLACEHOLDER_LIST = ", ".join(f"{{{name}}}" for name in MASK_PLACEHOLDERS)
 
 
 def check_mask_pattern(pattern: str) -> str:
@@ -222,8 +236,7 @@ def check_mask_pattern(pattern: str) -> str:
         pattern.format(**{name: name for name in MASK_PLACEHOLDERS})
     except (KeyError, IndexError, ValueError) as exc:
         what = f"unknown placeholder {exc}" if isinstance(exc, (KeyError, IndexError)) else f"malformed ({exc})"
-        raise ValueError(f"mask pattern {pattern!r}: {what}; use {{dir}}, {{stem}}, {{base}}, {{case}}, "
-                         "{casedir}, {root}") from None
+        raise ValueError(f"mask pattern {pattern!r}: {what}; use {_PLACEHOLDER_LIST}") from None
     return pattern
 
 
@@ -250,8 +263,7 @@ def find_mask(case: Case, pattern: str, required: bool = True) -> Path | None:
         mask = Path(pattern.format(dir=str(case.path.parent), stem=stem, base=base, case=case.name, casedir=casedir,
                                    root=str(root)))
     except (KeyError, IndexError, ValueError) as exc:
-        raise ValueError(f"mask pattern {pattern!r}: unknown placeholder {exc}; use {{dir}}, {{stem}}, {{base}}, "
-                         "{case}, {casedir}, {root}") from None
+        raise ValueError(f"mask pattern {pattern!r}: unknown placeholder {exc}; use {_PLACEHOLDER_LIST}") from None
     if not _is_file(mask):
         if not required:
             return None
@@ -259,5 +271,6 @@ def find_mask(case: Case, pattern: str, required: bool = True) -> Path | None:
     return mask
 
 
-__all__ = ["Case", "discover", "find_mask", "check_mask_pattern", "MASK_PLACEHOLDERS", "BIDS_RESERVED_FOLDERS", "BIDS_EXCLUDE", "split_suffix", "DEFAULT_EXCLUDE", "LABEL_WORDS", "VOLUME_SUFFIXES", "IMAGE_SUFFIXES",
+__all__ = ["Case", "discover", "find_mask", "check_mask_pattern", "MASK_PLACEHOLDERS", "BIDS_RESERVED_FOLDERS", "BIDS_EXCLUDE",
+           "is_bids_root", "in_bids_reserved_folder", "split_suffix", "DEFAULT_EXCLUDE", "LABEL_WORDS", "VOLUME_SUFFIXES", "IMAGE_SUFFIXES",
            "DCM2NIIX_RECIPE", "DICOM_HINT"]
