@@ -7,7 +7,9 @@ OUT is then meant as ``<dataset>/derivatives/condiff``; each BIDS-named input vo
     sub-<label>/[ses-<label>/]<datatype>/<entities>_desc-restored_<suffix>.nii[.gz]   the restoration
 
 plus ``dataset_description.json`` (DatasetType "derivative", GeneratedBy condiff) and a ``.bidsignore``
-naming condiff's own files (overlays, records, tables, logs), which keep their usual places. BIDS
+naming condiff's own files (overlays, records, tables, logs), which keep their usual places; each map
+and restoration gets a JSON sidecar (``Description``, ``Sources`` as BIDS URIs resolved through the
+description's ``DatasetLinks``, and the run's settings), made from the records. BIDS
 has no suffix for an anomaly map, so the source's suffix stays and ``desc`` tells the kind. A source
 that already has ``desc-<label>`` keeps it inside the new one (``desc-<label>Anomaly``), so two
 inputs never end on one output name. Discovery skips the dataset's ``derivatives/``, ``sourcedata/``
@@ -16,6 +18,7 @@ and ``code/`` folders, so OUT may live inside the input dataset.
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,28 +112,184 @@ def check_cases(cases: Sequence[Case]) -> None:
         raise ValueError("--layout bids: " + "; ".join(shown))
 
 
-def dataset_description(inputs: Iterable[str | Path], version: str) -> dict:
-    """The derivative dataset's description; deterministic (no dates), so reruns rewrite the same bytes."""
+def dataset_description(inputs: Iterable[str | Path], version: str, links: dict[str, str] | None = None) -> dict:
+    """The derivative dataset's description; deterministic (no dates), so reruns rewrite the same bytes.
+    ``links``: DatasetLinks, the source datasets the sidecars' BIDS URIs name."""
     sources = [{"URL": Path(p).resolve().as_uri()} for p in inputs if Path(p).is_dir()]
     doc = {"Name": "condiff anomaly maps", "BIDSVersion": BIDS_VERSION, "DatasetType": "derivative",
            "GeneratedBy": [{"Name": "condiff", "Version": version,
                             "Description": "image-conditioned diffusion restoration and SSIM anomaly maps "
                                            "(Baugh et al., 2024)"}]}
+    if links:
+        doc["DatasetLinks"] = dict(sorted(links.items()))
     if sources:
         doc["SourceDatasets"] = sources
     return doc
 
 
 def write_dataset_files(out_dir: Path, inputs: Iterable[str | Path]) -> None:
-    """``dataset_description.json`` and ``.bidsignore`` in OUT (atomically)."""
-    from condiff import __version__
+    """``dataset_description.json`` (keeping the DatasetLinks of the sidecars already there) and
+    ``.bidsignore`` in OUT (atomically)."""
     from condiff.io.atomic import write_bytes_atomic
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(dataset_description(inputs, __version__), indent=2) + "\n"
-    write_bytes_atomic(out_dir / "dataset_description.json", text.encode())
+    _write_description(out_dir, inputs, None)
     write_bytes_atomic(out_dir / ".bidsignore", ("\n".join(BIDSIGNORE) + "\n").encode())
 
 
+def _write_description(out_dir: Path, inputs: Iterable[str | Path] | None, links: dict[str, str] | None) -> None:
+    """``inputs`` None keeps the file's SourceDatasets, ``links`` None its DatasetLinks."""
+    from condiff import __version__
+    from condiff.io.atomic import write_bytes_atomic
+
+    path = out_dir / "dataset_description.json"
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        old = {}
+    old = old if isinstance(old, dict) else {}
+    if links is None and isinstance(old.get("DatasetLinks"), dict):
+        links = old["DatasetLinks"]
+    doc = dataset_description(inputs or [], __version__, links)
+    if inputs is None and isinstance(old.get("SourceDatasets"), list):
+        doc["SourceDatasets"] = old["SourceDatasets"]
+    write_bytes_atomic(path, (json.dumps(doc, indent=2) + "\n").encode())
+
+
+# ----------------------------------------------------------------------------------------- sidecars
+# BIDS says each derivative file SHOULD have a JSON sidecar naming its Sources as BIDS URIs
+# (``bids:<dataset>:<path within it>``, the dataset resolved through dataset_description.json's
+# DatasetLinks). They are made from the records at the end of every run and by ``--merge``, so they
+# follow cases that were skipped, moved, recomputed or failed, and cost nothing in the resume check.
+
+SIDECAR_MARK = "CondiffVersion"  # only JSON files carrying it are condiff's to replace or remove
+_LINK_CHARS = re.compile(r"[^A-Za-z0-9_-]+")
+
+
+def sidecar_path(rel: str) -> str:
+    """``.../x_desc-anomaly_T1w.nii.gz`` -> ``.../x_desc-anomaly_T1w.json``."""
+    stem, _ = split_suffix(rel)
+    return stem + ".json"
+
+
+def dataset_root(path: Path, known: dict[Path, bool] | None = None) -> Path | None:
+    """The nearest folder above ``path`` holding ``dataset_description.json`` (a BIDS dataset), or None.
+    ``known``: folders already looked at (a cohort's files share their few parents)."""
+    from condiff.io.cases import is_bids_root
+
+    known = {} if known is None else known
+    for folder in path.parents:
+        if folder not in known:
+            known[folder] = is_bids_root(folder)
+        if known[folder]:
+            return folder
+    return None
+
+
+def link_name(root: Path, out_dir: Path) -> str:
+    """The DatasetLinks name of a source dataset: ``raw`` for the dataset OUT is the derivative of (OUT =
+    ``<root>/derivatives/<name>``, the layout BIDS recommends), else its folder name plus a digest of its
+    path (two sites' ``rawdata/`` stay apart). A pure function of the paths, so every shard agrees."""
+    import hashlib
+
+    if Path(os.path.abspath(out_dir)).parent.parent == root:
+        return "raw"
+    base = _LINK_CHARS.sub("-", root.name).strip("-") or "source"
+    return f"{base}-{hashlib.sha256(os.fsencode(root.as_posix())).hexdigest()[:8]}"
+
+
+def link_target(root: Path, out_dir: Path) -> str:
+    """Where a link points: relative to OUT when OUT lies inside the dataset (so the pair moves
+    together), else the dataset's file URI."""
+    out_abs = Path(os.path.abspath(out_dir))
+    if root in out_abs.parents:
+        return Path(os.path.relpath(root, out_abs)).as_posix()
+    return root.as_uri()
+
+
+def _bids_uri(path_text: str | None, out_dir: Path, links: dict[str, str], known: dict[Path, bool]) -> str | None:
+    if not path_text:
+        return None
+    path = Path(path_text)
+    root = dataset_root(path, known)
+    if root is None:
+        return None
+    name = link_name(root, out_dir)
+    links[name] = link_target(root, out_dir)
+    return f"bids:{name}:{path.relative_to(root).as_posix()}"
+
+
+def sidecars_of(record: dict, out_dir: Path, links: dict[str, str],
+                known: dict[Path, bool] | None = None) -> dict[str, dict]:
+    """The sidecars (path relative to OUT -> document) of one ok record; adds the links they use to ``links``.
+    An input outside any BIDS dataset (loose files) has no BIDS URI, so no ``Sources``."""
+    outputs = record.get("outputs") or {}
+    known = {} if known is None else known
+    sources = [uri for uri in (_bids_uri(record.get("input"), out_dir, links, known),
+                               _bids_uri(record.get("mask"), out_dir, links, known)) if uri]
+    common = {SIDECAR_MARK: record.get("condiff_version"), "ModelSetDigest": record.get("model_set_digest"),
+              "Members": record.get("members"), "Sampler": record.get("sampler"), "Steps": record.get("steps"),
+              "Seed": record.get("seed"), "Engine": record.get("engine"), "Precision": record.get("precision")}
+    docs: dict[str, dict] = {}
+    rest = (outputs.get("restoration") or {}).get("path")
+    if rest:
+        docs[sidecar_path(rest)] = {
+            "Description": "condiff pseudo-healthy restoration: each analysed slice restored by the image-conditioned "
+                           "diffusion model, averaged over the members, in the input's intensity units; 0 on slices "
+                           "not analysed",
+            **({"Sources": sources} if sources else {}), **common}
+    m = (outputs.get("map") or {}).get("path")
+    if m:
+        docs[sidecar_path(m)] = {
+            "Description": "condiff anomaly map: 1 - SSIM between each analysed slice and its restoration, averaged "
+                           "over the members (higher: more anomalous); 0 outside the brain mask and on slices not "
+                           "analysed",
+            **({"Sources": sources + ([f"bids::{rest}"] if rest else [])} if sources or rest else {}),
+            "CaseScore": record.get("score"), **common}
+    return docs
+
+
+def write_sidecars(out_dir: Path, records: Sequence[dict], inputs: Iterable[str | Path] | None = None) -> int:
+    """Sidecars for every ok record's map and restoration, DatasetLinks for the datasets they name (in
+    ``dataset_description.json``), and removal of condiff's sidecars whose case is gone or failed.
+    ``inputs``: this run's inputs for SourceDatasets (None, as in ``--merge``: kept from the file).
+    Returns how many sidecar files were (re)written."""
+    from condiff.io.atomic import dumps_json, write_text_atomic
+
+    links: dict[str, str] = {}
+    wanted: dict[str, str] = {}
+    known: dict[Path, bool] = {}
+    for rec in records:
+        if rec.get("status") == "ok":
+            for rel, doc in sidecars_of(rec, out_dir, links, known).items():
+                wanted[rel] = dumps_json(doc)
+    written = 0
+    for rel, text in wanted.items():
+        path = out_dir / rel
+        try:
+            same = path.read_text(encoding="utf-8") == text
+        except (OSError, UnicodeDecodeError):
+            same = False
+        if not same:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(path, text)
+            written += 1
+    for folder in sorted(out_dir.glob("sub-*")):
+        for path in folder.rglob("*.json"):
+            rel = path.relative_to(out_dir).as_posix()
+            if rel not in wanted and _is_condiff_sidecar(path):
+                path.unlink(missing_ok=True)
+    _write_description(out_dir, inputs, links)
+    return written
+
+
+def _is_condiff_sidecar(path: Path) -> bool:
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(doc, dict) and SIDECAR_MARK in doc
+
+
 __all__ = ["BidsName", "parse_name", "derived_stem", "derivative_paths", "check_cases", "dataset_description",
-           "write_dataset_files", "EXCLUDE", "RESERVED_FOLDERS", "BIDSIGNORE", "contrasts"]
+           "write_dataset_files", "write_sidecars", "sidecars_of", "sidecar_path", "EXCLUDE", "RESERVED_FOLDERS", "BIDSIGNORE", "contrasts"]

@@ -342,6 +342,11 @@ def _run(cases, ctx, shard_t, arguments, progress: bool, n_all: int, process=Non
         except OSError as exc:  # a full disk must not hide the run's own report
             logger.error("could not rebuild cases.csv/scores.csv: %s", exc)
             counts = {}
+        if ctx.options.layout == "bids":
+            try:
+                bids.write_sidecars(out, writer.load_records(out), arguments["inputs"])
+            except OSError as exc:
+                logger.error("could not write the BIDS sidecars: %s", exc)
         elapsed = time.perf_counter() - t0
         st = ctx.stats
         # a full output disk stops the run (Ray workers report it through their cases' outcomes)
@@ -551,6 +556,11 @@ def _merge(out_dir: Path) -> int:
     _check_merge_single_method(out_dir)
     writer.clean_orphans(out_dir, dead_writers_only=True)
     counts = writer.rebuild_tables(out_dir)
+    records = writer.load_records(out_dir)
+    if any((r.get("options") or {}).get("layout") == "bids" for r in records):
+        from .bids import write_sidecars
+
+        write_sidecars(out_dir, records)
     click.echo(f"condiff-infer --merge: {counts.get('ok', 0)} ok, {counts.get('failed', 0)} failed -> "
                f"{out_dir / 'cases.csv'}, {out_dir / 'scores.csv'}")
     unfinished = unfinished_run_locks(out_dir)

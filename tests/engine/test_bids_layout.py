@@ -200,3 +200,108 @@ def test_a_root_placeholder_keeps_a_moved_datasets_mask_pattern_and_its_resume(t
     assert res.exit_code == 0 and "0 done, 2 already done" in res.output, res.output + res.stderr
     rec = json.loads((tmp_path / "out" / "records" / "sub-02" / "anat" / "sub-02_T1w.json").read_text())
     assert rec["mask"].startswith(str(moved))  # the record follows the data, so condiff-eval finds the mask
+
+
+def _resolve_bids_uri(uri: str, out: Path) -> Path:
+    """A BIDS URI resolved as the spec says: ``bids::path`` in this dataset, ``bids:name:path`` through
+    dataset_description.json's DatasetLinks (a path relative to OUT, or a file URI)."""
+    from urllib.parse import unquote, urlparse
+
+    _, name, rel = uri.split(":", 2)
+    if name == "":
+        return out / rel
+    target = json.loads((out / "dataset_description.json").read_text())["DatasetLinks"][name]
+    base = Path(unquote(urlparse(target).path)) if target.startswith("file:") else out / target
+    return (base / rel).resolve()
+
+
+def test_bids_sidecars_name_their_sources_and_follow_moves_and_failures(tmp_path, dataset):
+    """Each map and restoration has a sidecar whose Sources resolve (through DatasetLinks) to the very input
+    and mask used; a dataset moved with OUT inside keeps them valid; a case that fails loses them."""
+    import shutil
+
+    _, brain = brain_like(seed=1)
+    write_nifti(dataset / "derivatives" / "masks" / "sub-02" / "anat" / "sub-02_desc-brain_mask.nii.gz",
+                brain.astype("uint8"))
+    write_nifti(dataset / "derivatives" / "masks" / "sub-01" / "ses-1" / "anat" / "sub-01_ses-1_desc-brain_mask.nii.gz",
+                brain_like(seed=0)[1].astype("uint8"))
+    pattern = "{root}/derivatives/masks/{casedir}/{base}_desc-brain_mask.nii.gz"
+    models = make_model_set(tmp_path / "set", n_members=1)
+    out = dataset / "derivatives" / "condiff"
+    user_json = out / "sub-02" / "anat" / "notes.json"  # not condiff's: never removed
+    with one_torch_thread():
+        res = invoke_infer([dataset, "-o", out, "--models", models, *FAST, "--layout", "bids", "--mask", pattern])
+        assert res.exit_code == 0 and "2 done" in res.output, res.output + res.stderr
+        desc = json.loads((out / "dataset_description.json").read_text())
+        assert desc["DatasetLinks"] == {"raw": "../.."}
+        for rel, stem in (("sub-01/ses-1/anat/sub-01_ses-1_T1w.nii.gz", "sub-01/ses-1/anat/sub-01_ses-1_desc-{}_T1w"),
+                          ("sub-02/anat/sub-02_T1w.nii.gz", "sub-02/anat/sub-02_desc-{}_T1w")):
+            rec = json.loads((out / "records" / (rel[:-len(".nii.gz")] + ".json")).read_text())
+            rest = json.loads((out / (stem.format("restored") + ".json")).read_text())
+            amap = json.loads((out / (stem.format("anomaly") + ".json")).read_text())
+            assert rest["Sources"] == [f"bids:raw:{rel}", f"bids:raw:{Path(rec['mask']).relative_to(dataset).as_posix()}"]
+            assert amap["Sources"] == rest["Sources"] + [f"bids::{stem.format('restored')}.nii.gz"]
+            resolved = [_resolve_bids_uri(u, out) for u in amap["Sources"]]
+            assert resolved[:2] == [(dataset / rel).resolve(), Path(rec["mask"]).resolve()]
+            assert _sha(resolved[2]) == rec["outputs"]["restoration"]["sha256"]
+            assert (amap["Steps"], amap["Seed"], amap["ModelSetDigest"], amap["CaseScore"]) == \
+                (rec["steps"], rec["seed"], rec["model_set_digest"], rec["score"])
+            assert "anomaly map" in amap["Description"] and "restoration" in rest["Description"]
+        user_json.write_text("{}")
+        before = {p.relative_to(out).as_posix(): p.read_bytes() for p in out.glob("sub-*/**/*.json")}
+        assert len(before) == 5
+
+        moved = tmp_path / "moved"
+        shutil.move(dataset, moved)
+        out = moved / "derivatives" / "condiff"
+        res = invoke_infer([moved, "-o", out, "--models", models, *FAST, "--layout", "bids", "--mask", pattern])
+        assert res.exit_code == 0 and "0 done, 2 already done" in res.output, res.output + res.stderr
+        assert {p.relative_to(out).as_posix(): p.read_bytes() for p in out.glob("sub-*/**/*.json")} == before
+        assert _resolve_bids_uri("bids:raw:sub-02/anat/sub-02_T1w.nii.gz", out) == \
+            (moved / "sub-02" / "anat" / "sub-02_T1w.nii.gz").resolve()
+
+        (moved / "sub-02" / "anat" / "sub-02_T1w.nii.gz").write_bytes(b"not a NIfTI file")
+        res = invoke_infer([moved, "-o", out, "--models", models, *FAST, "--layout", "bids", "--mask", pattern])
+    assert res.exit_code == 1, res.output + res.stderr
+    left = {p.relative_to(out).as_posix() for p in out.glob("sub-*/**/*.json")}
+    assert left == {"sub-01/ses-1/anat/sub-01_ses-1_desc-anomaly_T1w.json",
+                    "sub-01/ses-1/anat/sub-01_ses-1_desc-restored_T1w.json", "sub-02/anat/notes.json"}
+
+
+def test_bids_sidecars_of_a_dataset_elsewhere_loose_files_and_merge(tmp_path, dataset):
+    """OUT outside the dataset: the link is the dataset's file URI under its folder name and a digest;
+    loose BIDS-named files outside any dataset have no Sources but their restoration; --merge rewrites
+    sidecars that shards' runs made (here deleted)."""
+    models = make_model_set(tmp_path / "set", n_members=1)
+    loose = tmp_path / "loose" / "sub-09_T1w.nii.gz"
+    write_nifti(loose, brain_like(seed=9)[0])
+    out = tmp_path / "elsewhere"
+    with one_torch_thread():
+        for shard in ("0/2", "1/2"):
+            res = invoke_infer([dataset, loose, "-o", out, "--models", models, *FAST, "--layout", "bids",
+                                "--shard", shard])
+            assert res.exit_code == 0, res.output + res.stderr
+        sidecars = sorted(out.glob("sub-*/**/*.json"))
+        assert len(sidecars) == 6
+        texts = {p: p.read_bytes() for p in sidecars}
+        for p in sidecars:
+            p.unlink()
+        res = invoke_infer(["--merge", out])
+    assert res.exit_code == 0, res.output + res.stderr
+    assert {p: p.read_bytes() for p in sorted(out.glob("sub-*/**/*.json"))} == texts
+    links = json.loads((out / "dataset_description.json").read_text())["DatasetLinks"]
+    (name, target), = links.items()
+    assert name.startswith("ds-") and len(name) == len("ds-") + 8 and target == dataset.resolve().as_uri()
+    amap = json.loads((out / "sub-02" / "anat" / "sub-02_desc-anomaly_T1w.json").read_text())
+    assert _resolve_bids_uri(amap["Sources"][0], out) == (dataset / "sub-02" / "anat" / "sub-02_T1w.nii.gz").resolve()
+    loose_map = json.loads((out / "sub-09" / "anat" / "sub-09_desc-anomaly_T1w.json").read_text())
+    assert loose_map["Sources"] == ["bids::sub-09/anat/sub-09_desc-restored_T1w.nii.gz"]
+    assert "Sources" not in json.loads((out / "sub-09" / "anat" / "sub-09_desc-restored_T1w.json").read_text())
+
+
+def test_flat_layout_writes_no_sidecars(tmp_path, dataset):
+    models = make_model_set(tmp_path / "set", n_members=1)
+    with one_torch_thread():
+        res = invoke_infer([dataset, "-o", tmp_path / "flat", "--models", models, *FAST])
+    assert res.exit_code == 0, res.output + res.stderr
+    assert not list((tmp_path / "flat").glob("maps/**/*.json")) and not (tmp_path / "flat" / "sub-01").exists()
