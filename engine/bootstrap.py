@@ -31,8 +31,11 @@ class PooledCases:
     ``lesions.LesionDetection`` at the row's threshold (for the lesion F1)."""
 
     def __init__(self, pixel_labels: list, pixel_scores: list, pixel_regions: list, sample_labels: list,
-                 sample_scores: list, max_fpr: float = 0.05, aupro_max_fpr: float = 0.3, lesion_counts: list | None = None):
+                 sample_scores: list, max_fpr: float = 0.05, aupro_max_fpr: float = 0.3, lesion_counts: list | None = None,
+                 given: float | None = None):
         self.n_cases = len(pixel_labels)
+        self.given = given  # --threshold: the Dice at this fixed threshold ("dice_given") is bootstrapped too
+        self.keys = INTERVAL_KEYS + (("dice_given",) if given is not None else ())
         self.lesion_counts = None if lesion_counts is None else np.array(
             [(c.lesions, c.found, c.called_regions, c.false_regions) for c in lesion_counts], dtype=np.float64)
         self.max_fpr, self.aupro_max_fpr = max_fpr, aupro_max_fpr
@@ -62,7 +65,7 @@ class PooledCases:
         w = mult[self.case]
         tps = np.cumsum(w * self.y)[self.ends]
         fps = np.cumsum(w * ~self.y)[self.ends]
-        out = dict.fromkeys(INTERVAL_KEYS, float("nan"))
+        out = dict.fromkeys(self.keys, float("nan"))
         if self.lesion_counts is not None:
             out["lesion_f1"] = lesion_f1(*(mult @ self.lesion_counts))
         sy = np.concatenate([np.repeat(a, int(m)) for (a, _), m in zip(self.samples, mult)] or [np.zeros(0, bool)])
@@ -76,6 +79,10 @@ class PooledCases:
         out["ap_pixel"] = ap_from_counts(fps, tps)
         out["dice"] = best_dice_from_counts(fps, tps, self.thresholds)[0]
         out["dice_fpr5"] = dice_at_fpr_from_counts(fps, tps, self.thresholds, self.max_fpr)[0]
+        if self.given is not None:  # "score >= given" (metrics.dice_at): the distinct thresholds at or above it
+            k = int(np.searchsorted(-self.thresholds, -self.given, side="right"))
+            tp, fp = (tps[k - 1], fps[k - 1]) if k else (0.0, 0.0)
+            out["dice_given"] = 2.0 * float(tp) / (n_pos + tp + fp)
         n_regions = float(np.sum(mult * self.regions_per_case))
         if n_regions > 0:
             pro = np.minimum(np.cumsum(w * self.inv_size)[self.ends] / n_regions, 1.0)
@@ -110,7 +117,7 @@ def bootstrap(rows: dict[str, PooledCases], n: int, seed: int = 0, level: float 
     if any(r.n_cases != n_cases for r in rows.values()):
         raise ValueError("every row must hold the same cases")
     rng = np.random.default_rng(seed)
-    values = {name: {k: np.empty(n) for k in INTERVAL_KEYS} for name in names}
+    values = {name: {k: np.empty(n) for k in rows[name].keys} for name in names}
     for b in range(n):
         mult = rng.multinomial(n_cases, np.full(n_cases, 1.0 / n_cases))
         for name in names:
@@ -127,10 +134,11 @@ def bootstrap(rows: dict[str, PooledCases], n: int, seed: int = 0, level: float 
 
     first = names[0]
     for name in names:
-        result.rows[name] = {k: interval(values[name][k]) for k in INTERVAL_KEYS}
-        result.undefined[name] = {k: int(np.isnan(values[name][k]).sum()) for k in INTERVAL_KEYS}
+        result.rows[name] = {k: interval(values[name][k]) for k in values[name]}
+        result.undefined[name] = {k: int(np.isnan(values[name][k]).sum()) for k in values[name]}
         if name != first:
-            result.differences[name] = {k: interval(values[first][k] - values[name][k]) for k in INTERVAL_KEYS}
+            result.differences[name] = {k: interval(values[first][k] - values[name][k])
+                                        for k in values[name] if k in values[first]}
     return result
 
 

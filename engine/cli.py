@@ -608,7 +608,7 @@ def unfinished_run_locks(out_dir: Path) -> list[str]:
 @click.option("--bootstrap", type=click.IntRange(min=0), default=0, show_default=True, metavar="N",
               help="N case resamples (e.g. 1000): 95 % intervals of the metrics and of the ensemble's difference "
                    "to each member and baseline row; 0: none.")
-@click.option("--bootstrap-seed", type=int, default=0, show_default=True, help="Seed of the case resamples.")
+@click.option("--bootstrap-seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of the case resamples.")
 @click.option("--lesion-iou", type=click.FloatRange(0.0, 1.0, min_open=True), default=0.25, show_default=True,
               help="IoU at which a lesion and a called region match in the lesion-wise counts (0.25: the Shifts MS "
                    "track's lesion F1; a tiny value such as 1e-9 counts any overlap).")

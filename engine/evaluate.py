@@ -490,8 +490,9 @@ def kept_slices(rec: dict[str, Any], slices: np.ndarray) -> np.ndarray:
 
 
 def _benchmark_case(out_dir: Path, rec: dict[str, Any], label_path: Path | None,
-                    values: tuple[int, ...] | None = None):
-    """(maps, masks, scores, member maps or None) of one case in model slice space."""
+                    values: tuple[int, ...] | None = None, single_coded: list | None = None):
+    """(maps, masks, scores, member maps or None) of one case in model slice space. ``single_coded``
+    collects (label file, K) of binary masks stored as 0/K with K other than 1 (e.g. 0/255)."""
     from condiff.preprocess import mask_to_slices
 
     if rec["outputs"].get("model_space") is None:
@@ -508,9 +509,28 @@ def _benchmark_case(out_dir: Path, rec: dict[str, Any], label_path: Path | None,
         like = _like_volume(out_dir / rec["outputs"]["map"]["path"])
         # the label map's own values are resampled, then > 0.4, as the reference does (§8 item 6); chosen
         # classes (--label-values) as 0/1, so a class's extent does not depend on its numeric code
-        masks = mask_to_slices(_read_label(label_path, like=like, values=values, raw=True), rec["geometry"])
+        label = _read_label(label_path, like=like, values=values, raw=True)
+        if single_coded is not None and values is None:
+            coded = label[label != 0]
+            if coded.size and coded.min() == coded.max() != 1:
+                single_coded.append((label_path, float(coded.max())))
+        masks = mask_to_slices(label, rec["geometry"])
     keep = kept_slices(rec, slices)
     return maps[keep], masks[keep], scores[keep], None if member_maps is None else member_maps[:, keep]
+
+
+def _warn_single_coded(found: list[tuple[Path, float]]) -> None:
+    """The benchmark resamples a label's own values before ``> 0.4`` (the reference's rule, meant for 0/1
+    masks and class maps): a binary mask stored as 0/255 then spreads about a model pixel all round
+    (an audit saw 4x the lesion pixels). Said once, with the remedy, since the numbers change silently."""
+    if not found:
+        return
+    path, value = found[0]
+    codes = sorted({v for _, v in found})
+    logger.warning("%d label file(s) hold a single lesion value other than 1 (e.g. %s: 0/%g): the benchmark protocol "
+                   "resamples label values before thresholding at 0.4, as the reference does, so such a mask covers "
+                   "more than the same mask stored as 0/1 would; give --label-values %s to count it as 0/1",
+                   len(found), path, value, ",".join(f"{v:g}" for v in codes))
 
 
 BASELINES = ("bright", "dark", "median", "area")
@@ -675,6 +695,7 @@ def evaluate(out_dir: str | Path, mask_pattern: str, protocol: str = "native", o
     figures: list[tuple[dict[str, Any], Path | None]] = []  # (record, label file) of each case to draw
     label_of: dict[str, Path | None] = {}
     labels_found = 0  # label files the pattern found, usable or not
+    single_coded: list[tuple[Path, float]] = []
     for rec in records:
         try:
             label_path = find_mask(_case_of(rec), mask_pattern, required=required)
@@ -685,7 +706,7 @@ def evaluate(out_dir: str | Path, mask_pattern: str, protocol: str = "native", o
             if protocol == "native":
                 part = _native_case(out_dir, rec, label_path, values=ev.label_values)
             else:
-                part = _benchmark_case(out_dir, rec, label_path, ev.label_values)
+                part = _benchmark_case(out_dir, rec, label_path, ev.label_values, single_coded)
                 if baselines:
                     part = (*part, case_baselines(out_dir, rec))
         except (CondiffError, OSError, ValueError, KeyError) as exc:
@@ -711,6 +732,7 @@ def evaluate(out_dir: str | Path, mask_pattern: str, protocol: str = "native", o
     if not parts:
         return ev
     _warn_shared_labels(label_of)
+    _warn_single_coded(single_coded)
     lesions_of: dict[str, list[LesionDetection]] = {}  # per row: each case's lesion-wise counts at its threshold
 
     def with_lesion_f1(name: str, row: dict[str, float], case_maps: list | None = None) -> dict[str, float]:
@@ -758,8 +780,9 @@ def evaluate(out_dir: str | Path, mask_pattern: str, protocol: str = "native", o
     if bootstrap > 0:
         from .bootstrap import bootstrap as case_bootstrap
 
-        ev.intervals = case_bootstrap(_pooled_rows(protocol, parts, ev.rows, case_regions, lesions_of), bootstrap,
-                                      bootstrap_seed, progress=progress)
+        ev.intervals = case_bootstrap(_pooled_rows(protocol, parts, ev.rows, case_regions, lesions_of,
+                                                   None if threshold is None else threshold.value),
+                                      bootstrap, bootstrap_seed, progress=progress)
     case_threshold = m.threshold if threshold is None else threshold.value
     detections = (lesions_of["ensemble"] if threshold is None else
                   _lesion_counts(protocol, parts, case_regions, case_threshold, lesion_iou))
@@ -836,27 +859,28 @@ def _case_lesions(protocol: str, part: tuple, regions: np.ndarray, threshold: fl
 
 
 def _pooled_rows(protocol: str, parts: list[tuple], rows: list[tuple[str, dict]], case_regions: list[np.ndarray],
-                 lesions_of: dict) -> dict:
+                 lesions_of: dict, given: float | None = None) -> dict:
     """``bootstrap.PooledCases`` per bootstrapped row (ensemble first; members and baselines where
     the table has them), case by case, on exactly the pixels and samples of the table.
     ``case_regions``: each case's lesion ids, as the table labelled them; ``lesions_of``: each row's
-    per-case lesion-wise counts."""
+    per-case lesion-wise counts; ``given``: the --threshold whose Dice the ensemble row also bootstraps."""
     from .bootstrap import PooledCases
 
     names = [name for name, _ in rows]
     if protocol == "native":
         return {"ensemble": PooledCases([p[0] for p in parts], [p[1] for p in parts], case_regions,
                                         [p[2] for p in parts], [p[3] for p in parts],
-                                        lesion_counts=lesions_of.get("ensemble"))}
+                                        lesion_counts=lesions_of.get("ensemble"), given=given)}
     masks = [p[1] for p in parts]
     positive = [m.reshape(len(m), -1).any(axis=1) for m in masks]
 
-    def pooled(name: str, maps: list[np.ndarray], scores: list[np.ndarray] | None = None) -> PooledCases:
+    def pooled(name: str, maps: list[np.ndarray], scores: list[np.ndarray] | None = None,
+               given: float | None = None) -> PooledCases:
         if scores is None:  # slice_metrics' sample score: the map's mean over the slice
             scores = [m.reshape(len(m), -1).astype(np.float64).mean(axis=1) for m in maps]
-        return PooledCases(masks, maps, case_regions, positive, scores, lesion_counts=lesions_of.get(name))
+        return PooledCases(masks, maps, case_regions, positive, scores, lesion_counts=lesions_of.get(name), given=given)
 
-    out = {"ensemble": pooled("ensemble", [p[0] for p in parts], [p[2] for p in parts])}
+    out = {"ensemble": pooled("ensemble", [p[0] for p in parts], [p[2] for p in parts], given)}
     for name in names:
         if name.startswith("member ") and name[7:].isdigit():
             out[name] = pooled(name, [p[3][int(name[7:])] for p in parts])
@@ -870,15 +894,16 @@ def format_intervals(ev: Evaluation) -> list[str]:
     from .bootstrap import INTERVAL_KEYS
 
     iv = ev.intervals
+    keys = [*INTERVAL_KEYS, *(["dice_given"] if any("dice_given" in v for v in iv.rows.values()) else [])]
     names = list(iv.rows) + [f"ensemble - {name}" for name in iv.differences]
     width = max(14, *(len(n) + 2 for n in names))
     lines = ["", f"{iv.level:.0%} intervals over {iv.n} case resamples (bootstrap, seed {iv.seed}); "
                  "a difference whose interval excludes 0 is unlikely to be luck of the case draw",
-             f"{'':<{width}}" + "".join(f"{METRIC_LABELS[k]:>20}" for k in INTERVAL_KEYS)]
+             f"{'':<{width}}" + "".join(f"{METRIC_LABELS[k]:>20}" for k in keys)]
 
     def cells(values: dict[str, list[float]]) -> str:
-        return "".join(f"{'-':>20}" if np.isnan(values[k][0]) else f"  {values[k][0]:>7.4f} ..{values[k][1]:>8.4f}"
-                       for k in INTERVAL_KEYS)
+        return "".join(f"{'':>20}" if k not in values else f"{'-':>20}" if np.isnan(values[k][0]) else
+                       f"  {values[k][0]:>7.4f} ..{values[k][1]:>8.4f}" for k in keys)
 
     for name, values in iv.rows.items():
         lines.append(f"{name:<{width}}{cells(values)}")
@@ -912,7 +937,8 @@ def format_table(ev: Evaluation) -> str:
         lines += ["best Dice threshold chosen on the evaluated data (as the benchmark does)",
                   "Dice@5%FPR: the most pixels called at <= 5 % of normal pixels; AUPRO@30%: mean overlap per "
                   f"connected lesion, area to {AUPRO_MAX_FPR:.0%} FPR; lesion F1: lesions and called regions matched "
-                  f"at IoU >= {ev.lesion_iou:g}" + (" (Shifts' lesion F1)" if ev.lesion_iou == MIN_IOU else "")
+                  f"at IoU >= {ev.lesion_iou:g}" + (" (the Shifts MS track's matching; 26/8-connected, counts pooled over cases)"
+                                               if ev.lesion_iou == MIN_IOU else "")
                   + ", at each row's best-Dice thr"]
         if ev.given is not None:
             lines.append(f"Dice@given: threshold {ev.given.value:.6g} chosen outside these data ({ev.given.source})")

@@ -79,6 +79,25 @@ def test_a_reweighted_resample_equals_the_concatenated_cases(mult):
     assert counts[0] > 0 and abs(got["lesion_f1"] - shifts_f1(*counts)) <= 1e-12
 
 
+@pytest.mark.parametrize("given", [0.5, 0.51, 1.7, -1.0])  # a tied map value, between values, above all, below all
+@pytest.mark.parametrize("mult", [(1, 1, 1, 1), (2, 0, 1, 1), (0, 3, 0, 1)])
+def test_the_dice_at_a_given_threshold_is_resampled_as_metrics_dice_at_scores_it(mult, given):
+    """--threshold's Dice@given has a bootstrap interval too: each resample's value equals "score >= t"
+    counted on the concatenated cases (a float64 numpy count, the definition of metrics.dice_at)."""
+    cases = _cases(0)
+    masks, maps = [c[0] for c in cases], [c[1] for c in cases]
+    pooled = PooledCases(masks, maps, [lesion_regions(m, per_slice=True) for m in masks],
+                         [m.reshape(len(m), -1).any(1) for m in masks], [x.reshape(len(x), -1).mean(1) for x in maps],
+                         given=given)
+    y, s, *_ = _concatenated(cases, mult)
+    called = s >= given
+    want = 2.0 * np.sum(y & called) / (y.sum() + called.sum())
+    assert abs(pooled.metrics(np.array(mult))["dice_given"] - want) <= 1e-12
+    assert "dice_given" not in _pooled(cases).metrics(np.array(mult))  # only where a threshold was given
+    iv = bootstrap({"ensemble": pooled, "other": _pooled(cases)}, 30, seed=2)
+    assert "dice_given" in iv.rows["ensemble"] and "dice_given" not in iv.differences["other"]
+
+
 def test_a_resample_without_lesions_is_undefined_and_left_out():
     cases = _cases(1)
     alone = _pooled(cases).metrics(np.array([0, 4, 0, 0]))  # case 1 has no lesion
@@ -152,6 +171,17 @@ def test_condiff_eval_bootstrap_block_and_json(tmp_path):
             np.testing.assert_allclose(boot["rows"][name][k], ours["rows"][name][k], rtol=0, atol=1e-12)
     np.testing.assert_allclose(boot["differences_to_first_row"]["baseline: bright"]["aupro"],
                                ours["differences_to_first_row"]["baseline: bright"]["aupro"], rtol=0, atol=1e-12)
+    given = CliRunner().invoke(eval_main, [str(out), "--masks", "{dir}/{stem}_seg.nii.gz", "--protocol", "benchmark",
+                                           "--threshold", "0.05", "--bootstrap", "40"], catch_exceptions=False)
+    assert given.exit_code == 0, given.output
+    assert "Dice@given" in given.stdout.split("case resamples")[1]  # the interval block has the column
+    rows_given = {"ensemble": PooledCases(masks, maps, regions, positive, scores, given=0.05)}
+    np.testing.assert_allclose(json.loads((out / "metrics-benchmark.json").read_text())["bootstrap"]["rows"]
+                               ["ensemble"]["dice_given"],
+                               bootstrap(rows_given, 40, seed=0).rows["ensemble"]["dice_given"], rtol=0, atol=1e-12)
+    negative = CliRunner().invoke(eval_main, [str(out), "--masks", "{dir}/{stem}_seg.nii.gz", "--bootstrap", "5",
+                                              "--bootstrap-seed", "-1"])
+    assert negative.exit_code == 2 and "--bootstrap-seed" in negative.output  # a usage error, not a traceback
     plain = CliRunner().invoke(eval_main, [str(out), "--masks", "{dir}/{stem}_seg.nii.gz"], catch_exceptions=False)
     assert "intervals" not in plain.stdout
     assert json.loads((out / "metrics-native.json").read_text())["bootstrap"] is None

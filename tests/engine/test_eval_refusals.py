@@ -100,3 +100,30 @@ def test_a_photographs_map_with_nan_is_refused_naming_it(tmp_path):
     res = _eval(out, "--masks", "{dir}/{stem}_mask.png", "--no-overlays")
     assert res.exit_code == 1 and f"NOT EVALUATED eye0: {out / 'maps' / 'eye0.tiff'}: holds 25 NaN/Inf values" \
         in res.stderr, res.stderr
+
+
+def test_a_binary_mask_stored_as_0_255_is_warned_about_in_the_benchmark_and_label_values_makes_it_0_1(run, tmp_path):
+    """The benchmark resamples label values before '> 0.4' (the reference's rule): a 0/255 mask spreads
+    (metrics audit: 4x the lesion pixels) without a word. condiff-eval warns, naming --label-values 255,
+    which scores it exactly as the 0/1 mask; a 0/1 mask and a multi-class map are not warned about."""
+    import nibabel as nib
+
+    scans, out = run
+    for k in range(3):
+        img = nib.load(str(scans / f"case{k}_seg.nii.gz"))
+        coded = (np.asarray(img.dataobj) > 0).astype(np.float32) * 255
+        nib.save(nib.Nifti1Image(coded, img.affine), str(tmp_path / f"case{k}_m255.nii.gz"))
+    pattern = str(tmp_path / "{stem}_m255.nii.gz")
+
+    def positives(*extra):
+        res = _eval(out, "--masks", *extra, "--protocol", "benchmark", "--no-overlays")
+        assert res.exit_code == 0, res.output + res.stderr
+        return json.loads((out / "metrics-benchmark.json").read_text())["counts"]["positive_pixels"], res.stderr
+
+    plain, plain_err = positives(SEG)
+    spread, spread_err = positives(pattern)
+    chosen, chosen_err = positives(pattern, "--label-values", "255")
+    assert spread >= plain and chosen == plain  # these volumes are not resampled (the model's grid): equal here
+    assert "3 label file(s) hold a single lesion value other than 1" in spread_err
+    assert "--label-values 255" in spread_err
+    assert "single lesion value" not in plain_err + chosen_err
