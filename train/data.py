@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -165,7 +166,8 @@ def distinct_content(cases: Sequence[Case]) -> list[Case]:
     """``cases`` without byte-identical copies of an earlier case (sorted order; each dropped copy warned
     about). A copy under another name is another subject, so it could be held out for validation while
     its original trains, and a healing metric measured on it would be measured on training data. Only
-    files of equal size are hashed."""
+    files of equal size and equal first and last MiB (``_ends_digest``) are hashed whole, so a cohort of
+    uncompressed scans of one shape is not read in full at every start."""
     import stat
 
     by_size: dict[int, list[Case]] = {}
@@ -177,15 +179,17 @@ def distinct_content(cases: Sequence[Case]) -> list[Case]:
         if stat.S_ISREG(st.st_mode):  # a FIFO (size 0) would be opened and wait forever; its reader names it
             by_size.setdefault(st.st_size, []).append(case)
     copies: set[str] = set()
-    for group in by_size.values():
+    candidates: dict[tuple[int, str], list[Case]] = {}
+    for size, group in by_size.items():
+        if len(group) > 1:
+            for case in group:
+                candidates.setdefault((size, _readable(case, _ends_digest)), []).append(case)
+    for group in candidates.values():
         if len(group) < 2:
             continue
         first: dict[str, Case] = {}
         for case in group:
-            try:
-                digest = file_sha256(case.path)
-            except OSError as exc:
-                raise InputImageError(case.path, f"cannot be read ({exc.strerror or exc})") from exc
+            digest = _readable(case, file_sha256)
             if digest in first:
                 logger.warning("%s: the same bytes as %s; trained on once (a copy under another name would be "
                                "another subject, on either side of the --holdout split)", case.path, first[digest].path)
@@ -193,6 +197,25 @@ def distinct_content(cases: Sequence[Case]) -> list[Case]:
             else:
                 first[digest] = case
     return [c for c in cases if c.name not in copies]
+
+
+def _readable(case: Case, digest_of) -> str:
+    try:
+        return digest_of(case.path)
+    except OSError as exc:
+        raise InputImageError(case.path, f"cannot be read ({exc.strerror or exc})") from exc
+
+
+def _ends_digest(path: Path, span: int = 1 << 20) -> str:
+    """A digest of a file's first and last ``span`` bytes: files that differ there are no copies (scans of
+    one shape share a header, then differ within the first slices' voxels)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        h.update(f.read(span))
+        end = f.seek(0, os.SEEK_END)
+        f.seek(max(span, end - span))
+        h.update(f.read(span))
+    return h.hexdigest()
 
 
 def _file_identity(path: Path | None) -> list | None:

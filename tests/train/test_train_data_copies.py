@@ -63,3 +63,25 @@ def test_the_other_data_pool_warns_about_a_copy_once(tmp_path, caplog):
         pool = tdata.load_source_pool(tmp_path, 32, fov_mm=None)
     assert len(pool.images) > 0
     assert caplog.text.count("zcopy.nii.gz: the same bytes as") == 1, caplog.text
+
+
+def test_same_size_scans_are_hashed_whole_only_when_their_ends_agree(tmp_path, monkeypatch):
+    """Uncompressed scans of one shape all have one size: distinct ones are told apart by their first and
+    last MiB without a whole read; a copy, and a file that differs only in its middle, are hashed whole
+    (the whole digest decides: the middle-edited file is no copy)."""
+    rng = np.random.default_rng(0)
+    size = 3 << 20  # three MiB: a middle the ends' digest does not see
+    base = rng.integers(0, 256, size, dtype=np.uint8)
+    (tmp_path / "a.nii").write_bytes(base.tobytes())
+    (tmp_path / "b.nii").write_bytes(rng.integers(0, 256, size, dtype=np.uint8).tobytes())  # distinct
+    (tmp_path / "c.nii").write_bytes(base.tobytes())  # a copy of a
+    middle = base.copy()
+    middle[size // 2] ^= 1
+    (tmp_path / "d.nii").write_bytes(middle.tobytes())  # a's ends, another middle
+    whole = []
+    real = tdata.file_sha256
+    monkeypatch.setattr(tdata, "file_sha256", lambda path: whole.append(path.name) or real(path))
+    cases = [tdata.Case(name=p.stem, path=p, kind="volume") for p in sorted(tmp_path.glob("*.nii"))]
+    kept = tdata.distinct_content(cases)
+    assert [c.name for c in kept] == ["a", "b", "d"]
+    assert sorted(whole) == ["a.nii", "c.nii", "d.nii"]  # b's ends differ: never read whole
