@@ -20,7 +20,8 @@ import numpy as np
 
 from condiff.io.images import to_png8
 
-from .overlay import case_band, colour_bar, colour_scale, enlarge, map_on, mark_sides, scaled, text_band
+from .overlay import (case_band, colour_bar, colour_scale, display_transform, enlarge, map_on, mark_sides, scaled,
+                      show_slice, text_band)
 
 ROWS = 3
 MIN_PANEL = 360  # pixels: a panel's short side at least, by integer pixel replication
@@ -118,8 +119,11 @@ def _head(width: int, vmax: float, threshold: float | None, given: bool, case: s
 
 def volume_figure(image: np.ndarray, amap: np.ndarray, label: np.ndarray, slice_scores: dict[int, float],
                   k: int = ROWS, name=None, called: np.ndarray | None = None, threshold: float | None = None,
-                  given: bool = False, case: str | None = None, vmax: float | None = None) -> np.ndarray:
-    """uint8 (head + rows * (H' + band), 2 * W', 3) from canonical (R, A, S) arrays of one case (``image``
+                  given: bool = False, case: str | None = None, vmax: float | None = None, orientation: str = "RAS",
+                  voxel_mm: tuple[float, float, float] | None = None) -> np.ndarray:
+    """uint8 (head + rows * (H' + band), 2 * W', 3) from arrays of one case on the model contract's axes
+    (``orientation``, shown as ``overlay.display_transform`` says; ``voxel_mm`` their voxel sizes, so
+    anisotropic in-plane voxels are drawn in millimetre proportions) (``image``
     float, ``amap`` >= 0, ``label`` bool, ``called`` bool: the pixels called at ``threshold``, or None);
     grey from the 1st-99th percentile of the non-zero input, the map scaled to the case's largest value
     or to a fixed ``vmax`` (``condiff-eval --overlay-max``).
@@ -128,19 +132,36 @@ def volume_figure(image: np.ndarray, amap: np.ndarray, label: np.ndarray, slice_
     nonzero = image[image != 0]
     lo, hi = (np.percentile(nonzero, [1, 99]) if nonzero.size else (0.0, 1.0))
     top, case_max = colour_scale(amap, vmax)
-    side = min(image.shape[0], image.shape[1])
+    swap, _, _, marked = display_transform(orientation)
+    rows_cols = square_pixels((image.shape[1], image.shape[0]) if swap else image.shape[:2],
+                              None if voxel_mm is None else ((voxel_mm[1], voxel_mm[0]) if swap else voxel_mm[:2]))
+    side = min(len(rows_cols[0]), len(rows_cols[1]))
     parts = []
     for s in pick_slices(label, slice_scores, k):
-        def show(a):  # canonical (R->, A->) slice: anterior up, patient right on the right
-            return np.ascontiguousarray(np.swapaxes(a[:, :, s], 0, 1)[::-1])
+        def show(a):  # anterior up, patient right on the right; square millimetres
+            return np.ascontiguousarray(show_slice(a[:, :, s], orientation)[np.ix_(*rows_cols)])
         values = scaled(show(amap), top)
         row = _row(_grey(show(image), float(lo), float(hi)), values, show(label),
                    None if called is None else show(called), side)
         where = name(s) if name is not None else f"slice {s}"
         parts += [text_band([f"{where}: {int(label[:, :, s].sum())} label px, score {slice_scores[s]:.4g}"],
-                            row.shape[1], 2), mark_sides(row, 2)]
+                            row.shape[1], 2), mark_sides(row, 2) if marked else row]
     return np.concatenate([*_head(parts[1].shape[1], top, threshold, given, case,
                                   None if vmax is None else case_max), *parts], axis=0)
+
+
+def square_pixels(shape: tuple[int, int], pixel_mm: tuple[float, float] | None) -> tuple[np.ndarray, np.ndarray]:
+    """Row and column indices that show a ``shape`` slice of ``pixel_mm`` (rows, columns) pixels with square
+    pixels of the smaller size (nearest neighbour, so outlines stay crisp): 1 x 2 mm voxels are drawn twice
+    as wide, not squashed. None or equal sizes: every index once."""
+    if pixel_mm is None or not all(np.isfinite(pixel_mm)) or min(pixel_mm) <= 0 or pixel_mm[0] == pixel_mm[1]:
+        return np.arange(shape[0]), np.arange(shape[1])
+    unit = min(pixel_mm)
+    out = []
+    for n, mm in zip(shape, pixel_mm):
+        m = max(1, int(round(n * mm / unit)))
+        out.append(np.minimum(((np.arange(m) + 0.5) * n / m).astype(np.int64), n - 1))
+    return out[0], out[1]
 
 
 def image_figure(rgb01: np.ndarray, amap: np.ndarray, label: np.ndarray, called: np.ndarray | None = None,

@@ -340,9 +340,11 @@ def _volume_figure(rec: dict[str, Any], like, canon_label: np.ndarray, ornt: np.
         raise ValueError(f"input {rec['input']} is {image.shape}, its map {like.data.shape}: the input changed")
     geometry = rec.get("geometry") or {}
     name = (lambda s: slice_name(geometry, s)) if "ornt" in geometry else None
+    voxel_mm = geometry.get("voxel_size_mm")  # on the contract's axes
     return volume_figure(np.asarray(apply_orientation(image, ornt)), np.asarray(apply_orientation(like.data, ornt)),
                          canon_label, slice_scores, name=name, called=called, threshold=threshold, given=given,
-                         case=rec["case"], vmax=vmax)
+                         case=rec["case"], vmax=vmax, orientation=geometry.get("orientation", "RAS"),
+                         voxel_mm=None if voxel_mm is None else tuple(float(v) for v in voxel_mm))
 
 
 def _image_figure(rec: dict[str, Any], amap: np.ndarray, label: np.ndarray, called: np.ndarray | None = None,

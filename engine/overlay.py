@@ -91,13 +91,35 @@ def map_on(grey: np.ndarray, values01: np.ndarray) -> np.ndarray:
     return np.round(base * (1.0 - alpha) + ramp(v) * alpha).astype(np.uint8)
 
 
+def display_transform(orientation: str = "RAS") -> tuple[bool, bool, bool, bool]:
+    """How a slice of a model contract in ``orientation`` (rows along its first axis code, columns along
+    its second) is shown: (swap axes, flip rows, flip columns, L/R marked). Axial slices (third code S
+    or I): anterior up, patient right on image right (neurological); coronal: superior up, right on the
+    right; sagittal: superior up, anterior left. L/R markers only where the columns run left-right."""
+    code = str(orientation).upper()
+    plane = code[:2]
+    vertical = next(c for c in plane if c in ("AP" if code[2] in "SI" else "SI"))
+    horizontal = plane[1 - plane.index(vertical)]
+    return plane.index(vertical) == 1, vertical in "AS", horizontal in "LA", horizontal in "LR"
+
+
+def show_slice(a: np.ndarray, orientation: str = "RAS") -> np.ndarray:
+    """``a`` ``(H, W[, C])``, a slice of the contract's grid, as ``display_transform`` shows it."""
+    swap, flip_rows, flip_cols, _ = display_transform(orientation)
+    a = np.swapaxes(a, 0, 1) if swap else a
+    a = a[::-1] if flip_rows else a
+    return np.ascontiguousarray(a[:, ::-1] if flip_cols else a)
+
+
 def overlay_image(slices: np.ndarray, restorations: np.ndarray, maps: np.ndarray, scores: np.ndarray,
-                  kind: str = "volume", k: int = N_ROWS, vmax: float | None = None) -> np.ndarray:
+                  kind: str = "volume", k: int = N_ROWS, vmax: float | None = None,
+                  orientation: str = "RAS") -> np.ndarray:
     """uint8 ``(rows * f·H, 4 * f·W, 3)`` for the top ``k`` slices; f = ceil(MIN_PANEL / min(H, W)) or 1.
 
     ``slices``, ``restorations``: ``(S, C, H, W)`` in the model's range ([0, 1] for MRI volumes,
     [-1, 1] for RGB images); ``maps``: ``(S, H, W)``; ``scores``: ``(S,)``; ``vmax``: a fixed top of
-    the colour scale (``colour_scale``), else the case's largest map value.
+    the colour scale (``colour_scale``), else the case's largest map value; ``orientation``: the model
+    contract's (``display_transform``).
     """
     lo, hi = (0.0, 1.0) if kind == "volume" else (-1.0, 1.0)
     vmax, _ = colour_scale(maps, vmax)
@@ -106,8 +128,8 @@ def overlay_image(slices: np.ndarray, restorations: np.ndarray, maps: np.ndarray
         values = scaled(maps[i], vmax)
         grey = _grey(slices[i], lo, hi)
         panels = [grey, _grey(restorations[i], lo, hi), ramp(values), map_on(grey, values)]
-        if kind == "volume":  # canonical (R->, A->) slice: show anterior up, patient right on the right
-            panels = [np.ascontiguousarray(np.swapaxes(p, 0, 1)[::-1]) for p in panels]
+        if kind == "volume":  # a contract slice: anterior up, patient right on the right (display_transform)
+            panels = [show_slice(p, orientation) for p in panels]
         rows.append(np.concatenate(panels, axis=1))
     return enlarge(np.concatenate(rows, axis=0), min(maps.shape[-2:]))
 
@@ -240,13 +262,14 @@ def case_band(case: str, width: int) -> np.ndarray:
 
 def labelled_overlay(slices, restorations, maps, scores, kind: str = "volume", k: int = N_ROWS,
                      row_names: list[str] | None = None, case: str | None = None,
-                     vmax: float | None = None) -> np.ndarray:
+                     vmax: float | None = None, orientation: str = "RAS") -> np.ndarray:
     """``overlay_image`` under a header band naming ``case`` (when given), the ``colour_bar`` and a title
     band (what each panel is: the first, the model input at the model's image size), and above each row
     a band naming its slice (``row_names[i]``, else its position in ``slices``) and score. The panels
     are ``overlay_image``'s, pixel for pixel, except the side markers of MRI panels (``mark_sides``).
     ``vmax``: a fixed top of the colour scale (the bar then says so and gives the case's maximum)."""
-    grid = overlay_image(slices, restorations, maps, scores, kind=kind, k=k, vmax=vmax)
+    grid = overlay_image(slices, restorations, maps, scores, kind=kind, k=k, vmax=vmax, orientation=orientation)
+    marked = kind == "volume" and display_transform(orientation)[3]
     order = top_slices(scores, k)
     width, rows = grid.shape[1], len(order)
     row_h = grid.shape[0] // max(rows, 1)
@@ -260,17 +283,18 @@ def labelled_overlay(slices, restorations, maps, scores, kind: str = "volume", k
         where = row_names[i] if row_names is not None else f"{'slice' if kind == 'volume' else 'image'} {int(i)}"
         parts.append(text_band([f"{where}   score {float(scores[i]):.4g}   (rank {r + 1})"], width, 4))
         row = grid[r * row_h:(r + 1) * row_h]
-        parts.append(mark_sides(row, 4) if kind == "volume" else row)
+        parts.append(mark_sides(row, 4) if marked else row)
     return np.concatenate(parts, axis=0)
 
 
 def overlay_png(slices, restorations, maps, scores, kind: str = "volume", k: int = N_ROWS,
-                row_names: list[str] | None = None, case: str | None = None, vmax: float | None = None) -> bytes:
+                row_names: list[str] | None = None, case: str | None = None, vmax: float | None = None,
+                orientation: str = "RAS") -> bytes:
     """PNG bytes of ``labelled_overlay``."""
     return png_bytes(labelled_overlay(slices, restorations, maps, scores, kind=kind, k=k, row_names=row_names,
-                                      case=case, vmax=vmax))
+                                      case=case, vmax=vmax, orientation=orientation))
 
 
-__all__ = ["overlay_image", "labelled_overlay", "slice_name", "input_slice_names", "text_band", "overlay_png",
+__all__ = ["display_transform", "show_slice", "overlay_image", "labelled_overlay", "slice_name", "input_slice_names", "text_band", "overlay_png",
            "top_slices", "map_on", "ramp", "enlarge", "colour_bar", "bar_span", "mark_sides", "side_letter",
            "case_band", "colour_scale", "scaled"]

@@ -166,7 +166,8 @@ def write_case_files(out_dir: Path, plan: CasePlan, *, kind: str, prepared, sour
     written["overlay"] = write_output(out_dir, outs["overlay"],
                                       overlay_png(prepared.slices, restorations, maps, scores, kind=kind,
                                                   row_names=input_slice_names(prepared.geometry),
-                                                  case=plan.case.name, vmax=overlay_max))
+                                                  case=plan.case.name, vmax=overlay_max,
+                                                  orientation=prepared.geometry.get("orientation", "RAS")))
     if "model_space" in outs:
         written["model_space"] = write_output(out_dir, outs["model_space"], npz_bytes(model_space or {}))
     return written

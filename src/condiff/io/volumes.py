@@ -249,6 +249,12 @@ def _warn_geometry(path: Path, header, affine: np.ndarray) -> None:
         sform, scode = header.get_sform(coded=True)
     except Exception:  # a header nibabel cannot decode both forms of: nothing to compare
         return
+    if not qcode and not scode:  # ANALYZE-style: nibabel falls back to pixdim with x running to the LEFT
+        logger.warning("%s: no orientation in its header (qform_code and sform_code are both 0): its voxel axes "
+                       "are taken as nibabel's fallback (x towards the patient's left, y anterior, z superior), so "
+                       "left and right, and which axis is sliced, may be wrong; set the orientation in the header "
+                       "(the converter that made the file, or fslorient)", path)
+        return
     if qform is None or sform is None or not qcode or not scode:
         return
     shape = np.asarray(header.get_data_shape()[:3] + (1,) * (3 - len(header.get_data_shape()[:3])), dtype=np.float64)
@@ -444,6 +450,8 @@ def nifti_bytes_like(data: np.ndarray, reference: Volume, dtype=np.float32, desc
     stored = tuple(hdr.get_data_shape())
     if len(stored) == 2 and data.shape[2:] == (1,) and stored == data.shape[:2]:
         shape = stored  # a 2-D input gets a 2-D map
+    elif len(stored) > 3 and stored[:3] == data.shape and all(n == 1 for n in stored[3:]):
+        shape = stored  # (X, Y, Z, 1) in, (X, Y, Z, 1) out: the input's shape, as the README says
     arr = np.asarray(data, dtype=dtype).reshape(shape)
     pixdim = hdr["pixdim"].copy()
     hdr.set_data_shape(shape)
