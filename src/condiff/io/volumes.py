@@ -243,7 +243,8 @@ def _warn_geometry(path: Path, header, affine: np.ndarray) -> None:
     tilt = float(np.degrees(np.max(np.abs(obliquity(affine)))))
     if tilt > OBLIQUE_WARN_DEG:
         logger.warning("%s: oblique scan (voxel axes up to %.0f degrees from the nearest anatomical axes): "
-                       "slices are cut along the voxel grid, not axial planes", path, tilt)
+                       "slices are cut along the voxel grid, so the models see the brain tilted or rotated as stored (they "
+                       "were trained on unrotated brains)", path, tilt)
     try:
         qform, qcode = header.get_qform(coded=True)
         sform, scode = header.get_sform(coded=True)
