@@ -655,7 +655,7 @@ def test_distinct_content_hashes_only_equal_sizes_and_keeps_the_first(tmp_path, 
     real = tdata.file_sha256
     monkeypatch.setattr(tdata, "file_sha256", lambda p: hashed.append(Path(p).name) or real(p))
     assert [c.name for c in tdata.distinct_content(cases)] == ["a", "b", "d"]
-    assert sorted(hashed) == ["a.nii.gz", "b.nii.gz", "c.nii.gz"]
+    assert sorted(hashed) == ["a.nii.gz", "c.nii.gz"]  # b: same size, other bytes at its ends: never read whole
 
 
 def test_a_bids_datasets_derivatives_sourcedata_and_code_are_not_trained_on(tmp_path):
