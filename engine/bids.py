@@ -31,7 +31,7 @@ DATATYPES = ("anat", "func", "dwi", "fmap", "perf", "pet")
 RESERVED_FOLDERS = BIDS_RESERVED_FOLDERS  # never inputs in a BIDS dataset (skipped at a dataset's root by any layout)
 EXCLUDE = BIDS_EXCLUDE
 BIDSIGNORE = ("overlays/", "records/", "model_space/", "eval-overlays/", "cases.csv", "scores.csv", "run*.json",
-              "condiff.log", "metrics-*", ".condiff.lock*")
+              "condiff.log", "metrics-*", ".condiff.lock*", ".condiff-eval.lock")
 _ENTITY = re.compile(r"^([a-z]+)-([a-zA-Z0-9]+)$")
 _SUFFIX = re.compile(r"^[a-zA-Z0-9]+$")
 

@@ -264,6 +264,7 @@ def _infer(inputs, output, models, engine, device, precision, batch_size, fast_k
             pipeline.load_denoisers(ctx)
             writer.ensure_writable(output)
             with lock:
+                _check_folder_consistency(output, cases, ctx, resume)  # again: a run may have finished meanwhile
                 return _run(cases, ctx, shard_t, arguments, progress, n_all, all_names=all_names,
                             run_info={"excluded_inputs": [p.as_posix() for p in excluded]})
         run_info: dict = {"excluded_inputs": [p.as_posix() for p in excluded], "ray": {}}
@@ -279,6 +280,7 @@ def _infer(inputs, output, models, engine, device, precision, batch_size, fast_k
 
             writer.ensure_writable(output)
             with lock:
+                _check_folder_consistency(output, cases, ctx, resume)  # again: a run may have finished meanwhile
                 return _run(cases, ctx, shard_t, arguments, progress, n_all, process, run_info, all_names=all_names)
         finally:
             if started:
@@ -424,7 +426,8 @@ def _foreign_records(output: Path, ctx) -> list:
 
 
 def _check_folder_consistency(output: Path, cases, ctx, resume: bool) -> None:
-    """Before any network loads (the records read once): exit 2 when the output folder holds finished
+    """Before any network loads, and again once the folder's lock is held (a run that held it while this
+    one loaded its models may have written another method's cases): exit 2 when the output folder holds finished
     cases of another method (``--overwrite`` replaces them in ``_run``; failed ones hold no result to
     pool), this run's input files under other case names (they would be counted twice, whatever
     ``--overwrite`` says), or a case name made from another file (``--overwrite`` replaces it)."""
@@ -549,11 +552,21 @@ def _dry_run(cases, ctx, n_all: int, shard_t, excluded=()) -> int:
 def _merge(out_dir: Path) -> int:
     from condiff.errors import OutputConflictError
 
+    from .evaluate import unfinished_runs
+
     from . import writer
 
     if not (out_dir / "records").is_dir():
         raise OutputConflictError(out_dir, "has no records/ folder", "give the -o folder of a condiff-infer run")
     _check_merge_single_method(out_dir)
+    from condiff.io.lock import lock_holders
+
+    whole = [(holder, state) for name, holder, state in lock_holders(out_dir) if name == ".condiff.lock"]
+    if whole and whole[0][1] != "stale":  # the tables are that run's to write: two writers would race
+        click.echo(f"condiff-infer --merge: {out_dir / '.condiff.lock'}: a whole-folder run ({whole[0][0] or 'unknown'}) "
+                   "is writing this folder and its tables now; nothing was merged. Run --merge after it finishes "
+                   "(if no run is active, delete the lock)", err=True)
+        return EXIT_FAILED
     writer.clean_orphans(out_dir, dead_writers_only=True)
     counts = writer.rebuild_tables(out_dir)
     records = writer.load_records(out_dir)
@@ -563,21 +576,11 @@ def _merge(out_dir: Path) -> int:
         write_sidecars(out_dir, records)
     click.echo(f"condiff-infer --merge: {counts.get('ok', 0)} ok, {counts.get('failed', 0)} failed -> "
                f"{out_dir / 'cases.csv'}, {out_dir / 'scores.csv'}")
-    unfinished = unfinished_run_locks(out_dir)
-    for line in unfinished:
-        click.echo(f"warning: {line}", err=True)
+    # shards that never ran (or still run), interrupted runs, locks of killed or live runs: the tables lack cases
+    unfinished = unfinished_runs(out_dir, "from the tables")
+    for what, why in unfinished:
+        click.echo(f"warning: {out_dir / what if what.startswith(('run', '.condiff')) else what}: {why}", err=True)
     return EXIT_FAILED if counts.get("failed") or unfinished else EXIT_OK
-
-
-def unfinished_run_locks(out_dir: Path) -> list[str]:
-    """The folder's run locks in words: a stale one is a run killed before it finished (its cases are
-    missing until it is rerun), a live one a run writing there now."""
-    from condiff.io.lock import lock_holders
-
-    from .evaluate import unfinished_lock_text
-
-    return [f"{out_dir / name}: {unfinished_lock_text(out_dir, name, holder, state, 'from the tables')}"
-            for name, holder, state in lock_holders(out_dir)]
 
 
 # ----------------------------------------------------------------------------------------- eval
@@ -648,10 +651,11 @@ def _eval(out_dir: Path, mask_pattern: str, protocol: str, missing_label: str, l
     from tqdm import tqdm
 
     from condiff.io.atomic import write_json_atomic, write_text_atomic
+    from condiff.io.lock import EvalLock
 
     from .evaluate import cases_csv, evaluate, format_table, read_given_threshold, table_csv
 
-    with logging_to(verbose, echo=_echo_err):
+    with logging_to(verbose, echo=_echo_err), EvalLock(out_dir):
         if baselines and protocol != "benchmark":
             raise click.UsageError("--baselines needs --protocol benchmark (the baselines are scored on the "
                                    "model-space slices that --save-model-space writes)")

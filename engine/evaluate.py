@@ -426,10 +426,10 @@ def other_maps(given: GivenThreshold, provenance: dict[str, Any]) -> list[str]:
     return diff
 
 
-def _unfinished_runs(out_dir: Path) -> list[tuple[str, str]]:
+def unfinished_runs(out_dir: Path, where: str = "from these metrics") -> list[tuple[str, str]]:
     """What the folder's run files say is missing: a condiff-infer run that was interrupted, or shards of
     a split (``run.I-of-N.json``) that never ran here (unless a whole-folder run finished after them),
-    whose cases would silently be absent from the metrics."""
+    whose cases would silently be absent from the metrics (``--merge``: ``where`` "from the tables")."""
     import json
     import re
 
@@ -450,7 +450,7 @@ def _unfinished_runs(out_dir: Path) -> list[tuple[str, str]]:
                    else f"stopped early ({doc.get('stopped') or 'see its log'})")
             names = f" ({', '.join(left[:5])}{', ...' if len(left) > 5 else ''})" if left else ""
             notes.append((path.name, f"condiff-infer {why} before every case finished: {len(left) or 'the'} "
-                                     f"case(s) it did not finish{names} are missing from these metrics"))
+                                     f"case(s) it did not finish{names} are missing {where}"))
         if m.group(1) is None:
             whole_done = None if doc.get("interrupted") or left else path.stat().st_mtime
         else:
@@ -459,13 +459,13 @@ def _unfinished_runs(out_dir: Path) -> list[tuple[str, str]]:
         if whole_done is not None and whole_done >= max(shards.values()):
             continue  # a whole-folder run finished after the split's shards: it did every case
         notes += [(f"shard {i}/{n}", f"has not run into this folder (no run.{i}-of-{n}.json): its cases are missing "
-                                     f"from these metrics; run condiff-infer --shard {i}/{n} -o {out_dir}")
+                                     f"{where}; run condiff-infer --shard {i}/{n} -o {out_dir}")
                   for i in range(n) if i not in shards]
     from condiff.io.lock import lock_holders
 
     # a run killed by SIGKILL (out of memory, a node lost) writes no run.json: its lock stays behind
     for name, holder, state in lock_holders(out_dir):
-        notes.append((name, unfinished_lock_text(out_dir, name, holder, state, "from these metrics")))
+        notes.append((name, unfinished_lock_text(out_dir, name, holder, state, where)))
     return [(what, why + (" (rerun condiff-infer to finish them)" if what.startswith("run") else ""))
             for what, why in notes]
 
@@ -670,6 +670,8 @@ def evaluate(out_dir: str | Path, mask_pattern: str, protocol: str = "native", o
     required = missing_label == "error"
     out_dir = Path(out_dir)
     clean_orphans(out_dir, dead_writers_only=True)  # a killed eval's (or run's) temporary files
+    # before the records: a run that finishes in between is then seen as unfinished, never as a whole folder
+    unfinished = unfinished_runs(out_dir)
     every = load_records(out_dir)
     records = [r for r in every if r.get("status") == "ok"]
     if not records:
@@ -690,7 +692,7 @@ def evaluate(out_dir: str | Path, mask_pattern: str, protocol: str = "native", o
         if rec.get("status") != "ok":
             ev.failures.append((rec.get("case", "?"), f"condiff-infer failed on it ({rec.get('error_type') or 'error'}: "
                                                       f"{rec.get('error') or 'see its record'}): no map to evaluate"))
-    ev.failures += _unfinished_runs(out_dir)
+    ev.failures += unfinished
     parts: list[tuple] = []
     scores_of: list[float] = []
     without_label: list[str] = []

@@ -354,6 +354,12 @@ def _read_case(case: Case, ctx: RunContext, mask_path: Path | None):
     return source, mask, prepared, info
 
 
+def _identity(path: Path) -> tuple[int, int, int, int]:
+    """What changes when a file is replaced (inode) or rewritten (size, modification time)."""
+    st = os.stat(path)
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
 def _point_record_at(ctx: RunContext, plan: CasePlan, case: Case, mask_path: Path | None) -> None:
     """A finished case whose input (or mask) was found at a new path, same bytes (a moved cohort): its record
     then names where the files are now, which condiff-eval reads (the brain mask, the scan's own foreground)."""
@@ -366,12 +372,14 @@ def _point_record_at(ctx: RunContext, plan: CasePlan, case: Case, mask_path: Pat
 def _prepare(case: Case, ctx: RunContext) -> _Pending | CaseOutcome:
     """Digest, resume check, read, preprocess. Returns the pending case or its final outcome."""
     plan = plan_case(case, ctx.options)
-    input_sha = mask_path = mask_sha = None
+    input_sha = mask_path = mask_sha = mask_before = None
     try:
         check_output_names(plan)
+        before = _identity(case.path)  # the digest must name the bytes read (a file replaced meanwhile: failed)
         input_sha = sha256_path(case.path)
         if takes_mask(case, ctx.mask_pattern):
             mask_path = resolve_mask_path(case, ctx.mask_pattern)
+            mask_before = None if mask_path is None else _identity(mask_path)
             mask_sha = None if mask_path is None else sha256_path(mask_path)
         if ctx.resume:
             reason = resume_check(ctx.out_dir, plan, input_sha256=input_sha, mask_sha256=mask_sha,
@@ -383,6 +391,11 @@ def _prepare(case: Case, ctx: RunContext) -> _Pending | CaseOutcome:
                 return CaseOutcome(case, "skipped")
             logger.debug("case %s: recomputing (%s)", case.name, reason)
         source, mask, prepared, info = read_case(case, ctx, mask_path)
+        for path, seen in ((case.path, before), (mask_path, mask_before)):
+            if path is not None and _identity(path) != seen:
+                raise InputImageError(path, "changed while it was being read (replaced or rewritten during the run): "
+                                            "its digest and the voxels analysed could differ",
+                                      "Rerun when nothing is writing the file")
     except Exception as exc:
         return _fail(ctx, case, plan, exc, input_sha, mask_path, mask_sha)
     remove_outputs(ctx.out_dir, plan)  # no stale record or file may outlive the outputs we are about to replace

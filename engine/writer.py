@@ -224,7 +224,7 @@ TEMP_GRACE_S = 600.0  # a temporary file younger than this may belong to a live 
 def clean_orphans(out_dir: Path, dead_writers_only: bool = False) -> int:
     """Remove temporary files a killed run left in the output folder. A whole-folder run, which holds the
     folder alone, removes every one in the case output folders; elsewhere (the folder's top level and
-    ``eval-overlays/``, which condiff-eval writes without a lock) and with ``dead_writers_only`` (a shard,
+    ``eval-overlays/``, which condiff-eval writes without the run's lock) and with ``dead_writers_only`` (a shard,
     ``--merge``, condiff-eval: other runs may be writing) only those whose writer process has exited and
     that are older than ``TEMP_GRACE_S``. Returns how many were removed."""
     import re
@@ -263,7 +263,9 @@ def clean_orphans(out_dir: Path, dead_writers_only: bool = False) -> int:
     for p in out_dir.glob(".*.tmp"):
         m = TEMP_NAME.fullmatch(p.name)
         tables = m is not None and re.fullmatch(r"cases\.csv|scores\.csv|run(?:\.\d+-of-\d+)?\.json", m.group("final"))
-        if (tables and not dead_writers_only) or writer_gone(p):  # the tables are a whole-folder run's alone
+        # the tables are a whole-folder run's alone, but a --merge begun before it took the lock may still write
+        pid = temp_writer_pid(p.name)
+        if (tables and not dead_writers_only and pid is not None and process_exited(pid)) or writer_gone(p):
             n += remove(p)
     if n:
         logger.info("removed %d temporary files left by an interrupted run", n)

@@ -322,8 +322,6 @@ def train_command(**kw) -> int:
     before anything is created; then ``OUT/train`` is locked (rank 0), since two trainings of one output
     folder would overwrite each other's checkpoints. A configuration or data error before any fold trains
     removes what this run created (OUT or OUT/train, with the cache in it); folders that existed stay."""
-    import shutil
-
     from condiff.errors import CondiffError
     from condiff.io.lock import OutputLock
     from condiff.train import data as tdata
@@ -354,17 +352,33 @@ def train_command(**kw) -> int:
     create_folder(out / "train")
     clean_up = False
     try:
-        with OutputLock(out / "train"):  # held elsewhere: exit 2 here, and nothing is cleaned up
+        with OutputLock(out / "train") as lock:  # held elsewhere: exit 2 here, and nothing is cleaned up
             try:
                 return _train_command(**kw, run=run)
             except CondiffError:
                 # A configuration or data error before any training: leave nothing behind that this run
                 # made (OUT/train and the cache in it); a folder that existed before is never touched.
                 clean_up = created is not None and not run["trained"]
+                if clean_up:  # the files while the lock is held; the folders once it is released
+                    _remove_files_but(created, lock.path)
                 raise
     finally:
-        if clean_up:  # after the lock is released, so its own file goes too
-            shutil.rmtree(created, ignore_errors=True)
+        if clean_up:  # only folders left empty: a training that took the lock meanwhile keeps its own
+            _remove_empty_folders(created)
+
+
+def _remove_files_but(root: Path, keep: Path) -> None:
+    for path in sorted(root.rglob("*"), reverse=True):
+        if path != keep and (path.is_file() or path.is_symlink()):
+            path.unlink(missing_ok=True)
+
+
+def _remove_empty_folders(root: Path) -> None:
+    for folder in sorted((p for p in root.rglob("*") if p.is_dir() and not p.is_symlink()), reverse=True) + [root]:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (another run's files), or gone
+            pass
 
 
 def _train_command(data: str, mask_pattern: str | None, modality: str, image_size: int, fov_mm: float | None,

@@ -36,13 +36,11 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        import os
-        os.fsync(f.fileno())
-    tmp.replace(path)
+    """``io.atomic``'s write: a temporary name of this process alone (pid + random, O_EXCL), never a fixed
+    ``.NAME.tmp`` two writers could share."""
+    from condiff.io.atomic import write_bytes_atomic
+
+    write_bytes_atomic(path, data)
 
 
 def canonical_safetensors(blob: bytes) -> bytes:

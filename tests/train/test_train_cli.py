@@ -721,3 +721,31 @@ def test_listing_training_data_never_opens_a_fifo(tmp_path, fails_instead_of_han
     with fails_instead_of_hanging(20):
         names = [c.name for c in tdata.list_cases(tmp_path)]
     assert names == ["dangling", "empty", "zz_fifo"]
+
+
+def test_a_failed_training_removes_its_folder_but_not_a_rival_that_took_the_lock_meanwhile(three_dir, tmp_path,
+                                                                                            monkeypatch):
+    """A failed run removed the folder it made after releasing its lock (so the lock file went too): a
+    training that took the lock in that gap lost its files (concurrency audit). Files go under the lock;
+    afterwards only folders left empty."""
+    from _train_helpers import phantom_volume
+    from condiff.io import lock as locks
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for f in three_dir.iterdir():
+        (data / f.name).symlink_to(f)
+    phantom_volume(data / "zbad.nii.gz", nan=True)
+    out = tmp_path / "set"
+    real_release = locks.OutputLock.release
+
+    def rival_takes_it(self):  # another training takes the lock as soon as this one lets it go
+        real_release(self)
+        if self.path.parent == out / "train":
+            (out / "train" / "rival-checkpoint.pt").write_text("theirs")
+
+    monkeypatch.setattr(locks.OutputLock, "release", rival_takes_it)
+    code, output = _run(*_tiny(data, out), "--holdout", 1, "--max-steps", 1)
+    assert code == 2 and "zbad.nii.gz" in output, output
+    assert (out / "train" / "rival-checkpoint.pt").read_text() == "theirs"
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == ["train", "train/rival-checkpoint.pt"]
