@@ -6,6 +6,7 @@ finite (a diverged training leaves NaN/Inf).
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -180,11 +181,12 @@ class ModelSet:
     def image_channels(self) -> int:
         return self.configs[0].image_channels
 
-    @property
+    @functools.cached_property
     def network_digest(self) -> str:
         """A digest of the members' network configurations (config.json's ``unet``), which the set digest
         (set.json's bytes, holding the weights' digests) does not cover: a config edited in place changes
-        the network the same weights make, so results made before are not current."""
+        the network the same weights make, so results made before are not current. Computed once (every
+        case's resume check asks; the configs are read once, when the set is opened)."""
         doc = json.dumps([c.unet.to_dict() for c in self.configs], sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(doc.encode()).hexdigest()
 
