@@ -172,6 +172,7 @@ def _infer(inputs, output, models, engine, device, precision, batch_size, fast_k
     precision = resolve_precision(precision, engine)
     arguments = {k: _jsonable(v) for k, v in locals().items() if k not in ("discover", "pipeline", "planning", "writer", "resolve_precision",
                                                                       "DEFAULT_EXCLUDE", "absolute_cases")}
+    t_entry = time.perf_counter()  # run.json's startup_s: discovery, folder checks, space estimate, model load
     if quiet and verbose:
         raise click.UsageError("-q/--quiet and -v/--verbose contradict each other: give one")
     with logging_to(verbose, echo=_echo_err, quiet=quiet, backlog=True):
@@ -266,7 +267,7 @@ def _infer(inputs, output, models, engine, device, precision, batch_size, fast_k
             with lock:
                 _check_folder_consistency(output, cases, ctx, resume)  # again: a run may have finished meanwhile
                 return _run(cases, ctx, shard_t, arguments, progress, n_all, all_names=all_names,
-                            run_info={"excluded_inputs": [p.as_posix() for p in excluded]})
+                            run_info={"excluded_inputs": [p.as_posix() for p in excluded]}, t_entry=t_entry)
         run_info: dict = {"excluded_inputs": [p.as_posix() for p in excluded], "ray": {}}
         # an unreachable cluster, or one without the --device asked for, is exit 2 before any output
         started = distributed.connect(ray_address, quiet=arguments["quiet"])
@@ -281,14 +282,15 @@ def _infer(inputs, output, models, engine, device, precision, batch_size, fast_k
             writer.ensure_writable(output)
             with lock:
                 _check_folder_consistency(output, cases, ctx, resume)  # again: a run may have finished meanwhile
-                return _run(cases, ctx, shard_t, arguments, progress, n_all, process, run_info, all_names=all_names)
+                return _run(cases, ctx, shard_t, arguments, progress, n_all, process, run_info, all_names=all_names,
+                            t_entry=t_entry)
         finally:
             if started:
                 distributed.disconnect()
 
 
 def _run(cases, ctx, shard_t, arguments, progress: bool, n_all: int, process=None, run_info=None,
-         all_names: set[str] | None = None) -> int:
+         all_names: set[str] | None = None, t_entry: float | None = None) -> int:
     from tqdm import tqdm
 
     from . import bids, pipeline, writer
@@ -321,6 +323,7 @@ def _run(cases, ctx, shard_t, arguments, progress: bool, n_all: int, process=Non
 
     def on_outcome(o: pipeline.CaseOutcome) -> None:
         reported.append(o)
+        bar.set_postfix_str(f"cases {len(reported)}/{len(cases)}", refresh=False)  # the total grows by groups
         if o.status == "failed" and o.error_type != "NotFinished":  # those are summed up once, below
             _echo_err(f"FAILED {o.case.name}: {o.error}")
 
@@ -371,7 +374,8 @@ def _run(cases, ctx, shard_t, arguments, progress: bool, n_all: int, process=Non
             "shard": None if shard_t is None else list(shard_t),
             "started": started.isoformat(timespec="seconds"),
             "finished": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "timings_s": {"total": elapsed, **{k: v for k, v in st.to_dict().items() if k.endswith("_s")}},
+            "timings_s": {"total": elapsed, **{k: v for k, v in st.to_dict().items() if k.endswith("_s")},
+                          **({} if t_entry is None else {"startup_s": t0 - t_entry})},
             "throughput": {"slices": st.n_slices, "unet_evaluations": st.n_unet_evals,
                            "slices_per_s": st.n_slices / st.infer_s if st.infer_s else None,
                            "unet_evaluations_per_s": st.n_unet_evals / st.infer_s if st.infer_s else None},
