@@ -426,6 +426,13 @@ def other_maps(given: GivenThreshold, provenance: dict[str, Any]) -> list[str]:
     return diff
 
 
+def _has_label(rec: dict[str, Any], mask_pattern: str) -> bool:
+    try:
+        return find_mask(_case_of(rec), mask_pattern, required=False) is not None
+    except (CondiffError, OSError, ValueError, KeyError):
+        return True  # a case the loop will name with its own error
+
+
 def unfinished_runs(out_dir: Path, where: str = "from these metrics") -> list[tuple[str, str]]:
     """What the folder's run files say is missing: a condiff-infer run that was interrupted, or shards of
     a split (``run.I-of-N.json``) that never ran here (unless a whole-folder run finished after them),
@@ -693,6 +700,12 @@ def evaluate(out_dir: str | Path, mask_pattern: str, protocol: str = "native", o
             ev.failures.append((rec.get("case", "?"), f"condiff-infer failed on it ({rec.get('error_type') or 'error'}: "
                                                       f"{rec.get('error') or 'see its record'}): no map to evaluate"))
     ev.failures += unfinished
+    if not required and not any(_has_label(r, mask_pattern) for r in records):
+        # --missing-label normal and no label file for any case: a mistyped --masks, said once, before any
+        # map is read (at 4,000 cases the maps were all scored first, then 4,000 identical lines printed)
+        ev.failures.append((f"all {len(records)} cases", f"no label file matches --masks {mask_pattern!r} for any case "
+                                                           "(a mistyped pattern?): nothing to evaluate against"))
+        return ev
     parts: list[tuple] = []
     scores_of: list[float] = []
     without_label: list[str] = []

@@ -856,7 +856,8 @@ def test_label_values_that_no_label_holds_are_warned_about(run, tmp_path):
 def test_an_all_healthy_evaluation_says_why_its_metrics_are_undefined_and_what_to_give(run, tmp_path):
     out = _copy(run, tmp_path)
     res = _eval(out, "--masks", "{dir}/{stem}_nolabel.nii.gz", "--missing-label", "normal", "--no-overlays")
-    assert res.exit_code == 1  # no case has a label file: a mistyped pattern
+    assert res.exit_code == 1  # no case has a label file: a mistyped pattern, said once
+    assert res.stderr.count("NOT EVALUATED") == 1 and "NOT EVALUATED all 3 cases: no label file matches" in res.stderr
     empty = tmp_path / "labels"
     empty.mkdir()
     for k in range(3):  # lesion-free labels for every case
