@@ -1012,3 +1012,24 @@ def test_gzip_outputs_are_the_same_bytes_on_every_python(monkeypatch):
 
     monkeypatch.setattr(gzip, "compress", python313)
     assert volumes.gzip_bytes(raw) == made
+
+
+def test_exclusion_patterns_match_exactly_as_fnmatchcase_does():
+    """Discovery's one-regex exclusion equals fnmatch.fnmatchcase pattern by pattern, on names and paths
+    made to hit and miss the default patterns (case, separators, brackets, dots)."""
+    import fnmatch
+    import random
+
+    from condiff.io.cases import DEFAULT_EXCLUDE, _excluded
+
+    rng = random.Random(0)
+    parts = ["sub-01", "T1w", "_mask", "_seg", "brainmask", "MASK", "label", "x", ".nii.gz", ".png", "/", "anat",
+             "[1]", "*", "?", "derivatives", "_dseg", "Seg", "lesion", ".json", "_probseg", "ds"]
+    names = ["".join(rng.choice(parts) for _ in range(rng.randint(1, 6))) for _ in range(3000)]
+    names += [f"{stem}{suffix}" for stem in ("a_mask", "a_seg", "a_Seg", "brainmask", "a_dseg")
+              for suffix in (".nii.gz", ".nii", ".png")]
+    for patterns in (DEFAULT_EXCLUDE, ("*[ab]*.png", "x?y", "lit[*]"), ()):
+        for name in names:
+            rel = f"d/{name}"
+            want = any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(rel, p) for p in patterns)
+            assert _excluded(name, rel, patterns) == want, (patterns[:3], name)

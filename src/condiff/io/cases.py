@@ -10,6 +10,7 @@ Two inputs that would write the same outputs (``a.nii`` and ``a.nii.gz``) are an
 from __future__ import annotations
 
 import fnmatch
+import functools
 import logging
 import os
 import re
@@ -70,7 +71,16 @@ def _kind(suffix: str) -> str:
 
 
 def _excluded(name: str, rel: str, patterns: Iterable[str]) -> bool:
-    return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(rel, p) for p in patterns)
+    """Whether ``name`` or ``rel`` matches one of the fnmatch ``patterns`` (case-sensitive, as
+    ``fnmatch.fnmatchcase``), by one regular expression per pattern set (a cohort's every file was checked
+    against ~90 patterns one by one: 9 % of a 10,000-case resume)."""
+    rx = _patterns_regex(tuple(patterns))
+    return rx.match(name) is not None or rx.match(rel) is not None
+
+
+@functools.lru_cache(maxsize=32)
+def _patterns_regex(patterns: tuple[str, ...]) -> "re.Pattern[str]":
+    return re.compile("|".join(fnmatch.translate(p) for p in patterns) or r"(?!)")  # none: matches nothing
 
 def is_bids_root(folder: Path) -> bool:
     """A BIDS dataset's root: the folder holding its ``dataset_description.json``."""
