@@ -593,8 +593,8 @@ def _merge(out_dir: Path) -> int:
 @click.command("condiff-eval", context_settings=CONTEXT)
 @click.argument("out_dir", type=click.Path(path_type=Path, exists=True, file_okay=False))
 @click.option("--masks", "mask_pattern", required=True, metavar="PATTERN", callback=mask_pattern_option_check,
-              help="Label mask per case, e.g. '{dir}/{stem}_seg.nii.gz' ({dir}, {stem}, {base}, {case}, {casedir} "
-                   "of the input, as --mask of condiff-infer).")
+              help="Label mask per case, e.g. '{dir}/{stem}_seg.nii.gz' ({dir}, {stem}, {base}, {case}, {casedir}, "
+                   "{root} of the input, as --mask of condiff-infer).")
 @click.option("--protocol", type=click.Choice(["native", "benchmark"]), default="native", show_default=True,
               help="native: the written maps on the input grid; benchmark: the reference code's evaluation, in model "
                    "slice space (needs --save-model-space at inference).")

@@ -193,9 +193,11 @@ def _check_options(out: Path, *, lr, mask_weight, p_no_task, image_size: int, pr
     check_creatable(out)
     if cache_dir:  # made when the first volume is cached, after OUT: a path that cannot be a folder fails now
         from condiff.errors import OutputConflictError
+        from condiff.io.atomic import probe_creatable
 
         try:
             check_creatable(Path(cache_dir))
+            probe_creatable(Path(cache_dir))  # what permissions do not tell: /proc, a read-only file system
         except OutputConflictError as exc:
             raise TrainingDataError(cache_dir, f"--cache-dir {exc.problem}", "give a folder that can be made "
                                                                             "and written") from None
@@ -279,8 +281,8 @@ def _check_fold_checkpoints(out: Path, fold_list, resume: bool, contract: dict, 
             try:
                 check_resume_state(latest, state, contract, data_split)
             except TrainingDataError as exc:
-                if not copies:
-                    raise
+                if not copies or "no longer in the data" not in exc.problem:
+                    raise  # not what dropping a copy changes (a copy dropped is a subject gone from the data)
                 raise TrainingDataError(exc.path, exc.problem + f"; this run drops byte-identical copies of other "
                                         f"scans ({', '.join(copies[:5])}{', ...' if len(copies) > 5 else ''})",
                                         "a run that trained on them (started before condiff dropped copies) "

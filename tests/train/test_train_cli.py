@@ -706,6 +706,26 @@ def test_a_run_that_trained_on_copies_resumes_with_keep_copies_and_says_so(tmp_p
     assert "resumes with --keep-copies" in output
     code, output = _run(*base, "--max-steps", 2, "--resume", "--keep-copies")
     assert code == 0, output
+    # another network is not what dropping copies changes: its own advice, no --keep-copies hint
+    code, output = _run(*_tiny(data, out, None, "--fold", 0, "--val-start", 100, "--holdout", 1, "--preset", "compact"),
+                        "--max-steps", 3, "--resume")
+    assert code == 2 and "another" in output and "--keep-copies" not in output, output
+
+
+def test_a_cache_dir_the_system_cannot_make_is_exit_2_before_any_output(tmp_path):
+    """Permissions say /proc/x can be made (as root); only mkdir finds out: the run crashed with exit 1 and
+    left an empty OUT/train."""
+    from _train_helpers import phantom_volume
+
+    if not os.path.isdir("/proc/self"):
+        pytest.skip("needs Linux's /proc")
+    (tmp_path / "data").mkdir()
+    for i in range(3):
+        phantom_volume(tmp_path / "data" / f"subj{i}.nii.gz", seed=i)
+    code, output = _run(*_tiny(tmp_path / "data", tmp_path / "fresh", "/proc/condiff-nope"), "--fold", 0,
+                        "--holdout", 1)
+    assert code == 2 and "--cache-dir" in output and "Traceback" not in output, output
+    assert not (tmp_path / "fresh").exists()
 
 
 def test_listing_training_data_never_opens_a_fifo(tmp_path, fails_instead_of_hanging):
