@@ -259,9 +259,14 @@ def write_sidecars(out_dir: Path, records: Sequence[dict], inputs: Iterable[str 
     links: dict[str, str] = {}
     wanted: dict[str, str] = {}
     known: dict[Path, bool] = {}
+    old_links = _read_json(out_dir / "dataset_description.json").get("DatasetLinks") or {}
     for rec in records:
         if rec.get("status") == "ok":
+            moved = bool(rec.get("input")) and not Path(rec["input"]).exists()
             for rel, doc in sidecars_of(rec, out_dir, links, known).items():
+                if moved:  # a dataset moved since its record was written (no run has repointed it yet, e.g. a
+                    # --merge): its sources cannot be found from the record, so the sidecar keeps what it said
+                    _keep_sources(doc, _read_json(out_dir / rel), old_links, links)
                 wanted[rel] = dumps_json(doc)
     written = 0
     for rel, text in wanted.items():
@@ -277,18 +282,43 @@ def write_sidecars(out_dir: Path, records: Sequence[dict], inputs: Iterable[str 
     for folder in sorted(out_dir.glob("sub-*")):
         for path in folder.rglob("*.json"):
             rel = path.relative_to(out_dir).as_posix()
-            if rel not in wanted and _is_condiff_sidecar(path):
+            # only beside a data file that is gone (a failed or removed case): a shard's older view of the
+            # records must not remove the sidecars another shard has just written with its map
+            if rel not in wanted and _is_condiff_sidecar(path) and not _data_file_of(path).exists():
                 path.unlink(missing_ok=True)
     _write_description(out_dir, inputs, links)
     return written
 
 
-def _is_condiff_sidecar(path: Path) -> bool:
+def _read_json(path: Path) -> dict:
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return False
-    return isinstance(doc, dict) and SIDECAR_MARK in doc
+        return {}
+    return doc if isinstance(doc, dict) else {}
+
+
+def _is_condiff_sidecar(path: Path) -> bool:
+    return SIDECAR_MARK in _read_json(path)
+
+
+def _data_file_of(sidecar: Path) -> Path:
+    """The NIfTI a sidecar describes (``.nii.gz`` if present, else ``.nii``)."""
+    stem = sidecar.with_suffix("")
+    gz = stem.with_name(stem.name + ".nii.gz")
+    return gz if gz.exists() else stem.with_name(stem.name + ".nii")
+
+
+def _keep_sources(doc: dict, old: dict, old_links: dict, links: dict[str, str]) -> None:
+    """``doc`` takes the earlier sidecar's ``Sources``, and ``links`` the DatasetLinks they name."""
+    sources = old.get("Sources")
+    if not isinstance(sources, list) or SIDECAR_MARK not in old:
+        return
+    doc["Sources"] = sources
+    for uri in sources:
+        name = uri.split(":")[1] if isinstance(uri, str) and uri.count(":") >= 2 else ""
+        if name and isinstance(old_links.get(name), str):
+            links.setdefault(name, old_links[name])
 
 
 __all__ = ["BidsName", "parse_name", "derived_stem", "derivative_paths", "check_cases", "dataset_description",

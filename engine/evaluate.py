@@ -180,6 +180,8 @@ def _like_volume(path: Path):
     data = np.asarray(img.get_fdata(dtype=np.float32))
     if data.ndim == 2:
         data = data[:, :, None]
+    elif data.ndim > 3 and all(n == 1 for n in data.shape[3:]):
+        data = data.reshape(data.shape[:3])  # an (X, Y, Z, 1) input's map: its volume, as the input was read
     return Volume(data=data, affine=np.asarray(img.affine, dtype=np.float64), header=img.header, path=str(path))
 
 

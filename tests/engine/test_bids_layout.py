@@ -305,3 +305,30 @@ def test_flat_layout_writes_no_sidecars(tmp_path, dataset):
         res = invoke_infer([dataset, "-o", tmp_path / "flat", "--models", models, *FAST])
     assert res.exit_code == 0, res.output + res.stderr
     assert not list((tmp_path / "flat").glob("maps/**/*.json")) and not (tmp_path / "flat" / "sub-01").exists()
+
+
+def test_sidecars_survive_a_merge_after_the_dataset_moved_and_an_older_view_of_the_records(tmp_path, dataset):
+    """(review) A --merge after the dataset moved (records not yet repointed by a run) stripped Sources and
+    DatasetLinks; a shard whose record list was older removed sidecars another shard had just written."""
+    import shutil
+
+    from condiff.engine import bids
+    from condiff.engine.writer import load_records
+
+    models = make_model_set(tmp_path / "set", n_members=1)
+    out = dataset / "derivatives" / "condiff"
+    with one_torch_thread():
+        res = invoke_infer([dataset, "-o", out, "--models", models, *FAST, "--layout", "bids"])
+    assert res.exit_code == 0, res.output + res.stderr
+    before = {p.relative_to(out).as_posix(): p.read_bytes() for p in out.glob("sub-*/**/*.json")}
+    links = json.loads((out / "dataset_description.json").read_text())["DatasetLinks"]
+    records = load_records(out)
+    bids.write_sidecars(out, [r for r in records if not r["case"].startswith("sub-02")])  # an older view
+    assert {p.relative_to(out).as_posix(): p.read_bytes() for p in out.glob("sub-*/**/*.json")} == before
+    moved = tmp_path / "moved"
+    shutil.move(dataset, moved)
+    out = moved / "derivatives" / "condiff"
+    res = invoke_infer(["--merge", out])
+    assert res.exit_code == 0, res.output + res.stderr
+    assert {p.relative_to(out).as_posix(): p.read_bytes() for p in out.glob("sub-*/**/*.json")} == before
+    assert json.loads((out / "dataset_description.json").read_text())["DatasetLinks"] == links

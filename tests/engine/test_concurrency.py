@@ -87,13 +87,36 @@ def test_a_stale_lock_is_removed_only_by_the_takeover_guards_holder_and_only_whi
     guard.write_text("")  # another run is taking it over right now
     assert not locks.remove_if_unchanged(lock_file, stale, seen) and lock_file.exists() and guard.exists()
     old = time.time() - 60
-    os.utime(guard, (old, old))  # a guard left by a killed takeover: cleared, so the next attempt may go on
-    assert not locks.remove_if_unchanged(lock_file, stale, seen) and not guard.exists()
+    os.utime(guard, (old, old))  # a guard left by a killed takeover: cleared, and the takeover goes on
+    assert locks.remove_if_unchanged(lock_file, stale, seen) and not guard.exists() and not lock_file.exists()
     lock_file.write_text(_holder(os.getppid()))  # a rival took it over meanwhile: never removed
     assert not locks.remove_if_unchanged(lock_file, stale, seen) and lock_file.exists()
     lock_file.write_text(stale)
     assert locks.remove_if_unchanged(lock_file, stale, locks._identity(lock_file))
     assert not lock_file.exists() and not guard.exists()
+
+
+def test_a_run_takes_over_a_stale_lock_beside_a_guard_a_killed_takeover_left(folder, tmp_path):
+    """A SIGKILL inside a takeover left the guard: the next run was refused, naming the dead holder."""
+    root, models = folder
+    out = shutil.copytree(root / "done", tmp_path / "out")
+    (out / ".condiff.lock").write_text(_holder(999999))
+    guard = out / ".condiff.lock.takeover"
+    guard.write_text("")
+    old = time.time() - 60
+    os.utime(guard, (old, old))
+    res = invoke_infer([root / "scans", "-o", out, "--models", models, *FAST])
+    assert res.exit_code == 0 and "removing a stale lock" in res.stderr, res.output + res.stderr
+    assert not guard.exists() and not (out / ".condiff.lock").exists()
+
+
+def test_a_fresh_guard_means_another_run_is_taking_the_stale_lock_over(tmp_path):
+    from condiff.errors import OutputConflictError
+
+    (tmp_path / ".condiff.lock").write_text(_holder(999999))
+    (tmp_path / ".condiff.lock.takeover").write_text("")
+    with pytest.raises(OutputConflictError, match="another process is taking over right now"):
+        locks.OutputLock(tmp_path).acquire()
 
 
 def test_merge_names_a_shard_that_never_ran_and_exits_1(folder, tmp_path):

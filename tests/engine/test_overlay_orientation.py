@@ -176,3 +176,13 @@ def test_a_volume_with_a_trailing_singleton_dimension_gets_maps_of_its_shape(tmp
     for folder in ("maps", "restorations"):
         out = nib.load(str(tmp_path / "out" / folder / "series1.nii.gz"))
         assert out.shape == img.shape + (1,) and np.allclose(out.affine, np.diag([2.0, 2.0, 2.0, 1.0]))
+    # condiff-eval scores such maps against a 3-D label on the input's grid (it refused every case)
+    from click.testing import CliRunner
+
+    from condiff.engine.cli import eval_main
+
+    _, blob = brain_like(seed=0)
+    nib.save(nib.Nifti1Image(blob.astype(np.uint8), np.diag([2.0, 2.0, 2.0, 1.0])), str(tmp_path / "series1_seg.nii.gz"))
+    res = CliRunner().invoke(eval_main, [str(tmp_path / "out"), "--masks", "{dir}/{stem}_seg.nii.gz", "--no-overlays"],
+                             catch_exceptions=False)
+    assert res.exit_code == 0, res.output + res.stderr

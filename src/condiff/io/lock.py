@@ -113,6 +113,7 @@ class OutputLock:
     def acquire(self) -> "OutputLock":
         if self.held:
             return self
+        stale_seen = None
         for attempt in range(2):
             try:
                 fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -121,8 +122,13 @@ class OutputLock:
                 seen = _identity(self.path)
                 content = self._content()
                 holder = parse_lock(content)[0]
+                if attempt and (content, seen) == stale_seen:  # still the stale lock: another run takes it over
+                    raise OutputConflictError(self.path.parent, f"has a stale lock ({_stale_reason(holder)}) that "
+                                              "another process is taking over right now",
+                                              "rerun in a few seconds") from None
                 if attempt or not _stale(content, self.path):
                     raise self._conflict(holder) from None
+                stale_seen = (content, seen)
                 # Removed only if it is still the file judged (two empty locks read alike: its identity
                 # too), under the takeover guard: a lock another run has just taken is never removed.
                 if remove_if_unchanged(self.path, content, seen):
@@ -240,17 +246,20 @@ def remove_if_unchanged(path: Path, content: str, seen: tuple | None) -> bool:
     each re-check it, one remove it and create its own, and the other then remove that fresh lock by
     name: both would hold the folder (seen 11 times in 4,000 three-way races). Returns whether removed."""
     guard = path.with_name(path.name + ".takeover")
-    try:
-        fd = os.open(guard, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    except FileExistsError:
+    for attempt in range(2):
         try:
-            if time.time() - guard.stat().st_mtime > TAKEOVER_STALE_S:
-                guard.unlink(missing_ok=True)  # the next attempt may take over
+            fd = os.open(guard, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            break
+        except FileExistsError:
+            try:
+                old = time.time() - guard.stat().st_mtime > TAKEOVER_STALE_S
+            except OSError:
+                old = True  # removed meanwhile: try again
+            if attempt or not old:
+                return False  # another process is taking it over now
+            guard.unlink(missing_ok=True)  # left by a process killed mid-takeover
         except OSError:
-            pass
-        return False
-    except OSError:
-        return False
+            return False
     try:
         os.close(fd)
         try:
