@@ -555,16 +555,14 @@ def _dry_run(cases, ctx, n_all: int, shard_t, excluded=()) -> int:
 
 def _merge(out_dir: Path) -> int:
     from condiff.errors import OutputConflictError
-
-    from .evaluate import unfinished_runs
+    from condiff.io.lock import lock_holders
 
     from . import writer
+    from .evaluate import unfinished_runs
 
     if not (out_dir / "records").is_dir():
         raise OutputConflictError(out_dir, "has no records/ folder", "give the -o folder of a condiff-infer run")
     _check_merge_single_method(out_dir)
-    from condiff.io.lock import lock_holders
-
     whole = [(holder, state) for name, holder, state in lock_holders(out_dir) if name == ".condiff.lock"]
     if whole and whole[0][1] != "stale":  # the tables are that run's to write: two writers would race
         click.echo(f"condiff-infer --merge: {out_dir / '.condiff.lock'}: a whole-folder run ({whole[0][0] or 'unknown'}) "
