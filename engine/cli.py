@@ -342,14 +342,16 @@ def _run(cases, ctx, shard_t, arguments, progress: bool, n_all: int, process=Non
         bar.close()
         if interrupted:
             outcomes = reported
+        records: list = []
         try:
-            counts = writer.rebuild_tables(out)
+            records = writer.load_records(out)  # once, for the tables and the sidecars
+            counts = writer.rebuild_tables(out, records)
         except OSError as exc:  # a full disk must not hide the run's own report
             logger.error("could not rebuild cases.csv/scores.csv: %s", exc)
             counts = {}
         if ctx.options.layout == "bids":
             try:
-                bids.write_sidecars(out, writer.load_records(out), arguments["inputs"])
+                bids.write_sidecars(out, records, arguments["inputs"])
             except OSError as exc:
                 logger.error("could not write the BIDS sidecars: %s", exc)
         elapsed = time.perf_counter() - t0
@@ -462,16 +464,15 @@ def _check_folder_consistency(output: Path, cases, ctx, resume: bool) -> None:
                                   "Use another -o folder for these inputs, or --overwrite to replace them")
 
 
-def _check_merge_single_method(out_dir: Path) -> None:
-    """--merge: exit 2, tables untouched, when the finished cases come from more than one method (shards run
-    with different options or model sets): cases.csv and condiff-eval would pool them."""
+def _check_merge_single_method(out_dir: Path, records: list) -> None:
+    """--merge: exit 2, tables untouched, when the finished cases (of ``records``) come from more than one
+    method (shards run with different options or model sets): cases.csv and condiff-eval would pool them."""
     from condiff.errors import CondiffError
 
     from .consistency import check_single_method
-    from .writer import load_records
 
     try:
-        check_single_method([r for r in load_records(out_dir) if r.get("status") == "ok"], out_dir)
+        check_single_method([r for r in records if r.get("status") == "ok"], out_dir)
     except CondiffError as exc:
         raise OutputConflictError(out_dir, exc.problem,
                                   "cases.csv and scores.csv were not rebuilt; rerun the shards of one method with "
@@ -562,7 +563,8 @@ def _merge(out_dir: Path) -> int:
 
     if not (out_dir / "records").is_dir():
         raise OutputConflictError(out_dir, "has no records/ folder", "give the -o folder of a condiff-infer run")
-    _check_merge_single_method(out_dir)
+    records = writer.load_records(out_dir)  # once: the method check, the tables and the sidecars see one view
+    _check_merge_single_method(out_dir, records)
     whole = [(holder, state) for name, holder, state in lock_holders(out_dir) if name == ".condiff.lock"]
     if whole and whole[0][1] != "stale":  # the tables are that run's to write: two writers would race
         click.echo(f"condiff-infer --merge: {out_dir / '.condiff.lock'}: a whole-folder run ({whole[0][0] or 'unknown'}) "
@@ -570,8 +572,7 @@ def _merge(out_dir: Path) -> int:
                    "(if no run is active, delete the lock)", err=True)
         return EXIT_FAILED
     writer.clean_orphans(out_dir, dead_writers_only=True)
-    counts = writer.rebuild_tables(out_dir)
-    records = writer.load_records(out_dir)
+    counts = writer.rebuild_tables(out_dir, records)
     if any((r.get("options") or {}).get("layout") == "bids" for r in records):
         from .bids import write_sidecars
 

@@ -330,9 +330,10 @@ def _slice_position(rec: dict[str, Any], k: int) -> list[str]:
     return [str(v) for v in input_slice(geometry, k)]
 
 
-def rebuild_tables(out_dir: Path) -> dict[str, int]:
-    """Rewrite ``cases.csv`` and ``scores.csv`` from all records; returns counts by status."""
-    records = load_records(out_dir)
+def rebuild_tables(out_dir: Path, records: list[dict[str, Any]] | None = None) -> dict[str, int]:
+    """Rewrite ``cases.csv`` and ``scores.csv`` from all records (``records``: already loaded by
+    ``load_records``); returns counts by status."""
+    records = load_records(out_dir) if records is None else records
     score_rows: list[list[str]] = []
     for rec in records:
         if rec.get("status") != "ok":

@@ -7,6 +7,7 @@ import pytest
 
 from condiff.errors import InputImageError
 from condiff.io import images, volumes
+from test_io import gzip_as_python313  # its helper
 
 
 def _save(path, data, affine=None, dtype=None, slope=None):  # test_io.py's helper, copied
@@ -113,14 +114,7 @@ def test_written_nifti_gz_maps_have_the_fixed_gzip_os_byte_on_every_python(tmp_p
     """write_like goes through gzip_bytes: with Python 3.13's gzip (OS byte 255) the map is still the same file."""
     vol = volumes.read_volume(_save(tmp_path / "img.nii.gz", _blob()))
     volumes.write_like(tmp_path / "a.nii.gz", vol.data, vol)
-    real = gzip.compress
-
-    def python313(data, compresslevel=9, *, mtime=None):
-        out = bytearray(real(data, compresslevel=compresslevel, mtime=mtime))
-        out[9] = 255
-        return bytes(out)
-
-    monkeypatch.setattr(gzip, "compress", python313)
+    gzip_as_python313(monkeypatch)
     volumes.write_like(tmp_path / "b.nii.gz", vol.data, vol)
     assert (tmp_path / "b.nii.gz").read_bytes() == (tmp_path / "a.nii.gz").read_bytes()
     assert (tmp_path / "b.nii.gz").read_bytes()[9] == 3

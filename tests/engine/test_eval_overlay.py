@@ -159,12 +159,18 @@ def test_volume_panels_are_enlarged_to_360_px_and_carry_side_markers():
     np.testing.assert_array_equal(plain[:band], overlay.text_band(["label: cyan outline"], fig.shape[1], 1))
 
 
-def test_photograph_figure_has_no_side_markers_and_outlines_the_called_pixels():
+def _photo():
+    """A 40x52 photo in [0, 1], a smooth map and a rectangular label."""
     rng = np.random.default_rng(1)
     rgb = rng.uniform(0, 1, (40, 52, 3))
     amap = ndimage.gaussian_filter(rng.uniform(0, 1, (40, 52)), 2)
     label = np.zeros((40, 52), dtype=bool)
     label[10:20, 15:30] = True
+    return rgb, amap, label
+
+
+def test_photograph_figure_has_no_side_markers_and_outlines_the_called_pixels():
+    rgb, amap, label = _photo()
     thr = float(np.quantile(amap, 0.85))
     fig = eval_overlay.image_figure(rgb, amap, label, called=amap >= thr, threshold=thr, given=True, case="eye")
     factor = 9  # 40 px -> 360

@@ -3,18 +3,8 @@ import numpy as np
 import pytest
 
 from condiff.engine import eval_overlay, overlay
-from test_eval_overlay import _head_height  # its helper
-
-ndimage = pytest.importorskip("scipy.ndimage")
-
-
-def _photo():
-    rng = np.random.default_rng(1)
-    rgb = rng.uniform(0, 1, (40, 52, 3))
-    amap = ndimage.gaussian_filter(rng.uniform(0, 1, (40, 52)), 2)
-    label = np.zeros((40, 52), dtype=bool)
-    label[10:20, 15:30] = True
-    return rgb, amap, label
+pytest.importorskip("scipy.ndimage")
+from test_eval_overlay import _head_height, _photo  # noqa: E402  (its helpers)
 
 
 def test_photograph_figures_follow_a_fixed_colour_scale_and_say_per_case_without_one():
